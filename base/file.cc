@@ -1,0 +1,83 @@
+#include "base/file.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "base/status.h"
+
+namespace ferry {
+
+ScopedFd::~ScopedFd() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+ScopedFd& ScopedFd::operator=(ScopedFd&& o) noexcept {
+  if (this != &o) {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = o.fd_;
+    o.fd_ = -1;
+  }
+  return *this;
+}
+
+absl::StatusOr<ScopedFd> ScopedFd::OpenForRead(const std::string& path) {
+  int fd;
+  do {
+    fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  } while (fd < 0 && errno == EINTR);
+  if (fd < 0) {
+    const int err = errno;
+    if (err == ENOENT) return absl::NotFoundError(absl::StrCat(path, ": no such file"));
+    return absl::ErrnoToStatus(err, absl::StrCat("open ", path));
+  }
+  struct stat st;
+  if (::fstat(fd, &st) == 0 && S_ISDIR(st.st_mode)) {
+    ::close(fd);
+    return absl::InvalidArgumentError(absl::StrCat(path, " is a directory, not a file"));
+  }
+  return ScopedFd(fd);
+}
+
+absl::StatusOr<uint64_t> FileSize(int fd, const std::string& path_for_errors) {
+  struct stat st;
+  if (::fstat(fd, &st) != 0) return absl::ErrnoToStatus(errno, absl::StrCat("stat ", path_for_errors));
+  return static_cast<uint64_t>(st.st_size);
+}
+
+absl::Status PreadFull(int fd, void* dst, size_t n, uint64_t offset, const std::string& path_for_errors) {
+  char* out = static_cast<char*>(dst);
+  size_t done = 0;
+  while (done < n) {
+    const ssize_t r = ::pread(fd, out + done, n - done, static_cast<off_t>(offset + done));
+    if (r < 0) {
+      if (errno == EINTR || errno == EAGAIN) continue;
+      return absl::ErrnoToStatus(errno, absl::StrCat("read ", path_for_errors, " at offset ", offset + done));
+    }
+    if (r == 0) {
+      return absl::DataLossError(absl::StrCat(path_for_errors, ": file ends at byte ", offset + done,
+                                              " but ", offset + n, " bytes were expected"));
+    }
+    done += static_cast<size_t>(r);
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::string> ReadFileToString(const std::string& path) {
+  FERRY_ASSIGN_OR_RETURN(ScopedFd fd, ScopedFd::OpenForRead(path));
+  FERRY_ASSIGN_OR_RETURN(uint64_t size, FileSize(fd.get(), path));
+  std::string data(size, '\0');
+  FERRY_RETURN_IF_ERROR(PreadFull(fd.get(), data.data(), size, 0, path));
+  return data;
+}
+
+bool PathExists(const std::string& path) {
+  struct stat st;
+  return ::stat(path.c_str(), &st) == 0;
+}
+
+}  // namespace ferry

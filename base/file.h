@@ -1,0 +1,36 @@
+// POSIX file helpers: an owning fd and read loops that handle short reads and EINTR, returning
+// kNotFound for a missing file and kDataLoss when the file ends early.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "absl/status/statusor.h"
+
+namespace ferry {
+
+class ScopedFd {
+ public:
+  ScopedFd() = default;
+  explicit ScopedFd(int fd) : fd_(fd) {}
+  ~ScopedFd();
+  ScopedFd(ScopedFd&& o) noexcept : fd_(o.fd_) { o.fd_ = -1; }
+  ScopedFd& operator=(ScopedFd&& o) noexcept;
+  ScopedFd(const ScopedFd&) = delete;
+  ScopedFd& operator=(const ScopedFd&) = delete;
+
+  static absl::StatusOr<ScopedFd> OpenForRead(const std::string& path);
+  int get() const { return fd_; }
+
+ private:
+  int fd_ = -1;
+};
+
+absl::StatusOr<uint64_t> FileSize(int fd, const std::string& path_for_errors);
+// Reads exactly `n` bytes at `offset`; a file that ends first is kDataLoss.
+absl::Status PreadFull(int fd, void* dst, size_t n, uint64_t offset, const std::string& path_for_errors);
+absl::StatusOr<std::string> ReadFileToString(const std::string& path);
+bool PathExists(const std::string& path);
+
+}  // namespace ferry

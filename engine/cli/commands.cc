@@ -1,0 +1,220 @@
+#include "engine/cli/commands.h"
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+
+#include "absl/strings/str_cat.h"
+#include "base/file.h"
+#include "base/status.h"
+#include "engine/generator.h"
+#include "engine/jobs.h"
+#include "engine/opt_model.h"
+#include "engine/perplexity.h"
+#include "engine/tokenizer.h"
+#include "kernels/cpu/cpu_backend.h"
+#include "nlohmann/json.hpp"
+
+namespace ferry::cli {
+namespace {
+
+struct ModelFlags {
+  std::string model = DefaultModelDir();
+  std::string device = "cpu";
+  int threads = 0;
+};
+
+void AddModelFlags(CLI::App* cmd, ModelFlags* f) {
+  cmd->add_option("--model", f->model, "Hugging Face model directory (config.json, safetensors, tokenizer.json)")
+      ->capture_default_str();
+  cmd->add_option("--device", f->device, "Backend to run on")->check(CLI::IsMember({"cpu"}))->capture_default_str();
+  cmd->add_option("--threads", f->threads, "CPU threads (0: all cores)")->check(CLI::NonNegativeNumber);
+}
+
+struct Loaded {
+  std::unique_ptr<kernels::Backend> backend;
+  std::unique_ptr<engine::OptModel> model;
+  std::unique_ptr<engine::Tokenizer> tokenizer;
+};
+
+absl::Status CheckModelDir(const std::string& dir) {
+  if (!PathExists(dir)) return absl::NotFoundError(absl::StrCat("model directory ", dir, " does not exist"));
+  if (!PathExists(dir + "/config.json")) return absl::NotFoundError(absl::StrCat("no config.json in ", dir));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<engine::Tokenizer>> LoadTokenizer(const ModelFlags& f) {
+  FERRY_RETURN_IF_ERROR(CheckModelDir(f.model));
+  return engine::Tokenizer::FromModelDir(f.model);
+}
+
+absl::StatusOr<Loaded> LoadAll(const ModelFlags& f) {
+  if (f.threads > 0) setenv("FERRY_NUM_THREADS", std::to_string(f.threads).c_str(), 1);
+  FERRY_RETURN_IF_ERROR(CheckModelDir(f.model));
+  Loaded l;
+  l.backend = std::make_unique<kernels::CpuBackend>();
+  FERRY_ASSIGN_OR_RETURN(l.tokenizer, engine::Tokenizer::FromModelDir(f.model));
+  FERRY_ASSIGN_OR_RETURN(l.model, engine::OptModel::Load(f.model, l.backend.get()));
+  if (l.tokenizer->vocab_size() > l.model->config().vocab_size) {
+    return absl::InvalidArgumentError(absl::StrCat("tokenizer has ", l.tokenizer->vocab_size(), " tokens but the model only ",
+                                                   l.model->config().vocab_size));
+  }
+  return l;
+}
+
+struct GenerateFlags {
+  ModelFlags model;
+  std::string prompt, input, output;
+  int max_new_tokens = 32;
+  int min_new_tokens = 0;
+  int batch_size = 16;
+  float temperature = 0.0f;
+  int top_k = 0;
+  float top_p = 1.0f;
+  uint64_t seed = 0;
+  bool ignore_eos = false;
+  bool quiet = false;
+};
+
+absl::Status RunGenerate(const GenerateFlags& f) {
+  if (f.prompt.empty() == f.input.empty()) return absl::InvalidArgumentError("give exactly one of --prompt or --input");
+  engine::GenerateOptions gen;
+  gen.max_new_tokens = f.max_new_tokens;
+  gen.min_new_tokens = f.min_new_tokens;
+  gen.sampling = {f.temperature, f.top_k, f.top_p, f.seed};
+  gen.stop_at_eos = !f.ignore_eos;
+  FERRY_RETURN_IF_ERROR(engine::ValidateGenerateOptions(gen));
+  FERRY_ASSIGN_OR_RETURN(Loaded l, LoadAll(f.model));
+  if (!f.input.empty()) {
+    engine::GenerateJobOptions job;
+    job.input_path = f.input;
+    job.output_path = f.output;
+    job.batch_size = f.batch_size;
+    job.generate = gen;
+    job.show_progress = !f.quiet;
+    return engine::RunGenerateJob(*l.model, *l.tokenizer, job);
+  }
+  FERRY_ASSIGN_OR_RETURN(std::vector<int> ids, l.tokenizer->Encode(f.prompt));
+  const auto start = std::chrono::steady_clock::now();
+  FERRY_ASSIGN_OR_RETURN(auto results, engine::Generate(*l.model, {{ids, 0}}, gen));
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  FERRY_ASSIGN_OR_RETURN(std::string text, l.tokenizer->Decode(results[0].tokens));
+  if (!f.output.empty()) {
+    nlohmann::json rec = {{"id", 0}, {"prompt", f.prompt}, {"completion", text},
+                          {"token_ids", results[0].tokens}, {"finish_reason", results[0].finish_reason}};
+    std::FILE* out = f.output == "-" ? stdout : std::fopen(f.output.c_str(), "wb");
+    if (out == nullptr) return absl::PermissionDeniedError(absl::StrCat("cannot write ", f.output));
+    const std::string line = rec.dump() + "\n";
+    const bool ok = std::fwrite(line.data(), 1, line.size(), out) == line.size();
+    if (out != stdout && std::fclose(out) != 0) return absl::DataLossError(absl::StrCat("error writing ", f.output));
+    if (!ok) return absl::DataLossError(absl::StrCat("error writing ", f.output));
+  } else {
+    std::printf("%s\n", text.c_str());
+  }
+  if (!f.quiet) {
+    std::fprintf(stderr, "ferry: %zu prompt tokens, %zu new tokens in %.3f s (%.1f tok/s), finish: %s\n", ids.size(),
+                 results[0].tokens.size(), secs, results[0].tokens.size() / std::max(secs, 1e-9),
+                 results[0].finish_reason.c_str());
+  }
+  return absl::OkStatus();
+}
+
+struct TokenizeFlags {
+  ModelFlags model;
+  std::string text;
+  bool no_bos = false;
+};
+
+absl::Status RunTokenize(const TokenizeFlags& f) {
+  FERRY_ASSIGN_OR_RETURN(auto tok, LoadTokenizer(f.model));
+  FERRY_ASSIGN_OR_RETURN(std::vector<int> ids, f.no_bos ? tok->EncodeNoPrefix(f.text) : tok->Encode(f.text));
+  std::printf("%s\n", nlohmann::json(ids).dump().c_str());
+  return absl::OkStatus();
+}
+
+struct PplFlags {
+  ModelFlags model;
+  std::string text_file;
+  int window = 512;
+  int64_t max_tokens = 0;
+  bool json = false;
+  bool quiet = false;
+};
+
+absl::Status RunPpl(const PplFlags& f) {
+  FERRY_ASSIGN_OR_RETURN(Loaded l, LoadAll(f.model));
+  FERRY_ASSIGN_OR_RETURN(std::string text, ReadFileToString(f.text_file));
+  const auto start = std::chrono::steady_clock::now();
+  FERRY_ASSIGN_OR_RETURN(std::vector<int> ids, l.tokenizer->Encode(text));
+  engine::PerplexityOptions o;
+  o.window = f.window;
+  o.max_tokens = f.max_tokens;
+  if (!f.quiet) {
+    o.progress = [](int64_t done, int64_t total) {
+      std::fprintf(stderr, "\rferry: ppl %lld/%lld tokens", static_cast<long long>(done), static_cast<long long>(total));
+      if (done == total) std::fputc('\n', stderr);
+    };
+  }
+  FERRY_ASSIGN_OR_RETURN(engine::PerplexityResult r, engine::ComputePerplexity(*l.model, ids, o));
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  if (f.json) {
+    nlohmann::json j = {{"perplexity", r.perplexity}, {"nll_sum", r.nll_sum}, {"scored_tokens", r.scored_tokens},
+                        {"tokens", r.tokens}, {"windows", r.windows}, {"window", f.window}, {"seconds", secs}};
+    std::printf("%s\n", j.dump().c_str());
+  } else {
+    std::printf("perplexity %.4f over %lld scored tokens (%lld tokens, %lld windows of %d) in %.2f s\n", r.perplexity,
+                static_cast<long long>(r.scored_tokens), static_cast<long long>(r.tokens),
+                static_cast<long long>(r.windows), f.window, secs);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+std::string DefaultModelDir() {
+  if (const char* env = std::getenv("FERRY_MODEL"); env != nullptr && *env != '\0') return env;
+  if (PathExists(FERRY_DEFAULT_MODEL_DIR)) return FERRY_DEFAULT_MODEL_DIR;
+  return "models/tiny-opt";
+}
+
+void RegisterCommands(CLI::App& app, Runner* selected) {
+  // Flags live as long as the process: the runner reads them after parsing.
+  static GenerateFlags gen;
+  CLI::App* g = app.add_subcommand("generate", "Generate completions for one prompt or a JSONL file of prompts");
+  AddModelFlags(g, &gen.model);
+  auto* prompt = g->add_option("--prompt", gen.prompt, "Prompt text");
+  auto* input = g->add_option("--input", gen.input, "JSONL file of {\"id\", \"prompt\"} lines");
+  prompt->excludes(input);
+  g->add_option("--output", gen.output, "JSONL output (default: stdout; with --prompt, plain text to stdout)");
+  g->add_option("--max-new-tokens", gen.max_new_tokens, "Tokens to generate per prompt")
+      ->check(CLI::NonNegativeNumber)->capture_default_str();
+  g->add_option("--min-new-tokens", gen.min_new_tokens, "Suppress end-of-sequence until this many tokens exist")
+      ->check(CLI::NonNegativeNumber);
+  g->add_option("--batch-size", gen.batch_size, "Prompts per batch for --input")->check(CLI::PositiveNumber)->capture_default_str();
+  g->add_option("--temperature", gen.temperature, "Sampling temperature (0: greedy)")->check(CLI::NonNegativeNumber)->capture_default_str();
+  g->add_option("--top-k", gen.top_k, "Sample from the k most likely tokens (0: off)")->check(CLI::NonNegativeNumber);
+  g->add_option("--top-p", gen.top_p, "Nucleus sampling mass in (0, 1] (1: off)")->check(CLI::Range(0.0, 1.0));
+  g->add_option("--seed", gen.seed, "Random seed: the same seed gives the same text")->capture_default_str();
+  g->add_flag("--ignore-eos", gen.ignore_eos, "Keep generating after the end-of-sequence token");
+  g->add_flag("--quiet,-q", gen.quiet, "No progress or timing on stderr");
+  g->callback([selected] { *selected = [] { return RunGenerate(gen); }; });
+
+  static TokenizeFlags tokf;
+  CLI::App* t = app.add_subcommand("tokenize", "Print the token ids of a text as JSON");
+  AddModelFlags(t, &tokf.model);
+  t->add_option("--text", tokf.text, "Text to tokenize")->required();
+  t->add_flag("--no-bos", tokf.no_bos, "Do not prepend the BOS token");
+  t->callback([selected] { *selected = [] { return RunTokenize(tokf); }; });
+
+  static PplFlags pplf;
+  CLI::App* p = app.add_subcommand("ppl", "Perplexity of a text file (one document, non-overlapping windows)");
+  AddModelFlags(p, &pplf.model);
+  p->add_option("--text", pplf.text_file, "Text file")->required();
+  p->add_option("--window", pplf.window, "Window length in tokens")->check(CLI::Range(2, 1 << 20))->capture_default_str();
+  p->add_option("--max-tokens", pplf.max_tokens, "Use only the first N tokens (0: all)")->check(CLI::NonNegativeNumber);
+  p->add_flag("--json", pplf.json, "Print the result as JSON");
+  p->add_flag("--quiet,-q", pplf.quiet, "No progress on stderr");
+  p->callback([selected] { *selected = [] { return RunPpl(pplf); }; });
+}
+
+}  // namespace ferry::cli

@@ -1,0 +1,22 @@
+// The `ferry` subcommands. Each registers its flags on a CLI11 app and returns a runner that
+// reports failure as a Status (printed as one line by main).
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "CLI/CLI.hpp"
+#include "absl/status/status.h"
+
+namespace ferry::cli {
+
+using Runner = std::function<absl::Status()>;
+
+// Registers `generate`, `tokenize` and `ppl`; `selected` is set to the chosen command's runner.
+void RegisterCommands(CLI::App& app, Runner* selected);
+
+// --model's default: $FERRY_MODEL, else the embedded tiny-opt.
+std::string DefaultModelDir();
+
+}  // namespace ferry::cli

@@ -1,0 +1,123 @@
+#include "engine/generator.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+#include "base/status.h"
+
+namespace ferry::engine {
+
+absl::Status ValidateGenerateOptions(const GenerateOptions& o) {
+  if (o.max_new_tokens < 0) return absl::InvalidArgumentError(absl::StrCat("max-new-tokens must be >= 0, got ", o.max_new_tokens));
+  if (o.min_new_tokens < 0) return absl::InvalidArgumentError(absl::StrCat("min-new-tokens must be >= 0, got ", o.min_new_tokens));
+  if (o.max_prefill_tokens <= 0) return absl::InvalidArgumentError("max_prefill_tokens must be positive");
+  return ValidateSampling(o.sampling);
+}
+
+absl::Status ValidatePromptLength(const OptConfig& config, size_t prompt_tokens) {
+  if (prompt_tokens == 0) return absl::InvalidArgumentError("empty prompt");
+  if (prompt_tokens > static_cast<size_t>(config.max_positions)) {
+    return absl::InvalidArgumentError(absl::StrCat("prompt is ", prompt_tokens, " tokens, longer than the model's context of ",
+                                                   config.max_positions, " (max_position_embeddings)"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<GenerationResult>> Generate(const OptModel& model,
+                                                        const std::vector<GenerationRequest>& requests,
+                                                        const GenerateOptions& options) {
+  FERRY_RETURN_IF_ERROR(ValidateGenerateOptions(options));
+  const OptConfig& c = model.config();
+  const int n = static_cast<int>(requests.size());
+  std::vector<GenerationResult> results(n);
+  if (n == 0) return results;
+  int max_len = 1;
+  for (const auto& r : requests) {
+    FERRY_RETURN_IF_ERROR(ValidatePromptLength(c, r.prompt.size()));
+    for (int id : r.prompt) {
+      if (id < 0 || id >= c.vocab_size) return absl::InvalidArgumentError(absl::StrCat("prompt token ", id, " is outside the vocabulary"));
+    }
+    max_len = std::max<int>(max_len, std::min<int>(c.max_positions, static_cast<int>(r.prompt.size()) + options.max_new_tokens));
+  }
+  if (options.max_new_tokens == 0) {
+    for (auto& r : results) r.finish_reason = "length";
+    return results;
+  }
+  FERRY_ASSIGN_OR_RETURN(KvCache cache, KvCache::Create(model.backend(), c, n, max_len));
+  std::vector<Rng> rngs;
+  rngs.reserve(n);
+  for (const auto& r : requests) rngs.emplace_back(options.sampling.seed, r.index);
+
+  std::vector<int> length(n);  // tokens in the cache + the pending token
+  std::vector<int> pending(n, -1);
+  std::vector<bool> running(n, true);
+  std::vector<float> logits;
+  const int vocab = c.vocab_size;
+
+  // Chooses sequence s's next token from its logits row (EOS masked until min_new_tokens).
+  auto choose = [&](int s, float* row) {
+    if (static_cast<int>(results[s].tokens.size()) < options.min_new_tokens) row[c.eos_token_id] = -INFINITY;
+    return SampleToken(row, vocab, options.sampling, rngs[s]);
+  };
+
+  // Records a freshly chosen token and decides whether the sequence goes on.
+  auto accept = [&](int s, int token) {
+    results[s].tokens.push_back(token);
+    pending[s] = token;
+    if (options.stop_at_eos && token == c.eos_token_id) {
+      running[s] = false;
+      results[s].finish_reason = "eos";
+    } else if (static_cast<int>(results[s].tokens.size()) >= options.max_new_tokens || length[s] >= c.max_positions) {
+      running[s] = false;
+      results[s].finish_reason = "length";
+    }
+  };
+
+  // Prefill, several prompts per call up to max_prefill_tokens (a longer prompt goes alone).
+  for (int s0 = 0; s0 < n;) {
+    ForwardBatch batch;
+    int s1 = s0;
+    while (s1 < n && (s1 == s0 || static_cast<int64_t>(batch.tokens.size() + requests[s1].prompt.size()) <=
+                                      options.max_prefill_tokens)) {
+      const auto& prompt = requests[s1].prompt;
+      for (size_t i = 0; i < prompt.size(); ++i) {
+        batch.tokens.push_back(prompt[i]);
+        batch.seq_ids.push_back(s1);
+        batch.positions.push_back(static_cast<int32_t>(i));
+      }
+      batch.logit_rows.push_back(static_cast<int32_t>(batch.tokens.size()) - 1);
+      ++s1;
+    }
+    FERRY_RETURN_IF_ERROR(model.Forward(batch, cache, &logits));
+    for (int s = s0; s < s1; ++s) {
+      length[s] = static_cast<int>(requests[s].prompt.size());
+      accept(s, choose(s, logits.data() + static_cast<size_t>(s - s0) * vocab));
+    }
+    s0 = s1;
+  }
+
+  // Decode: one token per running sequence per step.
+  for (;;) {
+    ForwardBatch batch;
+    std::vector<int> seqs;
+    for (int s = 0; s < n; ++s) {
+      if (!running[s]) continue;
+      batch.tokens.push_back(pending[s]);
+      batch.seq_ids.push_back(s);
+      batch.positions.push_back(length[s]);
+      batch.logit_rows.push_back(static_cast<int32_t>(seqs.size()));
+      seqs.push_back(s);
+    }
+    if (seqs.empty()) break;
+    FERRY_RETURN_IF_ERROR(model.Forward(batch, cache, &logits));
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      const int s = seqs[i];
+      ++length[s];
+      accept(s, choose(s, logits.data() + i * vocab));
+    }
+  }
+  return results;
+}
+
+}  // namespace ferry::engine

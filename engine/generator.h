@@ -1,0 +1,42 @@
+// Batched generation: prefill of all prompts (packed, in chunks of bounded size), then decode
+// steps over the sequences still running. A sequence's tokens never depend on the rest of the
+// batch: the kernels are batch invariant and each sequence samples from its own random stream.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "engine/opt_model.h"
+#include "engine/sampling.h"
+
+namespace ferry::engine {
+
+struct GenerateOptions {
+  int max_new_tokens = 32;
+  int min_new_tokens = 0;  // EOS is suppressed until this many tokens exist (as transformers does)
+  SamplingOptions sampling;
+  bool stop_at_eos = true;
+  int64_t max_prefill_tokens = 4096;  // tokens per prefill forward call
+};
+
+struct GenerationRequest {
+  std::vector<int> prompt;  // token ids, BOS included
+  uint64_t index = 0;       // the request's place in its job: seeds its random stream
+};
+
+struct GenerationResult {
+  std::vector<int> tokens;    // generated tokens (EOS included when it stopped there)
+  std::string finish_reason;  // "eos" or "length" (max_new_tokens or the context was reached)
+};
+
+absl::Status ValidateGenerateOptions(const GenerateOptions& options);
+// A prompt must be non-empty and fit the model's context.
+absl::Status ValidatePromptLength(const OptConfig& config, size_t prompt_tokens);
+
+absl::StatusOr<std::vector<GenerationResult>> Generate(const OptModel& model,
+                                                        const std::vector<GenerationRequest>& requests,
+                                                        const GenerateOptions& options);
+
+}  // namespace ferry::engine

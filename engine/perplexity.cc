@@ -1,0 +1,62 @@
+#include "engine/perplexity.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+#include "base/status.h"
+
+namespace ferry::engine {
+
+absl::StatusOr<PerplexityResult> ComputePerplexity(const OptModel& model, const std::vector<int>& ids,
+                                                   const PerplexityOptions& o) {
+  const OptConfig& c = model.config();
+  if (o.window < 2) return absl::InvalidArgumentError(absl::StrCat("window must be >= 2, got ", o.window));
+  if (o.window > c.max_positions) {
+    return absl::InvalidArgumentError(absl::StrCat("window ", o.window, " is longer than the model's context of ", c.max_positions));
+  }
+  if (o.max_tokens < 0) return absl::InvalidArgumentError("max-tokens must be >= 0");
+  const int64_t total = o.max_tokens > 0 ? std::min<int64_t>(o.max_tokens, ids.size()) : static_cast<int64_t>(ids.size());
+  if (total < 2) return absl::InvalidArgumentError(absl::StrCat("perplexity needs at least 2 tokens, the text has ", total));
+
+  PerplexityResult result;
+  result.tokens = total;
+  const int64_t windows = (total + o.window - 1) / o.window;
+  const int per_call = static_cast<int>(std::max<int64_t>(1, o.tokens_per_call / o.window));
+  FERRY_ASSIGN_OR_RETURN(KvCache cache, KvCache::Create(model.backend(), c, per_call, o.window));
+  std::vector<float> logits;
+  const int vocab = c.vocab_size;
+  for (int64_t w0 = 0; w0 < windows; w0 += per_call) {
+    const int64_t w1 = std::min(windows, w0 + per_call);
+    ForwardBatch batch;
+    std::vector<int> targets;  // target token of each logit row
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t begin = w * o.window, end = std::min(total, begin + o.window);
+      for (int64_t i = begin; i < end; ++i) {
+        batch.tokens.push_back(ids[i]);
+        batch.seq_ids.push_back(static_cast<int32_t>(w - w0));
+        batch.positions.push_back(static_cast<int32_t>(i - begin));
+        if (i + 1 < end) {
+          batch.logit_rows.push_back(static_cast<int32_t>(batch.tokens.size()) - 1);
+          targets.push_back(ids[i + 1]);
+        }
+      }
+    }
+    FERRY_RETURN_IF_ERROR(model.Forward(batch, cache, &logits));
+    for (size_t r = 0; r < targets.size(); ++r) {
+      const float* row = logits.data() + r * vocab;
+      const float max_logit = *std::max_element(row, row + vocab);
+      double sum = 0.0;
+      for (int j = 0; j < vocab; ++j) sum += std::exp(static_cast<double>(row[j]) - max_logit);
+      result.nll_sum += std::log(sum) + max_logit - row[targets[r]];
+    }
+    result.scored_tokens += static_cast<int64_t>(targets.size());
+    if (o.progress) o.progress(std::min(total, w1 * o.window), total);
+  }
+  result.windows = windows;
+  if (result.scored_tokens == 0) return absl::InvalidArgumentError("no token was scored (windows of one token)");
+  result.perplexity = std::exp(result.nll_sum / static_cast<double>(result.scored_tokens));
+  return result;
+}
+
+}  // namespace ferry::engine

@@ -1,0 +1,33 @@
+// Perplexity in the convention of goldens.json: the token stream (one BOS at the start) is cut
+// into non-overlapping windows; each window is an independent sequence (positions from 0) and
+// scores its tokens 1..n-1 given the earlier tokens of the same window.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "engine/opt_model.h"
+
+namespace ferry::engine {
+
+struct PerplexityOptions {
+  int window = 512;
+  int64_t max_tokens = 0;  // 0: all tokens
+  int64_t tokens_per_call = 2048;  // windows are batched into forward calls of about this size
+  std::function<void(int64_t done, int64_t total)> progress;  // optional, called per forward call
+};
+
+struct PerplexityResult {
+  double perplexity = 0.0;
+  double nll_sum = 0.0;
+  int64_t scored_tokens = 0;
+  int64_t tokens = 0;
+  int64_t windows = 0;
+};
+
+absl::StatusOr<PerplexityResult> ComputePerplexity(const OptModel& model, const std::vector<int>& ids,
+                                                   const PerplexityOptions& options);
+
+}  // namespace ferry::engine

@@ -1,0 +1,58 @@
+// Byte-level BPE tokenizer (GPT-2 / OPT), loaded from tokenizer.json, or vocab.json + merges.txt.
+// Encode: split out added/special tokens, pre-tokenize with the GPT-2 regex (PCRE2, Unicode
+// classes, JIT), map bytes to the byte-level alphabet, merge pairs by rank (results cached per
+// pre-token), prepend the post-processor's prefix (OPT: </s> = 2). Decode maps ids back to bytes;
+// invalid UTF-8 (a completion cut inside a character) becomes U+FFFD.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace ferry::engine {
+
+struct DecodeOptions {
+  bool skip_special_tokens = true;
+};
+
+class Tokenizer {
+ public:
+  // Reads DIR/tokenizer.json, or DIR/vocab.json + DIR/merges.txt when there is no tokenizer.json.
+  static absl::StatusOr<std::unique_ptr<Tokenizer>> FromModelDir(const std::string& dir);
+  static absl::StatusOr<std::unique_ptr<Tokenizer>> FromTokenizerJson(const std::string& json_text);
+  // vocab.json text, merges.txt text, and the special tokens (added to the vocabulary) with the
+  // BOS token prepended to every encoding (empty: none).
+  static absl::StatusOr<std::unique_ptr<Tokenizer>> FromVocabAndMerges(const std::string& vocab_json,
+                                                                        const std::string& merges_txt,
+                                                                        const std::vector<std::string>& special_tokens,
+                                                                        const std::string& bos_token);
+  ~Tokenizer();
+
+  // Text must be valid UTF-8 (kInvalidArgument with the byte offset otherwise).
+  absl::StatusOr<std::vector<int>> Encode(std::string_view text) const;
+  // Encode without the prefix (BOS) tokens.
+  absl::StatusOr<std::vector<int>> EncodeNoPrefix(std::string_view text) const;
+  // Ids outside the vocabulary are kInvalidArgument.
+  absl::StatusOr<std::string> Decode(const std::vector<int>& ids, const DecodeOptions& options = {}) const;
+  // The raw bytes of one token (may be part of a UTF-8 character).
+  absl::StatusOr<std::string> TokenBytes(int id) const;
+
+  int vocab_size() const;
+  bool IsSpecial(int id) const;
+  const std::vector<int>& prefix_ids() const;
+
+ private:
+  struct Impl;
+  explicit Tokenizer(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// Replaces invalid UTF-8 sequences with U+FFFD (one per maximal invalid subpart).
+std::string SanitizeUtf8(std::string_view bytes);
+// Byte offset of the first invalid UTF-8 sequence, or npos when valid.
+size_t FindInvalidUtf8(std::string_view bytes);
+
+}  // namespace ferry::engine

@@ -1,0 +1,128 @@
+#include "kernels/backend.h"
+
+#include "absl/strings/str_cat.h"
+
+namespace ferry::kernels {
+
+DeviceBuffer::~DeviceBuffer() { Release(); }
+
+DeviceBuffer::DeviceBuffer(DeviceBuffer&& o) noexcept : owner_(o.owner_), data_(o.data_), bytes_(o.bytes_) {
+  o.owner_ = nullptr;
+  o.data_ = nullptr;
+  o.bytes_ = 0;
+}
+
+DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& o) noexcept {
+  if (this != &o) {
+    Release();
+    owner_ = o.owner_;
+    data_ = o.data_;
+    bytes_ = o.bytes_;
+    o.owner_ = nullptr;
+    o.data_ = nullptr;
+    o.bytes_ = 0;
+  }
+  return *this;
+}
+
+void DeviceBuffer::Release() {
+  if (owner_ != nullptr && data_ != nullptr) owner_->Free(data_, bytes_);
+  owner_ = nullptr;
+  data_ = nullptr;
+  bytes_ = 0;
+}
+
+namespace {
+
+absl::Status Expect(bool ok, const char* op, const std::string& what) {
+  if (ok) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(op, ": ", what));
+}
+
+bool IsFloat(DType d) { return d == DType::kF32 || d == DType::kF16 || d == DType::kBF16; }
+
+bool Is2dF32(const TensorView& t) { return t.ndim == 2 && t.dtype == DType::kF32 && t.is_contiguous(); }
+
+bool IsIds(const TensorView& t, int64_t n) {
+  return t.ndim == 1 && t.dtype == DType::kI32 && t.shape[0] == n && t.is_contiguous();
+}
+
+}  // namespace
+
+absl::Status ValidateGatherRows(const GatherRowsArgs& a) {
+  const char* op = "GatherRows";
+  FERRY_RETURN_IF_ERROR(Expect(a.table.ndim == 2 && IsFloat(a.table.dtype) && a.table.is_contiguous(), op,
+                               "table must be a contiguous 2-D float tensor"));
+  FERRY_RETURN_IF_ERROR(Expect(Is2dF32(a.out), op, "out must be contiguous [n, dim] F32"));
+  FERRY_RETURN_IF_ERROR(Expect(a.out.shape[1] == a.table.shape[1], op,
+                               absl::StrCat("dim mismatch: table ", a.table.ShapeString(), " out ", a.out.ShapeString())));
+  return Expect(IsIds(a.ids, a.out.shape[0]), op, "ids must be [n] I32 with n = out rows");
+}
+
+absl::Status ValidateLayerNorm(const LayerNormArgs& a) {
+  const char* op = "LayerNorm";
+  FERRY_RETURN_IF_ERROR(Expect(Is2dF32(a.in) && Is2dF32(a.out) && a.in.shape == a.out.shape, op,
+                               "in and out must be contiguous [n, dim] F32 of one shape"));
+  const int64_t dim = a.in.shape[1];
+  for (const TensorView* p : {&a.gamma, &a.beta}) {
+    FERRY_RETURN_IF_ERROR(Expect(p->ndim == 1 && p->shape[0] == dim && p->dtype == DType::kF32, op,
+                                 absl::StrCat("gamma and beta must be [", dim, "] F32")));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateLinear(const LinearArgs& a) {
+  const char* op = "Linear";
+  FERRY_RETURN_IF_ERROR(Expect(Is2dF32(a.in) && Is2dF32(a.out), op, "in and out must be contiguous 2-D F32"));
+  FERRY_RETURN_IF_ERROR(Expect(a.weight.ndim == 2 && IsFloat(a.weight.dtype) && a.weight.is_contiguous(), op,
+                               "weight must be a contiguous 2-D float tensor"));
+  FERRY_RETURN_IF_ERROR(Expect(a.in.shape[1] == a.weight.shape[1] && a.out.shape[0] == a.in.shape[0] &&
+                                   a.out.shape[1] == a.weight.shape[0],
+                               op,
+                               absl::StrCat("shapes do not chain: in ", a.in.ShapeString(), " weight ",
+                                            a.weight.ShapeString(), " out ", a.out.ShapeString())));
+  if (a.bias.data != nullptr) {
+    FERRY_RETURN_IF_ERROR(Expect(a.bias.ndim == 1 && a.bias.shape[0] == a.weight.shape[0] && a.bias.dtype == DType::kF32,
+                                 op, "bias must be [m] F32"));
+  }
+  return Expect(a.in.data != a.out.data, op, "out must not alias in");
+}
+
+absl::Status ValidateAdd(const TensorView& a, const TensorView& b, const TensorView& out) {
+  return Expect(Is2dF32(a) && Is2dF32(b) && Is2dF32(out) && a.shape == b.shape && a.shape == out.shape, "Add",
+                "a, b and out must be contiguous 2-D F32 of one shape");
+}
+
+namespace {
+
+absl::Status ValidateCacheAccess(const char* op, const TensorView& k_cache, const TensorView& v_cache,
+                                 const TensorView& seq_ids, const TensorView& positions, int64_t n, int64_t width) {
+  FERRY_RETURN_IF_ERROR(Expect(k_cache.ndim == 3 && k_cache.dtype == DType::kF32 && k_cache.is_contiguous() &&
+                                   v_cache.shape == k_cache.shape && v_cache.dtype == DType::kF32 &&
+                                   v_cache.is_contiguous(),
+                               op, "k_cache and v_cache must be contiguous [seqs, max_len, width] F32 of one shape"));
+  FERRY_RETURN_IF_ERROR(Expect(k_cache.shape[2] == width, op,
+                               absl::StrCat("cache width ", k_cache.shape[2], " != ", width)));
+  FERRY_RETURN_IF_ERROR(Expect(IsIds(seq_ids, n) && IsIds(positions, n), op, "seq_ids and positions must be [n] I32"));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status ValidateKvWrite(const KvWriteArgs& a) {
+  FERRY_RETURN_IF_ERROR(Expect(Is2dF32(a.k) && Is2dF32(a.v) && a.k.shape == a.v.shape, "KvWrite",
+                               "k and v must be contiguous [n, width] F32 of one shape"));
+  return ValidateCacheAccess("KvWrite", a.k_cache, a.v_cache, a.seq_ids, a.positions, a.k.shape[0], a.k.shape[1]);
+}
+
+absl::Status ValidateAttention(const AttentionArgs& a) {
+  const char* op = "Attention";
+  FERRY_RETURN_IF_ERROR(Expect(Is2dF32(a.q) && Is2dF32(a.out) && a.q.shape == a.out.shape, op,
+                               "q and out must be contiguous [n, heads * head_dim] F32"));
+  FERRY_RETURN_IF_ERROR(Expect(a.num_heads > 0 && a.q.shape[1] % a.num_heads == 0, op,
+                               absl::StrCat("width ", a.q.shape[1], " is not a multiple of ", a.num_heads, " heads")));
+  FERRY_RETURN_IF_ERROR(Expect(a.q.data != a.out.data, op, "out must not alias q"));
+  return ValidateCacheAccess(op, a.k_cache, a.v_cache, a.seq_ids, a.positions, a.q.shape[0], a.q.shape[1]);
+}
+
+}  // namespace ferry::kernels

@@ -1,0 +1,117 @@
+// The Backend interface: memory, copies and every op of the model's layer program, on tensor
+// views. The model is written once against it; the CPU backend is the reference and every other
+// backend's op has a test against its CPU twin. Activations are fp32; weights may be F32, F16 or
+// BF16. Ops validate shapes and dtypes and return kInvalidArgument on a mismatch.
+#pragma once
+
+#include <cstddef>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "base/tensor.h"
+
+namespace ferry::kernels {
+
+class Backend;
+
+// Memory owned by a backend; freed through it. Move-only.
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  DeviceBuffer(Backend* owner, void* data, size_t bytes) : owner_(owner), data_(data), bytes_(bytes) {}
+  ~DeviceBuffer();
+  DeviceBuffer(DeviceBuffer&& o) noexcept;
+  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept;
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+
+  void* data() const { return data_; }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  void Release();
+  Backend* owner_ = nullptr;
+  void* data_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+struct GatherRowsArgs {
+  TensorView table;  // [rows, dim] F32/F16/BF16
+  TensorView ids;    // [n] I32; row ids[i] + offset is gathered
+  int offset = 0;    // OPT's learned positions start at row 2
+  TensorView out;    // [n, dim] F32
+};
+
+struct LayerNormArgs {
+  TensorView in;     // [n, dim] F32
+  TensorView gamma;  // [dim] F32
+  TensorView beta;   // [dim] F32
+  TensorView out;    // [n, dim] F32 (may alias in)
+  float eps = 1e-5f;
+};
+
+struct LinearArgs {
+  TensorView in;      // [n, k] F32
+  TensorView weight;  // [m, k] F32/F16/BF16 (PyTorch's layout)
+  TensorView bias;    // [m] F32, or data == nullptr for none
+  TensorView out;     // [n, m] F32, must not alias in
+  bool relu = false;  // apply ReLU after the bias
+};
+
+// Writes new keys/values into the per-sequence cache rows.
+struct KvWriteArgs {
+  TensorView k;          // [n, heads * head_dim] F32
+  TensorView v;          // [n, heads * head_dim] F32
+  TensorView k_cache;    // [seqs, max_len, heads * head_dim] F32
+  TensorView v_cache;    // [seqs, max_len, heads * head_dim] F32
+  TensorView seq_ids;    // [n] I32: cache row of each token
+  TensorView positions;  // [n] I32: slot of each token in its row
+};
+
+// Causal attention over the cache: query i attends to entries 0..positions[i] of row seq_ids[i].
+// Serves prefill (many queries per sequence) and decode (one per sequence) alike.
+struct AttentionArgs {
+  TensorView q;          // [n, heads * head_dim] F32
+  TensorView k_cache;    // [seqs, max_len, heads * head_dim] F32
+  TensorView v_cache;    // [seqs, max_len, heads * head_dim] F32
+  TensorView seq_ids;    // [n] I32
+  TensorView positions;  // [n] I32
+  TensorView out;        // [n, heads * head_dim] F32
+  int num_heads = 1;
+  float scale = 1.0f;    // applied to q.k
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual Device device() const = 0;
+  virtual std::string name() const = 0;
+
+  virtual absl::StatusOr<DeviceBuffer> Allocate(size_t bytes) = 0;
+  virtual absl::Status CopyToDevice(void* dst, const void* src, size_t bytes) = 0;
+  virtual absl::Status CopyToHost(void* dst, const void* src, size_t bytes) = 0;
+  // Waits for all work queued on this backend.
+  virtual absl::Status Synchronize() = 0;
+
+  virtual absl::Status GatherRows(const GatherRowsArgs& args) = 0;
+  virtual absl::Status LayerNorm(const LayerNormArgs& args) = 0;
+  virtual absl::Status Linear(const LinearArgs& args) = 0;
+  // out = a + b, elementwise, [n, dim] F32 (out may alias a or b).
+  virtual absl::Status Add(const TensorView& a, const TensorView& b, const TensorView& out) = 0;
+  virtual absl::Status KvWrite(const KvWriteArgs& args) = 0;
+  virtual absl::Status Attention(const AttentionArgs& args) = 0;
+
+ protected:
+  friend class DeviceBuffer;
+  virtual void Free(void* data, size_t bytes) = 0;
+};
+
+// Shape and dtype checks shared by every backend, so that each reports bad arguments alike.
+absl::Status ValidateGatherRows(const GatherRowsArgs& args);
+absl::Status ValidateLayerNorm(const LayerNormArgs& args);
+absl::Status ValidateLinear(const LinearArgs& args);
+absl::Status ValidateAdd(const TensorView& a, const TensorView& b, const TensorView& out);
+absl::Status ValidateKvWrite(const KvWriteArgs& args);
+absl::Status ValidateAttention(const AttentionArgs& args);
+
+}  // namespace ferry::kernels

@@ -1,0 +1,54 @@
+// CPU causal attention over the KV cache, one (query, head) pair per work item: scores with the
+// cache entries 0..pos, a max-subtracted softmax in fp32, then the probability-weighted sum of
+// values. The [seq x seq] score matrix is never formed; each item holds one row of scores.
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "base/thread_pool.h"
+#include "kernels/cpu/cpu_backend.h"
+
+namespace ferry::kernels {
+
+void CpuAttention(ThreadPool& pool, const AttentionArgs& a) {
+  const int64_t n = a.q.shape[0], width = a.q.shape[1];
+  const int64_t heads = a.num_heads, head_dim = width / heads;
+  const int64_t max_len = a.k_cache.shape[1];
+  const int32_t* seq = a.seq_ids.as<const int32_t>();
+  const int32_t* pos = a.positions.as<const int32_t>();
+
+  pool.ParallelFor(n * heads, 4, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<float> scores;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t i = item / heads, h = item % heads;
+      const int64_t len = static_cast<int64_t>(pos[i]) + 1;
+      const float* q = a.q.as<const float>() + i * width + h * head_dim;
+      const float* kbase = a.k_cache.as<const float>() + static_cast<int64_t>(seq[i]) * max_len * width + h * head_dim;
+      const float* vbase = a.v_cache.as<const float>() + static_cast<int64_t>(seq[i]) * max_len * width + h * head_dim;
+      scores.resize(static_cast<size_t>(len));
+      float max_score = -INFINITY;
+      for (int64_t j = 0; j < len; ++j) {
+        const float* k = kbase + j * width;
+        float dot = 0.0f;
+        for (int64_t d = 0; d < head_dim; ++d) dot += q[d] * k[d];
+        scores[j] = dot * a.scale;
+        max_score = std::max(max_score, scores[j]);
+      }
+      float sum = 0.0f;
+      for (int64_t j = 0; j < len; ++j) {
+        scores[j] = std::exp(scores[j] - max_score);
+        sum += scores[j];
+      }
+      const float inv = 1.0f / sum;
+      float* out = a.out.as<float>() + i * width + h * head_dim;
+      std::fill(out, out + head_dim, 0.0f);
+      for (int64_t j = 0; j < len; ++j) {
+        const float p = scores[j] * inv;
+        const float* v = vbase + j * width;
+        for (int64_t d = 0; d < head_dim; ++d) out[d] += p * v[d];
+      }
+    }
+  });
+}
+
+}  // namespace ferry::kernels

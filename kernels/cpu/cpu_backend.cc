@@ -1,0 +1,140 @@
+#include "kernels/cpu/cpu_backend.h"
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "base/thread_pool.h"
+
+namespace ferry::kernels {
+namespace {
+
+constexpr size_t kAlignment = 64;
+
+// Checks that every id is in [0, limit); returns the first bad one.
+absl::Status CheckIds(const char* op, const char* what, const TensorView& ids, int64_t offset, int64_t limit) {
+  const int32_t* p = ids.as<const int32_t>();
+  for (int64_t i = 0; i < ids.shape[0]; ++i) {
+    const int64_t v = static_cast<int64_t>(p[i]) + offset;
+    if (v < 0 || v >= limit) {
+      return absl::InvalidArgumentError(absl::StrCat(op, ": ", what, "[", i, "] = ", p[i], " is outside [0, ",
+                                                     limit - offset, ")"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+CpuBackend::CpuBackend() : pool_(&ThreadPool::Default()) {}
+
+absl::StatusOr<DeviceBuffer> CpuBackend::Allocate(size_t bytes) {
+  const size_t rounded = (bytes + kAlignment - 1) / kAlignment * kAlignment;
+  void* p = std::aligned_alloc(kAlignment, rounded == 0 ? kAlignment : rounded);
+  if (p == nullptr) return absl::ResourceExhaustedError(absl::StrCat("cpu: cannot allocate ", bytes, " bytes"));
+  const size_t now = allocated_.fetch_add(bytes) + bytes;
+  size_t peak = peak_.load();
+  while (now > peak && !peak_.compare_exchange_weak(peak, now)) {
+  }
+  return DeviceBuffer(this, p, bytes);
+}
+
+void CpuBackend::Free(void* data, size_t bytes) {
+  std::free(data);
+  allocated_.fetch_sub(bytes);
+}
+
+absl::Status CpuBackend::CopyToDevice(void* dst, const void* src, size_t bytes) {
+  std::memcpy(dst, src, bytes);
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::CopyToHost(void* dst, const void* src, size_t bytes) {
+  std::memcpy(dst, src, bytes);
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::GatherRows(const GatherRowsArgs& a) {
+  FERRY_RETURN_IF_ERROR(ValidateGatherRows(a));
+  FERRY_RETURN_IF_ERROR(CheckIds("GatherRows", "ids", a.ids, a.offset, a.table.shape[0]));
+  const int64_t n = a.out.shape[0], dim = a.out.shape[1];
+  const size_t row_bytes = static_cast<size_t>(dim) * DTypeSize(a.table.dtype);
+  const int32_t* ids = a.ids.as<const int32_t>();
+  pool_->ParallelFor(n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const char* row = a.table.as<const char>() + static_cast<size_t>(ids[i] + a.offset) * row_bytes;
+      ConvertToF32(a.table.dtype, row, a.out.as<float>() + i * dim, static_cast<size_t>(dim));
+    }
+  });
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::LayerNorm(const LayerNormArgs& a) {
+  FERRY_RETURN_IF_ERROR(ValidateLayerNorm(a));
+  const int64_t n = a.in.shape[0], dim = a.in.shape[1];
+  const float* gamma = a.gamma.as<const float>();
+  const float* beta = a.beta.as<const float>();
+  pool_->ParallelFor(n, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float* x = a.in.as<const float>() + i * dim;
+      float* y = a.out.as<float>() + i * dim;
+      double sum = 0.0;
+      for (int64_t j = 0; j < dim; ++j) sum += x[j];
+      const double mean = sum / static_cast<double>(dim);
+      double var = 0.0;
+      for (int64_t j = 0; j < dim; ++j) {
+        const double d = x[j] - mean;
+        var += d * d;
+      }
+      var /= static_cast<double>(dim);
+      const float inv = static_cast<float>(1.0 / std::sqrt(var + a.eps));
+      const float m = static_cast<float>(mean);
+      for (int64_t j = 0; j < dim; ++j) y[j] = (x[j] - m) * inv * gamma[j] + beta[j];
+    }
+  });
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::Linear(const LinearArgs& a) {
+  FERRY_RETURN_IF_ERROR(ValidateLinear(a));
+  CpuLinear(*pool_, a);
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::Add(const TensorView& a, const TensorView& b, const TensorView& out) {
+  FERRY_RETURN_IF_ERROR(ValidateAdd(a, b, out));
+  const float* x = a.as<const float>();
+  const float* y = b.as<const float>();
+  float* z = out.as<float>();
+  pool_->ParallelFor(a.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) z[i] = x[i] + y[i];
+  });
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::KvWrite(const KvWriteArgs& a) {
+  FERRY_RETURN_IF_ERROR(ValidateKvWrite(a));
+  FERRY_RETURN_IF_ERROR(CheckIds("KvWrite", "seq_ids", a.seq_ids, 0, a.k_cache.shape[0]));
+  FERRY_RETURN_IF_ERROR(CheckIds("KvWrite", "positions", a.positions, 0, a.k_cache.shape[1]));
+  const int64_t n = a.k.shape[0], width = a.k.shape[1], max_len = a.k_cache.shape[1];
+  const int32_t* seq = a.seq_ids.as<const int32_t>();
+  const int32_t* pos = a.positions.as<const int32_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t slot = (static_cast<int64_t>(seq[i]) * max_len + pos[i]) * width;
+    std::memcpy(a.k_cache.as<float>() + slot, a.k.as<const float>() + i * width, width * sizeof(float));
+    std::memcpy(a.v_cache.as<float>() + slot, a.v.as<const float>() + i * width, width * sizeof(float));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::Attention(const AttentionArgs& a) {
+  FERRY_RETURN_IF_ERROR(ValidateAttention(a));
+  FERRY_RETURN_IF_ERROR(CheckIds("Attention", "seq_ids", a.seq_ids, 0, a.k_cache.shape[0]));
+  FERRY_RETURN_IF_ERROR(CheckIds("Attention", "positions", a.positions, 0, a.k_cache.shape[1]));
+  CpuAttention(*pool_, a);
+  return absl::OkStatus();
+}
+
+}  // namespace ferry::kernels

@@ -1,0 +1,122 @@
+// CPU linear: out[t, m] = dot(in[t, :], weight[m, :]) + bias[m] (then ReLU), fp32 compute.
+// Work is a fixed grid of (token block, weight-row block) tasks; each task converts its weight
+// rows to fp32 once into a per-thread scratch and computes register tiles of kTileT tokens x
+// kTileM rows. Every output element is the same 8-lane dot product reduced in the same order
+// whatever the tile or batch size, so the result of a token never depends on the batch.
+#include <algorithm>
+#include <vector>
+
+#include "base/thread_pool.h"
+#include "kernels/cpu/cpu_backend.h"
+
+namespace ferry::kernels {
+namespace {
+
+typedef float V8 __attribute__((vector_size(32), aligned(4)));  // unaligned loads allowed
+
+constexpr int64_t kTileT = 4;
+constexpr int64_t kTileM = 2;
+constexpr int64_t kTokenBlock = 64;
+
+inline V8 Load(const float* p) {
+  V8 v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline float Reduce(V8 v) {
+  // Fixed pairwise order.
+  const float a = (v[0] + v[4]) + (v[2] + v[6]);
+  const float b = (v[1] + v[5]) + (v[3] + v[7]);
+  return a + b;
+}
+
+// Computes a tt x mm tile (tt <= kTileT, mm <= kTileM) of dot products of length k.
+template <int TT, int MM>
+inline void Tile(const float* const* x, const float* const* w, int64_t k, float out[kTileT][kTileM]) {
+  V8 acc[TT][MM];
+  for (int t = 0; t < TT; ++t)
+    for (int m = 0; m < MM; ++m) acc[t][m] = V8{};
+  const int64_t k8 = k / 8 * 8;
+  for (int64_t j = 0; j < k8; j += 8) {
+    V8 wv[MM];
+    for (int m = 0; m < MM; ++m) wv[m] = Load(w[m] + j);
+    for (int t = 0; t < TT; ++t) {
+      const V8 xv = Load(x[t] + j);
+      for (int m = 0; m < MM; ++m) acc[t][m] += xv * wv[m];
+    }
+  }
+  for (int t = 0; t < TT; ++t) {
+    for (int m = 0; m < MM; ++m) {
+      float tail = 0.0f;
+      for (int64_t j = k8; j < k; ++j) tail += x[t][j] * w[m][j];
+      out[t][m] = Reduce(acc[t][m]) + tail;
+    }
+  }
+}
+
+void TileDispatch(int tt, int mm, const float* const* x, const float* const* w, int64_t k,
+                  float out[kTileT][kTileM]) {
+  switch (tt * 10 + mm) {
+    case 42: Tile<4, 2>(x, w, k, out); return;
+    case 41: Tile<4, 1>(x, w, k, out); return;
+    case 32: Tile<3, 2>(x, w, k, out); return;
+    case 31: Tile<3, 1>(x, w, k, out); return;
+    case 22: Tile<2, 2>(x, w, k, out); return;
+    case 21: Tile<2, 1>(x, w, k, out); return;
+    case 12: Tile<1, 2>(x, w, k, out); return;
+    default: Tile<1, 1>(x, w, k, out); return;
+  }
+}
+
+}  // namespace
+
+void CpuLinear(ThreadPool& pool, const LinearArgs& a) {
+  const int64_t n = a.in.shape[0], k = a.in.shape[1], m_total = a.weight.shape[0];
+  // Weight rows per task: keep the converted block near 128 KiB.
+  const int64_t row_block = std::max<int64_t>(kTileM, std::min<int64_t>(64, (32768 / std::max<int64_t>(k, 1)) / kTileM * kTileM));
+  const int64_t m_blocks = (m_total + row_block - 1) / row_block;
+  const int64_t t_blocks = (n + kTokenBlock - 1) / kTokenBlock;
+  const size_t wsize = DTypeSize(a.weight.dtype);
+  const float* bias = a.bias.data != nullptr ? a.bias.as<const float>() : nullptr;
+
+  pool.ParallelFor(m_blocks * t_blocks, 1, [&](int64_t task_begin, int64_t task_end) {
+    thread_local std::vector<float> scratch;
+    for (int64_t task = task_begin; task < task_end; ++task) {
+      const int64_t mb = task % m_blocks, tb = task / m_blocks;
+      const int64_t m0 = mb * row_block, m1 = std::min(m_total, m0 + row_block);
+      const int64_t t0 = tb * kTokenBlock, t1 = std::min(n, t0 + kTokenBlock);
+      const float* wrows;
+      if (a.weight.dtype == DType::kF32) {
+        wrows = a.weight.as<const float>() + m0 * k;
+      } else {
+        scratch.resize(static_cast<size_t>((m1 - m0) * k));
+        ConvertToF32(a.weight.dtype, a.weight.as<const char>() + static_cast<size_t>(m0 * k) * wsize, scratch.data(),
+                     scratch.size());
+        wrows = scratch.data();
+      }
+      for (int64_t t = t0; t < t1; t += kTileT) {
+        const int tt = static_cast<int>(std::min(kTileT, t1 - t));
+        const float* x[kTileT];
+        for (int i = 0; i < tt; ++i) x[i] = a.in.as<const float>() + (t + i) * k;
+        for (int64_t m = m0; m < m1; m += kTileM) {
+          const int mm = static_cast<int>(std::min(kTileM, m1 - m));
+          const float* w[kTileM];
+          for (int i = 0; i < mm; ++i) w[i] = wrows + (m - m0 + i) * k;
+          float tile[kTileT][kTileM];
+          TileDispatch(tt, mm, x, w, k, tile);
+          for (int i = 0; i < tt; ++i) {
+            float* y = a.out.as<float>() + (t + i) * m_total + m;
+            for (int j = 0; j < mm; ++j) {
+              float v = tile[i][j] + (bias != nullptr ? bias[m + j] : 0.0f);
+              if (a.relu && v < 0.0f) v = 0.0f;
+              y[j] = v;
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace ferry::kernels
