@@ -121,13 +121,18 @@ absl::Status RunGenerate(const GenerateFlags& f) {
 
 struct TokenizeFlags {
   ModelFlags model;
-  std::string text;
+  std::string text, file;
   bool no_bos = false;
 };
 
 absl::Status RunTokenize(const TokenizeFlags& f) {
+  if (f.text.empty() == f.file.empty()) return absl::InvalidArgumentError("give exactly one of --text or --file");
   FERRY_ASSIGN_OR_RETURN(auto tok, LoadTokenizer(f.model));
-  FERRY_ASSIGN_OR_RETURN(std::vector<int> ids, f.no_bos ? tok->EncodeNoPrefix(f.text) : tok->Encode(f.text));
+  std::string text = f.text;
+  if (!f.file.empty()) {
+    FERRY_ASSIGN_OR_RETURN(text, ReadFileToString(f.file));
+  }
+  FERRY_ASSIGN_OR_RETURN(std::vector<int> ids, f.no_bos ? tok->EncodeNoPrefix(text) : tok->Encode(text));
   std::printf("%s\n", nlohmann::json(ids).dump().c_str());
   return absl::OkStatus();
 }
@@ -139,11 +144,28 @@ struct PplFlags {
   int64_t max_tokens = 0;
   bool json = false;
   bool quiet = false;
+  bool keep_cr = false;
 };
+
+// Python's text-mode reading ("universal newlines"): \r\n and lone \r become \n.
+std::string UniversalNewlines(const std::string& s) {
+  std::string out;
+  out.reserve(s.size());
+  for (size_t i = 0; i < s.size(); ++i) {
+    if (s[i] == '\r') {
+      out.push_back('\n');
+      if (i + 1 < s.size() && s[i + 1] == '\n') ++i;
+    } else {
+      out.push_back(s[i]);
+    }
+  }
+  return out;
+}
 
 absl::Status RunPpl(const PplFlags& f) {
   FERRY_ASSIGN_OR_RETURN(Loaded l, LoadAll(f.model));
   FERRY_ASSIGN_OR_RETURN(std::string text, ReadFileToString(f.text_file));
+  if (!f.keep_cr) text = UniversalNewlines(text);
   const auto start = std::chrono::steady_clock::now();
   FERRY_ASSIGN_OR_RETURN(std::vector<int> ids, l.tokenizer->Encode(text));
   engine::PerplexityOptions o;
@@ -202,7 +224,8 @@ void RegisterCommands(CLI::App& app, Runner* selected) {
   static TokenizeFlags tokf;
   CLI::App* t = app.add_subcommand("tokenize", "Print the token ids of a text as JSON");
   AddModelFlags(t, &tokf.model);
-  t->add_option("--text", tokf.text, "Text to tokenize")->required();
+  auto* text = t->add_option("--text", tokf.text, "Text to tokenize");
+  t->add_option("--file", tokf.file, "File to tokenize")->excludes(text);
   t->add_flag("--no-bos", tokf.no_bos, "Do not prepend the BOS token");
   t->callback([selected] { *selected = [] { return RunTokenize(tokf); }; });
 
@@ -212,6 +235,7 @@ void RegisterCommands(CLI::App& app, Runner* selected) {
   p->add_option("--text", pplf.text_file, "Text file")->required();
   p->add_option("--window", pplf.window, "Window length in tokens")->check(CLI::Range(2, 1 << 20))->capture_default_str();
   p->add_option("--max-tokens", pplf.max_tokens, "Use only the first N tokens (0: all)")->check(CLI::NonNegativeNumber);
+  p->add_flag("--keep-cr", pplf.keep_cr, "Keep \\r bytes (default: \\r\\n and \\r read as \\n, as Python's text mode)");
   p->add_flag("--json", pplf.json, "Print the result as JSON");
   p->add_flag("--quiet,-q", pplf.quiet, "No progress on stderr");
   p->callback([selected] { *selected = [] { return RunPpl(pplf); }; });

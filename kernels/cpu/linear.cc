@@ -4,6 +4,9 @@
 // kTileM rows. Every output element is the same 8-lane dot product reduced in the same order
 // whatever the tile or batch size, so the result of a token never depends on the batch.
 #include <algorithm>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 #include <vector>
 
 #include "base/thread_pool.h"
@@ -12,38 +15,59 @@
 namespace ferry::kernels {
 namespace {
 
-typedef float V8 __attribute__((vector_size(32), aligned(4)));  // unaligned loads allowed
-
-constexpr int64_t kTileT = 4;
-constexpr int64_t kTileM = 2;
-constexpr int64_t kTokenBlock = 64;
-
+#if defined(__AVX2__) && defined(__FMA__)
+using V8 = __m256;
+inline V8 Zero() { return _mm256_setzero_ps(); }
+inline V8 Load(const float* p) { return _mm256_loadu_ps(p); }
+inline V8 Fma(V8 a, V8 b, V8 c) { return _mm256_fmadd_ps(a, b, c); }
+inline float Lane(V8 v, int i) {
+  alignas(32) float f[8];
+  _mm256_store_ps(f, v);
+  return f[i];
+}
+#else
+typedef float V8 __attribute__((vector_size(32), aligned(4)));
+inline V8 Zero() { return V8{}; }
 inline V8 Load(const float* p) {
   V8 v;
   __builtin_memcpy(&v, p, sizeof(v));
   return v;
 }
+inline V8 Fma(V8 a, V8 b, V8 c) { return a * b + c; }  // -ffp-contract=off keeps this two ops
+inline float Lane(V8 v, int i) { return v[i]; }
+#endif
+
+constexpr int64_t kTileT = 4;
+constexpr int64_t kTileM = 2;
+constexpr int64_t kTokenBlock = 64;
 
 inline float Reduce(V8 v) {
   // Fixed pairwise order.
-  const float a = (v[0] + v[4]) + (v[2] + v[6]);
-  const float b = (v[1] + v[5]) + (v[3] + v[7]);
+  const float a = (Lane(v, 0) + Lane(v, 4)) + (Lane(v, 2) + Lane(v, 6));
+  const float b = (Lane(v, 1) + Lane(v, 5)) + (Lane(v, 3) + Lane(v, 7));
   return a + b;
 }
 
-// Computes a tt x mm tile (tt <= kTileT, mm <= kTileM) of dot products of length k.
+// Computes a TT x MM tile of dot products of length k. Every element goes through the same
+// lane-wise FMA chain and the same reduction, whatever TT and MM are.
 template <int TT, int MM>
-inline void Tile(const float* const* x, const float* const* w, int64_t k, float out[kTileT][kTileM]) {
+[[gnu::always_inline]] inline void Tile(const float* const* x, const float* const* w, int64_t k,
+                                        float out[kTileT][kTileM]) {
   V8 acc[TT][MM];
+#pragma GCC unroll 8
   for (int t = 0; t < TT; ++t)
-    for (int m = 0; m < MM; ++m) acc[t][m] = V8{};
+#pragma GCC unroll 8
+    for (int m = 0; m < MM; ++m) acc[t][m] = Zero();
   const int64_t k8 = k / 8 * 8;
   for (int64_t j = 0; j < k8; j += 8) {
     V8 wv[MM];
+#pragma GCC unroll 8
     for (int m = 0; m < MM; ++m) wv[m] = Load(w[m] + j);
+#pragma GCC unroll 8
     for (int t = 0; t < TT; ++t) {
       const V8 xv = Load(x[t] + j);
-      for (int m = 0; m < MM; ++m) acc[t][m] += xv * wv[m];
+#pragma GCC unroll 8
+      for (int m = 0; m < MM; ++m) acc[t][m] = Fma(xv, wv[m], acc[t][m]);
     }
   }
   for (int t = 0; t < TT; ++t) {
