@@ -8,6 +8,20 @@
 
 namespace ferry::engine {
 
+std::string NormalizeNewlines(const std::string& text) {
+  std::string out;
+  out.reserve(text.size());
+  for (size_t i = 0; i < text.size(); ++i) {
+    if (text[i] == '\r') {
+      out.push_back('\n');
+      if (i + 1 < text.size() && text[i + 1] == '\n') ++i;
+    } else {
+      out.push_back(text[i]);
+    }
+  }
+  return out;
+}
+
 absl::StatusOr<PerplexityResult> ComputePerplexity(const OptModel& model, const std::vector<int>& ids,
                                                    const PerplexityOptions& o) {
   const OptConfig& c = model.config();

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -26,6 +27,10 @@ struct PerplexityResult {
   int64_t tokens = 0;
   int64_t windows = 0;
 };
+
+// Python's text-mode reading ("universal newlines"): \r\n and lone \r become \n. The goldens'
+// texts were read that way.
+std::string NormalizeNewlines(const std::string& text);
 
 absl::StatusOr<PerplexityResult> ComputePerplexity(const OptModel& model, const std::vector<int>& ids,
                                                    const PerplexityOptions& options);

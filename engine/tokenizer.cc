@@ -70,6 +70,7 @@ struct Tokenizer::Impl {
   std::vector<std::pair<std::string, int>> added;              // content -> id, longest first
   std::vector<int> prefix;
   bool add_prefix_space = false;
+  size_t chunk_bytes = 1 << 20;
   pcre2_code* regex = nullptr;
 
   ~Impl() {
@@ -224,7 +225,7 @@ struct Tokenizer::Impl {
   }
 
   absl::Status EncodeLarge(std::string_view text, std::vector<int>* out) const {
-    constexpr size_t kChunk = 1 << 20;
+    const size_t kChunk = std::max<size_t>(chunk_bytes, 16);
     if (text.size() < 2 * kChunk) return EncodeSegment(text, out);
     std::vector<std::string_view> chunks;
     size_t begin = 0;
@@ -443,6 +444,7 @@ absl::StatusOr<std::string> Tokenizer::Decode(const std::vector<int>& ids, const
   return SanitizeUtf8(bytes);
 }
 
+void Tokenizer::set_parallel_chunk_bytes(size_t bytes) { impl_->chunk_bytes = bytes; }
 int Tokenizer::vocab_size() const { return static_cast<int>(impl_->id_to_bytes.size()); }
 bool Tokenizer::IsSpecial(int id) const { return id >= 0 && id < vocab_size() && impl_->special[id]; }
 const std::vector<int>& Tokenizer::prefix_ids() const { return impl_->prefix; }

@@ -40,6 +40,10 @@ class Tokenizer {
   // The raw bytes of one token (may be part of a UTF-8 character).
   absl::StatusOr<std::string> TokenBytes(int id) const;
 
+  // Texts of at least 2x this many bytes are encoded in parallel chunks (default 1 MiB); the
+  // ids are the same either way.
+  void set_parallel_chunk_bytes(size_t bytes);
+
   int vocab_size() const;
   bool IsSpecial(int id) const;
   const std::vector<int>& prefix_ids() const;

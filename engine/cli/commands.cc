@@ -147,25 +147,10 @@ struct PplFlags {
   bool keep_cr = false;
 };
 
-// Python's text-mode reading ("universal newlines"): \r\n and lone \r become \n.
-std::string UniversalNewlines(const std::string& s) {
-  std::string out;
-  out.reserve(s.size());
-  for (size_t i = 0; i < s.size(); ++i) {
-    if (s[i] == '\r') {
-      out.push_back('\n');
-      if (i + 1 < s.size() && s[i + 1] == '\n') ++i;
-    } else {
-      out.push_back(s[i]);
-    }
-  }
-  return out;
-}
-
 absl::Status RunPpl(const PplFlags& f) {
   FERRY_ASSIGN_OR_RETURN(Loaded l, LoadAll(f.model));
   FERRY_ASSIGN_OR_RETURN(std::string text, ReadFileToString(f.text_file));
-  if (!f.keep_cr) text = UniversalNewlines(text);
+  if (!f.keep_cr) text = engine::NormalizeNewlines(text);
   const auto start = std::chrono::steady_clock::now();
   FERRY_ASSIGN_OR_RETURN(std::vector<int> ids, l.tokenizer->Encode(text));
   engine::PerplexityOptions o;

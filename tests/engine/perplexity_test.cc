@@ -1,1 +1,55 @@
+// Perplexity in the goldens' convention: WikiText-2 test, first 16384 tokens, windows of 512.
+#include "engine/perplexity.h"
+
+#include "base/file.h"
+#include "engine/tokenizer.h"
 #include "gtest/gtest.h"
+#include "kernels/cpu/cpu_backend.h"
+
+namespace ferry::engine {
+namespace {
+
+TEST(PerplexityTest, WikiText2MatchesTransformers) {
+  kernels::CpuBackend cpu;
+  auto model = OptModel::Load(FERRY_TEST_MODEL_DIR, &cpu);
+  ASSERT_TRUE(model.ok());
+  auto tok = Tokenizer::FromModelDir(FERRY_TEST_MODEL_DIR);
+  auto raw = ReadFileToString(std::string(FERRY_TEST_DATA_DIR) + "/wiki.test.raw");
+  ASSERT_TRUE(raw.ok());
+  auto ids = (*tok)->Encode(NormalizeNewlines(*raw));
+  ASSERT_TRUE(ids.ok());
+  PerplexityOptions o;
+  o.window = 512;
+  o.max_tokens = 16384;
+  auto r = ComputePerplexity(**model, *ids, o);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->scored_tokens, 32 * 511);
+  EXPECT_NEAR(r->perplexity, 6914.08, 6914.08 * 0.001);
+}
+
+TEST(PerplexityTest, BatchingWindowsChangesNothingAndBadOptionsAreRefused) {
+  kernels::CpuBackend cpu;
+  auto model = OptModel::Load(FERRY_TEST_MODEL_DIR, &cpu);
+  auto tok = Tokenizer::FromModelDir(FERRY_TEST_MODEL_DIR);
+  auto ids = (*tok)->Encode("Thou shalt not kill. Thou shalt not steal. Honour thy father and thy mother, "
+                            "that thy days may be long upon the land which the LORD thy God giveth thee.");
+  PerplexityOptions o;
+  o.window = 7;
+  o.tokens_per_call = 7;
+  auto one = ComputePerplexity(**model, *ids, o);
+  o.tokens_per_call = 100;
+  auto many = ComputePerplexity(**model, *ids, o);
+  ASSERT_TRUE(one.ok() && many.ok());
+  EXPECT_EQ(one->nll_sum, many->nll_sum);  // bitwise: the kernels are batch invariant
+  o.window = 513;
+  EXPECT_EQ(ComputePerplexity(**model, *ids, o).status().code(), absl::StatusCode::kInvalidArgument);
+  o.window = 512;
+  EXPECT_EQ(ComputePerplexity(**model, {2}, o).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(PerplexityTest, NewlinesAreReadAsPythonTextModeReadsThem) {
+  EXPECT_EQ(NormalizeNewlines("a\r\nb\rc\n\r\n"), "a\nb\nc\n\n");
+}
+
+}  // namespace
+}  // namespace ferry::engine

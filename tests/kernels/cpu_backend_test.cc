@@ -1,1 +1,195 @@
+// The CPU backend's ops against plain double-precision loops on random inputs of odd shapes,
+// batch invariance (bitwise), and bad arguments refused.
+#include "kernels/cpu/cpu_backend.h"
+
+#include <cmath>
+#include <cstring>
+
 #include "gtest/gtest.h"
+#include "test_util.h"
+
+namespace ferry::kernels {
+namespace {
+
+using ferry::testing::RandomValues;
+
+TensorView View(std::vector<float>& v, std::initializer_list<int64_t> shape) {
+  return TensorView::Contiguous(v.data(), DType::kF32, shape);
+}
+TensorView Ids(std::vector<int32_t>& v) {
+  return TensorView::Contiguous(v.data(), DType::kI32, {static_cast<int64_t>(v.size())});
+}
+
+double MaxRelErr(const std::vector<float>& got, const std::vector<double>& ref) {
+  double diff = 0, mag = 0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    diff = std::max(diff, std::abs(got[i] - ref[i]));
+    mag = std::max(mag, std::abs(ref[i]));
+  }
+  return diff / std::max(mag, 1e-30);
+}
+
+class LinearTest : public ::testing::TestWithParam<std::tuple<DType, int, int, int>> {};
+
+TEST_P(LinearTest, MatchesDoubleReference) {
+  const auto [dtype, n, m, k] = GetParam();
+  CpuBackend cpu;
+  std::vector<float> x = RandomValues(n * k, 1), w = RandomValues(m * k, 2), bias = RandomValues(m, 3);
+  // Round the weights to the storage dtype so the reference sees what the kernel sees.
+  std::vector<char> wstore(m * k * DTypeSize(dtype));
+  ConvertFromF32(dtype, w.data(), wstore.data(), w.size());
+  ConvertToF32(dtype, wstore.data(), w.data(), w.size());
+  for (bool relu : {false, true}) {
+    for (bool with_bias : {false, true}) {
+      std::vector<float> y(n * m, NAN);  // poisoned: an unwritten element fails
+      LinearArgs a{View(x, {n, k}), TensorView::Contiguous(wstore.data(), dtype, {m, k}),
+                   with_bias ? View(bias, {m}) : TensorView{}, View(y, {n, m}), relu};
+      ASSERT_TRUE(cpu.Linear(a).ok());
+      std::vector<double> ref(n * m);
+      for (int t = 0; t < n; ++t) {
+        for (int o = 0; o < m; ++o) {
+          double s = with_bias ? bias[o] : 0.0;
+          for (int j = 0; j < k; ++j) s += static_cast<double>(x[t * k + j]) * w[o * k + j];
+          ref[t * m + o] = relu ? std::max(0.0, s) : s;
+        }
+      }
+      EXPECT_LT(MaxRelErr(y, ref), 1e-5) << "relu=" << relu << " bias=" << with_bias;
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, LinearTest,
+                         ::testing::Values(std::make_tuple(DType::kF32, 1, 1, 1), std::make_tuple(DType::kF32, 5, 7, 13),
+                                           std::make_tuple(DType::kF16, 67, 33, 259),
+                                           std::make_tuple(DType::kBF16, 130, 65, 64),
+                                           std::make_tuple(DType::kF16, 3, 1031, 8)));
+
+TEST(CpuBackendTest, LinearIsBatchInvariantBitwise) {
+  CpuBackend cpu;
+  const int n = 37, m = 71, k = 203;
+  std::vector<float> x = RandomValues(n * k, 4), w = RandomValues(m * k, 5), bias = RandomValues(m, 6);
+  std::vector<float> all(n * m);
+  ASSERT_TRUE(cpu.Linear({View(x, {n, k}), View(w, {m, k}), View(bias, {m}), View(all, {n, m}), false}).ok());
+  for (int t = 0; t < n; ++t) {
+    std::vector<float> row(x.begin() + t * k, x.begin() + (t + 1) * k), out(m);
+    ASSERT_TRUE(cpu.Linear({View(row, {1, k}), View(w, {m, k}), View(bias, {m}), View(out, {1, m}), false}).ok());
+    ASSERT_EQ(std::memcmp(out.data(), all.data() + t * m, m * sizeof(float)), 0) << "row " << t;
+  }
+}
+
+TEST(CpuBackendTest, LayerNormMatchesReference) {
+  CpuBackend cpu;
+  const int n = 9, d = 77;
+  std::vector<float> x = RandomValues(n * d, 7, 3.0f), g = RandomValues(d, 8), b = RandomValues(d, 9), y(n * d, NAN);
+  ASSERT_TRUE(cpu.LayerNorm({View(x, {n, d}), View(g, {d}), View(b, {d}), View(y, {n, d}), 1e-5f}).ok());
+  std::vector<double> ref(n * d);
+  for (int i = 0; i < n; ++i) {
+    double mean = 0, var = 0;
+    for (int j = 0; j < d; ++j) mean += x[i * d + j];
+    mean /= d;
+    for (int j = 0; j < d; ++j) var += (x[i * d + j] - mean) * (x[i * d + j] - mean);
+    var /= d;
+    for (int j = 0; j < d; ++j) ref[i * d + j] = (x[i * d + j] - mean) / std::sqrt(var + 1e-5) * g[j] + b[j];
+  }
+  EXPECT_LT(MaxRelErr(y, ref), 1e-6);
+}
+
+TEST(CpuBackendTest, GatherRowsConvertsAndOffsets) {
+  CpuBackend cpu;
+  const int rows = 10, d = 6;
+  std::vector<float> table = RandomValues(rows * d, 10);
+  std::vector<uint16_t> half(table.size());
+  ConvertFromF32(DType::kF16, table.data(), half.data(), table.size());
+  std::vector<int32_t> ids = {3, 0, 7, 7};
+  std::vector<float> out(ids.size() * d, NAN);
+  GatherRowsArgs a{TensorView::Contiguous(half.data(), DType::kF16, {rows, d}), Ids(ids), 2,
+                   View(out, {static_cast<int64_t>(ids.size()), d})};
+  ASSERT_TRUE(cpu.GatherRows(a).ok());
+  for (size_t i = 0; i < ids.size(); ++i) {
+    for (int j = 0; j < d; ++j) EXPECT_EQ(out[i * d + j], F16ToF32(half[(ids[i] + 2) * d + j]));
+  }
+  ids[1] = 8;  // 8 + 2 is past the table
+  EXPECT_EQ(cpu.GatherRows(a).code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(CpuBackendTest, AttentionMatchesReferenceForMixedPrefillAndDecode) {
+  CpuBackend cpu;
+  const int seqs = 3, max_len = 19, heads = 3, hd = 10, w = heads * hd;
+  std::vector<float> kc = RandomValues(seqs * max_len * w, 11), vc = RandomValues(seqs * max_len * w, 12);
+  // Queries: a prefill of seq 1 (positions 0..6), a decode of seq 0 at 18, one of seq 2 at 4.
+  std::vector<int32_t> seq = {1, 1, 1, 1, 1, 1, 1, 0, 2}, pos = {0, 1, 2, 3, 4, 5, 6, 18, 4};
+  const int n = static_cast<int>(seq.size());
+  std::vector<float> q = RandomValues(n * w, 13, 2.0f), out(n * w, NAN);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  AttentionArgs a{View(q, {n, w}), View(kc, {seqs, max_len, w}), View(vc, {seqs, max_len, w}), Ids(seq), Ids(pos),
+                  View(out, {n, w}), heads, scale};
+  ASSERT_TRUE(cpu.Attention(a).ok());
+  std::vector<double> ref(n * w);
+  for (int i = 0; i < n; ++i) {
+    for (int h = 0; h < heads; ++h) {
+      std::vector<double> s(pos[i] + 1);
+      double mx = -1e300, sum = 0;
+      for (int j = 0; j <= pos[i]; ++j) {
+        double dot = 0;
+        for (int d = 0; d < hd; ++d) dot += q[i * w + h * hd + d] * static_cast<double>(kc[(seq[i] * max_len + j) * w + h * hd + d]);
+        s[j] = dot * scale;
+        mx = std::max(mx, s[j]);
+      }
+      for (auto& x : s) sum += (x = std::exp(x - mx));
+      for (int d = 0; d < hd; ++d) {
+        double acc = 0;
+        for (int j = 0; j <= pos[i]; ++j) acc += s[j] / sum * vc[(seq[i] * max_len + j) * w + h * hd + d];
+        ref[i * w + h * hd + d] = acc;
+      }
+    }
+  }
+  EXPECT_LT(MaxRelErr(out, ref), 1e-5);
+  pos[8] = max_len;  // outside the cache
+  EXPECT_EQ(cpu.Attention(a).code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(CpuBackendTest, KvWriteAndAdd) {
+  CpuBackend cpu;
+  const int seqs = 2, max_len = 4, w = 5;
+  std::vector<float> kc(seqs * max_len * w, 0), vc(seqs * max_len * w, 0);
+  std::vector<float> k = RandomValues(2 * w, 14), v = RandomValues(2 * w, 15);
+  std::vector<int32_t> seq = {1, 0}, pos = {3, 2};
+  ASSERT_TRUE(cpu.KvWrite({View(k, {2, w}), View(v, {2, w}), View(kc, {seqs, max_len, w}), View(vc, {seqs, max_len, w}),
+                           Ids(seq), Ids(pos)})
+                  .ok());
+  EXPECT_EQ(kc[(1 * max_len + 3) * w + 4], k[4]);
+  EXPECT_EQ(vc[(0 * max_len + 2) * w + 0], v[w]);
+  seq[0] = 2;
+  EXPECT_EQ(cpu.KvWrite({View(k, {2, w}), View(v, {2, w}), View(kc, {seqs, max_len, w}), View(vc, {seqs, max_len, w}),
+                         Ids(seq), Ids(pos)})
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+  std::vector<float> a = RandomValues(6, 16), b = RandomValues(6, 17), c(6);
+  ASSERT_TRUE(cpu.Add(View(a, {2, 3}), View(b, {2, 3}), View(c, {2, 3})).ok());
+  for (int i = 0; i < 6; ++i) EXPECT_EQ(c[i], a[i] + b[i]);
+}
+
+TEST(CpuBackendTest, ShapeMismatchesAreInvalidArgument) {
+  CpuBackend cpu;
+  std::vector<float> x(12), w(12), y(12);
+  EXPECT_EQ(cpu.Linear({View(x, {3, 4}), View(w, {4, 3}), TensorView{}, View(y, {3, 4}), false}).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(cpu.Linear({View(x, {3, 4}), View(w, {3, 4}), TensorView{}, View(x, {3, 3}), false}).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(cpu.Add(View(x, {3, 4}), View(w, {4, 3}), View(y, {3, 4})).code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(CpuBackendTest, AllocationsAreTracked) {
+  CpuBackend cpu;
+  {
+    auto a = cpu.Allocate(1000);
+    ASSERT_TRUE(a.ok());
+    auto b = cpu.Allocate(24);
+    EXPECT_EQ(cpu.allocated_bytes(), 1024u);
+  }
+  EXPECT_EQ(cpu.allocated_bytes(), 0u);
+  EXPECT_EQ(cpu.peak_allocated_bytes(), 1024u);
+}
+
+}  // namespace
+}  // namespace ferry::kernels

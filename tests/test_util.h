@@ -1,0 +1,83 @@
+// Test helpers: temporary directories and a safetensors writer for building good and bad files.
+#pragma once
+
+#include <unistd.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "base/dtype.h"
+#include "nlohmann/json.hpp"
+
+namespace ferry::testing {
+
+// A directory removed when the object dies.
+class TempDir {
+ public:
+  TempDir() {
+    std::string tmpl = (std::filesystem::temp_directory_path() / "ferry-test-XXXXXX").string();
+    path_ = mkdtemp(tmpl.data());
+  }
+  ~TempDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path_, ec);
+  }
+  const std::string& path() const { return path_; }
+  std::string File(const std::string& name) const { return path_ + "/" + name; }
+
+ private:
+  std::string path_;
+};
+
+inline void WriteFile(const std::string& path, const std::string& data) {
+  std::ofstream out(path, std::ios::binary);
+  out.write(data.data(), static_cast<std::streamsize>(data.size()));
+}
+
+struct StTensor {
+  std::string name;
+  ferry::DType dtype = ferry::DType::kF32;
+  std::vector<int64_t> shape;
+  std::string bytes;  // raw little-endian data
+};
+
+// A tensor of `values` stored as `dtype`.
+inline StTensor MakeTensor(const std::string& name, ferry::DType dtype, std::vector<int64_t> shape,
+                           const std::vector<float>& values) {
+  StTensor t{name, dtype, std::move(shape), std::string(values.size() * ferry::DTypeSize(dtype), '\0')};
+  ferry::ConvertFromF32(dtype, values.data(), t.bytes.data(), values.size());
+  return t;
+}
+
+inline std::vector<float> RandomValues(size_t n, uint32_t seed, float scale = 1.0f) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> dist(-scale, scale);
+  std::vector<float> v(n);
+  for (auto& x : v) x = dist(rng);
+  return v;
+}
+
+// Serializes tensors as safetensors; `header_override` replaces the JSON header when non-empty.
+inline std::string SerializeSafetensors(const std::vector<StTensor>& tensors, const std::string& header_override = "") {
+  nlohmann::json header = nlohmann::json::object();
+  std::string data;
+  for (const auto& t : tensors) {
+    header[t.name] = {{"dtype", ferry::DTypeName(t.dtype)}, {"shape", t.shape}, {"data_offsets", {data.size(), data.size() + t.bytes.size()}}};
+    data += t.bytes;
+  }
+  header["__metadata__"] = {{"format", "pt"}};
+  std::string h = header_override.empty() ? header.dump() : header_override;
+  while (h.size() % 8 != 0) h += ' ';
+  std::string out(8, '\0');
+  uint64_t len = h.size();
+  for (int i = 0; i < 8; ++i) out[i] = static_cast<char>((len >> (8 * i)) & 0xff);
+  return out + h + data;
+}
+
+}  // namespace ferry::testing
