@@ -1,1 +1,138 @@
+// The `ferry` binary as a user runs it: outputs, exit codes, and one clear line on bad input.
+#include <sys/wait.h>
+
+#include <cstdio>
+#include <fstream>
+#include <string>
+
+#include "base/file.h"
 #include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+#include "test_util.h"
+
+namespace {
+
+struct Result {
+  int code;
+  std::string out, err;
+};
+
+Result Ferry(const std::string& args) {
+  ferry::testing::TempDir dir;
+  const std::string cmd = std::string(FERRY_BINARY) + " " + args + " >" + dir.File("out") + " 2>" + dir.File("err");
+  const int status = std::system(cmd.c_str());
+  Result r{WIFEXITED(status) ? WEXITSTATUS(status) : -1, "", ""};
+  r.out = ferry::ReadFileToString(dir.File("out")).value_or("");
+  r.err = ferry::ReadFileToString(dir.File("err")).value_or("");
+  return r;
+}
+
+int Lines(const std::string& s) { return static_cast<int>(std::count(s.begin(), s.end(), '\n')); }
+
+const std::string kModel = std::string("--model ") + FERRY_TEST_MODEL_DIR;
+
+TEST(CliTest, GenerateOnePromptGreedy) {
+  Result r = Ferry("generate " + kModel + " --prompt 'In the beginning God created' --max-new-tokens 8 -q");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.out, " it, and the word of the LORD\n");
+  EXPECT_EQ(r.err, "");
+}
+
+TEST(CliTest, GenerateJsonlJob) {
+  ferry::testing::TempDir dir;
+  ferry::testing::WriteFile(dir.File("in.jsonl"),
+                            "{\"id\": \"a\", \"prompt\": \"In the beginning God created\"}\n\n"
+                            "{\"id\": 7, \"prompt\": \"ROMEO:\\nWhat light\"}\n{\"prompt\": \"To be\"}\n");
+  Result r = Ferry("generate " + kModel + " --input " + dir.File("in.jsonl") + " --output " + dir.File("out.jsonl") +
+                " --max-new-tokens 6 --batch-size 2");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.err.find("3/3 prompts"), std::string::npos) << r.err;  // progress
+  std::ifstream in(dir.File("out.jsonl"));
+  std::vector<nlohmann::json> recs;
+  for (std::string line; std::getline(in, line);) recs.push_back(nlohmann::json::parse(line));
+  ASSERT_EQ(recs.size(), 3u);
+  EXPECT_EQ(recs[0]["id"], "a");
+  EXPECT_EQ(recs[1]["id"], 7);
+  EXPECT_EQ(recs[2]["id"], 2);  // no id: its index
+  EXPECT_EQ(recs[0]["completion"], " it, and the word of");
+  EXPECT_EQ(recs[0]["token_ids"].size(), 6u);
+  EXPECT_EQ(recs[0]["finish_reason"], "length");
+  EXPECT_EQ(recs[1]["prompt"], "ROMEO:\nWhat light");
+  for (const auto& rec : recs) {
+    for (const char* key : {"id", "prompt", "completion", "token_ids", "finish_reason"}) EXPECT_TRUE(rec.contains(key));
+  }
+}
+
+TEST(CliTest, BadJsonlLineFailsBeforeAnyWorkWithItsLineNumber) {
+  ferry::testing::TempDir dir;
+  ferry::testing::WriteFile(dir.File("in.jsonl"), "{\"prompt\": \"ok\"}\n{\"prompt\": 5}\n");
+  Result r = Ferry("generate " + kModel + " --input " + dir.File("in.jsonl") + " --output " + dir.File("o.jsonl"));
+  EXPECT_EQ(r.code, 1);
+  EXPECT_EQ(Lines(r.err), 1) << r.err;
+  EXPECT_NE(r.err.find("in.jsonl:2:"), std::string::npos) << r.err;
+  EXPECT_EQ(ferry::ReadFileToString(dir.File("o.jsonl")).status().code(), absl::StatusCode::kNotFound);
+  // A prompt longer than the context.
+  std::string long_prompt;
+  for (int i = 0; i < 600; ++i) long_prompt += " and";
+  ferry::testing::WriteFile(dir.File("long.jsonl"), "{\"prompt\": \"" + long_prompt + "\"}\n");
+  r = Ferry("generate " + kModel + " --input " + dir.File("long.jsonl"));
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("longer than the model's context of 512"), std::string::npos) << r.err;
+}
+
+TEST(CliTest, TokenizePrintsJsonIds) {
+  Result r = Ferry("tokenize " + kModel + " --text 'Hello world'");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.out, "[2,43,7950,1095]\n");
+}
+
+TEST(CliTest, PplJson) {
+  ferry::testing::TempDir dir;
+  ferry::testing::WriteFile(dir.File("t.txt"), "In the beginning God created the heaven and the earth.\r\n");
+  Result r = Ferry("ppl " + kModel + " --text " + dir.File("t.txt") + " --window 8 --json -q");
+  ASSERT_EQ(r.code, 0) << r.err;
+  auto j = nlohmann::json::parse(r.out);
+  EXPECT_GT(j["perplexity"].get<double>(), 1.0);
+  EXPECT_EQ(j["window"], 8);
+}
+
+TEST(CliTest, ErrorsAreOneClearLine) {
+  Result r = Ferry("generate --bogus-flag");
+  EXPECT_EQ(r.code, 2);
+  EXPECT_EQ(Lines(r.err), 1) << r.err;
+  EXPECT_NE(r.err.find("bogus-flag"), std::string::npos);
+
+  r = Ferry("generate --model /nonexistent-ferry --prompt hi");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_EQ(r.err, "ferry: error: model directory /nonexistent-ferry does not exist\n");
+
+  r = Ferry("ppl " + kModel + " --text /nonexistent-file.txt");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_EQ(Lines(r.err), 1) << r.err;
+  EXPECT_NE(r.err.find("no such file"), std::string::npos);
+
+  r = Ferry("generate " + kModel + " --prompt hi --top-p 2");
+  EXPECT_EQ(r.code, 2);
+  EXPECT_EQ(Lines(r.err), 1) << r.err;
+
+  r = Ferry("generate " + kModel);
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("--prompt or --input"), std::string::npos);
+
+  ferry::testing::TempDir dir;
+  ferry::testing::WriteFile(dir.File("config.json"), "{\"model_type\": \"opt\", ");
+  r = Ferry("generate --model " + dir.path() + " --prompt hi");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_EQ(Lines(r.err), 1) << r.err;
+}
+
+TEST(CliTest, HelpForEveryCommand) {
+  for (const char* cmd : {"", "generate ", "tokenize ", "ppl "}) {
+    Result r = Ferry(std::string(cmd) + "--help");
+    EXPECT_EQ(r.code, 0) << cmd;
+    EXPECT_NE(r.out.find("--"), std::string::npos) << cmd;
+  }
+  EXPECT_EQ(Ferry("").code, 2);
+}
+
+}  // namespace
