@@ -12,7 +12,7 @@
 #include "engine/opt_model.h"
 #include "engine/perplexity.h"
 #include "engine/tokenizer.h"
-#include "kernels/cpu/cpu_backend.h"
+#include "kernels/registry.h"
 #include "nlohmann/json.hpp"
 
 namespace ferry::cli {
@@ -27,7 +27,7 @@ struct ModelFlags {
 void AddModelFlags(CLI::App* cmd, ModelFlags* f) {
   cmd->add_option("--model", f->model, "Hugging Face model directory (config.json, safetensors, tokenizer.json)")
       ->capture_default_str();
-  cmd->add_option("--device", f->device, "Backend to run on")->check(CLI::IsMember({"cpu"}))->capture_default_str();
+  cmd->add_option("--device", f->device, "Backend to run on")->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
   cmd->add_option("--threads", f->threads, "CPU threads (0: all cores)")->check(CLI::NonNegativeNumber);
 }
 
@@ -52,7 +52,9 @@ absl::StatusOr<Loaded> LoadAll(const ModelFlags& f) {
   if (f.threads > 0) setenv("FERRY_NUM_THREADS", std::to_string(f.threads).c_str(), 1);
   FERRY_RETURN_IF_ERROR(CheckModelDir(f.model));
   Loaded l;
-  l.backend = std::make_unique<kernels::CpuBackend>();
+  kernels::BackendOptions bo;
+  bo.name = f.device;
+  FERRY_ASSIGN_OR_RETURN(l.backend, kernels::CreateBackend(bo));
   FERRY_ASSIGN_OR_RETURN(l.tokenizer, engine::Tokenizer::FromModelDir(f.model));
   FERRY_ASSIGN_OR_RETURN(l.model, engine::OptModel::Load(f.model, l.backend.get()));
   if (l.tokenizer->vocab_size() > l.model->config().vocab_size) {

@@ -1,0 +1,63 @@
+// The CUDA backend: device memory from the stream-ordered allocator (within an optional budget),
+// one compute stream, cuBLAS GEMMs (fp16/bf16 weights, fp32 accumulation) and the kernels in this
+// folder. Copies to and from the host complete before they return. Every CUDA and cuBLAS error
+// comes back as a Status naming the call.
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <memory>
+
+#include "kernels/backend.h"
+
+namespace ferry::kernels::cuda {
+
+struct CudaBackendOptions {
+  int device = 0;
+  size_t memory_budget_bytes = 0;  // 0: no budget beyond the card's memory
+};
+
+// Number of visible CUDA devices (0 where there is no driver or no GPU).
+int VisibleDeviceCount();
+
+class CudaBackend final : public Backend {
+ public:
+  static absl::StatusOr<std::unique_ptr<CudaBackend>> Create(const CudaBackendOptions& options = {});
+  ~CudaBackend() override;
+
+  Device device() const override { return Device::kCuda; }
+  std::string name() const override { return "cuda"; }
+
+  absl::StatusOr<DeviceBuffer> Allocate(size_t bytes) override;
+  absl::Status CopyToDevice(void* dst, const void* src, size_t bytes) override;
+  absl::Status CopyToHost(void* dst, const void* src, size_t bytes) override;
+  absl::Status Synchronize() override;
+
+  absl::Status GatherRows(const GatherRowsArgs& args) override;
+  absl::Status LayerNorm(const LayerNormArgs& args) override;
+  absl::Status Linear(const LinearArgs& args) override;
+  absl::Status Add(const TensorView& a, const TensorView& b, const TensorView& out) override;
+  absl::Status KvWrite(const KvWriteArgs& args) override;
+  absl::Status Attention(const AttentionArgs& args) override;
+
+  cudaStream_t stream() const { return stream_; }
+  size_t allocated_bytes() const { return allocated_; }
+  size_t peak_allocated_bytes() const { return peak_; }
+
+ protected:
+  void Free(void* data, size_t bytes) override;
+
+ private:
+  CudaBackend() = default;
+  absl::Status EnsureScratch(size_t bytes);
+
+  CudaBackendOptions options_;
+  cudaStream_t stream_ = nullptr;
+  cublasHandle_t cublas_ = nullptr;
+  size_t allocated_ = 0;
+  size_t peak_ = 0;
+  DeviceBuffer scratch_;  // activations converted for GEMM
+};
+
+}  // namespace ferry::kernels::cuda

@@ -1,0 +1,136 @@
+// Elementwise and gather kernels of the CUDA backend: row gather with dtype conversion, residual
+// add, KV cache writes, fp32 -> fp16/bf16 conversion, bias + ReLU epilogue.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "kernels/cuda/launch.h"
+
+namespace ferry::kernels::cuda {
+namespace {
+
+template <typename T>
+__device__ inline float ToFloat(T v);
+template <>
+__device__ inline float ToFloat<float>(float v) { return v; }
+template <>
+__device__ inline float ToFloat<__half>(__half v) { return __half2float(v); }
+template <>
+__device__ inline float ToFloat<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// One block per output row.
+template <typename T>
+__global__ void GatherRowsKernel(const T* __restrict__ table, const int32_t* __restrict__ ids, int offset,
+                                 int64_t dim, float* __restrict__ out) {
+  const int64_t row = static_cast<int64_t>(ids[blockIdx.x]) + offset;
+  const T* src = table + row * dim;
+  float* dst = out + static_cast<int64_t>(blockIdx.x) * dim;
+  for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) dst[j] = ToFloat(src[j]);
+}
+
+__global__ void AddKernel(const float* __restrict__ a, const float* __restrict__ b, float* out, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    out[i] = a[i] + b[i];
+  }
+}
+
+// One block per token: copy its k and v rows into the cache slot (seq, pos).
+__global__ void KvWriteKernel(const float* __restrict__ k, const float* __restrict__ v, float* k_cache,
+                              float* v_cache, const int32_t* __restrict__ seq, const int32_t* __restrict__ pos,
+                              int64_t max_len, int64_t width) {
+  const int64_t i = blockIdx.x;
+  const int64_t slot = (static_cast<int64_t>(seq[i]) * max_len + pos[i]) * width;
+  for (int64_t j = threadIdx.x; j < width; j += blockDim.x) {
+    k_cache[slot + j] = k[i * width + j];
+    v_cache[slot + j] = v[i * width + j];
+  }
+}
+
+template <typename T>
+__global__ void ConvertKernel(const float* __restrict__ src, T* __restrict__ dst, int64_t n);
+template <>
+__global__ void ConvertKernel<__half>(const float* __restrict__ src, __half* __restrict__ dst, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    dst[i] = __float2half_rn(src[i]);
+  }
+}
+template <>
+__global__ void ConvertKernel<__nv_bfloat16>(const float* __restrict__ src, __nv_bfloat16* __restrict__ dst, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    dst[i] = __float2bfloat16_rn(src[i]);
+  }
+}
+
+__global__ void BiasReluKernel(float* out, const float* __restrict__ bias, int64_t rows, int64_t cols, bool relu) {
+  const int64_t n = rows * cols;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float v = out[i] + (bias != nullptr ? bias[i % cols] : 0.0f);
+    out[i] = relu ? fmaxf(v, 0.0f) : v;
+  }
+}
+
+unsigned GridFor(int64_t n, int threads) {
+  const int64_t blocks = (n + threads - 1) / threads;
+  return static_cast<unsigned>(blocks < 65535 * 16 ? (blocks > 0 ? blocks : 1) : 65535 * 16);
+}
+
+}  // namespace
+
+cudaError_t LaunchGatherRows(const GatherRowsArgs& a, cudaStream_t stream) {
+  const int64_t n = a.out.shape[0], dim = a.out.shape[1];
+  if (n == 0) return cudaSuccess;
+  const int threads = dim >= 256 ? 256 : 128;
+  const int32_t* ids = a.ids.as<const int32_t>();
+  switch (a.table.dtype) {
+    case DType::kF32:
+      GatherRowsKernel<<<n, threads, 0, stream>>>(a.table.as<const float>(), ids, a.offset, dim, a.out.as<float>());
+      break;
+    case DType::kF16:
+      GatherRowsKernel<<<n, threads, 0, stream>>>(a.table.as<const __half>(), ids, a.offset, dim, a.out.as<float>());
+      break;
+    case DType::kBF16:
+      GatherRowsKernel<<<n, threads, 0, stream>>>(a.table.as<const __nv_bfloat16>(), ids, a.offset, dim, a.out.as<float>());
+      break;
+    default:
+      return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchAdd(const float* a, const float* b, float* out, int64_t n, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  AddKernel<<<GridFor(n, 256), 256, 0, stream>>>(a, b, out, n);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchKvWrite(const KvWriteArgs& a, cudaStream_t stream) {
+  const int64_t n = a.k.shape[0];
+  if (n == 0) return cudaSuccess;
+  KvWriteKernel<<<n, 256, 0, stream>>>(a.k.as<const float>(), a.v.as<const float>(), a.k_cache.as<float>(),
+                                       a.v_cache.as<float>(), a.seq_ids.as<const int32_t>(),
+                                       a.positions.as<const int32_t>(), a.k_cache.shape[1], a.k_cache.shape[2]);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchConvertFromF32(const float* src, void* dst, DType dtype, int64_t n, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  if (dtype == DType::kF16) {
+    ConvertKernel<__half><<<GridFor(n, 256), 256, 0, stream>>>(src, static_cast<__half*>(dst), n);
+  } else if (dtype == DType::kBF16) {
+    ConvertKernel<__nv_bfloat16><<<GridFor(n, 256), 256, 0, stream>>>(src, static_cast<__nv_bfloat16*>(dst), n);
+  } else {
+    return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchBiasRelu(float* out, const float* bias, int64_t rows, int64_t cols, bool relu, cudaStream_t stream) {
+  if (rows * cols == 0 || (bias == nullptr && !relu)) return cudaSuccess;
+  BiasReluKernel<<<GridFor(rows * cols, 256), 256, 0, stream>>>(out, bias, rows, cols, relu);
+  return cudaGetLastError();
+}
+
+}  // namespace ferry::kernels::cuda
