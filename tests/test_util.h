@@ -17,6 +17,17 @@
 
 namespace ferry::testing {
 
+// Test data and model folders: $FERRY_TEST_DATA_DIR / $FERRY_TEST_MODEL_DIR when set (a build
+// copied to another machine), else the source tree this build came from.
+inline std::string DataDir() {
+  const char* env = std::getenv("FERRY_TEST_DATA_DIR");
+  return env != nullptr ? env : FERRY_TEST_DATA_DIR;
+}
+inline std::string ModelDir() {
+  const char* env = std::getenv("FERRY_TEST_MODEL_DIR");
+  return env != nullptr ? env : FERRY_TEST_MODEL_DIR;
+}
+
 // A directory removed when the object dies.
 class TempDir {
  public:

@@ -19,7 +19,8 @@ struct Result {
 
 Result Ferry(const std::string& args) {
   ferry::testing::TempDir dir;
-  const std::string cmd = std::string(FERRY_BINARY) + " " + args + " >" + dir.File("out") + " 2>" + dir.File("err");
+  const char* env = std::getenv("FERRY_BINARY");
+  const std::string cmd = std::string(env != nullptr ? env : FERRY_BINARY) + " " + args + " >" + dir.File("out") + " 2>" + dir.File("err");
   const int status = std::system(cmd.c_str());
   Result r{WIFEXITED(status) ? WEXITSTATUS(status) : -1, "", ""};
   r.out = ferry::ReadFileToString(dir.File("out")).value_or("");
@@ -29,7 +30,7 @@ Result Ferry(const std::string& args) {
 
 int Lines(const std::string& s) { return static_cast<int>(std::count(s.begin(), s.end(), '\n')); }
 
-const std::string kModel = std::string("--model ") + FERRY_TEST_MODEL_DIR;
+const std::string kModel = "--model " + ferry::testing::ModelDir();
 
 TEST(CliTest, GenerateOnePromptGreedy) {
   Result r = Ferry("generate " + kModel + " --prompt 'In the beginning God created' --max-new-tokens 8 -q");

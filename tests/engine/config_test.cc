@@ -1,6 +1,7 @@
 #include "engine/opt_config.h"
 
 #include "gtest/gtest.h"
+#include "test_util.h"
 
 namespace ferry::engine {
 namespace {
@@ -10,7 +11,7 @@ const char* kTiny = R"({"model_type": "opt", "hidden_size": 256, "ffn_dim": 1024
   "word_embed_proj_dim": 256, "activation_function": "relu", "eos_token_id": 2, "bos_token_id": 2})";
 
 TEST(OptConfigTest, ReadsTinyOpt) {
-  auto c = OptConfig::FromModelDir(FERRY_TEST_MODEL_DIR);
+  auto c = OptConfig::FromModelDir(ferry::testing::ModelDir());
   ASSERT_TRUE(c.ok()) << c.status();
   EXPECT_EQ(c->hidden_size, 256);
   EXPECT_EQ(c->num_layers, 6);

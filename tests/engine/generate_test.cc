@@ -4,6 +4,7 @@
 
 #include "engine/tokenizer.h"
 #include "gtest/gtest.h"
+#include "test_util.h"
 #include "kernels/cpu/cpu_backend.h"
 
 namespace ferry::engine {
@@ -13,8 +14,8 @@ class GenerateTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
     backend_ = new kernels::CpuBackend();
-    model_ = std::move(*OptModel::Load(FERRY_TEST_MODEL_DIR, backend_)).release();
-    tok_ = std::move(*Tokenizer::FromModelDir(FERRY_TEST_MODEL_DIR)).release();
+    model_ = std::move(*OptModel::Load(ferry::testing::ModelDir(), backend_)).release();
+    tok_ = std::move(*Tokenizer::FromModelDir(ferry::testing::ModelDir())).release();
   }
   std::vector<int> Ids(const std::string& text) { return *tok_->Encode(text); }
   static kernels::CpuBackend* backend_;

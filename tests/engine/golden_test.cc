@@ -8,6 +8,7 @@
 #include "engine/opt_model.h"
 #include "engine/tokenizer.h"
 #include "gtest/gtest.h"
+#include "test_util.h"
 #include "kernels/cpu/cpu_backend.h"
 #include "nlohmann/json.hpp"
 
@@ -15,7 +16,7 @@ namespace ferry::engine {
 namespace {
 
 nlohmann::json Goldens() {
-  std::ifstream in(std::string(FERRY_TEST_DATA_DIR) + "/goldens.json");
+  std::ifstream in(ferry::testing::DataDir() + "/goldens.json");
   return nlohmann::json::parse(in);
 }
 
@@ -32,7 +33,7 @@ double RelErr(const float* ours, const std::vector<float>& ref) {
 class GoldenTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    auto m = OptModel::Load(FERRY_TEST_MODEL_DIR, &backend_);
+    auto m = OptModel::Load(ferry::testing::ModelDir(), &backend_);
     ASSERT_TRUE(m.ok()) << m.status();
     model_ = std::move(*m);
     goldens_ = Goldens();
@@ -76,7 +77,7 @@ TEST_F(GoldenTest, LastLogitsAndAllPositionLogits) {
 }
 
 TEST_F(GoldenTest, GreedyTokensExact) {
-  auto tok = Tokenizer::FromModelDir(FERRY_TEST_MODEL_DIR);
+  auto tok = Tokenizer::FromModelDir(ferry::testing::ModelDir());
   ASSERT_TRUE(tok.ok());
   for (const auto& p : goldens_["prompts"]) {
     const std::vector<int> ids = p["ids"];

@@ -4,6 +4,7 @@
 #include "base/file.h"
 #include "engine/tokenizer.h"
 #include "gtest/gtest.h"
+#include "test_util.h"
 #include "kernels/cpu/cpu_backend.h"
 
 namespace ferry::engine {
@@ -11,10 +12,10 @@ namespace {
 
 TEST(PerplexityTest, WikiText2MatchesTransformers) {
   kernels::CpuBackend cpu;
-  auto model = OptModel::Load(FERRY_TEST_MODEL_DIR, &cpu);
+  auto model = OptModel::Load(ferry::testing::ModelDir(), &cpu);
   ASSERT_TRUE(model.ok());
-  auto tok = Tokenizer::FromModelDir(FERRY_TEST_MODEL_DIR);
-  auto raw = ReadFileToString(std::string(FERRY_TEST_DATA_DIR) + "/wiki.test.raw");
+  auto tok = Tokenizer::FromModelDir(ferry::testing::ModelDir());
+  auto raw = ReadFileToString(ferry::testing::DataDir() + "/wiki.test.raw");
   ASSERT_TRUE(raw.ok());
   auto ids = (*tok)->Encode(NormalizeNewlines(*raw));
   ASSERT_TRUE(ids.ok());
@@ -29,8 +30,8 @@ TEST(PerplexityTest, WikiText2MatchesTransformers) {
 
 TEST(PerplexityTest, BatchingWindowsChangesNothingAndBadOptionsAreRefused) {
   kernels::CpuBackend cpu;
-  auto model = OptModel::Load(FERRY_TEST_MODEL_DIR, &cpu);
-  auto tok = Tokenizer::FromModelDir(FERRY_TEST_MODEL_DIR);
+  auto model = OptModel::Load(ferry::testing::ModelDir(), &cpu);
+  auto tok = Tokenizer::FromModelDir(ferry::testing::ModelDir());
   auto ids = (*tok)->Encode("Thou shalt not kill. Thou shalt not steal. Honour thy father and thy mother, "
                             "that thy days may be long upon the land which the LORD thy God giveth thee.");
   PerplexityOptions o;

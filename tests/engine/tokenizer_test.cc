@@ -14,14 +14,14 @@ namespace ferry::engine {
 namespace {
 
 std::unique_ptr<Tokenizer> Load() {
-  auto tok = Tokenizer::FromModelDir(FERRY_TEST_MODEL_DIR);
+  auto tok = Tokenizer::FromModelDir(ferry::testing::ModelDir());
   EXPECT_TRUE(tok.ok()) << tok.status();
   return std::move(*tok);
 }
 
 TEST(TokenizerTest, GoldenVectorsExactly) {
   auto tok = Load();
-  std::ifstream in(std::string(FERRY_TEST_DATA_DIR) + "/goldens.json");
+  std::ifstream in(ferry::testing::DataDir() + "/goldens.json");
   const auto g = nlohmann::json::parse(in);
   int checked = 0;
   for (const auto& v : g["tokenizer_vectors"]) {
@@ -42,7 +42,7 @@ TEST(TokenizerTest, VocabAndMergesGiveTheSameIds) {
   auto from_json = Load();
   ferry::testing::TempDir dir;
   for (const char* f : {"vocab.json", "merges.txt", "special_tokens_map.json"}) {
-    auto data = ReadFileToString(std::string(FERRY_TEST_MODEL_DIR) + "/" + f);
+    auto data = ReadFileToString(ferry::testing::ModelDir() + "/" + f);
     ASSERT_TRUE(data.ok());
     ferry::testing::WriteFile(dir.File(f), *data);
   }
@@ -133,7 +133,7 @@ TEST(TokenizerTest, Utf8Repair) {
 
 TEST(TokenizerTest, ParallelChunksGiveTheSameIds) {
   auto tok = Load();
-  auto text = ReadFileToString(std::string(FERRY_TEST_DATA_DIR) + "/wiki.test.raw");
+  auto text = ReadFileToString(ferry::testing::DataDir() + "/wiki.test.raw");
   ASSERT_TRUE(text.ok());
   auto whole = tok->Encode(*text);
   ASSERT_TRUE(whole.ok());
