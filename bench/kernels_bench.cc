@@ -4,6 +4,9 @@
 #include <benchmark/benchmark.h>
 
 #include <random>
+#if defined(__FMA__)
+#include <immintrin.h>
+#endif
 #include <vector>
 
 #include "base/thread_pool.h"
@@ -87,6 +90,55 @@ void BM_PrefillAttention(benchmark::State& state) {
   // Causal: about half the score matrix.
   state.counters["GFLOP"] = benchmark::Counter(2.0 * ctx * (ctx + 1) * w * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 }
+
+// Floors measured in the same run: the host's read bandwidth (all threads summing a 512 MiB array)
+// and its fp32 FMA peak (all threads, independent register accumulators).
+void BM_FloorHostRead(benchmark::State& state) {
+  const int64_t n = int64_t{128} << 20;  // floats
+  std::vector<float> data = Random(n, 9);
+  ThreadPool& pool = ThreadPool::Default();
+  for (auto _ : state) {
+    std::vector<float> partial(pool.size() * 4 * 16, 0.0f);
+    pool.ParallelFor(n / 64, 1024, [&](int64_t b, int64_t e) {
+      float acc[16] = {};
+      for (int64_t i = b * 64; i < e * 64; i += 16)
+        for (int l = 0; l < 16; ++l) acc[l] += data[i + l];
+      for (int l = 0; l < 16; ++l) partial[(b / 1024 % (pool.size() * 4)) * 16 + l] += acc[l];
+    });
+    benchmark::DoNotOptimize(partial.data());
+  }
+  state.counters["GB"] = benchmark::Counter(n * 4 * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+void BM_FloorFmaPeak(benchmark::State& state) {
+  ThreadPool& pool = ThreadPool::Default();
+  const int64_t iters = 1 << 22;
+  for (auto _ : state) {
+    pool.ParallelFor(pool.size(), 1, [&](int64_t b, int64_t e) {
+#if defined(__FMA__)
+      __m256 acc[10];
+      for (int i = 0; i < 10; ++i) acc[i] = _mm256_set1_ps(static_cast<float>(i + b));
+      const __m256 m = _mm256_set1_ps(0.999999f), a = _mm256_set1_ps(1e-7f);
+      for (int64_t it = 0; it < iters; ++it)
+        for (int i = 0; i < 10; ++i) acc[i] = _mm256_fmadd_ps(acc[i], m, a);
+#else
+      typedef float V8 __attribute__((vector_size(32)));
+      V8 acc[10];
+      for (int i = 0; i < 10; ++i) acc[i] = V8{} + static_cast<float>(i + b);
+      const V8 m = V8{} + 0.999999f, a = V8{} + 1e-7f;
+      for (int64_t it = 0; it < iters; ++it)
+        for (int i = 0; i < 10; ++i) acc[i] = acc[i] * m + a;
+#endif
+      for (int i = 0; i < 10; ++i) benchmark::DoNotOptimize(acc[i]);
+    });
+  }
+  // mul + add per lane: 2 flops x 8 lanes x 10 accumulators per iteration per thread.
+  state.counters["GFLOP"] = benchmark::Counter(2.0 * 8 * 10 * iters * pool.size() * 1e-9,
+                                               benchmark::Counter::kIsIterationInvariantRate);
+}
+
+BENCHMARK(BM_FloorHostRead)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_FloorFmaPeak)->Unit(benchmark::kMillisecond)->UseRealTime();
 
 // tiny-opt: d 256, ffn 1024, vocab 8192. OPT-6.7B: d 4096, ffn 16384.
 BENCHMARK(BM_Linear)
