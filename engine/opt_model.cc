@@ -57,7 +57,7 @@ absl::StatusOr<Weight> OptModel::Alloc(DType dtype, std::initializer_list<int64_
   return Weight{std::move(buf), view};
 }
 
-absl::StatusOr<Weight> OptModel::LoadTensor(const io::Checkpoint& ckpt, const std::string& name,
+absl::StatusOr<Weight> OptModel::LoadTensor(const io::TensorSource& ckpt, const std::string& name,
                                             const std::vector<int64_t>& shape, bool as_f32) {
   const io::TensorInfo* info = ckpt.Find(name);
   if (info == nullptr) return absl::NotFoundError(absl::StrCat("checkpoint lacks tensor \"", name, "\""));
@@ -89,7 +89,8 @@ absl::StatusOr<std::unique_ptr<OptModel>> OptModel::Load(const std::string& dir,
   std::unique_ptr<OptModel> m(new OptModel());
   m->backend_ = backend;
   FERRY_ASSIGN_OR_RETURN(m->config_, OptConfig::FromModelDir(dir));
-  FERRY_ASSIGN_OR_RETURN(io::Checkpoint ckpt, io::Checkpoint::Open(dir));
+  FERRY_ASSIGN_OR_RETURN(std::unique_ptr<io::TensorSource> source, io::OpenTensorSource(dir));
+  const io::TensorSource& ckpt = *source;
   const OptConfig& c = m->config_;
   std::string prefix = "model.decoder.";
   if (ckpt.Find(prefix + "embed_tokens.weight") == nullptr && ckpt.Find("decoder.embed_tokens.weight") != nullptr) {

@@ -11,7 +11,7 @@
 
 #include "absl/status/statusor.h"
 #include "engine/opt_config.h"
-#include "io/safetensors.h"
+#include "io/tensor_source.h"
 #include "kernels/backend.h"
 
 namespace ferry::engine {
@@ -54,6 +54,7 @@ struct ForwardBatch {
 
 class OptModel {
  public:
+  // DIR is a Hugging Face checkpoint or a ferry store (`ferry convert`).
   static absl::StatusOr<std::unique_ptr<OptModel>> Load(const std::string& dir, kernels::Backend* backend);
 
   const OptConfig& config() const { return config_; }
@@ -66,7 +67,7 @@ class OptModel {
 
  private:
   OptModel() = default;
-  absl::StatusOr<Weight> LoadTensor(const io::Checkpoint& ckpt, const std::string& name,
+  absl::StatusOr<Weight> LoadTensor(const io::TensorSource& ckpt, const std::string& name,
                                     const std::vector<int64_t>& shape, bool as_f32);
   absl::StatusOr<Weight> Alloc(DType dtype, std::initializer_list<int64_t> shape) const;
 

@@ -18,12 +18,6 @@ absl::Status Corrupt(const std::string& path, const std::string& what) {
 
 }  // namespace
 
-int64_t TensorInfo::numel() const {
-  int64_t n = 1;
-  for (int64_t d : shape) n *= d;
-  return n;
-}
-
 absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::string& path) {
   std::unique_ptr<SafetensorsFile> file(new SafetensorsFile());
   file->path_ = path;
@@ -112,6 +106,14 @@ absl::Status SafetensorsFile::Read(const TensorInfo& info, void* dst, size_t dst
   return PreadFull(fd_.get(), dst, dst_bytes, info.offset, path_);
 }
 
+absl::Status SafetensorsFile::ReadRange(const TensorInfo& info, uint64_t begin, void* dst, size_t n) const {
+  if (begin > info.bytes || n > info.bytes - begin) {
+    return absl::OutOfRangeError(absl::StrCat("tensor \"", info.name, "\": bytes [", begin, ", ", begin + n,
+                                              ") outside its ", info.bytes));
+  }
+  return PreadFull(fd_.get(), dst, n, info.offset + begin, path_);
+}
+
 absl::StatusOr<Checkpoint> Checkpoint::Open(const std::string& dir) {
   Checkpoint ckpt;
   const std::string index_path = dir + "/model.safetensors.index.json";
@@ -164,6 +166,12 @@ absl::Status Checkpoint::Read(const std::string& name, void* dst, size_t dst_byt
   auto it = where_.find(name);
   if (it == where_.end()) return absl::NotFoundError(absl::StrCat("tensor \"", name, "\" is not in the checkpoint"));
   return it->second->Read(*it->second->Find(name), dst, dst_bytes);
+}
+
+absl::Status Checkpoint::ReadRange(const std::string& name, uint64_t begin, void* dst, size_t n) const {
+  auto it = where_.find(name);
+  if (it == where_.end()) return absl::NotFoundError(absl::StrCat("tensor \"", name, "\" is not in the checkpoint"));
+  return it->second->ReadRange(*it->second->Find(name), begin, dst, n);
 }
 
 std::vector<std::string> Checkpoint::Names() const {

@@ -14,17 +14,9 @@
 #include "absl/status/statusor.h"
 #include "base/dtype.h"
 #include "base/file.h"
+#include "io/tensor_source.h"
 
 namespace ferry::io {
-
-struct TensorInfo {
-  std::string name;
-  DType dtype = DType::kF32;
-  std::vector<int64_t> shape;
-  uint64_t offset = 0;  // absolute byte offset in the file
-  uint64_t bytes = 0;
-  int64_t numel() const;
-};
 
 class SafetensorsFile {
  public:
@@ -35,6 +27,7 @@ class SafetensorsFile {
   const TensorInfo* Find(const std::string& name) const;
   // Reads the tensor's raw bytes into dst (dst_bytes must equal info.bytes).
   absl::Status Read(const TensorInfo& info, void* dst, size_t dst_bytes) const;
+  absl::Status ReadRange(const TensorInfo& info, uint64_t begin, void* dst, size_t n) const;
 
  private:
   SafetensorsFile() = default;
@@ -45,13 +38,14 @@ class SafetensorsFile {
 
 // All tensors of a checkpoint directory: model.safetensors, or the shards named by
 // model.safetensors.index.json (every shard is opened and validated up front).
-class Checkpoint {
+class Checkpoint final : public TensorSource {
  public:
   static absl::StatusOr<Checkpoint> Open(const std::string& dir);
 
-  const TensorInfo* Find(const std::string& name) const;
-  absl::Status Read(const std::string& name, void* dst, size_t dst_bytes) const;
-  std::vector<std::string> Names() const;
+  const TensorInfo* Find(const std::string& name) const override;
+  absl::Status Read(const std::string& name, void* dst, size_t dst_bytes) const override;
+  absl::Status ReadRange(const std::string& name, uint64_t begin, void* dst, size_t n) const override;
+  std::vector<std::string> Names() const override;
 
  private:
   std::vector<std::unique_ptr<SafetensorsFile>> files_;

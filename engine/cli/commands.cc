@@ -3,6 +3,8 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
+#include <memory>
 
 #include "absl/strings/str_cat.h"
 #include "base/file.h"
@@ -12,6 +14,7 @@
 #include "engine/opt_model.h"
 #include "engine/perplexity.h"
 #include "engine/tokenizer.h"
+#include "io/store.h"
 #include "kernels/registry.h"
 #include "nlohmann/json.hpp"
 
@@ -178,6 +181,56 @@ absl::Status RunPpl(const PplFlags& f) {
   return absl::OkStatus();
 }
 
+struct ConvertFlags {
+  std::string model = DefaultModelDir();
+  std::string out;
+  bool verify = false;
+  bool quiet = false;
+};
+
+// Prints "label: x/y MiB (p%), r MiB/s" on one stderr line, at most every half second.
+std::function<void(uint64_t, uint64_t)> ByteProgress(const std::string& label, bool quiet) {
+  if (quiet) return nullptr;
+  auto start = std::chrono::steady_clock::now();
+  auto last = std::make_shared<double>(-1.0);
+  return [label, start, last](uint64_t done, uint64_t total) {
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    if (done < total && s - *last < 0.5) return;
+    *last = s;
+    std::fprintf(stderr, "\rferry: %s %.1f/%.1f MiB (%.0f%%), %.0f MiB/s", label.c_str(), done / 1048576.0,
+                 total / 1048576.0, total ? 100.0 * done / total : 100.0, s > 0 ? done / 1048576.0 / s : 0.0);
+    if (done >= total) std::fputc('\n', stderr);
+  };
+}
+
+absl::Status RunConvert(const ConvertFlags& f) {
+  FERRY_RETURN_IF_ERROR(CheckModelDir(f.model));
+  if (PathExists(f.out + "/manifest.json")) {
+    return absl::AlreadyExistsError(absl::StrCat(f.out, " already holds a store; remove it first"));
+  }
+  io::ConvertOptions o;
+  o.progress = ByteProgress("convert", f.quiet);
+  FERRY_RETURN_IF_ERROR(io::ConvertToStore(f.model, f.out, o));
+  if (f.verify) {
+    FERRY_ASSIGN_OR_RETURN(io::Store store, io::Store::Open(f.out));
+    FERRY_RETURN_IF_ERROR(store.Verify(ByteProgress("verify", f.quiet)));
+  }
+  if (!f.quiet) std::fprintf(stderr, "ferry: store written to %s\n", f.out.c_str());
+  return absl::OkStatus();
+}
+
+struct VerifyFlags {
+  std::string store;
+  bool quiet = false;
+};
+
+absl::Status RunVerify(const VerifyFlags& f) {
+  FERRY_ASSIGN_OR_RETURN(io::Store store, io::Store::Open(f.store));
+  FERRY_RETURN_IF_ERROR(store.Verify(ByteProgress("verify", f.quiet)));
+  std::printf("ok: %zu tensors, %.1f MiB, every checksum matches\n", store.Names().size(), store.data_bytes() / 1048576.0);
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 std::string DefaultModelDir() {
@@ -226,6 +279,20 @@ void RegisterCommands(CLI::App& app, Runner* selected) {
   p->add_flag("--json", pplf.json, "Print the result as JSON");
   p->add_flag("--quiet,-q", pplf.quiet, "No progress on stderr");
   p->callback([selected] { *selected = [] { return RunPpl(pplf); }; });
+
+  static ConvertFlags convf;
+  CLI::App* c = app.add_subcommand("convert", "Convert a Hugging Face checkpoint into a ferry store (the disk tier's format)");
+  c->add_option("--model", convf.model, "Hugging Face model directory")->capture_default_str();
+  c->add_option("--out", convf.out, "Store directory to create")->required();
+  c->add_flag("--verify", convf.verify, "Read the store back and check every checksum");
+  c->add_flag("--quiet,-q", convf.quiet, "No progress on stderr");
+  c->callback([selected] { *selected = [] { return RunConvert(convf); }; });
+
+  static VerifyFlags verf;
+  CLI::App* v = app.add_subcommand("verify", "Check every checksum of a ferry store");
+  v->add_option("--store", verf.store, "Store directory")->required();
+  v->add_flag("--quiet,-q", verf.quiet, "No progress on stderr");
+  v->callback([selected] { *selected = [] { return RunVerify(verf); }; });
 }
 
 }  // namespace ferry::cli

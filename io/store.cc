@@ -1,0 +1,281 @@
+#include "io/store.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <xxhash.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <memory>
+
+#include "absl/strings/str_cat.h"
+#include "base/status.h"
+#include "io/safetensors.h"
+#include "nlohmann/json.hpp"
+
+namespace ferry::io {
+namespace {
+
+using nlohmann::json;
+
+constexpr const char* kSideFiles[] = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                                      "special_tokens_map.json", "vocab.json", "merges.txt"};
+
+uint64_t AlignUp(uint64_t x) { return (x + kStoreAlignment - 1) / kStoreAlignment * kStoreAlignment; }
+
+absl::Status Corrupt(const std::string& dir, const std::string& what) {
+  return absl::DataLossError(absl::StrCat(dir, ": corrupt store: ", what));
+}
+
+std::string Hex(uint64_t v) {
+  char buf[17];
+  std::snprintf(buf, sizeof(buf), "%016llx", static_cast<unsigned long long>(v));
+  return buf;
+}
+
+absl::Status WriteAll(int fd, const void* data, size_t n, uint64_t offset, const std::string& path) {
+  const char* p = static_cast<const char*>(data);
+  size_t done = 0;
+  while (done < n) {
+    const ssize_t w = ::pwrite(fd, p + done, n - done, static_cast<off_t>(offset + done));
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      return absl::ErrnoToStatus(errno, absl::StrCat("write ", path));
+    }
+    done += static_cast<size_t>(w);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status WriteFileAtomically(const std::string& path, const std::string& data) {
+  const std::string tmp = path + ".tmp";
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return absl::ErrnoToStatus(errno, absl::StrCat("create ", tmp));
+  ScopedFd guard(fd);
+  FERRY_RETURN_IF_ERROR(WriteAll(fd, data.data(), data.size(), 0, tmp));
+  if (::fsync(fd) != 0) return absl::ErrnoToStatus(errno, absl::StrCat("fsync ", tmp));
+  if (::rename(tmp.c_str(), path.c_str()) != 0) return absl::ErrnoToStatus(errno, absl::StrCat("rename ", tmp));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+int LayerOfTensor(const std::string& name) {
+  const std::string key = "layers.";
+  const size_t at = name.find(key);
+  if (at == std::string::npos || (at > 0 && name[at - 1] != '.')) return -1;
+  size_t i = at + key.size();
+  if (i >= name.size() || !std::isdigit(static_cast<unsigned char>(name[i]))) return -1;
+  int layer = 0;
+  while (i < name.size() && std::isdigit(static_cast<unsigned char>(name[i]))) layer = layer * 10 + (name[i++] - '0');
+  return (i < name.size() && name[i] == '.') ? layer : -1;
+}
+
+absl::Status ConvertToStore(const std::string& model_dir, const std::string& out_dir, const ConvertOptions& options) {
+  FERRY_ASSIGN_OR_RETURN(Checkpoint ckpt, Checkpoint::Open(model_dir));
+  if (!PathExists(model_dir + "/config.json")) return absl::NotFoundError(absl::StrCat("no config.json in ", model_dir));
+  if (::mkdir(out_dir.c_str(), 0755) != 0 && errno != EEXIST) return absl::ErrnoToStatus(errno, absl::StrCat("mkdir ", out_dir));
+  // Layout: non-layer tensors first, then each layer's tensors together; all 4 KiB-aligned.
+  std::vector<const TensorInfo*> order;
+  for (const std::string& name : ckpt.Names()) order.push_back(ckpt.Find(name));
+  std::stable_sort(order.begin(), order.end(), [](const TensorInfo* a, const TensorInfo* b) {
+    return LayerOfTensor(a->name) < LayerOfTensor(b->name);
+  });
+  json manifest = {{"format", "ferry-store"}, {"version", 1}, {"alignment", kStoreAlignment},
+                   {"data_file", "weights.bin"}, {"tensors", json::array()}, {"layers", json::array()}};
+  uint64_t offset = 0, total = 0;
+  std::vector<uint64_t> offsets;
+  std::map<int, std::pair<uint64_t, uint64_t>> layer_span;  // layer -> [begin, end)
+  for (const TensorInfo* t : order) {
+    offset = AlignUp(offset);
+    offsets.push_back(offset);
+    const int layer = LayerOfTensor(t->name);
+    if (layer >= 0) {
+      auto [it, fresh] = layer_span.try_emplace(layer, offset, offset);
+      it->second.second = AlignUp(offset + t->bytes);
+    }
+    offset += t->bytes;
+    total += t->bytes;
+  }
+  const uint64_t data_bytes = AlignUp(offset);
+
+  const std::string data_path = out_dir + "/weights.bin", tmp_path = data_path + ".tmp";
+  int fd = ::open(tmp_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return absl::ErrnoToStatus(errno, absl::StrCat("create ", tmp_path));
+  ScopedFd guard(fd);
+  if (::ftruncate(fd, static_cast<off_t>(data_bytes)) != 0) return absl::ErrnoToStatus(errno, absl::StrCat("resize ", tmp_path));
+  std::vector<char> chunk(std::max<size_t>(options.chunk_bytes, kStoreAlignment));
+  std::unique_ptr<XXH3_state_t, decltype(&XXH3_freeState)> state(XXH3_createState(), &XXH3_freeState);
+  uint64_t written = 0;
+  for (size_t i = 0; i < order.size(); ++i) {
+    const TensorInfo* t = order[i];
+    XXH3_64bits_reset(state.get());
+    for (uint64_t begin = 0; begin < t->bytes; begin += chunk.size()) {
+      const size_t n = static_cast<size_t>(std::min<uint64_t>(chunk.size(), t->bytes - begin));
+      FERRY_RETURN_IF_ERROR(ckpt.ReadRange(t->name, begin, chunk.data(), n));
+      XXH3_64bits_update(state.get(), chunk.data(), n);
+      FERRY_RETURN_IF_ERROR(WriteAll(fd, chunk.data(), n, offsets[i] + begin, tmp_path));
+      written += n;
+      if (options.progress) options.progress(written, total);
+    }
+    json shape = t->shape;
+    manifest["tensors"].push_back({{"name", t->name}, {"dtype", DTypeName(t->dtype)}, {"shape", shape},
+                                   {"offset", offsets[i]}, {"bytes", t->bytes}, {"layout", "row-major"},
+                                   {"layer", LayerOfTensor(t->name)}, {"xxh3", Hex(XXH3_64bits_digest(state.get()))}});
+  }
+  for (const auto& [layer, span] : layer_span) {
+    manifest["layers"].push_back({{"index", layer}, {"offset", span.first}, {"bytes", span.second - span.first}});
+  }
+  manifest["data_bytes"] = data_bytes;
+  if (::fsync(fd) != 0) return absl::ErrnoToStatus(errno, absl::StrCat("fsync ", tmp_path));
+  if (::rename(tmp_path.c_str(), data_path.c_str()) != 0) return absl::ErrnoToStatus(errno, "rename weights.bin");
+  for (const char* side : kSideFiles) {
+    const std::string src = model_dir + "/" + side;
+    if (!PathExists(src)) continue;
+    FERRY_ASSIGN_OR_RETURN(std::string text, ReadFileToString(src));
+    FERRY_RETURN_IF_ERROR(WriteFileAtomically(out_dir + "/" + side, text));
+  }
+  return WriteFileAtomically(out_dir + "/manifest.json", manifest.dump(1));
+}
+
+absl::StatusOr<Store> Store::Open(const std::string& dir) {
+  Store s;
+  s.dir_ = dir;
+  const std::string manifest_path = dir + "/manifest.json";
+  FERRY_ASSIGN_OR_RETURN(std::string text, ReadFileToString(manifest_path));
+  json m = json::parse(text, nullptr, false);
+  if (m.is_discarded() || !m.is_object()) return Corrupt(dir, "manifest.json is not JSON");
+  if (m.value("format", std::string()) != "ferry-store") return Corrupt(dir, "manifest.json is not a ferry store manifest");
+  if (m.value("version", 0) != 1) return absl::InvalidArgumentError(absl::StrCat(dir, ": store version ", m.value("version", 0), " is not supported"));
+  if (!m.contains("tensors") || !m["tensors"].is_array() || !m.contains("data_bytes") || !m["data_bytes"].is_number_unsigned()) {
+    return Corrupt(dir, "manifest.json lacks tensors or data_bytes");
+  }
+  s.data_path_ = dir + "/" + m.value("data_file", std::string("weights.bin"));
+  s.data_bytes_ = m["data_bytes"].get<uint64_t>();
+  FERRY_ASSIGN_OR_RETURN(s.fd_, ScopedFd::OpenForRead(s.data_path_));
+  FERRY_ASSIGN_OR_RETURN(const uint64_t size, FileSize(s.fd_.get(), s.data_path_));
+  if (size < s.data_bytes_) {
+    return Corrupt(dir, absl::StrCat("weights.bin is truncated: ", size, " bytes of ", s.data_bytes_));
+  }
+  std::vector<std::pair<uint64_t, uint64_t>> ranges;
+  for (const auto& t : m["tensors"]) {
+    StoreTensor st;
+    try {
+      st.info.name = t.at("name").get<std::string>();
+      auto dtype = ParseSafetensorsDType(t.at("dtype").get<std::string>());
+      if (!dtype.ok()) return Corrupt(dir, std::string(dtype.status().message()));
+      st.info.dtype = *dtype;
+      st.info.shape = t.at("shape").get<std::vector<int64_t>>();
+      st.info.offset = t.at("offset").get<uint64_t>();
+      st.info.bytes = t.at("bytes").get<uint64_t>();
+      st.layer = t.at("layer").get<int>();
+      st.layout = t.at("layout").get<std::string>();
+      st.xxh3 = std::stoull(t.at("xxh3").get<std::string>(), nullptr, 16);
+    } catch (const std::exception& e) {
+      return Corrupt(dir, absl::StrCat("bad tensor entry in manifest.json: ", e.what()));
+    }
+    const auto& i = st.info;
+    for (int64_t d : i.shape) {
+      if (d < 0) return Corrupt(dir, absl::StrCat("tensor \"", i.name, "\" has a negative dimension"));
+    }
+    if (static_cast<uint64_t>(i.numel()) * DTypeSize(i.dtype) != i.bytes) {
+      return Corrupt(dir, absl::StrCat("tensor \"", i.name, "\" bytes do not match dtype x shape"));
+    }
+    if (i.offset % kStoreAlignment != 0) return Corrupt(dir, absl::StrCat("tensor \"", i.name, "\" is not 4 KiB-aligned"));
+    if (i.offset > s.data_bytes_ || i.bytes > s.data_bytes_ - i.offset) {
+      return Corrupt(dir, absl::StrCat("tensor \"", i.name, "\" lies outside weights.bin"));
+    }
+    ranges.emplace_back(i.offset, i.offset + i.bytes);
+    s.tensors_.emplace(i.name, std::move(st));
+  }
+  std::sort(ranges.begin(), ranges.end());
+  for (size_t i = 1; i < ranges.size(); ++i) {
+    if (ranges[i].first < ranges[i - 1].second) return Corrupt(dir, "tensors overlap in weights.bin");
+  }
+  if (m.contains("layers") && m["layers"].is_array()) {
+    for (const auto& l : m["layers"]) {
+      StoreLayer layer{l.value("index", 0), l.value("offset", uint64_t{0}), l.value("bytes", uint64_t{0})};
+      if (layer.offset % kStoreAlignment != 0 || layer.bytes % kStoreAlignment != 0 || layer.offset > s.data_bytes_ ||
+          layer.bytes > s.data_bytes_ - layer.offset) {
+        return Corrupt(dir, absl::StrCat("layer ", layer.index, " region is misaligned or out of bounds"));
+      }
+      s.layers_.push_back(layer);
+    }
+  }
+  return s;
+}
+
+const TensorInfo* Store::Find(const std::string& name) const {
+  auto it = tensors_.find(name);
+  return it == tensors_.end() ? nullptr : &it->second.info;
+}
+
+const StoreTensor* Store::FindTensor(const std::string& name) const {
+  auto it = tensors_.find(name);
+  return it == tensors_.end() ? nullptr : &it->second;
+}
+
+std::vector<const StoreTensor*> Store::LayerTensors(int layer) const {
+  std::vector<const StoreTensor*> out;
+  for (const auto& [name, t] : tensors_) {
+    if (t.layer == layer) out.push_back(&t);
+  }
+  std::sort(out.begin(), out.end(), [](const StoreTensor* a, const StoreTensor* b) { return a->info.offset < b->info.offset; });
+  return out;
+}
+
+absl::Status Store::Read(const std::string& name, void* dst, size_t dst_bytes) const {
+  const StoreTensor* t = FindTensor(name);
+  if (t == nullptr) return absl::NotFoundError(absl::StrCat("tensor \"", name, "\" is not in the store ", dir_));
+  if (dst_bytes != t->info.bytes) {
+    return absl::InvalidArgumentError(absl::StrCat("tensor \"", name, "\" is ", t->info.bytes, " bytes, buffer is ", dst_bytes));
+  }
+  FERRY_RETURN_IF_ERROR(PreadFull(fd_.get(), dst, dst_bytes, t->info.offset, data_path_));
+  if (XXH3_64bits(dst, dst_bytes) != t->xxh3) return Corrupt(dir_, absl::StrCat("checksum mismatch in tensor \"", name, "\""));
+  return absl::OkStatus();
+}
+
+absl::Status Store::ReadRange(const std::string& name, uint64_t begin, void* dst, size_t n) const {
+  const StoreTensor* t = FindTensor(name);
+  if (t == nullptr) return absl::NotFoundError(absl::StrCat("tensor \"", name, "\" is not in the store ", dir_));
+  if (begin > t->info.bytes || n > t->info.bytes - begin) return absl::OutOfRangeError("ReadRange outside the tensor");
+  return PreadFull(fd_.get(), dst, n, t->info.offset + begin, data_path_);
+}
+
+std::vector<std::string> Store::Names() const {
+  std::vector<std::string> names;
+  for (const auto& [name, t] : tensors_) names.push_back(name);
+  return names;
+}
+
+absl::Status Store::Verify(const std::function<void(uint64_t, uint64_t)>& progress) const {
+  uint64_t total = 0, done = 0;
+  for (const auto& [name, t] : tensors_) total += t.info.bytes;
+  std::vector<char> chunk(64 << 20);
+  std::unique_ptr<XXH3_state_t, decltype(&XXH3_freeState)> state(XXH3_createState(), &XXH3_freeState);
+  for (const auto& [name, t] : tensors_) {
+    XXH3_64bits_reset(state.get());
+    for (uint64_t begin = 0; begin < t.info.bytes; begin += chunk.size()) {
+      const size_t n = static_cast<size_t>(std::min<uint64_t>(chunk.size(), t.info.bytes - begin));
+      FERRY_RETURN_IF_ERROR(PreadFull(fd_.get(), chunk.data(), n, t.info.offset + begin, data_path_));
+      XXH3_64bits_update(state.get(), chunk.data(), n);
+      done += n;
+      if (progress) progress(done, total);
+    }
+    if (XXH3_64bits_digest(state.get()) != t.xxh3) return Corrupt(dir_, absl::StrCat("checksum mismatch in tensor \"", name, "\""));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<TensorSource>> OpenTensorSource(const std::string& dir) {
+  if (PathExists(dir + "/manifest.json")) {
+    FERRY_ASSIGN_OR_RETURN(Store store, Store::Open(dir));
+    return std::unique_ptr<TensorSource>(new Store(std::move(store)));
+  }
+  FERRY_ASSIGN_OR_RETURN(Checkpoint ckpt, Checkpoint::Open(dir));
+  return std::unique_ptr<TensorSource>(new Checkpoint(std::move(ckpt)));
+}
+
+}  // namespace ferry::io

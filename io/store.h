@@ -1,0 +1,77 @@
+// The ferry store: a converted model for the disk tier. One data file (weights.bin) in which
+// every tensor starts at a 4 KiB boundary (O_DIRECT reads straight into pinned buffers) and each
+// decoder layer's tensors lie contiguous in one 4 KiB-aligned region (one sequential read per
+// layer), plus manifest.json (name, dtype, shape, offset, bytes, layout, layer, XXH3-64 checksum)
+// and the model's config and tokenizer files, so a store is itself a model directory.
+// Invariant: a Store exists only after its manifest was validated against the data file (aligned,
+// in bounds, sizes equal to dtype x shape, no overlaps); a corrupt or truncated store is kDataLoss.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "base/file.h"
+#include "io/tensor_source.h"
+
+namespace ferry::io {
+
+inline constexpr uint64_t kStoreAlignment = 4096;
+
+struct StoreTensor {
+  TensorInfo info;      // offset is within weights.bin
+  uint64_t xxh3 = 0;    // XXH3-64 of the tensor's bytes
+  int layer = -1;       // decoder layer, -1 for the others
+  std::string layout = "row-major";
+};
+
+struct StoreLayer {
+  int index = 0;
+  uint64_t offset = 0;  // the layer's region in weights.bin, 4 KiB-aligned
+  uint64_t bytes = 0;   // a multiple of 4 KiB
+};
+
+class Store final : public TensorSource {
+ public:
+  static absl::StatusOr<Store> Open(const std::string& dir);
+
+  const TensorInfo* Find(const std::string& name) const override;
+  // Reads and checks the tensor's checksum (kDataLoss on mismatch).
+  absl::Status Read(const std::string& name, void* dst, size_t dst_bytes) const override;
+  absl::Status ReadRange(const std::string& name, uint64_t begin, void* dst, size_t n) const override;
+  std::vector<std::string> Names() const override;
+
+  // Recomputes every checksum; the first bad tensor is kDataLoss.
+  absl::Status Verify(const std::function<void(uint64_t done, uint64_t total)>& progress = nullptr) const;
+
+  const std::string& data_path() const { return data_path_; }
+  uint64_t data_bytes() const { return data_bytes_; }
+  const std::vector<StoreLayer>& layers() const { return layers_; }
+  const StoreTensor* FindTensor(const std::string& name) const;
+  std::vector<const StoreTensor*> LayerTensors(int layer) const;
+
+ private:
+  std::string dir_, data_path_;
+  ScopedFd fd_;
+  uint64_t data_bytes_ = 0;
+  std::map<std::string, StoreTensor> tensors_;
+  std::vector<StoreLayer> layers_;
+};
+
+struct ConvertOptions {
+  std::function<void(uint64_t done, uint64_t total)> progress;  // bytes written so far
+  size_t chunk_bytes = 64 << 20;  // tensors stream through a buffer of this size
+};
+
+// Converts the model in `model_dir` (safetensors + config + tokenizer) into a store at `out_dir`.
+// Streams tensor by tensor in chunks, so models larger than RAM convert; the manifest is written
+// last (a crash leaves no valid store).
+absl::Status ConvertToStore(const std::string& model_dir, const std::string& out_dir, const ConvertOptions& options = {});
+
+// The decoder layer a tensor belongs to ("...layers.<i>...."), or -1.
+int LayerOfTensor(const std::string& name);
+
+}  // namespace ferry::io
