@@ -3,7 +3,9 @@
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
+#include "base/file.h"
 #include "base/status.h"
+#include "io/store.h"
 
 namespace ferry::engine {
 namespace {
@@ -85,66 +87,184 @@ absl::StatusOr<Weight> OptModel::LoadTensor(const io::TensorSource& ckpt, const 
   return Weight{std::move(buf), view};
 }
 
+namespace {
+
+constexpr const char* kMatrixNames[6] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                         "self_attn.out_proj", "fc1", "fc2"};
+
+std::string DecoderPrefix(const io::TensorSource& src) {
+  if (src.Find("model.decoder.embed_tokens.weight") == nullptr && src.Find("decoder.embed_tokens.weight") != nullptr) {
+    return "decoder.";
+  }
+  return "model.decoder.";
+}
+
+}  // namespace
+
+struct OptModel::LayerViews {
+  TensorView ln1_gamma, ln1_beta, ln2_gamma, ln2_beta;
+  TensorView m[6];     // q, k, v, out, fc1, fc2
+  TensorView bias[6];  // data == nullptr without biases
+};
+
+absl::Status OptModel::LoadGlobals(const io::TensorSource& src, const std::string& prefix) {
+  const OptConfig& c = config_;
+  const int64_t d = c.hidden_size, w = c.word_embed_proj_dim, v = c.vocab_size;
+  auto load = [&](const std::string& name, std::vector<int64_t> shape, bool vec, Weight* out) -> absl::Status {
+    FERRY_ASSIGN_OR_RETURN(*out, LoadTensor(src, name, shape, vec));
+    return absl::OkStatus();
+  };
+  FERRY_RETURN_IF_ERROR(load(prefix + "embed_tokens.weight", {v, w}, false, &embed_tokens_));
+  FERRY_RETURN_IF_ERROR(load(prefix + "embed_positions.weight", {c.max_positions + OptConfig::kPositionOffset, d}, false,
+                             &embed_positions_));
+  if (c.final_layer_norm) {
+    FERRY_RETURN_IF_ERROR(load(prefix + "final_layer_norm.weight", {d}, true, &final_ln_gamma_));
+    FERRY_RETURN_IF_ERROR(load(prefix + "final_layer_norm.bias", {d}, true, &final_ln_beta_));
+  }
+  if (c.has_projection()) {
+    FERRY_RETURN_IF_ERROR(load(prefix + "project_in.weight", {d, w}, false, &project_in_));
+    FERRY_RETURN_IF_ERROR(load(prefix + "project_out.weight", {w, d}, false, &project_out_));
+  }
+  // An explicit lm_head.weight is used when embeddings are not tied.
+  if (!c.tie_word_embeddings) {
+    if (src.Find("lm_head.weight") == nullptr) {
+      return absl::NotFoundError("config.json sets tie_word_embeddings false but the checkpoint lacks \"lm_head.weight\"");
+    }
+    FERRY_RETURN_IF_ERROR(load("lm_head.weight", {v, w}, false, &lm_head_));
+    has_lm_head_ = true;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status OptModel::LoadLayerVectors(const io::TensorSource& src, const std::string& p, OptLayerWeights* L) {
+  const int64_t d = config_.hidden_size, f = config_.ffn_dim;
+  auto load = [&](const std::string& name, int64_t n, Weight* out) -> absl::Status {
+    FERRY_ASSIGN_OR_RETURN(*out, LoadTensor(src, p + name, {n}, true));
+    return absl::OkStatus();
+  };
+  FERRY_RETURN_IF_ERROR(load("self_attn_layer_norm.weight", d, &L->ln1_gamma));
+  FERRY_RETURN_IF_ERROR(load("self_attn_layer_norm.bias", d, &L->ln1_beta));
+  FERRY_RETURN_IF_ERROR(load("final_layer_norm.weight", d, &L->ln2_gamma));
+  FERRY_RETURN_IF_ERROR(load("final_layer_norm.bias", d, &L->ln2_beta));
+  if (config_.enable_bias) {
+    Weight* biases[6] = {&L->q_bias, &L->k_bias, &L->v_bias, &L->out_bias, &L->fc1_bias, &L->fc2_bias};
+    for (int i = 0; i < 6; ++i) FERRY_RETURN_IF_ERROR(load(std::string(kMatrixNames[i]) + ".bias", i == 4 ? f : d, biases[i]));
+  }
+  return absl::OkStatus();
+}
+
+namespace {
+
+std::vector<int64_t> MatrixShape(const OptConfig& c, int i) {
+  const int64_t d = c.hidden_size, f = c.ffn_dim;
+  if (i == 4) return {f, d};
+  if (i == 5) return {d, f};
+  return {d, d};
+}
+
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<OptModel>> OptModel::Load(const std::string& dir, kernels::Backend* backend) {
   std::unique_ptr<OptModel> m(new OptModel());
   m->backend_ = backend;
   FERRY_ASSIGN_OR_RETURN(m->config_, OptConfig::FromModelDir(dir));
   FERRY_ASSIGN_OR_RETURN(std::unique_ptr<io::TensorSource> source, io::OpenTensorSource(dir));
-  const io::TensorSource& ckpt = *source;
-  const OptConfig& c = m->config_;
-  std::string prefix = "model.decoder.";
-  if (ckpt.Find(prefix + "embed_tokens.weight") == nullptr && ckpt.Find("decoder.embed_tokens.weight") != nullptr) {
-    prefix = "decoder.";
-  }
-  const int64_t d = c.hidden_size, f = c.ffn_dim, w = c.word_embed_proj_dim, v = c.vocab_size;
-  auto load = [&](const std::string& name, std::vector<int64_t> shape, bool vec, Weight* out) -> absl::Status {
-    FERRY_ASSIGN_OR_RETURN(*out, m->LoadTensor(ckpt, name, shape, vec));
-    return absl::OkStatus();
-  };
-  FERRY_RETURN_IF_ERROR(load(prefix + "embed_tokens.weight", {v, w}, false, &m->embed_tokens_));
-  FERRY_RETURN_IF_ERROR(load(prefix + "embed_positions.weight", {c.max_positions + OptConfig::kPositionOffset, d},
-                             false, &m->embed_positions_));
-  if (c.final_layer_norm) {
-    FERRY_RETURN_IF_ERROR(load(prefix + "final_layer_norm.weight", {d}, true, &m->final_ln_gamma_));
-    FERRY_RETURN_IF_ERROR(load(prefix + "final_layer_norm.bias", {d}, true, &m->final_ln_beta_));
-  }
-  if (c.has_projection()) {
-    FERRY_RETURN_IF_ERROR(load(prefix + "project_in.weight", {d, w}, false, &m->project_in_));
-    FERRY_RETURN_IF_ERROR(load(prefix + "project_out.weight", {w, d}, false, &m->project_out_));
-  }
-  // An explicit lm_head.weight is used when the checkpoint has one and embeddings are not tied.
-  if (!c.tie_word_embeddings) {
-    if (ckpt.Find("lm_head.weight") == nullptr) {
-      return absl::NotFoundError("config.json sets tie_word_embeddings false but the checkpoint lacks \"lm_head.weight\"");
-    }
-    FERRY_RETURN_IF_ERROR(load("lm_head.weight", {v, w}, false, &m->lm_head_));
-    m->has_lm_head_ = true;
-  }
-  for (int l = 0; l < c.num_layers; ++l) {
+  const std::string prefix = DecoderPrefix(*source);
+  FERRY_RETURN_IF_ERROR(m->LoadGlobals(*source, prefix));
+  for (int l = 0; l < m->config_.num_layers; ++l) {
     OptLayerWeights L;
     const std::string p = absl::StrCat(prefix, "layers.", l, ".");
-    FERRY_RETURN_IF_ERROR(load(p + "self_attn_layer_norm.weight", {d}, true, &L.ln1_gamma));
-    FERRY_RETURN_IF_ERROR(load(p + "self_attn_layer_norm.bias", {d}, true, &L.ln1_beta));
-    FERRY_RETURN_IF_ERROR(load(p + "final_layer_norm.weight", {d}, true, &L.ln2_gamma));
-    FERRY_RETURN_IF_ERROR(load(p + "final_layer_norm.bias", {d}, true, &L.ln2_beta));
-    const std::pair<const char*, std::pair<Weight*, Weight*>> attn[] = {
-        {"self_attn.q_proj", {&L.q, &L.q_bias}},
-        {"self_attn.k_proj", {&L.k, &L.k_bias}},
-        {"self_attn.v_proj", {&L.v, &L.v_bias}},
-        {"self_attn.out_proj", {&L.out, &L.out_bias}}};
-    for (const auto& [name, ws] : attn) {
-      FERRY_RETURN_IF_ERROR(load(p + name + ".weight", {d, d}, false, ws.first));
-      if (c.enable_bias) FERRY_RETURN_IF_ERROR(load(p + name + ".bias", {d}, true, ws.second));
-    }
-    FERRY_RETURN_IF_ERROR(load(p + "fc1.weight", {f, d}, false, &L.fc1));
-    FERRY_RETURN_IF_ERROR(load(p + "fc2.weight", {d, f}, false, &L.fc2));
-    if (c.enable_bias) {
-      FERRY_RETURN_IF_ERROR(load(p + "fc1.bias", {f}, true, &L.fc1_bias));
-      FERRY_RETURN_IF_ERROR(load(p + "fc2.bias", {d}, true, &L.fc2_bias));
+    FERRY_RETURN_IF_ERROR(m->LoadLayerVectors(*source, p, &L));
+    Weight* mats[6] = {&L.q, &L.k, &L.v, &L.out, &L.fc1, &L.fc2};
+    for (int i = 0; i < 6; ++i) {
+      FERRY_ASSIGN_OR_RETURN(*mats[i], m->LoadTensor(*source, p + kMatrixNames[i] + ".weight", MatrixShape(m->config_, i), false));
     }
     m->layers_.push_back(std::move(L));
   }
   return m;
+}
+
+absl::StatusOr<std::unique_ptr<OptModel>> OptModel::LoadOffloaded(const std::string& store_dir, kernels::Backend* backend,
+                                                                  const OffloadOptions& options) {
+  std::unique_ptr<OptModel> m(new OptModel());
+  m->backend_ = backend;
+  FERRY_ASSIGN_OR_RETURN(m->config_, OptConfig::FromModelDir(store_dir));
+  if (!PathExists(store_dir + "/manifest.json")) {
+    return absl::InvalidArgumentError(absl::StrCat(store_dir, " is not a ferry store: offloading reads a store (ferry convert)"));
+  }
+  FERRY_ASSIGN_OR_RETURN(io::Store store, io::Store::Open(store_dir));
+  const OptConfig& c = m->config_;
+  const std::string prefix = DecoderPrefix(store);
+  if (static_cast<int>(store.layers().size()) != c.num_layers) {
+    return absl::DataLossError(absl::StrCat(store_dir, ": the store has ", store.layers().size(), " layers, config.json ", c.num_layers));
+  }
+  // Every matrix must lie in its layer's block, with the shape and one 16/32-bit float dtype.
+  uint64_t resident_other = 0;  // resident tensors, vectors counted as fp32
+  for (const std::string& name : store.Names()) {
+    const io::StoreTensor* t = store.FindTensor(name);
+    const bool matrix = t->layer >= 0 && t->info.shape.size() == 2;
+    if (!matrix) resident_other += t->info.shape.size() == 1 ? static_cast<uint64_t>(t->info.numel()) * 4 : t->info.bytes;
+  }
+  for (int l = 0; l < c.num_layers; ++l) {
+    const io::StoreLayer& region = store.layers()[l];
+    std::array<uint64_t, 6> offsets{};
+    for (int i = 0; i < 6; ++i) {
+      const std::string name = absl::StrCat(prefix, "layers.", l, ".", kMatrixNames[i], ".weight");
+      const io::StoreTensor* t = store.FindTensor(name);
+      if (t == nullptr) return absl::NotFoundError(absl::StrCat("store lacks tensor \"", name, "\""));
+      if (t->info.shape != MatrixShape(c, i) || t->info.offset < region.offset ||
+          t->info.offset + t->info.bytes > region.offset + region.bytes) {
+        return absl::DataLossError(absl::StrCat("tensor \"", name, "\" has the wrong shape or lies outside its layer"));
+      }
+      if (l == 0 && i == 0) m->matrix_dtype_ = t->info.dtype;
+      if (t->info.dtype != m->matrix_dtype_ || (t->info.dtype != DType::kF16 && t->info.dtype != DType::kBF16 &&
+                                                t->info.dtype != DType::kF32)) {
+        return absl::InvalidArgumentError(absl::StrCat("tensor \"", name, "\": layer matrices must share one float dtype"));
+      }
+      offsets[i] = t->info.offset - region.offset;
+    }
+    m->matrix_offsets_.push_back(offsets);
+  }
+  offload::PlanInputs in;
+  for (const auto& region : store.layers()) in.layer_bytes.push_back(region.bytes);
+  in.split = options.split;
+  in.other_device_bytes = resident_other + options.reserve_device_bytes;
+  in.device_budget = options.device_budget;
+  in.host_budget = options.host_budget;
+  FERRY_ASSIGN_OR_RETURN(m->plan_, offload::MakePlan(in));  // refuses before any allocation
+
+  FERRY_RETURN_IF_ERROR(m->LoadGlobals(store, prefix));
+  for (int l = 0; l < c.num_layers; ++l) {
+    OptLayerWeights L;
+    FERRY_RETURN_IF_ERROR(m->LoadLayerVectors(store, absl::StrCat(prefix, "layers.", l, "."), &L));
+    m->layers_.push_back(std::move(L));
+  }
+  FERRY_ASSIGN_OR_RETURN(m->streamer_, offload::LayerStreamer::Create(backend, store, m->plan_, options.streamer));
+  return m;
+}
+
+absl::StatusOr<OptModel::LayerViews> OptModel::Views(int layer) const {
+  const OptLayerWeights& L = layers_[layer];
+  LayerViews v{L.ln1_gamma.view, L.ln1_beta.view, L.ln2_gamma.view, L.ln2_beta.view, {}, {}};
+  const Weight* biases[6] = {&L.q_bias, &L.k_bias, &L.v_bias, &L.out_bias, &L.fc1_bias, &L.fc2_bias};
+  for (int i = 0; i < 6; ++i) v.bias[i] = biases[i]->view;
+  if (streamer_ == nullptr) {
+    const Weight* mats[6] = {&L.q, &L.k, &L.v, &L.out, &L.fc1, &L.fc2};
+    for (int i = 0; i < 6; ++i) v.m[i] = mats[i]->view;
+    return v;
+  }
+  FERRY_ASSIGN_OR_RETURN(const char* base, streamer_->Acquire(layer));
+  for (int i = 0; i < 6; ++i) {
+    const std::vector<int64_t> shape = MatrixShape(config_, i);
+    v.m[i] = MakeView(const_cast<char*>(base) + matrix_offsets_[layer][i], matrix_dtype_, shape, backend_->device());
+  }
+  return v;
+}
+
+absl::Status OptModel::ReleaseLayer(int layer) const {
+  if (streamer_ == nullptr) return absl::OkStatus();
+  FERRY_ASSIGN_OR_RETURN(std::unique_ptr<kernels::Fence> fence, backend_->RecordFence());
+  return streamer_->Release(layer, std::move(fence));
 }
 
 absl::Status OptModel::Forward(const ForwardBatch& batch, KvCache& cache, std::vector<float>* logits) const {
@@ -162,6 +282,13 @@ absl::Status OptModel::Forward(const ForwardBatch& batch, KvCache& cache, std::v
     if (batch.positions[i] < 0 || batch.positions[i] >= c.max_positions) {
       return absl::InvalidArgumentError(absl::StrCat("position ", batch.positions[i], " is beyond the model's context of ",
                                                      c.max_positions, " tokens"));
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    if (batch.seq_ids[i] < 0 || batch.seq_ids[i] >= cache.rows() || batch.positions[i] >= cache.max_len()) {
+      return absl::InvalidArgumentError(absl::StrCat("token ", i, " (sequence ", batch.seq_ids[i], ", position ",
+                                                     batch.positions[i], ") is outside the KV cache of ", cache.rows(),
+                                                     " x ", cache.max_len()));
     }
   }
   for (int32_t row : batch.logit_rows) {
@@ -201,35 +328,36 @@ absl::Status OptModel::Forward(const ForwardBatch& batch, KvCache& cache, std::v
 
   const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim()));
   for (int l = 0; l < c.num_layers; ++l) {
-    const OptLayerWeights& L = layers_[l];
+    FERRY_ASSIGN_OR_RETURN(const LayerViews L, Views(l));
     // Attention block.
     const TensorView* attn_in = &h.view;
     if (c.layer_norm_before) {
-      FERRY_RETURN_IF_ERROR(b.LayerNorm({h.view, L.ln1_gamma.view, L.ln1_beta.view, a.view, 1e-5f}));
+      FERRY_RETURN_IF_ERROR(b.LayerNorm({h.view, L.ln1_gamma, L.ln1_beta, a.view, 1e-5f}));
       attn_in = &a.view;
     }
-    FERRY_RETURN_IF_ERROR(b.Linear({*attn_in, L.q.view, L.q_bias.view, q.view, false}));
-    FERRY_RETURN_IF_ERROR(b.Linear({*attn_in, L.k.view, L.k_bias.view, k.view, false}));
-    FERRY_RETURN_IF_ERROR(b.Linear({*attn_in, L.v.view, L.v_bias.view, v.view, false}));
+    FERRY_RETURN_IF_ERROR(b.Linear({*attn_in, L.m[0], L.bias[0], q.view, false}));
+    FERRY_RETURN_IF_ERROR(b.Linear({*attn_in, L.m[1], L.bias[1], k.view, false}));
+    FERRY_RETURN_IF_ERROR(b.Linear({*attn_in, L.m[2], L.bias[2], v.view, false}));
     FERRY_RETURN_IF_ERROR(b.KvWrite({k.view, v.view, cache.k(l), cache.v(l), seq_ids.view, positions.view}));
     FERRY_RETURN_IF_ERROR(b.Attention({q.view, cache.k(l), cache.v(l), seq_ids.view, positions.view, att.view,
                                        c.num_heads, scale}));
-    FERRY_RETURN_IF_ERROR(b.Linear({att.view, L.out.view, L.out_bias.view, q.view, false}));
+    FERRY_RETURN_IF_ERROR(b.Linear({att.view, L.m[3], L.bias[3], q.view, false}));
     FERRY_RETURN_IF_ERROR(b.Add(h.view, q.view, h.view));
     if (!c.layer_norm_before) {
-      FERRY_RETURN_IF_ERROR(b.LayerNorm({h.view, L.ln1_gamma.view, L.ln1_beta.view, h.view, 1e-5f}));
+      FERRY_RETURN_IF_ERROR(b.LayerNorm({h.view, L.ln1_gamma, L.ln1_beta, h.view, 1e-5f}));
     }
     // FFN block.
     const TensorView* ffn_in = &h.view;
     if (c.layer_norm_before) {
-      FERRY_RETURN_IF_ERROR(b.LayerNorm({h.view, L.ln2_gamma.view, L.ln2_beta.view, a.view, 1e-5f}));
+      FERRY_RETURN_IF_ERROR(b.LayerNorm({h.view, L.ln2_gamma, L.ln2_beta, a.view, 1e-5f}));
       ffn_in = &a.view;
     }
-    FERRY_RETURN_IF_ERROR(b.Linear({*ffn_in, L.fc1.view, L.fc1_bias.view, ffn.view, true}));
-    FERRY_RETURN_IF_ERROR(b.Linear({ffn.view, L.fc2.view, L.fc2_bias.view, q.view, false}));
+    FERRY_RETURN_IF_ERROR(b.Linear({*ffn_in, L.m[4], L.bias[4], ffn.view, true}));
+    FERRY_RETURN_IF_ERROR(b.Linear({ffn.view, L.m[5], L.bias[5], q.view, false}));
+    FERRY_RETURN_IF_ERROR(ReleaseLayer(l));
     FERRY_RETURN_IF_ERROR(b.Add(h.view, q.view, h.view));
     if (!c.layer_norm_before) {
-      FERRY_RETURN_IF_ERROR(b.LayerNorm({h.view, L.ln2_gamma.view, L.ln2_beta.view, h.view, 1e-5f}));
+      FERRY_RETURN_IF_ERROR(b.LayerNorm({h.view, L.ln2_gamma, L.ln2_beta, h.view, 1e-5f}));
     }
   }
   logits->assign(static_cast<size_t>(r) * c.vocab_size, 0.0f);

@@ -5,6 +5,7 @@
 // project_out, tied or explicit lm_head.
 #pragma once
 
+#include <array>
 #include <memory>
 #include <string>
 #include <vector>
@@ -13,6 +14,8 @@
 #include "engine/opt_config.h"
 #include "io/tensor_source.h"
 #include "kernels/backend.h"
+#include "offload/layer_streamer.h"
+#include "offload/policy.h"
 
 namespace ferry::engine {
 
@@ -27,6 +30,16 @@ struct OptLayerWeights {
   Weight q, q_bias, k, k_bias, v, v_bias, out, out_bias;
   Weight ln2_gamma, ln2_beta;  // final_layer_norm (of the layer)
   Weight fc1, fc1_bias, fc2, fc2_bias;
+};
+
+// Offloaded execution: the layer matrices stay in the store and stream through device memory per
+// the split; everything else (embeddings, LayerNorm parameters, biases) is resident.
+struct OffloadOptions {
+  offload::WeightSplit split;
+  uint64_t device_budget = 0;         // bytes; 0: none
+  uint64_t host_budget = 0;           // pinned bytes; 0: none
+  uint64_t reserve_device_bytes = 0;  // KV cache and activations the caller will allocate
+  offload::StreamerOptions streamer;
 };
 
 // Per-layer K and V: [rows, max_len, hidden] fp32 in backend memory.
@@ -62,11 +75,24 @@ class OptModel {
   // Bytes of weights held in backend memory.
   size_t weight_bytes() const { return weight_bytes_; }
 
+  // DIR must be a ferry store. The plan is checked against the budgets before anything is
+  // allocated.
+  static absl::StatusOr<std::unique_ptr<OptModel>> LoadOffloaded(const std::string& store_dir, kernels::Backend* backend,
+                                                                 const OffloadOptions& options);
+  // The streaming pipeline of an offloaded model (nullptr when fully resident).
+  const offload::LayerStreamer* streamer() const { return streamer_.get(); }
+  const offload::Plan& plan() const { return plan_; }
+
   // Runs the batch; writes logits [logit_rows.size(), vocab] fp32 to host memory `logits`.
   absl::Status Forward(const ForwardBatch& batch, KvCache& cache, std::vector<float>* logits) const;
 
  private:
   OptModel() = default;
+  struct LayerViews;
+  absl::Status LoadGlobals(const io::TensorSource& src, const std::string& prefix);
+  absl::Status LoadLayerVectors(const io::TensorSource& src, const std::string& p, OptLayerWeights* L);
+  absl::StatusOr<LayerViews> Views(int layer) const;
+  absl::Status ReleaseLayer(int layer) const;
   absl::StatusOr<Weight> LoadTensor(const io::TensorSource& ckpt, const std::string& name,
                                     const std::vector<int64_t>& shape, bool as_f32);
   absl::StatusOr<Weight> Alloc(DType dtype, std::initializer_list<int64_t> shape) const;
@@ -78,6 +104,11 @@ class OptModel {
   Weight project_in_, project_out_, lm_head_;
   bool has_lm_head_ = false;
   std::vector<OptLayerWeights> layers_;
+  // Offloaded: byte offsets of q, k, v, out, fc1, fc2 within each layer's block, and the pipeline.
+  std::vector<std::array<uint64_t, 6>> matrix_offsets_;
+  DType matrix_dtype_ = DType::kF16;
+  offload::Plan plan_;
+  std::unique_ptr<offload::LayerStreamer> streamer_;
 };
 
 }  // namespace ferry::engine

@@ -6,7 +6,8 @@ namespace ferry::kernels {
 
 DeviceBuffer::~DeviceBuffer() { Release(); }
 
-DeviceBuffer::DeviceBuffer(DeviceBuffer&& o) noexcept : owner_(o.owner_), data_(o.data_), bytes_(o.bytes_) {
+DeviceBuffer::DeviceBuffer(DeviceBuffer&& o) noexcept
+    : owner_(o.owner_), data_(o.data_), bytes_(o.bytes_), host_(o.host_) {
   o.owner_ = nullptr;
   o.data_ = nullptr;
   o.bytes_ = 0;
@@ -18,6 +19,7 @@ DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& o) noexcept {
     owner_ = o.owner_;
     data_ = o.data_;
     bytes_ = o.bytes_;
+    host_ = o.host_;
     o.owner_ = nullptr;
     o.data_ = nullptr;
     o.bytes_ = 0;
@@ -26,7 +28,7 @@ DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& o) noexcept {
 }
 
 void DeviceBuffer::Release() {
-  if (owner_ != nullptr && data_ != nullptr) owner_->Free(data_, bytes_);
+  if (owner_ != nullptr && data_ != nullptr) owner_->Free(data_, bytes_, host_);
   owner_ = nullptr;
   data_ = nullptr;
   bytes_ = 0;

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstddef>
+#include <memory>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -14,11 +15,13 @@ namespace ferry::kernels {
 
 class Backend;
 
-// Memory owned by a backend; freed through it. Move-only.
+// Memory owned by a backend (device memory, or host staging memory when `host`); freed through
+// it. Move-only.
 class DeviceBuffer {
  public:
   DeviceBuffer() = default;
-  DeviceBuffer(Backend* owner, void* data, size_t bytes) : owner_(owner), data_(data), bytes_(bytes) {}
+  DeviceBuffer(Backend* owner, void* data, size_t bytes, bool host = false)
+      : owner_(owner), data_(data), bytes_(bytes), host_(host) {}
   ~DeviceBuffer();
   DeviceBuffer(DeviceBuffer&& o) noexcept;
   DeviceBuffer& operator=(DeviceBuffer&& o) noexcept;
@@ -33,6 +36,15 @@ class DeviceBuffer {
   Backend* owner_ = nullptr;
   void* data_ = nullptr;
   size_t bytes_ = 0;
+  bool host_ = false;
+};
+
+// A point in a backend's compute queue: Wait() blocks the calling thread until all work queued
+// before the fence was recorded has finished.
+class Fence {
+ public:
+  virtual ~Fence() = default;
+  virtual absl::Status Wait() = 0;
 };
 
 struct GatherRowsArgs {
@@ -93,6 +105,15 @@ class Backend {
   // Waits for all work queued on this backend.
   virtual absl::Status Synchronize() = 0;
 
+  // Host memory for staging transfers (page-locked on CUDA, so copies run at link speed), counted
+  // against the backend's host budget.
+  virtual absl::StatusOr<DeviceBuffer> AllocateHost(size_t bytes) = 0;
+  // Copies on the transfer queue, callable from another thread: they return when the copy is
+  // done and do not wait for queued compute work (CUDA: a second stream).
+  virtual absl::Status TransferToDevice(void* dst, const void* src, size_t bytes) = 0;
+  virtual absl::Status TransferWithinDevice(void* dst, const void* src, size_t bytes) = 0;
+  virtual absl::StatusOr<std::unique_ptr<Fence>> RecordFence() = 0;
+
   virtual absl::Status GatherRows(const GatherRowsArgs& args) = 0;
   virtual absl::Status LayerNorm(const LayerNormArgs& args) = 0;
   virtual absl::Status Linear(const LinearArgs& args) = 0;
@@ -103,7 +124,7 @@ class Backend {
 
  protected:
   friend class DeviceBuffer;
-  virtual void Free(void* data, size_t bytes) = 0;
+  virtual void Free(void* data, size_t bytes, bool host) = 0;
 };
 
 // Shape and dtype checks shared by every backend, so that each reports bad arguments alike.

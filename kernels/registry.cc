@@ -25,10 +25,12 @@ int CudaDeviceCount() {
 }
 
 absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(const BackendOptions& options) {
-  if (options.name == "cpu") return std::unique_ptr<Backend>(new CpuBackend());
+  if (options.name == "cpu") {
+    return std::unique_ptr<Backend>(new CpuBackend(CpuBackendOptions{options.memory_budget_bytes, options.host_budget_bytes}));
+  }
   if (options.name == "cuda") {
 #ifdef FERRY_HAVE_CUDA
-    auto b = cuda::CudaBackend::Create({options.device, options.memory_budget_bytes});
+    auto b = cuda::CudaBackend::Create({options.device, options.memory_budget_bytes, options.host_budget_bytes});
     if (!b.ok()) return b.status();
     return std::unique_ptr<Backend>(std::move(*b));
 #else

@@ -13,7 +13,8 @@ namespace ferry::kernels {
 struct BackendOptions {
   std::string name = "cpu";
   int device = 0;                  // cuda: which GPU
-  size_t memory_budget_bytes = 0;  // cuda: 0 means no budget
+  size_t memory_budget_bytes = 0;  // device memory (the CPU standing in for one: its heap); 0: none
+  size_t host_budget_bytes = 0;    // pinned/staging host memory; 0: none
 };
 
 absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(const BackendOptions& options);

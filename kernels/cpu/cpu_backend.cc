@@ -28,23 +28,59 @@ absl::Status CheckIds(const char* op, const char* what, const TensorView& ids, i
 
 }  // namespace
 
+class DoneFence final : public Fence {
+ public:
+  absl::Status Wait() override { return absl::OkStatus(); }
+};
+
 CpuBackend::CpuBackend() : pool_(&ThreadPool::Default()) {}
 
-absl::StatusOr<DeviceBuffer> CpuBackend::Allocate(size_t bytes) {
-  const size_t rounded = (bytes + kAlignment - 1) / kAlignment * kAlignment;
-  void* p = std::aligned_alloc(kAlignment, rounded == 0 ? kAlignment : rounded);
-  if (p == nullptr) return absl::ResourceExhaustedError(absl::StrCat("cpu: cannot allocate ", bytes, " bytes"));
-  const size_t now = allocated_.fetch_add(bytes) + bytes;
-  size_t peak = peak_.load();
-  while (now > peak && !peak_.compare_exchange_weak(peak, now)) {
-  }
-  return DeviceBuffer(this, p, bytes);
+CpuBackend::CpuBackend(const CpuBackendOptions& options) : pool_(&ThreadPool::Default()) {
+  device_.budget = options.device_budget_bytes;
+  host_.budget = options.host_budget_bytes;
 }
 
-void CpuBackend::Free(void* data, size_t bytes) {
-  std::free(data);
-  allocated_.fetch_sub(bytes);
+absl::StatusOr<DeviceBuffer> CpuBackend::AllocateIn(Pool& pool, size_t bytes, bool host) {
+  size_t now = pool.allocated.fetch_add(bytes) + bytes;
+  if (pool.budget > 0 && now > pool.budget) {
+    pool.allocated.fetch_sub(bytes);
+    return absl::ResourceExhaustedError(absl::StrCat("cpu backend: allocating ", bytes, " bytes of ", host ? "host" : "device",
+                                                     " memory would exceed the budget of ", pool.budget, " (",
+                                                     now - bytes, " in use)"));
+  }
+  // 4 KiB alignment: staging buffers take O_DIRECT reads.
+  const size_t align = host ? 4096 : kAlignment;
+  const size_t rounded = (bytes + align - 1) / align * align;
+  void* p = std::aligned_alloc(align, rounded == 0 ? align : rounded);
+  if (p == nullptr) {
+    pool.allocated.fetch_sub(bytes);
+    return absl::ResourceExhaustedError(absl::StrCat("cpu: cannot allocate ", bytes, " bytes"));
+  }
+  size_t peak = pool.peak.load();
+  while (now > peak && !pool.peak.compare_exchange_weak(peak, now)) {
+  }
+  return DeviceBuffer(this, p, bytes, host);
 }
+
+absl::StatusOr<DeviceBuffer> CpuBackend::Allocate(size_t bytes) { return AllocateIn(device_, bytes, false); }
+absl::StatusOr<DeviceBuffer> CpuBackend::AllocateHost(size_t bytes) { return AllocateIn(host_, bytes, true); }
+
+void CpuBackend::Free(void* data, size_t bytes, bool host) {
+  std::free(data);
+  (host ? host_ : device_).allocated.fetch_sub(bytes);
+}
+
+absl::Status CpuBackend::TransferToDevice(void* dst, const void* src, size_t bytes) {
+  std::memcpy(dst, src, bytes);
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::TransferWithinDevice(void* dst, const void* src, size_t bytes) {
+  std::memcpy(dst, src, bytes);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<Fence>> CpuBackend::RecordFence() { return std::unique_ptr<Fence>(new DoneFence()); }
 
 absl::Status CpuBackend::CopyToDevice(void* dst, const void* src, size_t bytes) {
   std::memcpy(dst, src, bytes);

@@ -14,9 +14,17 @@ class ThreadPool;
 
 namespace ferry::kernels {
 
+struct CpuBackendOptions {
+  // Budgets for the CPU standing in for a GPU: "device" allocations and host staging
+  // allocations; 0 means none. Allocations past a budget are kResourceExhausted.
+  size_t device_budget_bytes = 0;
+  size_t host_budget_bytes = 0;
+};
+
 class CpuBackend final : public Backend {
  public:
   CpuBackend();
+  explicit CpuBackend(const CpuBackendOptions& options);
   explicit CpuBackend(ThreadPool* pool) : pool_(pool) {}
 
   Device device() const override { return Device::kCpu; }
@@ -26,6 +34,11 @@ class CpuBackend final : public Backend {
   absl::Status CopyToDevice(void* dst, const void* src, size_t bytes) override;
   absl::Status CopyToHost(void* dst, const void* src, size_t bytes) override;
   absl::Status Synchronize() override { return absl::OkStatus(); }
+  absl::StatusOr<DeviceBuffer> AllocateHost(size_t bytes) override;
+  absl::Status TransferToDevice(void* dst, const void* src, size_t bytes) override;
+  absl::Status TransferWithinDevice(void* dst, const void* src, size_t bytes) override;
+  // Ops run synchronously: every fence is already passed.
+  absl::StatusOr<std::unique_ptr<Fence>> RecordFence() override;
 
   absl::Status GatherRows(const GatherRowsArgs& args) override;
   absl::Status LayerNorm(const LayerNormArgs& args) override;
@@ -34,16 +47,24 @@ class CpuBackend final : public Backend {
   absl::Status KvWrite(const KvWriteArgs& args) override;
   absl::Status Attention(const AttentionArgs& args) override;
 
-  size_t allocated_bytes() const { return allocated_.load(); }
-  size_t peak_allocated_bytes() const { return peak_.load(); }
+  size_t allocated_bytes() const { return device_.allocated.load(); }
+  size_t peak_allocated_bytes() const { return device_.peak.load(); }
+  size_t host_allocated_bytes() const { return host_.allocated.load(); }
+  size_t peak_host_allocated_bytes() const { return host_.peak.load(); }
 
  protected:
-  void Free(void* data, size_t bytes) override;
+  void Free(void* data, size_t bytes, bool host) override;
 
  private:
+  struct Pool {
+    std::atomic<size_t> allocated{0};
+    std::atomic<size_t> peak{0};
+    size_t budget = 0;
+  };
+  absl::StatusOr<DeviceBuffer> AllocateIn(Pool& pool, size_t bytes, bool host);
+
   ThreadPool* pool_;
-  std::atomic<size_t> allocated_{0};
-  std::atomic<size_t> peak_{0};
+  Pool device_, host_;
 };
 
 // The kernels themselves, usable without a backend object (benchmarks, other backends' tests).

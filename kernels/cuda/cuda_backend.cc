@@ -43,6 +43,7 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(const CudaBacke
   b->options_ = options;
   FERRY_CUDA_RETURN_IF_ERROR(cudaSetDevice(options.device));
   FERRY_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&b->stream_, cudaStreamNonBlocking));
+  FERRY_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&b->transfer_stream_, cudaStreamNonBlocking));
   FERRY_CUBLAS_RETURN_IF_ERROR(cublasCreate(&b->cublas_));
   FERRY_CUBLAS_RETURN_IF_ERROR(cublasSetStream(b->cublas_, b->stream_));
   return b;
@@ -53,23 +54,83 @@ CudaBackend::~CudaBackend() {
   if (stream_ != nullptr) cudaStreamSynchronize(stream_);
   if (cublas_ != nullptr) cublasDestroy(cublas_);
   if (stream_ != nullptr) cudaStreamDestroy(stream_);
+  if (transfer_stream_ != nullptr) {
+    cudaStreamSynchronize(transfer_stream_);
+    cudaStreamDestroy(transfer_stream_);
+  }
 }
 
 absl::StatusOr<DeviceBuffer> CudaBackend::Allocate(size_t bytes) {
   if (options_.memory_budget_bytes > 0 && allocated_ + bytes > options_.memory_budget_bytes) {
     return absl::ResourceExhaustedError(absl::StrCat("cuda backend: allocating ", bytes, " bytes would exceed the budget of ",
-                                                     options_.memory_budget_bytes, " (", allocated_, " in use)"));
+                                                     options_.memory_budget_bytes, " (", allocated_.load(), " in use)"));
   }
   void* p = nullptr;
   FERRY_CUDA_RETURN_IF_ERROR(cudaMallocAsync(&p, bytes == 0 ? 1 : bytes, stream_));
-  allocated_ += bytes;
-  peak_ = std::max(peak_, allocated_);
+  const size_t now = allocated_ += bytes;
+  size_t peak = peak_.load();
+  while (now > peak && !peak_.compare_exchange_weak(peak, now)) {
+  }
   return DeviceBuffer(this, p, bytes);
 }
 
-void CudaBackend::Free(void* data, size_t bytes) {
+absl::StatusOr<DeviceBuffer> CudaBackend::AllocateHost(size_t bytes) {
+  if (options_.host_budget_bytes > 0 && host_allocated_ + bytes > options_.host_budget_bytes) {
+    return absl::ResourceExhaustedError(absl::StrCat("cuda backend: pinning ", bytes, " bytes would exceed the host budget of ",
+                                                     options_.host_budget_bytes));
+  }
+  void* p = nullptr;
+  FERRY_CUDA_RETURN_IF_ERROR(cudaHostAlloc(&p, bytes == 0 ? 1 : bytes, cudaHostAllocDefault));
+  host_allocated_ += bytes;
+  return DeviceBuffer(this, p, bytes, /*host=*/true);
+}
+
+void CudaBackend::Free(void* data, size_t bytes, bool host) {
+  if (host) {
+    cudaStreamSynchronize(transfer_stream_);
+    cudaFreeHost(data);
+    host_allocated_ -= bytes;
+    return;
+  }
   cudaFreeAsync(data, stream_);  // stream-ordered: after every queued use
   allocated_ -= bytes;
+}
+
+absl::Status CudaBackend::TransferToDevice(void* dst, const void* src, size_t bytes) {
+  FERRY_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, transfer_stream_));
+  FERRY_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(transfer_stream_));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::TransferWithinDevice(void* dst, const void* src, size_t bytes) {
+  FERRY_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, transfer_stream_));
+  FERRY_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(transfer_stream_));
+  return absl::OkStatus();
+}
+
+namespace {
+
+class CudaFence final : public Fence {
+ public:
+  explicit CudaFence(cudaEvent_t e) : event_(e) {}
+  ~CudaFence() override { cudaEventDestroy(event_); }
+  absl::Status Wait() override {
+    FERRY_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(event_));
+    return absl::OkStatus();
+  }
+
+ private:
+  cudaEvent_t event_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Fence>> CudaBackend::RecordFence() {
+  cudaEvent_t e;
+  FERRY_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+  auto fence = std::make_unique<CudaFence>(e);
+  FERRY_CUDA_RETURN_IF_ERROR(cudaEventRecord(e, stream_));
+  return std::unique_ptr<Fence>(std::move(fence));
 }
 
 absl::Status CudaBackend::CopyToDevice(void* dst, const void* src, size_t bytes) {

@@ -7,6 +7,7 @@
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <memory>
 
 #include "kernels/backend.h"
@@ -16,6 +17,7 @@ namespace ferry::kernels::cuda {
 struct CudaBackendOptions {
   int device = 0;
   size_t memory_budget_bytes = 0;  // 0: no budget beyond the card's memory
+  size_t host_budget_bytes = 0;    // pinned host memory; 0: no budget
 };
 
 // Number of visible CUDA devices (0 where there is no driver or no GPU).
@@ -33,6 +35,10 @@ class CudaBackend final : public Backend {
   absl::Status CopyToDevice(void* dst, const void* src, size_t bytes) override;
   absl::Status CopyToHost(void* dst, const void* src, size_t bytes) override;
   absl::Status Synchronize() override;
+  absl::StatusOr<DeviceBuffer> AllocateHost(size_t bytes) override;
+  absl::Status TransferToDevice(void* dst, const void* src, size_t bytes) override;
+  absl::Status TransferWithinDevice(void* dst, const void* src, size_t bytes) override;
+  absl::StatusOr<std::unique_ptr<Fence>> RecordFence() override;
 
   absl::Status GatherRows(const GatherRowsArgs& args) override;
   absl::Status LayerNorm(const LayerNormArgs& args) override;
@@ -46,7 +52,7 @@ class CudaBackend final : public Backend {
   size_t peak_allocated_bytes() const { return peak_; }
 
  protected:
-  void Free(void* data, size_t bytes) override;
+  void Free(void* data, size_t bytes, bool host) override;
 
  private:
   CudaBackend() = default;
@@ -54,9 +60,9 @@ class CudaBackend final : public Backend {
 
   CudaBackendOptions options_;
   cudaStream_t stream_ = nullptr;
+  cudaStream_t transfer_stream_ = nullptr;  // used by the transfer thread only
   cublasHandle_t cublas_ = nullptr;
-  size_t allocated_ = 0;
-  size_t peak_ = 0;
+  std::atomic<size_t> allocated_{0}, peak_{0}, host_allocated_{0};
   DeviceBuffer scratch_;  // activations converted for GEMM
 };
 

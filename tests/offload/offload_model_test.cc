@@ -1,0 +1,142 @@
+// Offloaded execution on the CPU standing in for the GPU: for every weight placement the logits
+// are bitwise those of the fully resident model, budgets hold, policies that cannot fit are
+// refused before allocating, and disk faults come back as errors.
+#include <cerrno>
+
+#include "engine/generator.h"
+#include "engine/opt_model.h"
+#include "gtest/gtest.h"
+#include "io/store.h"
+#include "kernels/cpu/cpu_backend.h"
+#include "test_util.h"
+
+namespace ferry::engine {
+namespace {
+
+class OffloadModelTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    store_dir_ = new ferry::testing::TempDir();
+    ASSERT_TRUE(io::ConvertToStore(ferry::testing::ModelDir(), store_dir_->path()).ok());
+  }
+  static void TearDownTestSuite() { delete store_dir_; }
+
+  // Logits of a prefill of two prompts, then three decode steps, all positions kept.
+  static std::vector<float> Run(const OptModel& m, kernels::Backend& b) {
+    auto cache = KvCache::Create(b, m.config(), 2, 16);
+    EXPECT_TRUE(cache.ok());
+    std::vector<float> all, logits;
+    ForwardBatch pre{{2, 1248, 262, 2732, 2, 1777, 554}, {0, 0, 0, 0, 1, 1, 1}, {0, 1, 2, 3, 0, 1, 2}, {0, 1, 2, 3, 4, 5, 6}};
+    EXPECT_TRUE(m.Forward(pre, *cache, &logits).ok());
+    all.insert(all.end(), logits.begin(), logits.end());
+    for (int step = 0; step < 3; ++step) {
+      ForwardBatch dec{{406 + step, 342 + step}, {0, 1}, {4 + step, 3 + step}, {0, 1}};
+      const absl::Status s = m.Forward(dec, *cache, &logits);
+      EXPECT_TRUE(s.ok()) << s;
+      all.insert(all.end(), logits.begin(), logits.end());
+    }
+    return all;
+  }
+
+  static ferry::testing::TempDir* store_dir_;
+};
+ferry::testing::TempDir* OffloadModelTest::store_dir_ = nullptr;
+
+TEST_F(OffloadModelTest, EveryPlacementGivesBitIdenticalLogits) {
+  kernels::CpuBackend resident_backend;
+  auto resident = OptModel::Load(ferry::testing::ModelDir(), &resident_backend);
+  ASSERT_TRUE(resident.ok());
+  const std::vector<float> expected = Run(**resident, resident_backend);
+  for (const offload::WeightSplit split : {offload::WeightSplit{100, 0, 0}, offload::WeightSplit{0, 100, 0},
+                                          offload::WeightSplit{0, 0, 100}, offload::WeightSplit{30, 30, 40},
+                                          offload::WeightSplit{0, 50, 50}, offload::WeightSplit{67, 0, 33}}) {
+    kernels::CpuBackend backend;
+    OffloadOptions o;
+    o.split = split;
+    o.streamer.uring.block_bytes = 64 << 10;
+    auto m = OptModel::LoadOffloaded(store_dir_->path(), &backend, o);
+    ASSERT_TRUE(m.ok()) << m.status();
+    EXPECT_EQ(Run(**m, backend), expected) << split.gpu << "," << split.cpu << "," << split.disk;
+    const auto* streamer = (*m)->streamer();
+    const uint64_t passes = 4;  // forward calls
+    uint64_t disk = 0, h2d = 0;
+    for (const auto& l : (*m)->plan().layers) {
+      disk += l.streamed() ? l.disk_bytes() : 0;
+      h2d += l.streamed() ? l.cpu_bytes() + l.disk_bytes() : 0;
+    }
+    // Every pass moved each streamed layer once (the pipeline may already prefetch the next pass).
+    EXPECT_GE(streamer->stats().disk_bytes, passes * disk);
+    EXPECT_GE(streamer->stats().h2d_bytes, passes * h2d);
+  }
+}
+
+TEST_F(OffloadModelTest, GreedyGenerationIsTheSame) {
+  kernels::CpuBackend a, b;
+  auto resident = OptModel::Load(ferry::testing::ModelDir(), &a);
+  OffloadOptions o;
+  o.split = {10, 20, 70};
+  auto off = OptModel::LoadOffloaded(store_dir_->path(), &b, o);
+  ASSERT_TRUE(off.ok()) << off.status();
+  GenerateOptions g;
+  g.max_new_tokens = 12;
+  std::vector<GenerationRequest> reqs = {{{2, 1248, 262, 2732, 406, 4156}, 0}, {{2, 1777, 554}, 1}};
+  auto x = Generate(**resident, reqs, g);
+  auto y = Generate(**off, reqs, g);
+  ASSERT_TRUE(x.ok() && y.ok()) << y.status();
+  for (size_t i = 0; i < reqs.size(); ++i) EXPECT_EQ((*x)[i].tokens, (*y)[i].tokens);
+}
+
+TEST_F(OffloadModelTest, BudgetsHoldAndTooSmallBudgetsAreRefusedBeforeAllocating) {
+  // Budgets that fit: the backend never goes past them.
+  const uint64_t device_budget = 14 << 20, host_budget = 6 << 20;
+  kernels::CpuBackend backend(kernels::CpuBackendOptions{device_budget, host_budget});
+  OffloadOptions o;
+  o.split = {20, 40, 40};
+  o.device_budget = device_budget;
+  o.host_budget = host_budget;
+  o.reserve_device_bytes = 2 << 20;  // KV cache + activations of Run()
+  auto m = OptModel::LoadOffloaded(store_dir_->path(), &backend, o);
+  ASSERT_TRUE(m.ok()) << m.status();
+  Run(**m, backend);
+  EXPECT_LE(backend.peak_allocated_bytes(), device_budget);
+  EXPECT_LE(backend.peak_host_allocated_bytes(), host_budget);
+  EXPECT_LE((*m)->plan().device_bytes, device_budget);
+
+  // Too small: refused by the plan, with nothing allocated.
+  kernels::CpuBackend small(kernels::CpuBackendOptions{1 << 20, 0});
+  o.device_budget = 1 << 20;
+  o.split = {100, 0, 0};
+  auto refused = OptModel::LoadOffloaded(store_dir_->path(), &small, o);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(refused.status().message().find("over by"), std::string::npos) << refused.status();
+  EXPECT_EQ(small.peak_allocated_bytes(), 0u);
+  EXPECT_EQ(small.peak_host_allocated_bytes(), 0u);
+}
+
+TEST_F(OffloadModelTest, DiskErrorsAreReportedNotCrashedOn) {
+  kernels::CpuBackend backend;
+  OffloadOptions o;
+  o.split = {0, 0, 100};
+  int reads = 0;
+  o.streamer.uring.fault_hook = [&reads](int res, size_t) { return ++reads > 20 ? -EIO : res; };
+  o.streamer.uring.block_bytes = 64 << 10;
+  auto m = OptModel::LoadOffloaded(store_dir_->path(), &backend, o);
+  ASSERT_TRUE(m.ok()) << m.status();
+  auto cache = KvCache::Create(backend, (*m)->config(), 1, 8);
+  std::vector<float> logits;
+  absl::Status s;
+  for (int i = 0; i < 20 && s.ok(); ++i) {
+    s = (*m)->Forward({{2, 5, 6}, {0, 0, 0}, {0, 1, 2}, {2}}, *cache, &logits);
+  }
+  EXPECT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("from disk"), std::string::npos) << s;
+}
+
+TEST_F(OffloadModelTest, OffloadingNeedsAStore) {
+  kernels::CpuBackend backend;
+  EXPECT_EQ(OptModel::LoadOffloaded(ferry::testing::ModelDir(), &backend, {}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace ferry::engine
