@@ -19,7 +19,8 @@
     if (!ferry_status_.ok()) return ferry_status_; \
   } while (0)
 
-// `FERRY_ASSIGN_OR_RETURN(auto x, Fn());` assigns the value or returns the error.
+// `FERRY_ASSIGN_OR_RETURN(auto x, Fn());` assigns the value or returns the error. It expands to
+// several statements: inside an if or a loop, use braces.
 #define FERRY_ASSIGN_OR_RETURN(lhs, expr) \
   FERRY_ASSIGN_OR_RETURN_IMPL_(FERRY_CONCAT_(ferry_statusor_, __LINE__), lhs, expr)
 #define FERRY_ASSIGN_OR_RETURN_IMPL_(tmp, lhs, expr) \

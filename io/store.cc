@@ -73,71 +73,124 @@ int LayerOfTensor(const std::string& name) {
   return (i < name.size() && name[i] == '.') ? layer : -1;
 }
 
-absl::Status ConvertToStore(const std::string& model_dir, const std::string& out_dir, const ConvertOptions& options) {
-  FERRY_ASSIGN_OR_RETURN(Checkpoint ckpt, Checkpoint::Open(model_dir));
-  if (!PathExists(model_dir + "/config.json")) return absl::NotFoundError(absl::StrCat("no config.json in ", model_dir));
-  if (::mkdir(out_dir.c_str(), 0755) != 0 && errno != EEXIST) return absl::ErrnoToStatus(errno, absl::StrCat("mkdir ", out_dir));
-  // Layout: non-layer tensors first, then each layer's tensors together; all 4 KiB-aligned.
-  std::vector<const TensorInfo*> order;
-  for (const std::string& name : ckpt.Names()) order.push_back(ckpt.Find(name));
-  std::stable_sort(order.begin(), order.end(), [](const TensorInfo* a, const TensorInfo* b) {
-    return LayerOfTensor(a->name) < LayerOfTensor(b->name);
-  });
-  json manifest = {{"format", "ferry-store"}, {"version", 1}, {"alignment", kStoreAlignment},
-                   {"data_file", "weights.bin"}, {"tensors", json::array()}, {"layers", json::array()}};
-  uint64_t offset = 0, total = 0;
-  std::vector<uint64_t> offsets;
-  std::map<int, std::pair<uint64_t, uint64_t>> layer_span;  // layer -> [begin, end)
-  for (const TensorInfo* t : order) {
-    offset = AlignUp(offset);
-    offsets.push_back(offset);
-    const int layer = LayerOfTensor(t->name);
-    if (layer >= 0) {
-      auto [it, fresh] = layer_span.try_emplace(layer, offset, offset);
-      it->second.second = AlignUp(offset + t->bytes);
-    }
-    offset += t->bytes;
-    total += t->bytes;
+struct StoreWriter::State {
+  ScopedFd fd;
+  std::string tmp_path;
+  std::vector<XXH3_state_t*> hashes;
+  std::vector<uint64_t> digests;
+  ~State() {
+    for (auto* h : hashes) XXH3_freeState(h);
   }
-  const uint64_t data_bytes = AlignUp(offset);
+};
 
-  const std::string data_path = out_dir + "/weights.bin", tmp_path = data_path + ".tmp";
-  int fd = ::open(tmp_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return absl::ErrnoToStatus(errno, absl::StrCat("create ", tmp_path));
-  ScopedFd guard(fd);
-  if (::ftruncate(fd, static_cast<off_t>(data_bytes)) != 0) return absl::ErrnoToStatus(errno, absl::StrCat("resize ", tmp_path));
-  std::vector<char> chunk(std::max<size_t>(options.chunk_bytes, kStoreAlignment));
-  std::unique_ptr<XXH3_state_t, decltype(&XXH3_freeState)> state(XXH3_createState(), &XXH3_freeState);
-  uint64_t written = 0;
-  for (size_t i = 0; i < order.size(); ++i) {
-    const TensorInfo* t = order[i];
-    XXH3_64bits_reset(state.get());
-    for (uint64_t begin = 0; begin < t->bytes; begin += chunk.size()) {
-      const size_t n = static_cast<size_t>(std::min<uint64_t>(chunk.size(), t->bytes - begin));
-      FERRY_RETURN_IF_ERROR(ckpt.ReadRange(t->name, begin, chunk.data(), n));
-      XXH3_64bits_update(state.get(), chunk.data(), n);
-      FERRY_RETURN_IF_ERROR(WriteAll(fd, chunk.data(), n, offsets[i] + begin, tmp_path));
-      written += n;
-      if (options.progress) options.progress(written, total);
+StoreWriter::StoreWriter() = default;
+StoreWriter::StoreWriter(StoreWriter&&) noexcept = default;
+StoreWriter& StoreWriter::operator=(StoreWriter&&) noexcept = default;
+StoreWriter::~StoreWriter() = default;
+
+absl::StatusOr<StoreWriter> StoreWriter::Create(const std::string& out_dir, std::vector<PlannedTensor> tensors) {
+  if (::mkdir(out_dir.c_str(), 0755) != 0 && errno != EEXIST) return absl::ErrnoToStatus(errno, absl::StrCat("mkdir ", out_dir));
+  StoreWriter w;
+  w.out_dir_ = out_dir;
+  std::stable_sort(tensors.begin(), tensors.end(), [](const PlannedTensor& a, const PlannedTensor& b) {
+    return LayerOfTensor(a.name) < LayerOfTensor(b.name);
+  });
+  w.order_ = std::move(tensors);
+  uint64_t offset = 0;
+  for (const PlannedTensor& t : w.order_) {
+    uint64_t bytes = DTypeSize(t.dtype);
+    for (int64_t d : t.shape) bytes *= static_cast<uint64_t>(d);
+    offset = AlignUp(offset);
+    w.offsets_.push_back(offset);
+    w.bytes_.push_back(bytes);
+    offset += bytes;
+    w.total_ += bytes;
+  }
+  w.written_.assign(w.order_.size(), 0);
+  w.data_bytes_ = AlignUp(offset);
+  w.state_ = std::make_unique<State>();
+  w.state_->tmp_path = out_dir + "/weights.bin.tmp";
+  int fd = ::open(w.state_->tmp_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return absl::ErrnoToStatus(errno, absl::StrCat("create ", w.state_->tmp_path));
+  w.state_->fd = ScopedFd(fd);
+  if (::ftruncate(fd, static_cast<off_t>(w.data_bytes_)) != 0) {
+    return absl::ErrnoToStatus(errno, absl::StrCat("resize ", w.state_->tmp_path));
+  }
+  for (size_t i = 0; i < w.order_.size(); ++i) {
+    w.state_->hashes.push_back(XXH3_createState());
+    XXH3_64bits_reset(w.state_->hashes.back());
+  }
+  return w;
+}
+
+absl::Status StoreWriter::Write(size_t index, const void* data, size_t n) {
+  if (index >= order_.size() || written_[index] + n > bytes_[index]) {
+    return absl::InvalidArgumentError("StoreWriter::Write past the tensor's end");
+  }
+  FERRY_RETURN_IF_ERROR(WriteAll(state_->fd.get(), data, n, offsets_[index] + written_[index], state_->tmp_path));
+  XXH3_64bits_update(state_->hashes[index], data, n);
+  written_[index] += n;
+  return absl::OkStatus();
+}
+
+absl::Status StoreWriter::Finish(const std::map<std::string, std::string>& side_files) {
+  json manifest = {{"format", "ferry-store"}, {"version", 1}, {"alignment", kStoreAlignment},
+                   {"data_file", "weights.bin"}, {"data_bytes", data_bytes_}, {"tensors", json::array()},
+                   {"layers", json::array()}};
+  std::map<int, std::pair<uint64_t, uint64_t>> layer_span;  // layer -> [begin, end)
+  for (size_t i = 0; i < order_.size(); ++i) {
+    const PlannedTensor& t = order_[i];
+    if (written_[i] != bytes_[i]) {
+      return absl::FailedPreconditionError(absl::StrCat("tensor \"", t.name, "\" got ", written_[i], " of ", bytes_[i], " bytes"));
     }
-    json shape = t->shape;
-    manifest["tensors"].push_back({{"name", t->name}, {"dtype", DTypeName(t->dtype)}, {"shape", shape},
-                                   {"offset", offsets[i]}, {"bytes", t->bytes}, {"layout", "row-major"},
-                                   {"layer", LayerOfTensor(t->name)}, {"xxh3", Hex(XXH3_64bits_digest(state.get()))}});
+    const int layer = LayerOfTensor(t.name);
+    if (layer >= 0) {
+      auto [it, fresh] = layer_span.try_emplace(layer, offsets_[i], offsets_[i]);
+      it->second.second = AlignUp(offsets_[i] + bytes_[i]);
+    }
+    json shape = t.shape;
+    manifest["tensors"].push_back({{"name", t.name}, {"dtype", DTypeName(t.dtype)}, {"shape", shape},
+                                   {"offset", offsets_[i]}, {"bytes", bytes_[i]}, {"layout", "row-major"},
+                                   {"layer", layer}, {"xxh3", Hex(XXH3_64bits_digest(state_->hashes[i]))}});
   }
   for (const auto& [layer, span] : layer_span) {
     manifest["layers"].push_back({{"index", layer}, {"offset", span.first}, {"bytes", span.second - span.first}});
   }
-  manifest["data_bytes"] = data_bytes;
-  if (::fsync(fd) != 0) return absl::ErrnoToStatus(errno, absl::StrCat("fsync ", tmp_path));
-  if (::rename(tmp_path.c_str(), data_path.c_str()) != 0) return absl::ErrnoToStatus(errno, "rename weights.bin");
-  for (const char* side : kSideFiles) {
-    const std::string src = model_dir + "/" + side;
-    if (!PathExists(src)) continue;
-    FERRY_ASSIGN_OR_RETURN(std::string text, ReadFileToString(src));
-    FERRY_RETURN_IF_ERROR(WriteFileAtomically(out_dir + "/" + side, text));
+  if (::fsync(state_->fd.get()) != 0) return absl::ErrnoToStatus(errno, absl::StrCat("fsync ", state_->tmp_path));
+  const std::string data_path = out_dir_ + "/weights.bin";
+  if (::rename(state_->tmp_path.c_str(), data_path.c_str()) != 0) return absl::ErrnoToStatus(errno, "rename weights.bin");
+  for (const auto& [name, text] : side_files) FERRY_RETURN_IF_ERROR(WriteFileAtomically(out_dir_ + "/" + name, text));
+  return WriteFileAtomically(out_dir_ + "/manifest.json", manifest.dump(1));
+}
+
+absl::Status ConvertToStore(const std::string& model_dir, const std::string& out_dir, const ConvertOptions& options) {
+  FERRY_ASSIGN_OR_RETURN(Checkpoint ckpt, Checkpoint::Open(model_dir));
+  if (!PathExists(model_dir + "/config.json")) return absl::NotFoundError(absl::StrCat("no config.json in ", model_dir));
+  std::vector<PlannedTensor> planned;
+  for (const std::string& name : ckpt.Names()) {
+    const TensorInfo* t = ckpt.Find(name);
+    planned.push_back({name, t->dtype, t->shape});
   }
-  return WriteFileAtomically(out_dir + "/manifest.json", manifest.dump(1));
+  FERRY_ASSIGN_OR_RETURN(StoreWriter writer, StoreWriter::Create(out_dir, std::move(planned)));
+  std::vector<char> chunk(std::max<size_t>(options.chunk_bytes, kStoreAlignment));
+  uint64_t done = 0;
+  for (size_t i = 0; i < writer.order().size(); ++i) {
+    const TensorInfo* t = ckpt.Find(writer.order()[i].name);
+    for (uint64_t begin = 0; begin < t->bytes; begin += chunk.size()) {
+      const size_t n = static_cast<size_t>(std::min<uint64_t>(chunk.size(), t->bytes - begin));
+      FERRY_RETURN_IF_ERROR(ckpt.ReadRange(t->name, begin, chunk.data(), n));
+      FERRY_RETURN_IF_ERROR(writer.Write(i, chunk.data(), n));
+      done += n;
+      if (options.progress) options.progress(done, writer.total_bytes());
+    }
+  }
+  std::map<std::string, std::string> side;
+  for (const char* name : kSideFiles) {
+    const std::string src = model_dir + "/" + name;
+    if (!PathExists(src)) continue;
+    FERRY_ASSIGN_OR_RETURN(side[name], ReadFileToString(src));
+  }
+  return writer.Finish(side);
 }
 
 absl::StatusOr<Store> Store::Open(const std::string& dir) {

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -59,6 +60,39 @@ class Store final : public TensorSource {
   uint64_t data_bytes_ = 0;
   std::map<std::string, StoreTensor> tensors_;
   std::vector<StoreLayer> layers_;
+};
+
+struct PlannedTensor {
+  std::string name;
+  DType dtype = DType::kF16;
+  std::vector<int64_t> shape;
+};
+
+// Writes a store: the layout (non-layer tensors first, then each layer's, 4 KiB-aligned) is fixed
+// at Create; tensors are then written in order(), each in one or more chunks, and Finish writes
+// the side files and, last, the manifest.
+class StoreWriter {
+ public:
+  static absl::StatusOr<StoreWriter> Create(const std::string& out_dir, std::vector<PlannedTensor> tensors);
+  StoreWriter(StoreWriter&&) noexcept;
+  StoreWriter& operator=(StoreWriter&&) noexcept;
+  ~StoreWriter();
+
+  const std::vector<PlannedTensor>& order() const { return order_; }
+  uint64_t total_bytes() const { return total_; }
+  // Appends the next `n` bytes of tensor `order()[index]`.
+  absl::Status Write(size_t index, const void* data, size_t n);
+  // side_files: file name -> contents (config.json, tokenizer files, ...).
+  absl::Status Finish(const std::map<std::string, std::string>& side_files);
+
+ private:
+  StoreWriter();
+  struct State;
+  std::string out_dir_;
+  std::vector<PlannedTensor> order_;
+  std::vector<uint64_t> offsets_, bytes_, written_;
+  uint64_t total_ = 0, data_bytes_ = 0;
+  std::unique_ptr<State> state_;
 };
 
 struct ConvertOptions {

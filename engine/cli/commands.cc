@@ -288,6 +288,8 @@ void RegisterCommands(CLI::App& app, Runner* selected) {
   c->add_flag("--quiet,-q", convf.quiet, "No progress on stderr");
   c->callback([selected] { *selected = [] { return RunConvert(convf); }; });
 
+  RegisterBenchCommand(app, selected);
+
   static VerifyFlags verf;
   CLI::App* v = app.add_subcommand("verify", "Check every checksum of a ferry store");
   v->add_option("--store", verf.store, "Store directory")->required();

@@ -16,6 +16,9 @@ using Runner = std::function<absl::Status()>;
 // Registers `generate`, `tokenize` and `ppl`; `selected` is set to the chosen command's runner.
 void RegisterCommands(CLI::App& app, Runner* selected);
 
+// `bench` (bench_command.cc).
+void RegisterBenchCommand(CLI::App& app, Runner* selected);
+
 // --model's default: $FERRY_MODEL, else the embedded tiny-opt.
 std::string DefaultModelDir();
 

@@ -1,0 +1,219 @@
+#include "engine/bench.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <cstdio>
+#include <random>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "base/status.h"
+#include "engine/opt_model.h"
+#include "io/store.h"
+
+namespace ferry::engine {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double Seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
+
+// Host -> device bandwidth through the transfer queue (pinned source), bytes/s.
+absl::StatusOr<double> ProbeH2D(kernels::Backend& b, size_t bytes) {
+  FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer host, b.AllocateHost(bytes));
+  FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer dev, b.Allocate(bytes));
+  std::memset(host.data(), 1, bytes);
+  FERRY_RETURN_IF_ERROR(b.TransferToDevice(dev.data(), host.data(), bytes));  // warm-up
+  const int reps = 4;
+  const auto t0 = Clock::now();
+  for (int i = 0; i < reps; ++i) FERRY_RETURN_IF_ERROR(b.TransferToDevice(dev.data(), host.data(), bytes));
+  return reps * static_cast<double>(bytes) / Seconds(t0, Clock::now());
+}
+
+// O_DIRECT read bandwidth of the store's data file, bytes/s.
+absl::StatusOr<double> ProbeDisk(kernels::Backend& b, const io::Store& store, const io::UringOptions& uo_in, uint64_t max_bytes) {
+  const uint64_t data = store.data_bytes() / 4096 * 4096;
+  const size_t chunk = static_cast<size_t>(std::min<uint64_t>(16 << 20, data));
+  if (chunk == 0) return 0.0;
+  FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer host, b.AllocateHost(chunk));
+  io::UringOptions uo = uo_in;
+  uo.registered = {{host.data(), chunk}};
+  FERRY_ASSIGN_OR_RETURN(io::ReadFile file, io::ReadFile::Open(store.data_path(), true));
+  auto reader = io::UringReader::Create(uo);
+  if (!reader.ok()) {
+    uo.registered.clear();
+    reader = io::UringReader::Create(uo);
+  }
+  if (!reader.ok()) return reader.status();
+  // At least 256 MiB in all: a small store is read several times (O_DIRECT: never from the cache).
+  const uint64_t span = std::min<uint64_t>(max_bytes, data / chunk * chunk);
+  const int passes = static_cast<int>(std::clamp<uint64_t>((256ull << 20) / span, 1, 64));
+  const auto t0 = Clock::now();
+  for (int p = 0; p < passes; ++p) {
+    for (uint64_t off = 0; off < span; off += chunk) FERRY_RETURN_IF_ERROR((*reader)->Read(file, off, host.data(), chunk));
+  }
+  return static_cast<double>(span) * passes / Seconds(t0, Clock::now());
+}
+
+uint64_t WorkspaceBytes(const OptConfig& c, int64_t n, int64_t r) {
+  // Forward's temporaries: ids, 6 [n, d] activations, [n, ffn], the head's rows and logits, the
+  // GEMM input conversion scratch of the CUDA backend.
+  return static_cast<uint64_t>(n) * (16 + 6 * 4 * c.hidden_size + 4 * c.ffn_dim + 2 * c.ffn_dim) +
+         static_cast<uint64_t>(r) * 4 * (c.hidden_size + c.word_embed_proj_dim + c.vocab_size) + (1 << 20);
+}
+
+}  // namespace
+
+absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
+  if (o.prompt_len < 1 || o.gen_len < 1 || o.gpu_batch_size < 1 || o.num_gpu_batches < 1) {
+    return absl::InvalidArgumentError("prompt-len, gen-len, gpu-batch-size and num-gpu-batches must be positive");
+  }
+  auto say = [&](const std::string& s) {
+    if (o.progress) o.progress(s);
+  };
+  FERRY_ASSIGN_OR_RETURN(OptConfig config, OptConfig::FromModelDir(o.store_dir));
+  if (o.prompt_len + o.gen_len > config.max_positions) {
+    return absl::InvalidArgumentError(absl::StrCat("prompt-len + gen-len = ", o.prompt_len + o.gen_len,
+                                                   " exceeds the model's context of ", config.max_positions));
+  }
+  FERRY_ASSIGN_OR_RETURN(io::Store store, io::Store::Open(o.store_dir));
+  FERRY_ASSIGN_OR_RETURN(std::unique_ptr<kernels::Backend> backend, kernels::CreateBackend(o.backend));
+  const int batch = o.gpu_batch_size * o.num_gpu_batches;
+  const int max_len = o.prompt_len + o.gen_len;
+
+  // Probes first, in memory the model does not hold yet (sized to fit the budgets).
+  uint64_t probe_bytes = 64 << 20;
+  if (o.backend.memory_budget_bytes > 0) probe_bytes = std::min<uint64_t>(probe_bytes, o.backend.memory_budget_bytes / 4);
+  if (o.backend.host_budget_bytes > 0) probe_bytes = std::min<uint64_t>(probe_bytes, o.backend.host_budget_bytes / 4);
+  probe_bytes = std::max<uint64_t>(probe_bytes / 4096 * 4096, 4096);
+  say("probing host->device bandwidth");
+  FERRY_ASSIGN_OR_RETURN(const double h2d_bw, ProbeH2D(*backend, probe_bytes));
+  double disk_bw = 0;
+  if (o.split.disk > 0) {
+    say("probing disk bandwidth (O_DIRECT)");
+    FERRY_ASSIGN_OR_RETURN(disk_bw, ProbeDisk(*backend, store, o.uring, uint64_t{1} << 30));
+  }
+
+  const uint64_t kv_bytes = 2ull * config.num_layers * batch * max_len * config.hidden_size * 4;
+  const int64_t prefill_tokens = static_cast<int64_t>(batch) * o.prompt_len;
+  OffloadOptions off;
+  off.split = o.split;
+  off.device_budget = o.backend.memory_budget_bytes;
+  off.host_budget = o.backend.host_budget_bytes;
+  off.reserve_device_bytes = kv_bytes + WorkspaceBytes(config, prefill_tokens, batch);
+  off.streamer.uring = o.uring;
+  say("loading the model");
+  FERRY_ASSIGN_OR_RETURN(std::unique_ptr<OptModel> model, OptModel::LoadOffloaded(o.store_dir, backend.get(), off));
+  FERRY_ASSIGN_OR_RETURN(KvCache cache, KvCache::Create(*backend, config, batch, max_len));
+
+  std::mt19937 rng(static_cast<uint32_t>(o.seed));
+  ForwardBatch pre;
+  for (int s = 0; s < batch; ++s) {
+    for (int i = 0; i < o.prompt_len; ++i) {
+      pre.tokens.push_back(i == 0 ? config.bos_token_id : static_cast<int>(rng() % (config.vocab_size - 4)) + 4);
+      pre.seq_ids.push_back(s);
+      pre.positions.push_back(i);
+    }
+    pre.logit_rows.push_back(static_cast<int32_t>(pre.tokens.size()) - 1);
+  }
+  std::vector<float> logits;
+  say(absl::StrCat("prefill: ", batch, " x ", o.prompt_len, " tokens"));
+  const auto stats0 = model->streamer()->stats();
+  const auto t0 = Clock::now();
+  FERRY_RETURN_IF_ERROR(model->Forward(pre, cache, &logits));
+  const auto t1 = Clock::now();
+  const auto stats1 = model->streamer()->stats();
+  std::vector<int> next(batch);
+  for (int s = 0; s < batch; ++s) {
+    const float* row = logits.data() + static_cast<size_t>(s) * config.vocab_size;
+    next[s] = static_cast<int>(std::max_element(row, row + config.vocab_size) - row);
+  }
+  for (int step = 1; step < o.gen_len; ++step) {
+    ForwardBatch dec;
+    for (int s = 0; s < batch; ++s) {
+      dec.tokens.push_back(next[s]);
+      dec.seq_ids.push_back(s);
+      dec.positions.push_back(o.prompt_len + step - 1);
+      dec.logit_rows.push_back(s);
+    }
+    FERRY_RETURN_IF_ERROR(model->Forward(dec, cache, &logits));
+    for (int s = 0; s < batch; ++s) {
+      const float* row = logits.data() + static_cast<size_t>(s) * config.vocab_size;
+      next[s] = static_cast<int>(std::max_element(row, row + config.vocab_size) - row);
+    }
+    say(absl::StrFormat("decode step %d/%d, %.3f s so far", step, o.gen_len - 1, Seconds(t1, Clock::now())));
+  }
+  const auto t2 = Clock::now();
+  const auto stats2 = model->streamer()->stats();
+
+  const double prefill_s = Seconds(t0, t1), decode_s = Seconds(t1, t2), total_s = prefill_s + decode_s;
+  const int steps = o.gen_len - 1;
+  uint64_t disk_step = 0, h2d_step = 0;
+  for (const auto& l : model->plan().layers) {
+    if (!l.streamed()) continue;
+    disk_step += l.disk_bytes();
+    h2d_step += l.cpu_bytes() + l.disk_bytes();
+  }
+  const double step_s = steps > 0 ? decode_s / steps : 0.0;
+  const double floor_h2d = h2d_bw > 0 ? h2d_step / h2d_bw : 0.0, floor_disk = disk_bw > 0 ? disk_step / disk_bw : 0.0;
+  const double floor_s = std::max(floor_h2d, floor_disk);
+  const double compute_s = decode_s - (stats2.acquire_wait_seconds - stats1.acquire_wait_seconds);
+  nlohmann::json j = {
+      {"model", config.num_layers > 0 ? o.store_dir : ""},
+      {"device", o.backend.name},
+      {"batch", batch}, {"gpu_batch_size", o.gpu_batch_size}, {"num_gpu_batches", o.num_gpu_batches},
+      {"prompt_len", o.prompt_len}, {"gen_len", o.gen_len},
+      {"weights_percent", {o.split.gpu, o.split.cpu, o.split.disk}},
+      {"prefill_s", prefill_s}, {"decode_s", decode_s}, {"total_s", total_s},
+      {"throughput_tok_s", batch * o.gen_len / total_s},
+      {"decode_throughput_tok_s", steps > 0 ? batch * steps / decode_s : 0.0},
+      {"decode_step_s", step_s},
+      {"bytes_per_step", {{"disk_to_pinned", disk_step}, {"pinned_to_device", h2d_step}}},
+      {"bytes_moved", {{"disk_to_pinned", stats2.disk_bytes - stats0.disk_bytes},
+                       {"pinned_to_device", stats2.h2d_bytes - stats0.h2d_bytes},
+                       {"within_device", stats2.d2d_bytes - stats0.d2d_bytes}}},
+      {"decode_link_GBps", {{"disk", steps > 0 ? (stats2.disk_bytes - stats1.disk_bytes) / decode_s * 1e-9 : 0.0},
+                            {"pinned_to_device", steps > 0 ? (stats2.h2d_bytes - stats1.h2d_bytes) / decode_s * 1e-9 : 0.0}}},
+      {"probe_GBps", {{"pinned_to_device", h2d_bw * 1e-9}, {"disk", disk_bw * 1e-9}}},
+      {"floor_step_s", floor_s},
+      {"step_over_floor", floor_s > 0 ? step_s / floor_s : 0.0},
+      {"decode_busy_s", {{"disk", stats2.disk_seconds - stats1.disk_seconds},
+                         {"copy", stats2.copy_seconds - stats1.copy_seconds},
+                         {"compute", compute_s}}},
+      {"memory", {{"plan_device", model->plan().device_bytes}, {"plan_pinned", model->plan().host_bytes},
+                  {"gpu_budget", o.backend.memory_budget_bytes}, {"cpu_budget", o.backend.host_budget_bytes}}}};
+  BenchResult r;
+  r.json = j;
+  return r;
+}
+
+std::string BenchResult::Table() const {
+  const auto& j = json;
+  std::string s;
+  auto line = [&](const std::string& k, const std::string& v) { s += absl::StrFormat("%-28s %s\n", k, v); };
+  line("device", j["device"].get<std::string>());
+  line("batch (gbs x ngb)", absl::StrFormat("%d (%d x %d)", j["batch"].get<int>(), j["gpu_batch_size"].get<int>(),
+                                            j["num_gpu_batches"].get<int>()));
+  line("prompt / gen", absl::StrFormat("%d / %d", j["prompt_len"].get<int>(), j["gen_len"].get<int>()));
+  line("weights GPU,CPU,DISK %", absl::StrFormat("%g,%g,%g", j["weights_percent"][0].get<double>(),
+                                                 j["weights_percent"][1].get<double>(), j["weights_percent"][2].get<double>()));
+  line("prefill", absl::StrFormat("%.3f s", j["prefill_s"].get<double>()));
+  line("decode", absl::StrFormat("%.3f s (%.4f s/step)", j["decode_s"].get<double>(), j["decode_step_s"].get<double>()));
+  line("throughput", absl::StrFormat("%.2f tok/s total, %.2f tok/s decode", j["throughput_tok_s"].get<double>(),
+                                     j["decode_throughput_tok_s"].get<double>()));
+  line("bytes/step disk->pinned", absl::StrFormat("%.1f MiB", j["bytes_per_step"]["disk_to_pinned"].get<double>() / 1048576));
+  line("bytes/step pinned->device", absl::StrFormat("%.1f MiB", j["bytes_per_step"]["pinned_to_device"].get<double>() / 1048576));
+  line("decode link rate", absl::StrFormat("disk %.2f GB/s, pinned->device %.2f GB/s", j["decode_link_GBps"]["disk"].get<double>(),
+                                           j["decode_link_GBps"]["pinned_to_device"].get<double>()));
+  line("probe bandwidth", absl::StrFormat("disk %.2f GB/s, pinned->device %.2f GB/s", j["probe_GBps"]["disk"].get<double>(),
+                                          j["probe_GBps"]["pinned_to_device"].get<double>()));
+  line("floor per step", absl::StrFormat("%.4f s; achieved/floor %.2fx", j["floor_step_s"].get<double>(),
+                                         j["step_over_floor"].get<double>()));
+  line("decode busy", absl::StrFormat("disk %.3f s, copy %.3f s, compute %.3f s", j["decode_busy_s"]["disk"].get<double>(),
+                                      j["decode_busy_s"]["copy"].get<double>(), j["decode_busy_s"]["compute"].get<double>()));
+  line("memory plan", absl::StrFormat("device %.1f MiB, pinned %.1f MiB", j["memory"]["plan_device"].get<double>() / 1048576,
+                                      j["memory"]["plan_pinned"].get<double>() / 1048576));
+  return s;
+}
+
+}  // namespace ferry::engine

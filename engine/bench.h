@@ -1,0 +1,40 @@
+// `ferry bench`: FlexGen's throughput benchmark on ferry's offloading executor. A batch of random
+// prompts is prefilled, then decoded step by step; it reports FlexGen's metrics (prefill and decode
+// time, total throughput = batch x gen_len / total time), the bytes moved on each link and their
+// rates, and the floor: the bytes crossing each link per decode step over that link's bandwidth,
+// measured by a short probe in the same run.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "io/uring_reader.h"
+#include "kernels/registry.h"
+#include "nlohmann/json.hpp"
+#include "offload/policy.h"
+
+namespace ferry::engine {
+
+struct BenchOptions {
+  std::string store_dir;  // a ferry store
+  int prompt_len = 512;
+  int gen_len = 32;
+  int gpu_batch_size = 1;
+  int num_gpu_batches = 1;
+  offload::WeightSplit split;
+  kernels::BackendOptions backend;  // device and budgets (gpu-mem, cpu-mem)
+  io::UringOptions uring;
+  uint64_t seed = 1;
+  std::function<void(const std::string&)> progress;  // one line per phase/step
+};
+
+struct BenchResult {
+  nlohmann::json json;  // every number below, plus the configuration
+  std::string Table() const;
+};
+
+absl::StatusOr<BenchResult> RunBench(const BenchOptions& options);
+
+}  // namespace ferry::engine

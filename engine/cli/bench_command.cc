@@ -1,0 +1,126 @@
+// `ferry bench`: FlexGen-style throughput benchmark on a real or dummy model through the
+// offloading executor.
+#include <cstdio>
+#include <fstream>
+
+#include "absl/strings/str_cat.h"
+#include "base/file.h"
+#include "base/status.h"
+#include "engine/bench.h"
+#include "engine/cli/commands.h"
+#include "engine/dummy_model.h"
+#include "io/store.h"
+#include "nlohmann/json.hpp"
+
+namespace ferry::cli {
+namespace {
+
+struct BenchFlags {
+  std::string model, dummy, store, weights = "100,0,0", kv = "gpu", gpu_mem, cpu_mem, device = "cpu", json;
+  int prompt_len = 512, gen_len = 32, gpu_batch_size = 1, num_gpu_batches = 1;
+  unsigned queue_depth = 16;
+  std::string block_size = "1MiB";
+  uint64_t seed = 1;
+  bool quiet = false;
+};
+
+// Makes sure flags.store (or the model itself) is a store; returns its directory.
+absl::StatusOr<std::string> PrepareStore(const BenchFlags& f) {
+  auto progress = [&](const char* what) -> std::function<void(uint64_t, uint64_t)> {
+    if (f.quiet) return nullptr;
+    return [what](uint64_t done, uint64_t total) {
+      if (done == total || done % (256ull << 20) < (64ull << 20)) {
+        std::fprintf(stderr, "\rferry: %s %.0f/%.0f MiB", what, done / 1048576.0, total / 1048576.0);
+        if (done == total) std::fputc('\n', stderr);
+      }
+    };
+  };
+  if (!f.dummy.empty()) {
+    FERRY_ASSIGN_OR_RETURN(engine::DummyShape shape, engine::FindDummyShape(f.dummy));
+    if (f.store.empty()) return absl::InvalidArgumentError("--dummy needs --store DIR (the store is created there once)");
+    if (PathExists(f.store + "/manifest.json")) {
+      FERRY_ASSIGN_OR_RETURN(std::string cfg, ReadFileToString(f.store + "/config.json"));
+      auto j = nlohmann::json::parse(cfg, nullptr, false);
+      if (j.is_discarded() || j.value("_ferry_dummy", std::string()) != f.dummy) {
+        return absl::InvalidArgumentError(absl::StrCat(f.store, " holds another model than dummy ", f.dummy));
+      }
+      return f.store;
+    }
+    if (!f.quiet) {
+      std::fprintf(stderr, "ferry: writing dummy %s (%.1f GiB of fp16 weights) to %s\n", f.dummy.c_str(),
+                   engine::DummyWeightBytes(shape) / 1073741824.0, f.store.c_str());
+    }
+    engine::DummyStoreOptions o;
+    o.progress = progress("dummy weights");
+    FERRY_RETURN_IF_ERROR(engine::WriteDummyStore(shape, f.store, o));
+    return f.store;
+  }
+  const std::string model = f.model.empty() ? DefaultModelDir() : f.model;
+  if (PathExists(model + "/manifest.json")) return model;
+  if (f.store.empty()) return absl::InvalidArgumentError("--model is a Hugging Face checkpoint: give --store DIR to convert it into");
+  if (!PathExists(f.store + "/manifest.json")) {
+    io::ConvertOptions o;
+    o.progress = progress("convert");
+    FERRY_RETURN_IF_ERROR(io::ConvertToStore(model, f.store, o));
+  }
+  return f.store;
+}
+
+absl::Status RunBenchCommand(const BenchFlags& f) {
+  if (f.kv != "gpu") return absl::UnimplementedError("--kv cpu is not implemented yet: the KV cache lives on the device");
+  engine::BenchOptions o;
+  FERRY_ASSIGN_OR_RETURN(o.split, offload::ParseWeightSplit(f.weights));
+  if (!f.gpu_mem.empty()) {
+    FERRY_ASSIGN_OR_RETURN(o.backend.memory_budget_bytes, offload::ParseBytes(f.gpu_mem));
+  }
+  if (!f.cpu_mem.empty()) {
+    FERRY_ASSIGN_OR_RETURN(o.backend.host_budget_bytes, offload::ParseBytes(f.cpu_mem));
+  }
+  FERRY_ASSIGN_OR_RETURN(const uint64_t block, offload::ParseBytes(f.block_size));
+  o.backend.name = f.device;
+  o.prompt_len = f.prompt_len;
+  o.gen_len = f.gen_len;
+  o.gpu_batch_size = f.gpu_batch_size;
+  o.num_gpu_batches = f.num_gpu_batches;
+  o.uring.queue_depth = f.queue_depth;
+  o.uring.block_bytes = block;
+  o.seed = f.seed;
+  if (!f.quiet) o.progress = [](const std::string& s) { std::fprintf(stderr, "ferry: %s\n", s.c_str()); };
+  FERRY_ASSIGN_OR_RETURN(o.store_dir, PrepareStore(f));
+  FERRY_ASSIGN_OR_RETURN(engine::BenchResult r, engine::RunBench(o));
+  std::fputs(r.Table().c_str(), stdout);
+  if (!f.json.empty()) {
+    std::ofstream out(f.json);
+    out << r.json.dump(1) << "\n";
+    if (!out) return absl::DataLossError(absl::StrCat("cannot write ", f.json));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+void RegisterBenchCommand(CLI::App& app, Runner* selected) {
+  static BenchFlags f;
+  CLI::App* b = app.add_subcommand("bench", "Throughput benchmark (FlexGen's metrics) through the offloading executor");
+  auto* model = b->add_option("--model", f.model, "Hugging Face checkpoint or ferry store (default: the embedded model)");
+  b->add_option("--dummy", f.dummy, "Dummy model with random weights: opt-125m, opt-1.3b, opt-6.7b, opt-13b, opt-30b, opt-66b, opt-175b")
+      ->excludes(model);
+  b->add_option("--store", f.store, "Store directory: created once (dummy or converted checkpoint), then reused");
+  b->add_option("--prompt-len", f.prompt_len, "Prompt tokens")->check(CLI::PositiveNumber)->capture_default_str();
+  b->add_option("--gen-len", f.gen_len, "Generated tokens")->check(CLI::PositiveNumber)->capture_default_str();
+  b->add_option("--gpu-batch-size", f.gpu_batch_size, "Sequences per GPU batch")->check(CLI::PositiveNumber)->capture_default_str();
+  b->add_option("--num-gpu-batches", f.num_gpu_batches, "GPU batches per block")->check(CLI::PositiveNumber)->capture_default_str();
+  b->add_option("--weights", f.weights, "Percent of each layer's weight bytes on GPU,CPU,DISK")->capture_default_str();
+  b->add_option("--kv", f.kv, "Where the KV cache lives")->check(CLI::IsMember({"gpu", "cpu"}))->capture_default_str();
+  b->add_option("--gpu-mem", f.gpu_mem, "Device memory budget, e.g. 24GiB (default: none)");
+  b->add_option("--cpu-mem", f.cpu_mem, "Pinned host memory budget, e.g. 64GiB (default: none)");
+  b->add_option("--device", f.device, "Backend")->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
+  b->add_option("--queue-depth", f.queue_depth, "io_uring queue depth for disk reads")->check(CLI::Range(1, 4096))->capture_default_str();
+  b->add_option("--block-size", f.block_size, "io_uring request size (multiple of 4 KiB)")->capture_default_str();
+  b->add_option("--seed", f.seed, "Seed of the random prompts")->capture_default_str();
+  b->add_option("--json", f.json, "Also write the results as JSON to this file");
+  b->add_flag("--quiet,-q", f.quiet, "No progress on stderr");
+  b->callback([selected] { *selected = [] { return RunBenchCommand(f); }; });
+}
+
+}  // namespace ferry::cli

@@ -1,0 +1,88 @@
+// ferry bench's measurement and dummy models: the numbers are consistent with the plan (every
+// decode step moves each streamed layer once), budgets hold, and dummy stores load and run.
+#include "engine/bench.h"
+
+#include <cmath>
+
+#include "engine/dummy_model.h"
+#include "engine/opt_model.h"
+#include "gtest/gtest.h"
+#include "io/store.h"
+#include "kernels/cpu/cpu_backend.h"
+#include "test_util.h"
+
+namespace ferry::engine {
+namespace {
+
+TEST(BenchTest, MetricsAreConsistentWithThePlan) {
+  ferry::testing::TempDir dir;
+  ASSERT_TRUE(io::ConvertToStore(ferry::testing::ModelDir(), dir.path()).ok());
+  BenchOptions o;
+  o.store_dir = dir.path();
+  o.prompt_len = 16;
+  o.gen_len = 5;
+  o.gpu_batch_size = 3;
+  o.num_gpu_batches = 2;
+  o.split = {20, 30, 50};
+  o.backend.memory_budget_bytes = 64 << 20;
+  o.backend.host_budget_bytes = 32 << 20;
+  int lines = 0;
+  o.progress = [&](const std::string&) { ++lines; };
+  auto r = RunBench(o);
+  ASSERT_TRUE(r.ok()) << r.status();
+  const auto& j = r->json;
+  EXPECT_EQ(j["batch"], 6);
+  EXPECT_GT(j["throughput_tok_s"].get<double>(), 0.0);
+  EXPECT_NEAR(j["throughput_tok_s"].get<double>(), 6 * 5 / j["total_s"].get<double>(), 1e-6);
+  const uint64_t per_step = j["bytes_per_step"]["pinned_to_device"];
+  EXPECT_GT(per_step, 0u);
+  // 5 forward passes, each streaming every layer once; prefetch may add up to one pass more.
+  const uint64_t moved = j["bytes_moved"]["pinned_to_device"];
+  EXPECT_GE(moved, 5 * per_step);
+  EXPECT_LE(moved, 6 * per_step);
+  EXPECT_GT(j["probe_GBps"]["disk"].get<double>(), 0.0);
+  EXPECT_GT(j["floor_step_s"].get<double>(), 0.0);
+  EXPECT_LE(j["memory"]["plan_device"].get<uint64_t>(), 64u << 20);
+  EXPECT_GE(lines, 5);
+  EXPECT_NE(r->Table().find("achieved/floor"), std::string::npos);
+
+  o.backend.memory_budget_bytes = 4 << 20;  // cannot hold the embeddings and the KV cache
+  auto refused = RunBench(o);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted) << refused.status();
+  o.backend.memory_budget_bytes = 0;
+  o.prompt_len = 600;
+  EXPECT_EQ(RunBench(o).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(DummyModelTest, Opt125mStoreLoadsAndRuns) {
+  auto shape = FindDummyShape("opt-125m");
+  ASSERT_TRUE(shape.ok());
+  EXPECT_EQ(FindDummyShape("opt-7b").status().code(), absl::StatusCode::kInvalidArgument);
+  ferry::testing::TempDir dir;
+  uint64_t last = 0;
+  DummyStoreOptions o;
+  o.progress = [&](uint64_t done, uint64_t total) { last = done; EXPECT_LE(done, total); };
+  ASSERT_TRUE(WriteDummyStore(*shape, dir.path(), o).ok());
+  EXPECT_EQ(last, DummyWeightBytes(*shape));
+  auto store = io::Store::Open(dir.path());
+  ASSERT_TRUE(store.ok());
+  EXPECT_EQ(store->layers().size(), 12u);
+  ASSERT_TRUE(store->Verify().ok());
+  kernels::CpuBackend cpu;
+  OffloadOptions off;
+  off.split = {0, 100, 0};
+  auto m = OptModel::LoadOffloaded(dir.path(), &cpu, off);
+  ASSERT_TRUE(m.ok()) << m.status();
+  auto cache = KvCache::Create(cpu, (*m)->config(), 1, 4);
+  std::vector<float> logits;
+  ASSERT_TRUE((*m)->Forward({{2, 100, 200}, {0, 0, 0}, {0, 1, 2}, {2}}, *cache, &logits).ok());
+  for (float x : logits) ASSERT_TRUE(std::isfinite(x));
+  // The same seed writes the same weights.
+  ferry::testing::TempDir again;
+  ASSERT_TRUE(WriteDummyStore(*shape, again.path()).ok());
+  auto a = ReadFileToString(dir.File("manifest.json")), b = ReadFileToString(again.File("manifest.json"));
+  EXPECT_EQ(*a, *b);
+}
+
+}  // namespace
+}  // namespace ferry::engine
