@@ -55,13 +55,6 @@ absl::StatusOr<double> ProbeDisk(kernels::Backend& b, const io::Store& store, co
   return static_cast<double>(span) * passes / Seconds(t0, Clock::now());
 }
 
-uint64_t WorkspaceBytes(const OptConfig& c, int64_t n, int64_t r) {
-  // Forward's temporaries: ids, 6 [n, d] activations, [n, ffn], the head's rows and logits, the
-  // GEMM input conversion scratch of the CUDA backend.
-  return static_cast<uint64_t>(n) * (16 + 6 * 4 * c.hidden_size + 4 * c.ffn_dim + 2 * c.ffn_dim) +
-         static_cast<uint64_t>(r) * 4 * (c.hidden_size + c.word_embed_proj_dim + c.vocab_size) + (1 << 20);
-}
-
 }  // namespace
 
 absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
@@ -94,13 +87,13 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
     FERRY_ASSIGN_OR_RETURN(disk_bw, ProbeDisk(*backend, store, o.uring, uint64_t{1} << 30));
   }
 
-  const uint64_t kv_bytes = 2ull * config.num_layers * batch * max_len * config.hidden_size * 4;
+  const uint64_t kv_bytes = OptModel::KvCacheBytes(config, batch, max_len);
   const int64_t prefill_tokens = static_cast<int64_t>(batch) * o.prompt_len;
   OffloadOptions off;
   off.split = o.split;
   off.device_budget = o.backend.memory_budget_bytes;
   off.host_budget = o.backend.host_budget_bytes;
-  off.reserve_device_bytes = kv_bytes + WorkspaceBytes(config, prefill_tokens, batch);
+  off.reserve_device_bytes = kv_bytes + OptModel::ForwardWorkspaceBytes(config, prefill_tokens, batch);
   off.streamer.uring = o.uring;
   say("loading the model");
   FERRY_ASSIGN_OR_RETURN(std::unique_ptr<OptModel> model, OptModel::LoadOffloaded(o.store_dir, backend.get(), off));

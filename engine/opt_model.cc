@@ -267,6 +267,17 @@ absl::Status OptModel::ReleaseLayer(int layer) const {
   return streamer_->Release(layer, std::move(fence));
 }
 
+uint64_t OptModel::ForwardWorkspaceBytes(const OptConfig& c, int64_t n, int64_t r) {
+  // ids; h, a, q, k, v, att [n, d]; ffn [n, f]; the CUDA GEMM input scratch (16-bit, [n, max(d, f)]);
+  // the head's rows, projection and logits; allocator slack.
+  return static_cast<uint64_t>(n) * (16 + 6 * 4 * c.hidden_size + 4 * c.ffn_dim + 2 * std::max(c.ffn_dim, c.hidden_size)) +
+         static_cast<uint64_t>(r) * 4 * (c.hidden_size + c.word_embed_proj_dim + c.vocab_size) + (1 << 20);
+}
+
+uint64_t OptModel::KvCacheBytes(const OptConfig& c, int64_t rows, int64_t max_len) {
+  return 2ull * c.num_layers * static_cast<uint64_t>(rows) * static_cast<uint64_t>(max_len) * c.hidden_size * sizeof(float);
+}
+
 absl::Status OptModel::Forward(const ForwardBatch& batch, KvCache& cache, std::vector<float>* logits) const {
   const OptConfig& c = config_;
   const int64_t n = static_cast<int64_t>(batch.tokens.size());

@@ -83,6 +83,11 @@ class OptModel {
   const offload::LayerStreamer* streamer() const { return streamer_.get(); }
   const offload::Plan& plan() const { return plan_; }
 
+  // Device bytes that Forward allocates for `tokens` tokens and `logit_rows` rows of logits (an
+  // upper bound, for memory plans), and that a KV cache of rows x max_len takes.
+  static uint64_t ForwardWorkspaceBytes(const OptConfig& c, int64_t tokens, int64_t logit_rows);
+  static uint64_t KvCacheBytes(const OptConfig& c, int64_t rows, int64_t max_len);
+
   // Runs the batch; writes logits [logit_rows.size(), vocab] fp32 to host memory `logits`.
   absl::Status Forward(const ForwardBatch& batch, KvCache& cache, std::vector<float>* logits) const;
 

@@ -15,6 +15,7 @@
 #include "engine/perplexity.h"
 #include "engine/tokenizer.h"
 #include "io/store.h"
+#include "offload/policy.h"
 #include "kernels/registry.h"
 #include "nlohmann/json.hpp"
 
@@ -25,6 +26,8 @@ struct ModelFlags {
   std::string model = DefaultModelDir();
   std::string device = "cpu";
   int threads = 0;
+  std::string weights;  // GPU,CPU,DISK percentages: offloaded execution from a store
+  std::string gpu_mem, cpu_mem;
 };
 
 void AddModelFlags(CLI::App* cmd, ModelFlags* f) {
@@ -32,6 +35,10 @@ void AddModelFlags(CLI::App* cmd, ModelFlags* f) {
       ->capture_default_str();
   cmd->add_option("--device", f->device, "Backend to run on")->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
   cmd->add_option("--threads", f->threads, "CPU threads (0: all cores)")->check(CLI::NonNegativeNumber);
+  cmd->add_option("--weights", f->weights,
+                  "Offload: percent of each layer's weights on GPU,CPU,DISK, e.g. 0,50,50 (needs a store: ferry convert)");
+  cmd->add_option("--gpu-mem", f->gpu_mem, "Device memory budget, e.g. 24GiB (default: none)");
+  cmd->add_option("--cpu-mem", f->cpu_mem, "Pinned host memory budget for offloading, e.g. 64GiB (default: none)");
 }
 
 struct Loaded {
@@ -51,15 +58,38 @@ absl::StatusOr<std::unique_ptr<engine::Tokenizer>> LoadTokenizer(const ModelFlag
   return engine::Tokenizer::FromModelDir(f.model);
 }
 
-absl::StatusOr<Loaded> LoadAll(const ModelFlags& f) {
+// `rows` and `max_tokens_per_call`: the largest batch and forward call the command will run,
+// reserved in the memory plan of an offloaded model.
+absl::StatusOr<Loaded> LoadAll(const ModelFlags& f, int64_t rows, int64_t max_tokens_per_call) {
   if (f.threads > 0) setenv("FERRY_NUM_THREADS", std::to_string(f.threads).c_str(), 1);
   FERRY_RETURN_IF_ERROR(CheckModelDir(f.model));
   Loaded l;
   kernels::BackendOptions bo;
   bo.name = f.device;
+  if (!f.gpu_mem.empty()) {
+    FERRY_ASSIGN_OR_RETURN(bo.memory_budget_bytes, offload::ParseBytes(f.gpu_mem));
+  }
+  if (!f.cpu_mem.empty()) {
+    FERRY_ASSIGN_OR_RETURN(bo.host_budget_bytes, offload::ParseBytes(f.cpu_mem));
+  }
   FERRY_ASSIGN_OR_RETURN(l.backend, kernels::CreateBackend(bo));
   FERRY_ASSIGN_OR_RETURN(l.tokenizer, engine::Tokenizer::FromModelDir(f.model));
-  FERRY_ASSIGN_OR_RETURN(l.model, engine::OptModel::Load(f.model, l.backend.get()));
+  if (f.weights.empty()) {
+    FERRY_ASSIGN_OR_RETURN(l.model, engine::OptModel::Load(f.model, l.backend.get()));
+  } else {
+    if (!PathExists(f.model + "/manifest.json")) {
+      return absl::InvalidArgumentError(absl::StrCat("--weights reads a ferry store; convert first: ferry convert --model ",
+                                                     f.model, " --out STORE"));
+    }
+    FERRY_ASSIGN_OR_RETURN(engine::OptConfig config, engine::OptConfig::FromModelDir(f.model));
+    engine::OffloadOptions o;
+    FERRY_ASSIGN_OR_RETURN(o.split, offload::ParseWeightSplit(f.weights));
+    o.device_budget = bo.memory_budget_bytes;
+    o.host_budget = bo.host_budget_bytes;
+    o.reserve_device_bytes = engine::OptModel::KvCacheBytes(config, rows, config.max_positions) +
+                             engine::OptModel::ForwardWorkspaceBytes(config, max_tokens_per_call, rows);
+    FERRY_ASSIGN_OR_RETURN(l.model, engine::OptModel::LoadOffloaded(f.model, l.backend.get(), o));
+  }
   if (l.tokenizer->vocab_size() > l.model->config().vocab_size) {
     return absl::InvalidArgumentError(absl::StrCat("tokenizer has ", l.tokenizer->vocab_size(), " tokens but the model only ",
                                                    l.model->config().vocab_size));
@@ -89,7 +119,8 @@ absl::Status RunGenerate(const GenerateFlags& f) {
   gen.sampling = {f.temperature, f.top_k, f.top_p, f.seed};
   gen.stop_at_eos = !f.ignore_eos;
   FERRY_RETURN_IF_ERROR(engine::ValidateGenerateOptions(gen));
-  FERRY_ASSIGN_OR_RETURN(Loaded l, LoadAll(f.model));
+  const int64_t rows = f.input.empty() ? 1 : f.batch_size;
+  FERRY_ASSIGN_OR_RETURN(Loaded l, LoadAll(f.model, rows, std::max<int64_t>(4096, rows)));
   if (!f.input.empty()) {
     engine::GenerateJobOptions job;
     job.input_path = f.input;
@@ -153,7 +184,8 @@ struct PplFlags {
 };
 
 absl::Status RunPpl(const PplFlags& f) {
-  FERRY_ASSIGN_OR_RETURN(Loaded l, LoadAll(f.model));
+  const int64_t windows_per_call = std::max(1, 2048 / f.window);
+  FERRY_ASSIGN_OR_RETURN(Loaded l, LoadAll(f.model, windows_per_call, windows_per_call * f.window));
   FERRY_ASSIGN_OR_RETURN(std::string text, ReadFileToString(f.text_file));
   if (!f.keep_cr) text = engine::NormalizeNewlines(text);
   const auto start = std::chrono::steady_clock::now();

@@ -128,12 +128,57 @@ TEST(CliTest, ErrorsAreOneClearLine) {
 }
 
 TEST(CliTest, HelpForEveryCommand) {
-  for (const char* cmd : {"", "generate ", "tokenize ", "ppl "}) {
+  for (const char* cmd : {"", "generate ", "tokenize ", "ppl ", "convert ", "verify ", "bench "}) {
     Result r = Ferry(std::string(cmd) + "--help");
     EXPECT_EQ(r.code, 0) << cmd;
     EXPECT_NE(r.out.find("--"), std::string::npos) << cmd;
   }
   EXPECT_EQ(Ferry("").code, 2);
+}
+
+}  // namespace
+
+namespace {
+
+TEST(CliTest, ConvertVerifyAndOffloadedGenerate) {
+  ferry::testing::TempDir dir;
+  const std::string store = dir.File("store");
+  Result r = Ferry("convert " + kModel + " --out " + store + " --verify");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.err.find("100%"), std::string::npos) << r.err;  // progress
+  r = Ferry("verify --store " + store + " -q");
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.out.find("every checksum matches"), std::string::npos);
+  r = Ferry("convert " + kModel + " --out " + store + " -q");
+  EXPECT_EQ(r.code, 1);  // refuses to overwrite
+  const std::string prompt = " --prompt 'In the beginning God created' --max-new-tokens 8 -q";
+  Result resident = Ferry("generate " + kModel + prompt);
+  Result offloaded = Ferry("generate --model " + store + " --weights 0,30,70" + prompt);
+  ASSERT_EQ(offloaded.code, 0) << offloaded.err;
+  EXPECT_EQ(offloaded.out, resident.out);
+  r = Ferry("generate --model " + store + " --weights 100,0,0 --gpu-mem 2MiB" + prompt);
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("over by"), std::string::npos) << r.err;
+  r = Ferry("generate " + kModel + " --weights 0,50,50" + prompt);
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("ferry convert"), std::string::npos) << r.err;
+  r = Ferry("generate --model " + store + " --weights 50,50" + prompt);
+  EXPECT_EQ(r.code, 1);
+  EXPECT_EQ(Lines(r.err), 1) << r.err;
+}
+
+TEST(CliTest, BenchPrintsFlexGenMetrics) {
+  ferry::testing::TempDir dir;
+  Result r = Ferry("bench " + kModel + " --store " + dir.File("s") + " --weights 0,50,50 --prompt-len 16 --gen-len 4 " +
+                   "--gpu-batch-size 2 --json " + dir.File("b.json") + " -q");
+  ASSERT_EQ(r.code, 0) << r.err;
+  for (const char* key : {"prefill", "decode", "throughput", "floor per step", "achieved/floor"}) {
+    EXPECT_NE(r.out.find(key), std::string::npos) << key;
+  }
+  auto j = nlohmann::json::parse(*ferry::ReadFileToString(dir.File("b.json")));
+  EXPECT_EQ(j["batch"], 2);
+  EXPECT_EQ(Ferry("bench --kv cpu -q").code, 1);
+  EXPECT_EQ(Ferry("bench --dummy opt-7b --store " + dir.File("d") + " -q").code, 1);
 }
 
 }  // namespace
