@@ -50,6 +50,21 @@ absl::StatusOr<KvCache> KvCache::Create(kernels::Backend& backend, const OptConf
   return cache;
 }
 
+absl::Status KvCache::Check(const std::vector<int32_t>& seq_ids, const std::vector<int32_t>& positions) const {
+  for (size_t i = 0; i < seq_ids.size(); ++i) {
+    if (seq_ids[i] < 0 || seq_ids[i] >= rows_ || positions[i] >= max_len_) {
+      return absl::InvalidArgumentError(absl::StrCat("token ", i, " (sequence ", seq_ids[i], ", position ", positions[i],
+                                                     ") is outside the KV cache of ", rows_, " x ", max_len_));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status KvCache::Attend(kernels::Backend& b, const offload::AttendArgs& a) {
+  FERRY_RETURN_IF_ERROR(b.KvWrite({a.k, a.v, k(a.layer), v(a.layer), a.seq_ids, a.positions}));
+  return b.Attention({a.q, k(a.layer), v(a.layer), a.seq_ids, a.positions, a.out, a.num_heads, a.scale});
+}
+
 absl::StatusOr<Weight> OptModel::Alloc(DType dtype, std::initializer_list<int64_t> shape) const {
   const std::vector<int64_t> dims(shape);
   size_t bytes = DTypeSize(dtype);
@@ -278,7 +293,7 @@ uint64_t OptModel::KvCacheBytes(const OptConfig& c, int64_t rows, int64_t max_le
   return 2ull * c.num_layers * static_cast<uint64_t>(rows) * static_cast<uint64_t>(max_len) * c.hidden_size * sizeof(float);
 }
 
-absl::Status OptModel::Forward(const ForwardBatch& batch, KvCache& cache, std::vector<float>* logits) const {
+absl::Status OptModel::Forward(const ForwardBatch& batch, offload::AttentionCache& cache, std::vector<float>* logits) const {
   const OptConfig& c = config_;
   const int64_t n = static_cast<int64_t>(batch.tokens.size());
   const int64_t r = static_cast<int64_t>(batch.logit_rows.size());
@@ -295,13 +310,7 @@ absl::Status OptModel::Forward(const ForwardBatch& batch, KvCache& cache, std::v
                                                      c.max_positions, " tokens"));
     }
   }
-  for (int64_t i = 0; i < n; ++i) {
-    if (batch.seq_ids[i] < 0 || batch.seq_ids[i] >= cache.rows() || batch.positions[i] >= cache.max_len()) {
-      return absl::InvalidArgumentError(absl::StrCat("token ", i, " (sequence ", batch.seq_ids[i], ", position ",
-                                                     batch.positions[i], ") is outside the KV cache of ", cache.rows(),
-                                                     " x ", cache.max_len()));
-    }
-  }
+  FERRY_RETURN_IF_ERROR(cache.Check(batch.seq_ids, batch.positions));
   for (int32_t row : batch.logit_rows) {
     if (row < 0 || row >= n) return absl::InvalidArgumentError("Forward: logit row out of range");
   }
@@ -349,9 +358,8 @@ absl::Status OptModel::Forward(const ForwardBatch& batch, KvCache& cache, std::v
     FERRY_RETURN_IF_ERROR(b.Linear({*attn_in, L.m[0], L.bias[0], q.view, false}));
     FERRY_RETURN_IF_ERROR(b.Linear({*attn_in, L.m[1], L.bias[1], k.view, false}));
     FERRY_RETURN_IF_ERROR(b.Linear({*attn_in, L.m[2], L.bias[2], v.view, false}));
-    FERRY_RETURN_IF_ERROR(b.KvWrite({k.view, v.view, cache.k(l), cache.v(l), seq_ids.view, positions.view}));
-    FERRY_RETURN_IF_ERROR(b.Attention({q.view, cache.k(l), cache.v(l), seq_ids.view, positions.view, att.view,
-                                       c.num_heads, scale}));
+    FERRY_RETURN_IF_ERROR(cache.Attend(b, {l, q.view, k.view, v.view, seq_ids.view, positions.view, &batch.seq_ids,
+                                           &batch.positions, att.view, c.num_heads, scale}));
     FERRY_RETURN_IF_ERROR(b.Linear({att.view, L.m[3], L.bias[3], q.view, false}));
     FERRY_RETURN_IF_ERROR(b.Add(h.view, q.view, h.view));
     if (!c.layer_norm_before) {

@@ -14,6 +14,7 @@
 #include "engine/opt_config.h"
 #include "io/tensor_source.h"
 #include "kernels/backend.h"
+#include "offload/attention_cache.h"
 #include "offload/layer_streamer.h"
 #include "offload/policy.h"
 
@@ -42,14 +43,18 @@ struct OffloadOptions {
   offload::StreamerOptions streamer;
 };
 
-// Per-layer K and V: [rows, max_len, hidden] fp32 in backend memory.
-class KvCache {
+// The dense cache: per layer K and V of [rows, max_len, hidden] fp32 in backend memory; token t
+// of row r lives at position t.
+class KvCache final : public offload::AttentionCache {
  public:
   static absl::StatusOr<KvCache> Create(kernels::Backend& backend, const OptConfig& config, int rows, int max_len);
   int rows() const { return rows_; }
   int max_len() const { return max_len_; }
   const TensorView& k(int layer) const { return k_[layer].view; }
   const TensorView& v(int layer) const { return v_[layer].view; }
+
+  absl::Status Check(const std::vector<int32_t>& seq_ids, const std::vector<int32_t>& positions) const override;
+  absl::Status Attend(kernels::Backend& backend, const offload::AttendArgs& args) override;
 
  private:
   int rows_ = 0;
@@ -89,7 +94,7 @@ class OptModel {
   static uint64_t KvCacheBytes(const OptConfig& c, int64_t rows, int64_t max_len);
 
   // Runs the batch; writes logits [logit_rows.size(), vocab] fp32 to host memory `logits`.
-  absl::Status Forward(const ForwardBatch& batch, KvCache& cache, std::vector<float>* logits) const;
+  absl::Status Forward(const ForwardBatch& batch, offload::AttentionCache& cache, std::vector<float>* logits) const;
 
  private:
   OptModel() = default;

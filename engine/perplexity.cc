@@ -37,9 +37,49 @@ absl::StatusOr<PerplexityResult> ComputePerplexity(const OptModel& model, const 
   result.tokens = total;
   const int64_t windows = (total + o.window - 1) / o.window;
   const int per_call = static_cast<int>(std::max<int64_t>(1, o.tokens_per_call / o.window));
-  FERRY_ASSIGN_OR_RETURN(KvCache cache, KvCache::Create(model.backend(), c, per_call, o.window));
   std::vector<float> logits;
   const int vocab = c.vocab_size;
+  // Negative log-likelihood of `target` under a row of logits, in double.
+  auto nll = [vocab](const float* row, int target) {
+    const float max_logit = *std::max_element(row, row + vocab);
+    double sum = 0.0;
+    for (int j = 0; j < vocab; ++j) sum += std::exp(static_cast<double>(row[j]) - max_logit);
+    return std::log(sum) + max_logit - row[target];
+  };
+  if (o.h2o.has_value()) {
+    for (int64_t w0 = 0; w0 < windows; w0 += per_call) {
+      const int64_t w1 = std::min(windows, w0 + per_call);
+      FERRY_ASSIGN_OR_RETURN(std::unique_ptr<offload::H2OCache> cache,
+                             offload::H2OCache::Create(model.backend(), c.num_layers, c.num_heads, c.head_dim(),
+                                                       static_cast<int>(w1 - w0), *o.h2o));
+      for (int64_t t = 0; t < o.window; ++t) {
+        ForwardBatch step;
+        std::vector<int> targets;
+        for (int64_t w = w0; w < w1; ++w) {
+          const int64_t i = w * o.window + t, end = std::min(total, (w + 1) * o.window);
+          if (i >= end) continue;
+          step.tokens.push_back(ids[i]);
+          step.seq_ids.push_back(static_cast<int32_t>(w - w0));
+          step.positions.push_back(static_cast<int32_t>(t));
+          step.logit_rows.push_back(static_cast<int32_t>(step.tokens.size()) - 1);
+          targets.push_back(i + 1 < end ? ids[i + 1] : -1);
+        }
+        if (step.tokens.empty()) break;
+        FERRY_RETURN_IF_ERROR(model.Forward(step, *cache, &logits));
+        for (size_t r = 0; r < targets.size(); ++r) {
+          if (targets[r] < 0) continue;
+          result.nll_sum += nll(logits.data() + r * vocab, targets[r]);
+          ++result.scored_tokens;
+        }
+      }
+      if (o.progress) o.progress(std::min(total, w1 * o.window), total);
+    }
+    result.windows = windows;
+    if (result.scored_tokens == 0) return absl::InvalidArgumentError("no token was scored (windows of one token)");
+    result.perplexity = std::exp(result.nll_sum / static_cast<double>(result.scored_tokens));
+    return result;
+  }
+  FERRY_ASSIGN_OR_RETURN(KvCache cache, KvCache::Create(model.backend(), c, per_call, o.window));
   for (int64_t w0 = 0; w0 < windows; w0 += per_call) {
     const int64_t w1 = std::min(windows, w0 + per_call);
     ForwardBatch batch;
@@ -57,13 +97,7 @@ absl::StatusOr<PerplexityResult> ComputePerplexity(const OptModel& model, const 
       }
     }
     FERRY_RETURN_IF_ERROR(model.Forward(batch, cache, &logits));
-    for (size_t r = 0; r < targets.size(); ++r) {
-      const float* row = logits.data() + r * vocab;
-      const float max_logit = *std::max_element(row, row + vocab);
-      double sum = 0.0;
-      for (int j = 0; j < vocab; ++j) sum += std::exp(static_cast<double>(row[j]) - max_logit);
-      result.nll_sum += std::log(sum) + max_logit - row[targets[r]];
-    }
+    for (size_t r = 0; r < targets.size(); ++r) result.nll_sum += nll(logits.data() + r * vocab, targets[r]);
     result.scored_tokens += static_cast<int64_t>(targets.size());
     if (o.progress) o.progress(std::min(total, w1 * o.window), total);
   }

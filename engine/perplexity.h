@@ -5,11 +5,13 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "engine/opt_model.h"
+#include "offload/h2o_cache.h"
 
 namespace ferry::engine {
 
@@ -18,6 +20,8 @@ struct PerplexityOptions {
   int64_t max_tokens = 0;  // 0: all tokens
   int64_t tokens_per_call = 2048;  // windows are batched into forward calls of about this size
   std::function<void(int64_t done, int64_t total)> progress;  // optional, called per forward call
+  // When set, each window runs token by token (teacher forcing) through an H2O evicting cache.
+  std::optional<offload::H2OOptions> h2o;
 };
 
 struct PerplexityResult {

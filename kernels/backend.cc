@@ -127,4 +127,40 @@ absl::Status ValidateAttention(const AttentionArgs& a) {
   return ValidateCacheAccess(op, a.k_cache, a.v_cache, a.seq_ids, a.positions, a.q.shape[0], a.q.shape[1]);
 }
 
+namespace {
+
+absl::Status ValidateSlots(const char* op, const TensorView& k_slots, const TensorView& v_slots, const TensorView& seq_ids,
+                           int64_t n, int64_t width) {
+  FERRY_RETURN_IF_ERROR(Expect(k_slots.ndim == 4 && k_slots.dtype == DType::kF32 && k_slots.is_contiguous() &&
+                                   v_slots.shape == k_slots.shape && v_slots.dtype == DType::kF32 && v_slots.is_contiguous(),
+                               op, "k_slots and v_slots must be contiguous [seqs, heads, slots, head_dim] F32"));
+  FERRY_RETURN_IF_ERROR(Expect(k_slots.shape[1] * k_slots.shape[3] == width, op, "heads x head_dim must equal the width"));
+  return Expect(IsIds(seq_ids, n), op, "seq_ids must be [n] I32");
+}
+
+}  // namespace
+
+absl::Status ValidateSlotKvWrite(const SlotKvWriteArgs& a) {
+  const char* op = "SlotKvWrite";
+  FERRY_RETURN_IF_ERROR(Expect(Is2dF32(a.k) && Is2dF32(a.v) && a.k.shape == a.v.shape, op, "k and v must be [n, width] F32"));
+  FERRY_RETURN_IF_ERROR(ValidateSlots(op, a.k_slots, a.v_slots, a.seq_ids, a.k.shape[0], a.k.shape[1]));
+  return Expect(a.slot_ids.ndim == 2 && a.slot_ids.dtype == DType::kI32 && a.slot_ids.shape[0] == a.k.shape[0] &&
+                    a.slot_ids.shape[1] == a.k_slots.shape[1] && a.slot_ids.is_contiguous(),
+                op, "slot_ids must be [n, heads] I32");
+}
+
+absl::Status ValidateSlotAttention(const SlotAttentionArgs& a) {
+  const char* op = "SlotAttention";
+  FERRY_RETURN_IF_ERROR(Expect(Is2dF32(a.q) && Is2dF32(a.out) && a.q.shape == a.out.shape && a.q.data != a.out.data, op,
+                               "q and out must be distinct [n, width] F32"));
+  FERRY_RETURN_IF_ERROR(ValidateSlots(op, a.k_slots, a.v_slots, a.seq_ids, a.q.shape[0], a.q.shape[1]));
+  const auto& ks = a.k_slots.shape;
+  FERRY_RETURN_IF_ERROR(Expect(a.occupied.ndim == 3 && a.occupied.dtype == DType::kU8 && a.occupied.shape[0] == ks[0] &&
+                                   a.occupied.shape[1] == ks[1] && a.occupied.shape[2] == ks[2],
+                               op, "occupied must be [seqs, heads, slots] U8"));
+  return Expect(a.probs.ndim == 3 && a.probs.dtype == DType::kF32 && a.probs.shape[0] == a.q.shape[0] &&
+                    a.probs.shape[1] == ks[1] && a.probs.shape[2] == ks[2],
+                op, "probs must be [n, heads, slots] F32");
+}
+
 }  // namespace ferry::kernels

@@ -93,6 +93,31 @@ struct AttentionArgs {
   float scale = 1.0f;    // applied to q.k
 };
 
+// H2O's per-head slot cache: each (sequence, head) owns `slots` entries that hold whichever tokens
+// survived eviction; positions are absolute (OPT's positions are in the embeddings, so attention
+// needs no position ids).
+struct SlotKvWriteArgs {
+  TensorView k;          // [n, heads * head_dim] F32
+  TensorView v;          // [n, heads * head_dim] F32
+  TensorView k_slots;    // [seqs, heads, slots, head_dim] F32
+  TensorView v_slots;    // [seqs, heads, slots, head_dim] F32
+  TensorView seq_ids;    // [n] I32
+  TensorView slot_ids;   // [n, heads] I32: the slot each head of each token goes to
+};
+
+// One query per row over the occupied slots of its (sequence, head), returning each slot's
+// attention probability from the same pass (0 for empty slots).
+struct SlotAttentionArgs {
+  TensorView q;          // [n, heads * head_dim] F32
+  TensorView k_slots;    // [seqs, heads, slots, head_dim] F32
+  TensorView v_slots;    // [seqs, heads, slots, head_dim] F32
+  TensorView occupied;   // [seqs, heads, slots] U8 (1: holds a token)
+  TensorView seq_ids;    // [n] I32
+  TensorView out;        // [n, heads * head_dim] F32
+  TensorView probs;      // [n, heads, slots] F32
+  float scale = 1.0f;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -121,6 +146,8 @@ class Backend {
   virtual absl::Status Add(const TensorView& a, const TensorView& b, const TensorView& out) = 0;
   virtual absl::Status KvWrite(const KvWriteArgs& args) = 0;
   virtual absl::Status Attention(const AttentionArgs& args) = 0;
+  virtual absl::Status SlotKvWrite(const SlotKvWriteArgs& args) = 0;
+  virtual absl::Status SlotAttention(const SlotAttentionArgs& args) = 0;
 
  protected:
   friend class DeviceBuffer;
@@ -134,5 +161,7 @@ absl::Status ValidateLinear(const LinearArgs& args);
 absl::Status ValidateAdd(const TensorView& a, const TensorView& b, const TensorView& out);
 absl::Status ValidateKvWrite(const KvWriteArgs& args);
 absl::Status ValidateAttention(const AttentionArgs& args);
+absl::Status ValidateSlotKvWrite(const SlotKvWriteArgs& args);
+absl::Status ValidateSlotAttention(const SlotAttentionArgs& args);
 
 }  // namespace ferry::kernels

@@ -6,7 +6,9 @@
 #include <functional>
 #include <memory>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "base/file.h"
 #include "base/status.h"
 #include "engine/generator.h"
@@ -181,6 +183,9 @@ struct PplFlags {
   bool json = false;
   bool quiet = false;
   bool keep_cr = false;
+  std::string h2o;  // HEAVY,RECENT
+  int protect = 0;
+  int local = 0;
 };
 
 absl::Status RunPpl(const PplFlags& f) {
@@ -193,6 +198,19 @@ absl::Status RunPpl(const PplFlags& f) {
   engine::PerplexityOptions o;
   o.window = f.window;
   o.max_tokens = f.max_tokens;
+  if (!f.h2o.empty()) {
+    std::vector<std::string> parts = absl::StrSplit(f.h2o, ',');
+    int heavy = 0, recent = 0;
+    if (parts.size() != 2 || !absl::SimpleAtoi(parts[0], &heavy) || !absl::SimpleAtoi(parts[1], &recent) || heavy < 0 ||
+        recent < 0 || heavy + recent < 1) {
+      return absl::InvalidArgumentError(absl::StrCat("--h2o wants HEAVY,RECENT slot counts, got \"", f.h2o, "\""));
+    }
+    o.h2o = offload::H2OOptions{heavy, recent, f.protect};
+  } else if (f.local > 0) {
+    o.h2o = offload::H2OOptions{0, f.local, 0};
+  } else if (f.protect > 0) {
+    return absl::InvalidArgumentError("--protect goes with --h2o");
+  }
   if (!f.quiet) {
     o.progress = [](int64_t done, int64_t total) {
       std::fprintf(stderr, "\rferry: ppl %lld/%lld tokens", static_cast<long long>(done), static_cast<long long>(total));
@@ -307,6 +325,10 @@ void RegisterCommands(CLI::App& app, Runner* selected) {
   p->add_option("--text", pplf.text_file, "Text file")->required();
   p->add_option("--window", pplf.window, "Window length in tokens")->check(CLI::Range(2, 1 << 20))->capture_default_str();
   p->add_option("--max-tokens", pplf.max_tokens, "Use only the first N tokens (0: all)")->check(CLI::NonNegativeNumber);
+  auto* h2o = p->add_option("--h2o", pplf.h2o, "Evaluate through an H2O evicting KV cache of HEAVY,RECENT slots per head, token by token");
+  p->add_option("--protect", pplf.protect, "With --h2o: never evict the first N positions")->check(CLI::NonNegativeNumber);
+  p->add_option("--local", pplf.local, "Evaluate with a recent-window-only cache of N entries per head")
+      ->check(CLI::PositiveNumber)->excludes(h2o);
   p->add_flag("--keep-cr", pplf.keep_cr, "Keep \\r bytes (default: \\r\\n and \\r read as \\n, as Python's text mode)");
   p->add_flag("--json", pplf.json, "Print the result as JSON");
   p->add_flag("--quiet,-q", pplf.quiet, "No progress on stderr");

@@ -64,4 +64,40 @@ void CpuAttention(ThreadPool& pool, const AttentionArgs& a) {
   });
 }
 
+void CpuSlotAttention(ThreadPool& pool, const SlotAttentionArgs& a) {
+  const int64_t n = a.q.shape[0], width = a.q.shape[1];
+  const int64_t heads = a.k_slots.shape[1], slots = a.k_slots.shape[2], hd = a.k_slots.shape[3];
+  const int32_t* seq = a.seq_ids.as<const int32_t>();
+  pool.ParallelFor(n * heads, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t i = item / heads, h = item % heads;
+      const int64_t base = static_cast<int64_t>(seq[i]) * heads + h;  // (seq, head)
+      const uint8_t* occ = a.occupied.as<const uint8_t>() + base * slots;
+      const float* kb = a.k_slots.as<const float>() + base * slots * hd;
+      const float* vb = a.v_slots.as<const float>() + base * slots * hd;
+      const float* q = a.q.as<const float>() + i * width + h * hd;
+      float* p = a.probs.as<float>() + (i * heads + h) * slots;
+      float max_score = -INFINITY;
+      for (int64_t j = 0; j < slots; ++j) {
+        p[j] = occ[j] ? Dot(q, kb + j * hd, hd) * a.scale : -INFINITY;
+        max_score = std::max(max_score, p[j]);
+      }
+      float sum = 0.0f;
+      for (int64_t j = 0; j < slots; ++j) {
+        p[j] = occ[j] ? std::exp(p[j] - max_score) : 0.0f;
+        sum += p[j];
+      }
+      const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+      float* out = a.out.as<float>() + i * width + h * hd;
+      std::fill(out, out + hd, 0.0f);
+      for (int64_t j = 0; j < slots; ++j) {
+        p[j] *= inv;
+        if (p[j] == 0.0f) continue;
+        const float* v = vb + j * hd;
+        for (int64_t d = 0; d < hd; ++d) out[d] += p[j] * v[d];
+      }
+    }
+  });
+}
+
 }  // namespace ferry::kernels

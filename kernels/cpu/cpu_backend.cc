@@ -173,4 +173,31 @@ absl::Status CpuBackend::Attention(const AttentionArgs& a) {
   return absl::OkStatus();
 }
 
+absl::Status CpuBackend::SlotKvWrite(const SlotKvWriteArgs& a) {
+  FERRY_RETURN_IF_ERROR(ValidateSlotKvWrite(a));
+  FERRY_RETURN_IF_ERROR(CheckIds("SlotKvWrite", "seq_ids", a.seq_ids, 0, a.k_slots.shape[0]));
+  const int64_t n = a.k.shape[0], width = a.k.shape[1], heads = a.k_slots.shape[1], slots = a.k_slots.shape[2],
+                hd = a.k_slots.shape[3];
+  const int32_t* seq = a.seq_ids.as<const int32_t>();
+  const int32_t* slot = a.slot_ids.as<const int32_t>();
+  for (int64_t i = 0; i < n * heads; ++i) {
+    if (slot[i] < 0 || slot[i] >= slots) return absl::InvalidArgumentError("SlotKvWrite: slot id out of range");
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t h = 0; h < heads; ++h) {
+      const int64_t dst = ((static_cast<int64_t>(seq[i]) * heads + h) * slots + slot[i * heads + h]) * hd;
+      std::memcpy(a.k_slots.as<float>() + dst, a.k.as<const float>() + i * width + h * hd, hd * sizeof(float));
+      std::memcpy(a.v_slots.as<float>() + dst, a.v.as<const float>() + i * width + h * hd, hd * sizeof(float));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::SlotAttention(const SlotAttentionArgs& a) {
+  FERRY_RETURN_IF_ERROR(ValidateSlotAttention(a));
+  FERRY_RETURN_IF_ERROR(CheckIds("SlotAttention", "seq_ids", a.seq_ids, 0, a.k_slots.shape[0]));
+  CpuSlotAttention(*pool_, a);
+  return absl::OkStatus();
+}
+
 }  // namespace ferry::kernels

@@ -46,6 +46,8 @@ class CpuBackend final : public Backend {
   absl::Status Add(const TensorView& a, const TensorView& b, const TensorView& out) override;
   absl::Status KvWrite(const KvWriteArgs& args) override;
   absl::Status Attention(const AttentionArgs& args) override;
+  absl::Status SlotKvWrite(const SlotKvWriteArgs& args) override;
+  absl::Status SlotAttention(const SlotAttentionArgs& args) override;
 
   size_t allocated_bytes() const { return device_.allocated.load(); }
   size_t peak_allocated_bytes() const { return device_.peak.load(); }
@@ -70,5 +72,6 @@ class CpuBackend final : public Backend {
 // The kernels themselves, usable without a backend object (benchmarks, other backends' tests).
 void CpuLinear(ThreadPool& pool, const LinearArgs& args);
 void CpuAttention(ThreadPool& pool, const AttentionArgs& args);
+void CpuSlotAttention(ThreadPool& pool, const SlotAttentionArgs& args);
 
 }  // namespace ferry::kernels

@@ -213,4 +213,14 @@ absl::Status CudaBackend::Attention(const AttentionArgs& a) {
   return absl::OkStatus();
 }
 
+absl::Status CudaBackend::SlotKvWrite(const SlotKvWriteArgs& a) {
+  FERRY_RETURN_IF_ERROR(ValidateSlotKvWrite(a));
+  return absl::UnimplementedError("cuda backend: H2O slot KV cache is not implemented on the GPU yet");
+}
+
+absl::Status CudaBackend::SlotAttention(const SlotAttentionArgs& a) {
+  FERRY_RETURN_IF_ERROR(ValidateSlotAttention(a));
+  return absl::UnimplementedError("cuda backend: H2O slot attention is not implemented on the GPU yet");
+}
+
 }  // namespace ferry::kernels::cuda

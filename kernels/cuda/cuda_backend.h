@@ -46,6 +46,9 @@ class CudaBackend final : public Backend {
   absl::Status Add(const TensorView& a, const TensorView& b, const TensorView& out) override;
   absl::Status KvWrite(const KvWriteArgs& args) override;
   absl::Status Attention(const AttentionArgs& args) override;
+  // H2O's slot cache: not on the GPU yet (kUnimplemented).
+  absl::Status SlotKvWrite(const SlotKvWriteArgs& args) override;
+  absl::Status SlotAttention(const SlotAttentionArgs& args) override;
 
   cudaStream_t stream() const { return stream_; }
   size_t allocated_bytes() const { return allocated_; }

@@ -1,0 +1,56 @@
+// H2O KV eviction (Zhang et al. 2023), per sequence and per head, with slots overwritten in place.
+// Each (layer, sequence, head) owns heavy + recent + 1 slots. At every decode step the new token
+// takes a free slot, attention runs over the occupied slots and returns each slot's probability in
+// the same pass, every slot's fp32 score grows by its probability (the new token's too), and when
+// more than heavy + recent slots are occupied the lowest-scoring slot that is neither among the
+// `recent` newest positions nor among the first `protect` positions (attention sinks) is emptied
+// (ties: the oldest). Scores are never summed over the batch. Positions stay absolute.
+// Bookkeeping runs on the host; the GPU version of the eviction is still to come.
+#pragma once
+
+#include <memory>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "offload/attention_cache.h"
+
+namespace ferry::offload {
+
+struct H2OOptions {
+  int heavy = 0;    // heavy-hitter slots
+  int recent = 0;   // recent-window slots
+  int protect = 0;  // the first `protect` positions are never evicted (must be <= heavy)
+};
+
+class H2OCache final : public AttentionCache {
+ public:
+  static absl::StatusOr<std::unique_ptr<H2OCache>> Create(kernels::Backend& backend, int layers, int heads, int head_dim,
+                                                           int rows, const H2OOptions& options);
+
+  // One token per sequence per call (decode or teacher forcing).
+  absl::Status Check(const std::vector<int32_t>& seq_ids, const std::vector<int32_t>& positions) const override;
+  absl::Status Attend(kernels::Backend& backend, const AttendArgs& args) override;
+
+  int slots() const { return slots_; }
+  // Positions held by (layer, row, head), in slot order (-1: empty slot).
+  std::vector<int> Held(int layer, int row, int head) const;
+  // Scores of (layer, row, head)'s slots.
+  std::vector<float> Scores(int layer, int row, int head) const;
+
+ private:
+  H2OCache() = default;
+  size_t Index(int layer, int row, int head) const {
+    return ((static_cast<size_t>(layer) * rows_ + row) * heads_ + head) * slots_;
+  }
+
+  H2OOptions options_;
+  int layers_ = 0, heads_ = 0, head_dim_ = 0, rows_ = 0, slots_ = 0;
+  std::vector<kernels::DeviceBuffer> k_, v_, occupied_dev_;  // per layer
+  kernels::DeviceBuffer slot_ids_dev_, probs_dev_;
+  std::vector<int32_t> position_;  // [layers, rows, heads, slots], -1 empty
+  std::vector<float> score_;       // same shape
+  std::vector<uint8_t> occupied_;  // same shape
+  std::vector<float> probs_;       // [rows, heads, slots] host copy of one call's probabilities
+};
+
+}  // namespace ferry::offload

@@ -1,0 +1,174 @@
+// H2O: the slot cache against a naive reference of the eviction rule written here, on random
+// inputs, batch > 1, sequences of different lengths; a budget that holds everything reproduces the
+// dense cache bitwise; and the perplexities a float64 reference gave on kjv-val.
+#include "offload/h2o_cache.h"
+
+#include <cmath>
+#include <map>
+#include <random>
+#include <set>
+
+#include "base/file.h"
+#include "engine/perplexity.h"
+#include "engine/tokenizer.h"
+#include "gtest/gtest.h"
+#include "kernels/cpu/cpu_backend.h"
+#include "test_util.h"
+
+namespace ferry::offload {
+namespace {
+
+using ferry::testing::RandomValues;
+
+// The rule, plainly: per (seq, head) a set of held positions with float64 scores.
+struct NaiveH2O {
+  int heavy, recent, protect;
+  std::map<std::pair<int, int>, std::map<int, double>> held;  // (seq, head) -> position -> score
+
+  void Step(int seq, int head, int pos, const std::map<int, std::vector<float>>& keys, const float* q, int hd, float scale) {
+    auto& h = held[{seq, head}];
+    h[pos] = 0.0;
+    double mx = -1e300;
+    std::map<int, double> s;
+    for (const auto& [p, score] : h) {
+      double dot = 0;
+      for (int d = 0; d < hd; ++d) dot += static_cast<double>(q[d]) * keys.at(p)[d];
+      s[p] = dot * scale;
+      mx = std::max(mx, s[p]);
+    }
+    double sum = 0;
+    for (auto& [p, v] : s) sum += (v = std::exp(v - mx));
+    for (auto& [p, score] : h) score += s[p] / sum;
+    if (static_cast<int>(h.size()) <= heavy + recent) return;
+    int victim = -1;
+    for (const auto& [p, score] : h) {
+      if (p > pos - recent || p < protect) continue;
+      if (victim < 0 || score < h[victim]) victim = p;  // ascending positions: ties keep the oldest
+    }
+    h.erase(victim);
+  }
+};
+
+TEST(H2OTest, KeepsWhatTheNaiveRuleKeeps) {
+  kernels::CpuBackend cpu;
+  const int layers = 1, heads = 3, hd = 8, rows = 3, w = heads * hd;
+  const H2OOptions opt{4, 3, 1};
+  auto cache = H2OCache::Create(cpu, layers, heads, hd, rows, opt);
+  ASSERT_TRUE(cache.ok()) << cache.status();
+  NaiveH2O naive{opt.heavy, opt.recent, opt.protect, {}};
+  const int lengths[rows] = {40, 25, 33};
+  const int starts[rows] = {0, 10, 4};  // row r joins at step starts[r]
+  std::map<int, std::vector<float>> keys[rows][heads];
+  std::mt19937 rng(3);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  for (int step = 0; step < 50; ++step) {
+    std::vector<int32_t> seq, pos;
+    for (int r = 0; r < rows; ++r) {
+      const int p = step - starts[r];
+      if (p >= 0 && p < lengths[r]) seq.push_back(r), pos.push_back(p);
+    }
+    if (seq.empty()) continue;
+    const int n = static_cast<int>(seq.size());
+    std::vector<float> q = RandomValues(n * w, rng(), 2.0f), k = RandomValues(n * w, rng()), v = RandomValues(n * w, rng()),
+                       out(n * w);
+    AttendArgs a;
+    a.q = TensorView::Contiguous(q.data(), DType::kF32, {n, w});
+    a.k = TensorView::Contiguous(k.data(), DType::kF32, {n, w});
+    a.v = TensorView::Contiguous(v.data(), DType::kF32, {n, w});
+    a.seq_ids = TensorView::Contiguous(seq.data(), DType::kI32, {n});
+    a.positions = TensorView::Contiguous(pos.data(), DType::kI32, {n});
+    a.host_seq_ids = &seq;
+    a.host_positions = &pos;
+    a.out = TensorView::Contiguous(out.data(), DType::kF32, {n, w});
+    a.num_heads = heads;
+    a.scale = scale;
+    ASSERT_TRUE((*cache)->Check(seq, pos).ok());
+    ASSERT_TRUE((*cache)->Attend(cpu, a).ok());
+    for (int i = 0; i < n; ++i) {
+      for (int h = 0; h < heads; ++h) {
+        keys[seq[i]][h][pos[i]] = std::vector<float>(k.begin() + i * w + h * hd, k.begin() + i * w + (h + 1) * hd);
+        naive.Step(seq[i], h, pos[i], keys[seq[i]][h], q.data() + i * w + h * hd, hd, scale);
+        std::set<int> got, want;
+        for (int p : (*cache)->Held(0, seq[i], h)) {
+          if (p >= 0) got.insert(p);
+        }
+        for (const auto& [p, score] : naive.held[{seq[i], h}]) want.insert(p);
+        ASSERT_EQ(got, want) << "step " << step << " row " << seq[i] << " head " << h;
+        EXPECT_LE(got.size(), static_cast<size_t>(opt.heavy + opt.recent));
+        if (pos[i] >= opt.protect) {
+          EXPECT_TRUE(got.count(0)) << "protected position 0 was evicted";
+        }
+      }
+    }
+  }
+  // A row appears once per call.
+  std::vector<int32_t> twice = {1, 1}, p2 = {0, 1};
+  EXPECT_EQ((*cache)->Check(twice, p2).code(), absl::StatusCode::kUnimplemented);
+  EXPECT_EQ(H2OCache::Create(cpu, 1, 1, 8, 1, {2, 2, 3}).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+class H2OPerplexityTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    model_ = std::move(*engine::OptModel::Load(ferry::testing::ModelDir(), &cpu_));
+    auto tok = engine::Tokenizer::FromModelDir(ferry::testing::ModelDir());
+    auto text = ReadFileToString(ferry::testing::DataDir() + "/kjv-val.txt");
+    ASSERT_TRUE(text.ok());
+    ids_ = *(*tok)->Encode(engine::NormalizeNewlines(*text));
+  }
+  double Ppl(std::optional<H2OOptions> h2o, int64_t max_tokens = 4096) {
+    engine::PerplexityOptions o;
+    o.window = 512;
+    o.max_tokens = max_tokens;
+    o.h2o = h2o;
+    auto r = engine::ComputePerplexity(*model_, ids_, o);
+    EXPECT_TRUE(r.ok()) << r.status();
+    return r.ok() ? r->perplexity : 0.0;
+  }
+  kernels::CpuBackend cpu_;
+  std::unique_ptr<engine::OptModel> model_;
+  std::vector<int> ids_;
+};
+
+TEST_F(H2OPerplexityTest, BudgetHoldingEverythingGivesTheDenseCacheLogitsBitwise) {
+  // Two sequences of different lengths, token by token, through both caches.
+  const int len[2] = {120, 77};
+  auto dense = engine::KvCache::Create(cpu_, model_->config(), 2, 128);
+  auto h2o = H2OCache::Create(cpu_, model_->config().num_layers, model_->config().num_heads, model_->config().head_dim(), 2,
+                              {100, 100, 0});
+  ASSERT_TRUE(dense.ok() && h2o.ok());
+  for (int t = 0; t < len[0]; ++t) {
+    engine::ForwardBatch step;
+    for (int s = 0; s < 2; ++s) {
+      if (t >= len[s]) continue;
+      step.tokens.push_back(ids_[s * 1000 + t]);
+      step.seq_ids.push_back(s);
+      step.positions.push_back(t);
+      step.logit_rows.push_back(static_cast<int32_t>(step.tokens.size()) - 1);
+    }
+    std::vector<float> a, b;
+    ASSERT_TRUE(model_->Forward(step, *dense, &a).ok());
+    ASSERT_TRUE(model_->Forward(step, **h2o, &b).ok());
+    ASSERT_EQ(a, b) << "step " << t;
+  }
+  // The same cache with a small budget does evict: the logits then differ.
+  auto small = H2OCache::Create(cpu_, model_->config().num_layers, model_->config().num_heads, model_->config().head_dim(), 1,
+                                {4, 4, 0});
+  auto ref = engine::KvCache::Create(cpu_, model_->config(), 1, 128);
+  std::vector<float> a, b;
+  for (int t = 0; t < 40; ++t) {
+    engine::ForwardBatch step{{ids_[t]}, {0}, {t}, {0}};
+    ASSERT_TRUE(model_->Forward(step, *ref, &a).ok());
+    ASSERT_TRUE(model_->Forward(step, **small, &b).ok());
+  }
+  EXPECT_NE(a, b);
+}
+
+TEST_F(H2OPerplexityTest, KjvValMatchesTheFloat64Reference) {
+  EXPECT_NEAR(Ppl(std::nullopt), 45.87, 45.87 * 0.01);
+  EXPECT_NEAR(Ppl(H2OOptions{51, 51, 0}), 47.50, 47.50 * 0.01);
+  EXPECT_NEAR(Ppl(H2OOptions{0, 102, 0}), 51.78, 51.78 * 0.01);
+}
+
+}  // namespace
+}  // namespace ferry::offload
