@@ -90,7 +90,7 @@ void BM_DecodeAttention(benchmark::State& state) {
   std::vector<int32_t> seq(b), pos(b, static_cast<int32_t>(ctx - 1));
   for (int64_t i = 0; i < b; ++i) seq[i] = static_cast<int32_t>(i);
   DevTensor dseq = Ids(seq), dpos = Ids(pos);
-  AttentionArgs a{q.view, k.view, v.view, dseq.view, dpos.view, out.view, static_cast<int>(h), 0.088f};
+  AttentionArgs a{q.view, k.view, v.view, dseq.view, dpos.view, out.view, static_cast<int>(h), 0.088f, TensorView{}};
   TimeLoop(state, [&] { return Gpu()->Attention(a); });
   const double bytes = 2.0 * b * ctx * w * 4;
   state.counters["KV_GB/s"] = benchmark::Counter(bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
@@ -106,7 +106,7 @@ void BM_PrefillAttention(benchmark::State& state) {
   std::vector<int32_t> seq(ctx, 0), pos(ctx);
   for (int64_t i = 0; i < ctx; ++i) pos[i] = static_cast<int32_t>(i);
   DevTensor dseq = Ids(seq), dpos = Ids(pos);
-  AttentionArgs a{q.view, k.view, v.view, dseq.view, dpos.view, out.view, static_cast<int>(h), 0.088f};
+  AttentionArgs a{q.view, k.view, v.view, dseq.view, dpos.view, out.view, static_cast<int>(h), 0.088f, TensorView{}};
   TimeLoop(state, [&] { return Gpu()->Attention(a); });
   const double flops = 2.0 * ctx * (ctx + 1) * w;  // QK^T and PV over the causal half
   state.counters["TFLOP/s"] = benchmark::Counter(flops * 1e-12, benchmark::Counter::kIsIterationInvariantRate);

@@ -44,7 +44,14 @@ absl::StatusOr<std::vector<GenerationResult>> Generate(const OptModel& model,
     for (auto& r : results) r.finish_reason = "length";
     return results;
   }
-  FERRY_ASSIGN_OR_RETURN(KvCache cache, KvCache::Create(model.backend(), c, n, max_len));
+  std::unique_ptr<offload::AttentionCache> cache;
+  if (options.h2o.has_value()) {
+    FERRY_ASSIGN_OR_RETURN(cache, offload::H2OCache::Create(model.backend(), c.num_layers, c.num_heads, c.head_dim(), n,
+                                                            *options.h2o));
+  } else {
+    FERRY_ASSIGN_OR_RETURN(KvCache dense, KvCache::Create(model.backend(), c, n, max_len));
+    cache = std::make_unique<KvCache>(std::move(dense));
+  }
   std::vector<Rng> rngs;
   rngs.reserve(n);
   for (const auto& r : requests) rngs.emplace_back(options.sampling.seed, r.index);
@@ -89,7 +96,7 @@ absl::StatusOr<std::vector<GenerationResult>> Generate(const OptModel& model,
       batch.logit_rows.push_back(static_cast<int32_t>(batch.tokens.size()) - 1);
       ++s1;
     }
-    FERRY_RETURN_IF_ERROR(model.Forward(batch, cache, &logits));
+    FERRY_RETURN_IF_ERROR(model.Forward(batch, *cache, &logits));
     for (int s = s0; s < s1; ++s) {
       length[s] = static_cast<int>(requests[s].prompt.size());
       accept(s, choose(s, logits.data() + static_cast<size_t>(s - s0) * vocab));
@@ -110,7 +117,7 @@ absl::StatusOr<std::vector<GenerationResult>> Generate(const OptModel& model,
       seqs.push_back(s);
     }
     if (seqs.empty()) break;
-    FERRY_RETURN_IF_ERROR(model.Forward(batch, cache, &logits));
+    FERRY_RETURN_IF_ERROR(model.Forward(batch, *cache, &logits));
     for (size_t i = 0; i < seqs.size(); ++i) {
       const int s = seqs[i];
       ++length[s];

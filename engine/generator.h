@@ -4,12 +4,14 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "engine/opt_model.h"
 #include "engine/sampling.h"
+#include "offload/h2o_cache.h"
 
 namespace ferry::engine {
 
@@ -19,6 +21,7 @@ struct GenerateOptions {
   SamplingOptions sampling;
   bool stop_at_eos = true;
   int64_t max_prefill_tokens = 4096;  // tokens per prefill forward call
+  std::optional<offload::H2OOptions> h2o;  // evicting KV cache instead of the dense one
 };
 
 struct GenerationRequest {

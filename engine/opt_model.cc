@@ -62,7 +62,7 @@ absl::Status KvCache::Check(const std::vector<int32_t>& seq_ids, const std::vect
 
 absl::Status KvCache::Attend(kernels::Backend& b, const offload::AttendArgs& a) {
   FERRY_RETURN_IF_ERROR(b.KvWrite({a.k, a.v, k(a.layer), v(a.layer), a.seq_ids, a.positions}));
-  return b.Attention({a.q, k(a.layer), v(a.layer), a.seq_ids, a.positions, a.out, a.num_heads, a.scale});
+  return b.Attention({a.q, k(a.layer), v(a.layer), a.seq_ids, a.positions, a.out, a.num_heads, a.scale, TensorView{}});
 }
 
 absl::StatusOr<Weight> OptModel::Alloc(DType dtype, std::initializer_list<int64_t> shape) const {

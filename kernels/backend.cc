@@ -124,6 +124,12 @@ absl::Status ValidateAttention(const AttentionArgs& a) {
   FERRY_RETURN_IF_ERROR(Expect(a.num_heads > 0 && a.q.shape[1] % a.num_heads == 0, op,
                                absl::StrCat("width ", a.q.shape[1], " is not a multiple of ", a.num_heads, " heads")));
   FERRY_RETURN_IF_ERROR(Expect(a.q.data != a.out.data, op, "out must not alias q"));
+  if (a.col_sums.data != nullptr) {
+    FERRY_RETURN_IF_ERROR(Expect(a.col_sums.ndim == 3 && a.col_sums.dtype == DType::kF32 &&
+                                     a.col_sums.shape[0] == a.k_cache.shape[0] && a.col_sums.shape[1] == a.num_heads &&
+                                     a.col_sums.shape[2] == a.k_cache.shape[1],
+                                 op, "col_sums must be [seqs, heads, max_len] F32"));
+  }
   return ValidateCacheAccess(op, a.k_cache, a.v_cache, a.seq_ids, a.positions, a.q.shape[0], a.q.shape[1]);
 }
 

@@ -91,6 +91,10 @@ struct AttentionArgs {
   TensorView out;        // [n, heads * head_dim] F32
   int num_heads = 1;
   float scale = 1.0f;    // applied to q.k
+  // Optional (data == nullptr: off): col_sums[seq, head, j] += the probability each query of the
+  // call gave to cache entry j, computed in the same pass (H2O's prefill scores). Must be zeroed
+  // by the caller; [seqs, heads, max_len] F32.
+  TensorView col_sums;
 };
 
 // H2O's per-head slot cache: each (sequence, head) owns `slots` entries that hold whichever tokens

@@ -37,16 +37,103 @@ absl::StatusOr<std::unique_ptr<H2OCache>> H2OCache::Create(kernels::Backend& bac
   return c;
 }
 
+uint64_t H2OCache::Bytes(int layers, int heads, int head_dim, int rows, const H2OOptions& o) {
+  const uint64_t cells = static_cast<uint64_t>(rows) * heads * (o.heavy + o.recent + 1);
+  return static_cast<uint64_t>(layers) * cells * (2 * head_dim * sizeof(float) + 1) + cells * sizeof(float) +
+         static_cast<uint64_t>(rows) * heads * sizeof(int32_t);
+}
+
+uint64_t H2OCache::PrefillBytes(int heads, int head_dim, int rows, int max_prompt) {
+  // A dense K and V for the prompts and the column sums, one layer at a time.
+  return static_cast<uint64_t>(rows) * max_prompt * (2 * heads * head_dim + heads) * sizeof(float);
+}
+
 absl::Status H2OCache::Check(const std::vector<int32_t>& seq_ids, const std::vector<int32_t>& positions) const {
-  std::vector<bool> seen(rows_, false);
+  std::vector<int> count(rows_, 0);
+  std::vector<int> max_pos(rows_, -1);
   for (size_t i = 0; i < seq_ids.size(); ++i) {
     if (seq_ids[i] < 0 || seq_ids[i] >= rows_) {
       return absl::InvalidArgumentError(absl::StrCat("sequence ", seq_ids[i], " is outside the H2O cache of ", rows_, " rows"));
     }
-    if (seen[seq_ids[i]]) {
-      return absl::UnimplementedError("the H2O cache takes one token per sequence per call (prefill with H2O is not implemented yet)");
+    ++count[seq_ids[i]];
+    max_pos[seq_ids[i]] = std::max(max_pos[seq_ids[i]], positions[i]);
+  }
+  const bool prefill = std::any_of(count.begin(), count.end(), [](int c) { return c > 1; });
+  if (!prefill) return absl::OkStatus();  // decode: one token per row
+  for (int r = 0; r < rows_; ++r) {
+    if (count[r] == 0) continue;
+    // A prompt: positions 0..count-1 into an empty row.
+    if (max_pos[r] != count[r] - 1) {
+      return absl::InvalidArgumentError(absl::StrCat("H2O prefill of sequence ", r, " must give positions 0..", count[r] - 1,
+                                                     " (a call is either all prompts or one token per sequence)"));
     }
-    seen[seq_ids[i]] = true;
+    for (int j = 0; j < slots_; ++j) {
+      if (occupied_[Index(0, r, 0) + j]) {
+        return absl::UnimplementedError(absl::StrCat("H2O: sequence ", r, " already holds tokens; it takes one token per call now"));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status H2OCache::Prefill(kernels::Backend& b, const AttendArgs& a) {
+  const std::vector<int32_t>& seq = *a.host_seq_ids;
+  const std::vector<int32_t>& pos = *a.host_positions;
+  const int l = a.layer, width = heads_ * head_dim_;
+  int max_len = 0;
+  for (int32_t p : pos) max_len = std::max(max_len, p + 1);
+  const Device dev = b.device();
+  const size_t dense_cells = static_cast<size_t>(rows_) * max_len * width;
+  FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer k_dense, b.Allocate(dense_cells * sizeof(float)));
+  FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer v_dense, b.Allocate(dense_cells * sizeof(float)));
+  FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer cols_dev, b.Allocate(static_cast<size_t>(rows_) * heads_ * max_len * sizeof(float)));
+  std::vector<float> cols(static_cast<size_t>(rows_) * heads_ * max_len, 0.0f);
+  FERRY_RETURN_IF_ERROR(b.CopyToDevice(cols_dev.data(), cols.data(), cols.size() * sizeof(float)));
+  const TensorView kd = TensorView::Contiguous(k_dense.data(), DType::kF32, {rows_, max_len, width}, dev);
+  const TensorView vd = TensorView::Contiguous(v_dense.data(), DType::kF32, {rows_, max_len, width}, dev);
+  const TensorView cv = TensorView::Contiguous(cols_dev.data(), DType::kF32, {rows_, heads_, max_len}, dev);
+  FERRY_RETURN_IF_ERROR(b.KvWrite({a.k, a.v, kd, vd, a.seq_ids, a.positions}));
+  FERRY_RETURN_IF_ERROR(b.Attention({a.q, kd, vd, a.seq_ids, a.positions, a.out, heads_, a.scale, cv}));
+  std::vector<float> kh(dense_cells), vh(dense_cells);
+  FERRY_RETURN_IF_ERROR(b.CopyToHost(kh.data(), k_dense.data(), dense_cells * sizeof(float)));
+  FERRY_RETURN_IF_ERROR(b.CopyToHost(vh.data(), v_dense.data(), dense_cells * sizeof(float)));
+  FERRY_RETURN_IF_ERROR(b.CopyToHost(cols.data(), cols_dev.data(), cols.size() * sizeof(float)));
+  std::vector<int> len(rows_, 0);
+  for (size_t i = 0; i < seq.size(); ++i) len[seq[i]] = std::max(len[seq[i]], pos[i] + 1);
+  std::vector<float> kslot(static_cast<size_t>(slots_) * head_dim_), vslot(kslot.size());
+  for (int r = 0; r < rows_; ++r) {
+    if (len[r] == 0) continue;
+    for (int h = 0; h < heads_; ++h) {
+      const float* col = cols.data() + (static_cast<size_t>(r) * heads_ + h) * max_len;
+      // Keep: the recent tokens, the protected ones, then the highest column sums (ties: oldest).
+      std::vector<int> keep;
+      std::vector<int> rest;
+      for (int p = 0; p < len[r]; ++p) {
+        if (p > len[r] - 1 - options_.recent || p < options_.protect) {
+          keep.push_back(p);
+        } else {
+          rest.push_back(p);
+        }
+      }
+      const int heavy_left = options_.heavy - std::min(options_.protect, len[r]);
+      std::stable_sort(rest.begin(), rest.end(), [&](int x, int y) { return col[x] > col[y]; });
+      for (int i = 0; i < static_cast<int>(rest.size()) && i < heavy_left; ++i) keep.push_back(rest[i]);
+      std::sort(keep.begin(), keep.end());
+      const size_t base = Index(l, r, h);
+      for (size_t j = 0; j < keep.size(); ++j) {
+        const int p = keep[j];
+        position_[base + j] = p;
+        score_[base + j] = col[p];
+        occupied_[base + j] = 1;
+        const size_t src = (static_cast<size_t>(r) * max_len + p) * width + static_cast<size_t>(h) * head_dim_;
+        std::copy(kh.begin() + src, kh.begin() + src + head_dim_, kslot.begin() + j * head_dim_);
+        std::copy(vh.begin() + src, vh.begin() + src + head_dim_, vslot.begin() + j * head_dim_);
+      }
+      const size_t slot_off = ((static_cast<size_t>(r) * heads_ + h) * slots_) * head_dim_ * sizeof(float);
+      const size_t bytes = keep.size() * head_dim_ * sizeof(float);
+      FERRY_RETURN_IF_ERROR(b.CopyToDevice(static_cast<char*>(k_[l].data()) + slot_off, kslot.data(), bytes));
+      FERRY_RETURN_IF_ERROR(b.CopyToDevice(static_cast<char*>(v_[l].data()) + slot_off, vslot.data(), bytes));
+    }
   }
   return absl::OkStatus();
 }
@@ -56,6 +143,12 @@ absl::Status H2OCache::Attend(kernels::Backend& b, const AttendArgs& a) {
   const std::vector<int32_t>& pos = *a.host_positions;
   const int n = static_cast<int>(seq.size());
   if (a.num_heads != heads_) return absl::InvalidArgumentError("H2O cache: head count differs from the model's");
+  std::vector<bool> seen(rows_, false);
+  for (int32_t s : seq) {
+    if (seen[s]) return Prefill(b, a);
+    seen[s] = true;
+  }
+
   const int l = a.layer;
   const Device dev = b.device();
   // Place each token's heads in a free slot of their (row, head).

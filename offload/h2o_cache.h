@@ -5,6 +5,10 @@
 // more than heavy + recent slots are occupied the lowest-scoring slot that is neither among the
 // `recent` newest positions nor among the first `protect` positions (attention sinks) is emptied
 // (ties: the oldest). Scores are never summed over the batch. Positions stay absolute.
+// Prefill (a row's whole prompt in one call, into an empty row) runs dense causal attention that
+// also returns each prompt token's column sum of probabilities; the row keeps the `recent` newest
+// tokens, the protected first ones, and the highest column sums up to `heavy`, each slot starting
+// with its column sum as its score.
 // Bookkeeping runs on the host; the GPU version of the eviction is still to come.
 #pragma once
 
@@ -27,11 +31,17 @@ class H2OCache final : public AttentionCache {
   static absl::StatusOr<std::unique_ptr<H2OCache>> Create(kernels::Backend& backend, int layers, int heads, int head_dim,
                                                            int rows, const H2OOptions& options);
 
-  // One token per sequence per call (decode or teacher forcing).
+  // Per call, each row gets either one token (decode, teacher forcing) or its whole prompt,
+  // positions 0..L-1, while the row is still empty (prefill).
   absl::Status Check(const std::vector<int32_t>& seq_ids, const std::vector<int32_t>& positions) const override;
   absl::Status Attend(kernels::Backend& backend, const AttendArgs& args) override;
 
   int slots() const { return slots_; }
+  // Device bytes this cache holds for `rows` rows, and the most a prefill of `tokens` tokens
+  // (longest prompt `max_prompt`) allocates on top, for memory plans.
+  static uint64_t Bytes(int layers, int heads, int head_dim, int rows, const H2OOptions& o);
+  static uint64_t PrefillBytes(int heads, int head_dim, int rows, int max_prompt);
+
   // Positions held by (layer, row, head), in slot order (-1: empty slot).
   std::vector<int> Held(int layer, int row, int head) const;
   // Scores of (layer, row, head)'s slots.
@@ -39,6 +49,7 @@ class H2OCache final : public AttentionCache {
 
  private:
   H2OCache() = default;
+  absl::Status Prefill(kernels::Backend& backend, const AttendArgs& args);
   size_t Index(int layer, int row, int head) const {
     return ((static_cast<size_t>(layer) * rows_ + row) * heads_ + head) * slots_;
   }

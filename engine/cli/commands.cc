@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
+#include <optional>
 #include <memory>
 
 #include "absl/strings/numbers.h"
@@ -99,6 +100,22 @@ absl::StatusOr<Loaded> LoadAll(const ModelFlags& f, int64_t rows, int64_t max_to
   return l;
 }
 
+// --h2o HEAVY,RECENT [--protect N] or --local N (a recent-only window) into cache options.
+absl::StatusOr<std::optional<offload::H2OOptions>> ParseH2O(const std::string& spec, int protect, int local) {
+  if (!spec.empty()) {
+    std::vector<std::string> parts = absl::StrSplit(spec, ',');
+    int heavy = 0, recent = 0;
+    if (parts.size() != 2 || !absl::SimpleAtoi(parts[0], &heavy) || !absl::SimpleAtoi(parts[1], &recent) || heavy < 0 ||
+        recent < 0 || heavy + recent < 1) {
+      return absl::InvalidArgumentError(absl::StrCat("--h2o wants HEAVY,RECENT slot counts, got \"", spec, "\""));
+    }
+    return std::optional<offload::H2OOptions>(offload::H2OOptions{heavy, recent, protect});
+  }
+  if (protect > 0) return absl::InvalidArgumentError("--protect goes with --h2o");
+  if (local > 0) return std::optional<offload::H2OOptions>(offload::H2OOptions{0, local, 0});
+  return std::optional<offload::H2OOptions>();
+}
+
 struct GenerateFlags {
   ModelFlags model;
   std::string prompt, input, output;
@@ -111,6 +128,8 @@ struct GenerateFlags {
   uint64_t seed = 0;
   bool ignore_eos = false;
   bool quiet = false;
+  std::string h2o;
+  int protect = 0;
 };
 
 absl::Status RunGenerate(const GenerateFlags& f) {
@@ -120,6 +139,7 @@ absl::Status RunGenerate(const GenerateFlags& f) {
   gen.min_new_tokens = f.min_new_tokens;
   gen.sampling = {f.temperature, f.top_k, f.top_p, f.seed};
   gen.stop_at_eos = !f.ignore_eos;
+  FERRY_ASSIGN_OR_RETURN(gen.h2o, ParseH2O(f.h2o, f.protect, 0));
   FERRY_RETURN_IF_ERROR(engine::ValidateGenerateOptions(gen));
   const int64_t rows = f.input.empty() ? 1 : f.batch_size;
   FERRY_ASSIGN_OR_RETURN(Loaded l, LoadAll(f.model, rows, std::max<int64_t>(4096, rows)));
@@ -198,19 +218,7 @@ absl::Status RunPpl(const PplFlags& f) {
   engine::PerplexityOptions o;
   o.window = f.window;
   o.max_tokens = f.max_tokens;
-  if (!f.h2o.empty()) {
-    std::vector<std::string> parts = absl::StrSplit(f.h2o, ',');
-    int heavy = 0, recent = 0;
-    if (parts.size() != 2 || !absl::SimpleAtoi(parts[0], &heavy) || !absl::SimpleAtoi(parts[1], &recent) || heavy < 0 ||
-        recent < 0 || heavy + recent < 1) {
-      return absl::InvalidArgumentError(absl::StrCat("--h2o wants HEAVY,RECENT slot counts, got \"", f.h2o, "\""));
-    }
-    o.h2o = offload::H2OOptions{heavy, recent, f.protect};
-  } else if (f.local > 0) {
-    o.h2o = offload::H2OOptions{0, f.local, 0};
-  } else if (f.protect > 0) {
-    return absl::InvalidArgumentError("--protect goes with --h2o");
-  }
+  FERRY_ASSIGN_OR_RETURN(o.h2o, ParseH2O(f.h2o, f.protect, f.local));
   if (!f.quiet) {
     o.progress = [](int64_t done, int64_t total) {
       std::fprintf(stderr, "\rferry: ppl %lld/%lld tokens", static_cast<long long>(done), static_cast<long long>(total));
@@ -307,6 +315,8 @@ void RegisterCommands(CLI::App& app, Runner* selected) {
   g->add_option("--top-k", gen.top_k, "Sample from the k most likely tokens (0: off)")->check(CLI::NonNegativeNumber);
   g->add_option("--top-p", gen.top_p, "Nucleus sampling mass in (0, 1] (1: off)")->check(CLI::Range(0.0, 1.0));
   g->add_option("--seed", gen.seed, "Random seed: the same seed gives the same text")->capture_default_str();
+  g->add_option("--h2o", gen.h2o, "H2O KV eviction: HEAVY,RECENT slots per head (default: the full cache)");
+  g->add_option("--protect", gen.protect, "With --h2o: never evict the first N positions")->check(CLI::NonNegativeNumber);
   g->add_flag("--ignore-eos", gen.ignore_eos, "Keep generating after the end-of-sequence token");
   g->add_flag("--quiet,-q", gen.quiet, "No progress or timing on stderr");
   g->callback([selected] { *selected = [] { return RunGenerate(gen); }; });

@@ -26,39 +26,63 @@ inline float Dot(const float* q, const float* k, int64_t n) {
 
 }  // namespace
 
-void CpuAttention(ThreadPool& pool, const AttentionArgs& a) {
-  const int64_t n = a.q.shape[0], width = a.q.shape[1];
-  const int64_t heads = a.num_heads, head_dim = width / heads;
-  const int64_t max_len = a.k_cache.shape[1];
-  const int32_t* seq = a.seq_ids.as<const int32_t>();
-  const int32_t* pos = a.positions.as<const int32_t>();
+namespace {
 
-  pool.ParallelFor(n * heads, 4, [&](int64_t begin, int64_t end) {
+// Attention of query i, head h over entries 0..pos[i] of its row; returns the probabilities in
+// `scores` (resized to the row's length).
+void AttendOne(const AttentionArgs& a, int64_t i, int64_t h, std::vector<float>& scores) {
+  const int64_t width = a.q.shape[1], head_dim = width / a.num_heads, max_len = a.k_cache.shape[1];
+  const int32_t seq = a.seq_ids.as<const int32_t>()[i];
+  const int64_t len = static_cast<int64_t>(a.positions.as<const int32_t>()[i]) + 1;
+  const float* q = a.q.as<const float>() + i * width + h * head_dim;
+  const float* kbase = a.k_cache.as<const float>() + static_cast<int64_t>(seq) * max_len * width + h * head_dim;
+  const float* vbase = a.v_cache.as<const float>() + static_cast<int64_t>(seq) * max_len * width + h * head_dim;
+  scores.resize(static_cast<size_t>(len));
+  float max_score = -INFINITY;
+  for (int64_t j = 0; j < len; ++j) {
+    scores[j] = Dot(q, kbase + j * width, head_dim) * a.scale;
+    max_score = std::max(max_score, scores[j]);
+  }
+  float sum = 0.0f;
+  for (int64_t j = 0; j < len; ++j) {
+    scores[j] = std::exp(scores[j] - max_score);
+    sum += scores[j];
+  }
+  const float inv = 1.0f / sum;
+  float* out = a.out.as<float>() + i * width + h * head_dim;
+  std::fill(out, out + head_dim, 0.0f);
+  for (int64_t j = 0; j < len; ++j) {
+    const float p = scores[j] * inv;
+    scores[j] = p;
+    const float* v = vbase + j * width;
+    for (int64_t d = 0; d < head_dim; ++d) out[d] += p * v[d];
+  }
+}
+
+}  // namespace
+
+void CpuAttention(ThreadPool& pool, const AttentionArgs& a) {
+  const int64_t n = a.q.shape[0], heads = a.num_heads;
+  if (a.col_sums.data == nullptr) {
+    pool.ParallelFor(n * heads, 4, [&](int64_t begin, int64_t end) {
+      thread_local std::vector<float> scores;
+      for (int64_t item = begin; item < end; ++item) AttendOne(a, item / heads, item % heads, scores);
+    });
+    return;
+  }
+  // With column sums: one task per (row, head) walks that row's queries in order, so the sums are
+  // deterministic.
+  const int64_t rows = a.k_cache.shape[0], max_len = a.k_cache.shape[1];
+  const int32_t* seq = a.seq_ids.as<const int32_t>();
+  pool.ParallelFor(rows * heads, 1, [&](int64_t begin, int64_t end) {
     thread_local std::vector<float> scores;
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t i = item / heads, h = item % heads;
-      const int64_t len = static_cast<int64_t>(pos[i]) + 1;
-      const float* q = a.q.as<const float>() + i * width + h * head_dim;
-      const float* kbase = a.k_cache.as<const float>() + static_cast<int64_t>(seq[i]) * max_len * width + h * head_dim;
-      const float* vbase = a.v_cache.as<const float>() + static_cast<int64_t>(seq[i]) * max_len * width + h * head_dim;
-      scores.resize(static_cast<size_t>(len));
-      float max_score = -INFINITY;
-      for (int64_t j = 0; j < len; ++j) {
-        scores[j] = Dot(q, kbase + j * width, head_dim) * a.scale;
-        max_score = std::max(max_score, scores[j]);
-      }
-      float sum = 0.0f;
-      for (int64_t j = 0; j < len; ++j) {
-        scores[j] = std::exp(scores[j] - max_score);
-        sum += scores[j];
-      }
-      const float inv = 1.0f / sum;
-      float* out = a.out.as<float>() + i * width + h * head_dim;
-      std::fill(out, out + head_dim, 0.0f);
-      for (int64_t j = 0; j < len; ++j) {
-        const float p = scores[j] * inv;
-        const float* v = vbase + j * width;
-        for (int64_t d = 0; d < head_dim; ++d) out[d] += p * v[d];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t row = task / heads, h = task % heads;
+      float* col = a.col_sums.as<float>() + (row * heads + h) * max_len;
+      for (int64_t i = 0; i < n; ++i) {
+        if (seq[i] != row) continue;
+        AttendOne(a, i, h, scores);
+        for (size_t j = 0; j < scores.size(); ++j) col[j] += scores[j];
       }
     }
   });

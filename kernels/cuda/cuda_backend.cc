@@ -209,6 +209,7 @@ absl::Status CudaBackend::KvWrite(const KvWriteArgs& a) {
 absl::Status CudaBackend::Attention(const AttentionArgs& a) {
   FERRY_RETURN_IF_ERROR(ValidateAttention(a));
   if (a.q.shape[1] / a.num_heads > 256) return absl::InvalidArgumentError("cuda attention: head_dim above 256");
+  if (a.col_sums.data != nullptr) return absl::UnimplementedError("cuda attention: column sums (H2O prefill) not on the GPU yet");
   FERRY_CUDA_RETURN_IF_ERROR(LaunchAttention(a, stream_));
   return absl::OkStatus();
 }

@@ -122,9 +122,9 @@ TEST(CpuBackendTest, AttentionMatchesReferenceForMixedPrefillAndDecode) {
   std::vector<float> q = RandomValues(n * w, 13, 2.0f), out(n * w, NAN);
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   AttentionArgs a{View(q, {n, w}), View(kc, {seqs, max_len, w}), View(vc, {seqs, max_len, w}), Ids(seq), Ids(pos),
-                  View(out, {n, w}), heads, scale};
+                  View(out, {n, w}), heads, scale, TensorView{}};
   ASSERT_TRUE(cpu.Attention(a).ok());
-  std::vector<double> ref(n * w);
+  std::vector<double> ref(n * w), ref_cols(seqs * heads * max_len, 0.0);
   for (int i = 0; i < n; ++i) {
     for (int h = 0; h < heads; ++h) {
       std::vector<double> s(pos[i] + 1);
@@ -136,6 +136,7 @@ TEST(CpuBackendTest, AttentionMatchesReferenceForMixedPrefillAndDecode) {
         mx = std::max(mx, s[j]);
       }
       for (auto& x : s) sum += (x = std::exp(x - mx));
+      for (int j = 0; j <= pos[i]; ++j) ref_cols[(seq[i] * heads + h) * max_len + j] += s[j] / sum;
       for (int d = 0; d < hd; ++d) {
         double acc = 0;
         for (int j = 0; j <= pos[i]; ++j) acc += s[j] / sum * vc[(seq[i] * max_len + j) * w + h * hd + d];
@@ -144,6 +145,14 @@ TEST(CpuBackendTest, AttentionMatchesReferenceForMixedPrefillAndDecode) {
     }
   }
   EXPECT_LT(MaxRelErr(out, ref), 1e-5);
+  // The same pass with column sums (H2O's prefill scores): same output, sums of the probabilities.
+  std::vector<float> out2(n * w, NAN), cols(seqs * heads * max_len, 0.0f);
+  a.out = View(out2, {n, w});
+  a.col_sums = TensorView::Contiguous(cols.data(), DType::kF32, {seqs, heads, max_len});
+  ASSERT_TRUE(cpu.Attention(a).ok());
+  EXPECT_EQ(out2, out);
+  EXPECT_LT(MaxRelErr(cols, ref_cols), 1e-5);
+  a.col_sums = TensorView{};
   pos[8] = max_len;  // outside the cache
   EXPECT_EQ(cpu.Attention(a).code(), absl::StatusCode::kInvalidArgument);
 }

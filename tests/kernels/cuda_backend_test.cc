@@ -146,7 +146,7 @@ TEST_F(CudaTwinTest, KvWriteAndAttention) {
                     .ok());
     const float scale = 1.0f / std::sqrt(static_cast<float>(c.hd));
     ASSERT_TRUE(cpu_.Attention({host_view(q, {n, w}), host_view(kc, {c.seqs, c.max_len, w}),
-                                host_view(vc, {c.seqs, c.max_len, w}), hseq, hpos, host_view(ref, {n, w}), c.heads, scale})
+                                host_view(vc, {c.seqs, c.max_len, w}), hseq, hpos, host_view(ref, {n, w}), c.heads, scale, TensorView{}})
                     .ok());
     // The device starts from the cache as it was before the CPU's write.
     std::vector<float> kc0 = RandomValues(kc.size(), 8), vc0 = RandomValues(vc.size(), 9);
@@ -155,7 +155,7 @@ TEST_F(CudaTwinTest, KvWriteAndAttention) {
     ASSERT_TRUE(gpu_->KvWrite({Up(k, DType::kF32, {n, w}), Up(v, DType::kF32, {n, w}), dk, dv, dseq, dpos}).ok());
     EXPECT_EQ(Down(dk), kc);
     EXPECT_EQ(Down(dv), vc);
-    AttentionArgs dev{Up(q, DType::kF32, {n, w}), dk, dv, dseq, dpos, Poisoned({n, w}), c.heads, scale};
+    AttentionArgs dev{Up(q, DType::kF32, {n, w}), dk, dv, dseq, dpos, Poisoned({n, w}), c.heads, scale, TensorView{}};
     ASSERT_TRUE(gpu_->Attention(dev).ok());
     EXPECT_LT(RelErr(Down(dev.out), ref), 1e-5) << c.seqs << " " << c.max_len << " " << c.heads << "x" << c.hd;
   }

@@ -3,12 +3,14 @@
 // dense cache bitwise; and the perplexities a float64 reference gave on kjv-val.
 #include "offload/h2o_cache.h"
 
+#include <algorithm>
 #include <cmath>
 #include <map>
 #include <random>
 #include <set>
 
 #include "base/file.h"
+#include "engine/generator.h"
 #include "engine/perplexity.h"
 #include "engine/tokenizer.h"
 #include "gtest/gtest.h"
@@ -107,6 +109,75 @@ TEST(H2OTest, KeepsWhatTheNaiveRuleKeeps) {
   EXPECT_EQ(H2OCache::Create(cpu, 1, 1, 8, 1, {2, 2, 3}).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
+TEST(H2OTest, PrefillKeepsRecentProtectedAndTopColumnSums) {
+  kernels::CpuBackend cpu;
+  const int heads = 2, hd = 8, rows = 2, w = heads * hd;
+  const H2OOptions opt{5, 4, 1};
+  auto cache = H2OCache::Create(cpu, 1, heads, hd, rows, opt);
+  ASSERT_TRUE(cache.ok());
+  const int len[rows] = {20, 13};
+  std::vector<int32_t> seq, pos;
+  for (int r = 0; r < rows; ++r)
+    for (int p = 0; p < len[r]; ++p) seq.push_back(r), pos.push_back(p);
+  const int n = static_cast<int>(seq.size());
+  std::vector<float> q = RandomValues(n * w, 21, 2.0f), k = RandomValues(n * w, 22), v = RandomValues(n * w, 23), out(n * w);
+  AttendArgs a;
+  a.q = TensorView::Contiguous(q.data(), DType::kF32, {n, w});
+  a.k = TensorView::Contiguous(k.data(), DType::kF32, {n, w});
+  a.v = TensorView::Contiguous(v.data(), DType::kF32, {n, w});
+  a.seq_ids = TensorView::Contiguous(seq.data(), DType::kI32, {n});
+  a.positions = TensorView::Contiguous(pos.data(), DType::kI32, {n});
+  a.host_seq_ids = &seq;
+  a.host_positions = &pos;
+  a.out = TensorView::Contiguous(out.data(), DType::kF32, {n, w});
+  a.num_heads = heads;
+  a.scale = 0.35f;
+  ASSERT_TRUE((*cache)->Check(seq, pos).ok());
+  ASSERT_TRUE((*cache)->Attend(cpu, a).ok());
+  int first = 0;
+  for (int r = 0; r < rows; ++r) {
+    for (int h = 0; h < heads; ++h) {
+      // Column sums of causal attention, in double.
+      std::vector<double> col(len[r], 0.0);
+      for (int i = 0; i < len[r]; ++i) {
+        std::vector<double> s(i + 1);
+        double mx = -1e300, sum = 0;
+        for (int j = 0; j <= i; ++j) {
+          double dot = 0;
+          for (int d = 0; d < hd; ++d) dot += double(q[(first + i) * w + h * hd + d]) * k[(first + j) * w + h * hd + d];
+          s[j] = dot * 0.35;
+          mx = std::max(mx, s[j]);
+        }
+        for (auto& x : s) sum += (x = std::exp(x - mx));
+        for (int j = 0; j <= i; ++j) col[j] += s[j] / sum;
+      }
+      std::set<int> want;
+      std::vector<int> rest;
+      for (int p = 0; p < len[r]; ++p) {
+        if (p > len[r] - 1 - opt.recent || p < opt.protect) {
+          want.insert(p);
+        } else {
+          rest.push_back(p);
+        }
+      }
+      std::stable_sort(rest.begin(), rest.end(), [&](int x, int y) { return col[x] > col[y]; });
+      for (int i = 0; i < opt.heavy - opt.protect && i < static_cast<int>(rest.size()); ++i) want.insert(rest[i]);
+      std::set<int> got;
+      const auto held = (*cache)->Held(0, r, h);
+      const auto scores = (*cache)->Scores(0, r, h);
+      for (size_t j = 0; j < held.size(); ++j) {
+        if (held[j] < 0) continue;
+        got.insert(held[j]);
+        EXPECT_NEAR(scores[j], col[held[j]], 1e-5);
+      }
+      EXPECT_EQ(got, want) << "row " << r << " head " << h;
+    }
+    first += len[r];
+  }
+  // The row is no longer empty: another prompt into it is refused.
+  EXPECT_EQ((*cache)->Check(seq, pos).code(), absl::StatusCode::kUnimplemented);
+}
+
 class H2OPerplexityTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -162,6 +233,23 @@ TEST_F(H2OPerplexityTest, BudgetHoldingEverythingGivesTheDenseCacheLogitsBitwise
     ASSERT_TRUE(model_->Forward(step, **small, &b).ok());
   }
   EXPECT_NE(a, b);
+}
+
+TEST_F(H2OPerplexityTest, GenerationWithARoomyBudgetIsTheDenseGeneration) {
+  engine::GenerateOptions o;
+  o.max_new_tokens = 16;
+  std::vector<engine::GenerationRequest> reqs = {{std::vector<int>(ids_.begin(), ids_.begin() + 40), 0},
+                                                 {std::vector<int>(ids_.begin() + 100, ids_.begin() + 107), 1}};
+  auto dense = engine::Generate(*model_, reqs, o);
+  o.h2o = H2OOptions{64, 64, 0};
+  auto h2o = engine::Generate(*model_, reqs, o);
+  ASSERT_TRUE(dense.ok() && h2o.ok()) << h2o.status();
+  for (size_t i = 0; i < reqs.size(); ++i) EXPECT_EQ((*dense)[i].tokens, (*h2o)[i].tokens);
+  o.h2o = H2OOptions{4, 4, 1};  // a tight budget still generates
+  o.stop_at_eos = false;
+  auto tight = engine::Generate(*model_, reqs, o);
+  ASSERT_TRUE(tight.ok()) << tight.status();
+  EXPECT_EQ((*tight)[0].tokens.size(), 16u);
 }
 
 TEST_F(H2OPerplexityTest, KjvValMatchesTheFloat64Reference) {
