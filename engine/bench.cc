@@ -71,8 +71,44 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
   }
   FERRY_ASSIGN_OR_RETURN(io::Store store, io::Store::Open(o.store_dir));
   FERRY_ASSIGN_OR_RETURN(std::unique_ptr<kernels::Backend> backend, kernels::CreateBackend(o.backend));
-  const int batch = o.gpu_batch_size * o.num_gpu_batches;
   const int max_len = o.prompt_len + o.gen_len;
+  // Device bytes beyond the weights for a batch: the KV cache (dense or H2O) and the workspace of
+  // the prefill, which runs the whole batch in one pass so that weights cross the link once.
+  auto reserve = [&](int64_t b) {
+    uint64_t kv = o.h2o.has_value()
+                      ? offload::H2OCache::Bytes(config.num_layers, config.num_heads, config.head_dim(), static_cast<int>(b), *o.h2o) +
+                            offload::H2OCache::PrefillBytes(config.num_heads, config.head_dim(), static_cast<int>(b), o.prompt_len)
+                      : OptModel::KvCacheBytes(config, b, max_len);
+    const int64_t micro = b / o.num_gpu_batches * o.prompt_len;  // one GPU batch's prefill tokens
+    return kv + OptModel::ForwardWorkspaceBytes(config, b * o.prompt_len, b, micro);
+  };
+  OffloadOptions off;
+  off.split = o.split;
+  off.device_budget = o.backend.memory_budget_bytes;
+  off.host_budget = o.backend.host_budget_bytes;
+  off.streamer.uring = o.uring;
+  int gpu_batch_size = o.gpu_batch_size;
+  if (o.fit_batch) {
+    if (off.device_budget == 0) return absl::InvalidArgumentError("--fit-batch needs --gpu-mem");
+    auto fits = [&](int64_t gbs) {
+      OffloadOptions t = off;
+      t.reserve_device_bytes = reserve(gbs * o.num_gpu_batches);
+      return OptModel::PlanOffload(store, t).ok();
+    };
+    if (!fits(1)) {
+      off.reserve_device_bytes = reserve(o.num_gpu_batches);
+      return OptModel::PlanOffload(store, off).status();  // says what does not fit
+    }
+    int64_t lo = 1, hi = 2;
+    while (hi <= (1 << 20) && fits(hi)) lo = hi, hi *= 2;
+    while (hi - lo > 1) {
+      const int64_t mid = (lo + hi) / 2;
+      (fits(mid) ? lo : hi) = mid;
+    }
+    gpu_batch_size = static_cast<int>(lo);
+    say(absl::StrCat("largest batch that fits: ", gpu_batch_size, " x ", o.num_gpu_batches));
+  }
+  const int batch = gpu_batch_size * o.num_gpu_batches;
 
   // Probes first, in memory the model does not hold yet (sized to fit the budgets).
   uint64_t probe_bytes = 64 << 20;
@@ -87,17 +123,17 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
     FERRY_ASSIGN_OR_RETURN(disk_bw, ProbeDisk(*backend, store, o.uring, uint64_t{1} << 30));
   }
 
-  const uint64_t kv_bytes = OptModel::KvCacheBytes(config, batch, max_len);
-  const int64_t prefill_tokens = static_cast<int64_t>(batch) * o.prompt_len;
-  OffloadOptions off;
-  off.split = o.split;
-  off.device_budget = o.backend.memory_budget_bytes;
-  off.host_budget = o.backend.host_budget_bytes;
-  off.reserve_device_bytes = kv_bytes + OptModel::ForwardWorkspaceBytes(config, prefill_tokens, batch);
-  off.streamer.uring = o.uring;
+  off.reserve_device_bytes = reserve(batch);
   say("loading the model");
   FERRY_ASSIGN_OR_RETURN(std::unique_ptr<OptModel> model, OptModel::LoadOffloaded(o.store_dir, backend.get(), off));
-  FERRY_ASSIGN_OR_RETURN(KvCache cache, KvCache::Create(*backend, config, batch, max_len));
+  std::unique_ptr<offload::AttentionCache> cache;
+  if (o.h2o.has_value()) {
+    FERRY_ASSIGN_OR_RETURN(cache, offload::H2OCache::Create(*backend, config.num_layers, config.num_heads, config.head_dim(),
+                                                            batch, *o.h2o));
+  } else {
+    FERRY_ASSIGN_OR_RETURN(KvCache dense, KvCache::Create(*backend, config, batch, max_len));
+    cache = std::make_unique<KvCache>(std::move(dense));
+  }
 
   std::mt19937 rng(static_cast<uint32_t>(o.seed));
   ForwardBatch pre;
@@ -108,11 +144,12 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
       pre.positions.push_back(i);
     }
     pre.logit_rows.push_back(static_cast<int32_t>(pre.tokens.size()) - 1);
+    if ((s + 1) % gpu_batch_size == 0) pre.micro_batch_ends.push_back(static_cast<int32_t>(pre.tokens.size()));
   }
   std::vector<float> logits;
   say(absl::StrCat("prefill: ", batch, " x ", o.prompt_len, " tokens"));
   const auto t0 = Clock::now();
-  FERRY_RETURN_IF_ERROR(model->Forward(pre, cache, &logits));
+  FERRY_RETURN_IF_ERROR(model->Forward(pre, *cache, &logits));
   const auto t1 = Clock::now();
   const auto stats1 = model->streamer()->stats();
   std::vector<int> next(batch);
@@ -127,8 +164,9 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
       dec.seq_ids.push_back(s);
       dec.positions.push_back(o.prompt_len + step - 1);
       dec.logit_rows.push_back(s);
+      if ((s + 1) % gpu_batch_size == 0) dec.micro_batch_ends.push_back(s + 1);
     }
-    FERRY_RETURN_IF_ERROR(model->Forward(dec, cache, &logits));
+    FERRY_RETURN_IF_ERROR(model->Forward(dec, *cache, &logits));
     for (int s = 0; s < batch; ++s) {
       const float* row = logits.data() + static_cast<size_t>(s) * config.vocab_size;
       next[s] = static_cast<int>(std::max_element(row, row + config.vocab_size) - row);
@@ -153,7 +191,9 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
   nlohmann::json j = {
       {"model", config.num_layers > 0 ? o.store_dir : ""},
       {"device", o.backend.name},
-      {"batch", batch}, {"gpu_batch_size", o.gpu_batch_size}, {"num_gpu_batches", o.num_gpu_batches},
+      {"batch", batch}, {"gpu_batch_size", gpu_batch_size}, {"num_gpu_batches", o.num_gpu_batches},
+      {"batch_fitted_to_budget", o.fit_batch},
+      {"kv_cache", o.h2o.has_value() ? absl::StrCat("h2o ", o.h2o->heavy, "+", o.h2o->recent) : std::string("full")},
       {"prompt_len", o.prompt_len}, {"gen_len", o.gen_len},
       {"weights_percent", {o.split.gpu, o.split.cpu, o.split.disk}},
       {"prefill_s", prefill_s}, {"decode_s", decode_s}, {"total_s", total_s},
@@ -184,8 +224,10 @@ std::string BenchResult::Table() const {
   std::string s;
   auto line = [&](const std::string& k, const std::string& v) { s += absl::StrFormat("%-28s %s\n", k, v); };
   line("device", j["device"].get<std::string>());
-  line("batch (gbs x ngb)", absl::StrFormat("%d (%d x %d)", j["batch"].get<int>(), j["gpu_batch_size"].get<int>(),
-                                            j["num_gpu_batches"].get<int>()));
+  line("KV cache", j["kv_cache"].get<std::string>());
+  line("batch (gbs x ngb)", absl::StrFormat("%d (%d x %d)%s", j["batch"].get<int>(), j["gpu_batch_size"].get<int>(),
+                                            j["num_gpu_batches"].get<int>(),
+                                            j["batch_fitted_to_budget"].get<bool>() ? ", the largest that fits" : ""));
   line("prompt / gen", absl::StrFormat("%d / %d", j["prompt_len"].get<int>(), j["gen_len"].get<int>()));
   line("weights GPU,CPU,DISK %", absl::StrFormat("%g,%g,%g", j["weights_percent"][0].get<double>(),
                                                  j["weights_percent"][1].get<double>(), j["weights_percent"][2].get<double>()));

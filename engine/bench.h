@@ -7,12 +7,14 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 
 #include "absl/status/statusor.h"
 #include "io/uring_reader.h"
 #include "kernels/registry.h"
 #include "nlohmann/json.hpp"
+#include "offload/h2o_cache.h"
 #include "offload/policy.h"
 
 namespace ferry::engine {
@@ -27,6 +29,9 @@ struct BenchOptions {
   kernels::BackendOptions backend;  // device and budgets (gpu-mem, cpu-mem)
   io::UringOptions uring;
   uint64_t seed = 1;
+  std::optional<offload::H2OOptions> h2o;  // evicting KV cache instead of the dense one
+  // Run the largest gpu_batch_size (x num_gpu_batches) that fits the device budget.
+  bool fit_batch = false;
   std::function<void(const std::string&)> progress;  // one line per phase/step
 };
 

@@ -214,12 +214,6 @@ absl::StatusOr<std::unique_ptr<OptModel>> OptModel::LoadOffloaded(const std::str
     return absl::DataLossError(absl::StrCat(store_dir, ": the store has ", store.layers().size(), " layers, config.json ", c.num_layers));
   }
   // Every matrix must lie in its layer's block, with the shape and one 16/32-bit float dtype.
-  uint64_t resident_other = 0;  // resident tensors, vectors counted as fp32
-  for (const std::string& name : store.Names()) {
-    const io::StoreTensor* t = store.FindTensor(name);
-    const bool matrix = t->layer >= 0 && t->info.shape.size() == 2;
-    if (!matrix) resident_other += t->info.shape.size() == 1 ? static_cast<uint64_t>(t->info.numel()) * 4 : t->info.bytes;
-  }
   for (int l = 0; l < c.num_layers; ++l) {
     const io::StoreLayer& region = store.layers()[l];
     std::array<uint64_t, 6> offsets{};
@@ -240,13 +234,7 @@ absl::StatusOr<std::unique_ptr<OptModel>> OptModel::LoadOffloaded(const std::str
     }
     m->matrix_offsets_.push_back(offsets);
   }
-  offload::PlanInputs in;
-  for (const auto& region : store.layers()) in.layer_bytes.push_back(region.bytes);
-  in.split = options.split;
-  in.other_device_bytes = resident_other + options.reserve_device_bytes;
-  in.device_budget = options.device_budget;
-  in.host_budget = options.host_budget;
-  FERRY_ASSIGN_OR_RETURN(m->plan_, offload::MakePlan(in));  // refuses before any allocation
+  FERRY_ASSIGN_OR_RETURN(m->plan_, PlanOffload(store, options));  // refuses before any allocation
 
   FERRY_RETURN_IF_ERROR(m->LoadGlobals(store, prefix));
   for (int l = 0; l < c.num_layers; ++l) {
@@ -256,6 +244,22 @@ absl::StatusOr<std::unique_ptr<OptModel>> OptModel::LoadOffloaded(const std::str
   }
   FERRY_ASSIGN_OR_RETURN(m->streamer_, offload::LayerStreamer::Create(backend, store, m->plan_, options.streamer));
   return m;
+}
+
+absl::StatusOr<offload::Plan> OptModel::PlanOffload(const io::Store& store, const OffloadOptions& options) {
+  uint64_t resident_other = 0;  // what stays resident besides the layer matrices; vectors as fp32
+  for (const std::string& name : store.Names()) {
+    const io::StoreTensor* t = store.FindTensor(name);
+    const bool matrix = t->layer >= 0 && t->info.shape.size() == 2;
+    if (!matrix) resident_other += t->info.shape.size() == 1 ? static_cast<uint64_t>(t->info.numel()) * 4 : t->info.bytes;
+  }
+  offload::PlanInputs in;
+  for (const auto& region : store.layers()) in.layer_bytes.push_back(region.bytes);
+  in.split = options.split;
+  in.other_device_bytes = resident_other + options.reserve_device_bytes;
+  in.device_budget = options.device_budget;
+  in.host_budget = options.host_budget;
+  return offload::MakePlan(in);
 }
 
 absl::StatusOr<OptModel::LayerViews> OptModel::Views(int layer) const {
@@ -282,10 +286,14 @@ absl::Status OptModel::ReleaseLayer(int layer) const {
   return streamer_->Release(layer, std::move(fence));
 }
 
-uint64_t OptModel::ForwardWorkspaceBytes(const OptConfig& c, int64_t n, int64_t r) {
-  // ids; h, a, q, k, v, att [n, d]; ffn [n, f]; the CUDA GEMM input scratch (16-bit, [n, max(d, f)]);
-  // the head's rows, projection and logits; allocator slack.
-  return static_cast<uint64_t>(n) * (16 + 6 * 4 * c.hidden_size + 4 * c.ffn_dim + 2 * std::max(c.ffn_dim, c.hidden_size)) +
+uint64_t OptModel::ForwardWorkspaceBytes(const OptConfig& c, int64_t n, int64_t r, int64_t micro) {
+  if (micro <= 0 || micro > n) micro = n;
+  // ids and the residual stream h [n, d]; per micro-batch a, q, k, v, att [., d], ffn [., f], the
+  // embedding projection and the CUDA GEMM input scratch (16-bit, [., max(d, f)]); the head's rows,
+  // projection and logits; allocator slack.
+  return static_cast<uint64_t>(n) * (16 + 4 * c.hidden_size) +
+         static_cast<uint64_t>(micro) * (5 * 4 * c.hidden_size + 4 * c.ffn_dim + 4 * c.word_embed_proj_dim +
+                                         2 * std::max(c.ffn_dim, c.hidden_size)) +
          static_cast<uint64_t>(r) * 4 * (c.hidden_size + c.word_embed_proj_dim + c.vocab_size) + (1 << 20);
 }
 
@@ -327,57 +335,93 @@ absl::Status OptModel::Forward(const ForwardBatch& batch, offload::AttentionCach
   FERRY_RETURN_IF_ERROR(b.CopyToDevice(positions.buffer.data(), batch.positions.data(), n * 4));
   if (r > 0) FERRY_RETURN_IF_ERROR(b.CopyToDevice(rows.buffer.data(), batch.logit_rows.data(), r * 4));
 
+  // Micro-batches (FlexGen's GPU batches): each layer's weights are acquired once and run over
+  // every micro-batch in turn, so the temporaries only hold one micro-batch.
+  std::vector<int64_t> ends;
+  for (int32_t e : batch.micro_batch_ends) ends.push_back(e);
+  if (ends.empty() || ends.back() != n) ends.push_back(n);
+  int64_t micro = 0;
+  for (size_t m = 0; m < ends.size(); ++m) {
+    const int64_t begin = m == 0 ? 0 : ends[m - 1];
+    if (ends[m] <= begin || ends[m] > n) return absl::InvalidArgumentError("Forward: micro-batch ends must increase up to n");
+    if (ends[m] < n && batch.seq_ids[ends[m] - 1] == batch.seq_ids[ends[m]]) {
+      return absl::InvalidArgumentError("Forward: a micro-batch boundary splits a sequence");
+    }
+    micro = std::max(micro, ends[m] - begin);
+  }
   FERRY_ASSIGN_OR_RETURN(Weight h, Alloc(DType::kF32, {n, d}));
-  FERRY_ASSIGN_OR_RETURN(Weight a, Alloc(DType::kF32, {n, d}));
-  FERRY_ASSIGN_OR_RETURN(Weight q, Alloc(DType::kF32, {n, d}));
-  FERRY_ASSIGN_OR_RETURN(Weight k, Alloc(DType::kF32, {n, d}));
-  FERRY_ASSIGN_OR_RETURN(Weight v, Alloc(DType::kF32, {n, d}));
-  FERRY_ASSIGN_OR_RETURN(Weight att, Alloc(DType::kF32, {n, d}));
-  FERRY_ASSIGN_OR_RETURN(Weight ffn, Alloc(DType::kF32, {n, c.ffn_dim}));
+  FERRY_ASSIGN_OR_RETURN(Weight a, Alloc(DType::kF32, {micro, d}));
+  FERRY_ASSIGN_OR_RETURN(Weight q, Alloc(DType::kF32, {micro, d}));
+  FERRY_ASSIGN_OR_RETURN(Weight k, Alloc(DType::kF32, {micro, d}));
+  FERRY_ASSIGN_OR_RETURN(Weight v, Alloc(DType::kF32, {micro, d}));
+  FERRY_ASSIGN_OR_RETURN(Weight att, Alloc(DType::kF32, {micro, d}));
+  FERRY_ASSIGN_OR_RETURN(Weight ffn, Alloc(DType::kF32, {micro, c.ffn_dim}));
+  Weight e;
+  if (c.has_projection()) {
+    FERRY_ASSIGN_OR_RETURN(e, Alloc(DType::kF32, {micro, w}));
+  }
+  std::vector<std::vector<int32_t>> host_seq(ends.size()), host_pos(ends.size());
+  for (size_t m = 0; m < ends.size(); ++m) {
+    const int64_t begin = m == 0 ? 0 : ends[m - 1];
+    host_seq[m].assign(batch.seq_ids.begin() + begin, batch.seq_ids.begin() + ends[m]);
+    host_pos[m].assign(batch.positions.begin() + begin, batch.positions.begin() + ends[m]);
+  }
 
   // Embeddings.
-  if (c.has_projection()) {
-    FERRY_ASSIGN_OR_RETURN(Weight e, Alloc(DType::kF32, {n, w}));
-    FERRY_RETURN_IF_ERROR(b.GatherRows({embed_tokens_.view, tokens.view, 0, e.view}));
-    FERRY_RETURN_IF_ERROR(b.Linear({e.view, project_in_.view, TensorView{}, h.view, false}));
-  } else {
-    FERRY_RETURN_IF_ERROR(b.GatherRows({embed_tokens_.view, tokens.view, 0, h.view}));
+  for (size_t m = 0; m < ends.size(); ++m) {
+    const int64_t begin = m == 0 ? 0 : ends[m - 1], len = ends[m] - begin;
+    const TensorView hm = h.view.Rows(begin, ends[m]), am = a.view.Rows(0, len);
+    if (c.has_projection()) {
+      const TensorView em = e.view.Rows(0, len);
+      FERRY_RETURN_IF_ERROR(b.GatherRows({embed_tokens_.view, tokens.view.Rows(begin, ends[m]), 0, em}));
+      FERRY_RETURN_IF_ERROR(b.Linear({em, project_in_.view, TensorView{}, hm, false}));
+    } else {
+      FERRY_RETURN_IF_ERROR(b.GatherRows({embed_tokens_.view, tokens.view.Rows(begin, ends[m]), 0, hm}));
+    }
+    FERRY_RETURN_IF_ERROR(
+        b.GatherRows({embed_positions_.view, positions.view.Rows(begin, ends[m]), OptConfig::kPositionOffset, am}));
+    FERRY_RETURN_IF_ERROR(b.Add(hm, am, hm));
   }
-  FERRY_RETURN_IF_ERROR(b.GatherRows({embed_positions_.view, positions.view, OptConfig::kPositionOffset, a.view}));
-  FERRY_RETURN_IF_ERROR(b.Add(h.view, a.view, h.view));
 
   const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim()));
   for (int l = 0; l < c.num_layers; ++l) {
     FERRY_ASSIGN_OR_RETURN(const LayerViews L, Views(l));
-    // Attention block.
-    const TensorView* attn_in = &h.view;
-    if (c.layer_norm_before) {
-      FERRY_RETURN_IF_ERROR(b.LayerNorm({h.view, L.ln1_gamma, L.ln1_beta, a.view, 1e-5f}));
-      attn_in = &a.view;
+    for (size_t m = 0; m < ends.size(); ++m) {
+      const int64_t begin = m == 0 ? 0 : ends[m - 1], len = ends[m] - begin;
+      const TensorView hm = h.view.Rows(begin, ends[m]);
+      const TensorView am = a.view.Rows(0, len), qm = q.view.Rows(0, len), km = k.view.Rows(0, len),
+                       vm = v.view.Rows(0, len), attm = att.view.Rows(0, len), ffnm = ffn.view.Rows(0, len);
+      // Attention block.
+      const TensorView* attn_in = &hm;
+      if (c.layer_norm_before) {
+        FERRY_RETURN_IF_ERROR(b.LayerNorm({hm, L.ln1_gamma, L.ln1_beta, am, 1e-5f}));
+        attn_in = &am;
+      }
+      FERRY_RETURN_IF_ERROR(b.Linear({*attn_in, L.m[0], L.bias[0], qm, false}));
+      FERRY_RETURN_IF_ERROR(b.Linear({*attn_in, L.m[1], L.bias[1], km, false}));
+      FERRY_RETURN_IF_ERROR(b.Linear({*attn_in, L.m[2], L.bias[2], vm, false}));
+      FERRY_RETURN_IF_ERROR(cache.Attend(b, {l, qm, km, vm, seq_ids.view.Rows(begin, ends[m]),
+                                             positions.view.Rows(begin, ends[m]), &host_seq[m], &host_pos[m], attm,
+                                             c.num_heads, scale}));
+      FERRY_RETURN_IF_ERROR(b.Linear({attm, L.m[3], L.bias[3], qm, false}));
+      FERRY_RETURN_IF_ERROR(b.Add(hm, qm, hm));
+      if (!c.layer_norm_before) {
+        FERRY_RETURN_IF_ERROR(b.LayerNorm({hm, L.ln1_gamma, L.ln1_beta, hm, 1e-5f}));
+      }
+      // FFN block.
+      const TensorView* ffn_in = &hm;
+      if (c.layer_norm_before) {
+        FERRY_RETURN_IF_ERROR(b.LayerNorm({hm, L.ln2_gamma, L.ln2_beta, am, 1e-5f}));
+        ffn_in = &am;
+      }
+      FERRY_RETURN_IF_ERROR(b.Linear({*ffn_in, L.m[4], L.bias[4], ffnm, true}));
+      FERRY_RETURN_IF_ERROR(b.Linear({ffnm, L.m[5], L.bias[5], qm, false}));
+      FERRY_RETURN_IF_ERROR(b.Add(hm, qm, hm));
+      if (!c.layer_norm_before) {
+        FERRY_RETURN_IF_ERROR(b.LayerNorm({hm, L.ln2_gamma, L.ln2_beta, hm, 1e-5f}));
+      }
     }
-    FERRY_RETURN_IF_ERROR(b.Linear({*attn_in, L.m[0], L.bias[0], q.view, false}));
-    FERRY_RETURN_IF_ERROR(b.Linear({*attn_in, L.m[1], L.bias[1], k.view, false}));
-    FERRY_RETURN_IF_ERROR(b.Linear({*attn_in, L.m[2], L.bias[2], v.view, false}));
-    FERRY_RETURN_IF_ERROR(cache.Attend(b, {l, q.view, k.view, v.view, seq_ids.view, positions.view, &batch.seq_ids,
-                                           &batch.positions, att.view, c.num_heads, scale}));
-    FERRY_RETURN_IF_ERROR(b.Linear({att.view, L.m[3], L.bias[3], q.view, false}));
-    FERRY_RETURN_IF_ERROR(b.Add(h.view, q.view, h.view));
-    if (!c.layer_norm_before) {
-      FERRY_RETURN_IF_ERROR(b.LayerNorm({h.view, L.ln1_gamma, L.ln1_beta, h.view, 1e-5f}));
-    }
-    // FFN block.
-    const TensorView* ffn_in = &h.view;
-    if (c.layer_norm_before) {
-      FERRY_RETURN_IF_ERROR(b.LayerNorm({h.view, L.ln2_gamma, L.ln2_beta, a.view, 1e-5f}));
-      ffn_in = &a.view;
-    }
-    FERRY_RETURN_IF_ERROR(b.Linear({*ffn_in, L.m[4], L.bias[4], ffn.view, true}));
-    FERRY_RETURN_IF_ERROR(b.Linear({ffn.view, L.m[5], L.bias[5], q.view, false}));
     FERRY_RETURN_IF_ERROR(ReleaseLayer(l));
-    FERRY_RETURN_IF_ERROR(b.Add(h.view, q.view, h.view));
-    if (!c.layer_norm_before) {
-      FERRY_RETURN_IF_ERROR(b.LayerNorm({h.view, L.ln2_gamma, L.ln2_beta, h.view, 1e-5f}));
-    }
   }
   logits->assign(static_cast<size_t>(r) * c.vocab_size, 0.0f);
   if (r == 0) return b.Synchronize();

@@ -12,6 +12,7 @@
 
 #include "absl/status/statusor.h"
 #include "engine/opt_config.h"
+#include "io/store.h"
 #include "io/tensor_source.h"
 #include "kernels/backend.h"
 #include "offload/attention_cache.h"
@@ -68,6 +69,10 @@ struct ForwardBatch {
   std::vector<int32_t> seq_ids;
   std::vector<int32_t> positions;
   std::vector<int32_t> logit_rows;  // indices into tokens whose logits are wanted, in order
+  // Optional micro-batches (FlexGen's GPU batches): token indices where each ends, at sequence
+  // boundaries. Each layer runs over them in turn with its weights loaded once; the temporaries
+  // hold one micro-batch. Empty: one micro-batch.
+  std::vector<int32_t> micro_batch_ends = {};
 };
 
 class OptModel {
@@ -84,13 +89,15 @@ class OptModel {
   // allocated.
   static absl::StatusOr<std::unique_ptr<OptModel>> LoadOffloaded(const std::string& store_dir, kernels::Backend* backend,
                                                                  const OffloadOptions& options);
+  // The memory plan LoadOffloaded would make for this store (nothing is allocated).
+  static absl::StatusOr<offload::Plan> PlanOffload(const io::Store& store, const OffloadOptions& options);
   // The streaming pipeline of an offloaded model (nullptr when fully resident).
   const offload::LayerStreamer* streamer() const { return streamer_.get(); }
   const offload::Plan& plan() const { return plan_; }
 
   // Device bytes that Forward allocates for `tokens` tokens and `logit_rows` rows of logits (an
   // upper bound, for memory plans), and that a KV cache of rows x max_len takes.
-  static uint64_t ForwardWorkspaceBytes(const OptConfig& c, int64_t tokens, int64_t logit_rows);
+  static uint64_t ForwardWorkspaceBytes(const OptConfig& c, int64_t tokens, int64_t logit_rows, int64_t micro_tokens = 0);
   static uint64_t KvCacheBytes(const OptConfig& c, int64_t rows, int64_t max_len);
 
   // Runs the batch; writes logits [logit_rows.size(), vocab] fp32 to host memory `logits`.

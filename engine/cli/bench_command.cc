@@ -22,6 +22,8 @@ struct BenchFlags {
   std::string block_size = "1MiB";
   uint64_t seed = 1;
   bool quiet = false;
+  std::string h2o;
+  bool fit_batch = false;
 };
 
 // Makes sure flags.store (or the model itself) is a store; returns its directory.
@@ -85,6 +87,8 @@ absl::Status RunBenchCommand(const BenchFlags& f) {
   o.uring.queue_depth = f.queue_depth;
   o.uring.block_bytes = block;
   o.seed = f.seed;
+  o.fit_batch = f.fit_batch;
+  FERRY_ASSIGN_OR_RETURN(o.h2o, ParseH2O(f.h2o, 0, 0));
   if (!f.quiet) o.progress = [](const std::string& s) { std::fprintf(stderr, "ferry: %s\n", s.c_str()); };
   FERRY_ASSIGN_OR_RETURN(o.store_dir, PrepareStore(f));
   FERRY_ASSIGN_OR_RETURN(engine::BenchResult r, engine::RunBench(o));
@@ -118,6 +122,8 @@ void RegisterBenchCommand(CLI::App& app, Runner* selected) {
   b->add_option("--queue-depth", f.queue_depth, "io_uring queue depth for disk reads")->check(CLI::Range(1, 4096))->capture_default_str();
   b->add_option("--block-size", f.block_size, "io_uring request size (multiple of 4 KiB)")->capture_default_str();
   b->add_option("--seed", f.seed, "Seed of the random prompts")->capture_default_str();
+  b->add_option("--h2o", f.h2o, "H2O KV eviction with HEAVY,RECENT slots per head (default: the full cache)");
+  b->add_flag("--fit-batch", f.fit_batch, "Run the largest gpu-batch-size that fits --gpu-mem, and say which");
   b->add_option("--json", f.json, "Also write the results as JSON to this file");
   b->add_flag("--quiet,-q", f.quiet, "No progress on stderr");
   b->callback([selected] { *selected = [] { return RunBenchCommand(f); }; });

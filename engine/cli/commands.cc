@@ -100,22 +100,6 @@ absl::StatusOr<Loaded> LoadAll(const ModelFlags& f, int64_t rows, int64_t max_to
   return l;
 }
 
-// --h2o HEAVY,RECENT [--protect N] or --local N (a recent-only window) into cache options.
-absl::StatusOr<std::optional<offload::H2OOptions>> ParseH2O(const std::string& spec, int protect, int local) {
-  if (!spec.empty()) {
-    std::vector<std::string> parts = absl::StrSplit(spec, ',');
-    int heavy = 0, recent = 0;
-    if (parts.size() != 2 || !absl::SimpleAtoi(parts[0], &heavy) || !absl::SimpleAtoi(parts[1], &recent) || heavy < 0 ||
-        recent < 0 || heavy + recent < 1) {
-      return absl::InvalidArgumentError(absl::StrCat("--h2o wants HEAVY,RECENT slot counts, got \"", spec, "\""));
-    }
-    return std::optional<offload::H2OOptions>(offload::H2OOptions{heavy, recent, protect});
-  }
-  if (protect > 0) return absl::InvalidArgumentError("--protect goes with --h2o");
-  if (local > 0) return std::optional<offload::H2OOptions>(offload::H2OOptions{0, local, 0});
-  return std::optional<offload::H2OOptions>();
-}
-
 struct GenerateFlags {
   ModelFlags model;
   std::string prompt, input, output;
@@ -290,6 +274,22 @@ absl::Status RunVerify(const VerifyFlags& f) {
 }
 
 }  // namespace
+
+// --h2o HEAVY,RECENT [--protect N] or --local N (a recent-only window) into cache options.
+absl::StatusOr<std::optional<offload::H2OOptions>> ParseH2O(const std::string& spec, int protect, int local) {
+  if (!spec.empty()) {
+    std::vector<std::string> parts = absl::StrSplit(spec, ',');
+    int heavy = 0, recent = 0;
+    if (parts.size() != 2 || !absl::SimpleAtoi(parts[0], &heavy) || !absl::SimpleAtoi(parts[1], &recent) || heavy < 0 ||
+        recent < 0 || heavy + recent < 1) {
+      return absl::InvalidArgumentError(absl::StrCat("--h2o wants HEAVY,RECENT slot counts, got \"", spec, "\""));
+    }
+    return std::optional<offload::H2OOptions>(offload::H2OOptions{heavy, recent, protect});
+  }
+  if (protect > 0) return absl::InvalidArgumentError("--protect goes with --h2o");
+  if (local > 0) return std::optional<offload::H2OOptions>(offload::H2OOptions{0, local, 0});
+  return std::optional<offload::H2OOptions>();
+}
 
 std::string DefaultModelDir() {
   if (const char* env = std::getenv("FERRY_MODEL"); env != nullptr && *env != '\0') return env;

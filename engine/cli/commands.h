@@ -4,10 +4,13 @@
 
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "CLI/CLI.hpp"
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "offload/h2o_cache.h"
 
 namespace ferry::cli {
 
@@ -18,6 +21,10 @@ void RegisterCommands(CLI::App& app, Runner* selected);
 
 // `bench` (bench_command.cc).
 void RegisterBenchCommand(CLI::App& app, Runner* selected);
+
+// --h2o HEAVY,RECENT [--protect N] or --local N (a recent-only window) into cache options;
+// nullopt when neither is given.
+absl::StatusOr<std::optional<offload::H2OOptions>> ParseH2O(const std::string& spec, int protect, int local);
 
 // --model's default: $FERRY_MODEL, else the embedded tiny-opt.
 std::string DefaultModelDir();

@@ -21,16 +21,19 @@ class OffloadModelTest : public ::testing::Test {
   }
   static void TearDownTestSuite() { delete store_dir_; }
 
-  // Logits of a prefill of two prompts, then three decode steps, all positions kept.
-  static std::vector<float> Run(const OptModel& m, kernels::Backend& b) {
+  // Logits of a prefill of two prompts, then three decode steps, all positions kept; with
+  // `micro`, each sequence is its own micro-batch (FlexGen's GPU batches).
+  static std::vector<float> Run(const OptModel& m, kernels::Backend& b, bool micro = false) {
     auto cache = KvCache::Create(b, m.config(), 2, 16);
     EXPECT_TRUE(cache.ok());
     std::vector<float> all, logits;
     ForwardBatch pre{{2, 1248, 262, 2732, 2, 1777, 554}, {0, 0, 0, 0, 1, 1, 1}, {0, 1, 2, 3, 0, 1, 2}, {0, 1, 2, 3, 4, 5, 6}};
+    if (micro) pre.micro_batch_ends = {4, 7};
     EXPECT_TRUE(m.Forward(pre, *cache, &logits).ok());
     all.insert(all.end(), logits.begin(), logits.end());
     for (int step = 0; step < 3; ++step) {
       ForwardBatch dec{{406 + step, 342 + step}, {0, 1}, {4 + step, 3 + step}, {0, 1}};
+      if (micro) dec.micro_batch_ends = {1, 2};
       const absl::Status s = m.Forward(dec, *cache, &logits);
       EXPECT_TRUE(s.ok()) << s;
       all.insert(all.end(), logits.begin(), logits.end());
@@ -57,8 +60,9 @@ TEST_F(OffloadModelTest, EveryPlacementGivesBitIdenticalLogits) {
     auto m = OptModel::LoadOffloaded(store_dir_->path(), &backend, o);
     ASSERT_TRUE(m.ok()) << m.status();
     EXPECT_EQ(Run(**m, backend), expected) << split.gpu << "," << split.cpu << "," << split.disk;
+    EXPECT_EQ(Run(**m, backend, /*micro=*/true), expected) << "micro-batches " << split.gpu << "," << split.cpu;
     const auto* streamer = (*m)->streamer();
-    const uint64_t passes = 4;  // forward calls
+    const uint64_t passes = 8;  // forward calls
     uint64_t disk = 0, h2d = 0;
     for (const auto& l : (*m)->plan().layers) {
       disk += l.streamed() ? l.disk_bytes() : 0;
@@ -101,6 +105,13 @@ TEST_F(OffloadModelTest, BudgetsHoldAndTooSmallBudgetsAreRefusedBeforeAllocating
   EXPECT_LE(backend.peak_allocated_bytes(), device_budget);
   EXPECT_LE(backend.peak_host_allocated_bytes(), host_budget);
   EXPECT_LE((*m)->plan().device_bytes, device_budget);
+
+  // A micro-batch boundary inside a sequence is refused.
+  auto c2 = KvCache::Create(backend, (*m)->config(), 2, 16);
+  std::vector<float> logits;
+  ForwardBatch split{{2, 5, 2, 6}, {0, 0, 1, 1}, {0, 1, 0, 1}, {1, 3}};
+  split.micro_batch_ends = {1, 4};
+  EXPECT_EQ((*m)->Forward(split, *c2, &logits).code(), absl::StatusCode::kInvalidArgument);
 
   // Too small: refused by the plan, with nothing allocated.
   kernels::CpuBackend small(kernels::CpuBackendOptions{1 << 20, 0});
