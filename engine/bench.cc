@@ -77,7 +77,8 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
   auto reserve = [&](int64_t b) {
     uint64_t kv = o.h2o.has_value()
                       ? offload::H2OCache::Bytes(config.num_layers, config.num_heads, config.head_dim(), static_cast<int>(b), *o.h2o) +
-                            offload::H2OCache::PrefillBytes(config.num_heads, config.head_dim(), static_cast<int>(b), o.prompt_len)
+                            offload::H2OCache::PrefillBytes(config.num_heads, config.head_dim(),
+                                                            static_cast<int>(b / o.num_gpu_batches), o.prompt_len)
                       : OptModel::KvCacheBytes(config, b, max_len);
     const int64_t micro = b / o.num_gpu_batches * o.prompt_len;  // one GPU batch's prefill tokens
     return kv + OptModel::ForwardWorkspaceBytes(config, b * o.prompt_len, b, micro);

@@ -83,39 +83,54 @@ absl::Status H2OCache::Prefill(kernels::Backend& b, const AttendArgs& a) {
   int max_len = 0;
   for (int32_t p : pos) max_len = std::max(max_len, p + 1);
   const Device dev = b.device();
-  const size_t dense_cells = static_cast<size_t>(rows_) * max_len * width;
+  // The dense scratch holds only this call's rows: map them to 0..used-1.
+  std::vector<int> compact(rows_, -1), rows_used;
+  std::vector<int32_t> local(seq.size());
+  for (size_t i = 0; i < seq.size(); ++i) {
+    if (compact[seq[i]] < 0) {
+      compact[seq[i]] = static_cast<int>(rows_used.size());
+      rows_used.push_back(seq[i]);
+    }
+    local[i] = compact[seq[i]];
+  }
+  const int used = static_cast<int>(rows_used.size());
+  FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer local_dev, b.Allocate(local.size() * sizeof(int32_t)));
+  FERRY_RETURN_IF_ERROR(b.CopyToDevice(local_dev.data(), local.data(), local.size() * sizeof(int32_t)));
+  const TensorView local_ids =
+      TensorView::Contiguous(local_dev.data(), DType::kI32, {static_cast<int64_t>(local.size())}, dev);
+  const size_t dense_cells = static_cast<size_t>(used) * max_len * width;
   FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer k_dense, b.Allocate(dense_cells * sizeof(float)));
   FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer v_dense, b.Allocate(dense_cells * sizeof(float)));
-  FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer cols_dev, b.Allocate(static_cast<size_t>(rows_) * heads_ * max_len * sizeof(float)));
-  std::vector<float> cols(static_cast<size_t>(rows_) * heads_ * max_len, 0.0f);
+  FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer cols_dev, b.Allocate(static_cast<size_t>(used) * heads_ * max_len * sizeof(float)));
+  std::vector<float> cols(static_cast<size_t>(used) * heads_ * max_len, 0.0f);
   FERRY_RETURN_IF_ERROR(b.CopyToDevice(cols_dev.data(), cols.data(), cols.size() * sizeof(float)));
-  const TensorView kd = TensorView::Contiguous(k_dense.data(), DType::kF32, {rows_, max_len, width}, dev);
-  const TensorView vd = TensorView::Contiguous(v_dense.data(), DType::kF32, {rows_, max_len, width}, dev);
-  const TensorView cv = TensorView::Contiguous(cols_dev.data(), DType::kF32, {rows_, heads_, max_len}, dev);
-  FERRY_RETURN_IF_ERROR(b.KvWrite({a.k, a.v, kd, vd, a.seq_ids, a.positions}));
-  FERRY_RETURN_IF_ERROR(b.Attention({a.q, kd, vd, a.seq_ids, a.positions, a.out, heads_, a.scale, cv}));
+  const TensorView kd = TensorView::Contiguous(k_dense.data(), DType::kF32, {used, max_len, width}, dev);
+  const TensorView vd = TensorView::Contiguous(v_dense.data(), DType::kF32, {used, max_len, width}, dev);
+  const TensorView cv = TensorView::Contiguous(cols_dev.data(), DType::kF32, {used, heads_, max_len}, dev);
+  FERRY_RETURN_IF_ERROR(b.KvWrite({a.k, a.v, kd, vd, local_ids, a.positions}));
+  FERRY_RETURN_IF_ERROR(b.Attention({a.q, kd, vd, local_ids, a.positions, a.out, heads_, a.scale, cv}));
   std::vector<float> kh(dense_cells), vh(dense_cells);
   FERRY_RETURN_IF_ERROR(b.CopyToHost(kh.data(), k_dense.data(), dense_cells * sizeof(float)));
   FERRY_RETURN_IF_ERROR(b.CopyToHost(vh.data(), v_dense.data(), dense_cells * sizeof(float)));
   FERRY_RETURN_IF_ERROR(b.CopyToHost(cols.data(), cols_dev.data(), cols.size() * sizeof(float)));
-  std::vector<int> len(rows_, 0);
-  for (size_t i = 0; i < seq.size(); ++i) len[seq[i]] = std::max(len[seq[i]], pos[i] + 1);
+  std::vector<int> len(used, 0);
+  for (size_t i = 0; i < seq.size(); ++i) len[local[i]] = std::max(len[local[i]], pos[i] + 1);
   std::vector<float> kslot(static_cast<size_t>(slots_) * head_dim_), vslot(kslot.size());
-  for (int r = 0; r < rows_; ++r) {
-    if (len[r] == 0) continue;
+  for (int u = 0; u < used; ++u) {
+    const int r = rows_used[u];
     for (int h = 0; h < heads_; ++h) {
-      const float* col = cols.data() + (static_cast<size_t>(r) * heads_ + h) * max_len;
+      const float* col = cols.data() + (static_cast<size_t>(u) * heads_ + h) * max_len;
       // Keep: the recent tokens, the protected ones, then the highest column sums (ties: oldest).
       std::vector<int> keep;
       std::vector<int> rest;
-      for (int p = 0; p < len[r]; ++p) {
-        if (p > len[r] - 1 - options_.recent || p < options_.protect) {
+      for (int p = 0; p < len[u]; ++p) {
+        if (p > len[u] - 1 - options_.recent || p < options_.protect) {
           keep.push_back(p);
         } else {
           rest.push_back(p);
         }
       }
-      const int heavy_left = options_.heavy - std::min(options_.protect, len[r]);
+      const int heavy_left = options_.heavy - std::min(options_.protect, len[u]);
       std::stable_sort(rest.begin(), rest.end(), [&](int x, int y) { return col[x] > col[y]; });
       for (int i = 0; i < static_cast<int>(rest.size()) && i < heavy_left; ++i) keep.push_back(rest[i]);
       std::sort(keep.begin(), keep.end());
@@ -125,7 +140,7 @@ absl::Status H2OCache::Prefill(kernels::Backend& b, const AttendArgs& a) {
         position_[base + j] = p;
         score_[base + j] = col[p];
         occupied_[base + j] = 1;
-        const size_t src = (static_cast<size_t>(r) * max_len + p) * width + static_cast<size_t>(h) * head_dim_;
+        const size_t src = (static_cast<size_t>(u) * max_len + p) * width + static_cast<size_t>(h) * head_dim_;
         std::copy(kh.begin() + src, kh.begin() + src + head_dim_, kslot.begin() + j * head_dim_);
         std::copy(vh.begin() + src, vh.begin() + src + head_dim_, vslot.begin() + j * head_dim_);
       }

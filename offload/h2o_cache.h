@@ -37,8 +37,8 @@ class H2OCache final : public AttentionCache {
   absl::Status Attend(kernels::Backend& backend, const AttendArgs& args) override;
 
   int slots() const { return slots_; }
-  // Device bytes this cache holds for `rows` rows, and the most a prefill of `tokens` tokens
-  // (longest prompt `max_prompt`) allocates on top, for memory plans.
+  // Device bytes this cache holds for `rows` rows, and the most a prefill call of `rows` prompts
+  // (the longest `max_prompt` tokens) allocates on top, for memory plans.
   static uint64_t Bytes(int layers, int heads, int head_dim, int rows, const H2OOptions& o);
   static uint64_t PrefillBytes(int heads, int head_dim, int rows, int max_prompt);
 

@@ -54,6 +54,32 @@ TEST(BenchTest, MetricsAreConsistentWithThePlan) {
   EXPECT_EQ(RunBench(o).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
+TEST(BenchTest, H2OFitsALargerBatchInTheSameBudget) {
+  ferry::testing::TempDir dir;
+  ASSERT_TRUE(io::ConvertToStore(ferry::testing::ModelDir(), dir.path()).ok());
+  BenchOptions o;
+  o.store_dir = dir.path();
+  o.prompt_len = 200;
+  o.gen_len = 3;
+  o.num_gpu_batches = 8;
+  o.split = {0, 100, 0};
+  o.backend.memory_budget_bytes = 48 << 20;
+  o.fit_batch = true;
+  auto full = RunBench(o);
+  ASSERT_TRUE(full.ok()) << full.status();
+  o.h2o = offload::H2OOptions{20, 20, 0};
+  auto h2o = RunBench(o);
+  ASSERT_TRUE(h2o.ok()) << h2o.status();
+  const int full_batch = full->json["batch"], h2o_batch = h2o->json["batch"];
+  EXPECT_GE(full_batch, 2);
+  EXPECT_GE(h2o_batch, 2 * full_batch);  // 41 slots instead of 203 positions per head
+  EXPECT_EQ(h2o->json["kv_cache"], "h2o 20+20");
+  for (const auto* r : {&*full, &*h2o}) EXPECT_LE(r->json["memory"]["plan_device"].get<uint64_t>(), 48u << 20);
+  o.fit_batch = true;
+  o.backend.memory_budget_bytes = 2 << 20;
+  EXPECT_EQ(RunBench(o).status().code(), absl::StatusCode::kResourceExhausted);
+}
+
 TEST(DummyModelTest, Opt125mStoreLoadsAndRuns) {
   auto shape = FindDummyShape("opt-125m");
   ASSERT_TRUE(shape.ok());
