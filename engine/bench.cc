@@ -11,6 +11,7 @@
 #include "base/status.h"
 #include "engine/opt_model.h"
 #include "io/store.h"
+#include "offload/host_kv_cache.h"
 
 namespace ferry::engine {
 namespace {
@@ -74,8 +75,13 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
   const int max_len = o.prompt_len + o.gen_len;
   // Device bytes beyond the weights for a batch: the KV cache (dense or H2O) and the workspace of
   // the prefill, which runs the whole batch in one pass so that weights cross the link once.
+  if (o.kv_on_cpu && o.h2o.has_value()) return absl::UnimplementedError("H2O with the KV cache on the CPU is not implemented yet");
+  auto host_reserve = [&](int64_t b) {
+    return o.kv_on_cpu ? offload::HostKvCache::Bytes(config.num_layers, config.hidden_size, static_cast<int>(b), max_len) : 0;
+  };
   auto reserve = [&](int64_t b) {
-    uint64_t kv = o.h2o.has_value()
+    uint64_t kv = o.kv_on_cpu ? 0
+                  : o.h2o.has_value()
                       ? offload::H2OCache::Bytes(config.num_layers, config.num_heads, config.head_dim(), static_cast<int>(b), *o.h2o) +
                             offload::H2OCache::PrefillBytes(config.num_heads, config.head_dim(),
                                                             static_cast<int>(b / o.num_gpu_batches), o.prompt_len)
@@ -94,10 +100,12 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
     auto fits = [&](int64_t gbs) {
       OffloadOptions t = off;
       t.reserve_device_bytes = reserve(gbs * o.num_gpu_batches);
+      t.reserve_host_bytes = host_reserve(gbs * o.num_gpu_batches);
       return OptModel::PlanOffload(store, t).ok();
     };
     if (!fits(1)) {
       off.reserve_device_bytes = reserve(o.num_gpu_batches);
+      off.reserve_host_bytes = host_reserve(o.num_gpu_batches);
       return OptModel::PlanOffload(store, off).status();  // says what does not fit
     }
     int64_t lo = 1, hi = 2;
@@ -125,12 +133,15 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
   }
 
   off.reserve_device_bytes = reserve(batch);
+  off.reserve_host_bytes = host_reserve(batch);
   say("loading the model");
   FERRY_ASSIGN_OR_RETURN(std::unique_ptr<OptModel> model, OptModel::LoadOffloaded(o.store_dir, backend.get(), off));
   std::unique_ptr<offload::AttentionCache> cache;
   if (o.h2o.has_value()) {
     FERRY_ASSIGN_OR_RETURN(cache, offload::H2OCache::Create(*backend, config.num_layers, config.num_heads, config.head_dim(),
                                                             batch, *o.h2o));
+  } else if (o.kv_on_cpu) {
+    FERRY_ASSIGN_OR_RETURN(cache, offload::HostKvCache::Create(*backend, config.num_layers, config.hidden_size, batch, max_len));
   } else {
     FERRY_ASSIGN_OR_RETURN(KvCache dense, KvCache::Create(*backend, config, batch, max_len));
     cache = std::make_unique<KvCache>(std::move(dense));
@@ -194,7 +205,9 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
       {"device", o.backend.name},
       {"batch", batch}, {"gpu_batch_size", gpu_batch_size}, {"num_gpu_batches", o.num_gpu_batches},
       {"batch_fitted_to_budget", o.fit_batch},
-      {"kv_cache", o.h2o.has_value() ? absl::StrCat("h2o ", o.h2o->heavy, "+", o.h2o->recent) : std::string("full")},
+      {"kv_cache", o.h2o.has_value() ? absl::StrCat("h2o ", o.h2o->heavy, "+", o.h2o->recent)
+                   : o.kv_on_cpu   ? std::string("full, on the CPU")
+                                   : std::string("full")},
       {"prompt_len", o.prompt_len}, {"gen_len", o.gen_len},
       {"weights_percent", {o.split.gpu, o.split.cpu, o.split.disk}},
       {"prefill_s", prefill_s}, {"decode_s", decode_s}, {"total_s", total_s},

@@ -30,6 +30,7 @@ struct BenchOptions {
   io::UringOptions uring;
   uint64_t seed = 1;
   std::optional<offload::H2OOptions> h2o;  // evicting KV cache instead of the dense one
+  bool kv_on_cpu = false;                  // the dense cache in pinned host memory, CPU attention
   // Run the largest gpu_batch_size (x num_gpu_batches) that fits the device budget.
   bool fit_batch = false;
   std::function<void(const std::string&)> progress;  // one line per phase/step

@@ -257,6 +257,7 @@ absl::StatusOr<offload::Plan> OptModel::PlanOffload(const io::Store& store, cons
   for (const auto& region : store.layers()) in.layer_bytes.push_back(region.bytes);
   in.split = options.split;
   in.other_device_bytes = resident_other + options.reserve_device_bytes;
+  in.other_host_bytes = options.reserve_host_bytes;
   in.device_budget = options.device_budget;
   in.host_budget = options.host_budget;
   return offload::MakePlan(in);

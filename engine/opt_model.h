@@ -41,6 +41,7 @@ struct OffloadOptions {
   uint64_t device_budget = 0;         // bytes; 0: none
   uint64_t host_budget = 0;           // pinned bytes; 0: none
   uint64_t reserve_device_bytes = 0;  // KV cache and activations the caller will allocate
+  uint64_t reserve_host_bytes = 0;    // pinned memory the caller will allocate (a KV cache on the CPU)
   offload::StreamerOptions streamer;
 };
 

@@ -84,7 +84,7 @@ absl::StatusOr<Plan> MakePlan(const PlanInputs& in) {
   p.working_bytes = 2 * max_streamed;
   p.staging_bytes = 2 * max_disk;
   p.device_bytes = in.other_device_bytes + p.resident_bytes + p.working_bytes;
-  p.host_bytes = p.pinned_bytes + p.staging_bytes;
+  p.host_bytes = p.pinned_bytes + p.staging_bytes + in.other_host_bytes;
   if (in.device_budget > 0 && p.device_bytes > in.device_budget) {
     return absl::ResourceExhaustedError(absl::StrCat(
         "the policy does not fit the GPU memory budget of ", MiB(in.device_budget), ": it needs ", MiB(p.device_bytes),
@@ -95,7 +95,8 @@ absl::StatusOr<Plan> MakePlan(const PlanInputs& in) {
   if (in.host_budget > 0 && p.host_bytes > in.host_budget) {
     return absl::ResourceExhaustedError(absl::StrCat(
         "the policy does not fit the CPU memory budget of ", MiB(in.host_budget), ": it needs ", MiB(p.host_bytes),
-        " pinned (CPU-tier weights ", MiB(p.pinned_bytes), ", disk staging ", MiB(p.staging_bytes), "), over by ",
+        " pinned (CPU-tier weights ", MiB(p.pinned_bytes), ", disk staging ", MiB(p.staging_bytes), ", KV cache ",
+        MiB(in.other_host_bytes), "), over by ",
         MiB(p.host_bytes - in.host_budget), "; move weights to disk or GPU"));
   }
   return p;

@@ -33,6 +33,7 @@ struct PlanInputs {
   std::vector<uint64_t> layer_bytes;  // each a multiple of 4 KiB
   WeightSplit split;
   uint64_t other_device_bytes = 0;    // non-layer weights, small per-layer vectors, KV cache, activations
+  uint64_t other_host_bytes = 0;      // pinned memory besides the weights (a KV cache on the CPU)
   uint64_t device_budget = 0;         // 0: none
   uint64_t host_budget = 0;           // 0: none
 };

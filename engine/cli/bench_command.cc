@@ -69,8 +69,8 @@ absl::StatusOr<std::string> PrepareStore(const BenchFlags& f) {
 }
 
 absl::Status RunBenchCommand(const BenchFlags& f) {
-  if (f.kv != "gpu") return absl::UnimplementedError("--kv cpu is not implemented yet: the KV cache lives on the device");
   engine::BenchOptions o;
+  o.kv_on_cpu = f.kv == "cpu";
   FERRY_ASSIGN_OR_RETURN(o.split, offload::ParseWeightSplit(f.weights));
   if (!f.gpu_mem.empty()) {
     FERRY_ASSIGN_OR_RETURN(o.backend.memory_budget_bytes, offload::ParseBytes(f.gpu_mem));

@@ -177,7 +177,10 @@ TEST(CliTest, BenchPrintsFlexGenMetrics) {
   }
   auto j = nlohmann::json::parse(*ferry::ReadFileToString(dir.File("b.json")));
   EXPECT_EQ(j["batch"], 2);
-  EXPECT_EQ(Ferry("bench --kv cpu -q").code, 1);
+  r = Ferry("bench " + kModel + " --store " + dir.File("s") + " --kv cpu --prompt-len 16 --gen-len 3 -q");
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.out.find("full, on the CPU"), std::string::npos) << r.out;
+  EXPECT_EQ(Ferry("bench " + kModel + " --store " + dir.File("s") + " --kv cpu --h2o 4,4 -q").code, 1);
   EXPECT_EQ(Ferry("bench --dummy opt-7b --store " + dir.File("d") + " -q").code, 1);
 }
 

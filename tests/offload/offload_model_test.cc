@@ -7,6 +7,7 @@
 #include "engine/opt_model.h"
 #include "gtest/gtest.h"
 #include "io/store.h"
+#include "offload/host_kv_cache.h"
 #include "kernels/cpu/cpu_backend.h"
 #include "test_util.h"
 
@@ -72,6 +73,33 @@ TEST_F(OffloadModelTest, EveryPlacementGivesBitIdenticalLogits) {
     EXPECT_GE(streamer->stats().disk_bytes, passes * disk);
     EXPECT_GE(streamer->stats().h2d_bytes, passes * h2d);
   }
+}
+
+TEST_F(OffloadModelTest, KvCacheOnTheCpuGivesBitIdenticalLogits) {
+  kernels::CpuBackend backend;
+  OffloadOptions o;
+  o.split = {0, 50, 50};
+  auto m = OptModel::LoadOffloaded(store_dir_->path(), &backend, o);
+  ASSERT_TRUE(m.ok());
+  const OptConfig& c = (*m)->config();
+  auto dense = KvCache::Create(backend, c, 2, 16);
+  auto host = offload::HostKvCache::Create(backend, c.num_layers, c.hidden_size, 2, 16);
+  ASSERT_TRUE(dense.ok() && host.ok());
+  const size_t pinned_before = backend.host_allocated_bytes();
+  EXPECT_EQ(offload::HostKvCache::Bytes(c.num_layers, c.hidden_size, 2, 16), pinned_before - (*m)->plan().host_bytes);
+  std::vector<float> a, b;
+  ForwardBatch pre{{2, 1248, 262, 2732, 2, 1777, 554}, {0, 0, 0, 0, 1, 1, 1}, {0, 1, 2, 3, 0, 1, 2}, {3, 6}};
+  ASSERT_TRUE((*m)->Forward(pre, *dense, &a).ok());
+  ASSERT_TRUE((*m)->Forward(pre, **host, &b).ok());
+  EXPECT_EQ(a, b);
+  for (int step = 0; step < 3; ++step) {
+    ForwardBatch dec{{406 + step, 342 + step}, {0, 1}, {4 + step, 3 + step}, {0, 1}};
+    ASSERT_TRUE((*m)->Forward(dec, *dense, &a).ok());
+    ASSERT_TRUE((*m)->Forward(dec, **host, &b).ok());
+    EXPECT_EQ(a, b) << "step " << step;
+  }
+  ForwardBatch past{{5}, {0}, {16}, {0}};
+  EXPECT_EQ((*m)->Forward(past, **host, &b).code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST_F(OffloadModelTest, GreedyGenerationIsTheSame) {

@@ -1,0 +1,56 @@
+#include "offload/host_kv_cache.h"
+
+#include "absl/strings/str_cat.h"
+#include "base/status.h"
+
+namespace ferry::offload {
+
+uint64_t HostKvCache::Bytes(int layers, int width, int rows, int max_len) {
+  return 2ull * layers * static_cast<uint64_t>(rows) * max_len * width * sizeof(float);
+}
+
+absl::StatusOr<std::unique_ptr<HostKvCache>> HostKvCache::Create(kernels::Backend& device, int layers, int width, int rows,
+                                                                  int max_len) {
+  if (layers <= 0 || width <= 0 || rows <= 0 || max_len <= 0) return absl::InvalidArgumentError("host KV cache: bad dimensions");
+  std::unique_ptr<HostKvCache> c(new HostKvCache());
+  c->layers_ = layers, c->width_ = width, c->rows_ = rows, c->max_len_ = max_len;
+  const size_t bytes = static_cast<size_t>(rows) * max_len * width * sizeof(float);
+  for (int l = 0; l < layers; ++l) {
+    FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer k, device.AllocateHost(bytes));
+    FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer v, device.AllocateHost(bytes));
+    c->k_.push_back(std::move(k));
+    c->v_.push_back(std::move(v));
+  }
+  return c;
+}
+
+absl::Status HostKvCache::Check(const std::vector<int32_t>& seq_ids, const std::vector<int32_t>& positions) const {
+  for (size_t i = 0; i < seq_ids.size(); ++i) {
+    if (seq_ids[i] < 0 || seq_ids[i] >= rows_ || positions[i] >= max_len_) {
+      return absl::InvalidArgumentError(absl::StrCat("token ", i, " (sequence ", seq_ids[i], ", position ", positions[i],
+                                                     ") is outside the host KV cache of ", rows_, " x ", max_len_));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status HostKvCache::Attend(kernels::Backend& b, const AttendArgs& a) {
+  const int64_t n = a.q.shape[0];
+  const size_t count = static_cast<size_t>(n) * width_;
+  q_.resize(count), kn_.resize(count), vn_.resize(count), out_.resize(count);
+  FERRY_RETURN_IF_ERROR(b.CopyToHost(q_.data(), a.q.data, count * sizeof(float)));
+  FERRY_RETURN_IF_ERROR(b.CopyToHost(kn_.data(), a.k.data, count * sizeof(float)));
+  FERRY_RETURN_IF_ERROR(b.CopyToHost(vn_.data(), a.v.data, count * sizeof(float)));
+  std::vector<int32_t> seq = *a.host_seq_ids, pos = *a.host_positions;
+  auto host = [](void* p, std::initializer_list<int64_t> shape, DType t = DType::kF32) {
+    return TensorView::Contiguous(p, t, shape);
+  };
+  const TensorView kc = host(k_[a.layer].data(), {rows_, max_len_, width_}), vc = host(v_[a.layer].data(), {rows_, max_len_, width_});
+  const TensorView ids = host(seq.data(), {n}, DType::kI32), ps = host(pos.data(), {n}, DType::kI32);
+  FERRY_RETURN_IF_ERROR(cpu_.KvWrite({host(kn_.data(), {n, width_}), host(vn_.data(), {n, width_}), kc, vc, ids, ps}));
+  FERRY_RETURN_IF_ERROR(cpu_.Attention({host(q_.data(), {n, width_}), kc, vc, ids, ps, host(out_.data(), {n, width_}),
+                                        a.num_heads, a.scale, TensorView{}}));
+  return b.CopyToDevice(a.out.data, out_.data(), count * sizeof(float));
+}
+
+}  // namespace ferry::offload

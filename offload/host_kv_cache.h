@@ -1,0 +1,34 @@
+// The KV cache in pinned host memory, with attention computed on the CPU next to it (FlexGen's
+// CPU attention): per layer only q, k, v of the new tokens go down (device -> host) and the
+// attention output comes back up, instead of the whole cache crossing the link. Counted against
+// the host budget, not the device's.
+#pragma once
+
+#include <memory>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "kernels/cpu/cpu_backend.h"
+#include "offload/attention_cache.h"
+
+namespace ferry::offload {
+
+class HostKvCache final : public AttentionCache {
+ public:
+  // `device` allocates the pinned memory (and does the copies); rows x max_len tokens per layer.
+  static absl::StatusOr<std::unique_ptr<HostKvCache>> Create(kernels::Backend& device, int layers, int width, int rows,
+                                                              int max_len);
+  static uint64_t Bytes(int layers, int width, int rows, int max_len);
+
+  absl::Status Check(const std::vector<int32_t>& seq_ids, const std::vector<int32_t>& positions) const override;
+  absl::Status Attend(kernels::Backend& backend, const AttendArgs& args) override;
+
+ private:
+  HostKvCache() = default;
+  int layers_ = 0, width_ = 0, rows_ = 0, max_len_ = 0;
+  std::vector<kernels::DeviceBuffer> k_, v_;  // pinned host, per layer [rows, max_len, width]
+  kernels::CpuBackend cpu_;                   // runs the attention on the host memory
+  std::vector<float> q_, kn_, vn_, out_;      // the call's tokens, on the host
+};
+
+}  // namespace ferry::offload
