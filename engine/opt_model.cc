@@ -357,7 +357,10 @@ absl::Status OptModel::Forward(const ForwardBatch& batch, offload::AttentionCach
   FERRY_ASSIGN_OR_RETURN(Weight v, Alloc(DType::kF32, {micro, d}));
   FERRY_ASSIGN_OR_RETURN(Weight att, Alloc(DType::kF32, {micro, d}));
   FERRY_ASSIGN_OR_RETURN(Weight ffn, Alloc(DType::kF32, {micro, c.ffn_dim}));
-  Weight e;
+  Weight e, tap_in;
+  if (batch.ffn_hook != nullptr) {
+    FERRY_ASSIGN_OR_RETURN(tap_in, Alloc(DType::kF32, {micro, d}));
+  }
   if (c.has_projection()) {
     FERRY_ASSIGN_OR_RETURN(e, Alloc(DType::kF32, {micro, w}));
   }
@@ -398,6 +401,9 @@ absl::Status OptModel::Forward(const ForwardBatch& batch, offload::AttentionCach
         FERRY_RETURN_IF_ERROR(b.LayerNorm({hm, L.ln1_gamma, L.ln1_beta, am, 1e-5f}));
         attn_in = &am;
       }
+      if (batch.ffn_hook != nullptr) {
+        FERRY_RETURN_IF_ERROR(b.CopyTensor(*attn_in, tap_in.view.Rows(0, len)));
+      }
       FERRY_RETURN_IF_ERROR(b.Linear({*attn_in, L.m[0], L.bias[0], qm, false}));
       FERRY_RETURN_IF_ERROR(b.Linear({*attn_in, L.m[1], L.bias[1], km, false}));
       FERRY_RETURN_IF_ERROR(b.Linear({*attn_in, L.m[2], L.bias[2], vm, false}));
@@ -416,6 +422,10 @@ absl::Status OptModel::Forward(const ForwardBatch& batch, offload::AttentionCach
         ffn_in = &am;
       }
       FERRY_RETURN_IF_ERROR(b.Linear({*ffn_in, L.m[4], L.bias[4], ffnm, true}));
+      if (batch.ffn_hook != nullptr) {
+        FERRY_RETURN_IF_ERROR(b.Synchronize());
+        FERRY_RETURN_IF_ERROR((*batch.ffn_hook)(l, tap_in.view.Rows(0, len), ffnm));
+      }
       FERRY_RETURN_IF_ERROR(b.Linear({ffnm, L.m[5], L.bias[5], qm, false}));
       FERRY_RETURN_IF_ERROR(b.Add(hm, qm, hm));
       if (!c.layer_norm_before) {

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <array>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -74,6 +75,10 @@ struct ForwardBatch {
   // boundaries. Each layer runs over them in turn with its weights loaded once; the temporaries
   // hold one micro-batch. Empty: one micro-batch.
   std::vector<int32_t> micro_batch_ends = {};
+  // Optional hook for contextual sparsity (CPU backend: the views are host memory), called per
+  // layer and micro-batch after FC1 + ReLU, before FC2, with the layer's attention-block input
+  // (LayerNorm'd) [t, d] and the FFN activation [t, ffn], which it may change (zero neurons).
+  const std::function<absl::Status(int layer, const TensorView& attn_in, const TensorView& ffn_act)>* ffn_hook = nullptr;
 };
 
 class OptModel {

@@ -65,6 +65,7 @@ absl::StatusOr<PerplexityResult> ComputePerplexity(const OptModel& model, const 
           targets.push_back(i + 1 < end ? ids[i + 1] : -1);
         }
         if (step.tokens.empty()) break;
+        step.ffn_hook = o.ffn_hook;
         FERRY_RETURN_IF_ERROR(model.Forward(step, *cache, &logits));
         for (size_t r = 0; r < targets.size(); ++r) {
           if (targets[r] < 0) continue;
@@ -96,6 +97,7 @@ absl::StatusOr<PerplexityResult> ComputePerplexity(const OptModel& model, const 
         }
       }
     }
+    batch.ffn_hook = o.ffn_hook;
     FERRY_RETURN_IF_ERROR(model.Forward(batch, cache, &logits));
     for (size_t r = 0; r < targets.size(); ++r) result.nll_sum += nll(logits.data() + r * vocab, targets[r]);
     result.scored_tokens += static_cast<int64_t>(targets.size());

@@ -1,6 +1,8 @@
 #include "io/safetensors.h"
 
 #include <algorithm>
+#include <cerrno>
+#include <cstdio>
 #include <limits>
 
 #include "absl/strings/str_cat.h"
@@ -172,6 +174,34 @@ absl::Status Checkpoint::ReadRange(const std::string& name, uint64_t begin, void
   auto it = where_.find(name);
   if (it == where_.end()) return absl::NotFoundError(absl::StrCat("tensor \"", name, "\" is not in the checkpoint"));
   return it->second->ReadRange(*it->second->Find(name), begin, dst, n);
+}
+
+absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorToWrite>& tensors) {
+  nlohmann::json header = nlohmann::json::object();
+  uint64_t offset = 0;
+  for (const auto& t : tensors) {
+    uint64_t bytes = DTypeSize(t.dtype);
+    for (int64_t d : t.shape) bytes *= static_cast<uint64_t>(d);
+    header[t.name] = {{"dtype", DTypeName(t.dtype)}, {"shape", t.shape}, {"data_offsets", {offset, offset + bytes}}};
+    offset += bytes;
+  }
+  std::string h = header.dump();
+  while (h.size() % 8 != 0) h += ' ';
+  const std::string tmp = path + ".tmp";
+  std::FILE* f = std::fopen(tmp.c_str(), "wb");
+  if (f == nullptr) return absl::PermissionDeniedError(absl::StrCat("cannot write ", tmp));
+  uint8_t len[8];
+  for (int i = 0; i < 8; ++i) len[i] = static_cast<uint8_t>((static_cast<uint64_t>(h.size()) >> (8 * i)) & 0xff);
+  bool ok = std::fwrite(len, 1, 8, f) == 8 && std::fwrite(h.data(), 1, h.size(), f) == h.size();
+  for (const auto& t : tensors) {
+    uint64_t bytes = DTypeSize(t.dtype);
+    for (int64_t d : t.shape) bytes *= static_cast<uint64_t>(d);
+    ok = ok && std::fwrite(t.data, 1, bytes, f) == bytes;
+  }
+  ok = (std::fclose(f) == 0) && ok;
+  if (!ok) return absl::DataLossError(absl::StrCat("error writing ", tmp));
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) return absl::ErrnoToStatus(errno, absl::StrCat("rename ", tmp));
+  return absl::OkStatus();
 }
 
 std::vector<std::string> Checkpoint::Names() const {

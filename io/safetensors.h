@@ -52,4 +52,14 @@ class Checkpoint final : public TensorSource {
   std::map<std::string, const SafetensorsFile*> where_;
 };
 
+struct TensorToWrite {
+  std::string name;
+  DType dtype = DType::kF32;
+  std::vector<int64_t> shape;
+  const void* data = nullptr;  // numel x dtype size bytes
+};
+
+// Writes a single-file safetensors checkpoint (written to PATH.tmp, then renamed).
+absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorToWrite>& tensors);
+
 }  // namespace ferry::io

@@ -90,6 +90,12 @@ absl::Status ValidateLinear(const LinearArgs& a) {
   return Expect(a.in.data != a.out.data, op, "out must not alias in");
 }
 
+absl::Status ValidateCopy(const TensorView& src, const TensorView& dst) {
+  return Expect(src.dtype == dst.dtype && src.ndim == dst.ndim && src.shape == dst.shape && src.is_contiguous() &&
+                    dst.is_contiguous(),
+                "CopyTensor", "src and dst must be contiguous, of one shape and dtype");
+}
+
 absl::Status ValidateAdd(const TensorView& a, const TensorView& b, const TensorView& out) {
   return Expect(Is2dF32(a) && Is2dF32(b) && Is2dF32(out) && a.shape == b.shape && a.shape == out.shape, "Add",
                 "a, b and out must be contiguous 2-D F32 of one shape");

@@ -146,6 +146,8 @@ class Backend {
   virtual absl::Status GatherRows(const GatherRowsArgs& args) = 0;
   virtual absl::Status LayerNorm(const LayerNormArgs& args) = 0;
   virtual absl::Status Linear(const LinearArgs& args) = 0;
+  // dst = src, same shape and dtype, both contiguous, on the compute queue.
+  virtual absl::Status CopyTensor(const TensorView& src, const TensorView& dst) = 0;
   // out = a + b, elementwise, [n, dim] F32 (out may alias a or b).
   virtual absl::Status Add(const TensorView& a, const TensorView& b, const TensorView& out) = 0;
   virtual absl::Status KvWrite(const KvWriteArgs& args) = 0;
@@ -162,6 +164,7 @@ class Backend {
 absl::Status ValidateGatherRows(const GatherRowsArgs& args);
 absl::Status ValidateLayerNorm(const LayerNormArgs& args);
 absl::Status ValidateLinear(const LinearArgs& args);
+absl::Status ValidateCopy(const TensorView& src, const TensorView& dst);
 absl::Status ValidateAdd(const TensorView& a, const TensorView& b, const TensorView& out);
 absl::Status ValidateKvWrite(const KvWriteArgs& args);
 absl::Status ValidateAttention(const AttentionArgs& args);

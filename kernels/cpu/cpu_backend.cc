@@ -139,6 +139,12 @@ absl::Status CpuBackend::Linear(const LinearArgs& a) {
   return absl::OkStatus();
 }
 
+absl::Status CpuBackend::CopyTensor(const TensorView& src, const TensorView& dst) {
+  FERRY_RETURN_IF_ERROR(ValidateCopy(src, dst));
+  std::memcpy(dst.data, src.data, src.bytes());
+  return absl::OkStatus();
+}
+
 absl::Status CpuBackend::Add(const TensorView& a, const TensorView& b, const TensorView& out) {
   FERRY_RETURN_IF_ERROR(ValidateAdd(a, b, out));
   const float* x = a.as<const float>();

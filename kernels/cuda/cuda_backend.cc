@@ -194,6 +194,12 @@ absl::Status CudaBackend::Linear(const LinearArgs& a) {
   return absl::OkStatus();
 }
 
+absl::Status CudaBackend::CopyTensor(const TensorView& src, const TensorView& dst) {
+  FERRY_RETURN_IF_ERROR(ValidateCopy(src, dst));
+  FERRY_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst.data, src.data, src.bytes(), cudaMemcpyDeviceToDevice, stream_));
+  return absl::OkStatus();
+}
+
 absl::Status CudaBackend::Add(const TensorView& a, const TensorView& b, const TensorView& out) {
   FERRY_RETURN_IF_ERROR(ValidateAdd(a, b, out));
   FERRY_CUDA_RETURN_IF_ERROR(LaunchAdd(a.as<const float>(), b.as<const float>(), out.as<float>(), a.numel(), stream_));

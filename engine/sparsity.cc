@@ -1,0 +1,405 @@
+#include "engine/sparsity.h"
+
+#include <cblas.h>
+#include <sys/stat.h>
+
+#include <cerrno>
+
+#include <algorithm>
+#include <cmath>
+#include <fstream>
+#include <numeric>
+#include <random>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "base/file.h"
+#include "base/status.h"
+#include "base/thread_pool.h"
+#include "io/safetensors.h"
+#include "nlohmann/json.hpp"
+
+namespace ferry::engine {
+namespace {
+
+using nlohmann::json;
+
+std::string LayerFile(const std::string& dir, int l, const char* kind) { return absl::StrCat(dir, "/layer-", l, ".", kind); }
+
+absl::Status WriteAppend(std::ofstream& out, const void* data, size_t n, const std::string& path) {
+  out.write(static_cast<const char*>(data), static_cast<std::streamsize>(n));
+  if (!out) return absl::DataLossError(absl::StrCat("error writing ", path));
+  return absl::OkStatus();
+}
+
+struct Meta {
+  int64_t tokens = 0;
+  int d = 0, ffn = 0, layers = 0, window = 0;
+  std::vector<double> active;
+};
+
+absl::StatusOr<Meta> ReadMeta(const std::string& dir) {
+  FERRY_ASSIGN_OR_RETURN(std::string text, ReadFileToString(dir + "/meta.json"));
+  json j = json::parse(text, nullptr, false);
+  if (j.is_discarded() || !j.is_object()) return absl::DataLossError(absl::StrCat(dir, "/meta.json is not JSON"));
+  Meta m;
+  try {
+    m.tokens = j.at("tokens").get<int64_t>();
+    m.d = j.at("hidden").get<int>();
+    m.ffn = j.at("ffn").get<int>();
+    m.layers = j.at("layers").get<int>();
+    m.window = j.at("window").get<int>();
+    m.active = j.at("active_fraction").get<std::vector<double>>();
+  } catch (const std::exception& e) {
+    return absl::DataLossError(absl::StrCat(dir, "/meta.json: ", e.what()));
+  }
+  return m;
+}
+
+// One layer's collected data in memory.
+struct LayerData {
+  std::vector<float> x;       // [tokens, d]
+  std::vector<uint8_t> bits;  // [tokens, row_bytes]
+  int64_t row_bytes = 0;
+  bool Active(int64_t t, int j) const { return (bits[t * row_bytes + j / 8] >> (j % 8)) & 1; }
+};
+
+absl::StatusOr<LayerData> ReadLayer(const std::string& dir, const Meta& m, int l) {
+  LayerData L;
+  L.row_bytes = (m.ffn + 7) / 8;
+  FERRY_ASSIGN_OR_RETURN(std::string in, ReadFileToString(LayerFile(dir, l, "inputs")));
+  FERRY_ASSIGN_OR_RETURN(std::string lb, ReadFileToString(LayerFile(dir, l, "labels")));
+  if (in.size() != static_cast<size_t>(m.tokens) * m.d * 2 || lb.size() != static_cast<size_t>(m.tokens * L.row_bytes)) {
+    return absl::DataLossError(absl::StrCat(dir, ": layer ", l, " files do not match meta.json"));
+  }
+  L.x.resize(static_cast<size_t>(m.tokens) * m.d);
+  ConvertToF32(DType::kF16, in.data(), L.x.data(), L.x.size());
+  L.bits.assign(lb.begin(), lb.end());
+  return L;
+}
+
+// Held-out recall at k: hits among each token's top-k scores over its true positives.
+double RecallAtK(const std::vector<float>& scores, const LayerData& L, int64_t t0, int64_t t1, int ffn, int k) {
+  int64_t hits = 0, positives = 0;
+  std::vector<int> idx(ffn);
+  for (int64_t t = t0; t < t1; ++t) {
+    const float* z = scores.data() + (t - t0) * ffn;
+    std::iota(idx.begin(), idx.end(), 0);
+    std::nth_element(idx.begin(), idx.begin() + k, idx.end(), [&](int a, int b) { return z[a] > z[b]; });
+    for (int j = 0; j < ffn; ++j) positives += L.Active(t, j);
+    for (int i = 0; i < k; ++i) hits += L.Active(t, idx[i]);
+  }
+  return positives > 0 ? static_cast<double>(hits) / positives : 1.0;
+}
+
+// z = up (down x) + bias for rows of x: [n, ffn].
+void Predict(const float* x, int64_t n, int d, int r, int ffn, const float* down, const float* up, const float* bias,
+             std::vector<float>* h, std::vector<float>* z) {
+  h->resize(static_cast<size_t>(n) * r);
+  z->resize(static_cast<size_t>(n) * ffn);
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(n), r, d, 1.0f, x, d, down, d, 0.0f, h->data(), r);
+  for (int64_t i = 0; i < n; ++i) std::copy(bias, bias + ffn, z->data() + i * ffn);
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(n), ffn, r, 1.0f, h->data(), r, up, r, 1.0f, z->data(), ffn);
+}
+
+struct Adam {
+  std::vector<float> m, v;
+  int step = 0;
+  void Update(std::vector<float>& w, const std::vector<float>& g, float lr) {
+    if (m.empty()) m.assign(w.size(), 0.0f), v.assign(w.size(), 0.0f);
+    ++step;
+    const float b1 = 0.9f, b2 = 0.999f, eps = 1e-8f;
+    const float c1 = 1.0f - std::pow(b1, static_cast<float>(step)), c2 = 1.0f - std::pow(b2, static_cast<float>(step));
+    for (size_t i = 0; i < w.size(); ++i) {
+      m[i] = b1 * m[i] + (1 - b1) * g[i];
+      v[i] = b2 * v[i] + (1 - b2) * g[i] * g[i];
+      w[i] -= lr * (m[i] / c1) / (std::sqrt(v[i] / c2) + eps);
+    }
+  }
+};
+
+}  // namespace
+
+absl::Status CollectActivations(const OptModel& model, const std::vector<int>& ids, const std::string& out_dir,
+                                const CollectOptions& o) {
+  if (model.backend().device() != Device::kCpu) return absl::UnimplementedError("sparsity collect runs on the CPU backend");
+  const OptConfig& c = model.config();
+  if (o.window < 2 || o.window > c.max_positions) return absl::InvalidArgumentError("bad window");
+  const int64_t total = o.tokens > 0 ? std::min<int64_t>(o.tokens, ids.size()) : static_cast<int64_t>(ids.size());
+  if (total < 1) return absl::InvalidArgumentError("no tokens to collect");
+  if (::mkdir(out_dir.c_str(), 0755) != 0 && errno != EEXIST) return absl::ErrnoToStatus(errno, absl::StrCat("mkdir ", out_dir));
+  const int64_t row_bytes = (c.ffn_dim + 7) / 8;
+  std::vector<std::ofstream> inputs(c.num_layers), labels(c.num_layers);
+  for (int l = 0; l < c.num_layers; ++l) {
+    inputs[l].open(LayerFile(out_dir, l, "inputs"), std::ios::binary | std::ios::trunc);
+    labels[l].open(LayerFile(out_dir, l, "labels"), std::ios::binary | std::ios::trunc);
+    if (!inputs[l] || !labels[l]) return absl::PermissionDeniedError(absl::StrCat("cannot write into ", out_dir));
+  }
+  std::vector<int64_t> active(c.num_layers, 0);
+  std::vector<uint16_t> half;
+  std::vector<uint8_t> bits;
+  absl::Status write_status;
+  const std::function<absl::Status(int, const TensorView&, const TensorView&)> hook =
+      [&](int l, const TensorView& x, const TensorView& act) -> absl::Status {
+    const int64_t n = x.shape[0];
+    half.resize(static_cast<size_t>(n) * c.hidden_size);
+    ConvertFromF32(DType::kF16, x.as<const float>(), half.data(), half.size());
+    FERRY_RETURN_IF_ERROR(WriteAppend(inputs[l], half.data(), half.size() * 2, LayerFile(out_dir, l, "inputs")));
+    bits.assign(static_cast<size_t>(n * row_bytes), 0);
+    const float* a = act.as<const float>();
+    for (int64_t t = 0; t < n; ++t) {
+      for (int j = 0; j < c.ffn_dim; ++j) {
+        if (a[t * c.ffn_dim + j] > 0.0f) {
+          bits[t * row_bytes + j / 8] |= static_cast<uint8_t>(1u << (j % 8));
+          ++active[l];
+        }
+      }
+    }
+    return WriteAppend(labels[l], bits.data(), bits.size(), LayerFile(out_dir, l, "labels"));
+  };
+  FERRY_ASSIGN_OR_RETURN(KvCache cache, KvCache::Create(model.backend(), c, 1, o.window));
+  std::vector<float> logits;
+  for (int64_t begin = 0; begin < total; begin += o.window) {
+    const int64_t end = std::min(total, begin + o.window);
+    ForwardBatch b;
+    for (int64_t i = begin; i < end; ++i) {
+      b.tokens.push_back(ids[i]);
+      b.seq_ids.push_back(0);
+      b.positions.push_back(static_cast<int32_t>(i - begin));
+    }
+    b.ffn_hook = &hook;
+    FERRY_RETURN_IF_ERROR(model.Forward(b, cache, &logits));
+    if (o.progress) o.progress(end, total);
+  }
+  json meta = {{"tokens", total}, {"hidden", c.hidden_size}, {"ffn", c.ffn_dim}, {"layers", c.num_layers},
+               {"window", o.window}, {"active_fraction", json::array()}};
+  for (int l = 0; l < c.num_layers; ++l) {
+    meta["active_fraction"].push_back(static_cast<double>(active[l]) / (static_cast<double>(total) * c.ffn_dim));
+    inputs[l].close();
+    labels[l].close();
+    if (!inputs[l] || !labels[l]) return absl::DataLossError(absl::StrCat("error closing the files of layer ", l));
+  }
+  std::ofstream m(out_dir + "/meta.json");
+  m << meta.dump(1) << "\n";
+  if (!m) return absl::DataLossError(absl::StrCat("cannot write ", out_dir, "/meta.json"));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<LayerSparsity>> TrainPredictors(const std::string& data_dir, const std::string& out_dir,
+                                                           const TrainOptions& o) {
+  FERRY_ASSIGN_OR_RETURN(Meta meta, ReadMeta(data_dir));
+  if (o.rank < 1 || o.epochs < 1 || o.batch < 1 || !(o.holdout > 0 && o.holdout < 1) || !(o.k_fraction > 0 && o.k_fraction <= 1)) {
+    return absl::InvalidArgumentError("bad training options (rank, epochs, batch >= 1; holdout and k in (0, 1))");
+  }
+  if (::mkdir(out_dir.c_str(), 0755) != 0 && errno != EEXIST) return absl::ErrnoToStatus(errno, absl::StrCat("mkdir ", out_dir));
+  const int d = meta.d, F = meta.ffn, r = o.rank;
+  const int k = std::max(1, static_cast<int>(std::lround(o.k_fraction * F)));
+  const int64_t n_train = static_cast<int64_t>(meta.tokens * (1.0 - o.holdout));
+  if (n_train < o.batch || meta.tokens - n_train < 1) return absl::InvalidArgumentError("too few tokens to train and hold out");
+  std::vector<LayerSparsity> result;
+  std::vector<std::vector<float>> keep_down(meta.layers), keep_up(meta.layers), keep_bias(meta.layers);
+  std::mt19937 rng(static_cast<uint32_t>(o.seed));
+  for (int l = 0; l < meta.layers; ++l) {
+    LayerSparsity ls;
+    ls.layer = l;
+    ls.active_fraction = meta.active[l];
+    ls.dense = meta.active[l] > o.dense_above;
+    if (ls.dense) {
+      result.push_back(ls);
+      if (o.progress) o.progress(absl::StrFormat("layer %d: %.1f%% active, stays dense", l, 100 * meta.active[l]));
+      continue;
+    }
+    FERRY_ASSIGN_OR_RETURN(LayerData L, ReadLayer(data_dir, meta, l));
+    const double p = std::clamp(meta.active[l], 1e-4, 1 - 1e-4);
+    const float w1 = static_cast<float>(0.5 / p), w0 = static_cast<float>(0.5 / (1 - p));
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    std::vector<float> down(static_cast<size_t>(r) * d), up(static_cast<size_t>(F) * r), bias(F, std::log(p / (1 - p)));
+    for (auto& x : down) x = nd(rng) / std::sqrt(static_cast<float>(d));
+    for (auto& x : up) x = nd(rng) / std::sqrt(static_cast<float>(r));
+    Adam adam_down, adam_up, adam_bias;
+    std::vector<float> h, z, g, gdown(down.size()), gup(up.size()), gbias(F), gh;
+    std::vector<int64_t> order(n_train);
+    std::iota(order.begin(), order.end(), 0);
+    std::vector<float> xb(static_cast<size_t>(o.batch) * d);
+    double best = -1;
+    std::vector<float> best_down, best_up, best_bias;
+    int since_best = 0;
+    for (int epoch = 0; epoch < o.epochs && since_best < 2; ++epoch) {
+      std::shuffle(order.begin(), order.end(), rng);
+      for (int64_t b0 = 0; b0 + o.batch <= n_train; b0 += o.batch) {
+        const int B = o.batch;
+        for (int i = 0; i < B; ++i) std::copy_n(L.x.data() + order[b0 + i] * d, d, xb.data() + static_cast<size_t>(i) * d);
+        Predict(xb.data(), B, d, r, F, down.data(), up.data(), bias.data(), &h, &z);
+        // dLoss/dz of the class-balanced BCE, averaged over the batch.
+        g.resize(z.size());
+        ThreadPool::Default().ParallelFor(B, 8, [&](int64_t i0, int64_t i1) {
+          for (int64_t i = i0; i < i1; ++i) {
+            const int64_t t = order[b0 + i];
+            for (int j = 0; j < F; ++j) {
+              const float s = 1.0f / (1.0f + std::exp(-z[i * F + j]));
+              g[i * F + j] = (L.Active(t, j) ? w1 * (s - 1.0f) : w0 * s) / B;
+            }
+          }
+        });
+        std::fill(gbias.begin(), gbias.end(), 0.0f);
+        for (int i = 0; i < B; ++i)
+          for (int j = 0; j < F; ++j) gbias[j] += g[static_cast<size_t>(i) * F + j];
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, F, r, B, 1.0f, g.data(), F, h.data(), r, 0.0f, gup.data(), r);
+        gh.resize(static_cast<size_t>(B) * r);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, B, r, F, 1.0f, g.data(), F, up.data(), r, 0.0f, gh.data(), r);
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, r, d, B, 1.0f, gh.data(), r, xb.data(), d, 0.0f, gdown.data(), d);
+        adam_down.Update(down, gdown, o.learning_rate);
+        adam_up.Update(up, gup, o.learning_rate);
+        adam_bias.Update(bias, gbias, o.learning_rate);
+      }
+      Predict(L.x.data() + n_train * d, meta.tokens - n_train, d, r, F, down.data(), up.data(), bias.data(), &h, &z);
+      const double recall = RecallAtK(z, L, n_train, meta.tokens, F, k);
+      if (o.progress) o.progress(absl::StrFormat("layer %d epoch %d: held-out recall at %.0f%% = %.4f", l, epoch + 1, 100 * o.k_fraction, recall));
+      if (recall > best) {
+        best = recall, best_down = down, best_up = up, best_bias = bias, since_best = 0;
+      } else {
+        ++since_best;  // early stop after two epochs without a better recall
+      }
+    }
+    ls.recall_at_k = best;
+    keep_down[l] = std::move(best_down), keep_up[l] = std::move(best_up), keep_bias[l] = std::move(best_bias);
+    result.push_back(ls);
+  }
+  std::vector<io::TensorToWrite> tensors;
+  json cfg = {{"rank", r}, {"hidden", d}, {"ffn", F}, {"k_fraction", o.k_fraction}, {"layers", json::array()}};
+  for (const LayerSparsity& ls : result) {
+    cfg["layers"].push_back({{"layer", ls.layer}, {"mode", ls.dense ? "dense" : "predicted"},
+                             {"active_fraction", ls.active_fraction}, {"recall_at_k", ls.recall_at_k}});
+    if (ls.dense) continue;
+    const std::string p = absl::StrCat("layers.", ls.layer, ".");
+    tensors.push_back({p + "down", DType::kF32, {r, d}, keep_down[ls.layer].data()});
+    tensors.push_back({p + "up", DType::kF32, {F, r}, keep_up[ls.layer].data()});
+    tensors.push_back({p + "bias", DType::kF32, {F}, keep_bias[ls.layer].data()});
+  }
+  FERRY_RETURN_IF_ERROR(io::WriteSafetensors(out_dir + "/predictors.safetensors", tensors));
+  std::ofstream out(out_dir + "/sparsity.json");
+  out << cfg.dump(1) << "\n";
+  if (!out) return absl::DataLossError(absl::StrCat("cannot write ", out_dir, "/sparsity.json"));
+  return result;
+}
+
+absl::StatusOr<SparseFfn> SparseFfn::Load(const std::string& dir, const OptConfig& config) {
+  FERRY_ASSIGN_OR_RETURN(std::string text, ReadFileToString(dir + "/sparsity.json"));
+  json j = json::parse(text, nullptr, false);
+  if (j.is_discarded() || !j.is_object()) return absl::DataLossError(absl::StrCat(dir, "/sparsity.json is not JSON"));
+  SparseFfn s;
+  s.d_ = j.value("hidden", 0), s.ffn_ = j.value("ffn", 0), s.rank_ = j.value("rank", 0);
+  s.k_fraction_ = j.value("k_fraction", 0.15);
+  if (s.d_ != config.hidden_size || s.ffn_ != config.ffn_dim || s.rank_ <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat(dir, ": predictors were trained for another model shape"));
+  }
+  FERRY_ASSIGN_OR_RETURN(auto file, io::SafetensorsFile::Open(dir + "/predictors.safetensors"));
+  s.down_.resize(config.num_layers), s.up_.resize(config.num_layers), s.bias_.resize(config.num_layers);
+  for (const auto& layer : j.value("layers", json::array())) {
+    if (layer.value("mode", std::string()) != "predicted") continue;
+    const int l = layer.value("layer", -1);
+    if (l < 0 || l >= config.num_layers) return absl::DataLossError(absl::StrCat(dir, ": layer ", l, " out of range"));
+    const std::string p = absl::StrCat("layers.", l, ".");
+    const std::pair<const char*, std::vector<float>*> parts[] = {{"down", &s.down_[l]}, {"up", &s.up_[l]}, {"bias", &s.bias_[l]}};
+    for (const auto& [name, dst] : parts) {
+      const io::TensorInfo* t = file->Find(p + name);
+      if (t == nullptr || t->dtype != DType::kF32) return absl::DataLossError(absl::StrCat(dir, ": missing F32 ", p, name));
+      dst->resize(static_cast<size_t>(t->numel()));
+      FERRY_RETURN_IF_ERROR(file->Read(*t, dst->data(), dst->size() * sizeof(float)));
+    }
+    if (s.down_[l].size() != static_cast<size_t>(s.rank_) * s.d_ || s.up_[l].size() != static_cast<size_t>(s.ffn_) * s.rank_ ||
+        s.bias_[l].size() != static_cast<size_t>(s.ffn_)) {
+      return absl::DataLossError(absl::StrCat(dir, ": predictor of layer ", l, " has the wrong shape"));
+    }
+  }
+  return s;
+}
+
+std::vector<float> SparseFfn::Scores(int layer, const float* x, int64_t tokens) const {
+  std::vector<float> h, z;
+  Predict(x, tokens, d_, rank_, ffn_, down_[layer].data(), up_[layer].data(), bias_[layer].data(), &h, &z);
+  return z;
+}
+
+std::function<absl::Status(int, const TensorView&, const TensorView&)> SparseFfn::Hook() const {
+  return [this](int layer, const TensorView& x, const TensorView& act) -> absl::Status {
+    if (!predicted(layer)) return absl::OkStatus();
+    const int64_t n = x.shape[0];
+    const int k = std::max(1, static_cast<int>(std::lround(k_fraction_ * ffn_)));
+    const std::vector<float> z = Scores(layer, x.as<const float>(), n);
+    float* a = act.as<float>();
+    ThreadPool::Default().ParallelFor(n, 4, [&](int64_t t0, int64_t t1) {
+      std::vector<int> idx(ffn_);
+      std::vector<uint8_t> keep(ffn_);
+      for (int64_t t = t0; t < t1; ++t) {
+        const float* zt = z.data() + t * ffn_;
+        std::iota(idx.begin(), idx.end(), 0);
+        std::nth_element(idx.begin(), idx.begin() + k, idx.end(), [&](int p, int q) { return zt[p] > zt[q] || (zt[p] == zt[q] && p < q); });
+        std::fill(keep.begin(), keep.end(), 0);
+        for (int i = 0; i < k; ++i) keep[idx[i]] = 1;
+        for (int j = 0; j < ffn_; ++j) {
+          if (!keep[j]) a[t * ffn_ + j] = 0.0f;
+        }
+      }
+    });
+    return absl::OkStatus();
+  };
+}
+
+absl::StatusOr<SparsityReport> ReportSparsity(const std::string& data_dir, const SparseFfn* predictors, double k_fraction) {
+  FERRY_ASSIGN_OR_RETURN(Meta meta, ReadMeta(data_dir));
+  SparsityReport rep;
+  const int64_t windows = meta.tokens / meta.window;
+  for (int l = 0; l < meta.layers; ++l) {
+    FERRY_ASSIGN_OR_RETURN(LayerData L, ReadLayer(data_dir, meta, l));
+    rep.active_fraction.push_back(meta.active[l]);
+    double recall = -1;
+    if (predictors != nullptr && predictors->predicted(l)) {
+      const int k = std::max(1, static_cast<int>(std::lround(k_fraction * meta.ffn)));
+      recall = RecallAtK(predictors->Scores(l, L.x.data(), meta.tokens), L, 0, meta.tokens, meta.ffn, k);
+    }
+    rep.recall.push_back(recall);
+    // Union over a decode batch: B tokens at the same position of B different sequences (windows).
+    std::vector<double> fractions;
+    for (int B : rep.union_batch) {
+      const int64_t groups = windows / B;
+      if (groups == 0) {
+        fractions.push_back(-1);
+        continue;
+      }
+      double sum = 0;
+      int64_t count = 0;
+      std::vector<uint8_t> any(static_cast<size_t>(L.row_bytes));
+      for (int64_t g = 0; g < groups; ++g) {
+        for (int t = 0; t < meta.window; t += 8) {
+          std::fill(any.begin(), any.end(), 0);
+          for (int b = 0; b < B; ++b) {
+            const int64_t tok = (g * B + b) * meta.window + t;
+            for (int64_t i = 0; i < L.row_bytes; ++i) any[i] |= L.bits[tok * L.row_bytes + i];
+          }
+          int64_t active = 0;
+          for (uint8_t byte : any) active += __builtin_popcount(byte);
+          sum += static_cast<double>(active) / meta.ffn;
+          ++count;
+        }
+      }
+      fractions.push_back(sum / count);
+    }
+    rep.union_fraction.push_back(fractions);
+  }
+  return rep;
+}
+
+std::string SparsityReport::Table() const {
+  std::string s = "layer  active  recall@k";
+  for (int B : union_batch) s += absl::StrFormat("  union B=%-3d", B);
+  s += "\n";
+  for (size_t l = 0; l < active_fraction.size(); ++l) {
+    s += absl::StrFormat("%5zu  %6.3f  %8s", l, active_fraction[l], recall[l] < 0 ? "dense" : absl::StrFormat("%.3f", recall[l]));
+    for (double f : union_fraction[l]) s += f < 0 ? "          -" : absl::StrFormat("  %10.3f", f);
+    s += "\n";
+  }
+  return s;
+}
+
+}  // namespace ferry::engine
