@@ -16,6 +16,7 @@
 #include "engine/jobs.h"
 #include "engine/opt_model.h"
 #include "engine/perplexity.h"
+#include "engine/sparsity.h"
 #include "engine/tokenizer.h"
 #include "io/store.h"
 #include "offload/policy.h"
@@ -190,6 +191,8 @@ struct PplFlags {
   std::string h2o;  // HEAVY,RECENT
   int protect = 0;
   int local = 0;
+  std::string sparsity;
+  double sparsity_k = 0.15;
 };
 
 absl::Status RunPpl(const PplFlags& f) {
@@ -203,6 +206,15 @@ absl::Status RunPpl(const PplFlags& f) {
   o.window = f.window;
   o.max_tokens = f.max_tokens;
   FERRY_ASSIGN_OR_RETURN(o.h2o, ParseH2O(f.h2o, f.protect, f.local));
+  std::optional<engine::SparseFfn> sparse;
+  std::function<absl::Status(int, const TensorView&, const TensorView&)> hook;
+  if (!f.sparsity.empty()) {
+    if (l.backend->device() != Device::kCpu) return absl::UnimplementedError("--sparsity runs on the CPU backend so far");
+    FERRY_ASSIGN_OR_RETURN(sparse, engine::SparseFfn::Load(f.sparsity, l.model->config()));
+    sparse->set_k_fraction(f.sparsity_k);
+    hook = sparse->Hook();
+    o.ffn_hook = &hook;
+  }
   if (!f.quiet) {
     o.progress = [](int64_t done, int64_t total) {
       std::fprintf(stderr, "\rferry: ppl %lld/%lld tokens", static_cast<long long>(done), static_cast<long long>(total));
@@ -339,6 +351,9 @@ void RegisterCommands(CLI::App& app, Runner* selected) {
   p->add_option("--protect", pplf.protect, "With --h2o: never evict the first N positions")->check(CLI::NonNegativeNumber);
   p->add_option("--local", pplf.local, "Evaluate with a recent-window-only cache of N entries per head")
       ->check(CLI::PositiveNumber)->excludes(h2o);
+  p->add_option("--sparsity", pplf.sparsity, "Deja Vu predictors (from `ferry sparsity train`): keep only predicted FFN neurons");
+  p->add_option("--sparsity-k", pplf.sparsity_k, "Fraction of FFN neurons kept per token with --sparsity")
+      ->check(CLI::Range(0.0, 1.0))->capture_default_str();
   p->add_flag("--keep-cr", pplf.keep_cr, "Keep \\r bytes (default: \\r\\n and \\r read as \\n, as Python's text mode)");
   p->add_flag("--json", pplf.json, "Print the result as JSON");
   p->add_flag("--quiet,-q", pplf.quiet, "No progress on stderr");
@@ -353,6 +368,7 @@ void RegisterCommands(CLI::App& app, Runner* selected) {
   c->callback([selected] { *selected = [] { return RunConvert(convf); }; });
 
   RegisterBenchCommand(app, selected);
+  RegisterSparsityCommand(app, selected);
 
   static VerifyFlags verf;
   CLI::App* v = app.add_subcommand("verify", "Check every checksum of a ferry store");

@@ -21,6 +21,8 @@ void RegisterCommands(CLI::App& app, Runner* selected);
 
 // `bench` (bench_command.cc).
 void RegisterBenchCommand(CLI::App& app, Runner* selected);
+// `sparsity collect|train|report` (sparsity_command.cc).
+void RegisterSparsityCommand(CLI::App& app, Runner* selected);
 
 // --h2o HEAVY,RECENT [--protect N] or --local N (a recent-only window) into cache options;
 // nullopt when neither is given.
