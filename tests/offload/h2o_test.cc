@@ -22,6 +22,24 @@ namespace {
 
 using ferry::testing::RandomValues;
 
+// Attend arguments over host vectors (the CPU backend's device memory is host memory).
+AttendArgs HostArgs(std::vector<float>& q, std::vector<float>& k, std::vector<float>& v, std::vector<int32_t>& seq,
+                    std::vector<int32_t>& pos, std::vector<float>& out, int heads, float scale) {
+  const int64_t n = static_cast<int64_t>(seq.size()), w = static_cast<int64_t>(q.size()) / n;
+  AttendArgs a;
+  a.q = TensorView::Contiguous(q.data(), DType::kF32, {n, w});
+  a.k = TensorView::Contiguous(k.data(), DType::kF32, {n, w});
+  a.v = TensorView::Contiguous(v.data(), DType::kF32, {n, w});
+  a.seq_ids = TensorView::Contiguous(seq.data(), DType::kI32, {n});
+  a.positions = TensorView::Contiguous(pos.data(), DType::kI32, {n});
+  a.host_seq_ids = &seq;
+  a.host_positions = &pos;
+  a.out = TensorView::Contiguous(out.data(), DType::kF32, {n, w});
+  a.num_heads = heads;
+  a.scale = scale;
+  return a;
+}
+
 // The rule, plainly: per (seq, head) a set of held positions with float64 scores.
 struct NaiveH2O {
   int heavy, recent, protect;
@@ -73,17 +91,7 @@ TEST(H2OTest, KeepsWhatTheNaiveRuleKeeps) {
     const int n = static_cast<int>(seq.size());
     std::vector<float> q = RandomValues(n * w, rng(), 2.0f), k = RandomValues(n * w, rng()), v = RandomValues(n * w, rng()),
                        out(n * w);
-    AttendArgs a;
-    a.q = TensorView::Contiguous(q.data(), DType::kF32, {n, w});
-    a.k = TensorView::Contiguous(k.data(), DType::kF32, {n, w});
-    a.v = TensorView::Contiguous(v.data(), DType::kF32, {n, w});
-    a.seq_ids = TensorView::Contiguous(seq.data(), DType::kI32, {n});
-    a.positions = TensorView::Contiguous(pos.data(), DType::kI32, {n});
-    a.host_seq_ids = &seq;
-    a.host_positions = &pos;
-    a.out = TensorView::Contiguous(out.data(), DType::kF32, {n, w});
-    a.num_heads = heads;
-    a.scale = scale;
+    const AttendArgs a = HostArgs(q, k, v, seq, pos, out, heads, scale);
     ASSERT_TRUE((*cache)->Check(seq, pos).ok());
     ASSERT_TRUE((*cache)->Attend(cpu, a).ok());
     for (int i = 0; i < n; ++i) {
@@ -121,17 +129,7 @@ TEST(H2OTest, PrefillKeepsRecentProtectedAndTopColumnSums) {
     for (int p = 0; p < len[r]; ++p) seq.push_back(r), pos.push_back(p);
   const int n = static_cast<int>(seq.size());
   std::vector<float> q = RandomValues(n * w, 21, 2.0f), k = RandomValues(n * w, 22), v = RandomValues(n * w, 23), out(n * w);
-  AttendArgs a;
-  a.q = TensorView::Contiguous(q.data(), DType::kF32, {n, w});
-  a.k = TensorView::Contiguous(k.data(), DType::kF32, {n, w});
-  a.v = TensorView::Contiguous(v.data(), DType::kF32, {n, w});
-  a.seq_ids = TensorView::Contiguous(seq.data(), DType::kI32, {n});
-  a.positions = TensorView::Contiguous(pos.data(), DType::kI32, {n});
-  a.host_seq_ids = &seq;
-  a.host_positions = &pos;
-  a.out = TensorView::Contiguous(out.data(), DType::kF32, {n, w});
-  a.num_heads = heads;
-  a.scale = 0.35f;
+  const AttendArgs a = HostArgs(q, k, v, seq, pos, out, heads, 0.35f);
   ASSERT_TRUE((*cache)->Check(seq, pos).ok());
   ASSERT_TRUE((*cache)->Attend(cpu, a).ok());
   int first = 0;
