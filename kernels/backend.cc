@@ -152,6 +152,21 @@ absl::Status ValidateSlots(const char* op, const TensorView& k_slots, const Tens
 
 }  // namespace
 
+absl::Status ValidateBundledFfn(const BundledFfnArgs& a) {
+  const char* op = "BundledFfn";
+  FERRY_RETURN_IF_ERROR(Expect(Is2dF32(a.x) && Is2dF32(a.out) && a.x.shape == a.out.shape && a.x.data != a.out.data, op,
+                               "x and out must be distinct contiguous [n, d] F32"));
+  const int64_t d = a.x.shape[1];
+  FERRY_RETURN_IF_ERROR(Expect(a.bundles.ndim == 2 && IsFloat(a.bundles.dtype) && a.bundles.is_contiguous() &&
+                                   a.bundles.shape[1] == 2 * d + 1,
+                               op, absl::StrCat("bundles must be [m, ", 2 * d + 1, "] float")));
+  if (a.fc2_bias.data != nullptr) {
+    FERRY_RETURN_IF_ERROR(Expect(a.fc2_bias.ndim == 1 && a.fc2_bias.shape[0] == d && a.fc2_bias.dtype == DType::kF32, op,
+                                 "fc2_bias must be [d] F32"));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status ValidateSlotKvWrite(const SlotKvWriteArgs& a) {
   const char* op = "SlotKvWrite";
   FERRY_RETURN_IF_ERROR(Expect(Is2dF32(a.k) && Is2dF32(a.v) && a.k.shape == a.v.shape, op, "k and v must be [n, width] F32"));

@@ -122,6 +122,16 @@ struct SlotAttentionArgs {
   float scale = 1.0f;
 };
 
+// The FFN over selected neurons only (Deja Vu), from row-column bundles: neuron j's bundle is
+// [FC1 row j (d values) | FC1 bias j | FC2 column j (d values)], so one read fetches a neuron.
+// out = FC2 bias + sum over bundles of relu(x . row + bias) * column.
+struct BundledFfnArgs {
+  TensorView x;         // [n, d] F32
+  TensorView bundles;   // [m, 2d + 1] F32/F16/BF16
+  TensorView fc2_bias;  // [d] F32 (data == nullptr: none)
+  TensorView out;       // [n, d] F32, must not alias x
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -152,6 +162,7 @@ class Backend {
   virtual absl::Status Add(const TensorView& a, const TensorView& b, const TensorView& out) = 0;
   virtual absl::Status KvWrite(const KvWriteArgs& args) = 0;
   virtual absl::Status Attention(const AttentionArgs& args) = 0;
+  virtual absl::Status BundledFfn(const BundledFfnArgs& args) = 0;
   virtual absl::Status SlotKvWrite(const SlotKvWriteArgs& args) = 0;
   virtual absl::Status SlotAttention(const SlotAttentionArgs& args) = 0;
 
@@ -168,6 +179,7 @@ absl::Status ValidateCopy(const TensorView& src, const TensorView& dst);
 absl::Status ValidateAdd(const TensorView& a, const TensorView& b, const TensorView& out);
 absl::Status ValidateKvWrite(const KvWriteArgs& args);
 absl::Status ValidateAttention(const AttentionArgs& args);
+absl::Status ValidateBundledFfn(const BundledFfnArgs& args);
 absl::Status ValidateSlotKvWrite(const SlotKvWriteArgs& args);
 absl::Status ValidateSlotAttention(const SlotAttentionArgs& args);
 

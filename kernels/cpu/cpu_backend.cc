@@ -179,6 +179,35 @@ absl::Status CpuBackend::Attention(const AttentionArgs& a) {
   return absl::OkStatus();
 }
 
+absl::Status CpuBackend::BundledFfn(const BundledFfnArgs& a) {
+  FERRY_RETURN_IF_ERROR(ValidateBundledFfn(a));
+  const int64_t n = a.x.shape[0], d = a.x.shape[1], m = a.bundles.shape[0], width = 2 * d + 1;
+  const size_t esize = DTypeSize(a.bundles.dtype);
+  // Bundles converted to fp32 once, shared by every token.
+  std::vector<float> b(static_cast<size_t>(m * width));
+  pool_->ParallelFor(m, 16, [&](int64_t j0, int64_t j1) {
+    ConvertToF32(a.bundles.dtype, a.bundles.as<const char>() + static_cast<size_t>(j0 * width) * esize,
+                 b.data() + j0 * width, static_cast<size_t>((j1 - j0) * width));
+  });
+  const float* bias = a.fc2_bias.data != nullptr ? a.fc2_bias.as<const float>() : nullptr;
+  pool_->ParallelFor(n, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const float* x = a.x.as<const float>() + t * d;
+      float* y = a.out.as<float>() + t * d;
+      for (int64_t i = 0; i < d; ++i) y[i] = bias != nullptr ? bias[i] : 0.0f;
+      for (int64_t j = 0; j < m; ++j) {
+        const float* row = b.data() + j * width;
+        float h = row[d];
+        for (int64_t i = 0; i < d; ++i) h += x[i] * row[i];
+        if (h <= 0.0f) continue;
+        const float* col = row + d + 1;
+        for (int64_t i = 0; i < d; ++i) y[i] += h * col[i];
+      }
+    }
+  });
+  return absl::OkStatus();
+}
+
 absl::Status CpuBackend::SlotKvWrite(const SlotKvWriteArgs& a) {
   FERRY_RETURN_IF_ERROR(ValidateSlotKvWrite(a));
   FERRY_RETURN_IF_ERROR(CheckIds("SlotKvWrite", "seq_ids", a.seq_ids, 0, a.k_slots.shape[0]));

@@ -47,6 +47,7 @@ class CpuBackend final : public Backend {
   absl::Status Add(const TensorView& a, const TensorView& b, const TensorView& out) override;
   absl::Status KvWrite(const KvWriteArgs& args) override;
   absl::Status Attention(const AttentionArgs& args) override;
+  absl::Status BundledFfn(const BundledFfnArgs& args) override;
   absl::Status SlotKvWrite(const SlotKvWriteArgs& args) override;
   absl::Status SlotAttention(const SlotAttentionArgs& args) override;
 

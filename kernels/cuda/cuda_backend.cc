@@ -220,6 +220,11 @@ absl::Status CudaBackend::Attention(const AttentionArgs& a) {
   return absl::OkStatus();
 }
 
+absl::Status CudaBackend::BundledFfn(const BundledFfnArgs& a) {
+  FERRY_RETURN_IF_ERROR(ValidateBundledFfn(a));
+  return absl::UnimplementedError("cuda backend: the bundled sparse FFN is not implemented on the GPU yet");
+}
+
 absl::Status CudaBackend::SlotKvWrite(const SlotKvWriteArgs& a) {
   FERRY_RETURN_IF_ERROR(ValidateSlotKvWrite(a));
   return absl::UnimplementedError("cuda backend: H2O slot KV cache is not implemented on the GPU yet");

@@ -48,6 +48,7 @@ class CudaBackend final : public Backend {
   absl::Status KvWrite(const KvWriteArgs& args) override;
   absl::Status Attention(const AttentionArgs& args) override;
   // H2O's slot cache: not on the GPU yet (kUnimplemented).
+  absl::Status BundledFfn(const BundledFfnArgs& args) override;
   absl::Status SlotKvWrite(const SlotKvWriteArgs& args) override;
   absl::Status SlotAttention(const SlotAttentionArgs& args) override;
 

@@ -188,6 +188,56 @@ TEST(CpuBackendTest, ShapeMismatchesAreInvalidArgument) {
   EXPECT_EQ(cpu.Add(View(x, {3, 4}), View(w, {4, 3}), View(y, {3, 4})).code(), absl::StatusCode::kInvalidArgument);
 }
 
+// The bundled FFN over a neuron subset equals the dense FFN with the other neurons zeroed.
+TEST(CpuBackendTest, BundledFfnEqualsTheDenseFfnRestrictedToTheSameNeurons) {
+  CpuBackend cpu;
+  const int n = 5, d = 24, F = 96;
+  std::vector<float> x = RandomValues(n * d, 30), w1 = RandomValues(F * d, 31), b1 = RandomValues(F, 32),
+                     w2 = RandomValues(d * F, 33), b2 = RandomValues(d, 34);
+  std::vector<int> keep;
+  for (int j = 0; j < F; ++j) {
+    if ((j * 7) % 5 < 2) keep.push_back(j);  // 40% of the neurons, scattered
+  }
+  const int m = static_cast<int>(keep.size());
+  for (DType dtype : {DType::kF32, DType::kF16}) {
+    // Round weights to the bundle dtype so both sides see the same values.
+    auto rounded = [&](std::vector<float> v) {
+      std::vector<char> tmp(v.size() * DTypeSize(dtype));
+      ConvertFromF32(dtype, v.data(), tmp.data(), v.size());
+      ConvertToF32(dtype, tmp.data(), v.data(), v.size());
+      return v;
+    };
+    const std::vector<float> rw1 = rounded(w1), rb1 = rounded(b1), rw2 = rounded(w2);
+    std::vector<float> bundles_f(static_cast<size_t>(m) * (2 * d + 1));
+    for (int i = 0; i < m; ++i) {
+      float* row = bundles_f.data() + static_cast<size_t>(i) * (2 * d + 1);
+      for (int k = 0; k < d; ++k) row[k] = rw1[keep[i] * d + k];
+      row[d] = rb1[keep[i]];
+      for (int k = 0; k < d; ++k) row[d + 1 + k] = rw2[k * F + keep[i]];
+    }
+    std::vector<char> bundles(bundles_f.size() * DTypeSize(dtype));
+    ConvertFromF32(dtype, bundles_f.data(), bundles.data(), bundles_f.size());
+    std::vector<float> out(n * d, NAN);
+    ASSERT_TRUE(cpu.BundledFfn({View(x, {n, d}), TensorView::Contiguous(bundles.data(), dtype, {m, 2 * d + 1}),
+                                View(b2, {d}), View(out, {n, d})})
+                    .ok());
+    std::vector<double> ref(n * d);
+    for (int t = 0; t < n; ++t) {
+      for (int k = 0; k < d; ++k) ref[t * d + k] = b2[k];
+      for (int j : keep) {
+        double h = rb1[j];
+        for (int k = 0; k < d; ++k) h += static_cast<double>(x[t * d + k]) * rw1[j * d + k];
+        h = std::max(0.0, h);
+        for (int k = 0; k < d; ++k) ref[t * d + k] += h * rw2[k * F + j];
+      }
+    }
+    EXPECT_LT(MaxRelErr(out, ref), 1e-5) << DTypeName(dtype);
+  }
+  std::vector<float> bad(10);
+  EXPECT_EQ(cpu.BundledFfn({View(x, {n, d}), View(bad, {2, 5}), TensorView{}, View(x, {n, d})}).code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 TEST(CpuBackendTest, AllocationsAreTracked) {
   CpuBackend cpu;
   {
