@@ -167,6 +167,11 @@ absl::Status ValidateBundledFfn(const BundledFfnArgs& a) {
   return absl::OkStatus();
 }
 
+absl::Status ValidateArgMaxRows(const TensorView& logits, const TensorView& ids) {
+  FERRY_RETURN_IF_ERROR(Expect(Is2dF32(logits) && logits.shape[1] > 0, "ArgMaxRows", "logits must be [rows, vocab] F32"));
+  return Expect(IsIds(ids, logits.shape[0]), "ArgMaxRows", "ids must be [rows] I32");
+}
+
 absl::Status ValidateSlotKvWrite(const SlotKvWriteArgs& a) {
   const char* op = "SlotKvWrite";
   FERRY_RETURN_IF_ERROR(Expect(Is2dF32(a.k) && Is2dF32(a.v) && a.k.shape == a.v.shape, op, "k and v must be [n, width] F32"));

@@ -163,6 +163,9 @@ class Backend {
   virtual absl::Status KvWrite(const KvWriteArgs& args) = 0;
   virtual absl::Status Attention(const AttentionArgs& args) = 0;
   virtual absl::Status BundledFfn(const BundledFfnArgs& args) = 0;
+  // ids[r] = index of the largest of logits[r, :] (the lowest index among ties): greedy decoding
+  // without bringing the logits back. logits [rows, vocab] F32, ids [rows] I32.
+  virtual absl::Status ArgMaxRows(const TensorView& logits, const TensorView& ids) = 0;
   virtual absl::Status SlotKvWrite(const SlotKvWriteArgs& args) = 0;
   virtual absl::Status SlotAttention(const SlotAttentionArgs& args) = 0;
 
@@ -180,6 +183,7 @@ absl::Status ValidateAdd(const TensorView& a, const TensorView& b, const TensorV
 absl::Status ValidateKvWrite(const KvWriteArgs& args);
 absl::Status ValidateAttention(const AttentionArgs& args);
 absl::Status ValidateBundledFfn(const BundledFfnArgs& args);
+absl::Status ValidateArgMaxRows(const TensorView& logits, const TensorView& ids);
 absl::Status ValidateSlotKvWrite(const SlotKvWriteArgs& args);
 absl::Status ValidateSlotAttention(const SlotAttentionArgs& args);
 

@@ -208,6 +208,20 @@ absl::Status CpuBackend::BundledFfn(const BundledFfnArgs& a) {
   return absl::OkStatus();
 }
 
+absl::Status CpuBackend::ArgMaxRows(const TensorView& logits, const TensorView& ids) {
+  FERRY_RETURN_IF_ERROR(ValidateArgMaxRows(logits, ids));
+  const int64_t rows = logits.shape[0], vocab = logits.shape[1];
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = logits.as<const float>() + r * vocab;
+    int64_t best = 0;
+    for (int64_t j = 1; j < vocab; ++j) {
+      if (row[j] > row[best]) best = j;
+    }
+    ids.as<int32_t>()[r] = static_cast<int32_t>(best);
+  }
+  return absl::OkStatus();
+}
+
 absl::Status CpuBackend::SlotKvWrite(const SlotKvWriteArgs& a) {
   FERRY_RETURN_IF_ERROR(ValidateSlotKvWrite(a));
   FERRY_RETURN_IF_ERROR(CheckIds("SlotKvWrite", "seq_ids", a.seq_ids, 0, a.k_slots.shape[0]));

@@ -225,6 +225,12 @@ absl::Status CudaBackend::BundledFfn(const BundledFfnArgs& a) {
   return absl::UnimplementedError("cuda backend: the bundled sparse FFN is not implemented on the GPU yet");
 }
 
+absl::Status CudaBackend::ArgMaxRows(const TensorView& logits, const TensorView& ids) {
+  FERRY_RETURN_IF_ERROR(ValidateArgMaxRows(logits, ids));
+  FERRY_CUDA_RETURN_IF_ERROR(LaunchArgMaxRows(logits.as<const float>(), ids.as<int32_t>(), logits.shape[0], logits.shape[1], stream_));
+  return absl::OkStatus();
+}
+
 absl::Status CudaBackend::SlotKvWrite(const SlotKvWriteArgs& a) {
   FERRY_RETURN_IF_ERROR(ValidateSlotKvWrite(a));
   return absl::UnimplementedError("cuda backend: H2O slot KV cache is not implemented on the GPU yet");

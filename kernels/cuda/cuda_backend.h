@@ -49,6 +49,7 @@ class CudaBackend final : public Backend {
   absl::Status Attention(const AttentionArgs& args) override;
   // H2O's slot cache: not on the GPU yet (kUnimplemented).
   absl::Status BundledFfn(const BundledFfnArgs& args) override;
+  absl::Status ArgMaxRows(const TensorView& logits, const TensorView& ids) override;
   absl::Status SlotKvWrite(const SlotKvWriteArgs& args) override;
   absl::Status SlotAttention(const SlotAttentionArgs& args) override;
 

@@ -72,6 +72,35 @@ __global__ void BiasReluKernel(float* out, const float* __restrict__ bias, int64
   }
 }
 
+// One block per row: each thread scans a strided part, then a shared-memory tree keeps the larger
+// value, and the lower index among equal values.
+__global__ void ArgMaxRowsKernel(const float* __restrict__ logits, int32_t* __restrict__ ids, int64_t vocab) {
+  __shared__ float best_v[256];
+  __shared__ int32_t best_i[256];
+  const float* row = logits + blockIdx.x * vocab;
+  float v = -INFINITY;
+  int32_t idx = 0;
+  for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) {
+    if (row[j] > v) v = row[j], idx = static_cast<int32_t>(j);
+  }
+  if (v == -INFINITY) idx = static_cast<int32_t>(vocab);  // nothing seen: loses every tie
+  best_v[threadIdx.x] = v;
+  best_i[threadIdx.x] = idx;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) {
+      const float ov = best_v[threadIdx.x + s];
+      const int32_t oi = best_i[threadIdx.x + s];
+      if (ov > best_v[threadIdx.x] || (ov == best_v[threadIdx.x] && oi < best_i[threadIdx.x])) {
+        best_v[threadIdx.x] = ov;
+        best_i[threadIdx.x] = oi;
+      }
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) ids[blockIdx.x] = best_i[0] < vocab ? best_i[0] : 0;
+}
+
 unsigned GridFor(int64_t n, int threads) {
   const int64_t blocks = (n + threads - 1) / threads;
   return static_cast<unsigned>(blocks < 65535 * 16 ? (blocks > 0 ? blocks : 1) : 65535 * 16);
@@ -124,6 +153,12 @@ cudaError_t LaunchConvertFromF32(const float* src, void* dst, DType dtype, int64
   } else {
     return cudaErrorInvalidValue;
   }
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchArgMaxRows(const float* logits, int32_t* ids, int64_t rows, int64_t vocab, cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  ArgMaxRowsKernel<<<static_cast<unsigned>(rows), 256, 0, stream>>>(logits, ids, vocab);
   return cudaGetLastError();
 }
 

@@ -24,4 +24,7 @@ cudaError_t LaunchConvertFromF32(const float* src, void* dst, DType dtype, int64
 // out[r, c] += bias[c] (when bias), then ReLU (when relu), over [rows, cols].
 cudaError_t LaunchBiasRelu(float* out, const float* bias, int64_t rows, int64_t cols, bool relu, cudaStream_t stream);
 
+// ids[r] = argmax of logits[r, :] (lowest index among ties), one block per row.
+cudaError_t LaunchArgMaxRows(const float* logits, int32_t* ids, int64_t rows, int64_t vocab, cudaStream_t stream);
+
 }  // namespace ferry::kernels::cuda

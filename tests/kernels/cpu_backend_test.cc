@@ -238,6 +238,14 @@ TEST(CpuBackendTest, BundledFfnEqualsTheDenseFfnRestrictedToTheSameNeurons) {
             absl::StatusCode::kInvalidArgument);
 }
 
+TEST(CpuBackendTest, ArgMaxRowsTakesTheLowestIndexAmongTies) {
+  CpuBackend cpu;
+  std::vector<float> logits = {0, 3, 3, 1, -1, -2, -1, -5};
+  std::vector<int32_t> ids(2, -1);
+  ASSERT_TRUE(cpu.ArgMaxRows(View(logits, {2, 4}), Ids(ids)).ok());
+  EXPECT_EQ(ids, std::vector<int32_t>({1, 0}));
+}
+
 TEST(CpuBackendTest, AllocationsAreTracked) {
   CpuBackend cpu;
   {

@@ -161,6 +161,22 @@ TEST_F(CudaTwinTest, KvWriteAndAttention) {
   }
 }
 
+TEST_F(CudaTwinTest, ArgMaxRows) {
+  for (auto [rows, vocab] : {std::pair<int, int>{1, 1}, {3, 7}, {64, 50272}, {5, 8192}}) {
+    std::vector<float> logits = RandomValues(static_cast<size_t>(rows) * vocab, 40, 10.0f);
+    if (vocab > 2) logits[1] = logits[2] = 100.0f;  // a tie in row 0: the lower index wins
+    std::vector<int32_t> ref(rows), got(rows, -1);
+    ASSERT_TRUE(cpu_.ArgMaxRows(TensorView::Contiguous(logits.data(), DType::kF32, {rows, vocab}),
+                                TensorView::Contiguous(ref.data(), DType::kI32, {rows}))
+                    .ok());
+    std::vector<int32_t> poison(rows, -7);
+    TensorView ids = Up(poison, DType::kI32, {rows});
+    ASSERT_TRUE(gpu_->ArgMaxRows(Up(logits, DType::kF32, {rows, vocab}), ids).ok());
+    ASSERT_TRUE(gpu_->CopyToHost(got.data(), ids.data, rows * sizeof(int32_t)).ok());
+    EXPECT_EQ(got, ref) << rows << "x" << vocab;
+  }
+}
+
 TEST_F(CudaTwinTest, BudgetIsAPromise) {
   auto b = CudaBackend::Create({0, 1 << 20});
   ASSERT_TRUE(b.ok());
