@@ -51,13 +51,7 @@ absl::StatusOr<KvCache> KvCache::Create(kernels::Backend& backend, const OptConf
 }
 
 absl::Status KvCache::Check(const std::vector<int32_t>& seq_ids, const std::vector<int32_t>& positions) const {
-  for (size_t i = 0; i < seq_ids.size(); ++i) {
-    if (seq_ids[i] < 0 || seq_ids[i] >= rows_ || positions[i] >= max_len_) {
-      return absl::InvalidArgumentError(absl::StrCat("token ", i, " (sequence ", seq_ids[i], ", position ", positions[i],
-                                                     ") is outside the KV cache of ", rows_, " x ", max_len_));
-    }
-  }
-  return absl::OkStatus();
+  return offload::CheckDenseCacheBounds(seq_ids, positions, rows_, max_len_, "KV cache");
 }
 
 absl::Status KvCache::Attend(kernels::Backend& b, const offload::AttendArgs& a) {

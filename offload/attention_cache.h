@@ -32,4 +32,8 @@ class AttentionCache {
   virtual absl::Status Attend(kernels::Backend& backend, const AttendArgs& args) = 0;
 };
 
+// The Check of a dense cache of rows x max_len positions: every token's row and position must fit.
+absl::Status CheckDenseCacheBounds(const std::vector<int32_t>& seq_ids, const std::vector<int32_t>& positions, int rows,
+                                   int max_len, const char* cache_name);
+
 }  // namespace ferry::offload

@@ -25,13 +25,7 @@ absl::StatusOr<std::unique_ptr<HostKvCache>> HostKvCache::Create(kernels::Backen
 }
 
 absl::Status HostKvCache::Check(const std::vector<int32_t>& seq_ids, const std::vector<int32_t>& positions) const {
-  for (size_t i = 0; i < seq_ids.size(); ++i) {
-    if (seq_ids[i] < 0 || seq_ids[i] >= rows_ || positions[i] >= max_len_) {
-      return absl::InvalidArgumentError(absl::StrCat("token ", i, " (sequence ", seq_ids[i], ", position ", positions[i],
-                                                     ") is outside the host KV cache of ", rows_, " x ", max_len_));
-    }
-  }
-  return absl::OkStatus();
+  return CheckDenseCacheBounds(seq_ids, positions, rows_, max_len_, "host KV cache");
 }
 
 absl::Status HostKvCache::Attend(kernels::Backend& b, const AttendArgs& a) {
