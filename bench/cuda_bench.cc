@@ -81,6 +81,24 @@ void TimeLoop(benchmark::State& state, Fn fn) {
   cudaEventDestroy(stop);
 }
 
+// The floor probe: device-to-device copy (read + write), measured in the same run as the kernels.
+void BM_HbmCopyProbe(benchmark::State& state) {
+  if (Gpu() == nullptr) return state.SkipWithError("no CUDA device");
+  const size_t bytes = static_cast<size_t>(state.range(0)) << 20;
+  auto src = Gpu()->Allocate(bytes);
+  auto dst = Gpu()->Allocate(bytes);
+  if (!src.ok() || !dst.ok()) return state.SkipWithError("allocation failed");
+  cudaMemsetAsync(src->data(), 1, bytes, Gpu()->stream());
+  TimeLoop(state, [&]() -> absl::Status {
+    if (cudaMemcpyAsync(dst->data(), src->data(), bytes, cudaMemcpyDeviceToDevice, Gpu()->stream()) != cudaSuccess) {
+      return absl::InternalError("cudaMemcpyAsync");
+    }
+    return absl::OkStatus();
+  });
+  state.counters["GB/s_rw"] = benchmark::Counter(2.0 * bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["frac_of_HBM"] = benchmark::Counter(2.0 * bytes / kHbmBytesPerSecond, benchmark::Counter::kIsIterationInvariantRate);
+}
+
 // Decode attention: batch sequences, one query each at the last position of `ctx`.
 void BM_DecodeAttention(benchmark::State& state) {
   if (Gpu() == nullptr) return state.SkipWithError("no CUDA device");
@@ -139,6 +157,7 @@ void BM_Gemm(benchmark::State& state) {
   state.counters["weight_frac_of_HBM"] = benchmark::Counter(wbytes / kHbmBytesPerSecond, benchmark::Counter::kIsIterationInvariantRate);
 }
 
+BENCHMARK(BM_HbmCopyProbe)->ArgNames({"MiB"})->Args({1024})->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_DecodeAttention)->ArgNames({"batch", "ctx"})->Args({64, 512})->Args({64, 1024})->Args({64, 2048})
     ->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_PrefillAttention)->ArgNames({"ctx"})->Args({512})->Args({2048})->UseManualTime()->Unit(benchmark::kMicrosecond);
