@@ -56,7 +56,12 @@ absl::Status KvCache::Check(const std::vector<int32_t>& seq_ids, const std::vect
 
 absl::Status KvCache::Attend(kernels::Backend& b, const offload::AttendArgs& a) {
   FERRY_RETURN_IF_ERROR(b.KvWrite({a.k, a.v, k(a.layer), v(a.layer), a.seq_ids, a.positions}));
-  return b.Attention({a.q, k(a.layer), v(a.layer), a.seq_ids, a.positions, a.out, a.num_heads, a.scale, TensorView{}});
+  kernels::AttentionArgs args{a.q, k(a.layer), v(a.layer), a.seq_ids, a.positions, a.out, a.num_heads, a.scale, TensorView{}};
+  if (a.host_seq_ids != nullptr && a.host_positions != nullptr) {
+    args.host_seq_ids = a.host_seq_ids->data();
+    args.host_positions = a.host_positions->data();
+  }
+  return b.Attention(args);
 }
 
 absl::StatusOr<Weight> OptModel::Alloc(DType dtype, std::initializer_list<int64_t> shape) const {

@@ -95,6 +95,10 @@ struct AttentionArgs {
   // call gave to cache entry j, computed in the same pass (H2O's prefill scores). Must be zeroed
   // by the caller; [seqs, heads, max_len] F32.
   TensorView col_sums;
+  // Optional host copies of seq_ids and positions (n each), which let a backend plan its launch
+  // (the CUDA backend runs runs of >= 16 consecutive positions of one sequence as tensor-core tiles).
+  const int32_t* host_seq_ids = nullptr;
+  const int32_t* host_positions = nullptr;
 };
 
 // H2O's per-head slot cache: each (sequence, head) owns `slots` entries that hold whichever tokens
@@ -106,7 +110,7 @@ struct SlotKvWriteArgs {
   TensorView k_slots;    // [seqs, heads, slots, head_dim] F32
   TensorView v_slots;    // [seqs, heads, slots, head_dim] F32
   TensorView seq_ids;    // [n] I32
-  TensorView slot_ids;   // [n, heads] I32: the slot each head of each token goes to
+  TensorView slot_ids;   // [n, heads] I32: the slot each head of each token goes to (-1: not stored)
 };
 
 // One query per row over the occupied slots of its (sequence, head), returning each slot's

@@ -108,16 +108,20 @@ absl::Status H2OCache::Prefill(kernels::Backend& b, const AttendArgs& a) {
   const TensorView vd = TensorView::Contiguous(v_dense.data(), DType::kF32, {used, max_len, width}, dev);
   const TensorView cv = TensorView::Contiguous(cols_dev.data(), DType::kF32, {used, heads_, max_len}, dev);
   FERRY_RETURN_IF_ERROR(b.KvWrite({a.k, a.v, kd, vd, local_ids, a.positions}));
-  FERRY_RETURN_IF_ERROR(b.Attention({a.q, kd, vd, local_ids, a.positions, a.out, heads_, a.scale, cv}));
-  std::vector<float> kh(dense_cells), vh(dense_cells);
-  FERRY_RETURN_IF_ERROR(b.CopyToHost(kh.data(), k_dense.data(), dense_cells * sizeof(float)));
-  FERRY_RETURN_IF_ERROR(b.CopyToHost(vh.data(), v_dense.data(), dense_cells * sizeof(float)));
+  kernels::AttentionArgs attn{a.q, kd, vd, local_ids, a.positions, a.out, heads_, a.scale, cv};
+  attn.host_seq_ids = local.data();
+  attn.host_positions = pos.data();
+  FERRY_RETURN_IF_ERROR(b.Attention(attn));
   FERRY_RETURN_IF_ERROR(b.CopyToHost(cols.data(), cols_dev.data(), cols.size() * sizeof(float)));
   std::vector<int> len(used, 0);
   for (size_t i = 0; i < seq.size(); ++i) len[local[i]] = std::max(len[local[i]], pos[i] + 1);
-  std::vector<float> kslot(static_cast<size_t>(slots_) * head_dim_), vslot(kslot.size());
+  // Which slot each (prompt token, head) of the dense scratch goes to (-1: dropped); one gather on
+  // the device then moves the kept keys and values.
+  const int64_t tokens = static_cast<int64_t>(used) * max_len;
+  std::vector<int32_t> token_row(tokens), token_slot(static_cast<size_t>(tokens) * heads_, -1);
   for (int u = 0; u < used; ++u) {
     const int r = rows_used[u];
+    for (int p = 0; p < max_len; ++p) token_row[static_cast<size_t>(u) * max_len + p] = r;
     for (int h = 0; h < heads_; ++h) {
       const float* col = cols.data() + (static_cast<size_t>(u) * heads_ + h) * max_len;
       // Keep: the recent tokens, the protected ones, then the highest column sums (ties: oldest).
@@ -140,16 +144,22 @@ absl::Status H2OCache::Prefill(kernels::Backend& b, const AttendArgs& a) {
         position_[base + j] = p;
         score_[base + j] = col[p];
         occupied_[base + j] = 1;
-        const size_t src = (static_cast<size_t>(u) * max_len + p) * width + static_cast<size_t>(h) * head_dim_;
-        std::copy(kh.begin() + src, kh.begin() + src + head_dim_, kslot.begin() + j * head_dim_);
-        std::copy(vh.begin() + src, vh.begin() + src + head_dim_, vslot.begin() + j * head_dim_);
+        token_slot[(static_cast<size_t>(u) * max_len + p) * heads_ + h] = static_cast<int32_t>(j);
       }
-      const size_t slot_off = ((static_cast<size_t>(r) * heads_ + h) * slots_) * head_dim_ * sizeof(float);
-      const size_t bytes = keep.size() * head_dim_ * sizeof(float);
-      FERRY_RETURN_IF_ERROR(b.CopyToDevice(static_cast<char*>(k_[l].data()) + slot_off, kslot.data(), bytes));
-      FERRY_RETURN_IF_ERROR(b.CopyToDevice(static_cast<char*>(v_[l].data()) + slot_off, vslot.data(), bytes));
     }
   }
+  FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer ids_dev, b.Allocate((token_row.size() + token_slot.size()) * sizeof(int32_t)));
+  int32_t* row_dev = static_cast<int32_t*>(ids_dev.data());
+  int32_t* slot_dev = row_dev + token_row.size();
+  FERRY_RETURN_IF_ERROR(b.CopyToDevice(row_dev, token_row.data(), token_row.size() * sizeof(int32_t)));
+  FERRY_RETURN_IF_ERROR(b.CopyToDevice(slot_dev, token_slot.data(), token_slot.size() * sizeof(int32_t)));
+  const TensorView k_slots = TensorView::Contiguous(k_[l].data(), DType::kF32, {rows_, heads_, slots_, head_dim_}, dev);
+  const TensorView v_slots = TensorView::Contiguous(v_[l].data(), DType::kF32, {rows_, heads_, slots_, head_dim_}, dev);
+  FERRY_RETURN_IF_ERROR(b.SlotKvWrite({TensorView::Contiguous(k_dense.data(), DType::kF32, {tokens, width}, dev),
+                                       TensorView::Contiguous(v_dense.data(), DType::kF32, {tokens, width}, dev), k_slots,
+                                       v_slots, TensorView::Contiguous(row_dev, DType::kI32, {tokens}, dev),
+                                       TensorView::Contiguous(slot_dev, DType::kI32, {tokens, heads_}, dev)}));
+  // The scratch buffers are freed in stream order on the GPU; the CPU ran synchronously.
   return absl::OkStatus();
 }
 

@@ -230,10 +230,11 @@ absl::Status CpuBackend::SlotKvWrite(const SlotKvWriteArgs& a) {
   const int32_t* seq = a.seq_ids.as<const int32_t>();
   const int32_t* slot = a.slot_ids.as<const int32_t>();
   for (int64_t i = 0; i < n * heads; ++i) {
-    if (slot[i] < 0 || slot[i] >= slots) return absl::InvalidArgumentError("SlotKvWrite: slot id out of range");
+    if (slot[i] < -1 || slot[i] >= slots) return absl::InvalidArgumentError("SlotKvWrite: slot id out of range");
   }
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t h = 0; h < heads; ++h) {
+      if (slot[i * heads + h] < 0) continue;  // not kept
       const int64_t dst = ((static_cast<int64_t>(seq[i]) * heads + h) * slots + slot[i * heads + h]) * hd;
       std::memcpy(a.k_slots.as<float>() + dst, a.k.as<const float>() + i * width + h * hd, hd * sizeof(float));
       std::memcpy(a.v_slots.as<float>() + dst, a.v.as<const float>() + i * width + h * hd, hd * sizeof(float));

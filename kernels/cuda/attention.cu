@@ -1,10 +1,24 @@
-// Causal attention over the KV cache, one block per (query, head); the same kernel serves prefill
-// (many queries per sequence) and decode (one), sequences of any lengths in one launch. Each warp
-// walks a strided subset of the cache entries 0..pos with an online softmax (running max, running
-// sum, rescaled accumulator), so no score matrix is ever stored; the warps' partial results are
-// merged in shared memory at the end. K is read once. For H2O, the raw scores s_j that each warp
-// computes can be written to a [n, heads, len] side buffer and normalized with the final (max,
-// sum) in a small pass over those scores, not over K.
+// Attention kernels of the CUDA backend.
+//
+// AttentionKernel: causal attention over the KV cache, one block per (query, head); serves decode
+// (one query per sequence, sequences of any lengths in one launch) and any query the tiled kernel
+// does not take. Each warp walks a strided subset of the cache entries 0..pos with an online
+// softmax (running max, running sum, rescaled accumulator), so no score matrix is ever stored; the
+// warps' partial results are merged in shared memory at the end. K is read once; with column sums
+// (H2O's prefill scores, computed once per prompt) a second walk over K adds each entry's final
+// probability.
+//
+// PrefillTileKernel: FlashAttention-style prefill on the tensor cores. One block per (tile of up
+// to 64 queries of one sequence at consecutive positions, head): Q, then 64-key tiles of K and V,
+// are rounded to fp16 in shared memory; S = Q K^T and O += P V run as wmma 16x16x16 fp16 products
+// with fp32 accumulation; the softmax (running max and sum per query row) is fp32. Each warp owns
+// 16 query rows, so between the S, softmax and PV phases only the warp synchronizes.
+//
+// SlotAttentionKernel: H2O's decode over a (sequence, head)'s slots, returning each slot's
+// probability from the same pass: the raw scores go to `probs` as they are computed and are
+// normalized in place at the end (a pass over slots floats, not over K).
+#include <mma.h>
+
 #include <cfloat>
 
 #include "kernels/cuda/launch.h"
@@ -15,48 +29,15 @@ namespace {
 constexpr int kWarps = 4;
 constexpr int kMaxPerLane = 8;  // head_dim <= 256
 
-__global__ void AttentionKernel(const float* __restrict__ q, const float* __restrict__ k_cache,
-                                const float* __restrict__ v_cache, const int32_t* __restrict__ seq_ids,
-                                const int32_t* __restrict__ positions, float* __restrict__ out, int64_t max_len,
-                                int64_t width, int head_dim, float scale) {
+// Merges the warps' (max, sum, acc) partials; returns the final max and sum (valid in every thread)
+// and leaves the merged, normalized output row in `o` (head_dim floats, global memory).
+struct Merged {
+  float max, sum;
+};
+__device__ Merged MergeWarps(float m, float l, const float (&acc)[kMaxPerLane], int head_dim, float* o) {
   __shared__ float s_max[kWarps], s_sum[kWarps];
   __shared__ float s_acc[kWarps][kMaxPerLane * 32];
-  const int64_t i = blockIdx.x;
-  const int h = blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t len = static_cast<int64_t>(positions[i]) + 1;
-  const int64_t base = static_cast<int64_t>(seq_ids[i]) * max_len * width + static_cast<int64_t>(h) * head_dim;
-
-  float qv[kMaxPerLane], acc[kMaxPerLane];
-#pragma unroll
-  for (int r = 0; r < kMaxPerLane; ++r) {
-    const int d = lane + 32 * r;
-    qv[r] = d < head_dim ? q[i * width + static_cast<int64_t>(h) * head_dim + d] : 0.0f;
-    acc[r] = 0.0f;
-  }
-  float m = -FLT_MAX, l = 0.0f;
-  for (int64_t j = warp; j < len; j += kWarps) {
-    const float* kr = k_cache + base + j * width;
-    float s = 0.0f;
-#pragma unroll
-    for (int r = 0; r < kMaxPerLane; ++r) {
-      const int d = lane + 32 * r;
-      if (d < head_dim) s += qv[r] * kr[d];
-    }
-    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-    s *= scale;
-    const float m_new = fmaxf(m, s);
-    const float corr = expf(m - m_new);
-    const float p = expf(s - m_new);
-    l = l * corr + p;
-    const float* vr = v_cache + base + j * width;
-#pragma unroll
-    for (int r = 0; r < kMaxPerLane; ++r) {
-      const int d = lane + 32 * r;
-      if (d < head_dim) acc[r] = acc[r] * corr + p * vr[d];
-    }
-    m = m_new;
-  }
   if (lane == 0) {
     s_max[warp] = m;
     s_sum[warp] = l;
@@ -72,26 +53,377 @@ __global__ void AttentionKernel(const float* __restrict__ q, const float* __rest
     weight[w] = s_sum[w] > 0.0f ? expf(s_max[w] - gmax) : 0.0f;
     total += s_sum[w] * weight[w];
   }
-  const float inv = 1.0f / total;
+  const float inv = total > 0.0f ? 1.0f / total : 0.0f;
   for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-    float o = 0.0f;
-    for (int w = 0; w < kWarps; ++w) o += s_acc[w][d] * weight[w];
-    out[i * width + static_cast<int64_t>(h) * head_dim + d] = o * inv;
+    float v = 0.0f;
+    for (int w = 0; w < kWarps; ++w) v += s_acc[w][d] * weight[w];
+    o[d] = v * inv;
   }
+  return {gmax, total};
+}
+
+__global__ void AttentionKernel(const float* __restrict__ q, const float* __restrict__ k_cache,
+                                const float* __restrict__ v_cache, const int32_t* __restrict__ seq_ids,
+                                const int32_t* __restrict__ positions, const int32_t* __restrict__ rows,
+                                float* __restrict__ out, float* __restrict__ col_sums, int64_t max_len, int64_t width,
+                                int head_dim, float scale) {
+  const int64_t i = rows != nullptr ? rows[blockIdx.x] : blockIdx.x;
+  const int h = blockIdx.y;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t len = static_cast<int64_t>(positions[i]) + 1;
+  const int64_t seq = seq_ids[i];
+  const int64_t base = seq * max_len * width + static_cast<int64_t>(h) * head_dim;
+
+  float qv[kMaxPerLane], acc[kMaxPerLane];
+#pragma unroll
+  for (int r = 0; r < kMaxPerLane; ++r) {
+    const int d = lane + 32 * r;
+    qv[r] = d < head_dim ? q[i * width + static_cast<int64_t>(h) * head_dim + d] : 0.0f;
+    acc[r] = 0.0f;
+  }
+  auto score = [&](int64_t j) {
+    const float* kr = k_cache + base + j * width;
+    float s = 0.0f;
+#pragma unroll
+    for (int r = 0; r < kMaxPerLane; ++r) {
+      const int d = lane + 32 * r;
+      if (d < head_dim) s += qv[r] * kr[d];
+    }
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    return s * scale;
+  };
+  float m = -FLT_MAX, l = 0.0f;
+  for (int64_t j = warp; j < len; j += kWarps) {
+    const float s = score(j);
+    const float m_new = fmaxf(m, s);
+    const float corr = expf(m - m_new);
+    const float p = expf(s - m_new);
+    l = l * corr + p;
+    const float* vr = v_cache + base + j * width;
+#pragma unroll
+    for (int r = 0; r < kMaxPerLane; ++r) {
+      const int d = lane + 32 * r;
+      if (d < head_dim) acc[r] = acc[r] * corr + p * vr[d];
+    }
+    m = m_new;
+  }
+  const Merged fin = MergeWarps(m, l, acc, head_dim, out + i * width + static_cast<int64_t>(h) * head_dim);
+  if (col_sums == nullptr) return;
+  float* col = col_sums + (seq * gridDim.y + h) * max_len;
+  const float inv = 1.0f / fin.sum;
+  for (int64_t j = warp; j < len; j += kWarps) {
+    const float p = expf(score(j) - fin.max) * inv;
+    if (lane == 0) atomicAdd(col + j, p);
+  }
+}
+
+// ---- Tensor-core prefill -------------------------------------------------------------------------
+
+constexpr int kTile = 64;         // queries per block and keys per step
+constexpr int kLdP = kTile + 8;   // halves
+constexpr int kLdS = kTile + 4;   // floats
+
+size_t TileSmemBytes(int head_dim) {
+  const size_t ldh = head_dim + 8, ldo = head_dim + 4;
+  return 3 * kTile * ldh * sizeof(__half) + kTile * kLdP * sizeof(__half) + kTile * kLdS * sizeof(float) +
+         kTile * ldo * sizeof(float) + 2 * kTile * sizeof(float);
+}
+
+// With kColSums, a first walk over the key tiles finds each query row's final max and sum (S only,
+// no V), and the second adds each key's normalized probability, summed over the tile's queries, to
+// col_sums[seq, head, key] (H2O's prefill scores): K is read twice, V once.
+template <bool kColSums>
+__global__ void __launch_bounds__(kWarps * 32) PrefillTileKernel(
+    const float* __restrict__ q, const float* __restrict__ k_cache, const float* __restrict__ v_cache,
+    const int32_t* __restrict__ seq_ids, const int32_t* __restrict__ positions, const int2* __restrict__ tiles,
+    float* __restrict__ out, float* __restrict__ col_sums, int64_t max_len, int64_t width, int hd, float scale) {
+  using namespace nvcuda;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int ldh = hd + 8, ldo = hd + 4;
+  __half* qs = reinterpret_cast<__half*>(smem);
+  __half* ks = qs + kTile * ldh;
+  __half* vs = ks + kTile * ldh;
+  __half* ps = vs + kTile * ldh;
+  float* ss = reinterpret_cast<float*>(ps + kTile * kLdP);
+  float* os = ss + kTile * kLdS;
+  float* row_m = os + kTile * ldo;
+  float* row_l = row_m + kTile;
+
+  const int2 tile = tiles[blockIdx.x];
+  const int64_t r0 = tile.x;
+  const int nrows = tile.y;
+  const int h = blockIdx.y;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int p0 = positions[r0], p_last = p0 + nrows - 1;
+  const int64_t seq = seq_ids[r0];
+  const int64_t base = seq * max_len * width + static_cast<int64_t>(h) * hd;
+  const int64_t col0 = static_cast<int64_t>(h) * hd;
+
+  for (int idx = tid; idx < kTile * hd; idx += blockDim.x) {
+    const int r = idx / hd, d = idx - r * hd;
+    const float v = r < nrows ? q[(r0 + r) * width + col0 + d] * scale : 0.0f;
+    qs[r * ldh + d] = __float2half_rn(v);
+    os[r * ldo + d] = 0.0f;
+  }
+  if (tid < kTile) {
+    row_m[tid] = -FLT_MAX;
+    row_l[tid] = 0.0f;
+  }
+  // Loads keys kt..kt+63 (and values) as fp16; entries after p_last may hold anything (NaN
+  // included) and are never read: zeros instead.
+  auto load_tile = [&](int kt, bool with_v) {
+    for (int idx = tid; idx < kTile * hd; idx += blockDim.x) {
+      const int j = idx / hd, d = idx - j * hd;
+      const int key = kt + j;
+      const bool in = key <= p_last;
+      ks[j * ldh + d] = __float2half_rn(in ? k_cache[base + static_cast<int64_t>(key) * width + d] : 0.0f);
+      if (with_v) vs[j * ldh + d] = __float2half_rn(in ? v_cache[base + static_cast<int64_t>(key) * width + d] : 0.0f);
+    }
+  };
+  // S = Q K^T for this warp's 16 rows, into ss.
+  auto scores = [&]() {
+    for (int ct = 0; ct < kTile / 16; ++ct) {
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      wmma::fill_fragment(acc, 0.0f);
+      for (int kk = 0; kk < hd; kk += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> b;
+        wmma::load_matrix_sync(a, qs + warp * 16 * ldh + kk, ldh);
+        wmma::load_matrix_sync(b, ks + ct * 16 * ldh + kk, ldh);
+        wmma::mma_sync(acc, a, b, acc);
+      }
+      wmma::store_matrix_sync(ss + warp * 16 * kLdS + ct * 16, acc, kLdS, wmma::mem_row_major);
+    }
+    __syncwarp();
+  };
+  // Two lanes per query row, 32 keys each.
+  const int r = warp * 16 + lane / 2, c0 = (lane % 2) * (kTile / 2);
+  const int pos_r = p0 + r;
+  const int num_kt = (p_last + kTile) / kTile;
+  __syncthreads();
+
+  if (kColSums) {
+    for (int t = 0; t < num_kt; ++t) {
+      const int kt = t * kTile;
+      load_tile(kt, false);
+      __syncthreads();
+      scores();
+      const float* srow = ss + r * kLdS;
+      float mx = -FLT_MAX;
+      for (int c = c0; c < c0 + kTile / 2; ++c) {
+        if (kt + c <= pos_r) mx = fmaxf(mx, srow[c]);
+      }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      const float m_old = row_m[r], m_new = fmaxf(m_old, mx);
+      float sum = 0.0f;
+      for (int c = c0; c < c0 + kTile / 2; ++c) {
+        if (kt + c <= pos_r) sum += __half2float(__float2half_rn(expf(srow[c] - m_new)));
+      }
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      const float l_old = row_l[r];
+      __syncwarp();
+      if (lane % 2 == 0) {
+        row_m[r] = m_new;
+        row_l[r] = l_old * expf(m_old - m_new) + sum;
+      }
+      __syncthreads();  // every warp is done with ks
+    }
+  }
+
+  for (int t = 0; t < num_kt; ++t) {
+    const int kt = t * kTile;
+    load_tile(kt, true);
+    __syncthreads();
+    scores();
+    {
+      float* srow = ss + r * kLdS;
+      const float m_old = row_m[r];
+      float m_new = m_old, corr = 1.0f;
+      if (!kColSums) {  // online: the max so far
+        float mx = -FLT_MAX;
+        for (int c = c0; c < c0 + kTile / 2; ++c) {
+          if (kt + c <= pos_r) mx = fmaxf(mx, srow[c]);
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        m_new = fmaxf(m_old, mx);
+        corr = expf(m_old - m_new);
+      }
+      const float inv_l = kColSums && r < nrows ? 1.0f / row_l[r] : 0.0f;
+      float sum = 0.0f;
+      for (int c = c0; c < c0 + kTile / 2; ++c) {
+        const __half p = __float2half_rn(kt + c <= pos_r ? expf(srow[c] - m_new) : 0.0f);
+        ps[r * kLdP + c] = p;
+        sum += __half2float(p);
+        if (kColSums) srow[c] = __half2float(p) * inv_l;  // this query's probability of key kt + c
+      }
+      if (!kColSums) {
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        const int d0 = (lane % 2) * (hd / 2);
+        for (int d = d0; d < d0 + hd / 2; ++d) os[r * ldo + d] *= corr;
+        const float l_old = row_l[r];
+        __syncwarp();
+        if (lane % 2 == 0) {
+          row_m[r] = m_new;
+          row_l[r] = l_old * corr + sum;
+        }
+      }
+    }
+    __syncwarp();
+    // O += P V for this warp's 16 rows.
+    for (int dt = 0; dt < hd / 16; ++dt) {
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      wmma::load_matrix_sync(acc, os + warp * 16 * ldo + dt * 16, ldo, wmma::mem_row_major);
+      for (int kk = 0; kk < kTile; kk += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::row_major> b;
+        wmma::load_matrix_sync(a, ps + warp * 16 * kLdP + kk, kLdP);
+        wmma::load_matrix_sync(b, vs + kk * ldh + dt * 16, ldh);
+        wmma::mma_sync(acc, a, b, acc);
+      }
+      wmma::store_matrix_sync(os + warp * 16 * ldo + dt * 16, acc, ldo, wmma::mem_row_major);
+    }
+    if (kColSums) {
+      __syncthreads();  // every warp's probabilities are in ss
+      if (tid < kTile && kt + tid <= p_last) {
+        float c = 0.0f;
+        for (int rr = 0; rr < nrows; ++rr) c += ss[rr * kLdS + tid];
+        atomicAdd(col_sums + (seq * gridDim.y + h) * max_len + kt + tid, c);
+      }
+    }
+    __syncthreads();  // every warp is done with ks, vs and ss
+  }
+  for (int idx = tid; idx < nrows * hd; idx += blockDim.x) {
+    const int rr = idx / hd, d = idx - rr * hd;
+    out[(r0 + rr) * width + col0 + d] = os[rr * ldo + d] / row_l[rr];
+  }
+}
+
+// ---- H2O slots -----------------------------------------------------------------------------------
+
+__global__ void SlotKvWriteKernel(const float* __restrict__ k, const float* __restrict__ v, float* __restrict__ k_slots,
+                                  float* __restrict__ v_slots, const int32_t* __restrict__ seq_ids,
+                                  const int32_t* __restrict__ slot_ids, int heads, int slots, int hd) {
+  const int64_t i = blockIdx.x;
+  const int h = blockIdx.y;
+  const int slot = slot_ids[i * heads + h];
+  if (slot < 0) return;  // not stored
+  const int64_t cell = ((static_cast<int64_t>(seq_ids[i]) * heads + h) * slots + slot) * hd;
+  const int64_t src = (i * heads + h) * hd;
+  for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+    k_slots[cell + d] = k[src + d];
+    v_slots[cell + d] = v[src + d];
+  }
+}
+
+__global__ void SlotAttentionKernel(const float* __restrict__ q, const float* __restrict__ k_slots,
+                                    const float* __restrict__ v_slots, const uint8_t* __restrict__ occupied,
+                                    const int32_t* __restrict__ seq_ids, float* __restrict__ out, float* __restrict__ probs,
+                                    int slots, int hd, float scale) {
+  const int64_t i = blockIdx.x;
+  const int h = blockIdx.y, heads = gridDim.y;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t cell = static_cast<int64_t>(seq_ids[i]) * heads + h;
+  const uint8_t* occ = occupied + cell * slots;
+  const float* kb = k_slots + cell * slots * hd;
+  const float* vb = v_slots + cell * slots * hd;
+  float* p_out = probs + (i * heads + h) * slots;
+  const int64_t width = static_cast<int64_t>(heads) * hd;
+  float qv[kMaxPerLane], acc[kMaxPerLane];
+#pragma unroll
+  for (int r = 0; r < kMaxPerLane; ++r) {
+    const int d = lane + 32 * r;
+    qv[r] = d < hd ? q[i * width + static_cast<int64_t>(h) * hd + d] : 0.0f;
+    acc[r] = 0.0f;
+  }
+  float m = -FLT_MAX, l = 0.0f;
+  for (int j = warp; j < slots; j += kWarps) {
+    if (!occ[j]) continue;  // uniform across the warp
+    const float* kr = kb + static_cast<int64_t>(j) * hd;
+    float s = 0.0f;
+#pragma unroll
+    for (int r = 0; r < kMaxPerLane; ++r) {
+      const int d = lane + 32 * r;
+      if (d < hd) s += qv[r] * kr[d];
+    }
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    s *= scale;
+    if (lane == 0) p_out[j] = s;  // the raw score, normalized below
+    const float m_new = fmaxf(m, s);
+    const float corr = expf(m - m_new);
+    const float p = expf(s - m_new);
+    l = l * corr + p;
+    const float* vr = vb + static_cast<int64_t>(j) * hd;
+#pragma unroll
+    for (int r = 0; r < kMaxPerLane; ++r) {
+      const int d = lane + 32 * r;
+      if (d < hd) acc[r] = acc[r] * corr + p * vr[d];
+    }
+    m = m_new;
+  }
+  const Merged fin = MergeWarps(m, l, acc, hd, out + i * width + static_cast<int64_t>(h) * hd);
+  __syncthreads();  // the raw scores written by every warp are visible
+  const float inv = fin.sum > 0.0f ? 1.0f / fin.sum : 0.0f;
+  for (int j = threadIdx.x; j < slots; j += blockDim.x) p_out[j] = occ[j] ? expf(p_out[j] - fin.max) * inv : 0.0f;
 }
 
 }  // namespace
 
-cudaError_t LaunchAttention(const AttentionArgs& a, cudaStream_t stream) {
-  const int64_t n = a.q.shape[0], width = a.q.shape[1];
+bool PrefillTilesSupported(int head_dim) { return head_dim % 16 == 0 && head_dim <= 128; }
+
+cudaError_t LaunchAttention(const AttentionArgs& a, const int32_t* rows, int64_t num_rows, cudaStream_t stream) {
+  const int64_t width = a.q.shape[1];
   const int head_dim = static_cast<int>(width / a.num_heads);
   if (head_dim > kMaxPerLane * 32) return cudaErrorInvalidValue;
+  if (num_rows == 0) return cudaSuccess;
+  dim3 grid(static_cast<unsigned>(num_rows), static_cast<unsigned>(a.num_heads));
+  AttentionKernel<<<grid, kWarps * 32, 0, stream>>>(
+      a.q.as<const float>(), a.k_cache.as<const float>(), a.v_cache.as<const float>(), a.seq_ids.as<const int32_t>(),
+      a.positions.as<const int32_t>(), rows, a.out.as<float>(), a.col_sums.data != nullptr ? a.col_sums.as<float>() : nullptr,
+      a.k_cache.shape[1], width, head_dim, a.scale);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchPrefillTiles(const AttentionArgs& a, const int2* tiles, int64_t num_tiles, cudaStream_t stream) {
+  const int64_t width = a.q.shape[1];
+  const int head_dim = static_cast<int>(width / a.num_heads);
+  if (!PrefillTilesSupported(head_dim)) return cudaErrorInvalidValue;
+  if (num_tiles == 0) return cudaSuccess;
+  const size_t smem = TileSmemBytes(head_dim);
+  const bool cols = a.col_sums.data != nullptr;
+  auto kernel = cols ? PrefillTileKernel<true> : PrefillTileKernel<false>;
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (e != cudaSuccess) return e;
+  dim3 grid(static_cast<unsigned>(num_tiles), static_cast<unsigned>(a.num_heads));
+  kernel<<<grid, kWarps * 32, smem, stream>>>(a.q.as<const float>(), a.k_cache.as<const float>(), a.v_cache.as<const float>(),
+                                              a.seq_ids.as<const int32_t>(), a.positions.as<const int32_t>(), tiles,
+                                              a.out.as<float>(), cols ? a.col_sums.as<float>() : nullptr, a.k_cache.shape[1],
+                                              width, head_dim, a.scale);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchSlotKvWrite(const SlotKvWriteArgs& a, cudaStream_t stream) {
+  const int64_t n = a.k.shape[0];
   if (n == 0) return cudaSuccess;
-  dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(a.num_heads));
-  AttentionKernel<<<grid, kWarps * 32, 0, stream>>>(a.q.as<const float>(), a.k_cache.as<const float>(),
-                                                    a.v_cache.as<const float>(), a.seq_ids.as<const int32_t>(),
-                                                    a.positions.as<const int32_t>(), a.out.as<float>(),
-                                                    a.k_cache.shape[1], width, head_dim, a.scale);
+  const int heads = static_cast<int>(a.k_slots.shape[1]), slots = static_cast<int>(a.k_slots.shape[2]),
+            hd = static_cast<int>(a.k_slots.shape[3]);
+  dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(heads));
+  SlotKvWriteKernel<<<grid, 128, 0, stream>>>(a.k.as<const float>(), a.v.as<const float>(), a.k_slots.as<float>(),
+                                              a.v_slots.as<float>(), a.seq_ids.as<const int32_t>(),
+                                              a.slot_ids.as<const int32_t>(), heads, slots, hd);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchSlotAttention(const SlotAttentionArgs& a, cudaStream_t stream) {
+  const int64_t n = a.q.shape[0];
+  const int heads = static_cast<int>(a.k_slots.shape[1]), slots = static_cast<int>(a.k_slots.shape[2]),
+            hd = static_cast<int>(a.k_slots.shape[3]);
+  if (hd > kMaxPerLane * 32) return cudaErrorInvalidValue;
+  if (n == 0) return cudaSuccess;
+  dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(heads));
+  SlotAttentionKernel<<<grid, kWarps * 32, 0, stream>>>(a.q.as<const float>(), a.k_slots.as<const float>(),
+                                                        a.v_slots.as<const float>(), a.occupied.as<const uint8_t>(),
+                                                        a.seq_ids.as<const int32_t>(), a.out.as<float>(), a.probs.as<float>(),
+                                                        slots, hd, a.scale);
   return cudaGetLastError();
 }
 

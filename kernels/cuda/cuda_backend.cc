@@ -176,21 +176,36 @@ absl::Status CudaBackend::Linear(const LinearArgs& a) {
   const int64_t n = a.in.shape[0], k = a.in.shape[1], m = a.weight.shape[0];
   if (n == 0) return absl::OkStatus();
   const float alpha = 1.0f, beta = 0.0f;
-  const void* b = a.in.data;
-  if (a.weight.dtype != DType::kF32) {
+  const cudaDataType wtype = CudaType(a.weight.dtype);
+  // Row-major out[n, m] = in[n, k] W[m, k]^T is column-major out^T[m, n] = W^T(op T) x in^T.
+  auto gemm = [&](const void* in, int64_t rows, void* out) -> absl::Status {
+    FERRY_CUBLAS_RETURN_IF_ERROR(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(m), static_cast<int>(rows),
+                                              static_cast<int>(k), &alpha, a.weight.data, wtype, static_cast<int>(k), in, wtype,
+                                              static_cast<int>(k), &beta, out, CUDA_R_32F, static_cast<int>(m),
+                                              CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    return absl::OkStatus();
+  };
+  const float* bias = a.bias.data != nullptr ? a.bias.as<const float>() : nullptr;
+  if (a.weight.dtype == DType::kF32) {
+    FERRY_RETURN_IF_ERROR(gemm(a.in.data, n, a.out.data));
+  } else if (n <= options_.split_gemm_max_rows) {
+    // hi + lo / scale: scale 2^11 (fp16) or 2^8 (bf16) lifts lo to hi's magnitude.
+    const float scale = a.weight.dtype == DType::kF16 ? 2048.0f : 256.0f;
+    const size_t in_bytes = static_cast<size_t>(2 * n * k) * 2, in_padded = (in_bytes + 255) / 256 * 256;
+    FERRY_RETURN_IF_ERROR(EnsureScratch(in_padded + static_cast<size_t>(2 * n * m) * sizeof(float)));
+    char* split = static_cast<char*>(scratch_.data());
+    float* tmp = reinterpret_cast<float*>(split + in_padded);
+    FERRY_CUDA_RETURN_IF_ERROR(LaunchSplitFromF32(a.in.as<const float>(), split, a.weight.dtype, n * k, scale, stream_));
+    FERRY_RETURN_IF_ERROR(gemm(split, 2 * n, tmp));
+    FERRY_CUDA_RETURN_IF_ERROR(LaunchCombineSplit(tmp, a.out.as<float>(), bias, n, m, 1.0f / scale, a.relu, stream_));
+    return absl::OkStatus();
+  } else {
     // GEMM inputs share one type: round the activations to the weight's 16-bit type.
     FERRY_RETURN_IF_ERROR(EnsureScratch(static_cast<size_t>(n * k) * 2));
     FERRY_CUDA_RETURN_IF_ERROR(LaunchConvertFromF32(a.in.as<const float>(), scratch_.data(), a.weight.dtype, n * k, stream_));
-    b = scratch_.data();
+    FERRY_RETURN_IF_ERROR(gemm(scratch_.data(), n, a.out.data));
   }
-  // Row-major out[n, m] = in[n, k] W[m, k]^T is column-major out^T[m, n] = W^T(op T) x in^T.
-  FERRY_CUBLAS_RETURN_IF_ERROR(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(m), static_cast<int>(n),
-                                            static_cast<int>(k), &alpha, a.weight.data, CudaType(a.weight.dtype),
-                                            static_cast<int>(k), b, CudaType(a.weight.dtype), static_cast<int>(k), &beta,
-                                            a.out.data, CUDA_R_32F, static_cast<int>(m), CUBLAS_COMPUTE_32F,
-                                            CUBLAS_GEMM_DEFAULT));
-  FERRY_CUDA_RETURN_IF_ERROR(LaunchBiasRelu(a.out.as<float>(), a.bias.data != nullptr ? a.bias.as<const float>() : nullptr,
-                                            n, m, a.relu, stream_));
+  FERRY_CUDA_RETURN_IF_ERROR(LaunchBiasRelu(a.out.as<float>(), bias, n, m, a.relu, stream_));
   return absl::OkStatus();
 }
 
@@ -212,11 +227,62 @@ absl::Status CudaBackend::KvWrite(const KvWriteArgs& a) {
   return absl::OkStatus();
 }
 
+absl::StatusOr<const CudaBackend::AttentionPlan*> CudaBackend::PlanAttention(const AttentionArgs& a) {
+  const int64_t n = a.q.shape[0];
+  std::vector<int32_t> key(a.host_seq_ids, a.host_seq_ids + n);
+  key.insert(key.end(), a.host_positions, a.host_positions + n);
+  for (const AttentionPlan& p : plans_) {
+    if (p.key == key) return &p;
+  }
+  constexpr int64_t kMinTileRows = 16, kMaxTileRows = 64;
+  std::vector<int32_t> tiles, rows;
+  for (int64_t i = 0; i < n;) {
+    int64_t j = i + 1;
+    while (j < n && j - i < kMaxTileRows && a.host_seq_ids[j] == a.host_seq_ids[i] &&
+           a.host_positions[j] == a.host_positions[j - 1] + 1) {
+      ++j;
+    }
+    if (j - i >= kMinTileRows) {
+      tiles.push_back(static_cast<int32_t>(i));
+      tiles.push_back(static_cast<int32_t>(j - i));
+    } else {
+      for (int64_t r = i; r < j; ++r) rows.push_back(static_cast<int32_t>(r));
+    }
+    i = j;
+  }
+  AttentionPlan& p = plans_[next_plan_];
+  next_plan_ = (next_plan_ + 1) % plans_.size();
+  FERRY_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));  // queued kernels may still read p.dev
+  p.key = std::move(key);
+  p.num_tiles = static_cast<int64_t>(tiles.size()) / 2;
+  p.num_rows = static_cast<int64_t>(rows.size());
+  tiles.insert(tiles.end(), rows.begin(), rows.end());
+  const size_t bytes = tiles.size() * sizeof(int32_t);
+  if (p.dev.bytes() < bytes) {
+    p.dev = DeviceBuffer();
+    FERRY_ASSIGN_OR_RETURN(p.dev, Allocate(bytes));
+  }
+  if (bytes > 0) FERRY_CUDA_RETURN_IF_ERROR(cudaMemcpy(p.dev.data(), tiles.data(), bytes, cudaMemcpyHostToDevice));
+  return &p;
+}
+
 absl::Status CudaBackend::Attention(const AttentionArgs& a) {
   FERRY_RETURN_IF_ERROR(ValidateAttention(a));
-  if (a.q.shape[1] / a.num_heads > 256) return absl::InvalidArgumentError("cuda attention: head_dim above 256");
-  if (a.col_sums.data != nullptr) return absl::UnimplementedError("cuda attention: column sums (H2O prefill) not on the GPU yet");
-  FERRY_CUDA_RETURN_IF_ERROR(LaunchAttention(a, stream_));
+  const int64_t n = a.q.shape[0];
+  const int head_dim = static_cast<int>(a.q.shape[1] / a.num_heads);
+  if (head_dim > 256) return absl::InvalidArgumentError("cuda attention: head_dim above 256");
+  if (a.host_seq_ids != nullptr && a.host_positions != nullptr &&
+      options_.prefill_tensor_cores && PrefillTilesSupported(head_dim) && n >= 16) {
+    FERRY_ASSIGN_OR_RETURN(const AttentionPlan* plan, PlanAttention(a));
+    if (plan->num_tiles > 0) {
+      const int2* tiles = static_cast<const int2*>(plan->dev.data());
+      FERRY_CUDA_RETURN_IF_ERROR(LaunchPrefillTiles(a, tiles, plan->num_tiles, stream_));
+      FERRY_CUDA_RETURN_IF_ERROR(
+          LaunchAttention(a, reinterpret_cast<const int32_t*>(tiles + plan->num_tiles), plan->num_rows, stream_));
+      return absl::OkStatus();
+    }
+  }
+  FERRY_CUDA_RETURN_IF_ERROR(LaunchAttention(a, nullptr, n, stream_));
   return absl::OkStatus();
 }
 
@@ -233,12 +299,15 @@ absl::Status CudaBackend::ArgMaxRows(const TensorView& logits, const TensorView&
 
 absl::Status CudaBackend::SlotKvWrite(const SlotKvWriteArgs& a) {
   FERRY_RETURN_IF_ERROR(ValidateSlotKvWrite(a));
-  return absl::UnimplementedError("cuda backend: H2O slot KV cache is not implemented on the GPU yet");
+  FERRY_CUDA_RETURN_IF_ERROR(LaunchSlotKvWrite(a, stream_));
+  return absl::OkStatus();
 }
 
 absl::Status CudaBackend::SlotAttention(const SlotAttentionArgs& a) {
   FERRY_RETURN_IF_ERROR(ValidateSlotAttention(a));
-  return absl::UnimplementedError("cuda backend: H2O slot attention is not implemented on the GPU yet");
+  if (a.k_slots.shape[3] > 256) return absl::InvalidArgumentError("cuda slot attention: head_dim above 256");
+  FERRY_CUDA_RETURN_IF_ERROR(LaunchSlotAttention(a, stream_));
+  return absl::OkStatus();
 }
 
 }  // namespace ferry::kernels::cuda

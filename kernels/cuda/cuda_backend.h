@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <memory>
+#include <vector>
 
 #include "kernels/backend.h"
 
@@ -18,6 +19,15 @@ struct CudaBackendOptions {
   int device = 0;
   size_t memory_budget_bytes = 0;  // 0: no budget beyond the card's memory
   size_t host_budget_bytes = 0;    // pinned host memory; 0: no budget
+  // GEMMs of at most this many rows with 16-bit weights split the fp32 activations into two 16-bit
+  // terms (hi + lo) and run as one GEMM of twice the rows: about fp32 accuracy where the GEMM is
+  // bound by reading the weights (decode), where the extra rows cost next to nothing. Larger
+  // GEMMs (prefill) round the activations to the weight type. 0: never split.
+  int64_t split_gemm_max_rows = 128;
+  // Prefill attention on the tensor cores (Q, K, V rounded to fp16, fp32 softmax and accumulation)
+  // for runs of >= 16 queries of one sequence at consecutive positions, when the caller passes
+  // host copies of seq_ids/positions; otherwise (and for decode) the fp32 per-query kernel.
+  bool prefill_tensor_cores = true;
 };
 
 // Number of visible CUDA devices (0 where there is no driver or no GPU).
@@ -47,7 +57,7 @@ class CudaBackend final : public Backend {
   absl::Status Add(const TensorView& a, const TensorView& b, const TensorView& out) override;
   absl::Status KvWrite(const KvWriteArgs& args) override;
   absl::Status Attention(const AttentionArgs& args) override;
-  // H2O's slot cache: not on the GPU yet (kUnimplemented).
+  // Deja Vu's bundled FFN: not on the GPU yet (kUnimplemented).
   absl::Status BundledFfn(const BundledFfnArgs& args) override;
   absl::Status ArgMaxRows(const TensorView& logits, const TensorView& ids) override;
   absl::Status SlotKvWrite(const SlotKvWriteArgs& args) override;
@@ -70,6 +80,16 @@ class CudaBackend final : public Backend {
   cublasHandle_t cublas_ = nullptr;
   std::atomic<size_t> allocated_{0}, peak_{0}, host_allocated_{0};
   DeviceBuffer scratch_;  // activations converted for GEMM
+  // Launch plans of the tensor-core prefill (tiles, then the other queries), cached by the host
+  // seq_ids/positions they were made from: a forward's layers (and its micro-batches) reuse them.
+  struct AttentionPlan {
+    std::vector<int32_t> key;  // seq_ids then positions
+    DeviceBuffer dev;          // int2 tiles[num_tiles], then int32 rows[num_rows]
+    int64_t num_tiles = 0, num_rows = 0;
+  };
+  std::vector<AttentionPlan> plans_ = std::vector<AttentionPlan>(4);
+  size_t next_plan_ = 0;
+  absl::StatusOr<const AttentionPlan*> PlanAttention(const AttentionArgs& a);
 };
 
 }  // namespace ferry::kernels::cuda

@@ -63,6 +63,37 @@ __global__ void ConvertKernel<__nv_bfloat16>(const float* __restrict__ src, __nv
   }
 }
 
+// The two-term split of fp32 activations for a 16-bit GEMM: hi = round(x), lo = round((x - hi) * scale),
+// written as rows [0, n) and [n, 2n) of one [2n, k] matrix, so that W.x = W.hi + W.lo / scale keeps
+// about twice the 16-bit type's mantissa (the scale keeps lo out of fp16's subnormals).
+template <typename T>
+__device__ T FromFloat(float v);
+template <>
+__device__ __half FromFloat<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __nv_bfloat16 FromFloat<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <typename T>
+__global__ void SplitKernel(const float* __restrict__ src, T* __restrict__ dst, int64_t n, float scale) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float x = src[i];
+    const T hi = FromFloat<T>(x);
+    dst[i] = hi;
+    dst[n + i] = FromFloat<T>((x - ToFloat<T>(hi)) * scale);
+  }
+}
+
+// out[r, c] = relu?(tmp[r, c] + tmp[rows + r, c] * inv_scale + bias[c]).
+__global__ void CombineSplitKernel(const float* __restrict__ tmp, float* __restrict__ out, const float* __restrict__ bias,
+                                   int64_t rows, int64_t cols, float inv_scale, bool relu) {
+  const int64_t n = rows * cols;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float v = tmp[i] + tmp[n + i] * inv_scale + (bias != nullptr ? bias[i % cols] : 0.0f);
+    out[i] = relu ? fmaxf(v, 0.0f) : v;
+  }
+}
+
 __global__ void BiasReluKernel(float* out, const float* __restrict__ bias, int64_t rows, int64_t cols, bool relu) {
   const int64_t n = rows * cols;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
@@ -165,6 +196,25 @@ cudaError_t LaunchArgMaxRows(const float* logits, int32_t* ids, int64_t rows, in
 cudaError_t LaunchBiasRelu(float* out, const float* bias, int64_t rows, int64_t cols, bool relu, cudaStream_t stream) {
   if (rows * cols == 0 || (bias == nullptr && !relu)) return cudaSuccess;
   BiasReluKernel<<<GridFor(rows * cols, 256), 256, 0, stream>>>(out, bias, rows, cols, relu);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchSplitFromF32(const float* src, void* dst, DType dtype, int64_t n, float scale, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  if (dtype == DType::kF16) {
+    SplitKernel<__half><<<GridFor(n, 256), 256, 0, stream>>>(src, static_cast<__half*>(dst), n, scale);
+  } else if (dtype == DType::kBF16) {
+    SplitKernel<__nv_bfloat16><<<GridFor(n, 256), 256, 0, stream>>>(src, static_cast<__nv_bfloat16*>(dst), n, scale);
+  } else {
+    return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchCombineSplit(const float* tmp, float* out, const float* bias, int64_t rows, int64_t cols, float inv_scale,
+                               bool relu, cudaStream_t stream) {
+  if (rows * cols == 0) return cudaSuccess;
+  CombineSplitKernel<<<GridFor(rows * cols, 256), 256, 0, stream>>>(tmp, out, bias, rows, cols, inv_scale, relu);
   return cudaGetLastError();
 }
 

@@ -18,9 +18,23 @@ cudaError_t LaunchLayerNorm(const LayerNormArgs& a, cudaStream_t stream);
 // out = a + b over n floats.
 cudaError_t LaunchAdd(const float* a, const float* b, float* out, int64_t n, cudaStream_t stream);
 cudaError_t LaunchKvWrite(const KvWriteArgs& a, cudaStream_t stream);
-cudaError_t LaunchAttention(const AttentionArgs& a, cudaStream_t stream);
+// Per-query attention for the queries rows[0..num_rows) (rows == nullptr: queries 0..num_rows),
+// with column sums when a.col_sums is set.
+cudaError_t LaunchAttention(const AttentionArgs& a, const int32_t* rows, int64_t num_rows, cudaStream_t stream);
+// Tensor-core prefill over tiles {first query, count <= 64}: each tile's queries are one sequence
+// at consecutive positions. Needs head_dim % 16 == 0 and head_dim <= 128.
+bool PrefillTilesSupported(int head_dim);
+cudaError_t LaunchPrefillTiles(const AttentionArgs& a, const int2* tiles, int64_t num_tiles, cudaStream_t stream);
+cudaError_t LaunchSlotKvWrite(const SlotKvWriteArgs& a, cudaStream_t stream);
+cudaError_t LaunchSlotAttention(const SlotAttentionArgs& a, cudaStream_t stream);
 // dst[i] = convert(src[i]) for n elements, fp32 -> F16 or BF16.
 cudaError_t LaunchConvertFromF32(const float* src, void* dst, DType dtype, int64_t n, cudaStream_t stream);
+// The split of fp32 activations for an accurate 16-bit GEMM: dst is [2n] elements, dst[i] = round(src[i]),
+// dst[n + i] = round((src[i] - dst[i]) * scale).
+cudaError_t LaunchSplitFromF32(const float* src, void* dst, DType dtype, int64_t n, float scale, cudaStream_t stream);
+// out[r, c] = tmp[r, c] + tmp[rows + r, c] * inv_scale (+ bias[c], then ReLU when asked); tmp is [2 rows, cols].
+cudaError_t LaunchCombineSplit(const float* tmp, float* out, const float* bias, int64_t rows, int64_t cols, float inv_scale,
+                               bool relu, cudaStream_t stream);
 // out[r, c] += bias[c] (when bias), then ReLU (when relu), over [rows, cols].
 cudaError_t LaunchBiasRelu(float* out, const float* bias, int64_t rows, int64_t cols, bool relu, cudaStream_t stream);
 

@@ -1,7 +1,8 @@
 // Every CUDA op against its CPU twin on fresh random inputs of odd and large shapes, outputs
-// poisoned with NaN before the run so an unwritten element fails. Tolerances by dtype: fp32 paths
-// 1e-5 relative; GEMMs whose activations are rounded to fp16 (bf16) 2e-3 (1.6e-2) relative to the
-// output's largest magnitude. Skips (GTEST_SKIP) where no GPU is visible, as on CI machines.
+// poisoned with NaN before the run so an unwritten element fails. Tolerances by dtype, relative to
+// the output's largest magnitude: fp32 paths 1e-5; GEMMs with split (hi + lo) activations 1e-5
+// (fp16) and 1e-4 (bf16), with activations rounded to fp16 (bf16) 2e-3 (1.6e-2); tensor-core
+// prefill attention (Q, K, V and P in fp16, fp32 accumulation) 3e-3. Skips (GTEST_SKIP) where no GPU is visible, as on CI machines.
 #include "kernels/cuda/cuda_backend.h"
 
 #include <cmath>
@@ -68,9 +69,13 @@ class CudaTwinTest : public ::testing::Test {
 
 TEST_F(CudaTwinTest, Linear) {
   struct Case { DType dtype; int n, m, k; bool relu; double tol; };
+  // Up to 128 rows (split_gemm_max_rows) the activations go in as hi + lo 16-bit terms: about fp32
+  // accuracy (2^-22 relative for fp16, 2^-16 for bf16); above, rounded to the weight type.
   for (const Case& c : {Case{DType::kF32, 1, 1, 1, false, 1e-5}, Case{DType::kF32, 7, 33, 129, true, 1e-5},
-                        Case{DType::kF16, 1, 4097, 4096, false, 2e-3}, Case{DType::kF16, 67, 1031, 259, true, 2e-3},
-                        Case{DType::kF16, 512, 16384, 4096, true, 2e-3}, Case{DType::kBF16, 13, 515, 777, false, 1.6e-2}}) {
+                        Case{DType::kF16, 1, 4097, 4096, false, 1e-5}, Case{DType::kF16, 67, 1031, 259, true, 1e-5},
+                        Case{DType::kF16, 128, 1031, 259, false, 1e-5}, Case{DType::kF16, 129, 1031, 259, false, 2e-3},
+                        Case{DType::kF16, 512, 16384, 4096, true, 2e-3}, Case{DType::kBF16, 13, 515, 777, false, 1e-4},
+                        Case{DType::kBF16, 300, 515, 777, true, 1.6e-2}}) {
     std::vector<float> x = RandomValues(static_cast<size_t>(c.n) * c.k, 1), w = RandomValues(static_cast<size_t>(c.m) * c.k, 2),
                        bias = RandomValues(c.m, 3);
     std::vector<char> wstore(static_cast<size_t>(c.m) * c.k * DTypeSize(c.dtype));
@@ -158,6 +163,111 @@ TEST_F(CudaTwinTest, KvWriteAndAttention) {
     AttentionArgs dev{Up(q, DType::kF32, {n, w}), dk, dv, dseq, dpos, Poisoned({n, w}), c.heads, scale, TensorView{}};
     ASSERT_TRUE(gpu_->Attention(dev).ok());
     EXPECT_LT(RelErr(Down(dev.out), ref), 1e-5) << c.seqs << " " << c.max_len << " " << c.heads << "x" << c.hd;
+  }
+}
+
+// The tensor-core prefill: runs of one sequence at consecutive positions (full 64-query tiles, a
+// partial tile, a 16-query tile, shorter runs left to the per-query kernel), mixed with decodes,
+// with and without H2O's column sums; against the CPU and against the fp32 per-query kernel.
+TEST_F(CudaTwinTest, TensorCorePrefillAttentionAndColumnSums) {
+  struct Case { int heads, hd; };
+  for (const Case& c : {Case{4, 64}, Case{32, 128}, Case{3, 16}}) {
+    const int w = c.heads * c.hd, seqs = 5, max_len = 400;
+    std::vector<int32_t> seq, pos;
+    auto prompt = [&](int s, int from, int len) {
+      for (int t = 0; t < len; ++t) seq.push_back(s), pos.push_back(from + t);
+    };
+    prompt(0, 0, 300);  // 4 full tiles and one of 44
+    prompt(1, 0, 16);   // exactly the smallest tile
+    prompt(2, 0, 7);    // per-query
+    prompt(3, 100, 70); // a chunk of a longer prompt: keys 0..169
+    seq.push_back(4), pos.push_back(399);  // a decode
+    const int n = static_cast<int>(seq.size());
+    std::vector<float> kc = RandomValues(static_cast<size_t>(seqs) * max_len * w, 20),
+                       vc = RandomValues(kc.size(), 21), q = RandomValues(static_cast<size_t>(n) * w, 22, 2.0f),
+                       ref(static_cast<size_t>(n) * w), cols(static_cast<size_t>(seqs) * c.heads * max_len, 0.0f);
+    // Entries after each query run are never to be read: NaN there fails a kernel that reads them.
+    for (int s = 0; s < 3; ++s) {
+      const int len = s == 0 ? 300 : s == 1 ? 16 : 7;
+      for (size_t x = (static_cast<size_t>(s) * max_len + len) * w; x < static_cast<size_t>(s + 1) * max_len * w; ++x) {
+        kc[x] = vc[x] = NAN;
+      }
+    }
+    auto hv = [](std::vector<float>& d, std::initializer_list<int64_t> sh) { return TensorView::Contiguous(d.data(), DType::kF32, sh); };
+    const float scale = 1.0f / std::sqrt(static_cast<float>(c.hd));
+    TensorView hseq = TensorView::Contiguous(seq.data(), DType::kI32, {n}), hpos = TensorView::Contiguous(pos.data(), DType::kI32, {n});
+    ASSERT_TRUE(cpu_.Attention({hv(q, {n, w}), hv(kc, {seqs, max_len, w}), hv(vc, {seqs, max_len, w}), hseq, hpos,
+                                hv(ref, {n, w}), c.heads, scale, hv(cols, {seqs, c.heads, max_len})})
+                    .ok());
+    TensorView dk = Up(kc, DType::kF32, {seqs, max_len, w}), dv = Up(vc, DType::kF32, {seqs, max_len, w});
+    TensorView dq = Up(q, DType::kF32, {n, w}), dseq = Up(seq, DType::kI32, {n}), dpos = Up(pos, DType::kI32, {n});
+    for (bool with_cols : {false, true}) {
+      for (bool planned : {false, true}) {
+        std::vector<float> zeros(cols.size(), 0.0f);
+        AttentionArgs dev{dq, dk, dv, dseq, dpos, Poisoned({n, w}), c.heads, scale,
+                          with_cols ? Up(zeros, DType::kF32, {seqs, c.heads, max_len}) : TensorView{}};
+        if (planned) dev.host_seq_ids = seq.data(), dev.host_positions = pos.data();
+        ASSERT_TRUE(gpu_->Attention(dev).ok());
+        const double tol = planned ? 3e-3 : 1e-5;
+        EXPECT_LT(RelErr(Down(dev.out), ref), tol) << c.heads << "x" << c.hd << " cols " << with_cols << " planned " << planned;
+        if (with_cols) {
+          std::vector<float> got = Down(dev.col_sums);
+          // Columns past each row's last query stay exactly zero.
+          EXPECT_EQ(got[(static_cast<size_t>(1) * c.heads) * max_len + 16], 0.0f);
+          EXPECT_LT(RelErr(got, cols), tol) << c.heads << "x" << c.hd << " planned " << planned;
+        }
+      }
+    }
+  }
+}
+
+// H2O's slot ops: tokens written to chosen slots (-1: skipped), then attention over occupied slots
+// returning every slot's probability; sequences with different occupancy, batch > 1.
+TEST_F(CudaTwinTest, SlotKvWriteAndSlotAttention) {
+  struct Case { int seqs, heads, slots, hd; };
+  for (const Case& c : {Case{3, 2, 5, 8}, Case{4, 32, 103, 128}, Case{2, 3, 33, 256}}) {
+    const int w = c.heads * c.hd, n = c.seqs;
+    const size_t cells = static_cast<size_t>(c.seqs) * c.heads * c.slots;
+    std::vector<float> ks = RandomValues(cells * c.hd, 30), vs = RandomValues(cells * c.hd, 31),
+                       k = RandomValues(static_cast<size_t>(n) * w, 32), v = RandomValues(static_cast<size_t>(n) * w, 33),
+                       q = RandomValues(static_cast<size_t>(n) * w, 34, 2.0f);
+    std::vector<uint8_t> occ(cells);
+    std::vector<int32_t> seq(n), slot_ids(static_cast<size_t>(n) * c.heads);
+    for (int i = 0; i < n; ++i) seq[i] = n - 1 - i;  // rows in another order than queries
+    for (size_t x = 0; x < cells; ++x) occ[x] = (x * 7919 % 5) != 0 && (x / c.slots) % 4 != 3 ? 1 : 0;
+    for (int i = 0; i < n; ++i) {
+      for (int h = 0; h < c.heads; ++h) {
+        const size_t cell = (static_cast<size_t>(seq[i]) * c.heads + h) * c.slots;
+        int free = -1;
+        for (int j = 0; j < c.slots && free < 0; ++j) if (!occ[cell + j]) free = j;
+        slot_ids[static_cast<size_t>(i) * c.heads + h] = (i + h) % 3 == 2 ? -1 : free;  // some heads store nothing
+        if (slot_ids[static_cast<size_t>(i) * c.heads + h] >= 0) occ[cell + free] = 1;
+      }
+    }
+    auto hv = [](auto& d, DType t, std::initializer_list<int64_t> sh) { return TensorView::Contiguous(d.data(), t, sh); };
+    TensorView dks = Up(ks, DType::kF32, {c.seqs, c.heads, c.slots, c.hd}), dvs = Up(vs, DType::kF32, {c.seqs, c.heads, c.slots, c.hd});
+    TensorView dseq = Up(seq, DType::kI32, {n});
+    ASSERT_TRUE(cpu_.SlotKvWrite({hv(k, DType::kF32, {n, w}), hv(v, DType::kF32, {n, w}), hv(ks, DType::kF32, {c.seqs, c.heads, c.slots, c.hd}),
+                                  hv(vs, DType::kF32, {c.seqs, c.heads, c.slots, c.hd}), hv(seq, DType::kI32, {n}),
+                                  hv(slot_ids, DType::kI32, {n, c.heads})})
+                    .ok());
+    ASSERT_TRUE(gpu_->SlotKvWrite({Up(k, DType::kF32, {n, w}), Up(v, DType::kF32, {n, w}), dks, dvs, dseq,
+                                   Up(slot_ids, DType::kI32, {n, c.heads})})
+                    .ok());
+    EXPECT_EQ(Down(dks), ks);
+    EXPECT_EQ(Down(dvs), vs);
+    std::vector<float> out(static_cast<size_t>(n) * w), probs(static_cast<size_t>(n) * c.heads * c.slots);
+    const float scale = 1.0f / std::sqrt(static_cast<float>(c.hd));
+    ASSERT_TRUE(cpu_.SlotAttention({hv(q, DType::kF32, {n, w}), hv(ks, DType::kF32, {c.seqs, c.heads, c.slots, c.hd}),
+                                    hv(vs, DType::kF32, {c.seqs, c.heads, c.slots, c.hd}), hv(occ, DType::kU8, {c.seqs, c.heads, c.slots}),
+                                    hv(seq, DType::kI32, {n}), hv(out, DType::kF32, {n, w}),
+                                    hv(probs, DType::kF32, {n, c.heads, c.slots}), scale})
+                    .ok());
+    SlotAttentionArgs dev{Up(q, DType::kF32, {n, w}), dks, dvs, Up(occ, DType::kU8, {c.seqs, c.heads, c.slots}), dseq,
+                          Poisoned({n, w}), Poisoned({n, c.heads, c.slots}), scale};
+    ASSERT_TRUE(gpu_->SlotAttention(dev).ok());
+    EXPECT_LT(RelErr(Down(dev.out), out), 1e-5) << c.seqs << "x" << c.heads << "x" << c.slots;
+    EXPECT_LT(RelErr(Down(dev.probs), probs), 1e-5) << c.seqs << "x" << c.heads << "x" << c.slots;
   }
 }
 
