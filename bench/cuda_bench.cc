@@ -32,10 +32,13 @@ struct DevTensor {
 DevTensor Random(DType dtype, std::initializer_list<int64_t> shape, uint32_t seed) {
   DevTensor t;
   t.view = TensorView::Contiguous(nullptr, dtype, shape, Device::kCuda);
+  // A block of 1M random values repeated (generating GBs of them on the host would take minutes).
   std::vector<float> f(t.view.numel());
   std::mt19937 rng(seed);
   std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
-  for (auto& x : f) x = dist(rng);
+  const size_t block = std::min<size_t>(f.size(), size_t{1} << 20);
+  for (size_t i = 0; i < block; ++i) f[i] = dist(rng);
+  for (size_t i = block; i < f.size(); ++i) f[i] = f[i - block];
   std::vector<char> host(t.view.bytes());
   if (dtype == DType::kI32) {
     std::memcpy(host.data(), f.data(), host.size());
@@ -115,20 +118,58 @@ void BM_DecodeAttention(benchmark::State& state) {
   state.counters["frac_of_HBM"] = benchmark::Counter(bytes / kHbmBytesPerSecond, benchmark::Counter::kIsIterationInvariantRate);
 }
 
-// Prefill attention: one sequence of `ctx` queries, causal.
+// Prefill attention: `seqs` sequences of `ctx` queries each, causal; tensor_cores = 1 passes the
+// host copies of seq_ids/positions that let the backend run 64-query tiles on the tensor cores,
+// 0 runs the fp32 per-query kernel.
 void BM_PrefillAttention(benchmark::State& state) {
   if (Gpu() == nullptr) return state.SkipWithError("no CUDA device");
-  const int64_t ctx = state.range(0), h = 32, hd = 128, w = h * hd;
-  DevTensor q = Random(DType::kF32, {ctx, w}, 1), k = Random(DType::kF32, {1, ctx, w}, 2), v = Random(DType::kF32, {1, ctx, w}, 3);
-  DevTensor out = Random(DType::kF32, {ctx, w}, 4);
-  std::vector<int32_t> seq(ctx, 0), pos(ctx);
-  for (int64_t i = 0; i < ctx; ++i) pos[i] = static_cast<int32_t>(i);
+  const int64_t ctx = state.range(0), seqs = state.range(1), h = 32, hd = 128, w = h * hd, n = ctx * seqs;
+  DevTensor q = Random(DType::kF32, {n, w}, 1), k = Random(DType::kF32, {seqs, ctx, w}, 2), v = Random(DType::kF32, {seqs, ctx, w}, 3);
+  DevTensor out = Random(DType::kF32, {n, w}, 4);
+  std::vector<int32_t> seq(n), pos(n);
+  for (int64_t i = 0; i < n; ++i) seq[i] = static_cast<int32_t>(i / ctx), pos[i] = static_cast<int32_t>(i % ctx);
   DevTensor dseq = Ids(seq), dpos = Ids(pos);
   AttentionArgs a{q.view, k.view, v.view, dseq.view, dpos.view, out.view, static_cast<int>(h), 0.088f, TensorView{}};
+  if (state.range(2) != 0) a.host_seq_ids = seq.data(), a.host_positions = pos.data();
   TimeLoop(state, [&] { return Gpu()->Attention(a); });
-  const double flops = 2.0 * ctx * (ctx + 1) * w;  // QK^T and PV over the causal half
+  const double flops = 2.0 * seqs * ctx * (ctx + 1) * w;  // QK^T and PV over the causal half
   state.counters["TFLOP/s"] = benchmark::Counter(flops * 1e-12, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["frac_of_fp16_peak"] = benchmark::Counter(flops / kFp16FlopsPerSecond, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+// H2O decode over the slots (OPT-6.7B heads), every slot occupied, probabilities returned.
+void BM_SlotAttention(benchmark::State& state) {
+  if (Gpu() == nullptr) return state.SkipWithError("no CUDA device");
+  const int64_t b = state.range(0), slots = state.range(1), h = 32, hd = 128, w = h * hd;
+  DevTensor q = Random(DType::kF32, {b, w}, 1), k = Random(DType::kF32, {b, h, slots, hd}, 2),
+            v = Random(DType::kF32, {b, h, slots, hd}, 3), out = Random(DType::kF32, {b, w}, 4),
+            probs = Random(DType::kF32, {b, h, slots}, 5);
+  std::vector<int32_t> seq(b);
+  for (int64_t i = 0; i < b; ++i) seq[i] = static_cast<int32_t>(i);
+  DevTensor dseq = Ids(seq);
+  DevTensor occ;
+  occ.view = TensorView::Contiguous(nullptr, DType::kU8, {b, h, slots}, Device::kCuda);
+  occ.buf = std::move(*Gpu()->Allocate(occ.view.bytes()));
+  cudaMemsetAsync(occ.buf.data(), 1, occ.view.bytes(), Gpu()->stream());
+  occ.view.data = occ.buf.data();
+  SlotAttentionArgs a{q.view, k.view, v.view, occ.view, dseq.view, out.view, probs.view, 0.088f};
+  TimeLoop(state, [&] { return Gpu()->SlotAttention(a); });
+  const double bytes = 2.0 * b * h * slots * hd * 4;
+  state.counters["KV_GB/s"] = benchmark::Counter(bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["frac_of_HBM"] = benchmark::Counter(bytes / kHbmBytesPerSecond, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+// Deja Vu's gathered-row FFN on OPT-6.7B's FFN (d 4096): `neurons` fp16 bundles already on the GPU.
+void BM_BundledFfn(benchmark::State& state) {
+  if (Gpu() == nullptr) return state.SkipWithError("no CUDA device");
+  const int64_t n = state.range(0), m = state.range(1), d = 4096;
+  DevTensor x = Random(DType::kF32, {n, d}, 1), bundles = Random(DType::kF16, {m, 2 * d + 1}, 2), b2 = Random(DType::kF32, {d}, 3),
+            out = Random(DType::kF32, {n, d}, 4);
+  BundledFfnArgs a{x.view, bundles.view, b2.view, out.view};
+  TimeLoop(state, [&] { return Gpu()->BundledFfn(a); });
+  const double bytes = 2.0 * m * (2 * d + 1);
+  state.counters["bundle_GB/s"] = benchmark::Counter(bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["frac_of_HBM"] = benchmark::Counter(bytes / kHbmBytesPerSecond, benchmark::Counter::kIsIterationInvariantRate);
 }
 
 void BM_LayerNorm(benchmark::State& state) {
@@ -160,7 +201,12 @@ void BM_Gemm(benchmark::State& state) {
 BENCHMARK(BM_HbmCopyProbe)->ArgNames({"MiB"})->Args({1024})->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_DecodeAttention)->ArgNames({"batch", "ctx"})->Args({64, 512})->Args({64, 1024})->Args({64, 2048})
     ->UseManualTime()->Unit(benchmark::kMicrosecond);
-BENCHMARK(BM_PrefillAttention)->ArgNames({"ctx"})->Args({512})->Args({2048})->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_PrefillAttention)->ArgNames({"ctx", "seqs", "tensor_cores"})->Args({512, 1, 0})->Args({512, 32, 0})
+    ->Args({512, 32, 1})->Args({2048, 1, 1})->Args({2048, 8, 1})->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_SlotAttention)->ArgNames({"batch", "slots"})->Args({64, 103})->Args({256, 103})->Args({64, 545})
+    ->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_BundledFfn)->ArgNames({"batch", "neurons"})->Args({1, 2458})->Args({1, 16384})->Args({16, 2458})->Args({64, 8192})
+    ->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_LayerNorm)->ArgNames({"rows"})->Args({64})->Args({4096})->Args({32768})->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_Gemm)->ArgNames({"batch", "m", "k"})
     ->Args({1, 4096, 4096})->Args({1, 16384, 4096})->Args({8, 16384, 4096})->Args({32, 16384, 4096})

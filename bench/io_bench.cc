@@ -1,6 +1,6 @@
 // Disk read bandwidth through UringReader with O_DIRECT (no page cache), by block size and queue
-// depth: the disk tier's floor. Reads a 512 MiB file made once under $FERRY_BENCH_DIR (default
-// /tmp). Also a buffered pread loop for comparison.
+// depth: the disk tier's floor. Reads a file of $FERRY_BENCH_FILE_MIB MiB (default 512) made once
+// under $FERRY_BENCH_DIR (default /tmp). Also a buffered pread loop for comparison.
 #include <benchmark/benchmark.h>
 #include <fcntl.h>
 #include <unistd.h>
@@ -16,7 +16,11 @@
 namespace ferry::io {
 namespace {
 
-constexpr size_t kFileBytes = size_t{512} << 20;
+const size_t kFileBytes = [] {
+  const char* mib = std::getenv("FERRY_BENCH_FILE_MIB");
+  const long v = mib != nullptr ? std::atol(mib) : 0;
+  return static_cast<size_t>(v >= 64 ? v / 64 * 64 : 512) << 20;
+}();
 
 const std::string& BenchFile() {
   static const std::string path = [] {
@@ -62,8 +66,8 @@ void BM_UringDirectRead(benchmark::State& state) {
 }
 
 BENCHMARK(BM_UringDirectRead)->ArgNames({"block_KiB", "qd"})
-    ->Args({128, 8})->Args({128, 32})->Args({1024, 8})->Args({1024, 32})->Args({4096, 8})
-    ->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(3);
+    ->Args({128, 8})->Args({128, 32})->Args({1024, 8})->Args({1024, 32})->Args({1024, 64})->Args({4096, 8})
+    ->Args({4096, 32})->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(2);
 
 }  // namespace
 }  // namespace ferry::io

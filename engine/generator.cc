@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <numeric>
 
 #include "absl/strings/str_cat.h"
 #include "base/status.h"
@@ -62,8 +63,23 @@ absl::StatusOr<std::vector<GenerationResult>> Generate(const OptModel& model,
   std::vector<float> logits;
   const int vocab = c.vocab_size;
 
-  // Chooses sequence s's next token from its logits row (EOS masked until min_new_tokens).
-  auto choose = [&](int s, float* row) {
+  // Greedy decoding takes the argmax on the backend, so only token ids come back.
+  const bool greedy = options.sampling.temperature <= 0.0f;
+  std::vector<int32_t> argmax;
+  // Asks the forward pass for argmaxes instead of logits; sequence seqs[i] is logit row i.
+  auto want_argmax = [&](ForwardBatch& batch, const std::vector<int>& seqs) {
+    if (!greedy) return;
+    batch.argmax_ids = &argmax;
+    batch.banned_token = c.eos_token_id;
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      if (static_cast<int>(results[seqs[i]].tokens.size()) < options.min_new_tokens) batch.banned_rows.push_back(static_cast<int32_t>(i));
+    }
+  };
+  // Chooses sequence s's next token from its logits row (EOS masked until min_new_tokens), or
+  // takes the backend's argmax (row i).
+  auto choose_row = [&](int s, size_t i) {
+    if (greedy) return static_cast<int>(argmax[i]);
+    float* row = logits.data() + i * vocab;
     if (static_cast<int>(results[s].tokens.size()) < options.min_new_tokens) row[c.eos_token_id] = -INFINITY;
     return SampleToken(row, vocab, options.sampling, rngs[s]);
   };
@@ -96,10 +112,13 @@ absl::StatusOr<std::vector<GenerationResult>> Generate(const OptModel& model,
       batch.logit_rows.push_back(static_cast<int32_t>(batch.tokens.size()) - 1);
       ++s1;
     }
+    std::vector<int> seqs(s1 - s0);
+    std::iota(seqs.begin(), seqs.end(), s0);
+    want_argmax(batch, seqs);
     FERRY_RETURN_IF_ERROR(model.Forward(batch, *cache, &logits));
     for (int s = s0; s < s1; ++s) {
       length[s] = static_cast<int>(requests[s].prompt.size());
-      accept(s, choose(s, logits.data() + static_cast<size_t>(s - s0) * vocab));
+      accept(s, choose_row(s, static_cast<size_t>(s - s0)));
     }
     s0 = s1;
   }
@@ -117,11 +136,12 @@ absl::StatusOr<std::vector<GenerationResult>> Generate(const OptModel& model,
       seqs.push_back(s);
     }
     if (seqs.empty()) break;
+    want_argmax(batch, seqs);
     FERRY_RETURN_IF_ERROR(model.Forward(batch, *cache, &logits));
     for (size_t i = 0; i < seqs.size(); ++i) {
       const int s = seqs[i];
       ++length[s];
-      accept(s, choose(s, logits.data() + i * vocab));
+      accept(s, choose_row(s, i));
     }
   }
   return results;

@@ -1,5 +1,6 @@
 #include "engine/opt_model.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
@@ -290,11 +291,16 @@ uint64_t OptModel::ForwardWorkspaceBytes(const OptConfig& c, int64_t n, int64_t 
   if (micro <= 0 || micro > n) micro = n;
   // ids and the residual stream h [n, d]; per micro-batch a, q, k, v, att [., d], ffn [., f], the
   // embedding projection and the CUDA GEMM input scratch (16-bit, [., max(d, f)]); the head's rows,
-  // projection and logits; allocator slack.
+  // projection and logits; the CUDA backend's GEMM split scratch and launch plans; allocator slack.
   return static_cast<uint64_t>(n) * (16 + 4 * c.hidden_size) +
          static_cast<uint64_t>(micro) * (5 * 4 * c.hidden_size + 4 * c.ffn_dim + 4 * c.word_embed_proj_dim +
                                          2 * std::max(c.ffn_dim, c.hidden_size)) +
-         static_cast<uint64_t>(r) * 4 * (c.hidden_size + c.word_embed_proj_dim + c.vocab_size) + (1 << 20);
+         static_cast<uint64_t>(r) * 4 * (c.hidden_size + c.word_embed_proj_dim + c.vocab_size) +
+         // the CUDA GEMMs of <= 128 rows split their input (hi + lo, 16-bit) and write 2 rows each
+         static_cast<uint64_t>(std::min<int64_t>(std::max(micro, r), 128)) *
+             (4 * std::max({c.hidden_size, c.ffn_dim, c.word_embed_proj_dim}) + 8 * std::max(c.ffn_dim, c.vocab_size)) +
+         // the CUDA attention launch plans
+         static_cast<uint64_t>(n) * 4 * 12 + (1 << 20);
 }
 
 uint64_t OptModel::KvCacheBytes(const OptConfig& c, int64_t rows, int64_t max_len) {
@@ -433,7 +439,12 @@ absl::Status OptModel::Forward(const ForwardBatch& batch, offload::AttentionCach
     }
     FERRY_RETURN_IF_ERROR(ReleaseLayer(l));
   }
-  logits->assign(static_cast<size_t>(r) * c.vocab_size, 0.0f);
+  if (batch.argmax_ids != nullptr) {
+    batch.argmax_ids->clear();
+    logits->clear();
+  } else {
+    logits->assign(static_cast<size_t>(r) * c.vocab_size, 0.0f);
+  }
   if (r == 0) return b.Synchronize();
 
   // Head over the requested rows only.
@@ -452,6 +463,21 @@ absl::Status OptModel::Forward(const ForwardBatch& batch, offload::AttentionCach
   FERRY_ASSIGN_OR_RETURN(Weight out, Alloc(DType::kF32, {r, c.vocab_size}));
   const TensorView& head = has_lm_head_ ? lm_head_.view : embed_tokens_.view;
   FERRY_RETURN_IF_ERROR(b.Linear({head_in, head, TensorView{}, out.view, false}));
+  if (batch.argmax_ids != nullptr) {
+    if (batch.banned_token >= 0 && batch.banned_token < c.vocab_size) {
+      const float banned = -INFINITY;
+      for (int32_t row : batch.banned_rows) {
+        if (row < 0 || row >= r) return absl::InvalidArgumentError("Forward: banned row out of range");
+        float* at = out.view.as<float>() + static_cast<int64_t>(row) * c.vocab_size + batch.banned_token;
+        FERRY_RETURN_IF_ERROR(b.CopyToDevice(at, &banned, sizeof(float)));
+      }
+    }
+    FERRY_ASSIGN_OR_RETURN(Weight ids, Alloc(DType::kI32, {r}));
+    FERRY_RETURN_IF_ERROR(b.ArgMaxRows(out.view, ids.view));
+    batch.argmax_ids->resize(static_cast<size_t>(r));
+    FERRY_RETURN_IF_ERROR(b.CopyToHost(batch.argmax_ids->data(), ids.buffer.data(), r * sizeof(int32_t)));
+    return b.Synchronize();
+  }
   FERRY_RETURN_IF_ERROR(b.CopyToHost(logits->data(), out.buffer.data(), logits->size() * sizeof(float)));
   return b.Synchronize();
 }

@@ -79,6 +79,13 @@ struct ForwardBatch {
   // layer and micro-batch after FC1 + ReLU, before FC2, with the layer's attention-block input
   // (LayerNorm'd) [t, d] and the FFN activation [t, ffn], which it may change (zero neurons).
   const std::function<absl::Status(int layer, const TensorView& attn_in, const TensorView& ffn_act)>* ffn_hook = nullptr;
+  // Optional greedy decoding on the device: when set, the logits stay there and only each logit
+  // row's argmax (lowest index among ties) comes back, into *argmax_ids (logits is left empty).
+  // Token banned_token (>= 0) is excluded in the logit rows listed in banned_rows (EOS before
+  // min_new_tokens).
+  std::vector<int32_t>* argmax_ids = nullptr;
+  int32_t banned_token = -1;
+  std::vector<int32_t> banned_rows = {};
 };
 
 class OptModel {

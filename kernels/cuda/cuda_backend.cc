@@ -50,7 +50,9 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(const CudaBacke
 }
 
 CudaBackend::~CudaBackend() {
-  scratch_ = DeviceBuffer();
+  scratch_ = DeviceBuffer();  // freed on stream_, before it goes
+  bundle_scratch_ = DeviceBuffer();
+  plans_.clear();
   if (stream_ != nullptr) cudaStreamSynchronize(stream_);
   if (cublas_ != nullptr) cublasDestroy(cublas_);
   if (stream_ != nullptr) cudaStreamDestroy(stream_);
@@ -170,43 +172,51 @@ absl::Status CudaBackend::LayerNorm(const LayerNormArgs& a) {
   return absl::OkStatus();
 }
 
-absl::Status CudaBackend::Linear(const LinearArgs& a) {
-  FERRY_RETURN_IF_ERROR(ValidateLinear(a));
-  FERRY_RETURN_IF_ERROR(RequireDevice(a.weight, "weight"));
-  const int64_t n = a.in.shape[0], k = a.in.shape[1], m = a.weight.shape[0];
-  if (n == 0) return absl::OkStatus();
+absl::Status CudaBackend::Gemm(const GemmOperand& x, const WeightOperand& w, int64_t m, float* out, const float* bias,
+                                bool relu) {
+  const int64_t n = x.rows, k = x.cols;
+  if (n == 0 || m == 0) return absl::OkStatus();
   const float alpha = 1.0f, beta = 0.0f;
-  const cudaDataType wtype = CudaType(a.weight.dtype);
-  // Row-major out[n, m] = in[n, k] W[m, k]^T is column-major out^T[m, n] = W^T(op T) x in^T.
-  auto gemm = [&](const void* in, int64_t rows, void* out) -> absl::Status {
-    FERRY_CUBLAS_RETURN_IF_ERROR(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(m), static_cast<int>(rows),
-                                              static_cast<int>(k), &alpha, a.weight.data, wtype, static_cast<int>(k), in, wtype,
-                                              static_cast<int>(k), &beta, out, CUDA_R_32F, static_cast<int>(m),
+  const cudaDataType wtype = CudaType(w.dtype);
+  // Row-major out[n, m] = x[n, k] W^T (W stored [m, k]) or x[n, k] W (W stored [k, m]); cuBLAS is
+  // column-major, so this is out^T[m, n] = op(W) x^T.
+  const cublasOperation_t op = w.mk ? CUBLAS_OP_T : CUBLAS_OP_N;
+  auto gemm = [&](const void* in, int64_t rows, void* dst) -> absl::Status {
+    FERRY_CUBLAS_RETURN_IF_ERROR(cublasGemmEx(cublas_, op, CUBLAS_OP_N, static_cast<int>(m), static_cast<int>(rows),
+                                              static_cast<int>(k), &alpha, w.data, wtype, static_cast<int>(w.ld), in, wtype,
+                                              static_cast<int>(k), &beta, dst, CUDA_R_32F, static_cast<int>(m),
                                               CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     return absl::OkStatus();
   };
-  const float* bias = a.bias.data != nullptr ? a.bias.as<const float>() : nullptr;
-  if (a.weight.dtype == DType::kF32) {
-    FERRY_RETURN_IF_ERROR(gemm(a.in.data, n, a.out.data));
+  if (w.dtype == DType::kF32) {
+    FERRY_RETURN_IF_ERROR(gemm(x.data, n, out));
   } else if (n <= options_.split_gemm_max_rows) {
     // hi + lo / scale: scale 2^11 (fp16) or 2^8 (bf16) lifts lo to hi's magnitude.
-    const float scale = a.weight.dtype == DType::kF16 ? 2048.0f : 256.0f;
+    const float scale = w.dtype == DType::kF16 ? 2048.0f : 256.0f;
     const size_t in_bytes = static_cast<size_t>(2 * n * k) * 2, in_padded = (in_bytes + 255) / 256 * 256;
     FERRY_RETURN_IF_ERROR(EnsureScratch(in_padded + static_cast<size_t>(2 * n * m) * sizeof(float)));
     char* split = static_cast<char*>(scratch_.data());
     float* tmp = reinterpret_cast<float*>(split + in_padded);
-    FERRY_CUDA_RETURN_IF_ERROR(LaunchSplitFromF32(a.in.as<const float>(), split, a.weight.dtype, n * k, scale, stream_));
+    FERRY_CUDA_RETURN_IF_ERROR(LaunchSplitFromF32(x.data, split, w.dtype, n * k, scale, stream_));
     FERRY_RETURN_IF_ERROR(gemm(split, 2 * n, tmp));
-    FERRY_CUDA_RETURN_IF_ERROR(LaunchCombineSplit(tmp, a.out.as<float>(), bias, n, m, 1.0f / scale, a.relu, stream_));
+    FERRY_CUDA_RETURN_IF_ERROR(LaunchCombineSplit(tmp, out, bias, n, m, 1.0f / scale, relu, stream_));
     return absl::OkStatus();
   } else {
     // GEMM inputs share one type: round the activations to the weight's 16-bit type.
     FERRY_RETURN_IF_ERROR(EnsureScratch(static_cast<size_t>(n * k) * 2));
-    FERRY_CUDA_RETURN_IF_ERROR(LaunchConvertFromF32(a.in.as<const float>(), scratch_.data(), a.weight.dtype, n * k, stream_));
-    FERRY_RETURN_IF_ERROR(gemm(scratch_.data(), n, a.out.data));
+    FERRY_CUDA_RETURN_IF_ERROR(LaunchConvertFromF32(x.data, scratch_.data(), w.dtype, n * k, stream_));
+    FERRY_RETURN_IF_ERROR(gemm(scratch_.data(), n, out));
   }
-  FERRY_CUDA_RETURN_IF_ERROR(LaunchBiasRelu(a.out.as<float>(), bias, n, m, a.relu, stream_));
+  FERRY_CUDA_RETURN_IF_ERROR(LaunchBiasRelu(out, bias, n, m, relu, stream_));
   return absl::OkStatus();
+}
+
+absl::Status CudaBackend::Linear(const LinearArgs& a) {
+  FERRY_RETURN_IF_ERROR(ValidateLinear(a));
+  FERRY_RETURN_IF_ERROR(RequireDevice(a.weight, "weight"));
+  const int64_t n = a.in.shape[0], k = a.in.shape[1], m = a.weight.shape[0];
+  return Gemm({a.in.as<const float>(), n, k}, {a.weight.data, a.weight.dtype, k, true}, m, a.out.as<float>(),
+              a.bias.data != nullptr ? a.bias.as<const float>() : nullptr, a.relu);
 }
 
 absl::Status CudaBackend::CopyTensor(const TensorView& src, const TensorView& dst) {
@@ -288,7 +298,32 @@ absl::Status CudaBackend::Attention(const AttentionArgs& a) {
 
 absl::Status CudaBackend::BundledFfn(const BundledFfnArgs& a) {
   FERRY_RETURN_IF_ERROR(ValidateBundledFfn(a));
-  return absl::UnimplementedError("cuda backend: the bundled sparse FFN is not implemented on the GPU yet");
+  FERRY_RETURN_IF_ERROR(RequireDevice(a.bundles, "bundles"));
+  const int64_t n = a.x.shape[0], d = a.x.shape[1], m = a.bundles.shape[0], width = 2 * d + 1;
+  if (n == 0) return absl::OkStatus();
+  if (m == 0) {  // no neuron selected: out = FC2 bias
+    FERRY_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(a.out.data, 0, a.out.bytes(), stream_));
+    FERRY_CUDA_RETURN_IF_ERROR(LaunchBiasRelu(a.out.as<float>(), a.fc2_bias.data != nullptr ? a.fc2_bias.as<const float>() : nullptr,
+                                              n, d, false, stream_));
+    return absl::OkStatus();
+  }
+  // act[n, m] = relu(x . FC1 rows + FC1 bias): the rows are the bundles' first d values (row
+  // stride 2d + 1); then out[n, d] = act . FC2 columns (the last d values) + FC2 bias.
+  FERRY_RETURN_IF_ERROR(EnsureBundleScratch(static_cast<size_t>(n * m) * sizeof(float)));
+  float* act = static_cast<float*>(bundle_scratch_.data());
+  const size_t esize = DTypeSize(a.bundles.dtype);
+  const char* base = a.bundles.as<const char>();
+  FERRY_RETURN_IF_ERROR(Gemm({a.x.as<const float>(), n, d}, {base, a.bundles.dtype, width, true}, m, act, nullptr, false));
+  FERRY_CUDA_RETURN_IF_ERROR(LaunchStridedBiasRelu(act, base + d * esize, a.bundles.dtype, width, n, m, stream_));
+  return Gemm({act, n, m}, {base + (d + 1) * esize, a.bundles.dtype, width, false}, d, a.out.as<float>(),
+              a.fc2_bias.data != nullptr ? a.fc2_bias.as<const float>() : nullptr, false);
+}
+
+absl::Status CudaBackend::EnsureBundleScratch(size_t bytes) {
+  if (bundle_scratch_.bytes() >= bytes) return absl::OkStatus();
+  bundle_scratch_ = DeviceBuffer();
+  FERRY_ASSIGN_OR_RETURN(bundle_scratch_, Allocate(bytes));
+  return absl::OkStatus();
 }
 
 absl::Status CudaBackend::ArgMaxRows(const TensorView& logits, const TensorView& ids) {

@@ -57,7 +57,6 @@ class CudaBackend final : public Backend {
   absl::Status Add(const TensorView& a, const TensorView& b, const TensorView& out) override;
   absl::Status KvWrite(const KvWriteArgs& args) override;
   absl::Status Attention(const AttentionArgs& args) override;
-  // Deja Vu's bundled FFN: not on the GPU yet (kUnimplemented).
   absl::Status BundledFfn(const BundledFfnArgs& args) override;
   absl::Status ArgMaxRows(const TensorView& logits, const TensorView& ids) override;
   absl::Status SlotKvWrite(const SlotKvWriteArgs& args) override;
@@ -73,13 +72,29 @@ class CudaBackend final : public Backend {
  private:
   CudaBackend() = default;
   absl::Status EnsureScratch(size_t bytes);
+  absl::Status EnsureBundleScratch(size_t bytes);
+  // out[n, m] (+ bias, ReLU) = x[n, k] with W, fp32 accumulation. W is [m, k] row-major with row
+  // stride ld (mk: out = x W^T) or [k, m] (out = x W); 16-bit W takes x split (hi + lo) up to
+  // split_gemm_max_rows rows, else rounded to W's type.
+  struct GemmOperand {
+    const float* data;
+    int64_t rows, cols;
+  };
+  struct WeightOperand {
+    const void* data;
+    DType dtype;
+    int64_t ld;
+    bool mk;
+  };
+  absl::Status Gemm(const GemmOperand& x, const WeightOperand& w, int64_t m, float* out, const float* bias, bool relu);
 
   CudaBackendOptions options_;
   cudaStream_t stream_ = nullptr;
   cudaStream_t transfer_stream_ = nullptr;  // used by the transfer thread only
   cublasHandle_t cublas_ = nullptr;
   std::atomic<size_t> allocated_{0}, peak_{0}, host_allocated_{0};
-  DeviceBuffer scratch_;  // activations converted for GEMM
+  DeviceBuffer scratch_;         // activations converted for GEMM
+  DeviceBuffer bundle_scratch_;  // BundledFfn's [n, m] activations
   // Launch plans of the tensor-core prefill (tiles, then the other queries), cached by the host
   // seq_ids/positions they were made from: a forward's layers (and its micro-batches) reuse them.
   struct AttentionPlan {

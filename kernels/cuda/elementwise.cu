@@ -94,6 +94,15 @@ __global__ void CombineSplitKernel(const float* __restrict__ tmp, float* __restr
   }
 }
 
+template <typename T>
+__global__ void StridedBiasReluKernel(float* act, const T* __restrict__ bias, int64_t stride, int64_t rows, int64_t m) {
+  const int64_t n = rows * m;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    act[i] = fmaxf(act[i] + ToFloat<T>(bias[(i % m) * stride]), 0.0f);
+  }
+}
+
 __global__ void BiasReluKernel(float* out, const float* __restrict__ bias, int64_t rows, int64_t cols, bool relu) {
   const int64_t n = rows * cols;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
@@ -215,6 +224,27 @@ cudaError_t LaunchCombineSplit(const float* tmp, float* out, const float* bias, 
                                bool relu, cudaStream_t stream) {
   if (rows * cols == 0) return cudaSuccess;
   CombineSplitKernel<<<GridFor(rows * cols, 256), 256, 0, stream>>>(tmp, out, bias, rows, cols, inv_scale, relu);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchStridedBiasRelu(float* act, const void* bias, DType dtype, int64_t stride, int64_t rows, int64_t m,
+                                  cudaStream_t stream) {
+  const int64_t n = rows * m;
+  if (n == 0) return cudaSuccess;
+  switch (dtype) {
+    case DType::kF16:
+      StridedBiasReluKernel<__half><<<GridFor(n, 256), 256, 0, stream>>>(act, static_cast<const __half*>(bias), stride, rows, m);
+      break;
+    case DType::kBF16:
+      StridedBiasReluKernel<__nv_bfloat16>
+          <<<GridFor(n, 256), 256, 0, stream>>>(act, static_cast<const __nv_bfloat16*>(bias), stride, rows, m);
+      break;
+    case DType::kF32:
+      StridedBiasReluKernel<float><<<GridFor(n, 256), 256, 0, stream>>>(act, static_cast<const float*>(bias), stride, rows, m);
+      break;
+    default:
+      return cudaErrorInvalidValue;
+  }
   return cudaGetLastError();
 }
 

@@ -35,6 +35,9 @@ cudaError_t LaunchSplitFromF32(const float* src, void* dst, DType dtype, int64_t
 // out[r, c] = tmp[r, c] + tmp[rows + r, c] * inv_scale (+ bias[c], then ReLU when asked); tmp is [2 rows, cols].
 cudaError_t LaunchCombineSplit(const float* tmp, float* out, const float* bias, int64_t rows, int64_t cols, float inv_scale,
                                bool relu, cudaStream_t stream);
+// act[r, j] = max(act[r, j] + bias[j * stride], 0) over [rows, m]; bias is F16/BF16/F32 (Deja Vu bundles).
+cudaError_t LaunchStridedBiasRelu(float* act, const void* bias, DType dtype, int64_t stride, int64_t rows, int64_t m,
+                                  cudaStream_t stream);
 // out[r, c] += bias[c] (when bias), then ReLU (when relu), over [rows, cols].
 cudaError_t LaunchBiasRelu(float* out, const float* bias, int64_t rows, int64_t cols, bool relu, cudaStream_t stream);
 

@@ -94,7 +94,7 @@ TEST_F(CudaTwinTest, Linear) {
 }
 
 TEST_F(CudaTwinTest, GatherLayerNormAdd) {
-  for (auto [rows, dim] : {std::pair<int, int>{1, 1}, {37, 255}, {300, 4096}, {5, 12288}}) {
+  for (auto [rows, dim] : {std::pair<int, int>{1, 1}, {37, 255}, {300, 4096}, {5, 12288}, {3, 5000}, {2, 20000}}) {
     std::vector<float> x = RandomValues(static_cast<size_t>(rows) * dim, 4, 3.0f), g = RandomValues(dim, 5),
                        b = RandomValues(dim, 6), y(x.size()), sum(x.size());
     ASSERT_TRUE(cpu_.LayerNorm({TensorView::Contiguous(x.data(), DType::kF32, {rows, dim}),
@@ -268,6 +268,32 @@ TEST_F(CudaTwinTest, SlotKvWriteAndSlotAttention) {
     ASSERT_TRUE(gpu_->SlotAttention(dev).ok());
     EXPECT_LT(RelErr(Down(dev.out), out), 1e-5) << c.seqs << "x" << c.heads << "x" << c.slots;
     EXPECT_LT(RelErr(Down(dev.probs), probs), 1e-5) << c.seqs << "x" << c.heads << "x" << c.slots;
+  }
+}
+
+// Deja Vu's gathered rows: the bundled FFN over a scattered neuron subset, against the CPU twin
+// (which the CPU tests hold to the dense FFN restricted to the same neurons). Small batches take
+// the split-activation GEMMs (1e-5), large ones fp16-rounded activations (3e-3).
+TEST_F(CudaTwinTest, BundledFfnGatheredRows) {
+  struct Case { DType dtype; int n, d, m; double tol; };
+  for (const Case& c : {Case{DType::kF16, 1, 64, 1, 1e-5}, Case{DType::kF16, 4, 4096, 2458, 1e-5},
+                        Case{DType::kF16, 64, 1024, 777, 1e-5}, Case{DType::kBF16, 7, 320, 50, 1e-4},
+                        Case{DType::kF32, 3, 100, 33, 1e-5}, Case{DType::kF16, 300, 512, 400, 3e-3},
+                        Case{DType::kF16, 5, 256, 0, 1e-6}}) {
+    const int width = 2 * c.d + 1;
+    std::vector<float> x = RandomValues(static_cast<size_t>(c.n) * c.d, 50), bf = RandomValues(static_cast<size_t>(c.m) * width, 51, 0.05f),
+                       b2 = RandomValues(c.d, 52), ref(static_cast<size_t>(c.n) * c.d);
+    std::vector<char> bundles(bf.size() * DTypeSize(c.dtype));
+    ConvertFromF32(c.dtype, bf.data(), bundles.data(), bf.size());
+    ASSERT_TRUE(cpu_.BundledFfn({TensorView::Contiguous(x.data(), DType::kF32, {c.n, c.d}),
+                                 TensorView::Contiguous(bundles.data(), c.dtype, {c.m, width}),
+                                 TensorView::Contiguous(b2.data(), DType::kF32, {c.d}),
+                                 TensorView::Contiguous(ref.data(), DType::kF32, {c.n, c.d})})
+                    .ok());
+    BundledFfnArgs dev{Up(x, DType::kF32, {c.n, c.d}), Up(bundles.data(), c.dtype, {c.m, width}), Up(b2, DType::kF32, {c.d}),
+                       Poisoned({c.n, c.d})};
+    ASSERT_TRUE(gpu_->BundledFfn(dev).ok());
+    EXPECT_LT(RelErr(Down(dev.out), ref), c.tol) << DTypeName(c.dtype) << " " << c.n << "x" << c.d << " m " << c.m;
   }
 }
 
