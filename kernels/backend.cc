@@ -195,4 +195,35 @@ absl::Status ValidateSlotAttention(const SlotAttentionArgs& a) {
                 op, "probs must be [n, heads, slots] F32");
 }
 
+namespace {
+
+absl::Status ValidateH2OState(const char* op, const TensorView& seq_ids, const TensorView& positions, const TensorView& slot_pos,
+                              const TensorView& scores, const TensorView& occupied) {
+  FERRY_RETURN_IF_ERROR(Expect(slot_pos.ndim == 3 && slot_pos.dtype == DType::kI32 && slot_pos.is_contiguous(), op,
+                               "slot_pos must be [seqs, heads, slots] I32"));
+  FERRY_RETURN_IF_ERROR(Expect(scores.shape == slot_pos.shape && scores.dtype == DType::kF32 && scores.is_contiguous() &&
+                                   occupied.shape == slot_pos.shape && occupied.dtype == DType::kU8 && occupied.is_contiguous(),
+                               op, "scores (F32) and occupied (U8) must have slot_pos's shape"));
+  FERRY_RETURN_IF_ERROR(Expect(seq_ids.ndim == 1 && IsIds(seq_ids, seq_ids.shape[0]), op, "seq_ids must be [n] I32"));
+  return Expect(IsIds(positions, seq_ids.shape[0]), op, "positions must be [n] I32");
+}
+
+}  // namespace
+
+absl::Status ValidateH2OPlace(const H2OPlaceArgs& a) {
+  FERRY_RETURN_IF_ERROR(ValidateH2OState("H2OPlace", a.seq_ids, a.positions, a.slot_pos, a.scores, a.occupied));
+  return Expect(a.slot_ids.ndim == 2 && a.slot_ids.dtype == DType::kI32 && a.slot_ids.shape[0] == a.seq_ids.shape[0] &&
+                    a.slot_ids.shape[1] == a.slot_pos.shape[1] && a.slot_ids.is_contiguous(),
+                "H2OPlace", "slot_ids must be [n, heads] I32");
+}
+
+absl::Status ValidateH2OUpdate(const H2OUpdateArgs& a) {
+  FERRY_RETURN_IF_ERROR(ValidateH2OState("H2OUpdate", a.seq_ids, a.positions, a.slot_pos, a.scores, a.occupied));
+  FERRY_RETURN_IF_ERROR(Expect(a.probs.ndim == 3 && a.probs.dtype == DType::kF32 && a.probs.is_contiguous() &&
+                                   a.probs.shape[0] == a.seq_ids.shape[0] && a.probs.shape[1] == a.slot_pos.shape[1] &&
+                                   a.probs.shape[2] == a.slot_pos.shape[2],
+                               "H2OUpdate", "probs must be [n, heads, slots] F32"));
+  return Expect(a.budget >= 1 && a.recent >= 0 && a.protect >= 0, "H2OUpdate", "budget must be >= 1, recent and protect >= 0");
+}
+
 }  // namespace ferry::kernels

@@ -126,6 +126,29 @@ struct SlotAttentionArgs {
   float scale = 1.0f;
 };
 
+// H2O's bookkeeping over the per-(sequence, head) slot state, run where the slots live (no host
+// round trip per step). State tensors are [seqs, heads, slots]: slot_pos I32 (the absolute
+// position a slot holds, -1: empty), scores F32 (accumulated attention), occupied U8.
+// Place: each token's heads take the first free slot of their (sequence, head); the slot gets the
+// token's position, score 0, occupied 1, and slot_ids[i, h] says which (-1 where none was free,
+// which the eviction rule never lets happen).
+struct H2OPlaceArgs {
+  TensorView seq_ids;    // [n] I32
+  TensorView positions;  // [n] I32
+  TensorView slot_pos, scores, occupied;
+  TensorView slot_ids;   // [n, heads] I32, out
+};
+// Update after SlotAttention: every occupied slot's score grows by its probability; where more
+// than `budget` slots are occupied, the lowest-scoring one that is neither recent (position >
+// positions[i] - recent) nor protected (position < protect) is emptied (ties: the oldest).
+struct H2OUpdateArgs {
+  TensorView seq_ids;    // [n] I32
+  TensorView positions;  // [n] I32
+  TensorView probs;      // [n, heads, slots] F32
+  TensorView slot_pos, scores, occupied;
+  int budget = 0, recent = 0, protect = 0;
+};
+
 // The FFN over selected neurons only (Deja Vu), from row-column bundles: neuron j's bundle is
 // [FC1 row j (d values) | FC1 bias j | FC2 column j (d values)], so one read fetches a neuron.
 // out = FC2 bias + sum over bundles of relu(x . row + bias) * column.
@@ -172,6 +195,8 @@ class Backend {
   virtual absl::Status ArgMaxRows(const TensorView& logits, const TensorView& ids) = 0;
   virtual absl::Status SlotKvWrite(const SlotKvWriteArgs& args) = 0;
   virtual absl::Status SlotAttention(const SlotAttentionArgs& args) = 0;
+  virtual absl::Status H2OPlace(const H2OPlaceArgs& args) = 0;
+  virtual absl::Status H2OUpdate(const H2OUpdateArgs& args) = 0;
 
  protected:
   friend class DeviceBuffer;
@@ -190,5 +215,7 @@ absl::Status ValidateBundledFfn(const BundledFfnArgs& args);
 absl::Status ValidateArgMaxRows(const TensorView& logits, const TensorView& ids);
 absl::Status ValidateSlotKvWrite(const SlotKvWriteArgs& args);
 absl::Status ValidateSlotAttention(const SlotAttentionArgs& args);
+absl::Status ValidateH2OPlace(const H2OPlaceArgs& args);
+absl::Status ValidateH2OUpdate(const H2OUpdateArgs& args);
 
 }  // namespace ferry::kernels

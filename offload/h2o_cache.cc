@@ -20,26 +20,36 @@ absl::StatusOr<std::unique_ptr<H2OCache>> H2OCache::Create(kernels::Backend& bac
   c->options_ = o;
   c->layers_ = layers, c->heads_ = heads, c->head_dim_ = head_dim, c->rows_ = rows;
   c->slots_ = o.heavy + o.recent + 1;  // the budget plus the incoming token
+  c->backend_ = &backend;
   const size_t cells = static_cast<size_t>(rows) * heads * c->slots_;
+  const std::vector<int32_t> empty_pos(cells, -1);
+  const std::vector<float> zero_scores(cells, 0.0f);
+  const std::vector<uint8_t> zero_occ(cells, 0);
   for (int l = 0; l < layers; ++l) {
     FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer k, backend.Allocate(cells * head_dim * sizeof(float)));
     FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer v, backend.Allocate(cells * head_dim * sizeof(float)));
+    FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer pos, backend.Allocate(cells * sizeof(int32_t)));
+    FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer score, backend.Allocate(cells * sizeof(float)));
     FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer occ, backend.Allocate(cells));
+    FERRY_RETURN_IF_ERROR(backend.CopyToDevice(pos.data(), empty_pos.data(), cells * sizeof(int32_t)));
+    FERRY_RETURN_IF_ERROR(backend.CopyToDevice(score.data(), zero_scores.data(), cells * sizeof(float)));
+    FERRY_RETURN_IF_ERROR(backend.CopyToDevice(occ.data(), zero_occ.data(), cells));
     c->k_.push_back(std::move(k));
     c->v_.push_back(std::move(v));
+    c->pos_dev_.push_back(std::move(pos));
+    c->score_dev_.push_back(std::move(score));
     c->occupied_dev_.push_back(std::move(occ));
   }
   FERRY_ASSIGN_OR_RETURN(c->slot_ids_dev_, backend.Allocate(static_cast<size_t>(rows) * heads * sizeof(int32_t)));
   FERRY_ASSIGN_OR_RETURN(c->probs_dev_, backend.Allocate(cells * sizeof(float)));
-  c->position_.assign(cells * layers, -1);
-  c->score_.assign(cells * layers, 0.0f);
-  c->occupied_.assign(cells * layers, 0);
+  c->row_used_.assign(rows, 0);
   return c;
 }
 
 uint64_t H2OCache::Bytes(int layers, int heads, int head_dim, int rows, const H2OOptions& o) {
   const uint64_t cells = static_cast<uint64_t>(rows) * heads * (o.heavy + o.recent + 1);
-  return static_cast<uint64_t>(layers) * cells * (2 * head_dim * sizeof(float) + 1) + cells * sizeof(float) +
+  return static_cast<uint64_t>(layers) * cells * (2 * head_dim * sizeof(float) + sizeof(int32_t) + sizeof(float) + 1) +
+         cells * sizeof(float) +
          static_cast<uint64_t>(rows) * heads * sizeof(int32_t);
 }
 
@@ -67,10 +77,8 @@ absl::Status H2OCache::Check(const std::vector<int32_t>& seq_ids, const std::vec
       return absl::InvalidArgumentError(absl::StrCat("H2O prefill of sequence ", r, " must give positions 0..", count[r] - 1,
                                                      " (a call is either all prompts or one token per sequence)"));
     }
-    for (int j = 0; j < slots_; ++j) {
-      if (occupied_[Index(0, r, 0) + j]) {
-        return absl::UnimplementedError(absl::StrCat("H2O: sequence ", r, " already holds tokens; it takes one token per call now"));
-      }
+    if (row_used_[r]) {
+      return absl::UnimplementedError(absl::StrCat("H2O: sequence ", r, " already holds tokens; it takes one token per call now"));
     }
   }
   return absl::OkStatus();
@@ -119,8 +127,17 @@ absl::Status H2OCache::Prefill(kernels::Backend& b, const AttendArgs& a) {
   // the device then moves the kept keys and values.
   const int64_t tokens = static_cast<int64_t>(used) * max_len;
   std::vector<int32_t> token_row(tokens), token_slot(static_cast<size_t>(tokens) * heads_, -1);
+  // The layer's slot state comes to the host once, the prompts' rows are filled, and it goes back.
+  const size_t cells = static_cast<size_t>(rows_) * heads_ * slots_;
+  std::vector<int32_t> position(cells);
+  std::vector<float> score(cells);
+  std::vector<uint8_t> occupied(cells);
+  FERRY_RETURN_IF_ERROR(b.CopyToHost(position.data(), pos_dev_[l].data(), cells * sizeof(int32_t)));
+  FERRY_RETURN_IF_ERROR(b.CopyToHost(score.data(), score_dev_[l].data(), cells * sizeof(float)));
+  FERRY_RETURN_IF_ERROR(b.CopyToHost(occupied.data(), occupied_dev_[l].data(), cells));
   for (int u = 0; u < used; ++u) {
     const int r = rows_used[u];
+    row_used_[r] = 1;
     for (int p = 0; p < max_len; ++p) token_row[static_cast<size_t>(u) * max_len + p] = r;
     for (int h = 0; h < heads_; ++h) {
       const float* col = cols.data() + (static_cast<size_t>(u) * heads_ + h) * max_len;
@@ -138,16 +155,22 @@ absl::Status H2OCache::Prefill(kernels::Backend& b, const AttendArgs& a) {
       std::stable_sort(rest.begin(), rest.end(), [&](int x, int y) { return col[x] > col[y]; });
       for (int i = 0; i < static_cast<int>(rest.size()) && i < heavy_left; ++i) keep.push_back(rest[i]);
       std::sort(keep.begin(), keep.end());
-      const size_t base = Index(l, r, h);
+      const size_t base = Index(r, h);
+      std::fill(position.begin() + base, position.begin() + base + slots_, -1);
+      std::fill(score.begin() + base, score.begin() + base + slots_, 0.0f);
+      std::fill(occupied.begin() + base, occupied.begin() + base + slots_, 0);
       for (size_t j = 0; j < keep.size(); ++j) {
         const int p = keep[j];
-        position_[base + j] = p;
-        score_[base + j] = col[p];
-        occupied_[base + j] = 1;
+        position[base + j] = p;
+        score[base + j] = col[p];
+        occupied[base + j] = 1;
         token_slot[(static_cast<size_t>(u) * max_len + p) * heads_ + h] = static_cast<int32_t>(j);
       }
     }
   }
+  FERRY_RETURN_IF_ERROR(b.CopyToDevice(pos_dev_[l].data(), position.data(), cells * sizeof(int32_t)));
+  FERRY_RETURN_IF_ERROR(b.CopyToDevice(score_dev_[l].data(), score.data(), cells * sizeof(float)));
+  FERRY_RETURN_IF_ERROR(b.CopyToDevice(occupied_dev_[l].data(), occupied.data(), cells));
   FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer ids_dev, b.Allocate((token_row.size() + token_slot.size()) * sizeof(int32_t)));
   int32_t* row_dev = static_cast<int32_t*>(ids_dev.data());
   int32_t* slot_dev = row_dev + token_row.size();
@@ -165,7 +188,6 @@ absl::Status H2OCache::Prefill(kernels::Backend& b, const AttendArgs& a) {
 
 absl::Status H2OCache::Attend(kernels::Backend& b, const AttendArgs& a) {
   const std::vector<int32_t>& seq = *a.host_seq_ids;
-  const std::vector<int32_t>& pos = *a.host_positions;
   const int n = static_cast<int>(seq.size());
   if (a.num_heads != heads_) return absl::InvalidArgumentError("H2O cache: head count differs from the model's");
   std::vector<bool> seen(rows_, false);
@@ -176,75 +198,37 @@ absl::Status H2OCache::Attend(kernels::Backend& b, const AttendArgs& a) {
 
   const int l = a.layer;
   const Device dev = b.device();
-  // Place each token's heads in a free slot of their (row, head).
-  std::vector<int32_t> slot_ids(static_cast<size_t>(n) * heads_);
-  for (int i = 0; i < n; ++i) {
-    for (int h = 0; h < heads_; ++h) {
-      const size_t base = Index(l, seq[i], h);
-      int free = -1;
-      for (int j = 0; j < slots_ && free < 0; ++j) {
-        if (!occupied_[base + j]) free = j;
-      }
-      FERRY_CHECK(free >= 0);  // eviction keeps one slot free after every step
-      slot_ids[static_cast<size_t>(i) * heads_ + h] = free;
-      position_[base + free] = pos[i];
-      score_[base + free] = 0.0f;
-      occupied_[base + free] = 1;
-    }
-  }
-  const size_t layer_cells = static_cast<size_t>(rows_) * heads_ * slots_;
-  const size_t layer_base = Index(l, 0, 0);
-  FERRY_RETURN_IF_ERROR(b.CopyToDevice(slot_ids_dev_.data(), slot_ids.data(), slot_ids.size() * sizeof(int32_t)));
-  FERRY_RETURN_IF_ERROR(b.CopyToDevice(occupied_dev_[l].data(), occupied_.data() + layer_base, layer_cells));
+  for (int32_t r : seq) row_used_[r] = 1;
   const TensorView k_slots = TensorView::Contiguous(k_[l].data(), DType::kF32, {rows_, heads_, slots_, head_dim_}, dev);
   const TensorView v_slots = TensorView::Contiguous(v_[l].data(), DType::kF32, {rows_, heads_, slots_, head_dim_}, dev);
-  const TensorView slot_view = TensorView::Contiguous(slot_ids_dev_.data(), DType::kI32, {n, heads_}, dev);
-  FERRY_RETURN_IF_ERROR(b.SlotKvWrite({a.k, a.v, k_slots, v_slots, a.seq_ids, slot_view}));
-  const TensorView probs = TensorView::Contiguous(probs_dev_.data(), DType::kF32, {n, heads_, slots_}, dev);
+  const TensorView slot_pos = TensorView::Contiguous(pos_dev_[l].data(), DType::kI32, {rows_, heads_, slots_}, dev);
+  const TensorView scores = TensorView::Contiguous(score_dev_[l].data(), DType::kF32, {rows_, heads_, slots_}, dev);
   const TensorView occ = TensorView::Contiguous(occupied_dev_[l].data(), DType::kU8, {rows_, heads_, slots_}, dev);
+  const TensorView slot_view = TensorView::Contiguous(slot_ids_dev_.data(), DType::kI32, {n, heads_}, dev);
+  const TensorView probs = TensorView::Contiguous(probs_dev_.data(), DType::kF32, {n, heads_, slots_}, dev);
+  // Everything stays where the slots are: place the new token, store its k and v, attend (which
+  // returns each slot's probability), then accumulate and evict. No host round trip.
+  FERRY_RETURN_IF_ERROR(b.H2OPlace({a.seq_ids, a.positions, slot_pos, scores, occ, slot_view}));
+  FERRY_RETURN_IF_ERROR(b.SlotKvWrite({a.k, a.v, k_slots, v_slots, a.seq_ids, slot_view}));
   FERRY_RETURN_IF_ERROR(b.SlotAttention({a.q, k_slots, v_slots, occ, a.seq_ids, a.out, probs, a.scale}));
-  probs_.resize(static_cast<size_t>(n) * heads_ * slots_);
-  FERRY_RETURN_IF_ERROR(b.CopyToHost(probs_.data(), probs_dev_.data(), probs_.size() * sizeof(float)));
-  // Accumulate, then evict down to the budget.
-  const int budget = options_.heavy + options_.recent;
-  for (int i = 0; i < n; ++i) {
-    for (int h = 0; h < heads_; ++h) {
-      const size_t base = Index(l, seq[i], h);
-      const float* p = probs_.data() + (static_cast<size_t>(i) * heads_ + h) * slots_;
-      int count = 0;
-      for (int j = 0; j < slots_; ++j) {
-        if (!occupied_[base + j]) continue;
-        score_[base + j] += p[j];
-        ++count;
-      }
-      if (count <= budget) continue;
-      int victim = -1;
-      for (int j = 0; j < slots_; ++j) {
-        if (!occupied_[base + j]) continue;
-        const int at = position_[base + j];
-        if (at > pos[i] - options_.recent || at < options_.protect) continue;  // recent or protected
-        if (victim < 0 || score_[base + j] < score_[base + victim] ||
-            (score_[base + j] == score_[base + victim] && at < position_[base + victim])) {
-          victim = j;
-        }
-      }
-      FERRY_CHECK(victim >= 0);  // protect <= heavy leaves heavy + 1 - protect >= 1 candidates
-      occupied_[base + victim] = 0;
-      position_[base + victim] = -1;
-      score_[base + victim] = 0.0f;
-    }
-  }
-  return absl::OkStatus();
+  return b.H2OUpdate({a.seq_ids, a.positions, probs, slot_pos, scores, occ, options_.heavy + options_.recent, options_.recent,
+                      options_.protect});
 }
 
 std::vector<int> H2OCache::Held(int layer, int row, int head) const {
-  const size_t base = Index(layer, row, head);
-  return std::vector<int>(position_.begin() + base, position_.begin() + base + slots_);
+  std::vector<int> out(slots_, -1);
+  const absl::Status st = backend_->CopyToHost(out.data(), static_cast<const int32_t*>(pos_dev_[layer].data()) + Index(row, head),
+                                               slots_ * sizeof(int32_t));
+  FERRY_CHECK(st.ok());
+  return out;
 }
 
 std::vector<float> H2OCache::Scores(int layer, int row, int head) const {
-  const size_t base = Index(layer, row, head);
-  return std::vector<float>(score_.begin() + base, score_.begin() + base + slots_);
+  std::vector<float> out(slots_, 0.0f);
+  const absl::Status st = backend_->CopyToHost(out.data(), static_cast<const float*>(score_dev_[layer].data()) + Index(row, head),
+                                               slots_ * sizeof(float));
+  FERRY_CHECK(st.ok());
+  return out;
 }
 
 }  // namespace ferry::offload

@@ -9,7 +9,9 @@
 // also returns each prompt token's column sum of probabilities; the row keeps the `recent` newest
 // tokens, the protected first ones, and the highest column sums up to `heavy`, each slot starting
 // with its column sum as its score.
-// Bookkeeping runs on the host; the GPU version of the eviction is still to come.
+// The bookkeeping (placement, scores, eviction) runs on the backend where the slots live, as the
+// H2OPlace/H2OUpdate ops; only a prefill brings a layer's slot state to the host (to choose the
+// kept prompt tokens from the column sums) and back.
 #pragma once
 
 #include <memory>
@@ -42,7 +44,7 @@ class H2OCache final : public AttentionCache {
   static uint64_t Bytes(int layers, int heads, int head_dim, int rows, const H2OOptions& o);
   static uint64_t PrefillBytes(int heads, int head_dim, int rows, int max_prompt);
 
-  // Positions held by (layer, row, head), in slot order (-1: empty slot).
+  // Positions held by (layer, row, head), in slot order (-1: empty slot); read from the backend.
   std::vector<int> Held(int layer, int row, int head) const;
   // Scores of (layer, row, head)'s slots.
   std::vector<float> Scores(int layer, int row, int head) const;
@@ -50,18 +52,17 @@ class H2OCache final : public AttentionCache {
  private:
   H2OCache() = default;
   absl::Status Prefill(kernels::Backend& backend, const AttendArgs& args);
-  size_t Index(int layer, int row, int head) const {
-    return ((static_cast<size_t>(layer) * rows_ + row) * heads_ + head) * slots_;
-  }
+  // Offset of (row, head)'s first slot in a layer's [rows, heads, slots] state.
+  size_t Index(int row, int head) const { return (static_cast<size_t>(row) * heads_ + head) * slots_; }
 
   H2OOptions options_;
+  kernels::Backend* backend_ = nullptr;
   int layers_ = 0, heads_ = 0, head_dim_ = 0, rows_ = 0, slots_ = 0;
-  std::vector<kernels::DeviceBuffer> k_, v_, occupied_dev_;  // per layer
+  // Per layer, where the slots live: keys, values, and the bookkeeping ([rows, heads, slots]
+  // positions (-1: empty), fp32 scores, occupancy), updated by the backend's H2O ops.
+  std::vector<kernels::DeviceBuffer> k_, v_, pos_dev_, score_dev_, occupied_dev_;
   kernels::DeviceBuffer slot_ids_dev_, probs_dev_;
-  std::vector<int32_t> position_;  // [layers, rows, heads, slots], -1 empty
-  std::vector<float> score_;       // same shape
-  std::vector<uint8_t> occupied_;  // same shape
-  std::vector<float> probs_;       // [rows, heads, slots] host copy of one call's probabilities
+  std::vector<uint8_t> row_used_;  // rows that hold tokens (a prompt goes only into an empty row)
 };
 
 }  // namespace ferry::offload

@@ -250,4 +250,62 @@ absl::Status CpuBackend::SlotAttention(const SlotAttentionArgs& a) {
   return absl::OkStatus();
 }
 
+absl::Status CpuBackend::H2OPlace(const H2OPlaceArgs& a) {
+  FERRY_RETURN_IF_ERROR(ValidateH2OPlace(a));
+  const int64_t heads = a.slot_pos.shape[1], slots = a.slot_pos.shape[2];
+  FERRY_RETURN_IF_ERROR(CheckIds("H2OPlace", "seq_ids", a.seq_ids, 0, a.slot_pos.shape[0]));
+  const int32_t* seq = a.seq_ids.as<const int32_t>();
+  const int32_t* pos = a.positions.as<const int32_t>();
+  for (int64_t i = 0; i < a.seq_ids.shape[0]; ++i) {
+    for (int64_t h = 0; h < heads; ++h) {
+      const int64_t base = (static_cast<int64_t>(seq[i]) * heads + h) * slots;
+      uint8_t* occ = a.occupied.as<uint8_t>() + base;
+      int64_t free = -1;
+      for (int64_t j = 0; j < slots && free < 0; ++j) {
+        if (!occ[j]) free = j;
+      }
+      a.slot_ids.as<int32_t>()[i * heads + h] = static_cast<int32_t>(free);
+      if (free < 0) continue;
+      a.slot_pos.as<int32_t>()[base + free] = pos[i];
+      a.scores.as<float>()[base + free] = 0.0f;
+      occ[free] = 1;
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::H2OUpdate(const H2OUpdateArgs& a) {
+  FERRY_RETURN_IF_ERROR(ValidateH2OUpdate(a));
+  const int64_t n = a.seq_ids.shape[0], heads = a.slot_pos.shape[1], slots = a.slot_pos.shape[2];
+  FERRY_RETURN_IF_ERROR(CheckIds("H2OUpdate", "seq_ids", a.seq_ids, 0, a.slot_pos.shape[0]));
+  const int32_t* seq = a.seq_ids.as<const int32_t>();
+  const int32_t* pos = a.positions.as<const int32_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t h = 0; h < heads; ++h) {
+      const int64_t base = (static_cast<int64_t>(seq[i]) * heads + h) * slots;
+      uint8_t* occ = a.occupied.as<uint8_t>() + base;
+      int32_t* at = a.slot_pos.as<int32_t>() + base;
+      float* score = a.scores.as<float>() + base;
+      const float* p = a.probs.as<const float>() + (i * heads + h) * slots;
+      int count = 0;
+      for (int64_t j = 0; j < slots; ++j) {
+        if (!occ[j]) continue;
+        score[j] += p[j];
+        ++count;
+      }
+      if (count <= a.budget) continue;
+      int64_t victim = -1;
+      for (int64_t j = 0; j < slots; ++j) {
+        if (!occ[j] || at[j] > pos[i] - a.recent || at[j] < a.protect) continue;  // empty, recent or protected
+        if (victim < 0 || score[j] < score[victim] || (score[j] == score[victim] && at[j] < at[victim])) victim = j;
+      }
+      if (victim < 0) return absl::InternalError("H2OUpdate: over budget with nothing evictable (protect > heavy?)");
+      occ[victim] = 0;
+      at[victim] = -1;
+      score[victim] = 0.0f;
+    }
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace ferry::kernels

@@ -51,6 +51,8 @@ class CpuBackend final : public Backend {
   absl::Status ArgMaxRows(const TensorView& logits, const TensorView& ids) override;
   absl::Status SlotKvWrite(const SlotKvWriteArgs& args) override;
   absl::Status SlotAttention(const SlotAttentionArgs& args) override;
+  absl::Status H2OPlace(const H2OPlaceArgs& args) override;
+  absl::Status H2OUpdate(const H2OUpdateArgs& args) override;
 
   size_t allocated_bytes() const { return device_.allocated.load(); }
   size_t peak_allocated_bytes() const { return device_.peak.load(); }

@@ -159,11 +159,21 @@ __global__ void __launch_bounds__(kWarps * 32) PrefillTileKernel(
   const int64_t base = seq * max_len * width + static_cast<int64_t>(h) * hd;
   const int64_t col0 = static_cast<int64_t>(h) * hd;
 
-  for (int idx = tid; idx < kTile * hd; idx += blockDim.x) {
-    const int r = idx / hd, d = idx - r * hd;
-    const float v = r < nrows ? q[(r0 + r) * width + col0 + d] * scale : 0.0f;
-    qs[r * ldh + d] = __float2half_rn(v);
-    os[r * ldo + d] = 0.0f;
+  // Rows of Q, K and V move as float4 (head_dim % 16 == 0 keeps them 16-byte aligned) and land
+  // in shared memory as pairs of halves.
+  const int hd4 = hd / 4;
+  const float4 zero4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  auto put = [](__half* dst, float4 v) {
+    __half2* d2 = reinterpret_cast<__half2*>(dst);
+    d2[0] = __floats2half2_rn(v.x, v.y);
+    d2[1] = __floats2half2_rn(v.z, v.w);
+  };
+  for (int idx = tid; idx < kTile * hd4; idx += blockDim.x) {
+    const int r = idx / hd4, d = (idx - r * hd4) * 4;
+    float4 v = r < nrows ? *reinterpret_cast<const float4*>(q + (r0 + r) * width + col0 + d) : zero4;
+    v.x *= scale, v.y *= scale, v.z *= scale, v.w *= scale;
+    put(qs + r * ldh + d, v);
+    *reinterpret_cast<float4*>(os + r * ldo + d) = zero4;
   }
   if (tid < kTile) {
     row_m[tid] = -FLT_MAX;
@@ -172,12 +182,13 @@ __global__ void __launch_bounds__(kWarps * 32) PrefillTileKernel(
   // Loads keys kt..kt+63 (and values) as fp16; entries after p_last may hold anything (NaN
   // included) and are never read: zeros instead.
   auto load_tile = [&](int kt, bool with_v) {
-    for (int idx = tid; idx < kTile * hd; idx += blockDim.x) {
-      const int j = idx / hd, d = idx - j * hd;
+    for (int idx = tid; idx < kTile * hd4; idx += blockDim.x) {
+      const int j = idx / hd4, d = (idx - j * hd4) * 4;
       const int key = kt + j;
       const bool in = key <= p_last;
-      ks[j * ldh + d] = __float2half_rn(in ? k_cache[base + static_cast<int64_t>(key) * width + d] : 0.0f);
-      if (with_v) vs[j * ldh + d] = __float2half_rn(in ? v_cache[base + static_cast<int64_t>(key) * width + d] : 0.0f);
+      const int64_t at = base + static_cast<int64_t>(key) * width + d;
+      put(ks + j * ldh + d, in ? *reinterpret_cast<const float4*>(k_cache + at) : zero4);
+      if (with_v) put(vs + j * ldh + d, in ? *reinterpret_cast<const float4*>(v_cache + at) : zero4);
     }
   };
   // S = Q K^T for this warp's 16 rows, into ss.
@@ -366,6 +377,57 @@ __global__ void SlotAttentionKernel(const float* __restrict__ q, const float* __
   for (int j = threadIdx.x; j < slots; j += blockDim.x) p_out[j] = occ[j] ? expf(p_out[j] - fin.max) * inv : 0.0f;
 }
 
+// One thread per (token, head): the same rule as the CPU twin, over the (sequence, head)'s slots.
+__global__ void H2OPlaceKernel(const int32_t* __restrict__ seq_ids, const int32_t* __restrict__ positions,
+                               int32_t* __restrict__ slot_pos, float* __restrict__ scores, uint8_t* __restrict__ occupied,
+                               int32_t* __restrict__ slot_ids, int64_t n, int heads, int slots) {
+  const int64_t cell = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (cell >= n * heads) return;
+  const int64_t i = cell / heads, h = cell % heads;
+  const int64_t base = (static_cast<int64_t>(seq_ids[i]) * heads + h) * slots;
+  int free = -1;
+  for (int j = 0; j < slots && free < 0; ++j) {
+    if (!occupied[base + j]) free = j;
+  }
+  slot_ids[cell] = free;
+  if (free < 0) return;
+  slot_pos[base + free] = positions[i];
+  scores[base + free] = 0.0f;
+  occupied[base + free] = 1;
+}
+
+__global__ void H2OUpdateKernel(const int32_t* __restrict__ seq_ids, const int32_t* __restrict__ positions,
+                                const float* __restrict__ probs, int32_t* __restrict__ slot_pos, float* __restrict__ scores,
+                                uint8_t* __restrict__ occupied, int64_t n, int heads, int slots, int budget, int recent,
+                                int protect) {
+  const int64_t cell = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (cell >= n * heads) return;
+  const int64_t i = cell / heads, h = cell % heads;
+  const int64_t base = (static_cast<int64_t>(seq_ids[i]) * heads + h) * slots;
+  const float* p = probs + cell * slots;
+  const int pos = positions[i];
+  int count = 0;
+  for (int j = 0; j < slots; ++j) {
+    if (!occupied[base + j]) continue;
+    scores[base + j] += p[j];
+    ++count;
+  }
+  if (count <= budget) return;
+  int victim = -1;
+  float best = 0.0f;
+  int best_at = 0;
+  for (int j = 0; j < slots; ++j) {
+    const int at = slot_pos[base + j];
+    if (!occupied[base + j] || at > pos - recent || at < protect) continue;
+    const float sc = scores[base + j];
+    if (victim < 0 || sc < best || (sc == best && at < best_at)) victim = j, best = sc, best_at = at;
+  }
+  if (victim < 0) return;  // the cache refuses protect > heavy up front
+  occupied[base + victim] = 0;
+  slot_pos[base + victim] = -1;
+  scores[base + victim] = 0.0f;
+}
+
 }  // namespace
 
 bool PrefillTilesSupported(int head_dim) { return head_dim % 16 == 0 && head_dim <= 128; }
@@ -424,6 +486,28 @@ cudaError_t LaunchSlotAttention(const SlotAttentionArgs& a, cudaStream_t stream)
                                                         a.v_slots.as<const float>(), a.occupied.as<const uint8_t>(),
                                                         a.seq_ids.as<const int32_t>(), a.out.as<float>(), a.probs.as<float>(),
                                                         slots, hd, a.scale);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchH2OPlace(const H2OPlaceArgs& a, cudaStream_t stream) {
+  const int64_t n = a.seq_ids.shape[0];
+  const int heads = static_cast<int>(a.slot_pos.shape[1]), slots = static_cast<int>(a.slot_pos.shape[2]);
+  if (n == 0) return cudaSuccess;
+  const int64_t cells = n * heads;
+  H2OPlaceKernel<<<static_cast<unsigned>((cells + 127) / 128), 128, 0, stream>>>(
+      a.seq_ids.as<const int32_t>(), a.positions.as<const int32_t>(), a.slot_pos.as<int32_t>(), a.scores.as<float>(),
+      a.occupied.as<uint8_t>(), a.slot_ids.as<int32_t>(), n, heads, slots);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchH2OUpdate(const H2OUpdateArgs& a, cudaStream_t stream) {
+  const int64_t n = a.seq_ids.shape[0];
+  const int heads = static_cast<int>(a.slot_pos.shape[1]), slots = static_cast<int>(a.slot_pos.shape[2]);
+  if (n == 0) return cudaSuccess;
+  const int64_t cells = n * heads;
+  H2OUpdateKernel<<<static_cast<unsigned>((cells + 127) / 128), 128, 0, stream>>>(
+      a.seq_ids.as<const int32_t>(), a.positions.as<const int32_t>(), a.probs.as<const float>(), a.slot_pos.as<int32_t>(),
+      a.scores.as<float>(), a.occupied.as<uint8_t>(), n, heads, slots, a.budget, a.recent, a.protect);
   return cudaGetLastError();
 }
 

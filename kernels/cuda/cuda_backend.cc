@@ -345,4 +345,16 @@ absl::Status CudaBackend::SlotAttention(const SlotAttentionArgs& a) {
   return absl::OkStatus();
 }
 
+absl::Status CudaBackend::H2OPlace(const H2OPlaceArgs& a) {
+  FERRY_RETURN_IF_ERROR(ValidateH2OPlace(a));
+  FERRY_CUDA_RETURN_IF_ERROR(LaunchH2OPlace(a, stream_));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::H2OUpdate(const H2OUpdateArgs& a) {
+  FERRY_RETURN_IF_ERROR(ValidateH2OUpdate(a));
+  FERRY_CUDA_RETURN_IF_ERROR(LaunchH2OUpdate(a, stream_));
+  return absl::OkStatus();
+}
+
 }  // namespace ferry::kernels::cuda

@@ -61,6 +61,8 @@ class CudaBackend final : public Backend {
   absl::Status ArgMaxRows(const TensorView& logits, const TensorView& ids) override;
   absl::Status SlotKvWrite(const SlotKvWriteArgs& args) override;
   absl::Status SlotAttention(const SlotAttentionArgs& args) override;
+  absl::Status H2OPlace(const H2OPlaceArgs& args) override;
+  absl::Status H2OUpdate(const H2OUpdateArgs& args) override;
 
   cudaStream_t stream() const { return stream_; }
   size_t allocated_bytes() const { return allocated_; }

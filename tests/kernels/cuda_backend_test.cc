@@ -297,6 +297,70 @@ TEST_F(CudaTwinTest, BundledFfnGatheredRows) {
   }
 }
 
+// H2O's bookkeeping on the device: 40 decode steps of place + update over sequences that start
+// with different occupancy, with random probabilities, against the CPU twin: identical slot
+// positions, occupancy and scores at every step (the same float additions in the same order).
+TEST_F(CudaTwinTest, H2OPlaceAndUpdate) {
+  const int seqs = 5, heads = 7, budget = 12, recent = 4, protect = 2, slots = budget + 1;
+  const size_t cells = static_cast<size_t>(seqs) * heads * slots;
+  std::vector<int32_t> pos(cells, -1);
+  std::vector<float> score(cells, 0.0f);
+  std::vector<uint8_t> occ(cells, 0);
+  std::vector<int32_t> length(seqs);
+  for (int s = 0; s < seqs; ++s) {  // row s starts with 2 s tokens
+    length[s] = 2 * s;
+    for (int h = 0; h < heads; ++h) {
+      for (int j = 0; j < std::min(2 * s, budget); ++j) {
+        const size_t c = (static_cast<size_t>(s) * heads + h) * slots + j;
+        pos[c] = j, occ[c] = 1, score[c] = 0.01f * ((j * 7 + h) % 5);
+      }
+    }
+  }
+  auto hv = [](auto& d, DType t, std::initializer_list<int64_t> sh) { return TensorView::Contiguous(d.data(), t, sh); };
+  TensorView dpos = Up(pos, DType::kI32, {seqs, heads, slots}), dscore = Up(score, DType::kF32, {seqs, heads, slots}),
+             docc = Up(occ, DType::kU8, {seqs, heads, slots});
+  for (int step = 0; step < 40; ++step) {
+    std::vector<int32_t> seq, at;
+    for (int s = 0; s < seqs; ++s) {
+      if ((s + step) % 4 == 3) continue;  // not every row in every step
+      seq.push_back(s), at.push_back(length[s]++);
+    }
+    const int n = static_cast<int>(seq.size());
+    std::vector<int32_t> ids(static_cast<size_t>(n) * heads, -9);
+    std::vector<float> probs = RandomValues(static_cast<size_t>(n) * heads * slots, 100 + step, 0.5f);
+    for (float& p : probs) p = std::abs(p);
+    ASSERT_TRUE(cpu_.H2OPlace({hv(seq, DType::kI32, {n}), hv(at, DType::kI32, {n}), hv(pos, DType::kI32, {seqs, heads, slots}),
+                               hv(score, DType::kF32, {seqs, heads, slots}), hv(occ, DType::kU8, {seqs, heads, slots}),
+                               hv(ids, DType::kI32, {n, heads})})
+                    .ok());
+    TensorView dseq = Up(seq, DType::kI32, {n}), dat = Up(at, DType::kI32, {n});
+    std::vector<int32_t> poison(ids.size(), -9);
+    TensorView dids = Up(poison, DType::kI32, {n, heads});
+    ASSERT_TRUE(gpu_->H2OPlace({dseq, dat, dpos, dscore, docc, dids}).ok());
+    std::vector<int32_t> got_ids(ids.size());
+    ASSERT_TRUE(gpu_->CopyToHost(got_ids.data(), dids.data, got_ids.size() * sizeof(int32_t)).ok());
+    EXPECT_EQ(got_ids, ids) << "step " << step;
+    ASSERT_TRUE(cpu_.H2OUpdate({hv(seq, DType::kI32, {n}), hv(at, DType::kI32, {n}), hv(probs, DType::kF32, {n, heads, slots}),
+                                hv(pos, DType::kI32, {seqs, heads, slots}), hv(score, DType::kF32, {seqs, heads, slots}),
+                                hv(occ, DType::kU8, {seqs, heads, slots}), budget, recent, protect})
+                    .ok());
+    ASSERT_TRUE(gpu_->H2OUpdate({dseq, dat, Up(probs, DType::kF32, {n, heads, slots}), dpos, dscore, docc, budget, recent, protect}).ok());
+    std::vector<int32_t> gpos(cells);
+    std::vector<uint8_t> gocc(cells);
+    ASSERT_TRUE(gpu_->CopyToHost(gpos.data(), dpos.data, cells * sizeof(int32_t)).ok());
+    ASSERT_TRUE(gpu_->CopyToHost(gocc.data(), docc.data, cells).ok());
+    EXPECT_EQ(gpos, pos) << "step " << step;
+    EXPECT_EQ(gocc, occ) << "step " << step;
+    EXPECT_EQ(Down(dscore), score) << "step " << step;
+  }
+  // Every row over budget holds exactly `budget` tokens, the recent and protected among them.
+  for (int s = 0; s < seqs; ++s) {
+    int held = 0;
+    for (int j = 0; j < slots; ++j) held += occ[(static_cast<size_t>(s) * heads) * slots + j];
+    EXPECT_EQ(held, std::min(length[s], budget)) << "row " << s;
+  }
+}
+
 TEST_F(CudaTwinTest, ArgMaxRows) {
   for (auto [rows, vocab] : {std::pair<int, int>{1, 1}, {3, 7}, {64, 50272}, {5, 8192}}) {
     std::vector<float> logits = RandomValues(static_cast<size_t>(rows) * vocab, 40, 10.0f);
