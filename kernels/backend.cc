@@ -226,4 +226,20 @@ absl::Status ValidateH2OUpdate(const H2OUpdateArgs& a) {
   return Expect(a.budget >= 1 && a.recent >= 0 && a.protect >= 0, "H2OUpdate", "budget must be >= 1, recent and protect >= 0");
 }
 
+absl::Status ValidateH2OPrefill(const H2OPrefillArgs& a) {
+  const char* op = "H2OPrefill";
+  FERRY_RETURN_IF_ERROR(Expect(a.col_sums.ndim == 3 && a.col_sums.dtype == DType::kF32 && a.col_sums.is_contiguous(), op,
+                               "col_sums must be [used, heads, max_len] F32"));
+  const int64_t used = a.col_sums.shape[0], max_len = a.col_sums.shape[2];
+  FERRY_RETURN_IF_ERROR(ValidateH2OState(op, a.lengths, a.rows, a.slot_pos, a.scores, a.occupied));
+  FERRY_RETURN_IF_ERROR(Expect(a.lengths.shape[0] == used && a.slot_pos.shape[1] == a.col_sums.shape[1], op,
+                               "lengths and rows must be [used] and the head counts must agree"));
+  FERRY_RETURN_IF_ERROR(Expect(a.token_slot.ndim == 2 && a.token_slot.dtype == DType::kI32 && a.token_slot.is_contiguous() &&
+                                   a.token_slot.shape[0] == used * max_len && a.token_slot.shape[1] == a.slot_pos.shape[1],
+                               op, "token_slot must be [used * max_len, heads] I32"));
+  return Expect(a.heavy >= 0 && a.recent >= 0 && a.protect >= 0 && a.protect <= a.heavy &&
+                    a.heavy + a.recent < a.slot_pos.shape[2],
+                op, "needs 0 <= protect <= heavy and heavy + recent < slots");
+}
+
 }  // namespace ferry::kernels

@@ -149,6 +149,20 @@ struct H2OUpdateArgs {
   int budget = 0, recent = 0, protect = 0;
 };
 
+// H2O's prefill selection, per (prompt, head), from the prompt's column sums: keep the `recent`
+// newest positions, the first `protect`, and the heavy - min(protect, length) highest column sums
+// of the rest (ties: the oldest); the kept positions fill slots 0.. in position order (score: the
+// column sum) and the row's other slots are emptied. token_slot says for each prompt token and
+// head which slot it goes to (-1: dropped), ready for SlotKvWrite.
+struct H2OPrefillArgs {
+  TensorView col_sums;    // [used, heads, max_len] F32
+  TensorView lengths;     // [used] I32: each prompt's length (<= max_len)
+  TensorView rows;        // [used] I32: each prompt's cache row
+  TensorView slot_pos, scores, occupied;  // [seqs, heads, slots]
+  TensorView token_slot;  // [used * max_len, heads] I32, out (token u * max_len + p)
+  int heavy = 0, recent = 0, protect = 0;
+};
+
 // The FFN over selected neurons only (Deja Vu), from row-column bundles: neuron j's bundle is
 // [FC1 row j (d values) | FC1 bias j | FC2 column j (d values)], so one read fetches a neuron.
 // out = FC2 bias + sum over bundles of relu(x . row + bias) * column.
@@ -197,6 +211,7 @@ class Backend {
   virtual absl::Status SlotAttention(const SlotAttentionArgs& args) = 0;
   virtual absl::Status H2OPlace(const H2OPlaceArgs& args) = 0;
   virtual absl::Status H2OUpdate(const H2OUpdateArgs& args) = 0;
+  virtual absl::Status H2OPrefill(const H2OPrefillArgs& args) = 0;
 
  protected:
   friend class DeviceBuffer;
@@ -217,5 +232,6 @@ absl::Status ValidateSlotKvWrite(const SlotKvWriteArgs& args);
 absl::Status ValidateSlotAttention(const SlotAttentionArgs& args);
 absl::Status ValidateH2OPlace(const H2OPlaceArgs& args);
 absl::Status ValidateH2OUpdate(const H2OUpdateArgs& args);
+absl::Status ValidateH2OPrefill(const H2OPrefillArgs& args);
 
 }  // namespace ferry::kernels

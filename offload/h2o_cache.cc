@@ -54,8 +54,10 @@ uint64_t H2OCache::Bytes(int layers, int heads, int head_dim, int rows, const H2
 }
 
 uint64_t H2OCache::PrefillBytes(int heads, int head_dim, int rows, int max_prompt) {
-  // A dense K and V for the prompts and the column sums, one layer at a time.
-  return static_cast<uint64_t>(rows) * max_prompt * (2 * heads * head_dim + heads) * sizeof(float);
+  // A dense K and V for the prompts, the column sums, and the ids of the selection (a row and a
+  // slot per head for each prompt token), one layer at a time.
+  return static_cast<uint64_t>(rows) * max_prompt * (2 * heads * head_dim + heads + heads + 2) * sizeof(float) +
+         static_cast<uint64_t>(rows) * 2 * sizeof(int32_t);
 }
 
 absl::Status H2OCache::Check(const std::vector<int32_t>& seq_ids, const std::vector<int32_t>& positions) const {
@@ -120,68 +122,36 @@ absl::Status H2OCache::Prefill(kernels::Backend& b, const AttendArgs& a) {
   attn.host_seq_ids = local.data();
   attn.host_positions = pos.data();
   FERRY_RETURN_IF_ERROR(b.Attention(attn));
-  FERRY_RETURN_IF_ERROR(b.CopyToHost(cols.data(), cols_dev.data(), cols.size() * sizeof(float)));
-  std::vector<int> len(used, 0);
-  for (size_t i = 0; i < seq.size(); ++i) len[local[i]] = std::max(len[local[i]], pos[i] + 1);
-  // Which slot each (prompt token, head) of the dense scratch goes to (-1: dropped); one gather on
-  // the device then moves the kept keys and values.
-  const int64_t tokens = static_cast<int64_t>(used) * max_len;
-  std::vector<int32_t> token_row(tokens), token_slot(static_cast<size_t>(tokens) * heads_, -1);
-  // The layer's slot state comes to the host once, the prompts' rows are filled, and it goes back.
-  const size_t cells = static_cast<size_t>(rows_) * heads_ * slots_;
-  std::vector<int32_t> position(cells);
-  std::vector<float> score(cells);
-  std::vector<uint8_t> occupied(cells);
-  FERRY_RETURN_IF_ERROR(b.CopyToHost(position.data(), pos_dev_[l].data(), cells * sizeof(int32_t)));
-  FERRY_RETURN_IF_ERROR(b.CopyToHost(score.data(), score_dev_[l].data(), cells * sizeof(float)));
-  FERRY_RETURN_IF_ERROR(b.CopyToHost(occupied.data(), occupied_dev_[l].data(), cells));
+  // Choose the kept tokens where the scores are (H2OPrefill), then move their keys and values
+  // from the dense scratch into the slots (SlotKvWrite): no round trip to the host.
+  std::vector<int32_t> meta(2 * static_cast<size_t>(used), 0);  // lengths, then rows
+  for (size_t i = 0; i < seq.size(); ++i) meta[local[i]] = std::max(meta[local[i]], pos[i] + 1);
   for (int u = 0; u < used; ++u) {
-    const int r = rows_used[u];
-    row_used_[r] = 1;
-    for (int p = 0; p < max_len; ++p) token_row[static_cast<size_t>(u) * max_len + p] = r;
-    for (int h = 0; h < heads_; ++h) {
-      const float* col = cols.data() + (static_cast<size_t>(u) * heads_ + h) * max_len;
-      // Keep: the recent tokens, the protected ones, then the highest column sums (ties: oldest).
-      std::vector<int> keep;
-      std::vector<int> rest;
-      for (int p = 0; p < len[u]; ++p) {
-        if (p > len[u] - 1 - options_.recent || p < options_.protect) {
-          keep.push_back(p);
-        } else {
-          rest.push_back(p);
-        }
-      }
-      const int heavy_left = options_.heavy - std::min(options_.protect, len[u]);
-      std::stable_sort(rest.begin(), rest.end(), [&](int x, int y) { return col[x] > col[y]; });
-      for (int i = 0; i < static_cast<int>(rest.size()) && i < heavy_left; ++i) keep.push_back(rest[i]);
-      std::sort(keep.begin(), keep.end());
-      const size_t base = Index(r, h);
-      std::fill(position.begin() + base, position.begin() + base + slots_, -1);
-      std::fill(score.begin() + base, score.begin() + base + slots_, 0.0f);
-      std::fill(occupied.begin() + base, occupied.begin() + base + slots_, 0);
-      for (size_t j = 0; j < keep.size(); ++j) {
-        const int p = keep[j];
-        position[base + j] = p;
-        score[base + j] = col[p];
-        occupied[base + j] = 1;
-        token_slot[(static_cast<size_t>(u) * max_len + p) * heads_ + h] = static_cast<int32_t>(j);
-      }
-    }
+    meta[used + u] = rows_used[u];
+    row_used_[rows_used[u]] = 1;
   }
-  FERRY_RETURN_IF_ERROR(b.CopyToDevice(pos_dev_[l].data(), position.data(), cells * sizeof(int32_t)));
-  FERRY_RETURN_IF_ERROR(b.CopyToDevice(score_dev_[l].data(), score.data(), cells * sizeof(float)));
-  FERRY_RETURN_IF_ERROR(b.CopyToDevice(occupied_dev_[l].data(), occupied.data(), cells));
-  FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer ids_dev, b.Allocate((token_row.size() + token_slot.size()) * sizeof(int32_t)));
-  int32_t* row_dev = static_cast<int32_t*>(ids_dev.data());
+  const int64_t tokens = static_cast<int64_t>(used) * max_len;
+  std::vector<int32_t> token_row(tokens);
+  for (int64_t t = 0; t < tokens; ++t) token_row[t] = rows_used[t / max_len];
+  FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer ids_dev,
+                         b.Allocate((meta.size() + token_row.size() + static_cast<size_t>(tokens) * heads_) * sizeof(int32_t)));
+  int32_t* meta_dev = static_cast<int32_t*>(ids_dev.data());
+  int32_t* row_dev = meta_dev + meta.size();
   int32_t* slot_dev = row_dev + token_row.size();
+  FERRY_RETURN_IF_ERROR(b.CopyToDevice(meta_dev, meta.data(), meta.size() * sizeof(int32_t)));
   FERRY_RETURN_IF_ERROR(b.CopyToDevice(row_dev, token_row.data(), token_row.size() * sizeof(int32_t)));
-  FERRY_RETURN_IF_ERROR(b.CopyToDevice(slot_dev, token_slot.data(), token_slot.size() * sizeof(int32_t)));
+  const TensorView slot_pos = TensorView::Contiguous(pos_dev_[l].data(), DType::kI32, {rows_, heads_, slots_}, dev);
+  const TensorView scores = TensorView::Contiguous(score_dev_[l].data(), DType::kF32, {rows_, heads_, slots_}, dev);
+  const TensorView occ = TensorView::Contiguous(occupied_dev_[l].data(), DType::kU8, {rows_, heads_, slots_}, dev);
+  const TensorView token_slot = TensorView::Contiguous(slot_dev, DType::kI32, {tokens, heads_}, dev);
+  FERRY_RETURN_IF_ERROR(b.H2OPrefill({cv, TensorView::Contiguous(meta_dev, DType::kI32, {used}, dev),
+                                      TensorView::Contiguous(meta_dev + used, DType::kI32, {used}, dev), slot_pos, scores, occ,
+                                      token_slot, options_.heavy, options_.recent, options_.protect}));
   const TensorView k_slots = TensorView::Contiguous(k_[l].data(), DType::kF32, {rows_, heads_, slots_, head_dim_}, dev);
   const TensorView v_slots = TensorView::Contiguous(v_[l].data(), DType::kF32, {rows_, heads_, slots_, head_dim_}, dev);
   FERRY_RETURN_IF_ERROR(b.SlotKvWrite({TensorView::Contiguous(k_dense.data(), DType::kF32, {tokens, width}, dev),
                                        TensorView::Contiguous(v_dense.data(), DType::kF32, {tokens, width}, dev), k_slots,
-                                       v_slots, TensorView::Contiguous(row_dev, DType::kI32, {tokens}, dev),
-                                       TensorView::Contiguous(slot_dev, DType::kI32, {tokens, heads_}, dev)}));
+                                       v_slots, TensorView::Contiguous(row_dev, DType::kI32, {tokens}, dev), token_slot}));
   // The scratch buffers are freed in stream order on the GPU; the CPU ran synchronously.
   return absl::OkStatus();
 }

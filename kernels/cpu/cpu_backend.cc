@@ -1,5 +1,6 @@
 #include "kernels/cpu/cpu_backend.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -305,6 +306,50 @@ absl::Status CpuBackend::H2OUpdate(const H2OUpdateArgs& a) {
       score[victim] = 0.0f;
     }
   }
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::H2OPrefill(const H2OPrefillArgs& a) {
+  FERRY_RETURN_IF_ERROR(ValidateH2OPrefill(a));
+  const int64_t used = a.col_sums.shape[0], heads = a.col_sums.shape[1], max_len = a.col_sums.shape[2];
+  const int64_t slots = a.slot_pos.shape[2];
+  FERRY_RETURN_IF_ERROR(CheckIds("H2OPrefill", "rows", a.rows, 0, a.slot_pos.shape[0]));
+  const int32_t* lengths = a.lengths.as<const int32_t>();
+  for (int64_t u = 0; u < used; ++u) {
+    if (lengths[u] < 0 || lengths[u] > max_len) return absl::InvalidArgumentError("H2OPrefill: a length is out of range");
+  }
+  pool_->ParallelFor(used * heads, 4, [&](int64_t begin, int64_t end) {
+    std::vector<int> keep, rest;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t u = item / heads, h = item % heads;
+      const int len = lengths[u];
+      const float* col = a.col_sums.as<const float>() + item * max_len;
+      keep.clear();
+      rest.clear();
+      for (int p = 0; p < len; ++p) {
+        if (p > len - 1 - a.recent || p < a.protect) {
+          keep.push_back(p);
+        } else {
+          rest.push_back(p);
+        }
+      }
+      const int heavy_left = a.heavy - std::min(a.protect, len);
+      std::stable_sort(rest.begin(), rest.end(), [&](int x, int y) { return col[x] > col[y]; });
+      for (int i = 0; i < static_cast<int>(rest.size()) && i < heavy_left; ++i) keep.push_back(rest[i]);
+      std::sort(keep.begin(), keep.end());
+      const int64_t base = (static_cast<int64_t>(a.rows.as<const int32_t>()[u]) * heads + h) * slots;
+      int32_t* token_slot = a.token_slot.as<int32_t>();
+      for (int64_t p = 0; p < max_len; ++p) token_slot[(u * max_len + p) * heads + h] = -1;
+      for (int64_t j = 0; j < slots; ++j) {
+        const bool kept = j < static_cast<int64_t>(keep.size());
+        const int p = kept ? keep[j] : -1;
+        a.slot_pos.as<int32_t>()[base + j] = p;
+        a.scores.as<float>()[base + j] = kept ? col[p] : 0.0f;
+        a.occupied.as<uint8_t>()[base + j] = kept ? 1 : 0;
+        if (kept) token_slot[(u * max_len + p) * heads + h] = static_cast<int32_t>(j);
+      }
+    }
+  });
   return absl::OkStatus();
 }
 

@@ -260,6 +260,10 @@ absl::StatusOr<const CudaBackend::AttentionPlan*> CudaBackend::PlanAttention(con
     }
     i = j;
   }
+  if (tiles.empty()) {  // decode-like calls: nothing to upload, nothing to cache, no sync
+    static const AttentionPlan kNone;
+    return &kNone;
+  }
   AttentionPlan& p = plans_[next_plan_];
   next_plan_ = (next_plan_ + 1) % plans_.size();
   FERRY_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));  // queued kernels may still read p.dev
@@ -354,6 +358,13 @@ absl::Status CudaBackend::H2OPlace(const H2OPlaceArgs& a) {
 absl::Status CudaBackend::H2OUpdate(const H2OUpdateArgs& a) {
   FERRY_RETURN_IF_ERROR(ValidateH2OUpdate(a));
   FERRY_CUDA_RETURN_IF_ERROR(LaunchH2OUpdate(a, stream_));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::H2OPrefill(const H2OPrefillArgs& a) {
+  FERRY_RETURN_IF_ERROR(ValidateH2OPrefill(a));
+  if (a.col_sums.shape[2] > 28 * 1024) return absl::InvalidArgumentError("cuda H2OPrefill: prompts above 28K tokens");
+  FERRY_CUDA_RETURN_IF_ERROR(LaunchH2OPrefill(a, stream_));
   return absl::OkStatus();
 }
 

@@ -63,6 +63,7 @@ class CudaBackend final : public Backend {
   absl::Status SlotAttention(const SlotAttentionArgs& args) override;
   absl::Status H2OPlace(const H2OPlaceArgs& args) override;
   absl::Status H2OUpdate(const H2OUpdateArgs& args) override;
+  absl::Status H2OPrefill(const H2OPrefillArgs& args) override;
 
   cudaStream_t stream() const { return stream_; }
   size_t allocated_bytes() const { return allocated_; }

@@ -30,6 +30,8 @@ cudaError_t LaunchSlotAttention(const SlotAttentionArgs& a, cudaStream_t stream)
 // H2O's bookkeeping, one thread per (token, head).
 cudaError_t LaunchH2OPlace(const H2OPlaceArgs& a, cudaStream_t stream);
 cudaError_t LaunchH2OUpdate(const H2OUpdateArgs& a, cudaStream_t stream);
+// H2O's prefill selection, one block per (prompt, head); max_len <= about 28K (shared memory).
+cudaError_t LaunchH2OPrefill(const H2OPrefillArgs& a, cudaStream_t stream);
 // dst[i] = convert(src[i]) for n elements, fp32 -> F16 or BF16.
 cudaError_t LaunchConvertFromF32(const float* src, void* dst, DType dtype, int64_t n, cudaStream_t stream);
 // The split of fp32 activations for an accurate 16-bit GEMM: dst is [2n] elements, dst[i] = round(src[i]),

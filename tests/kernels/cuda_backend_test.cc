@@ -361,6 +361,46 @@ TEST_F(CudaTwinTest, H2OPlaceAndUpdate) {
   }
 }
 
+// H2O's prefill selection on the device against the CPU twin: prompts longer and shorter than the
+// budget, ties among the column sums (the oldest wins), protected positions, rows in any order.
+TEST_F(CudaTwinTest, H2OPrefillSelection) {
+  const int seqs = 6, heads = 5, heavy = 9, recent = 6, protect = 2, slots = heavy + recent + 1, max_len = 700;
+  const std::vector<int32_t> lengths = {700, 3, 16, 15, 400}, rows = {4, 0, 2, 5, 1};
+  const int used = static_cast<int>(lengths.size());
+  std::vector<float> cols = RandomValues(static_cast<size_t>(used) * heads * max_len, 60, 4.0f);
+  for (size_t i = 0; i < cols.size(); ++i) {
+    cols[i] = std::round(std::abs(cols[i]));  // few distinct values: many ties
+  }
+  const size_t cells = static_cast<size_t>(seqs) * heads * slots;
+  std::vector<int32_t> pos(cells, 7), token_slot(static_cast<size_t>(used) * max_len * heads, -9);
+  std::vector<float> score(cells, 3.0f);
+  std::vector<uint8_t> occ(cells, 1);  // row 3 keeps this junk: not in the call
+  auto hv = [](auto& d, DType t, std::initializer_list<int64_t> sh) { return TensorView::Contiguous(d.data(), t, sh); };
+  std::vector<int32_t> lens = lengths, rws = rows;
+  ASSERT_TRUE(cpu_.H2OPrefill({hv(cols, DType::kF32, {used, heads, max_len}), hv(lens, DType::kI32, {used}), hv(rws, DType::kI32, {used}),
+                               hv(pos, DType::kI32, {seqs, heads, slots}), hv(score, DType::kF32, {seqs, heads, slots}),
+                               hv(occ, DType::kU8, {seqs, heads, slots}), hv(token_slot, DType::kI32, {used * max_len, heads}), heavy,
+                               recent, protect})
+                  .ok());
+  std::vector<int32_t> pos0(cells, 7), poison(token_slot.size(), -9);
+  std::vector<float> score0(cells, 3.0f);
+  std::vector<uint8_t> occ0(cells, 1);
+  TensorView dpos = Up(pos0, DType::kI32, {seqs, heads, slots}), dscore = Up(score0, DType::kF32, {seqs, heads, slots}),
+             docc = Up(occ0, DType::kU8, {seqs, heads, slots}), dslot = Up(poison, DType::kI32, {used * max_len, heads});
+  ASSERT_TRUE(gpu_->H2OPrefill({Up(cols, DType::kF32, {used, heads, max_len}), Up(lens, DType::kI32, {used}), Up(rws, DType::kI32, {used}),
+                                dpos, dscore, docc, dslot, heavy, recent, protect})
+                  .ok());
+  std::vector<int32_t> gpos(cells), gslot(token_slot.size());
+  std::vector<uint8_t> gocc(cells);
+  ASSERT_TRUE(gpu_->CopyToHost(gpos.data(), dpos.data, cells * sizeof(int32_t)).ok());
+  ASSERT_TRUE(gpu_->CopyToHost(gocc.data(), docc.data, cells).ok());
+  ASSERT_TRUE(gpu_->CopyToHost(gslot.data(), dslot.data, gslot.size() * sizeof(int32_t)).ok());
+  EXPECT_EQ(gpos, pos);
+  EXPECT_EQ(gocc, occ);
+  EXPECT_EQ(Down(dscore), score);
+  EXPECT_EQ(gslot, token_slot);
+}
+
 TEST_F(CudaTwinTest, ArgMaxRows) {
   for (auto [rows, vocab] : {std::pair<int, int>{1, 1}, {3, 7}, {64, 50272}, {5, 8192}}) {
     std::vector<float> logits = RandomValues(static_cast<size_t>(rows) * vocab, 40, 10.0f);
