@@ -183,29 +183,40 @@ absl::Status CpuBackend::Attention(const AttentionArgs& a) {
 absl::Status CpuBackend::BundledFfn(const BundledFfnArgs& a) {
   FERRY_RETURN_IF_ERROR(ValidateBundledFfn(a));
   const int64_t n = a.x.shape[0], d = a.x.shape[1], m = a.bundles.shape[0], width = 2 * d + 1;
-  const size_t esize = DTypeSize(a.bundles.dtype);
-  // Bundles converted to fp32 once, shared by every token.
-  std::vector<float> b(static_cast<size_t>(m * width));
-  pool_->ParallelFor(m, 16, [&](int64_t j0, int64_t j1) {
-    ConvertToF32(a.bundles.dtype, a.bundles.as<const char>() + static_cast<size_t>(j0 * width) * esize,
-                 b.data() + j0 * width, static_cast<size_t>((j1 - j0) * width));
+  const DType dt = a.bundles.dtype;
+  const size_t es = DTypeSize(dt);
+  // Unbundled into the dense layouts (FC1 rows [m, d], FC1 bias [m], FC2 [d, m]) and run through
+  // the same Linear kernels as the dense FFN: with every neuron in order the result is the dense
+  // FFN's, bit for bit.
+  std::vector<char> w1(static_cast<size_t>(m * d) * es), w2(static_cast<size_t>(d * m) * es);
+  std::vector<float> b1(static_cast<size_t>(m)), act(static_cast<size_t>(n * m));
+  const char* src = a.bundles.as<const char>();
+  pool_->ParallelFor(m, 64, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const char* bundle = src + static_cast<size_t>(j * width) * es;
+      std::memcpy(w1.data() + static_cast<size_t>(j * d) * es, bundle, static_cast<size_t>(d) * es);
+      ConvertToF32(dt, bundle + static_cast<size_t>(d) * es, &b1[j], 1);
+    }
   });
-  const float* bias = a.fc2_bias.data != nullptr ? a.fc2_bias.as<const float>() : nullptr;
-  pool_->ParallelFor(n, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const float* x = a.x.as<const float>() + t * d;
-      float* y = a.out.as<float>() + t * d;
-      for (int64_t i = 0; i < d; ++i) y[i] = bias != nullptr ? bias[i] : 0.0f;
-      for (int64_t j = 0; j < m; ++j) {
-        const float* row = b.data() + j * width;
-        float h = row[d];
-        for (int64_t i = 0; i < d; ++i) h += x[i] * row[i];
-        if (h <= 0.0f) continue;
-        const float* col = row + d + 1;
-        for (int64_t i = 0; i < d; ++i) y[i] += h * col[i];
+  pool_->ParallelFor(d, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t j = 0; j < m; ++j) {
+      const char* col = src + static_cast<size_t>(j * width + d + 1) * es;
+      for (int64_t i = i0; i < i1; ++i) {
+        std::memcpy(w2.data() + static_cast<size_t>(i * m + j) * es, col + static_cast<size_t>(i) * es, es);
       }
     }
   });
+  if (m > 0) {
+    CpuLinear(*pool_, {a.x, TensorView::Contiguous(w1.data(), dt, {m, d}), TensorView::Contiguous(b1.data(), DType::kF32, {m}),
+                       TensorView::Contiguous(act.data(), DType::kF32, {n, m}), true});
+    CpuLinear(*pool_, {TensorView::Contiguous(act.data(), DType::kF32, {n, m}), TensorView::Contiguous(w2.data(), dt, {d, m}),
+                       a.fc2_bias, a.out, false});
+    return absl::OkStatus();
+  }
+  const float* bias = a.fc2_bias.data != nullptr ? a.fc2_bias.as<const float>() : nullptr;
+  for (int64_t t = 0; t < n; ++t) {
+    for (int64_t i = 0; i < d; ++i) a.out.as<float>()[t * d + i] = bias != nullptr ? bias[i] : 0.0f;
+  }
   return absl::OkStatus();
 }
 

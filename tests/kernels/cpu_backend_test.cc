@@ -188,6 +188,35 @@ TEST(CpuBackendTest, ShapeMismatchesAreInvalidArgument) {
   EXPECT_EQ(cpu.Add(View(x, {3, 4}), View(w, {4, 3}), View(y, {3, 4})).code(), absl::StatusCode::kInvalidArgument);
 }
 
+// With every neuron, in order, the bundled FFN is the dense FFN (Linear + ReLU, Linear) bit for bit:
+// Deja Vu at k = 100% changes nothing.
+TEST(CpuBackendTest, BundledFfnWithEveryNeuronIsTheDenseFfnBitwise) {
+  CpuBackend cpu;
+  const int n = 7, d = 40, F = 136;
+  std::vector<float> x = RandomValues(n * d, 40), w1f = RandomValues(F * d, 41), b1f = RandomValues(F, 42),
+                     w2f = RandomValues(d * F, 43), b2 = RandomValues(d, 44);
+  std::vector<uint16_t> w1(w1f.size()), w2(w2f.size()), b1h(F);
+  ConvertFromF32(DType::kF16, w1f.data(), w1.data(), w1.size());
+  ConvertFromF32(DType::kF16, w2f.data(), w2.data(), w2.size());
+  ConvertFromF32(DType::kF16, b1f.data(), b1h.data(), F);
+  std::vector<float> b1(F);
+  ConvertToF32(DType::kF16, b1h.data(), b1.data(), F);
+  std::vector<uint16_t> bundles(static_cast<size_t>(F) * (2 * d + 1));
+  for (int j = 0; j < F; ++j) {
+    uint16_t* row = bundles.data() + static_cast<size_t>(j) * (2 * d + 1);
+    for (int k = 0; k < d; ++k) row[k] = w1[j * d + k];
+    row[d] = b1h[j];
+    for (int k = 0; k < d; ++k) row[d + 1 + k] = w2[k * F + j];
+  }
+  std::vector<float> act(n * F), dense(n * d), sparse(n * d, NAN);
+  ASSERT_TRUE(cpu.Linear({View(x, {n, d}), TensorView::Contiguous(w1.data(), DType::kF16, {F, d}), View(b1, {F}), View(act, {n, F}), true}).ok());
+  ASSERT_TRUE(cpu.Linear({View(act, {n, F}), TensorView::Contiguous(w2.data(), DType::kF16, {d, F}), View(b2, {d}), View(dense, {n, d}), false}).ok());
+  ASSERT_TRUE(cpu.BundledFfn({View(x, {n, d}), TensorView::Contiguous(bundles.data(), DType::kF16, {F, 2 * d + 1}), View(b2, {d}),
+                              View(sparse, {n, d})})
+                  .ok());
+  EXPECT_EQ(sparse, dense);
+}
+
 // The bundled FFN over a neuron subset equals the dense FFN with the other neurons zeroed.
 TEST(CpuBackendTest, BundledFfnEqualsTheDenseFfnRestrictedToTheSameNeurons) {
   CpuBackend cpu;
