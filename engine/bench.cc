@@ -10,6 +10,7 @@
 #include "absl/strings/str_format.h"
 #include "base/status.h"
 #include "engine/opt_model.h"
+#include "engine/sparsity.h"
 #include "io/store.h"
 #include "offload/host_kv_cache.h"
 
@@ -139,6 +140,10 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
 
   off.reserve_device_bytes = reserve(batch);
   off.reserve_host_bytes = host_reserve(batch);
+  const bool sparse = o.sparsity_sim > 0.0 || !o.sparsity_dir.empty();
+  if (o.sparsity_sim < 0.0 || o.sparsity_sim > 1.0) return absl::InvalidArgumentError("--sparsity-sim must be in (0, 1]");
+  if (o.sparsity_sim > 0.0 && !o.sparsity_dir.empty()) return absl::InvalidArgumentError("--sparsity-sim and --sparsity exclude each other");
+  off.sparse_ffn = sparse;
   say("loading the model");
   FERRY_ASSIGN_OR_RETURN(std::unique_ptr<OptModel> model, OptModel::LoadOffloaded(o.store_dir, backend.get(), off));
   std::unique_ptr<offload::AttentionCache> cache;
@@ -150,6 +155,16 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
   } else {
     FERRY_ASSIGN_OR_RETURN(KvCache dense, KvCache::Create(*backend, config, batch, max_len));
     cache = std::make_unique<KvCache>(std::move(dense));
+  }
+
+  FfnSelector select;
+  std::optional<SparseFfn> predictors;
+  if (o.sparsity_sim > 0.0) {
+    select = RandomFfnSelector(config.ffn_dim, o.sparsity_sim, o.seed);
+  } else if (!o.sparsity_dir.empty()) {
+    FERRY_ASSIGN_OR_RETURN(predictors, SparseFfn::Load(o.sparsity_dir, config));
+    predictors->set_k_fraction(o.sparsity_k);
+    select = predictors->Selector(*backend);
   }
 
   std::mt19937 rng(static_cast<uint32_t>(o.seed));
@@ -169,6 +184,7 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
   FERRY_RETURN_IF_ERROR(model->Forward(pre, *cache, &logits));
   const auto t1 = Clock::now();
   const auto stats1 = model->streamer()->stats();
+  const uint64_t bundles1 = model->bundle_bytes_moved();
   std::vector<int> next(batch);
   for (int s = 0; s < batch; ++s) {
     const float* row = logits.data() + static_cast<size_t>(s) * config.vocab_size;
@@ -183,6 +199,7 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
       dec.logit_rows.push_back(s);
       if ((s + 1) % gpu_batch_size == 0) dec.micro_batch_ends.push_back(s + 1);
     }
+    if (select) dec.ffn_select = &select;
     FERRY_RETURN_IF_ERROR(model->Forward(dec, *cache, &logits));
     for (int s = 0; s < batch; ++s) {
       const float* row = logits.data() + static_cast<size_t>(s) * config.vocab_size;
@@ -192,6 +209,7 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
   }
   const auto t2 = Clock::now();
   const auto stats2 = model->streamer()->stats();
+  const uint64_t bundles2 = model->bundle_bytes_moved();
 
   const double prefill_s = Seconds(t0, t1), decode_s = Seconds(t1, t2), total_s = prefill_s + decode_s;
   const int steps = o.gen_len - 1;
@@ -201,6 +219,10 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
     disk_step += l.disk_bytes();
     h2d_step += l.cpu_bytes() + l.disk_bytes();
   }
+  // Sparse FFN: the fetched bundles cross the same link (measured), next to the attention part.
+  const uint64_t bundle_step = steps > 0 ? (bundles2 - bundles1) / static_cast<uint64_t>(steps) : 0;
+  const uint64_t dense_ffn_step = sparse ? model->bundle_bytes() * config.ffn_dim * config.num_layers : 0;  // once per step
+  h2d_step += bundle_step;
   const double step_s = steps > 0 ? decode_s / steps : 0.0;
   const double floor_h2d = h2d_bw > 0 ? h2d_step / h2d_bw : 0.0, floor_disk = disk_bw > 0 ? disk_step / disk_bw : 0.0;
   const double floor_s = std::max(floor_h2d, floor_disk);
@@ -231,6 +253,12 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
       {"decode_busy_s", {{"disk", stats2.disk_seconds - stats1.disk_seconds},
                          {"copy", stats2.copy_seconds - stats1.copy_seconds},
                          {"compute", compute_s}}},
+      {"sparse_ffn", sparse ? nlohmann::json{{"mode", o.sparsity_sim > 0.0 ? "sim" : "predictors"},
+                                              {"density_or_k", o.sparsity_sim > 0.0 ? o.sparsity_sim : o.sparsity_k},
+                                              {"bundle_bytes_per_step", bundle_step},
+                                              {"dense_ffn_bytes_per_step", dense_ffn_step},
+                                              {"fetched_fraction", dense_ffn_step > 0 ? static_cast<double>(bundle_step) / dense_ffn_step : 0.0}}
+                            : nlohmann::json()},
       {"memory", {{"plan_device", model->plan().device_bytes}, {"plan_pinned", model->plan().host_bytes},
                   {"gpu_budget", o.backend.memory_budget_bytes}, {"cpu_budget", o.backend.host_budget_bytes}}}};
   BenchResult r;
@@ -260,6 +288,14 @@ std::string BenchResult::Table() const {
                                            j["decode_link_GBps"]["pinned_to_device"].get<double>()));
   line("probe bandwidth", absl::StrFormat("disk %.2f GB/s, pinned->device %.2f GB/s", j["probe_GBps"]["disk"].get<double>(),
                                           j["probe_GBps"]["pinned_to_device"].get<double>()));
+  if (j.contains("sparse_ffn") && !j["sparse_ffn"].is_null()) {
+    const auto& sp = j["sparse_ffn"];
+    line("sparse FFN", absl::StrFormat("%s %.3g: %.1f MiB of bundles per step, %.1f%% of the dense FFN's %.1f MiB",
+                                       sp["mode"].get<std::string>(), sp["density_or_k"].get<double>(),
+                                       sp["bundle_bytes_per_step"].get<double>() / 1048576,
+                                       100 * sp["fetched_fraction"].get<double>(),
+                                       sp["dense_ffn_bytes_per_step"].get<double>() / 1048576));
+  }
   line("floor per step", absl::StrFormat("%.4f s; achieved/floor %.2fx", j["floor_step_s"].get<double>(),
                                          j["step_over_floor"].get<double>()));
   line("decode busy", absl::StrFormat("disk %.3f s, copy %.3f s, compute %.3f s", j["decode_busy_s"]["disk"].get<double>(),

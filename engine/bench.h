@@ -34,6 +34,12 @@ struct BenchOptions {
   // Run the largest gpu_batch_size (x num_gpu_batches) that fits the device budget.
   bool fit_batch = false;
   std::function<void(const std::string&)> progress;  // one line per phase/step
+  // Deja Vu through the executor (decode steps; the prefill computes every neuron): FC1/FC2 stay
+  // out of the stream and only the chosen neurons' bundles cross the link. Either random neuron
+  // sets at this density per token (dummy models), or trained predictors keeping sparsity_k.
+  double sparsity_sim = 0.0;   // 0: off
+  std::string sparsity_dir;    // empty: off
+  double sparsity_k = 0.15;
 };
 
 struct BenchResult {

@@ -2,10 +2,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "absl/strings/str_cat.h"
 #include "base/file.h"
 #include "base/status.h"
+#include "base/thread_pool.h"
 #include "io/store.h"
 
 namespace ferry::engine {
@@ -112,6 +114,38 @@ std::string DecoderPrefix(const io::TensorSource& src) {
     return "decoder.";
   }
   return "model.decoder.";
+}
+
+// Sparse FFN: per layer, the range [begin, end) of its region that holds the four attention
+// matrices (4 KiB-aligned), which must not overlap FC1 or FC2 (those stay out of the stream).
+absl::StatusOr<std::vector<std::pair<uint64_t, uint64_t>>> AttentionRanges(const io::Store& store, int layers) {
+  const std::string prefix = DecoderPrefix(store);
+  std::vector<std::pair<uint64_t, uint64_t>> ranges;
+  for (int l = 0; l < layers; ++l) {
+    const io::StoreLayer& region = store.layers()[l];
+    uint64_t begin = region.bytes, end = 0;
+    std::array<const io::StoreTensor*, 6> t{};
+    for (int i = 0; i < 6; ++i) {
+      t[i] = store.FindTensor(absl::StrCat(prefix, "layers.", l, ".", kMatrixNames[i], ".weight"));
+      if (t[i] == nullptr || t[i]->info.offset < region.offset) return absl::NotFoundError(absl::StrCat("store lacks layer ", l, "'s matrices"));
+    }
+    for (int i = 0; i < 4; ++i) {
+      begin = std::min(begin, t[i]->info.offset - region.offset);
+      end = std::max(end, t[i]->info.offset - region.offset + t[i]->info.bytes);
+    }
+    begin = begin / io::kStoreAlignment * io::kStoreAlignment;
+    end = std::min<uint64_t>((end + io::kStoreAlignment - 1) / io::kStoreAlignment * io::kStoreAlignment, region.bytes);
+    for (int i = 4; i < 6; ++i) {
+      const uint64_t at = t[i]->info.offset - region.offset;
+      if (at < end && at + t[i]->info.bytes > begin) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "the store interleaves layer ", l, "'s FFN and attention matrices, so the FFN cannot stay out of the stream "
+            "(stores from ferry convert and --dummy keep them apart)"));
+      }
+    }
+    ranges.push_back({begin, end});
+  }
+  return ranges;
 }
 
 }  // namespace
@@ -242,8 +276,71 @@ absl::StatusOr<std::unique_ptr<OptModel>> OptModel::LoadOffloaded(const std::str
     FERRY_RETURN_IF_ERROR(m->LoadLayerVectors(store, absl::StrCat(prefix, "layers.", l, "."), &L));
     m->layers_.push_back(std::move(L));
   }
+  if (options.sparse_ffn) FERRY_RETURN_IF_ERROR(m->LoadBundles(store, prefix));
+  for (const auto& l : m->plan_.layers) m->stream_begin_.push_back(l.begin);
   FERRY_ASSIGN_OR_RETURN(m->streamer_, offload::LayerStreamer::Create(backend, store, m->plan_, options.streamer));
   return m;
+}
+
+absl::Status OptModel::LoadBundles(const io::Store& store, const std::string& prefix) {
+  const OptConfig& c = config_;
+  const int64_t d = c.hidden_size, f = c.ffn_dim, width = 2 * d + 1;
+  const size_t es = DTypeSize(matrix_dtype_);
+  sparse_ = true;
+  bundle_bytes_ = static_cast<uint64_t>(width) * es;
+  std::vector<char> w1(static_cast<size_t>(f * d) * es), w2(static_cast<size_t>(d * f) * es);
+  std::vector<float> b1(static_cast<size_t>(f));
+  std::vector<char> b1_native(static_cast<size_t>(f) * es);
+  for (int l = 0; l < c.num_layers; ++l) {
+    const std::string p = absl::StrCat(prefix, "layers.", l, ".");
+    FERRY_RETURN_IF_ERROR(store.Read(p + "fc1.weight", w1.data(), w1.size()));
+    FERRY_RETURN_IF_ERROR(store.Read(p + "fc2.weight", w2.data(), w2.size()));
+    const io::TensorInfo* bias = store.Find(p + "fc1.bias");
+    if (bias == nullptr || bias->numel() != f) return absl::NotFoundError(absl::StrCat("store lacks ", p, "fc1.bias of ", f, " values"));
+    std::vector<char> raw(bias->bytes);
+    FERRY_RETURN_IF_ERROR(store.Read(p + "fc1.bias", raw.data(), raw.size()));
+    ConvertToF32(bias->dtype, raw.data(), b1.data(), static_cast<size_t>(f));
+    ConvertFromF32(matrix_dtype_, b1.data(), b1_native.data(), static_cast<size_t>(f));
+    FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer pinned, backend_->AllocateHost(static_cast<size_t>(f) * bundle_bytes_));
+    char* dst = static_cast<char*>(pinned.data());
+    ThreadPool::Default().ParallelFor(f, 64, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        char* bundle = dst + static_cast<size_t>(j) * bundle_bytes_;
+        std::memcpy(bundle, w1.data() + static_cast<size_t>(j * d) * es, static_cast<size_t>(d) * es);
+        std::memcpy(bundle + static_cast<size_t>(d) * es, b1_native.data() + static_cast<size_t>(j) * es, es);
+        for (int64_t i = 0; i < d; ++i) {
+          std::memcpy(bundle + static_cast<size_t>(d + 1 + i) * es, w2.data() + static_cast<size_t>(i * f + j) * es, es);
+        }
+      }
+    });
+    bundles_.push_back(std::move(pinned));
+  }
+  FERRY_ASSIGN_OR_RETURN(gather_, backend_->Allocate(static_cast<size_t>(f) * bundle_bytes_));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<TensorView> OptModel::GatherBundles(int layer, const std::vector<int32_t>& neurons) const {
+  const int64_t f = config_.ffn_dim, m = static_cast<int64_t>(neurons.size());
+  for (int64_t i = 0; i < m; ++i) {
+    if (neurons[i] < 0 || neurons[i] >= f || (i > 0 && neurons[i] <= neurons[i - 1])) {
+      return absl::InvalidArgumentError(absl::StrCat("ffn_select for layer ", layer, " must return distinct neurons in [0, ", f,
+                                                     ") in increasing order"));
+    }
+  }
+  if (gather_fence_ != nullptr) FERRY_RETURN_IF_ERROR(gather_fence_->Wait());  // the last FFN is done with gather_
+  const char* src = static_cast<const char*>(bundles_[layer].data());
+  char* dst = static_cast<char*>(gather_.data());
+  // One transfer per run of consecutive neurons.
+  for (int64_t i = 0; i < m;) {
+    int64_t e = i + 1;
+    while (e < m && neurons[e] == neurons[e - 1] + 1) ++e;
+    FERRY_RETURN_IF_ERROR(backend_->TransferToDevice(dst + static_cast<size_t>(i) * bundle_bytes_,
+                                                     src + static_cast<size_t>(neurons[i]) * bundle_bytes_,
+                                                     static_cast<size_t>(e - i) * bundle_bytes_));
+    i = e;
+  }
+  bundle_bytes_moved_ += static_cast<uint64_t>(m) * bundle_bytes_;
+  return MakeView(dst, matrix_dtype_, {m, 2 * config_.hidden_size + 1}, backend_->device());
 }
 
 absl::StatusOr<offload::Plan> OptModel::PlanOffload(const io::Store& store, const OffloadOptions& options) {
@@ -254,10 +351,25 @@ absl::StatusOr<offload::Plan> OptModel::PlanOffload(const io::Store& store, cons
     if (!matrix) resident_other += t->info.shape.size() == 1 ? static_cast<uint64_t>(t->info.numel()) * 4 : t->info.bytes;
   }
   offload::PlanInputs in;
-  for (const auto& region : store.layers()) in.layer_bytes.push_back(region.bytes);
+  uint64_t bundles_host = 0, bundles_device = 0;
+  if (options.sparse_ffn) {
+    FERRY_ASSIGN_OR_RETURN(const OptConfig c, OptConfig::FromModelDir(store.dir()));
+    if (static_cast<int>(store.layers().size()) != c.num_layers) return absl::DataLossError("the store's layer count differs from config.json");
+    FERRY_ASSIGN_OR_RETURN(const auto ranges, AttentionRanges(store, c.num_layers));
+    for (const auto& [begin, end] : ranges) {
+      in.layer_begin.push_back(begin);
+      in.layer_bytes.push_back(end - begin);
+    }
+    const io::StoreTensor* fc1 = store.FindTensor(absl::StrCat(DecoderPrefix(store), "layers.0.fc1.weight"));
+    const uint64_t bundle = static_cast<uint64_t>(2 * c.hidden_size + 1) * DTypeSize(fc1->info.dtype);
+    bundles_device = bundle * c.ffn_dim;           // one layer's worth of fetched bundles
+    bundles_host = bundles_device * c.num_layers;  // every layer's bundles, pinned
+  } else {
+    for (const auto& region : store.layers()) in.layer_bytes.push_back(region.bytes);
+  }
   in.split = options.split;
-  in.other_device_bytes = resident_other + options.reserve_device_bytes;
-  in.other_host_bytes = options.reserve_host_bytes;
+  in.other_device_bytes = resident_other + options.reserve_device_bytes + bundles_device;
+  in.other_host_bytes = options.reserve_host_bytes + bundles_host;
   in.device_budget = options.device_budget;
   in.host_budget = options.host_budget;
   return offload::MakePlan(in);
@@ -274,9 +386,10 @@ absl::StatusOr<OptModel::LayerViews> OptModel::Views(int layer) const {
     return v;
   }
   FERRY_ASSIGN_OR_RETURN(const char* base, streamer_->Acquire(layer));
-  for (int i = 0; i < 6; ++i) {
+  for (int i = 0; i < (sparse_ ? 4 : 6); ++i) {  // sparse: FC1/FC2 come as bundles (GatherBundles)
     const std::vector<int64_t> shape = MatrixShape(config_, i);
-    v.m[i] = MakeView(const_cast<char*>(base) + matrix_offsets_[layer][i], matrix_dtype_, shape, backend_->device());
+    v.m[i] = MakeView(const_cast<char*>(base) + (matrix_offsets_[layer][i] - stream_begin_[layer]), matrix_dtype_, shape,
+                      backend_->device());
   }
   return v;
 }
@@ -363,7 +476,8 @@ absl::Status OptModel::Forward(const ForwardBatch& batch, offload::AttentionCach
   FERRY_ASSIGN_OR_RETURN(Weight att, Alloc(DType::kF32, {micro, d}));
   FERRY_ASSIGN_OR_RETURN(Weight ffn, Alloc(DType::kF32, {micro, c.ffn_dim}));
   Weight e, tap_in;
-  if (batch.ffn_hook != nullptr) {
+  const bool tap = batch.ffn_hook != nullptr || (sparse_ && batch.ffn_select != nullptr);
+  if (tap) {
     FERRY_ASSIGN_OR_RETURN(tap_in, Alloc(DType::kF32, {micro, d}));
   }
   if (c.has_projection()) {
@@ -406,7 +520,7 @@ absl::Status OptModel::Forward(const ForwardBatch& batch, offload::AttentionCach
         FERRY_RETURN_IF_ERROR(b.LayerNorm({hm, L.ln1_gamma, L.ln1_beta, am, 1e-5f}));
         attn_in = &am;
       }
-      if (batch.ffn_hook != nullptr) {
+      if (tap) {
         FERRY_RETURN_IF_ERROR(b.CopyTensor(*attn_in, tap_in.view.Rows(0, len)));
       }
       FERRY_RETURN_IF_ERROR(b.Linear({*attn_in, L.m[0], L.bias[0], qm, false}));
@@ -426,12 +540,26 @@ absl::Status OptModel::Forward(const ForwardBatch& batch, offload::AttentionCach
         FERRY_RETURN_IF_ERROR(b.LayerNorm({hm, L.ln2_gamma, L.ln2_beta, am, 1e-5f}));
         ffn_in = &am;
       }
-      FERRY_RETURN_IF_ERROR(b.Linear({*ffn_in, L.m[4], L.bias[4], ffnm, true}));
-      if (batch.ffn_hook != nullptr) {
-        FERRY_RETURN_IF_ERROR(b.Synchronize());
-        FERRY_RETURN_IF_ERROR((*batch.ffn_hook)(l, tap_in.view.Rows(0, len), ffnm));
+      if (sparse_) {
+        // Deja Vu: only the chosen neurons' bundles cross the link and are computed.
+        std::vector<int32_t> chosen;
+        if (batch.ffn_select != nullptr) {
+          FERRY_ASSIGN_OR_RETURN(chosen, (*batch.ffn_select)(l, tap_in.view.Rows(0, len)));
+        } else {
+          chosen.resize(static_cast<size_t>(c.ffn_dim));
+          for (int32_t j = 0; j < c.ffn_dim; ++j) chosen[j] = j;
+        }
+        FERRY_ASSIGN_OR_RETURN(const TensorView bundles, GatherBundles(l, chosen));
+        FERRY_RETURN_IF_ERROR(b.BundledFfn({*ffn_in, bundles, L.bias[5], qm}));
+        FERRY_ASSIGN_OR_RETURN(gather_fence_, b.RecordFence());
+      } else {
+        FERRY_RETURN_IF_ERROR(b.Linear({*ffn_in, L.m[4], L.bias[4], ffnm, true}));
+        if (batch.ffn_hook != nullptr) {
+          FERRY_RETURN_IF_ERROR(b.Synchronize());
+          FERRY_RETURN_IF_ERROR((*batch.ffn_hook)(l, tap_in.view.Rows(0, len), ffnm));
+        }
+        FERRY_RETURN_IF_ERROR(b.Linear({ffnm, L.m[5], L.bias[5], qm, false}));
       }
-      FERRY_RETURN_IF_ERROR(b.Linear({ffnm, L.m[5], L.bias[5], qm, false}));
       FERRY_RETURN_IF_ERROR(b.Add(hm, qm, hm));
       if (!c.layer_norm_before) {
         FERRY_RETURN_IF_ERROR(b.LayerNorm({hm, L.ln2_gamma, L.ln2_beta, hm, 1e-5f}));

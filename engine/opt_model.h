@@ -44,6 +44,11 @@ struct OffloadOptions {
   uint64_t reserve_device_bytes = 0;  // KV cache and activations the caller will allocate
   uint64_t reserve_host_bytes = 0;    // pinned memory the caller will allocate (a KV cache on the CPU)
   offload::StreamerOptions streamer;
+  // Deja Vu: FC1 and FC2 stay out of the stream. Each layer's FFN is kept in pinned memory as
+  // row-column bundles (neuron j: FC1 row, FC1 bias, FC2 column), and per layer and GPU batch only
+  // the bundles of the neurons the batch's ForwardBatch::ffn_select picks cross the link. Needs a
+  // store whose attention matrices form one range of the layer's region, apart from FC1/FC2.
+  bool sparse_ffn = false;
 };
 
 // The dense cache: per layer K and V of [rows, max_len, hidden] fp32 in backend memory; token t
@@ -83,6 +88,10 @@ struct ForwardBatch {
   // row's argmax (lowest index among ties) comes back, into *argmax_ids (logits is left empty).
   // Token banned_token (>= 0) is excluded in the logit rows listed in banned_rows (EOS before
   // min_new_tokens).
+  // With OffloadOptions::sparse_ffn: per layer and micro-batch, the neurons to fetch and compute
+  // (sorted, distinct), chosen from the layer's attention-block input (LayerNorm'd) [t, d] in
+  // backend memory. Unset: every neuron.
+  const std::function<absl::StatusOr<std::vector<int32_t>>(int layer, const TensorView& attn_in)>* ffn_select = nullptr;
   std::vector<int32_t>* argmax_ids = nullptr;
   int32_t banned_token = -1;
   std::vector<int32_t> banned_rows = {};
@@ -107,6 +116,10 @@ class OptModel {
   // The streaming pipeline of an offloaded model (nullptr when fully resident).
   const offload::LayerStreamer* streamer() const { return streamer_.get(); }
   const offload::Plan& plan() const { return plan_; }
+  bool sparse_ffn() const { return sparse_; }
+  // Sparse FFN: bytes of one neuron's bundle, and the bundle bytes moved to the backend so far.
+  uint64_t bundle_bytes() const { return bundle_bytes_; }
+  uint64_t bundle_bytes_moved() const { return bundle_bytes_moved_; }
 
   // Device bytes that Forward allocates for `tokens` tokens and `logit_rows` rows of logits (an
   // upper bound, for memory plans), and that a KV cache of rows x max_len takes.
@@ -139,6 +152,16 @@ class OptModel {
   DType matrix_dtype_ = DType::kF16;
   offload::Plan plan_;
   std::unique_ptr<offload::LayerStreamer> streamer_;
+  // Sparse FFN (OffloadOptions::sparse_ffn).
+  bool sparse_ = false;
+  std::vector<uint64_t> stream_begin_;             // per layer: where the streamed range starts in its region
+  std::vector<kernels::DeviceBuffer> bundles_;     // per layer, pinned: [ffn, 2d + 1] in the matrices' dtype
+  kernels::DeviceBuffer gather_;                   // backend memory for one layer's fetched bundles
+  uint64_t bundle_bytes_ = 0;
+  mutable uint64_t bundle_bytes_moved_ = 0;
+  mutable std::unique_ptr<kernels::Fence> gather_fence_;  // the last FFN that read gather_
+  absl::StatusOr<TensorView> GatherBundles(int layer, const std::vector<int32_t>& neurons) const;
+  absl::Status LoadBundles(const io::Store& store, const std::string& prefix);
 };
 
 }  // namespace ferry::engine

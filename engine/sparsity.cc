@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <fstream>
+#include <memory>
 #include <numeric>
 #include <random>
 
@@ -343,6 +344,63 @@ std::function<absl::Status(int, const TensorView&, const TensorView&)> SparseFfn
       }
     });
     return absl::OkStatus();
+  };
+}
+
+FfnSelector SparseFfn::Selector(kernels::Backend& backend) const {
+  return [this, &backend](int layer, const TensorView& x) -> absl::StatusOr<std::vector<int32_t>> {
+    std::vector<int32_t> all;
+    if (!predicted(layer)) {
+      all.resize(static_cast<size_t>(ffn_));
+      std::iota(all.begin(), all.end(), 0);
+      return all;
+    }
+    const int64_t n = x.shape[0];
+    std::vector<float> host;
+    const float* xs = x.as<const float>();
+    if (x.device != Device::kCpu) {
+      host.resize(static_cast<size_t>(x.numel()));
+      FERRY_RETURN_IF_ERROR(backend.CopyToHost(host.data(), x.data, x.bytes()));
+      xs = host.data();
+    }
+    const int k = std::max(1, static_cast<int>(std::lround(k_fraction_ * ffn_)));
+    const std::vector<float> z = Scores(layer, xs, n);
+    std::vector<uint8_t> keep(static_cast<size_t>(ffn_), 0);
+    std::vector<int> idx(static_cast<size_t>(ffn_));
+    for (int64_t t = 0; t < n; ++t) {  // the same top-k as Hook()
+      const float* zt = z.data() + t * ffn_;
+      std::iota(idx.begin(), idx.end(), 0);
+      std::nth_element(idx.begin(), idx.begin() + k, idx.end(), [&](int p, int q) { return zt[p] > zt[q] || (zt[p] == zt[q] && p < q); });
+      for (int i = 0; i < k; ++i) keep[idx[i]] = 1;
+    }
+    for (int j = 0; j < ffn_; ++j) {
+      if (keep[j]) all.push_back(j);
+    }
+    return all;
+  };
+}
+
+FfnSelector RandomFfnSelector(int ffn, double density, uint64_t seed) {
+  auto calls = std::make_shared<uint64_t>(0);
+  return [ffn, density, seed, calls](int layer, const TensorView& x) -> absl::StatusOr<std::vector<int32_t>> {
+    const int64_t n = x.shape[0];
+    const int k = std::clamp(static_cast<int>(std::lround(density * ffn)), 1, ffn);
+    std::mt19937_64 rng(seed ^ (0x9e3779b97f4a7c15ull * (++*calls)) ^ (static_cast<uint64_t>(layer) << 32));
+    std::vector<int32_t> perm(static_cast<size_t>(ffn));
+    std::iota(perm.begin(), perm.end(), 0);
+    std::vector<uint8_t> keep(static_cast<size_t>(ffn), 0);
+    for (int64_t t = 0; t < n; ++t) {
+      for (int i = 0; i < k; ++i) {  // partial Fisher-Yates: k distinct neurons
+        std::uniform_int_distribution<int> pick(i, ffn - 1);
+        std::swap(perm[i], perm[pick(rng)]);
+        keep[perm[i]] = 1;
+      }
+    }
+    std::vector<int32_t> out;
+    for (int j = 0; j < ffn; ++j) {
+      if (keep[j]) out.push_back(j);
+    }
+    return out;
   };
 }
 

@@ -52,6 +52,14 @@ absl::StatusOr<std::vector<LayerSparsity>> TrainPredictors(const std::string& da
                                                            const TrainOptions& options);
 
 // Predicted neurons at run time.
+// Chooses a layer's neurons for a micro-batch from its attention-block input [t, d] (backend
+// memory): sorted and distinct.
+using FfnSelector = std::function<absl::StatusOr<std::vector<int32_t>>(int layer, const TensorView& attn_in)>;
+
+// `ferry bench --sparsity-sim`: each token draws round(density x ffn) distinct neurons uniformly
+// (a fresh draw per layer, call and token, from `seed`); the union over the tokens is fetched.
+FfnSelector RandomFfnSelector(int ffn, double density, uint64_t seed);
+
 class SparseFfn {
  public:
   static absl::StatusOr<SparseFfn> Load(const std::string& predictor_dir, const OptConfig& config);
@@ -59,6 +67,10 @@ class SparseFfn {
   void set_k_fraction(double k) { k_fraction_ = k; }
   // The ForwardBatch::ffn_hook that applies it (CPU backend).
   std::function<absl::Status(int, const TensorView&, const TensorView&)> Hook() const;
+  // The ForwardBatch::ffn_select of the sparse executor: the union over the batch's tokens of each
+  // token's top k_fraction neurons (every neuron in layers without a predictor). The inputs are
+  // read from `backend` memory.
+  FfnSelector Selector(kernels::Backend& backend) const;
   // Predicted scores [tokens, ffn] of `layer` for inputs [tokens, d].
   std::vector<float> Scores(int layer, const float* x, int64_t tokens) const;
   bool predicted(int layer) const { return !down_[layer].empty(); }

@@ -48,6 +48,7 @@ class Store final : public TensorSource {
   // Recomputes every checksum; the first bad tensor is kDataLoss.
   absl::Status Verify(const std::function<void(uint64_t done, uint64_t total)>& progress = nullptr) const;
 
+  const std::string& dir() const { return dir_; }
   const std::string& data_path() const { return data_path_; }
   uint64_t data_bytes() const { return data_bytes_; }
   const std::vector<StoreLayer>& layers() const { return layers_; }

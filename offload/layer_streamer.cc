@@ -31,20 +31,20 @@ absl::StatusOr<std::unique_ptr<LayerStreamer>> LayerStreamer::Create(kernels::Ba
   uint64_t max_streamed = 0, max_disk = 0;
   for (size_t l = 0; l < layers.size(); ++l) {
     const LayerPlacement& p = plan.layers[l];
-    if (layers[l].index != static_cast<int>(l) || layers[l].bytes != p.bytes) {
+    if (layers[l].index != static_cast<int>(l) || p.begin + p.bytes > layers[l].bytes) {
       return absl::InvalidArgumentError(absl::StrCat("plan does not match the store at layer ", l));
     }
-    s->layer_offsets_.push_back(layers[l].offset);
+    s->layer_offsets_.push_back(layers[l].offset + p.begin);
     kernels::DeviceBuffer resident, pinned;
     if (p.gpu_end > 0) {
       std::vector<char> host(p.gpu_end);
-      FERRY_RETURN_IF_ERROR(PreadFull(plain.fd.get(), host.data(), host.size(), layers[l].offset, store.data_path()));
+      FERRY_RETURN_IF_ERROR(PreadFull(plain.fd.get(), host.data(), host.size(), s->layer_offsets_[l], store.data_path()));
       FERRY_ASSIGN_OR_RETURN(resident, backend->Allocate(p.gpu_end));
       FERRY_RETURN_IF_ERROR(backend->CopyToDevice(resident.data(), host.data(), host.size()));
     }
     if (p.cpu_bytes() > 0) {
       FERRY_ASSIGN_OR_RETURN(pinned, backend->AllocateHost(p.cpu_bytes()));
-      FERRY_RETURN_IF_ERROR(PreadFull(plain.fd.get(), pinned.data(), p.cpu_bytes(), layers[l].offset + p.gpu_end, store.data_path()));
+      FERRY_RETURN_IF_ERROR(PreadFull(plain.fd.get(), pinned.data(), p.cpu_bytes(), s->layer_offsets_[l] + p.gpu_end, store.data_path()));
     }
     s->resident_.push_back(std::move(resident));
     s->pinned_.push_back(std::move(pinned));

@@ -69,9 +69,15 @@ absl::StatusOr<Plan> MakePlan(const PlanInputs& in) {
   }
   Plan p;
   uint64_t max_streamed = 0, max_disk = 0;
-  for (uint64_t bytes : in.layer_bytes) {
+  if (!in.layer_begin.empty() && in.layer_begin.size() != in.layer_bytes.size()) {
+    return absl::InvalidArgumentError("layer_begin must give one offset per layer");
+  }
+  for (size_t i = 0; i < in.layer_bytes.size(); ++i) {
+    const uint64_t bytes = in.layer_bytes[i];
     if (bytes % kAlign != 0) return absl::InvalidArgumentError("layer blocks must be multiples of 4 KiB");
     LayerPlacement l;
+    l.begin = in.layer_begin.empty() ? 0 : in.layer_begin[i];
+    if (l.begin % kAlign != 0) return absl::InvalidArgumentError("layer ranges must start at 4 KiB multiples");
     l.bytes = bytes;
     l.gpu_end = Cut(bytes, s.gpu);
     l.cpu_end = s.disk <= 0.0 ? bytes : std::max(l.gpu_end, Cut(bytes, s.gpu + s.cpu));

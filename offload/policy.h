@@ -21,6 +21,7 @@ struct WeightSplit {
 absl::StatusOr<WeightSplit> ParseWeightSplit(const std::string& text);
 
 struct LayerPlacement {
+  uint64_t begin = 0;  // where the placed bytes start in the layer's region (a part of it: sparse FFN)
   uint64_t bytes = 0;
   uint64_t gpu_end = 0;
   uint64_t cpu_end = 0;
@@ -31,6 +32,7 @@ struct LayerPlacement {
 
 struct PlanInputs {
   std::vector<uint64_t> layer_bytes;  // each a multiple of 4 KiB
+  std::vector<uint64_t> layer_begin;  // optional: where each placed range starts in its region (4 KiB multiples)
   WeightSplit split;
   uint64_t other_device_bytes = 0;    // non-layer weights, small per-layer vectors, KV cache, activations
   uint64_t other_host_bytes = 0;      // pinned memory besides the weights (a KV cache on the CPU)

@@ -24,6 +24,8 @@ struct BenchFlags {
   bool quiet = false;
   std::string h2o;
   bool fit_batch = false;
+  double sparsity_sim = 0.0, sparsity_k = 0.15;
+  std::string sparsity;
 };
 
 // Makes sure flags.store (or the model itself) is a store; returns its directory.
@@ -88,6 +90,9 @@ absl::Status RunBenchCommand(const BenchFlags& f) {
   o.uring.block_bytes = block;
   o.seed = f.seed;
   o.fit_batch = f.fit_batch;
+  o.sparsity_sim = f.sparsity_sim;
+  o.sparsity_dir = f.sparsity;
+  o.sparsity_k = f.sparsity_k;
   FERRY_ASSIGN_OR_RETURN(o.h2o, ParseH2O(f.h2o, 0, 0));
   if (!f.quiet) o.progress = [](const std::string& s) { std::fprintf(stderr, "ferry: %s\n", s.c_str()); };
   FERRY_ASSIGN_OR_RETURN(o.store_dir, PrepareStore(f));
@@ -124,6 +129,15 @@ void RegisterBenchCommand(CLI::App& app, Runner* selected) {
   b->add_option("--seed", f.seed, "Seed of the random prompts")->capture_default_str();
   b->add_option("--h2o", f.h2o, "H2O KV eviction with HEAVY,RECENT slots per head (default: the full cache)");
   b->add_flag("--fit-batch", f.fit_batch, "Run the largest gpu-batch-size that fits --gpu-mem, and say which");
+  auto* sim = b->add_option("--sparsity-sim", f.sparsity_sim,
+                            "Deja Vu I/O path with random neuron sets of this density per token (decode; FC1/FC2 cross the "
+                            "link only for the batch's union)")
+                  ->check(CLI::Range(0.0, 1.0));
+  b->add_option("--sparsity", f.sparsity, "Deja Vu through the executor with the trained predictors in this directory")
+      ->excludes(sim);
+  b->add_option("--sparsity-k", f.sparsity_k, "With --sparsity: fraction of neurons kept per token")
+      ->check(CLI::Range(0.0, 1.0))
+      ->capture_default_str();
   b->add_option("--json", f.json, "Also write the results as JSON to this file");
   b->add_flag("--quiet,-q", f.quiet, "No progress on stderr");
   b->callback([selected] { *selected = [] { return RunBenchCommand(f); }; });

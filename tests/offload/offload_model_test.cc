@@ -5,6 +5,7 @@
 
 #include "engine/generator.h"
 #include "engine/opt_model.h"
+#include "engine/sparsity.h"
 #include "gtest/gtest.h"
 #include "io/store.h"
 #include "offload/host_kv_cache.h"
@@ -24,7 +25,8 @@ class OffloadModelTest : public ::testing::Test {
 
   // Logits of a prefill of two prompts, then three decode steps, all positions kept; with
   // `micro`, each sequence is its own micro-batch (FlexGen's GPU batches).
-  static std::vector<float> Run(const OptModel& m, kernels::Backend& b, bool micro = false) {
+  static std::vector<float> Run(const OptModel& m, kernels::Backend& b, bool micro = false, const FfnSelector* select = nullptr,
+                                const std::function<absl::Status(int, const TensorView&, const TensorView&)>* hook = nullptr) {
     auto cache = KvCache::Create(b, m.config(), 2, 16);
     EXPECT_TRUE(cache.ok());
     std::vector<float> all, logits;
@@ -35,6 +37,8 @@ class OffloadModelTest : public ::testing::Test {
     for (int step = 0; step < 3; ++step) {
       ForwardBatch dec{{406 + step, 342 + step}, {0, 1}, {4 + step, 3 + step}, {0, 1}};
       if (micro) dec.micro_batch_ends = {1, 2};
+      dec.ffn_select = select;
+      dec.ffn_hook = hook;
       const absl::Status s = m.Forward(dec, *cache, &logits);
       EXPECT_TRUE(s.ok()) << s;
       all.insert(all.end(), logits.begin(), logits.end());
@@ -73,6 +77,82 @@ TEST_F(OffloadModelTest, EveryPlacementGivesBitIdenticalLogits) {
     EXPECT_GE(streamer->stats().disk_bytes, passes * disk);
     EXPECT_GE(streamer->stats().h2d_bytes, passes * h2d);
   }
+}
+
+// Deja Vu through the executor: FC1/FC2 stay out of the stream and come as bundles. Every neuron
+// (no selector, or a selector keeping all) gives the resident model's logits bit for bit; a
+// partial selection gives the logits of the dense model with the other neurons zeroed, and moves
+// exactly the selected bundles.
+TEST_F(OffloadModelTest, SparseFfnFetchesOnlyTheSelectedBundles) {
+  kernels::CpuBackend resident_backend;
+  auto resident = OptModel::Load(ferry::testing::ModelDir(), &resident_backend);
+  ASSERT_TRUE(resident.ok());
+  const std::vector<float> expected = Run(**resident, resident_backend);
+  const OptConfig& c = (*resident)->config();
+  for (const offload::WeightSplit split : {offload::WeightSplit{0, 100, 0}, offload::WeightSplit{0, 0, 100},
+                                          offload::WeightSplit{30, 30, 40}}) {
+    kernels::CpuBackend backend;
+    OffloadOptions o;
+    o.split = split;
+    o.sparse_ffn = true;
+    o.streamer.uring.block_bytes = 64 << 10;
+    auto m = OptModel::LoadOffloaded(store_dir_->path(), &backend, o);
+    ASSERT_TRUE(m.ok()) << m.status();
+    EXPECT_TRUE((*m)->sparse_ffn());
+    EXPECT_EQ(Run(**m, backend), expected) << split.gpu << "," << split.cpu << "," << split.disk;
+    const FfnSelector all = RandomFfnSelector(c.ffn_dim, 1.0, 3);
+    EXPECT_EQ(Run(**m, backend, /*micro=*/true, &all), expected);
+    // The attention part alone is placed and streamed: about a third of each layer's region.
+    auto store = io::Store::Open(store_dir_->path());
+    ASSERT_TRUE(store.ok());
+    for (size_t l = 0; l < (*m)->plan().layers.size(); ++l) {
+      EXPECT_LT((*m)->plan().layers[l].bytes * 2, store->layers()[l].bytes) << "layer " << l;
+    }
+  }
+
+  // 30% of the neurons per token, two sequences each their own micro-batch: the same draws zero
+  // the other neurons in the dense resident model.
+  kernels::CpuBackend backend;
+  OffloadOptions o;
+  o.split = offload::WeightSplit{0, 100, 0};
+  o.sparse_ffn = true;
+  auto m = OptModel::LoadOffloaded(store_dir_->path(), &backend, o);
+  ASSERT_TRUE(m.ok()) << m.status();
+  const FfnSelector sparse_select = RandomFfnSelector(c.ffn_dim, 0.3, 11), hook_select = RandomFfnSelector(c.ffn_dim, 0.3, 11);
+  uint64_t selected = 0;
+  const FfnSelector counting = [&](int layer, const TensorView& x) -> absl::StatusOr<std::vector<int32_t>> {
+    auto s = sparse_select(layer, x);
+    if (s.ok()) selected += s->size();
+    return s;
+  };
+  const std::function<absl::Status(int, const TensorView&, const TensorView&)> zero_others =
+      [&](int layer, const TensorView& x, const TensorView& act) -> absl::Status {
+    FERRY_ASSIGN_OR_RETURN(std::vector<int32_t> keep, hook_select(layer, x));
+    std::vector<uint8_t> on(static_cast<size_t>(c.ffn_dim), 0);
+    for (int32_t j : keep) on[j] = 1;
+    for (int64_t t = 0; t < act.shape[0]; ++t) {
+      for (int j = 0; j < c.ffn_dim; ++j) {
+        if (!on[j]) act.as<float>()[t * c.ffn_dim + j] = 0.0f;
+      }
+    }
+    return absl::OkStatus();
+  };
+  const uint64_t before = (*m)->bundle_bytes_moved();
+  const std::vector<float> got = Run(**m, backend, /*micro=*/true, &counting);
+  const std::vector<float> want = Run(**resident, resident_backend, /*micro=*/true, nullptr, &zero_others);
+  ASSERT_EQ(got.size(), want.size());
+  double diff = 0, mag = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    diff = std::max(diff, static_cast<double>(std::abs(got[i] - want[i])));
+    mag = std::max(mag, static_cast<double>(std::abs(want[i])));
+  }
+  EXPECT_LT(diff / mag, 1e-5);
+  EXPECT_NE(got, expected);  // the selection did change the model
+  // The prefill fetched every bundle once per layer and micro-batch; the decode steps only the selected.
+  const uint64_t prefill = 2ull * c.num_layers * c.ffn_dim * (*m)->bundle_bytes();
+  EXPECT_EQ((*m)->bundle_bytes_moved() - before, prefill + selected * (*m)->bundle_bytes());
+  EXPECT_GT(selected, 0u);
+  EXPECT_LT(selected, 3ull * 2 * c.num_layers * c.ffn_dim / 2);  // 30% per token, one token per micro-batch
 }
 
 TEST_F(OffloadModelTest, KvCacheOnTheCpuGivesBitIdenticalLogits) {
