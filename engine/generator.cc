@@ -68,6 +68,7 @@ absl::StatusOr<std::vector<GenerationResult>> Generate(const OptModel& model,
   std::vector<int32_t> argmax;
   // Asks the forward pass for argmaxes instead of logits; sequence seqs[i] is logit row i.
   auto want_argmax = [&](ForwardBatch& batch, const std::vector<int>& seqs) {
+    batch.ffn_hook = options.ffn_hook;
     if (!greedy) return;
     batch.argmax_ids = &argmax;
     batch.banned_token = c.eos_token_id;

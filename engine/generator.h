@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -22,6 +23,8 @@ struct GenerateOptions {
   bool stop_at_eos = true;
   int64_t max_prefill_tokens = 4096;  // tokens per prefill forward call
   std::optional<offload::H2OOptions> h2o;  // evicting KV cache instead of the dense one
+  // Optional FFN hook (Deja Vu on a resident model: zeroes the neurons a predictor did not select).
+  const std::function<absl::Status(int, const TensorView&, const TensorView&)>* ffn_hook = nullptr;
 };
 
 struct GenerationRequest {

@@ -115,6 +115,8 @@ struct GenerateFlags {
   bool quiet = false;
   std::string h2o;
   int protect = 0;
+  std::string sparsity;
+  double sparsity_k = 0.15;
 };
 
 absl::Status RunGenerate(const GenerateFlags& f) {
@@ -128,6 +130,17 @@ absl::Status RunGenerate(const GenerateFlags& f) {
   FERRY_RETURN_IF_ERROR(engine::ValidateGenerateOptions(gen));
   const int64_t rows = f.input.empty() ? 1 : f.batch_size;
   FERRY_ASSIGN_OR_RETURN(Loaded l, LoadAll(f.model, rows, std::max<int64_t>(4096, rows)));
+  std::optional<engine::SparseFfn> sparse;
+  std::function<absl::Status(int, const TensorView&, const TensorView&)> hook;
+  if (!f.sparsity.empty()) {
+    if (l.backend->device() != Device::kCpu) {
+      return absl::UnimplementedError("--sparsity on generate runs on the CPU backend so far (ferry bench --sparsity streams bundles)");
+    }
+    FERRY_ASSIGN_OR_RETURN(sparse, engine::SparseFfn::Load(f.sparsity, l.model->config()));
+    sparse->set_k_fraction(f.sparsity_k);
+    hook = sparse->Hook();
+    gen.ffn_hook = &hook;
+  }
   if (!f.input.empty()) {
     engine::GenerateJobOptions job;
     job.input_path = f.input;
@@ -328,6 +341,10 @@ void RegisterCommands(CLI::App& app, Runner* selected) {
   g->add_option("--top-p", gen.top_p, "Nucleus sampling mass in (0, 1] (1: off)")->check(CLI::Range(0.0, 1.0));
   g->add_option("--seed", gen.seed, "Random seed: the same seed gives the same text")->capture_default_str();
   g->add_option("--h2o", gen.h2o, "H2O KV eviction: HEAVY,RECENT slots per head (default: the full cache)");
+  g->add_option("--sparsity", gen.sparsity, "Deja Vu predictors (from `ferry sparsity train`): keep only predicted FFN neurons");
+  g->add_option("--sparsity-k", gen.sparsity_k, "Fraction of FFN neurons kept per token with --sparsity")
+      ->check(CLI::Range(0.0, 1.0))
+      ->capture_default_str();
   g->add_option("--protect", gen.protect, "With --h2o: never evict the first N positions")->check(CLI::NonNegativeNumber);
   g->add_flag("--ignore-eos", gen.ignore_eos, "Keep generating after the end-of-sequence token");
   g->add_flag("--quiet,-q", gen.quiet, "No progress or timing on stderr");

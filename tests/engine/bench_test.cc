@@ -80,6 +80,36 @@ TEST(BenchTest, H2OFitsALargerBatchInTheSameBudget) {
   EXPECT_EQ(RunBench(o).status().code(), absl::StatusCode::kResourceExhausted);
 }
 
+// --sparsity-sim through the executor: at batch 1 each decode step fetches exactly round(density x
+// ffn) bundles per layer, far fewer bytes than the dense step, and the link floor counts them.
+TEST(BenchTest, SparsitySimFetchesTheDrawnBundlesOnly) {
+  ferry::testing::TempDir dir;
+  ASSERT_TRUE(io::ConvertToStore(ferry::testing::ModelDir(), dir.path()).ok());
+  BenchOptions o;
+  o.store_dir = dir.path();
+  o.prompt_len = 16;
+  o.gen_len = 4;
+  o.split = {0, 100, 0};
+  auto dense = RunBench(o);
+  ASSERT_TRUE(dense.ok()) << dense.status();
+  o.sparsity_sim = 0.15;
+  auto sparse = RunBench(o);
+  ASSERT_TRUE(sparse.ok()) << sparse.status();
+  const auto& j = sparse->json;
+  auto config = OptConfig::FromModelDir(dir.path());
+  ASSERT_TRUE(config.ok());
+  const uint64_t bundle = (2 * config->hidden_size + 1) * 2;  // fp16
+  const uint64_t k = static_cast<uint64_t>(std::lround(0.15 * config->ffn_dim));
+  EXPECT_EQ(j["sparse_ffn"]["bundle_bytes_per_step"].get<uint64_t>(), config->num_layers * k * bundle);
+  EXPECT_NEAR(j["sparse_ffn"]["fetched_fraction"].get<double>(), 0.15, 0.001);
+  const uint64_t dense_step = dense->json["bytes_per_step"]["pinned_to_device"].get<uint64_t>();
+  const uint64_t sparse_step = j["bytes_per_step"]["pinned_to_device"].get<uint64_t>();
+  EXPECT_LT(sparse_step * 2, dense_step);  // attention (1/3) + 15% of the FFN (2/3)
+  EXPECT_NE(sparse->Table().find("sparse FFN"), std::string::npos);
+  o.sparsity_dir = "/nonexistent";
+  EXPECT_FALSE(RunBench(o).ok());  // both at once
+}
+
 TEST(DummyModelTest, Opt125mStoreLoadsAndRuns) {
   auto shape = FindDummyShape("opt-125m");
   ASSERT_TRUE(shape.ok());

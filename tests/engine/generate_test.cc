@@ -2,6 +2,9 @@
 // context limit.
 #include "engine/generator.h"
 
+#include <algorithm>
+#include <functional>
+
 #include "engine/tokenizer.h"
 #include "gtest/gtest.h"
 #include "test_util.h"
@@ -53,6 +56,31 @@ TEST_F(GenerateTest, BatchInvariance) {
       EXPECT_EQ((*alone)[0].finish_reason, (*together)[i].finish_reason);
     }
   }
+}
+
+// The FFN hook (Deja Vu on a resident model, `generate --sparsity`) reaches every forward pass:
+// one that keeps every neuron changes nothing, one that drops them all changes the text.
+TEST_F(GenerateTest, FfnHookReachesEveryStep) {
+  GenerateOptions o;
+  o.max_new_tokens = 12;
+  o.min_new_tokens = 12;
+  int calls = 0;
+  const std::function<absl::Status(int, const TensorView&, const TensorView&)> keep_all =
+      [&](int, const TensorView&, const TensorView&) { ++calls; return absl::OkStatus(); };
+  const std::function<absl::Status(int, const TensorView&, const TensorView&)> drop_all =
+      [](int, const TensorView&, const TensorView& act) {
+        std::fill(act.as<float>(), act.as<float>() + act.numel(), 0.0f);
+        return absl::OkStatus();
+      };
+  auto plain = Generate(*model_, {{Ids("And God said"), 0}}, o);
+  o.ffn_hook = &keep_all;
+  auto kept = Generate(*model_, {{Ids("And God said"), 0}}, o);
+  o.ffn_hook = &drop_all;
+  auto dropped = Generate(*model_, {{Ids("And God said"), 0}}, o);
+  ASSERT_TRUE(plain.ok() && kept.ok() && dropped.ok());
+  EXPECT_EQ((*kept)[0].tokens, (*plain)[0].tokens);
+  EXPECT_EQ(calls, 12 * model_->config().num_layers);  // one prefill and 11 decode passes
+  EXPECT_NE((*dropped)[0].tokens, (*plain)[0].tokens);
 }
 
 TEST_F(GenerateTest, SeedDecidesTheText) {
