@@ -327,20 +327,10 @@ absl::StatusOr<TensorView> OptModel::GatherBundles(int layer, const std::vector<
                                                      ") in increasing order"));
     }
   }
-  if (gather_fence_ != nullptr) FERRY_RETURN_IF_ERROR(gather_fence_->Wait());  // the last FFN is done with gather_
-  const char* src = static_cast<const char*>(bundles_[layer].data());
-  char* dst = static_cast<char*>(gather_.data());
-  // One transfer per run of consecutive neurons.
-  for (int64_t i = 0; i < m;) {
-    int64_t e = i + 1;
-    while (e < m && neurons[e] == neurons[e - 1] + 1) ++e;
-    FERRY_RETURN_IF_ERROR(backend_->TransferToDevice(dst + static_cast<size_t>(i) * bundle_bytes_,
-                                                     src + static_cast<size_t>(neurons[i]) * bundle_bytes_,
-                                                     static_cast<size_t>(e - i) * bundle_bytes_));
-    i = e;
-  }
+  // One gather, in stream order: the FFN that read gather_ last is done before it is rewritten.
+  FERRY_RETURN_IF_ERROR(backend_->GatherHostRows(bundles_[layer].data(), bundle_bytes_, neurons, gather_.data()));
   bundle_bytes_moved_ += static_cast<uint64_t>(m) * bundle_bytes_;
-  return MakeView(dst, matrix_dtype_, {m, 2 * config_.hidden_size + 1}, backend_->device());
+  return MakeView(gather_.data(), matrix_dtype_, {m, 2 * config_.hidden_size + 1}, backend_->device());
 }
 
 absl::StatusOr<offload::Plan> OptModel::PlanOffload(const io::Store& store, const OffloadOptions& options) {
@@ -362,7 +352,7 @@ absl::StatusOr<offload::Plan> OptModel::PlanOffload(const io::Store& store, cons
     }
     const io::StoreTensor* fc1 = store.FindTensor(absl::StrCat(DecoderPrefix(store), "layers.0.fc1.weight"));
     const uint64_t bundle = static_cast<uint64_t>(2 * c.hidden_size + 1) * DTypeSize(fc1->info.dtype);
-    bundles_device = bundle * c.ffn_dim;           // one layer's worth of fetched bundles
+    bundles_device = (bundle + sizeof(int32_t)) * c.ffn_dim;  // one layer's worth of fetched bundles and their ids
     bundles_host = bundles_device * c.num_layers;  // every layer's bundles, pinned
   } else {
     for (const auto& region : store.layers()) in.layer_bytes.push_back(region.bytes);
@@ -474,7 +464,10 @@ absl::Status OptModel::Forward(const ForwardBatch& batch, offload::AttentionCach
   FERRY_ASSIGN_OR_RETURN(Weight k, Alloc(DType::kF32, {micro, d}));
   FERRY_ASSIGN_OR_RETURN(Weight v, Alloc(DType::kF32, {micro, d}));
   FERRY_ASSIGN_OR_RETURN(Weight att, Alloc(DType::kF32, {micro, d}));
-  FERRY_ASSIGN_OR_RETURN(Weight ffn, Alloc(DType::kF32, {micro, c.ffn_dim}));
+  Weight ffn;  // sparse: BundledFfn keeps its activations in its own scratch of at most this size
+  if (!sparse_) {
+    FERRY_ASSIGN_OR_RETURN(ffn, Alloc(DType::kF32, {micro, c.ffn_dim}));
+  }
   Weight e, tap_in;
   const bool tap = batch.ffn_hook != nullptr || (sparse_ && batch.ffn_select != nullptr);
   if (tap) {
@@ -513,7 +506,8 @@ absl::Status OptModel::Forward(const ForwardBatch& batch, offload::AttentionCach
       const int64_t begin = m == 0 ? 0 : ends[m - 1], len = ends[m] - begin;
       const TensorView hm = h.view.Rows(begin, ends[m]);
       const TensorView am = a.view.Rows(0, len), qm = q.view.Rows(0, len), km = k.view.Rows(0, len),
-                       vm = v.view.Rows(0, len), attm = att.view.Rows(0, len), ffnm = ffn.view.Rows(0, len);
+                       vm = v.view.Rows(0, len), attm = att.view.Rows(0, len);
+      const TensorView ffnm = sparse_ ? TensorView{} : ffn.view.Rows(0, len);
       // Attention block.
       const TensorView* attn_in = &hm;
       if (c.layer_norm_before) {
@@ -551,7 +545,6 @@ absl::Status OptModel::Forward(const ForwardBatch& batch, offload::AttentionCach
         }
         FERRY_ASSIGN_OR_RETURN(const TensorView bundles, GatherBundles(l, chosen));
         FERRY_RETURN_IF_ERROR(b.BundledFfn({*ffn_in, bundles, L.bias[5], qm}));
-        FERRY_ASSIGN_OR_RETURN(gather_fence_, b.RecordFence());
       } else {
         FERRY_RETURN_IF_ERROR(b.Linear({*ffn_in, L.m[4], L.bias[4], ffnm, true}));
         if (batch.ffn_hook != nullptr) {

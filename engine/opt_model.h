@@ -159,7 +159,6 @@ class OptModel {
   kernels::DeviceBuffer gather_;                   // backend memory for one layer's fetched bundles
   uint64_t bundle_bytes_ = 0;
   mutable uint64_t bundle_bytes_moved_ = 0;
-  mutable std::unique_ptr<kernels::Fence> gather_fence_;  // the last FFN that read gather_
   absl::StatusOr<TensorView> GatherBundles(int layer, const std::vector<int32_t>& neurons) const;
   absl::Status LoadBundles(const io::Store& store, const std::string& prefix);
 };

@@ -212,6 +212,10 @@ class Backend {
   virtual absl::Status H2OPlace(const H2OPlaceArgs& args) = 0;
   virtual absl::Status H2OUpdate(const H2OUpdateArgs& args) = 0;
   virtual absl::Status H2OPrefill(const H2OPrefillArgs& args) = 0;
+  // dst row i = host_table row rows[i] (row_bytes each; host_table is pinned memory from
+  // AllocateHost), in order with the compute queued after it. The CUDA backend reads the pinned
+  // table from a kernel: one launch however scattered the rows (Deja Vu's neuron bundles).
+  virtual absl::Status GatherHostRows(const void* host_table, size_t row_bytes, const std::vector<int32_t>& rows, void* dst) = 0;
 
  protected:
   friend class DeviceBuffer;

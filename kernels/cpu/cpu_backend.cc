@@ -364,4 +364,19 @@ absl::Status CpuBackend::H2OPrefill(const H2OPrefillArgs& a) {
   return absl::OkStatus();
 }
 
+absl::Status CpuBackend::GatherHostRows(const void* host_table, size_t row_bytes, const std::vector<int32_t>& rows, void* dst) {
+  const char* src = static_cast<const char*>(host_table);
+  char* out = static_cast<char*>(dst);
+  const int64_t n = static_cast<int64_t>(rows.size());
+  for (int64_t i = 0; i < n;) {  // one copy per run of consecutive rows
+    if (rows[i] < 0) return absl::InvalidArgumentError("GatherHostRows: negative row");
+    int64_t e = i + 1;
+    while (e < n && rows[e] == rows[e - 1] + 1) ++e;
+    std::memcpy(out + static_cast<size_t>(i) * row_bytes, src + static_cast<size_t>(rows[i]) * row_bytes,
+                static_cast<size_t>(e - i) * row_bytes);
+    i = e;
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace ferry::kernels

@@ -52,6 +52,7 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(const CudaBacke
 CudaBackend::~CudaBackend() {
   scratch_ = DeviceBuffer();  // freed on stream_, before it goes
   bundle_scratch_ = DeviceBuffer();
+  gather_ids_ = DeviceBuffer();
   plans_.clear();
   if (stream_ != nullptr) cudaStreamSynchronize(stream_);
   if (cublas_ != nullptr) cublasDestroy(cublas_);
@@ -365,6 +366,20 @@ absl::Status CudaBackend::H2OPrefill(const H2OPrefillArgs& a) {
   FERRY_RETURN_IF_ERROR(ValidateH2OPrefill(a));
   if (a.col_sums.shape[2] > 28 * 1024) return absl::InvalidArgumentError("cuda H2OPrefill: prompts above 28K tokens");
   FERRY_CUDA_RETURN_IF_ERROR(LaunchH2OPrefill(a, stream_));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::GatherHostRows(const void* host_table, size_t row_bytes, const std::vector<int32_t>& rows, void* dst) {
+  if (rows.empty()) return absl::OkStatus();
+  const size_t bytes = rows.size() * sizeof(int32_t);
+  if (gather_ids_.bytes() < bytes) {
+    gather_ids_ = DeviceBuffer();
+    FERRY_ASSIGN_OR_RETURN(gather_ids_, Allocate(bytes));
+  }
+  // Stream-ordered: the previous gather's kernel has read the old ids before these land.
+  FERRY_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(gather_ids_.data(), rows.data(), bytes, cudaMemcpyHostToDevice, stream_));
+  FERRY_CUDA_RETURN_IF_ERROR(LaunchGatherHostRows(host_table, row_bytes, static_cast<const int32_t*>(gather_ids_.data()),
+                                                  static_cast<int64_t>(rows.size()), dst, stream_));
   return absl::OkStatus();
 }
 

@@ -64,6 +64,7 @@ class CudaBackend final : public Backend {
   absl::Status H2OPlace(const H2OPlaceArgs& args) override;
   absl::Status H2OUpdate(const H2OUpdateArgs& args) override;
   absl::Status H2OPrefill(const H2OPrefillArgs& args) override;
+  absl::Status GatherHostRows(const void* host_table, size_t row_bytes, const std::vector<int32_t>& rows, void* dst) override;
 
   cudaStream_t stream() const { return stream_; }
   size_t allocated_bytes() const { return allocated_; }
@@ -98,6 +99,7 @@ class CudaBackend final : public Backend {
   std::atomic<size_t> allocated_{0}, peak_{0}, host_allocated_{0};
   DeviceBuffer scratch_;         // activations converted for GEMM
   DeviceBuffer bundle_scratch_;  // BundledFfn's [n, m] activations
+  DeviceBuffer gather_ids_;      // GatherHostRows' row ids
   // Launch plans of the tensor-core prefill (tiles, then the other queries), cached by the host
   // seq_ids/positions they were made from: a forward's layers (and its micro-batches) reuse them.
   struct AttentionPlan {

@@ -401,6 +401,24 @@ TEST_F(CudaTwinTest, H2OPrefillSelection) {
   EXPECT_EQ(gslot, token_slot);
 }
 
+// Deja Vu's fetch: scattered rows of a pinned host table gathered by one kernel, for row sizes that
+// take each copy unit (16, 4, 2 and 1 bytes), against the CPU twin.
+TEST_F(CudaTwinTest, GatherHostRows) {
+  for (size_t row_bytes : {size_t{16384}, size_t{16386}, size_t{1028}, size_t{7}}) {
+    const int table_rows = 300;
+    auto table = gpu_->AllocateHost(row_bytes * table_rows);
+    ASSERT_TRUE(table.ok());
+    for (size_t i = 0; i < row_bytes * table_rows; ++i) static_cast<unsigned char*>(table->data())[i] = static_cast<unsigned char>(i * 131 + 7);
+    const std::vector<int32_t> rows = {0, 1, 2, 17, 18, 150, 299, 5};
+    std::vector<unsigned char> want(rows.size() * row_bytes), got(want.size(), 0xee);
+    ASSERT_TRUE(cpu_.GatherHostRows(table->data(), row_bytes, rows, want.data()).ok());
+    TensorView dst = Up(got, DType::kU8, {static_cast<int64_t>(got.size())});
+    ASSERT_TRUE(gpu_->GatherHostRows(table->data(), row_bytes, rows, dst.data).ok());
+    ASSERT_TRUE(gpu_->CopyToHost(got.data(), dst.data, got.size()).ok());
+    EXPECT_EQ(got, want) << row_bytes;
+  }
+}
+
 TEST_F(CudaTwinTest, ArgMaxRows) {
   for (auto [rows, vocab] : {std::pair<int, int>{1, 1}, {3, 7}, {64, 50272}, {5, 8192}}) {
     std::vector<float> logits = RandomValues(static_cast<size_t>(rows) * vocab, 40, 10.0f);
