@@ -232,6 +232,34 @@ TEST_F(OffloadModelTest, BudgetsHoldAndTooSmallBudgetsAreRefusedBeforeAllocating
   EXPECT_EQ(small.peak_host_allocated_bytes(), 0u);
 }
 
+// The sparse FFN's pinned bundles and device gather buffer are in the plan: budgets that fit hold
+// (peaks measured), a host budget too small for the bundles is refused before allocating.
+TEST_F(OffloadModelTest, SparseFfnBudgetsHold) {
+  kernels::CpuBackend probe;
+  OffloadOptions o;
+  o.split = {0, 100, 0};
+  o.sparse_ffn = true;
+  o.reserve_device_bytes = 2 << 20;
+  auto store = io::Store::Open(store_dir_->path());
+  ASSERT_TRUE(store.ok());
+  auto plan = OptModel::PlanOffload(*store, o);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  o.device_budget = plan->device_bytes;
+  o.host_budget = plan->host_bytes;
+  kernels::CpuBackend backend(kernels::CpuBackendOptions{o.device_budget, o.host_budget});
+  auto m = OptModel::LoadOffloaded(store_dir_->path(), &backend, o);
+  ASSERT_TRUE(m.ok()) << m.status();
+  Run(**m, backend);
+  EXPECT_LE(backend.peak_allocated_bytes(), o.device_budget);
+  EXPECT_LE(backend.peak_host_allocated_bytes(), o.host_budget);
+
+  o.host_budget = plan->host_bytes - (1 << 20);
+  kernels::CpuBackend small(kernels::CpuBackendOptions{o.device_budget, o.host_budget});
+  auto refused = OptModel::LoadOffloaded(store_dir_->path(), &small, o);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(small.peak_host_allocated_bytes(), 0u);
+}
+
 TEST_F(OffloadModelTest, DiskErrorsAreReportedNotCrashedOn) {
   kernels::CpuBackend backend;
   OffloadOptions o;
