@@ -287,7 +287,9 @@ absl::Status OptModel::LoadBundles(const io::Store& store, const std::string& pr
   const int64_t d = c.hidden_size, f = c.ffn_dim, width = 2 * d + 1;
   const size_t es = DTypeSize(matrix_dtype_);
   sparse_ = true;
-  bundle_bytes_ = static_cast<uint64_t>(width) * es;
+  // Each bundle padded to a 16-byte multiple: aligned rows for the gather and the GEMMs.
+  bundle_stride_ = (width * static_cast<int64_t>(es) + 15) / 16 * 16 / static_cast<int64_t>(es);
+  bundle_bytes_ = static_cast<uint64_t>(bundle_stride_) * es;
   std::vector<char> w1(static_cast<size_t>(f * d) * es), w2(static_cast<size_t>(d * f) * es);
   std::vector<float> b1(static_cast<size_t>(f));
   std::vector<char> b1_native(static_cast<size_t>(f) * es);
@@ -303,6 +305,7 @@ absl::Status OptModel::LoadBundles(const io::Store& store, const std::string& pr
     ConvertFromF32(matrix_dtype_, b1.data(), b1_native.data(), static_cast<size_t>(f));
     FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer pinned, backend_->AllocateHost(static_cast<size_t>(f) * bundle_bytes_));
     char* dst = static_cast<char*>(pinned.data());
+    std::memset(dst, 0, static_cast<size_t>(f) * bundle_bytes_);
     ThreadPool::Default().ParallelFor(f, 64, [&](int64_t j0, int64_t j1) {
       for (int64_t j = j0; j < j1; ++j) {
         char* bundle = dst + static_cast<size_t>(j) * bundle_bytes_;
@@ -330,7 +333,7 @@ absl::StatusOr<TensorView> OptModel::GatherBundles(int layer, const std::vector<
   // One gather, in stream order: the FFN that read gather_ last is done before it is rewritten.
   FERRY_RETURN_IF_ERROR(backend_->GatherHostRows(bundles_[layer].data(), bundle_bytes_, neurons, gather_.data()));
   bundle_bytes_moved_ += static_cast<uint64_t>(m) * bundle_bytes_;
-  return MakeView(gather_.data(), matrix_dtype_, {m, 2 * config_.hidden_size + 1}, backend_->device());
+  return MakeView(gather_.data(), matrix_dtype_, {m, bundle_stride_}, backend_->device());
 }
 
 absl::StatusOr<offload::Plan> OptModel::PlanOffload(const io::Store& store, const OffloadOptions& options) {
@@ -351,7 +354,8 @@ absl::StatusOr<offload::Plan> OptModel::PlanOffload(const io::Store& store, cons
       in.layer_bytes.push_back(end - begin);
     }
     const io::StoreTensor* fc1 = store.FindTensor(absl::StrCat(DecoderPrefix(store), "layers.0.fc1.weight"));
-    const uint64_t bundle = static_cast<uint64_t>(2 * c.hidden_size + 1) * DTypeSize(fc1->info.dtype);
+    const uint64_t es = DTypeSize(fc1->info.dtype);
+    const uint64_t bundle = ((2 * c.hidden_size + 1) * es + 15) / 16 * 16;  // as LoadBundles pads
     bundles_device = (bundle + sizeof(int32_t)) * c.ffn_dim;  // one layer's worth of fetched bundles and their ids
     bundles_host = bundles_device * c.num_layers;  // every layer's bundles, pinned
   } else {

@@ -157,6 +157,7 @@ class OptModel {
   std::vector<uint64_t> stream_begin_;             // per layer: where the streamed range starts in its region
   std::vector<kernels::DeviceBuffer> bundles_;     // per layer, pinned: [ffn, 2d + 1] in the matrices' dtype
   kernels::DeviceBuffer gather_;                   // backend memory for one layer's fetched bundles
+  int64_t bundle_stride_ = 0;  // elements per bundle row (2d + 1, padded to 16 bytes)
   uint64_t bundle_bytes_ = 0;
   mutable uint64_t bundle_bytes_moved_ = 0;
   absl::StatusOr<TensorView> GatherBundles(int layer, const std::vector<int32_t>& neurons) const;

@@ -158,8 +158,8 @@ absl::Status ValidateBundledFfn(const BundledFfnArgs& a) {
                                "x and out must be distinct contiguous [n, d] F32"));
   const int64_t d = a.x.shape[1];
   FERRY_RETURN_IF_ERROR(Expect(a.bundles.ndim == 2 && IsFloat(a.bundles.dtype) && a.bundles.is_contiguous() &&
-                                   a.bundles.shape[1] == 2 * d + 1,
-                               op, absl::StrCat("bundles must be [m, ", 2 * d + 1, "] float")));
+                                   a.bundles.shape[1] >= 2 * d + 1,
+                               op, absl::StrCat("bundles must be [m, >= ", 2 * d + 1, "] float")));
   if (a.fc2_bias.data != nullptr) {
     FERRY_RETURN_IF_ERROR(Expect(a.fc2_bias.ndim == 1 && a.fc2_bias.shape[0] == d && a.fc2_bias.dtype == DType::kF32, op,
                                  "fc2_bias must be [d] F32"));

@@ -168,7 +168,7 @@ struct H2OPrefillArgs {
 // out = FC2 bias + sum over bundles of relu(x . row + bias) * column.
 struct BundledFfnArgs {
   TensorView x;         // [n, d] F32
-  TensorView bundles;   // [m, 2d + 1] F32/F16/BF16
+  TensorView bundles;   // [m, stride] F32/F16/BF16, stride >= 2d + 1 (padding after the FC2 column ignored)
   TensorView fc2_bias;  // [d] F32 (data == nullptr: none)
   TensorView out;       // [n, d] F32, must not alias x
 };

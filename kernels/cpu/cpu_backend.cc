@@ -182,7 +182,7 @@ absl::Status CpuBackend::Attention(const AttentionArgs& a) {
 
 absl::Status CpuBackend::BundledFfn(const BundledFfnArgs& a) {
   FERRY_RETURN_IF_ERROR(ValidateBundledFfn(a));
-  const int64_t n = a.x.shape[0], d = a.x.shape[1], m = a.bundles.shape[0], width = 2 * d + 1;
+  const int64_t n = a.x.shape[0], d = a.x.shape[1], m = a.bundles.shape[0], width = a.bundles.shape[1];  // row stride
   const DType dt = a.bundles.dtype;
   const size_t es = DTypeSize(dt);
   // Unbundled into the dense layouts (FC1 rows [m, d], FC1 bias [m], FC2 [d, m]) and run through

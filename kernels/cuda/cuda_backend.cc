@@ -304,7 +304,7 @@ absl::Status CudaBackend::Attention(const AttentionArgs& a) {
 absl::Status CudaBackend::BundledFfn(const BundledFfnArgs& a) {
   FERRY_RETURN_IF_ERROR(ValidateBundledFfn(a));
   FERRY_RETURN_IF_ERROR(RequireDevice(a.bundles, "bundles"));
-  const int64_t n = a.x.shape[0], d = a.x.shape[1], m = a.bundles.shape[0], width = 2 * d + 1;
+  const int64_t n = a.x.shape[0], d = a.x.shape[1], m = a.bundles.shape[0], width = a.bundles.shape[1];  // row stride
   if (n == 0) return absl::OkStatus();
   if (m == 0) {  // no neuron selected: out = FC2 bias
     FERRY_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(a.out.data, 0, a.out.bytes(), stream_));

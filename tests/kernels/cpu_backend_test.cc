@@ -215,6 +215,17 @@ TEST(CpuBackendTest, BundledFfnWithEveryNeuronIsTheDenseFfnBitwise) {
                               View(sparse, {n, d})})
                   .ok());
   EXPECT_EQ(sparse, dense);
+  // Rows padded to a longer stride (the executor pads bundles to 16 bytes): the same result.
+  const int stride = 2 * d + 8;
+  std::vector<uint16_t> padded(static_cast<size_t>(F) * stride, 0x7e00);  // NaN padding: must not be read
+  for (int j = 0; j < F; ++j) {
+    std::copy_n(bundles.begin() + static_cast<size_t>(j) * (2 * d + 1), 2 * d + 1, padded.begin() + static_cast<size_t>(j) * stride);
+  }
+  std::vector<float> again(n * d, NAN);
+  ASSERT_TRUE(cpu.BundledFfn({View(x, {n, d}), TensorView::Contiguous(padded.data(), DType::kF16, {F, stride}), View(b2, {d}),
+                              View(again, {n, d})})
+                  .ok());
+  EXPECT_EQ(again, dense);
 }
 
 // The bundled FFN over a neuron subset equals the dense FFN with the other neurons zeroed.
