@@ -2,8 +2,9 @@
 
 #include <algorithm>
 #include <chrono>
-#include <cstring>
 #include <cstdio>
+#include <cstring>
+#include <memory>
 #include <random>
 
 #include "absl/strings/str_cat.h"
@@ -166,6 +167,12 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
     predictors->set_k_fraction(o.sparsity_k);
     select = predictors->Selector(*backend);
   }
+  // Layers whose measured union is too large to gain run dense (every bundle, no predictor).
+  std::shared_ptr<AdaptiveFfnSelector> adaptive;
+  if (select) {
+    adaptive = std::make_shared<AdaptiveFfnSelector>(std::move(select), config.num_layers, config.ffn_dim, o.sparsity_dense_above);
+    select = [adaptive](int layer, const TensorView& x) { return (*adaptive)(layer, x); };
+  }
 
   std::mt19937 rng(static_cast<uint32_t>(o.seed));
   ForwardBatch pre;
@@ -257,7 +264,9 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
                                               {"density_or_k", o.sparsity_sim > 0.0 ? o.sparsity_sim : o.sparsity_k},
                                               {"bundle_bytes_per_step", bundle_step},
                                               {"dense_ffn_bytes_per_step", dense_ffn_step},
-                                              {"fetched_fraction", dense_ffn_step > 0 ? static_cast<double>(bundle_step) / dense_ffn_step : 0.0}}
+                                              {"fetched_fraction", dense_ffn_step > 0 ? static_cast<double>(bundle_step) / dense_ffn_step : 0.0},
+                                              {"dense_above", o.sparsity_dense_above},
+                                              {"layers_run_dense", adaptive ? adaptive->dense_layers() : std::vector<int>()}}
                             : nlohmann::json()},
       {"memory", {{"plan_device", model->plan().device_bytes}, {"plan_pinned", model->plan().host_bytes},
                   {"gpu_budget", o.backend.memory_budget_bytes}, {"cpu_budget", o.backend.host_budget_bytes}}}};
@@ -295,6 +304,10 @@ std::string BenchResult::Table() const {
                                        sp["bundle_bytes_per_step"].get<double>() / 1048576,
                                        100 * sp["fetched_fraction"].get<double>(),
                                        sp["dense_ffn_bytes_per_step"].get<double>() / 1048576));
+    std::string dense;
+    for (int l : sp["layers_run_dense"]) absl::StrAppend(&dense, dense.empty() ? "" : ",", l);
+    line("layers run dense", absl::StrFormat("%s (measured union >= %.0f%% of the FFN)", dense.empty() ? "none" : dense.c_str(),
+                                             100 * sp["dense_above"].get<double>()));
   }
   line("floor per step", absl::StrFormat("%.4f s; achieved/floor %.2fx", j["floor_step_s"].get<double>(),
                                          j["step_over_floor"].get<double>()));

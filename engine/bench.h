@@ -40,6 +40,7 @@ struct BenchOptions {
   double sparsity_sim = 0.0;   // 0: off
   std::string sparsity_dir;    // empty: off
   double sparsity_k = 0.15;
+  double sparsity_dense_above = 0.9;  // a layer whose measured union reaches this runs dense
 };
 
 struct BenchResult {

@@ -404,6 +404,36 @@ FfnSelector RandomFfnSelector(int ffn, double density, uint64_t seed) {
   };
 }
 
+AdaptiveFfnSelector::AdaptiveFfnSelector(FfnSelector inner, int layers, int ffn, double dense_above, int probe)
+    : inner_(std::move(inner)), ffn_(ffn), probe_(probe), dense_above_(dense_above), calls_(layers, 0), sum_(layers, 0.0) {}
+
+absl::StatusOr<std::vector<int32_t>> AdaptiveFfnSelector::operator()(int layer, const TensorView& attn_in) {
+  if (layer < 0 || layer >= static_cast<int>(calls_.size())) return absl::InvalidArgumentError("selector: layer out of range");
+  if (calls_[layer] >= probe_ && sum_[layer] / calls_[layer] >= dense_above_) {
+    std::vector<int32_t> all(static_cast<size_t>(ffn_));
+    std::iota(all.begin(), all.end(), 0);
+    return all;
+  }
+  FERRY_ASSIGN_OR_RETURN(std::vector<int32_t> chosen, inner_(layer, attn_in));
+  if (calls_[layer] < probe_) {
+    ++calls_[layer];
+    sum_[layer] += static_cast<double>(chosen.size()) / ffn_;
+  }
+  return chosen;
+}
+
+std::vector<int> AdaptiveFfnSelector::dense_layers() const {
+  std::vector<int> out;
+  for (size_t l = 0; l < calls_.size(); ++l) {
+    if (calls_[l] >= probe_ && sum_[l] / calls_[l] >= dense_above_) out.push_back(static_cast<int>(l));
+  }
+  return out;
+}
+
+double AdaptiveFfnSelector::probed_fraction(int layer) const {
+  return calls_[layer] > 0 ? sum_[layer] / calls_[layer] : -1.0;
+}
+
 absl::StatusOr<SparsityReport> ReportSparsity(const std::string& data_dir, const SparseFfn* predictors, double k_fraction) {
   FERRY_ASSIGN_OR_RETURN(Meta meta, ReadMeta(data_dir));
   SparsityReport rep;

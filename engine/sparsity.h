@@ -60,6 +60,26 @@ using FfnSelector = std::function<absl::StatusOr<std::vector<int32_t>>(int layer
 // (a fresh draw per layer, call and token, from `seed`); the union over the tokens is fetched.
 FfnSelector RandomFfnSelector(int ffn, double density, uint64_t seed);
 
+// Wraps a selector with the measured choice to run a layer dense: each layer's first `probe`
+// calls go to `inner` and their union fractions are recorded; a layer whose mean is at least
+// `dense_above` then takes every neuron without asking `inner` (no predictor work, and the FFN
+// over all bundles). dense_layers() reports the choice.
+class AdaptiveFfnSelector {
+ public:
+  AdaptiveFfnSelector(FfnSelector inner, int layers, int ffn, double dense_above, int probe = 4);
+  absl::StatusOr<std::vector<int32_t>> operator()(int layer, const TensorView& attn_in);
+  std::vector<int> dense_layers() const;
+  // Mean union fraction of a layer's probe calls (-1 before any).
+  double probed_fraction(int layer) const;
+
+ private:
+  FfnSelector inner_;
+  int ffn_ = 0, probe_ = 0;
+  double dense_above_ = 1.0;
+  std::vector<int> calls_;
+  std::vector<double> sum_;
+};
+
 class SparseFfn {
  public:
   static absl::StatusOr<SparseFfn> Load(const std::string& predictor_dir, const OptConfig& config);

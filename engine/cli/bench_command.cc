@@ -24,7 +24,7 @@ struct BenchFlags {
   bool quiet = false;
   std::string h2o;
   bool fit_batch = false;
-  double sparsity_sim = 0.0, sparsity_k = 0.15;
+  double sparsity_sim = 0.0, sparsity_k = 0.15, sparsity_dense_above = 0.9;
   std::string sparsity;
 };
 
@@ -93,6 +93,7 @@ absl::Status RunBenchCommand(const BenchFlags& f) {
   o.sparsity_sim = f.sparsity_sim;
   o.sparsity_dir = f.sparsity;
   o.sparsity_k = f.sparsity_k;
+  o.sparsity_dense_above = f.sparsity_dense_above;
   FERRY_ASSIGN_OR_RETURN(o.h2o, ParseH2O(f.h2o, 0, 0));
   if (!f.quiet) o.progress = [](const std::string& s) { std::fprintf(stderr, "ferry: %s\n", s.c_str()); };
   FERRY_ASSIGN_OR_RETURN(o.store_dir, PrepareStore(f));
@@ -136,6 +137,10 @@ void RegisterBenchCommand(CLI::App& app, Runner* selected) {
   b->add_option("--sparsity", f.sparsity, "Deja Vu through the executor with the trained predictors in this directory")
       ->excludes(sim);
   b->add_option("--sparsity-k", f.sparsity_k, "With --sparsity: fraction of neurons kept per token")
+      ->check(CLI::Range(0.0, 1.0))
+      ->capture_default_str();
+  b->add_option("--sparsity-dense-above", f.sparsity_dense_above,
+                "A layer whose union over its first decode calls reaches this fraction runs dense")
       ->check(CLI::Range(0.0, 1.0))
       ->capture_default_str();
   b->add_option("--json", f.json, "Also write the results as JSON to this file");

@@ -6,6 +6,7 @@
 
 #include "engine/dummy_model.h"
 #include "engine/opt_model.h"
+#include "engine/sparsity.h"
 #include "gtest/gtest.h"
 #include "io/store.h"
 #include "kernels/cpu/cpu_backend.h"
@@ -108,6 +109,32 @@ TEST(BenchTest, SparsitySimFetchesTheDrawnBundlesOnly) {
   EXPECT_NE(sparse->Table().find("sparse FFN"), std::string::npos);
   o.sparsity_dir = "/nonexistent";
   EXPECT_FALSE(RunBench(o).ok());  // both at once
+}
+
+// The measured choice to run a layer dense: after its probe calls, a layer whose union reached the
+// threshold stops asking the predictor and takes every neuron; the others keep asking.
+TEST(BenchTest, LayersWithALargeMeasuredUnionRunDense) {
+  const int ffn = 100;
+  std::vector<int> asked(3, 0);
+  FfnSelector inner = [&](int layer, const TensorView&) -> absl::StatusOr<std::vector<int32_t>> {
+    ++asked[layer];
+    std::vector<int32_t> out;
+    for (int j = 0; j < (layer == 1 ? 95 : 10); ++j) out.push_back(j);
+    return out;
+  };
+  AdaptiveFfnSelector adaptive(inner, 3, ffn, 0.9, /*probe=*/2);
+  for (int call = 0; call < 5; ++call) {
+    for (int layer = 1; layer < 3; ++layer) {
+      auto chosen = adaptive(layer, TensorView{});
+      ASSERT_TRUE(chosen.ok());
+      EXPECT_EQ(chosen->size(), layer == 1 && call >= 2 ? 100u : layer == 1 ? 95u : 10u) << layer << " " << call;
+    }
+  }
+  EXPECT_EQ(asked[1], 2);
+  EXPECT_EQ(asked[2], 5);
+  EXPECT_EQ(adaptive.dense_layers(), std::vector<int>{1});
+  EXPECT_NEAR(adaptive.probed_fraction(2), 0.10, 1e-12);
+  EXPECT_EQ(adaptive.probed_fraction(0), -1.0);
 }
 
 TEST(DummyModelTest, Opt125mStoreLoadsAndRuns) {
