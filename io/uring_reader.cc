@@ -21,6 +21,7 @@ struct Piece {
   char* dst;
   size_t len;
   int retries;
+  int fixed;  // registered buffer index, or -1
 };
 
 }  // namespace
@@ -87,19 +88,25 @@ int UringReader::RegisteredIndex(const void* dst, size_t n) const {
 }
 
 absl::Status UringReader::Read(const ReadFile& file, uint64_t offset, void* dst, size_t n) {
-  if (file.direct && (offset % kDirectAlignment != 0 || n % kDirectAlignment != 0 ||
-                      reinterpret_cast<uintptr_t>(dst) % kDirectAlignment != 0)) {
-    return absl::InvalidArgumentError(absl::StrCat("O_DIRECT read of ", file.path, " needs 4 KiB-aligned offset (", offset,
-                                                   "), size (", n, ") and buffer"));
-  }
-  if (offset > file.size || n > file.size - offset) {
-    return absl::DataLossError(absl::StrCat(file.path, ": read of [", offset, ", ", offset + n, ") past the end of the ",
-                                            file.size, "-byte file"));
-  }
-  const int fixed = RegisteredIndex(dst, n);
+  return ReadMany(file, {{offset, dst, n}});
+}
+
+absl::Status UringReader::ReadMany(const ReadFile& file, const std::vector<ReadExtent>& extents) {
   std::deque<Piece> pending;
-  for (size_t done = 0; done < n; done += options_.block_bytes) {
-    pending.push_back({offset + done, static_cast<char*>(dst) + done, std::min(options_.block_bytes, n - done), 0});
+  for (const ReadExtent& e : extents) {
+    if (file.direct && (e.offset % kDirectAlignment != 0 || e.n % kDirectAlignment != 0 ||
+                        reinterpret_cast<uintptr_t>(e.dst) % kDirectAlignment != 0)) {
+      return absl::InvalidArgumentError(absl::StrCat("O_DIRECT read of ", file.path, " needs 4 KiB-aligned offset (", e.offset,
+                                                     "), size (", e.n, ") and buffer"));
+    }
+    if (e.offset > file.size || e.n > file.size - e.offset) {
+      return absl::DataLossError(absl::StrCat(file.path, ": read of [", e.offset, ", ", e.offset + e.n, ") past the end of the ",
+                                              file.size, "-byte file"));
+    }
+    const int fixed = RegisteredIndex(e.dst, e.n);
+    for (size_t done = 0; done < e.n; done += options_.block_bytes) {
+      pending.push_back({e.offset + done, static_cast<char*>(e.dst) + done, std::min(options_.block_bytes, e.n - done), 0, fixed});
+    }
   }
   std::vector<Piece> slots(options_.queue_depth);
   std::vector<unsigned> free_slots;
@@ -118,8 +125,8 @@ absl::Status UringReader::Read(const ReadFile& file, uint64_t offset, void* dst,
       slots[slot] = pending.front();
       pending.pop_front();
       const Piece& p = slots[slot];
-      if (fixed >= 0) {
-        io_uring_prep_read_fixed(sqe, file.fd.get(), p.dst, static_cast<unsigned>(p.len), p.offset, fixed);
+      if (p.fixed >= 0) {
+        io_uring_prep_read_fixed(sqe, file.fd.get(), p.dst, static_cast<unsigned>(p.len), p.offset, p.fixed);
       } else {
         io_uring_prep_read(sqe, file.fd.get(), p.dst, static_cast<unsigned>(p.len), p.offset);
       }
@@ -165,7 +172,7 @@ absl::Status UringReader::Read(const ReadFile& file, uint64_t offset, void* dst,
         size_t got = static_cast<size_t>(res);
         if (file.direct) got = got / kDirectAlignment * kDirectAlignment;
         ++resubmits_;
-        pending.push_front({p.offset + got, p.dst + got, p.len - got, got == 0 ? p.retries + 1 : 0});
+        pending.push_front({p.offset + got, p.dst + got, p.len - got, got == 0 ? p.retries + 1 : 0, p.fixed});
         if (pending.front().retries > kMaxRetries && error.ok()) {
           error = absl::DataLossError(absl::StrCat(file.path, ": no progress reading at ", p.offset));
         }

@@ -52,6 +52,14 @@ class UringReader {
   // Reads bytes [offset, offset + n) of `file` into dst. With O_DIRECT, offset, n and dst must be
   // 4 KiB-aligned (kInvalidArgument otherwise). Not thread-safe: one reader per thread.
   absl::Status Read(const ReadFile& file, uint64_t offset, void* dst, size_t n);
+  // Reads several extents with one pipeline (queue_depth requests in flight across them), e.g.
+  // the scattered pages of a sparse fetch. The same rules per extent.
+  struct ReadExtent {
+    uint64_t offset;
+    void* dst;
+    size_t n;
+  };
+  absl::Status ReadMany(const ReadFile& file, const std::vector<ReadExtent>& extents);
 
   // Counters since creation.
   uint64_t requests() const { return requests_; }
