@@ -67,6 +67,20 @@ absl::Status PreadFull(int fd, void* dst, size_t n, uint64_t offset, const std::
   return absl::OkStatus();
 }
 
+absl::Status PwriteFull(int fd, const void* src, size_t n, uint64_t offset, const std::string& path_for_errors) {
+  const char* p = static_cast<const char*>(src);
+  size_t done = 0;
+  while (done < n) {
+    const ssize_t w = ::pwrite(fd, p + done, n - done, static_cast<off_t>(offset + done));
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      return absl::ErrnoToStatus(errno, absl::StrCat("write ", path_for_errors));
+    }
+    done += static_cast<size_t>(w);
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::string> ReadFileToString(const std::string& path) {
   FERRY_ASSIGN_OR_RETURN(ScopedFd fd, ScopedFd::OpenForRead(path));
   FERRY_ASSIGN_OR_RETURN(uint64_t size, FileSize(fd.get(), path));

@@ -30,6 +30,8 @@ class ScopedFd {
 absl::StatusOr<uint64_t> FileSize(int fd, const std::string& path_for_errors);
 // Reads exactly `n` bytes at `offset`; a file that ends first is kDataLoss.
 absl::Status PreadFull(int fd, void* dst, size_t n, uint64_t offset, const std::string& path_for_errors);
+// pwrite until all n bytes are written (EINTR retried).
+absl::Status PwriteFull(int fd, const void* src, size_t n, uint64_t offset, const std::string& path_for_errors);
 absl::StatusOr<std::string> ReadFileToString(const std::string& path);
 bool PathExists(const std::string& path);
 

@@ -191,7 +191,7 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
   FERRY_RETURN_IF_ERROR(model->Forward(pre, *cache, &logits));
   const auto t1 = Clock::now();
   const auto stats1 = model->streamer()->stats();
-  const uint64_t bundles1 = model->bundle_bytes_moved();
+  const uint64_t bundles1 = model->bundle_bytes_moved(), bundle_disk1 = model->bundle_disk_bytes_read();
   std::vector<int> next(batch);
   for (int s = 0; s < batch; ++s) {
     const float* row = logits.data() + static_cast<size_t>(s) * config.vocab_size;
@@ -216,7 +216,7 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
   }
   const auto t2 = Clock::now();
   const auto stats2 = model->streamer()->stats();
-  const uint64_t bundles2 = model->bundle_bytes_moved();
+  const uint64_t bundles2 = model->bundle_bytes_moved(), bundle_disk2 = model->bundle_disk_bytes_read();
 
   const double prefill_s = Seconds(t0, t1), decode_s = Seconds(t1, t2), total_s = prefill_s + decode_s;
   const int steps = o.gen_len - 1;
@@ -230,6 +230,7 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
   const uint64_t bundle_step = steps > 0 ? (bundles2 - bundles1) / static_cast<uint64_t>(steps) : 0;
   const uint64_t dense_ffn_step = sparse ? model->bundle_bytes() * config.ffn_dim * config.num_layers : 0;  // once per step
   h2d_step += bundle_step;
+  disk_step += steps > 0 ? (bundle_disk2 - bundle_disk1) / static_cast<uint64_t>(steps) : 0;  // bundle pages from the SSD
   const double step_s = steps > 0 ? decode_s / steps : 0.0;
   const double floor_h2d = h2d_bw > 0 ? h2d_step / h2d_bw : 0.0, floor_disk = disk_bw > 0 ? disk_step / disk_bw : 0.0;
   const double floor_s = std::max(floor_h2d, floor_disk);

@@ -1,6 +1,10 @@
 #include "engine/opt_model.h"
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
 #include <cstring>
 
@@ -276,47 +280,99 @@ absl::StatusOr<std::unique_ptr<OptModel>> OptModel::LoadOffloaded(const std::str
     FERRY_RETURN_IF_ERROR(m->LoadLayerVectors(store, absl::StrCat(prefix, "layers.", l, "."), &L));
     m->layers_.push_back(std::move(L));
   }
-  if (options.sparse_ffn) FERRY_RETURN_IF_ERROR(m->LoadBundles(store, prefix));
+  if (options.sparse_ffn) FERRY_RETURN_IF_ERROR(m->LoadBundles(store, prefix, options));
   for (const auto& l : m->plan_.layers) m->stream_begin_.push_back(l.begin);
   FERRY_ASSIGN_OR_RETURN(m->streamer_, offload::LayerStreamer::Create(backend, store, m->plan_, options.streamer));
   return m;
 }
 
-absl::Status OptModel::LoadBundles(const io::Store& store, const std::string& prefix) {
+absl::Status OptModel::BuildLayerBundles(const io::Store& store, const std::string& prefix, int layer, char* dst) const {
   const OptConfig& c = config_;
-  const int64_t d = c.hidden_size, f = c.ffn_dim, width = 2 * d + 1;
+  const int64_t d = c.hidden_size, f = c.ffn_dim;
   const size_t es = DTypeSize(matrix_dtype_);
-  sparse_ = true;
-  // Each bundle padded to a 16-byte multiple: aligned rows for the gather and the GEMMs.
-  bundle_stride_ = (width * static_cast<int64_t>(es) + 15) / 16 * 16 / static_cast<int64_t>(es);
-  bundle_bytes_ = static_cast<uint64_t>(bundle_stride_) * es;
   std::vector<char> w1(static_cast<size_t>(f * d) * es), w2(static_cast<size_t>(d * f) * es);
   std::vector<float> b1(static_cast<size_t>(f));
   std::vector<char> b1_native(static_cast<size_t>(f) * es);
-  for (int l = 0; l < c.num_layers; ++l) {
-    const std::string p = absl::StrCat(prefix, "layers.", l, ".");
-    FERRY_RETURN_IF_ERROR(store.Read(p + "fc1.weight", w1.data(), w1.size()));
-    FERRY_RETURN_IF_ERROR(store.Read(p + "fc2.weight", w2.data(), w2.size()));
-    const io::TensorInfo* bias = store.Find(p + "fc1.bias");
-    if (bias == nullptr || bias->numel() != f) return absl::NotFoundError(absl::StrCat("store lacks ", p, "fc1.bias of ", f, " values"));
-    std::vector<char> raw(bias->bytes);
-    FERRY_RETURN_IF_ERROR(store.Read(p + "fc1.bias", raw.data(), raw.size()));
-    ConvertToF32(bias->dtype, raw.data(), b1.data(), static_cast<size_t>(f));
-    ConvertFromF32(matrix_dtype_, b1.data(), b1_native.data(), static_cast<size_t>(f));
-    FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer pinned, backend_->AllocateHost(static_cast<size_t>(f) * bundle_bytes_));
-    char* dst = static_cast<char*>(pinned.data());
-    std::memset(dst, 0, static_cast<size_t>(f) * bundle_bytes_);
-    ThreadPool::Default().ParallelFor(f, 64, [&](int64_t j0, int64_t j1) {
-      for (int64_t j = j0; j < j1; ++j) {
-        char* bundle = dst + static_cast<size_t>(j) * bundle_bytes_;
-        std::memcpy(bundle, w1.data() + static_cast<size_t>(j * d) * es, static_cast<size_t>(d) * es);
-        std::memcpy(bundle + static_cast<size_t>(d) * es, b1_native.data() + static_cast<size_t>(j) * es, es);
-        for (int64_t i = 0; i < d; ++i) {
-          std::memcpy(bundle + static_cast<size_t>(d + 1 + i) * es, w2.data() + static_cast<size_t>(i * f + j) * es, es);
-        }
+  const std::string p = absl::StrCat(prefix, "layers.", layer, ".");
+  FERRY_RETURN_IF_ERROR(store.Read(p + "fc1.weight", w1.data(), w1.size()));
+  FERRY_RETURN_IF_ERROR(store.Read(p + "fc2.weight", w2.data(), w2.size()));
+  const io::TensorInfo* bias = store.Find(p + "fc1.bias");
+  if (bias == nullptr || bias->numel() != f) return absl::NotFoundError(absl::StrCat("store lacks ", p, "fc1.bias of ", f, " values"));
+  std::vector<char> raw(bias->bytes);
+  FERRY_RETURN_IF_ERROR(store.Read(p + "fc1.bias", raw.data(), raw.size()));
+  ConvertToF32(bias->dtype, raw.data(), b1.data(), static_cast<size_t>(f));
+  ConvertFromF32(matrix_dtype_, b1.data(), b1_native.data(), static_cast<size_t>(f));
+  std::memset(dst, 0, static_cast<size_t>(f) * bundle_bytes_);
+  ThreadPool::Default().ParallelFor(f, 64, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      char* bundle = dst + static_cast<size_t>(j) * bundle_bytes_;
+      std::memcpy(bundle, w1.data() + static_cast<size_t>(j * d) * es, static_cast<size_t>(d) * es);
+      std::memcpy(bundle + static_cast<size_t>(d) * es, b1_native.data() + static_cast<size_t>(j) * es, es);
+      for (int64_t i = 0; i < d; ++i) {
+        std::memcpy(bundle + static_cast<size_t>(d + 1 + i) * es, w2.data() + static_cast<size_t>(i * f + j) * es, es);
       }
-    });
-    bundles_.push_back(std::move(pinned));
+    }
+  });
+  return absl::OkStatus();
+}
+
+namespace {
+
+// Bytes of one bundle (2d + 1 values, padded to 16 bytes) and of one layer's bundles on disk
+// (4 KiB-aligned, so every layer starts on a page).
+uint64_t BundleBytes(const OptConfig& c, DType dtype) {
+  return (static_cast<uint64_t>(2 * c.hidden_size + 1) * DTypeSize(dtype) + 15) / 16 * 16;
+}
+uint64_t BundleLayerStride(const OptConfig& c, DType dtype) {
+  return (BundleBytes(c, dtype) * c.ffn_dim + io::kStoreAlignment - 1) / io::kStoreAlignment * io::kStoreAlignment;
+}
+
+}  // namespace
+
+absl::Status OptModel::LoadBundles(const io::Store& store, const std::string& prefix, const OffloadOptions& options) {
+  const OptConfig& c = config_;
+  const int64_t f = c.ffn_dim;
+  const size_t es = DTypeSize(matrix_dtype_);
+  sparse_ = true;
+  // Each bundle padded to a 16-byte multiple: aligned rows for the gather and the GEMMs.
+  bundle_bytes_ = BundleBytes(c, matrix_dtype_);
+  bundle_stride_ = static_cast<int64_t>(bundle_bytes_ / es);
+  if (options.split.disk <= 0.0) {
+    for (int l = 0; l < c.num_layers; ++l) {
+      FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer pinned, backend_->AllocateHost(static_cast<size_t>(f) * bundle_bytes_));
+      FERRY_RETURN_IF_ERROR(BuildLayerBundles(store, prefix, l, static_cast<char*>(pinned.data())));
+      bundles_.push_back(std::move(pinned));
+    }
+  } else {
+    // The disk tier: the bundles live in the store's ffn_bundles.bin (written once, beside the
+    // weights) and each gather reads only the pages that hold the chosen neurons.
+    layer_stride_ = BundleLayerStride(c, matrix_dtype_);
+    const std::string path = store.dir() + "/ffn_bundles.bin";
+    const uint64_t want = layer_stride_ * c.num_layers;
+    auto existing = io::ReadFile::Open(path, /*want_direct=*/false);
+    if (!existing.ok() || existing->size != want) {
+      const std::string tmp = path + ".tmp";
+      ScopedFd out(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+      if (out.get() < 0) return absl::ErrnoToStatus(errno, absl::StrCat("cannot write ", tmp, " (the sparse FFN's bundles for the disk tier)"));
+      std::vector<char> layer(layer_stride_, 0);
+      for (int l = 0; l < c.num_layers; ++l) {
+        FERRY_RETURN_IF_ERROR(BuildLayerBundles(store, prefix, l, layer.data()));
+        FERRY_RETURN_IF_ERROR(PwriteFull(out.get(), layer.data(), layer.size(), static_cast<uint64_t>(l) * layer_stride_, tmp));
+      }
+      if (::fsync(out.get()) != 0) return absl::ErrnoToStatus(errno, absl::StrCat("fsync ", tmp));
+      if (::rename(tmp.c_str(), path.c_str()) != 0) return absl::ErrnoToStatus(errno, absl::StrCat("rename ", tmp));
+    }
+    FERRY_ASSIGN_OR_RETURN(bundle_file_, io::ReadFile::Open(path, /*want_direct=*/true));
+    FERRY_ASSIGN_OR_RETURN(staging_, backend_->AllocateHost(layer_stride_));
+    io::UringOptions uo = options.streamer.uring;
+    uo.registered = {{staging_.data(), staging_.bytes()}};
+    auto reader = io::UringReader::Create(uo);
+    if (!reader.ok()) {
+      uo.registered.clear();
+      reader = io::UringReader::Create(uo);
+    }
+    if (!reader.ok()) return reader.status();
+    bundle_reader_ = std::move(*reader);
   }
   FERRY_ASSIGN_OR_RETURN(gather_, backend_->Allocate(static_cast<size_t>(f) * bundle_bytes_));
   return absl::OkStatus();
@@ -330,8 +386,39 @@ absl::StatusOr<TensorView> OptModel::GatherBundles(int layer, const std::vector<
                                                      ") in increasing order"));
     }
   }
+  const void* table = nullptr;
+  if (bundle_reader_ == nullptr) {
+    table = bundles_[layer].data();
+  } else {
+    // Read the pages that hold the chosen bundles into the staging mirror of the layer's region,
+    // at their own offsets, so the gather below finds neuron j at j * bundle_bytes_.
+    if (staging_fence_ != nullptr) FERRY_RETURN_IF_ERROR(staging_fence_->Wait());  // the last gather read staging_
+    std::vector<io::UringReader::ReadExtent> extents;
+    const uint64_t page = io::kStoreAlignment, base = static_cast<uint64_t>(layer) * layer_stride_;
+    char* staging = static_cast<char*>(staging_.data());
+    for (int64_t i = 0; i < m;) {
+      int64_t e = i + 1;
+      while (e < m && neurons[e] == neurons[e - 1] + 1) ++e;
+      const uint64_t first = static_cast<uint64_t>(neurons[i]) * bundle_bytes_ / page;
+      const uint64_t last = (static_cast<uint64_t>(neurons[e - 1] + 1) * bundle_bytes_ + page - 1) / page;  // exclusive
+      if (!extents.empty() && extents.back().offset + extents.back().n >= base + first * page) {
+        extents.back().n = static_cast<size_t>(base + last * page - extents.back().offset);
+      } else {
+        extents.push_back({base + first * page, staging + first * page, static_cast<size_t>((last - first) * page)});
+      }
+      i = e;
+    }
+    uint64_t bytes = 0;
+    for (const auto& x : extents) bytes += x.n;
+    FERRY_RETURN_IF_ERROR(bundle_reader_->ReadMany(bundle_file_, extents));
+    bundle_disk_bytes_read_ += bytes;
+    table = staging;
+  }
   // One gather, in stream order: the FFN that read gather_ last is done before it is rewritten.
-  FERRY_RETURN_IF_ERROR(backend_->GatherHostRows(bundles_[layer].data(), bundle_bytes_, neurons, gather_.data()));
+  FERRY_RETURN_IF_ERROR(backend_->GatherHostRows(table, bundle_bytes_, neurons, gather_.data()));
+  if (bundle_reader_ != nullptr) {
+    FERRY_ASSIGN_OR_RETURN(staging_fence_, backend_->RecordFence());
+  }
   bundle_bytes_moved_ += static_cast<uint64_t>(m) * bundle_bytes_;
   return MakeView(gather_.data(), matrix_dtype_, {m, bundle_stride_}, backend_->device());
 }
@@ -354,10 +441,10 @@ absl::StatusOr<offload::Plan> OptModel::PlanOffload(const io::Store& store, cons
       in.layer_bytes.push_back(end - begin);
     }
     const io::StoreTensor* fc1 = store.FindTensor(absl::StrCat(DecoderPrefix(store), "layers.0.fc1.weight"));
-    const uint64_t es = DTypeSize(fc1->info.dtype);
-    const uint64_t bundle = ((2 * c.hidden_size + 1) * es + 15) / 16 * 16;  // as LoadBundles pads
+    const uint64_t bundle = BundleBytes(c, fc1->info.dtype);
     bundles_device = (bundle + sizeof(int32_t)) * c.ffn_dim;  // one layer's worth of fetched bundles and their ids
-    bundles_host = bundles_device * c.num_layers;  // every layer's bundles, pinned
+    // Pinned: every layer's bundles (CPU tier), or one layer's staging mirror (disk tier).
+    bundles_host = options.split.disk > 0.0 ? BundleLayerStride(c, fc1->info.dtype) : bundle * c.ffn_dim * c.num_layers;
   } else {
     for (const auto& region : store.layers()) in.layer_bytes.push_back(region.bytes);
   }

@@ -15,6 +15,7 @@
 #include "engine/opt_config.h"
 #include "io/store.h"
 #include "io/tensor_source.h"
+#include "io/uring_reader.h"
 #include "kernels/backend.h"
 #include "offload/attention_cache.h"
 #include "offload/layer_streamer.h"
@@ -120,6 +121,8 @@ class OptModel {
   // Sparse FFN: bytes of one neuron's bundle, and the bundle bytes moved to the backend so far.
   uint64_t bundle_bytes() const { return bundle_bytes_; }
   uint64_t bundle_bytes_moved() const { return bundle_bytes_moved_; }
+  // Disk tier: the bundle pages read from the SSD so far (page-rounded).
+  uint64_t bundle_disk_bytes_read() const { return bundle_disk_bytes_read_; }
 
   // Device bytes that Forward allocates for `tokens` tokens and `logit_rows` rows of logits (an
   // upper bound, for memory plans), and that a KV cache of rows x max_len takes.
@@ -160,8 +163,17 @@ class OptModel {
   int64_t bundle_stride_ = 0;  // elements per bundle row (2d + 1, padded to 16 bytes)
   uint64_t bundle_bytes_ = 0;
   mutable uint64_t bundle_bytes_moved_ = 0;
+  // Disk tier: the bundles in the store's ffn_bundles.bin, read page-wise into a pinned staging
+  // mirror of one layer's region.
+  uint64_t layer_stride_ = 0;
+  io::ReadFile bundle_file_;
+  kernels::DeviceBuffer staging_;
+  std::unique_ptr<io::UringReader> bundle_reader_;
+  mutable std::unique_ptr<kernels::Fence> staging_fence_;
+  mutable uint64_t bundle_disk_bytes_read_ = 0;
   absl::StatusOr<TensorView> GatherBundles(int layer, const std::vector<int32_t>& neurons) const;
-  absl::Status LoadBundles(const io::Store& store, const std::string& prefix);
+  absl::Status LoadBundles(const io::Store& store, const std::string& prefix, const OffloadOptions& options);
+  absl::Status BuildLayerBundles(const io::Store& store, const std::string& prefix, int layer, char* dst) const;
 };
 
 }  // namespace ferry::engine

@@ -35,26 +35,12 @@ std::string Hex(uint64_t v) {
   return buf;
 }
 
-absl::Status WriteAll(int fd, const void* data, size_t n, uint64_t offset, const std::string& path) {
-  const char* p = static_cast<const char*>(data);
-  size_t done = 0;
-  while (done < n) {
-    const ssize_t w = ::pwrite(fd, p + done, n - done, static_cast<off_t>(offset + done));
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      return absl::ErrnoToStatus(errno, absl::StrCat("write ", path));
-    }
-    done += static_cast<size_t>(w);
-  }
-  return absl::OkStatus();
-}
-
 absl::Status WriteFileAtomically(const std::string& path, const std::string& data) {
   const std::string tmp = path + ".tmp";
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) return absl::ErrnoToStatus(errno, absl::StrCat("create ", tmp));
   ScopedFd guard(fd);
-  FERRY_RETURN_IF_ERROR(WriteAll(fd, data.data(), data.size(), 0, tmp));
+  FERRY_RETURN_IF_ERROR(PwriteFull(fd, data.data(), data.size(), 0, tmp));
   if (::fsync(fd) != 0) return absl::ErrnoToStatus(errno, absl::StrCat("fsync ", tmp));
   if (::rename(tmp.c_str(), path.c_str()) != 0) return absl::ErrnoToStatus(errno, absl::StrCat("rename ", tmp));
   return absl::OkStatus();
@@ -127,7 +113,7 @@ absl::Status StoreWriter::Write(size_t index, const void* data, size_t n) {
   if (index >= order_.size() || written_[index] + n > bytes_[index]) {
     return absl::InvalidArgumentError("StoreWriter::Write past the tensor's end");
   }
-  FERRY_RETURN_IF_ERROR(WriteAll(state_->fd.get(), data, n, offsets_[index] + written_[index], state_->tmp_path));
+  FERRY_RETURN_IF_ERROR(PwriteFull(state_->fd.get(), data, n, offsets_[index] + written_[index], state_->tmp_path));
   XXH3_64bits_update(state_->hashes[index], data, n);
   written_[index] += n;
   return absl::OkStatus();

@@ -102,6 +102,8 @@ TEST_F(OffloadModelTest, SparseFfnFetchesOnlyTheSelectedBundles) {
     EXPECT_EQ(Run(**m, backend), expected) << split.gpu << "," << split.cpu << "," << split.disk;
     const FfnSelector all = RandomFfnSelector(c.ffn_dim, 1.0, 3);
     EXPECT_EQ(Run(**m, backend, /*micro=*/true, &all), expected);
+    // With a disk share the bundles come from the store's ffn_bundles.bin, page by page.
+    EXPECT_EQ((*m)->bundle_disk_bytes_read() > 0, split.disk > 0) << split.disk;
     // The attention part alone is placed and streamed: about a third of each layer's region.
     auto store = io::Store::Open(store_dir_->path());
     ASSERT_TRUE(store.ok());
@@ -111,48 +113,54 @@ TEST_F(OffloadModelTest, SparseFfnFetchesOnlyTheSelectedBundles) {
   }
 
   // 30% of the neurons per token, two sequences each their own micro-batch: the same draws zero
-  // the other neurons in the dense resident model.
-  kernels::CpuBackend backend;
-  OffloadOptions o;
-  o.split = offload::WeightSplit{0, 100, 0};
-  o.sparse_ffn = true;
-  auto m = OptModel::LoadOffloaded(store_dir_->path(), &backend, o);
-  ASSERT_TRUE(m.ok()) << m.status();
-  const FfnSelector sparse_select = RandomFfnSelector(c.ffn_dim, 0.3, 11), hook_select = RandomFfnSelector(c.ffn_dim, 0.3, 11);
-  uint64_t selected = 0;
-  const FfnSelector counting = [&](int layer, const TensorView& x) -> absl::StatusOr<std::vector<int32_t>> {
-    auto s = sparse_select(layer, x);
-    if (s.ok()) selected += s->size();
-    return s;
-  };
-  const std::function<absl::Status(int, const TensorView&, const TensorView&)> zero_others =
-      [&](int layer, const TensorView& x, const TensorView& act) -> absl::Status {
-    FERRY_ASSIGN_OR_RETURN(std::vector<int32_t> keep, hook_select(layer, x));
-    std::vector<uint8_t> on(static_cast<size_t>(c.ffn_dim), 0);
-    for (int32_t j : keep) on[j] = 1;
-    for (int64_t t = 0; t < act.shape[0]; ++t) {
-      for (int j = 0; j < c.ffn_dim; ++j) {
-        if (!on[j]) act.as<float>()[t * c.ffn_dim + j] = 0.0f;
+  // the other neurons in the dense resident model; bundles from pinned memory, then from disk.
+  for (const offload::WeightSplit split : {offload::WeightSplit{0, 100, 0}, offload::WeightSplit{0, 0, 100}}) {
+    kernels::CpuBackend backend;
+    OffloadOptions o;
+    o.split = split;
+    o.sparse_ffn = true;
+    auto m = OptModel::LoadOffloaded(store_dir_->path(), &backend, o);
+    ASSERT_TRUE(m.ok()) << m.status();
+    const FfnSelector sparse_select = RandomFfnSelector(c.ffn_dim, 0.3, 11), hook_select = RandomFfnSelector(c.ffn_dim, 0.3, 11);
+    uint64_t selected = 0;
+    const FfnSelector counting = [&](int layer, const TensorView& x) -> absl::StatusOr<std::vector<int32_t>> {
+      auto s = sparse_select(layer, x);
+      if (s.ok()) selected += s->size();
+      return s;
+    };
+    const std::function<absl::Status(int, const TensorView&, const TensorView&)> zero_others =
+        [&](int layer, const TensorView& x, const TensorView& act) -> absl::Status {
+      FERRY_ASSIGN_OR_RETURN(std::vector<int32_t> keep, hook_select(layer, x));
+      std::vector<uint8_t> on(static_cast<size_t>(c.ffn_dim), 0);
+      for (int32_t j : keep) on[j] = 1;
+      for (int64_t t = 0; t < act.shape[0]; ++t) {
+        for (int j = 0; j < c.ffn_dim; ++j) {
+          if (!on[j]) act.as<float>()[t * c.ffn_dim + j] = 0.0f;
+        }
       }
+      return absl::OkStatus();
+    };
+    const uint64_t before = (*m)->bundle_bytes_moved();
+    const std::vector<float> got = Run(**m, backend, /*micro=*/true, &counting);
+    const std::vector<float> want = Run(**resident, resident_backend, /*micro=*/true, nullptr, &zero_others);
+    ASSERT_EQ(got.size(), want.size());
+    double diff = 0, mag = 0;
+    for (size_t i = 0; i < got.size(); ++i) {
+      diff = std::max(diff, static_cast<double>(std::abs(got[i] - want[i])));
+      mag = std::max(mag, static_cast<double>(std::abs(want[i])));
     }
-    return absl::OkStatus();
-  };
-  const uint64_t before = (*m)->bundle_bytes_moved();
-  const std::vector<float> got = Run(**m, backend, /*micro=*/true, &counting);
-  const std::vector<float> want = Run(**resident, resident_backend, /*micro=*/true, nullptr, &zero_others);
-  ASSERT_EQ(got.size(), want.size());
-  double diff = 0, mag = 0;
-  for (size_t i = 0; i < got.size(); ++i) {
-    diff = std::max(diff, static_cast<double>(std::abs(got[i] - want[i])));
-    mag = std::max(mag, static_cast<double>(std::abs(want[i])));
+    EXPECT_LT(diff / mag, 1e-5);
+    EXPECT_NE(got, expected);  // the selection did change the model
+    // The prefill fetched every bundle once per layer and micro-batch; the decode steps only the selected.
+    const uint64_t prefill = 2ull * c.num_layers * c.ffn_dim * (*m)->bundle_bytes();
+    EXPECT_EQ((*m)->bundle_bytes_moved() - before, prefill + selected * (*m)->bundle_bytes());
+    EXPECT_GT(selected, 0u);
+    EXPECT_LT(selected, 3ull * 2 * c.num_layers * c.ffn_dim / 2);  // 30% per token, one token per micro-batch
+    if (split.disk > 0) {
+      // Page-rounded reads of the selected bundles: at least their bytes, at most a few pages more per bundle.
+      EXPECT_GE((*m)->bundle_disk_bytes_read(), prefill + selected * (*m)->bundle_bytes());
+    }
   }
-  EXPECT_LT(diff / mag, 1e-5);
-  EXPECT_NE(got, expected);  // the selection did change the model
-  // The prefill fetched every bundle once per layer and micro-batch; the decode steps only the selected.
-  const uint64_t prefill = 2ull * c.num_layers * c.ffn_dim * (*m)->bundle_bytes();
-  EXPECT_EQ((*m)->bundle_bytes_moved() - before, prefill + selected * (*m)->bundle_bytes());
-  EXPECT_GT(selected, 0u);
-  EXPECT_LT(selected, 3ull * 2 * c.num_layers * c.ffn_dim / 2);  // 30% per token, one token per micro-batch
 }
 
 TEST_F(OffloadModelTest, KvCacheOnTheCpuGivesBitIdenticalLogits) {
