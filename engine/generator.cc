@@ -138,6 +138,7 @@ absl::StatusOr<std::vector<GenerationResult>> Generate(const OptModel& model,
     }
     if (seqs.empty()) break;
     want_argmax(batch, seqs);
+    batch.ffn_select = options.ffn_select;
     FERRY_RETURN_IF_ERROR(model.Forward(batch, *cache, &logits));
     for (size_t i = 0; i < seqs.size(); ++i) {
       const int s = seqs[i];

@@ -25,6 +25,10 @@ struct GenerateOptions {
   std::optional<offload::H2OOptions> h2o;  // evicting KV cache instead of the dense one
   // Optional FFN hook (Deja Vu on a resident model: zeroes the neurons a predictor did not select).
   const std::function<absl::Status(int, const TensorView&, const TensorView&)>* ffn_hook = nullptr;
+  // Optional neuron selection for a model loaded with OffloadOptions::sparse_ffn (Deja Vu through
+  // the executor: only the chosen bundles are fetched), used in decode steps; prefill computes
+  // every neuron.
+  const std::function<absl::StatusOr<std::vector<int32_t>>(int, const TensorView&)>* ffn_select = nullptr;
 };
 
 struct GenerationRequest {

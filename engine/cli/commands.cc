@@ -64,7 +64,8 @@ absl::StatusOr<std::unique_ptr<engine::Tokenizer>> LoadTokenizer(const ModelFlag
 
 // `rows` and `max_tokens_per_call`: the largest batch and forward call the command will run,
 // reserved in the memory plan of an offloaded model.
-absl::StatusOr<Loaded> LoadAll(const ModelFlags& f, int64_t rows, int64_t max_tokens_per_call) {
+// `sparse_ffn`: Deja Vu through the executor (needs --weights).
+absl::StatusOr<Loaded> LoadAll(const ModelFlags& f, int64_t rows, int64_t max_tokens_per_call, bool sparse_ffn = false) {
   if (f.threads > 0) setenv("FERRY_NUM_THREADS", std::to_string(f.threads).c_str(), 1);
   FERRY_RETURN_IF_ERROR(CheckModelDir(f.model));
   Loaded l;
@@ -88,6 +89,7 @@ absl::StatusOr<Loaded> LoadAll(const ModelFlags& f, int64_t rows, int64_t max_to
     FERRY_ASSIGN_OR_RETURN(engine::OptConfig config, engine::OptConfig::FromModelDir(f.model));
     engine::OffloadOptions o;
     FERRY_ASSIGN_OR_RETURN(o.split, offload::ParseWeightSplit(f.weights));
+    o.sparse_ffn = sparse_ffn;
     o.device_budget = bo.memory_budget_bytes;
     o.host_budget = bo.host_budget_bytes;
     o.reserve_device_bytes = engine::OptModel::KvCacheBytes(config, rows, config.max_positions) +
@@ -129,17 +131,26 @@ absl::Status RunGenerate(const GenerateFlags& f) {
   FERRY_ASSIGN_OR_RETURN(gen.h2o, ParseH2O(f.h2o, f.protect, 0));
   FERRY_RETURN_IF_ERROR(engine::ValidateGenerateOptions(gen));
   const int64_t rows = f.input.empty() ? 1 : f.batch_size;
-  FERRY_ASSIGN_OR_RETURN(Loaded l, LoadAll(f.model, rows, std::max<int64_t>(4096, rows)));
+  // --sparsity: with --weights the executor fetches only the predicted neurons' bundles (any
+  // backend); on a resident model a hook zeroes the others (CPU backend).
+  const bool sparse_exec = !f.sparsity.empty() && !f.model.weights.empty();
+  FERRY_ASSIGN_OR_RETURN(Loaded l, LoadAll(f.model, rows, std::max<int64_t>(4096, rows), sparse_exec));
   std::optional<engine::SparseFfn> sparse;
   std::function<absl::Status(int, const TensorView&, const TensorView&)> hook;
+  engine::FfnSelector select;
   if (!f.sparsity.empty()) {
-    if (l.backend->device() != Device::kCpu) {
-      return absl::UnimplementedError("--sparsity on generate runs on the CPU backend so far (ferry bench --sparsity streams bundles)");
-    }
     FERRY_ASSIGN_OR_RETURN(sparse, engine::SparseFfn::Load(f.sparsity, l.model->config()));
     sparse->set_k_fraction(f.sparsity_k);
-    hook = sparse->Hook();
-    gen.ffn_hook = &hook;
+    if (sparse_exec) {
+      select = sparse->Selector(*l.backend);
+      gen.ffn_select = &select;
+    } else {
+      if (l.backend->device() != Device::kCpu) {
+        return absl::UnimplementedError("--sparsity on a resident model runs on the CPU backend; with --weights it runs anywhere");
+      }
+      hook = sparse->Hook();
+      gen.ffn_hook = &hook;
+    }
   }
   if (!f.input.empty()) {
     engine::GenerateJobOptions job;

@@ -240,6 +240,38 @@ TEST_F(OffloadModelTest, BudgetsHoldAndTooSmallBudgetsAreRefusedBeforeAllocating
   EXPECT_EQ(small.peak_host_allocated_bytes(), 0u);
 }
 
+// `ferry generate --weights ... --sparsity`: Generate passes the selector to every decode step of
+// a sparse-FFN model (the prefill computes every neuron); keeping every neuron, the text is the
+// resident model's.
+TEST_F(OffloadModelTest, GenerateUsesTheSelectorInDecodeSteps) {
+  kernels::CpuBackend resident_backend;
+  auto resident = OptModel::Load(ferry::testing::ModelDir(), &resident_backend);
+  ASSERT_TRUE(resident.ok());
+  kernels::CpuBackend backend;
+  OffloadOptions o;
+  o.split = {0, 100, 0};
+  o.sparse_ffn = true;
+  auto m = OptModel::LoadOffloaded(store_dir_->path(), &backend, o);
+  ASSERT_TRUE(m.ok()) << m.status();
+  const int ffn = (*m)->config().ffn_dim, layers = (*m)->config().num_layers;
+  int calls = 0;
+  const FfnSelector all = [&](int, const TensorView&) -> absl::StatusOr<std::vector<int32_t>> {
+    ++calls;
+    std::vector<int32_t> v(static_cast<size_t>(ffn));
+    for (int j = 0; j < ffn; ++j) v[j] = j;
+    return v;
+  };
+  GenerateOptions g;
+  g.max_new_tokens = 10;
+  g.min_new_tokens = 10;
+  auto want = Generate(**resident, {{{2, 1248, 262, 2732}, 0}}, g);
+  g.ffn_select = &all;
+  auto got = Generate(**m, {{{2, 1248, 262, 2732}, 0}}, g);
+  ASSERT_TRUE(want.ok() && got.ok()) << got.status();
+  EXPECT_EQ((*got)[0].tokens, (*want)[0].tokens);
+  EXPECT_EQ(calls, 9 * layers);  // nine decode steps; the prefill computes every neuron
+}
+
 // The sparse FFN's pinned bundles and device gather buffer are in the plan: budgets that fit hold
 // (peaks measured), a host budget too small for the bundles is refused before allocating.
 TEST_F(OffloadModelTest, SparseFfnBudgetsHold) {
