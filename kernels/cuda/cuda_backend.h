@@ -107,7 +107,7 @@ class CudaBackend final : public Backend {
     DeviceBuffer dev;          // int2 tiles[num_tiles], then int32 rows[num_rows]
     int64_t num_tiles = 0, num_rows = 0;
   };
-  std::vector<AttentionPlan> plans_ = std::vector<AttentionPlan>(4);
+  std::vector<AttentionPlan> plans_ = std::vector<AttentionPlan>(16);  // >= the GPU batches of a step
   size_t next_plan_ = 0;
   absl::StatusOr<const AttentionPlan*> PlanAttention(const AttentionArgs& a);
 };
