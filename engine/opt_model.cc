@@ -615,15 +615,14 @@ absl::Status OptModel::Forward(const ForwardBatch& batch, offload::AttentionCach
                                              positions.view.Rows(begin, ends[m]), &host_seq[m], &host_pos[m], attm,
                                              c.num_heads, scale}));
       FERRY_RETURN_IF_ERROR(b.Linear({attm, L.m[3], L.bias[3], qm, false}));
-      FERRY_RETURN_IF_ERROR(b.Add(hm, qm, hm));
-      if (!c.layer_norm_before) {
-        FERRY_RETURN_IF_ERROR(b.LayerNorm({hm, L.ln1_gamma, L.ln1_beta, hm, 1e-5f}));
-      }
-      // FFN block.
+      // The residual add fused with the LayerNorm after it: the FFN's input LN (pre-LN), or the
+      // attention block's output LN (post-LN, in place).
       const TensorView* ffn_in = &hm;
       if (c.layer_norm_before) {
-        FERRY_RETURN_IF_ERROR(b.LayerNorm({hm, L.ln2_gamma, L.ln2_beta, am, 1e-5f}));
+        FERRY_RETURN_IF_ERROR(b.AddLayerNorm({hm, qm, L.ln2_gamma, L.ln2_beta, am, 1e-5f}));
         ffn_in = &am;
+      } else {
+        FERRY_RETURN_IF_ERROR(b.AddLayerNorm({hm, qm, L.ln1_gamma, L.ln1_beta, hm, 1e-5f}));
       }
       if (sparse_) {
         // Deja Vu: only the chosen neurons' bundles cross the link and are computed.
@@ -644,9 +643,10 @@ absl::Status OptModel::Forward(const ForwardBatch& batch, offload::AttentionCach
         }
         FERRY_RETURN_IF_ERROR(b.Linear({ffnm, L.m[5], L.bias[5], qm, false}));
       }
-      FERRY_RETURN_IF_ERROR(b.Add(hm, qm, hm));
-      if (!c.layer_norm_before) {
-        FERRY_RETURN_IF_ERROR(b.LayerNorm({hm, L.ln2_gamma, L.ln2_beta, hm, 1e-5f}));
+      if (c.layer_norm_before) {
+        FERRY_RETURN_IF_ERROR(b.Add(hm, qm, hm));  // the next LayerNorm is the next layer's
+      } else {
+        FERRY_RETURN_IF_ERROR(b.AddLayerNorm({hm, qm, L.ln2_gamma, L.ln2_beta, hm, 1e-5f}));
       }
     }
     FERRY_RETURN_IF_ERROR(ReleaseLayer(l));

@@ -242,4 +242,9 @@ absl::Status ValidateH2OPrefill(const H2OPrefillArgs& a) {
                 op, "needs 0 <= protect <= heavy and heavy + recent < slots");
 }
 
+absl::Status ValidateAddLayerNorm(const AddLayerNormArgs& a) {
+  FERRY_RETURN_IF_ERROR(ValidateAdd(a.residual, a.delta, a.residual));
+  return ValidateLayerNorm({a.residual, a.gamma, a.beta, a.out, a.eps});
+}
+
 }  // namespace ferry::kernels

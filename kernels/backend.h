@@ -62,6 +62,17 @@ struct LayerNormArgs {
   float eps = 1e-5f;
 };
 
+// The residual add fused with the LayerNorm after it: residual += delta, then
+// out = LayerNorm(residual) (out may alias residual).
+struct AddLayerNormArgs {
+  TensorView residual;  // [n, dim] F32, updated
+  TensorView delta;     // [n, dim] F32
+  TensorView gamma;     // [dim] F32
+  TensorView beta;      // [dim] F32
+  TensorView out;       // [n, dim] F32
+  float eps = 1e-5f;
+};
+
 struct LinearArgs {
   TensorView in;      // [n, k] F32
   TensorView weight;  // [m, k] F32/F16/BF16 (PyTorch's layout)
@@ -196,6 +207,7 @@ class Backend {
 
   virtual absl::Status GatherRows(const GatherRowsArgs& args) = 0;
   virtual absl::Status LayerNorm(const LayerNormArgs& args) = 0;
+  virtual absl::Status AddLayerNorm(const AddLayerNormArgs& args) = 0;
   virtual absl::Status Linear(const LinearArgs& args) = 0;
   // dst = src, same shape and dtype, both contiguous, on the compute queue.
   virtual absl::Status CopyTensor(const TensorView& src, const TensorView& dst) = 0;
@@ -225,6 +237,7 @@ class Backend {
 // Shape and dtype checks shared by every backend, so that each reports bad arguments alike.
 absl::Status ValidateGatherRows(const GatherRowsArgs& args);
 absl::Status ValidateLayerNorm(const LayerNormArgs& args);
+absl::Status ValidateAddLayerNorm(const AddLayerNormArgs& args);
 absl::Status ValidateLinear(const LinearArgs& args);
 absl::Status ValidateCopy(const TensorView& src, const TensorView& dst);
 absl::Status ValidateAdd(const TensorView& a, const TensorView& b, const TensorView& out);

@@ -140,6 +140,13 @@ absl::Status CpuBackend::Linear(const LinearArgs& a) {
   return absl::OkStatus();
 }
 
+absl::Status CpuBackend::AddLayerNorm(const AddLayerNormArgs& a) {
+  // The two ops in turn: the same bits as the unfused pair (the CPU gains nothing from fusing).
+  FERRY_RETURN_IF_ERROR(ValidateAddLayerNorm(a));
+  FERRY_RETURN_IF_ERROR(Add(a.residual, a.delta, a.residual));
+  return LayerNorm({a.residual, a.gamma, a.beta, a.out, a.eps});
+}
+
 absl::Status CpuBackend::CopyTensor(const TensorView& src, const TensorView& dst) {
   FERRY_RETURN_IF_ERROR(ValidateCopy(src, dst));
   std::memcpy(dst.data, src.data, src.bytes());

@@ -42,6 +42,7 @@ class CpuBackend final : public Backend {
 
   absl::Status GatherRows(const GatherRowsArgs& args) override;
   absl::Status LayerNorm(const LayerNormArgs& args) override;
+  absl::Status AddLayerNorm(const AddLayerNormArgs& args) override;
   absl::Status Linear(const LinearArgs& args) override;
   absl::Status CopyTensor(const TensorView& src, const TensorView& dst) override;
   absl::Status Add(const TensorView& a, const TensorView& b, const TensorView& out) override;

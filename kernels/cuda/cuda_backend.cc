@@ -212,6 +212,12 @@ absl::Status CudaBackend::Gemm(const GemmOperand& x, const WeightOperand& w, int
   return absl::OkStatus();
 }
 
+absl::Status CudaBackend::AddLayerNorm(const AddLayerNormArgs& a) {
+  FERRY_RETURN_IF_ERROR(ValidateAddLayerNorm(a));
+  FERRY_CUDA_RETURN_IF_ERROR(LaunchAddLayerNorm(a, stream_));
+  return absl::OkStatus();
+}
+
 absl::Status CudaBackend::Linear(const LinearArgs& a) {
   FERRY_RETURN_IF_ERROR(ValidateLinear(a));
   FERRY_RETURN_IF_ERROR(RequireDevice(a.weight, "weight"));

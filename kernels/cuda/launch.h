@@ -15,6 +15,8 @@ namespace ferry::kernels::cuda {
 // out[i, :] = float(table[ids[i] + offset, :])
 cudaError_t LaunchGatherRows(const GatherRowsArgs& a, cudaStream_t stream);
 cudaError_t LaunchLayerNorm(const LayerNormArgs& a, cudaStream_t stream);
+// residual += delta, out = LayerNorm(residual), in one pass where the row fits the register kernel.
+cudaError_t LaunchAddLayerNorm(const AddLayerNormArgs& a, cudaStream_t stream);
 // out = a + b over n floats.
 cudaError_t LaunchAdd(const float* a, const float* b, float* out, int64_t n, cudaStream_t stream);
 cudaError_t LaunchKvWrite(const KvWriteArgs& a, cudaStream_t stream);

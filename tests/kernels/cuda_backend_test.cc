@@ -111,6 +111,22 @@ TEST_F(CudaTwinTest, GatherLayerNormAdd) {
     ASSERT_TRUE(gpu_->Add(dev.in, dev.out, out).ok());
     for (size_t i = 0; i < x.size(); ++i) sum[i] = x[i] + y[i];
     EXPECT_LT(RelErr(Down(out), sum), 1e-6);
+
+    // Residual add fused with LayerNorm: residual = x + y (updated in place), out = LN(residual);
+    // then the post-LN form with out aliasing the residual.
+    std::vector<float> ln_sum(x.size());
+    ASSERT_TRUE(cpu_.LayerNorm({TensorView::Contiguous(sum.data(), DType::kF32, {rows, dim}),
+                                TensorView::Contiguous(g.data(), DType::kF32, {dim}),
+                                TensorView::Contiguous(b.data(), DType::kF32, {dim}),
+                                TensorView::Contiguous(ln_sum.data(), DType::kF32, {rows, dim}), 1e-5f})
+                    .ok());
+    TensorView residual = Up(x, DType::kF32, {rows, dim}), fused = Poisoned({rows, dim}), delta = Up(y, DType::kF32, {rows, dim});
+    ASSERT_TRUE(gpu_->AddLayerNorm({residual, delta, dev.gamma, dev.beta, fused, 1e-5f}).ok());
+    EXPECT_LT(RelErr(Down(residual), sum), 1e-6) << rows << "x" << dim;
+    EXPECT_LT(RelErr(Down(fused), ln_sum), 1e-5) << rows << "x" << dim;
+    TensorView in_place = Up(x, DType::kF32, {rows, dim});
+    ASSERT_TRUE(gpu_->AddLayerNorm({in_place, delta, dev.gamma, dev.beta, in_place, 1e-5f}).ok());
+    EXPECT_LT(RelErr(Down(in_place), ln_sum), 1e-5) << "in place " << rows << "x" << dim;
   }
   const int vocab = 1003, dim = 333;
   std::vector<float> table = RandomValues(static_cast<size_t>(vocab) * dim, 7);
