@@ -61,29 +61,23 @@ absl::StatusOr<std::vector<GenerationResult>> Generate(const OptModel& model,
   std::vector<int> pending(n, -1);
   std::vector<bool> running(n, true);
   std::vector<float> logits;
-  const int vocab = c.vocab_size;
 
-  // Greedy decoding takes the argmax on the backend, so only token ids come back.
+  // The next tokens are chosen on the backend (argmax, or a sample with each sequence's own draw
+  // from its host-side random stream), so only token ids come back.
   const bool greedy = options.sampling.temperature <= 0.0f;
-  std::vector<int32_t> argmax;
-  // Asks the forward pass for argmaxes instead of logits; sequence seqs[i] is logit row i.
+  std::vector<int32_t> chosen;
+  // Asks the forward pass for chosen ids instead of logits; sequence seqs[i] is logit row i.
   auto want_argmax = [&](ForwardBatch& batch, const std::vector<int>& seqs) {
     batch.ffn_hook = options.ffn_hook;
-    if (!greedy) return;
-    batch.argmax_ids = &argmax;
+    batch.argmax_ids = &chosen;
     batch.banned_token = c.eos_token_id;
     for (size_t i = 0; i < seqs.size(); ++i) {
       if (static_cast<int>(results[seqs[i]].tokens.size()) < options.min_new_tokens) batch.banned_rows.push_back(static_cast<int32_t>(i));
+      if (!greedy) batch.sample_uniforms.push_back(rngs[seqs[i]].Uniform());
     }
+    if (!greedy) batch.sample = {options.sampling.temperature, options.sampling.top_k, options.sampling.top_p};
   };
-  // Chooses sequence s's next token from its logits row (EOS masked until min_new_tokens), or
-  // takes the backend's argmax (row i).
-  auto choose_row = [&](int s, size_t i) {
-    if (greedy) return static_cast<int>(argmax[i]);
-    float* row = logits.data() + i * vocab;
-    if (static_cast<int>(results[s].tokens.size()) < options.min_new_tokens) row[c.eos_token_id] = -INFINITY;
-    return SampleToken(row, vocab, options.sampling, rngs[s]);
-  };
+  auto choose_row = [&](int, size_t i) { return static_cast<int>(chosen[i]); };
 
   // Records a freshly chosen token and decides whether the sequence goes on.
   auto accept = [&](int s, int token) {

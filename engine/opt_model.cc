@@ -685,7 +685,14 @@ absl::Status OptModel::Forward(const ForwardBatch& batch, offload::AttentionCach
       }
     }
     FERRY_ASSIGN_OR_RETURN(Weight ids, Alloc(DType::kI32, {r}));
-    FERRY_RETURN_IF_ERROR(b.ArgMaxRows(out.view, ids.view));
+    if (!batch.sample_uniforms.empty()) {
+      if (static_cast<int64_t>(batch.sample_uniforms.size()) != r) {
+        return absl::InvalidArgumentError("Forward: sampling needs one uniform draw per logit row");
+      }
+      FERRY_RETURN_IF_ERROR(b.SampleRows({out.view, batch.sample_uniforms.data(), batch.sample, ids.view}));
+    } else {
+      FERRY_RETURN_IF_ERROR(b.ArgMaxRows(out.view, ids.view));
+    }
     batch.argmax_ids->resize(static_cast<size_t>(r));
     FERRY_RETURN_IF_ERROR(b.CopyToHost(batch.argmax_ids->data(), ids.buffer.data(), r * sizeof(int32_t)));
     return b.Synchronize();

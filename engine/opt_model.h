@@ -85,8 +85,9 @@ struct ForwardBatch {
   // layer and micro-batch after FC1 + ReLU, before FC2, with the layer's attention-block input
   // (LayerNorm'd) [t, d] and the FFN activation [t, ffn], which it may change (zero neurons).
   const std::function<absl::Status(int layer, const TensorView& attn_in, const TensorView& ffn_act)>* ffn_hook = nullptr;
-  // Optional greedy decoding on the device: when set, the logits stay there and only each logit
-  // row's argmax (lowest index among ties) comes back, into *argmax_ids (logits is left empty).
+  // Optional token choice on the device: when set, the logits stay there and only each logit
+  // row's chosen id comes back, into *argmax_ids (logits is left empty): the argmax (lowest index
+  // among ties), or a sample (below).
   // Token banned_token (>= 0) is excluded in the logit rows listed in banned_rows (EOS before
   // min_new_tokens).
   // With OffloadOptions::sparse_ffn: per layer and micro-batch, the neurons to fetch and compute
@@ -94,6 +95,10 @@ struct ForwardBatch {
   // backend memory. Unset: every neuron.
   const std::function<absl::StatusOr<std::vector<int32_t>>(int layer, const TensorView& attn_in)>* ffn_select = nullptr;
   std::vector<int32_t>* argmax_ids = nullptr;
+  // With argmax_ids and sample_uniforms (one draw in [0, 1) per logit row): sample by
+  // kernels/sampling.h's rule with these parameters instead of taking the argmax.
+  kernels::SamplingParams sample = {};
+  std::vector<double> sample_uniforms = {};
   int32_t banned_token = -1;
   std::vector<int32_t> banned_rows = {};
 };

@@ -5,6 +5,7 @@
 #include <numeric>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/sampling.h"
 
 namespace ferry::engine {
 namespace {
@@ -60,46 +61,7 @@ int ArgMax(const float* logits, int n) {
 
 int SampleToken(const float* logits, int n, const SamplingOptions& o, Rng& rng) {
   if (o.temperature <= 0.0f) return ArgMax(logits, n);
-  // Candidates sorted by logit, descending (ties: lower id first), cut by top-k.
-  std::vector<int> idx(n);
-  std::iota(idx.begin(), idx.end(), 0);
-  const auto by_logit = [&](int a, int b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); };
-  int keep = n;
-  if (o.top_k > 0 && o.top_k < n) {
-    keep = o.top_k;
-    std::partial_sort(idx.begin(), idx.begin() + keep, idx.end(), by_logit);
-  } else {
-    std::sort(idx.begin(), idx.end(), by_logit);
-  }
-  std::vector<double> p(keep);
-  const double max_logit = logits[idx[0]];
-  double sum = 0.0;
-  for (int i = 0; i < keep; ++i) {
-    p[i] = std::exp((logits[idx[i]] - max_logit) / o.temperature);
-    sum += p[i];
-  }
-  // Top-p: the smallest prefix whose probability reaches top_p (at least one token).
-  if (o.top_p < 1.0f) {
-    double cum = 0.0;
-    int cut = keep;
-    for (int i = 0; i < keep; ++i) {
-      cum += p[i] / sum;
-      if (cum >= o.top_p) {
-        cut = i + 1;
-        break;
-      }
-    }
-    keep = cut;
-    sum = 0.0;
-    for (int i = 0; i < keep; ++i) sum += p[i];
-  }
-  const double u = rng.Uniform() * sum;
-  double cum = 0.0;
-  for (int i = 0; i < keep; ++i) {
-    cum += p[i];
-    if (u < cum) return idx[i];
-  }
-  return idx[keep - 1];
+  return kernels::SampleFromLogits(logits, n, {o.temperature, o.top_k, o.top_p}, rng.Uniform());
 }
 
 }  // namespace ferry::engine

@@ -247,4 +247,11 @@ absl::Status ValidateAddLayerNorm(const AddLayerNormArgs& a) {
   return ValidateLayerNorm({a.residual, a.gamma, a.beta, a.out, a.eps});
 }
 
+absl::Status ValidateSampleRows(const SampleRowsArgs& a) {
+  FERRY_RETURN_IF_ERROR(ValidateArgMaxRows(a.logits, a.ids));
+  FERRY_RETURN_IF_ERROR(Expect(a.uniforms != nullptr || a.logits.shape[0] == 0, "SampleRows", "needs one uniform draw per row"));
+  return Expect(a.params.temperature > 0.0f && a.params.top_k >= 0 && a.params.top_p > 0.0f && a.params.top_p <= 1.0f,
+                "SampleRows", "needs temperature > 0, top_k >= 0 and top_p in (0, 1]");
+}
+
 }  // namespace ferry::kernels

@@ -10,6 +10,7 @@
 
 #include "absl/status/statusor.h"
 #include "base/tensor.h"
+#include "kernels/sampling.h"
 
 namespace ferry::kernels {
 
@@ -110,6 +111,15 @@ struct AttentionArgs {
   // (the CUDA backend runs runs of >= 16 consecutive positions of one sequence as tensor-core tiles).
   const int32_t* host_seq_ids = nullptr;
   const int32_t* host_positions = nullptr;
+};
+
+// Sampling where the logits are (so only token ids come back), by the rule of kernels/sampling.h,
+// with the caller's uniform draw per row (each sequence's own random stream stays on the host).
+struct SampleRowsArgs {
+  TensorView logits;                 // [rows, vocab] F32
+  const double* uniforms = nullptr;  // host memory: rows draws in [0, 1)
+  SamplingParams params;
+  TensorView ids;                    // [rows] I32, out
 };
 
 // H2O's per-head slot cache: each (sequence, head) owns `slots` entries that hold whichever tokens
@@ -219,6 +229,7 @@ class Backend {
   // ids[r] = index of the largest of logits[r, :] (the lowest index among ties): greedy decoding
   // without bringing the logits back. logits [rows, vocab] F32, ids [rows] I32.
   virtual absl::Status ArgMaxRows(const TensorView& logits, const TensorView& ids) = 0;
+  virtual absl::Status SampleRows(const SampleRowsArgs& args) = 0;
   virtual absl::Status SlotKvWrite(const SlotKvWriteArgs& args) = 0;
   virtual absl::Status SlotAttention(const SlotAttentionArgs& args) = 0;
   virtual absl::Status H2OPlace(const H2OPlaceArgs& args) = 0;
@@ -245,6 +256,7 @@ absl::Status ValidateKvWrite(const KvWriteArgs& args);
 absl::Status ValidateAttention(const AttentionArgs& args);
 absl::Status ValidateBundledFfn(const BundledFfnArgs& args);
 absl::Status ValidateArgMaxRows(const TensorView& logits, const TensorView& ids);
+absl::Status ValidateSampleRows(const SampleRowsArgs& args);
 absl::Status ValidateSlotKvWrite(const SlotKvWriteArgs& args);
 absl::Status ValidateSlotAttention(const SlotAttentionArgs& args);
 absl::Status ValidateH2OPlace(const H2OPlaceArgs& args);

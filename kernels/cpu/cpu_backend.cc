@@ -227,6 +227,17 @@ absl::Status CpuBackend::BundledFfn(const BundledFfnArgs& a) {
   return absl::OkStatus();
 }
 
+absl::Status CpuBackend::SampleRows(const SampleRowsArgs& a) {
+  FERRY_RETURN_IF_ERROR(ValidateSampleRows(a));
+  const int64_t rows = a.logits.shape[0], vocab = a.logits.shape[1];
+  pool_->ParallelFor(rows, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      a.ids.as<int32_t>()[r] = SampleFromLogits(a.logits.as<const float>() + r * vocab, static_cast<int>(vocab), a.params, a.uniforms[r]);
+    }
+  });
+  return absl::OkStatus();
+}
+
 absl::Status CpuBackend::ArgMaxRows(const TensorView& logits, const TensorView& ids) {
   FERRY_RETURN_IF_ERROR(ValidateArgMaxRows(logits, ids));
   const int64_t rows = logits.shape[0], vocab = logits.shape[1];

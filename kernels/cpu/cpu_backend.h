@@ -50,6 +50,7 @@ class CpuBackend final : public Backend {
   absl::Status Attention(const AttentionArgs& args) override;
   absl::Status BundledFfn(const BundledFfnArgs& args) override;
   absl::Status ArgMaxRows(const TensorView& logits, const TensorView& ids) override;
+  absl::Status SampleRows(const SampleRowsArgs& args) override;
   absl::Status SlotKvWrite(const SlotKvWriteArgs& args) override;
   absl::Status SlotAttention(const SlotAttentionArgs& args) override;
   absl::Status H2OPlace(const H2OPlaceArgs& args) override;

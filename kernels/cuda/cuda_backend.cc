@@ -53,6 +53,7 @@ CudaBackend::~CudaBackend() {
   scratch_ = DeviceBuffer();  // freed on stream_, before it goes
   bundle_scratch_ = DeviceBuffer();
   gather_ids_ = DeviceBuffer();
+  sample_scratch_ = DeviceBuffer();
   plans_.clear();
   if (stream_ != nullptr) cudaStreamSynchronize(stream_);
   if (cublas_ != nullptr) cublasDestroy(cublas_);
@@ -340,6 +341,26 @@ absl::Status CudaBackend::EnsureBundleScratch(size_t bytes) {
 absl::Status CudaBackend::ArgMaxRows(const TensorView& logits, const TensorView& ids) {
   FERRY_RETURN_IF_ERROR(ValidateArgMaxRows(logits, ids));
   FERRY_CUDA_RETURN_IF_ERROR(LaunchArgMaxRows(logits.as<const float>(), ids.as<int32_t>(), logits.shape[0], logits.shape[1], stream_));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::SampleRows(const SampleRowsArgs& a) {
+  FERRY_RETURN_IF_ERROR(ValidateSampleRows(a));
+  const int64_t rows = a.logits.shape[0], vocab = a.logits.shape[1];
+  if (rows == 0) return absl::OkStatus();
+  size_t needed = 0;
+  FERRY_CUDA_RETURN_IF_ERROR(LaunchSampleRows(a.logits.as<const float>(), nullptr, rows, vocab, a.params, nullptr, nullptr, 0,
+                                              &needed, stream_));
+  const size_t uniforms_bytes = static_cast<size_t>(rows) * sizeof(double), total = needed + uniforms_bytes;
+  if (sample_scratch_.bytes() < total) {
+    sample_scratch_ = DeviceBuffer();
+    FERRY_ASSIGN_OR_RETURN(sample_scratch_, Allocate(total));
+  }
+  double* uniforms = reinterpret_cast<double*>(static_cast<char*>(sample_scratch_.data()) + needed);
+  FERRY_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(uniforms, a.uniforms, uniforms_bytes, cudaMemcpyHostToDevice, stream_));
+  FERRY_CUDA_RETURN_IF_ERROR(LaunchSampleRows(a.logits.as<const float>(), uniforms, rows, vocab, a.params, a.ids.as<int32_t>(),
+                                              sample_scratch_.data(), needed, &needed, stream_));
+  FERRY_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));  // the caller's uniforms were read
   return absl::OkStatus();
 }
 

@@ -60,6 +60,7 @@ class CudaBackend final : public Backend {
   absl::Status Attention(const AttentionArgs& args) override;
   absl::Status BundledFfn(const BundledFfnArgs& args) override;
   absl::Status ArgMaxRows(const TensorView& logits, const TensorView& ids) override;
+  absl::Status SampleRows(const SampleRowsArgs& args) override;
   absl::Status SlotKvWrite(const SlotKvWriteArgs& args) override;
   absl::Status SlotAttention(const SlotAttentionArgs& args) override;
   absl::Status H2OPlace(const H2OPlaceArgs& args) override;
@@ -101,6 +102,7 @@ class CudaBackend final : public Backend {
   DeviceBuffer scratch_;         // activations converted for GEMM
   DeviceBuffer bundle_scratch_;  // BundledFfn's [n, m] activations
   DeviceBuffer gather_ids_;      // GatherHostRows' row ids
+  DeviceBuffer sample_scratch_;  // SampleRows' sort buffers and uniforms
   // Launch plans of the tensor-core prefill (tiles, then the other queries), cached by the host
   // seq_ids/positions they were made from: a forward's layers (and its micro-batches) reuse them.
   struct AttentionPlan {

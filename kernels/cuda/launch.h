@@ -51,6 +51,10 @@ cudaError_t LaunchGatherHostRows(const void* host_table, size_t row_bytes, const
 // out[r, c] += bias[c] (when bias), then ReLU (when relu), over [rows, cols].
 cudaError_t LaunchBiasRelu(float* out, const float* bias, int64_t rows, int64_t cols, bool relu, cudaStream_t stream);
 
+// Samples one id per row (kernels/sampling.h's rule); uniforms: device [rows] F64. With scratch ==
+// nullptr (or too small) only sets *needed, the scratch bytes it takes.
+cudaError_t LaunchSampleRows(const float* logits, const double* uniforms, int64_t rows, int64_t vocab, const SamplingParams& p,
+                             int32_t* out, void* scratch, size_t scratch_bytes, size_t* needed, cudaStream_t stream);
 // ids[r] = argmax of logits[r, :] (lowest index among ties), one block per row.
 cudaError_t LaunchArgMaxRows(const float* logits, int32_t* ids, int64_t rows, int64_t vocab, cudaStream_t stream);
 

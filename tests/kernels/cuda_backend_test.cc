@@ -444,6 +444,31 @@ TEST_F(CudaTwinTest, GatherHostRows) {
   }
 }
 
+// Sampling on the device against the CPU twin with the same draws: temperature alone, top-k, top-p
+// and both, over OPT's vocabulary and a tiny one, logits with many ties (rounded) so the order
+// among equal logits (the lower id first) matters.
+TEST_F(CudaTwinTest, SampleRows) {
+  struct Case { int rows, vocab; SamplingParams p; bool ties; };
+  for (const Case& c : {Case{6, 50272, {0.8f, 0, 1.0f}, false}, Case{6, 50272, {1.0f, 40, 1.0f}, true},
+                        Case{6, 50272, {0.7f, 0, 0.9f}, true}, Case{4, 7, {1.3f, 3, 0.95f}, false}, Case{3, 1000, {2.0f, 0, 0.5f}, true}}) {
+    std::vector<float> logits = RandomValues(static_cast<size_t>(c.rows) * c.vocab, 70, 6.0f);
+    if (c.ties) {
+      for (float& x : logits) x = std::round(x);
+    }
+    std::vector<double> u(c.rows);
+    for (int r = 0; r < c.rows; ++r) u[r] = (r * 0.6180339887 + 0.123) - std::floor(r * 0.6180339887 + 0.123);
+    std::vector<int32_t> want(c.rows), got(c.rows, -1);
+    ASSERT_TRUE(cpu_.SampleRows({TensorView::Contiguous(logits.data(), DType::kF32, {c.rows, c.vocab}), u.data(), c.p,
+                                 TensorView::Contiguous(want.data(), DType::kI32, {c.rows})})
+                    .ok());
+    std::vector<int32_t> poison(c.rows, -7);
+    TensorView ids = Up(poison, DType::kI32, {c.rows});
+    ASSERT_TRUE(gpu_->SampleRows({Up(logits, DType::kF32, {c.rows, c.vocab}), u.data(), c.p, ids}).ok());
+    ASSERT_TRUE(gpu_->CopyToHost(got.data(), ids.data, c.rows * sizeof(int32_t)).ok());
+    EXPECT_EQ(got, want) << c.vocab << " T " << c.p.temperature << " k " << c.p.top_k << " p " << c.p.top_p;
+  }
+}
+
 TEST_F(CudaTwinTest, ArgMaxRows) {
   for (auto [rows, vocab] : {std::pair<int, int>{1, 1}, {3, 7}, {64, 50272}, {5, 8192}}) {
     std::vector<float> logits = RandomValues(static_cast<size_t>(rows) * vocab, 40, 10.0f);
