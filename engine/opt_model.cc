@@ -485,7 +485,8 @@ uint64_t OptModel::ForwardWorkspaceBytes(const OptConfig& c, int64_t n, int64_t 
   if (micro <= 0 || micro > n) micro = n;
   // ids and the residual stream h [n, d]; per micro-batch a, q, k, v, att [., d], ffn [., f], the
   // embedding projection and the CUDA GEMM input scratch (16-bit, [., max(d, f)]); the head's rows,
-  // projection and logits; the CUDA backend's GEMM split scratch and launch plans; allocator slack.
+  // projection and logits; the CUDA backend's GEMM split scratch, launch plans and sampling scratch;
+  // allocator slack.
   return static_cast<uint64_t>(n) * (16 + 4 * c.hidden_size) +
          static_cast<uint64_t>(micro) * (5 * 4 * c.hidden_size + 4 * c.ffn_dim + 4 * c.word_embed_proj_dim +
                                          2 * std::max(c.ffn_dim, c.hidden_size)) +
@@ -494,7 +495,9 @@ uint64_t OptModel::ForwardWorkspaceBytes(const OptConfig& c, int64_t n, int64_t 
          static_cast<uint64_t>(std::min<int64_t>(std::max(micro, r), 128)) *
              (4 * std::max({c.hidden_size, c.ffn_dim, c.word_embed_proj_dim}) + 8 * std::max(c.ffn_dim, c.vocab_size)) +
          // the CUDA attention launch plans
-         static_cast<uint64_t>(n) * 4 * 12 + (1 << 20);
+         static_cast<uint64_t>(n) * 4 * 12 +
+         // sampling on the GPU: sorted logits, ids in and out, cumulative sums (F64), the sort's temporaries
+         static_cast<uint64_t>(r) * c.vocab_size * 32 + (2 << 20);
 }
 
 uint64_t OptModel::KvCacheBytes(const OptConfig& c, int64_t rows, int64_t max_len) {
