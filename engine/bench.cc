@@ -82,9 +82,13 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
   const int max_len = o.prompt_len + o.gen_len;
   // Device bytes beyond the weights for a batch: the KV cache (dense or H2O) and the workspace of
   // the prefill, which runs the whole batch in one pass so that weights cross the link once.
-  if (o.kv_on_cpu && o.h2o.has_value()) return absl::UnimplementedError("H2O with the KV cache on the CPU is not implemented yet");
-  auto host_reserve = [&](int64_t b) {
-    return o.kv_on_cpu ? offload::HostKvCache::Bytes(config.num_layers, config.hidden_size, static_cast<int>(b), max_len) : 0;
+  auto host_reserve = [&](int64_t b) -> uint64_t {
+    if (!o.kv_on_cpu) return 0;
+    if (o.h2o.has_value()) {
+      return offload::HostH2OCache::Bytes(config.num_layers, config.num_heads, config.head_dim(), static_cast<int>(b), *o.h2o,
+                                          static_cast<int>(b / o.num_gpu_batches), o.prompt_len);
+    }
+    return offload::HostKvCache::Bytes(config.num_layers, config.hidden_size, static_cast<int>(b), max_len);
   };
   auto reserve = [&](int64_t b) {
     uint64_t kv = o.kv_on_cpu ? 0
@@ -148,7 +152,9 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
   say("loading the model");
   FERRY_ASSIGN_OR_RETURN(std::unique_ptr<OptModel> model, OptModel::LoadOffloaded(o.store_dir, backend.get(), off));
   std::unique_ptr<offload::AttentionCache> cache;
-  if (o.h2o.has_value()) {
+  if (o.h2o.has_value() && o.kv_on_cpu) {
+    FERRY_ASSIGN_OR_RETURN(cache, offload::HostH2OCache::Create(config.num_layers, config.num_heads, config.head_dim(), batch, *o.h2o));
+  } else if (o.h2o.has_value()) {
     FERRY_ASSIGN_OR_RETURN(cache, offload::H2OCache::Create(*backend, config.num_layers, config.num_heads, config.head_dim(),
                                                             batch, *o.h2o));
   } else if (o.kv_on_cpu) {
@@ -240,7 +246,7 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
       {"device", o.backend.name},
       {"batch", batch}, {"gpu_batch_size", gpu_batch_size}, {"num_gpu_batches", o.num_gpu_batches},
       {"batch_fitted_to_budget", o.fit_batch},
-      {"kv_cache", o.h2o.has_value() ? absl::StrCat("h2o ", o.h2o->heavy, "+", o.h2o->recent)
+      {"kv_cache", o.h2o.has_value() ? absl::StrCat("h2o ", o.h2o->heavy, "+", o.h2o->recent, o.kv_on_cpu ? ", on the CPU" : "")
                    : o.kv_on_cpu   ? std::string("full, on the CPU")
                                    : std::string("full")},
       {"prompt_len", o.prompt_len}, {"gen_len", o.gen_len},

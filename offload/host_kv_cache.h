@@ -10,6 +10,7 @@
 #include "absl/status/statusor.h"
 #include "kernels/cpu/cpu_backend.h"
 #include "offload/attention_cache.h"
+#include "offload/h2o_cache.h"
 
 namespace ferry::offload {
 
@@ -29,6 +30,28 @@ class HostKvCache final : public AttentionCache {
   std::vector<kernels::DeviceBuffer> k_, v_;  // pinned host, per layer [rows, max_len, width]
   kernels::CpuBackend cpu_;                   // runs the attention on the host memory
   std::vector<float> q_, kn_, vn_, out_;      // the call's tokens, on the host
+};
+
+// H2O's evicting cache kept in host memory the same way (`ferry bench --kv cpu --h2o H,R`): the
+// slots, their bookkeeping and the attention live on the CPU; per layer only the new tokens' q, k,
+// v go down and the attention output comes back.
+class HostH2OCache final : public AttentionCache {
+ public:
+  static absl::StatusOr<std::unique_ptr<HostH2OCache>> Create(int layers, int heads, int head_dim, int rows, const H2OOptions& o);
+  // Host bytes: the slots and bookkeeping, plus the prefill's dense scratch for `prefill_rows`
+  // prompts of up to `max_prompt` tokens.
+  static uint64_t Bytes(int layers, int heads, int head_dim, int rows, const H2OOptions& o, int prefill_rows, int max_prompt);
+
+  absl::Status Check(const std::vector<int32_t>& seq_ids, const std::vector<int32_t>& positions) const override;
+  absl::Status Attend(kernels::Backend& backend, const AttendArgs& args) override;
+  const H2OCache& slots() const { return *inner_; }
+
+ private:
+  HostH2OCache() = default;
+  int width_ = 0;
+  kernels::CpuBackend cpu_;
+  std::unique_ptr<H2OCache> inner_;       // on cpu_
+  std::vector<float> q_, kn_, vn_, out_;  // the call's tokens, on the host
 };
 
 }  // namespace ferry::offload

@@ -9,6 +9,7 @@
 #include "engine/sparsity.h"
 #include "gtest/gtest.h"
 #include "io/store.h"
+#include "offload/host_kv_cache.h"
 #include "kernels/cpu/cpu_backend.h"
 #include "test_util.h"
 
@@ -53,6 +54,40 @@ TEST(BenchTest, MetricsAreConsistentWithThePlan) {
   o.backend.memory_budget_bytes = 0;
   o.prompt_len = 600;
   EXPECT_EQ(RunBench(o).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// H2O with the KV cache on the CPU: the evicting cache lives in host memory, counted in the host
+// plan, and the bench runs through it.
+TEST(BenchTest, H2OWithTheKvCacheOnTheCpu) {
+  ferry::testing::TempDir dir;
+  ASSERT_TRUE(io::ConvertToStore(ferry::testing::ModelDir(), dir.path()).ok());
+  BenchOptions o;
+  o.store_dir = dir.path();
+  o.prompt_len = 24;
+  o.gen_len = 4;
+  o.gpu_batch_size = 2;
+  o.num_gpu_batches = 2;
+  o.split = {0, 100, 0};
+  o.kv_on_cpu = true;
+  o.h2o = offload::H2OOptions{8, 8, 0};
+  auto r = RunBench(o);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->json["kv_cache"].get<std::string>(), "h2o 8+8, on the CPU");
+  auto dense_cpu = [&] {
+    BenchOptions d = o;
+    d.h2o.reset();
+    return RunBench(d);
+  }();
+  ASSERT_TRUE(dense_cpu.ok());
+  // The host plan counts each cache: the difference between the two runs is the difference of
+  // their host bytes.
+  auto config = OptConfig::FromModelDir(dir.path());
+  ASSERT_TRUE(config.ok());
+  const int64_t h2o_bytes = static_cast<int64_t>(offload::HostH2OCache::Bytes(config->num_layers, config->num_heads,
+                                                                              config->head_dim(), 4, *o.h2o, 2, 24));
+  const int64_t dense_bytes = static_cast<int64_t>(offload::HostKvCache::Bytes(config->num_layers, config->hidden_size, 4, 28));
+  EXPECT_EQ(r->json["memory"]["plan_pinned"].get<int64_t>() - dense_cpu->json["memory"]["plan_pinned"].get<int64_t>(),
+            h2o_bytes - dense_bytes);
 }
 
 TEST(BenchTest, H2OFitsALargerBatchInTheSameBudget) {

@@ -12,6 +12,7 @@
 #include "base/file.h"
 #include "engine/generator.h"
 #include "engine/perplexity.h"
+#include "offload/host_kv_cache.h"
 #include "engine/tokenizer.h"
 #include "gtest/gtest.h"
 #include "kernels/cpu/cpu_backend.h"
@@ -231,6 +232,34 @@ TEST_F(H2OPerplexityTest, BudgetHoldingEverythingGivesTheDenseCacheLogitsBitwise
     ASSERT_TRUE(model_->Forward(step, **small, &b).ok());
   }
   EXPECT_NE(a, b);
+}
+
+// `--kv cpu --h2o`: the evicting cache kept on the host gives the same logits as the one in backend
+// memory (both computed on the CPU here), through a prefill of two prompts and decode steps that
+// evict; only the call's q, k, v and the output cross.
+TEST_F(H2OPerplexityTest, HostResidentH2OCacheGivesTheSameLogits) {
+  const auto& c = model_->config();
+  const H2OOptions o{6, 6, 1};
+  auto device = H2OCache::Create(cpu_, c.num_layers, c.num_heads, c.head_dim(), 2, o);
+  auto host = HostH2OCache::Create(c.num_layers, c.num_heads, c.head_dim(), 2, o);
+  ASSERT_TRUE(device.ok() && host.ok());
+  engine::ForwardBatch pre;
+  const int len[2] = {30, 21};
+  for (int s = 0; s < 2; ++s) {
+    for (int t = 0; t < len[s]; ++t) pre.tokens.push_back(ids_[s * 300 + t]), pre.seq_ids.push_back(s), pre.positions.push_back(t);
+    pre.logit_rows.push_back(static_cast<int32_t>(pre.tokens.size()) - 1);
+  }
+  std::vector<float> a, b;
+  ASSERT_TRUE(model_->Forward(pre, **device, &a).ok());
+  ASSERT_TRUE(model_->Forward(pre, **host, &b).ok());
+  EXPECT_EQ(a, b);
+  for (int step = 0; step < 12; ++step) {
+    engine::ForwardBatch dec{{ids_[30 + step], ids_[321 + step]}, {0, 1}, {len[0] + step, len[1] + step}, {0, 1}};
+    ASSERT_TRUE(model_->Forward(dec, **device, &a).ok());
+    ASSERT_TRUE(model_->Forward(dec, **host, &b).ok());
+    ASSERT_EQ(a, b) << "step " << step;
+  }
+  EXPECT_EQ((*host)->slots().Held(2, 1, 3), (*device)->Held(2, 1, 3));
 }
 
 TEST_F(H2OPerplexityTest, GenerationWithARoomyBudgetIsTheDenseGeneration) {
