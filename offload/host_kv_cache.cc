@@ -5,6 +5,24 @@
 
 namespace ferry::offload {
 
+namespace {
+
+TensorView host(void* p, std::initializer_list<int64_t> shape, DType t = DType::kF32) { return TensorView::Contiguous(p, t, shape); }
+
+}  // namespace
+
+absl::Status HostTokens::Download(kernels::Backend& b, const AttendArgs& a, int width) {
+  const size_t count = static_cast<size_t>(a.q.shape[0]) * width;
+  q.resize(count), k.resize(count), v.resize(count), out.resize(count);
+  FERRY_RETURN_IF_ERROR(b.CopyToHost(q.data(), a.q.data, count * sizeof(float)));
+  FERRY_RETURN_IF_ERROR(b.CopyToHost(k.data(), a.k.data, count * sizeof(float)));
+  return b.CopyToHost(v.data(), a.v.data, count * sizeof(float));
+}
+
+absl::Status HostTokens::Upload(kernels::Backend& b, const AttendArgs& a) const {
+  return b.CopyToDevice(a.out.data, out.data(), out.size() * sizeof(float));
+}
+
 uint64_t HostKvCache::Bytes(int layers, int width, int rows, int max_len) {
   return 2ull * layers * static_cast<uint64_t>(rows) * max_len * width * sizeof(float);
 }
@@ -30,21 +48,14 @@ absl::Status HostKvCache::Check(const std::vector<int32_t>& seq_ids, const std::
 
 absl::Status HostKvCache::Attend(kernels::Backend& b, const AttendArgs& a) {
   const int64_t n = a.q.shape[0];
-  const size_t count = static_cast<size_t>(n) * width_;
-  q_.resize(count), kn_.resize(count), vn_.resize(count), out_.resize(count);
-  FERRY_RETURN_IF_ERROR(b.CopyToHost(q_.data(), a.q.data, count * sizeof(float)));
-  FERRY_RETURN_IF_ERROR(b.CopyToHost(kn_.data(), a.k.data, count * sizeof(float)));
-  FERRY_RETURN_IF_ERROR(b.CopyToHost(vn_.data(), a.v.data, count * sizeof(float)));
+  FERRY_RETURN_IF_ERROR(tokens_.Download(b, a, width_));
   std::vector<int32_t> seq = *a.host_seq_ids, pos = *a.host_positions;
-  auto host = [](void* p, std::initializer_list<int64_t> shape, DType t = DType::kF32) {
-    return TensorView::Contiguous(p, t, shape);
-  };
   const TensorView kc = host(k_[a.layer].data(), {rows_, max_len_, width_}), vc = host(v_[a.layer].data(), {rows_, max_len_, width_});
   const TensorView ids = host(seq.data(), {n}, DType::kI32), ps = host(pos.data(), {n}, DType::kI32);
-  FERRY_RETURN_IF_ERROR(cpu_.KvWrite({host(kn_.data(), {n, width_}), host(vn_.data(), {n, width_}), kc, vc, ids, ps}));
-  FERRY_RETURN_IF_ERROR(cpu_.Attention({host(q_.data(), {n, width_}), kc, vc, ids, ps, host(out_.data(), {n, width_}),
+  FERRY_RETURN_IF_ERROR(cpu_.KvWrite({host(tokens_.k.data(), {n, width_}), host(tokens_.v.data(), {n, width_}), kc, vc, ids, ps}));
+  FERRY_RETURN_IF_ERROR(cpu_.Attention({host(tokens_.q.data(), {n, width_}), kc, vc, ids, ps, host(tokens_.out.data(), {n, width_}),
                                         a.num_heads, a.scale, TensorView{}}));
-  return b.CopyToDevice(a.out.data, out_.data(), count * sizeof(float));
+  return tokens_.Upload(b, a);
 }
 
 absl::StatusOr<std::unique_ptr<HostH2OCache>> HostH2OCache::Create(int layers, int heads, int head_dim, int rows,
@@ -65,28 +76,21 @@ absl::Status HostH2OCache::Check(const std::vector<int32_t>& seq_ids, const std:
 
 absl::Status HostH2OCache::Attend(kernels::Backend& b, const AttendArgs& a) {
   const int64_t n = a.q.shape[0];
-  const size_t count = static_cast<size_t>(n) * width_;
-  q_.resize(count), kn_.resize(count), vn_.resize(count), out_.resize(count);
-  FERRY_RETURN_IF_ERROR(b.CopyToHost(q_.data(), a.q.data, count * sizeof(float)));
-  FERRY_RETURN_IF_ERROR(b.CopyToHost(kn_.data(), a.k.data, count * sizeof(float)));
-  FERRY_RETURN_IF_ERROR(b.CopyToHost(vn_.data(), a.v.data, count * sizeof(float)));
+  FERRY_RETURN_IF_ERROR(tokens_.Download(b, a, width_));
   std::vector<int32_t> seq = *a.host_seq_ids, pos = *a.host_positions;
-  auto host = [](void* p, std::initializer_list<int64_t> shape, DType t = DType::kF32) {
-    return TensorView::Contiguous(p, t, shape);
-  };
   AttendArgs h{a.layer,
-               host(q_.data(), {n, width_}),
-               host(kn_.data(), {n, width_}),
-               host(vn_.data(), {n, width_}),
+               host(tokens_.q.data(), {n, width_}),
+               host(tokens_.k.data(), {n, width_}),
+               host(tokens_.v.data(), {n, width_}),
                host(seq.data(), {n}, DType::kI32),
                host(pos.data(), {n}, DType::kI32),
                &seq,
                &pos,
-               host(out_.data(), {n, width_}),
+               host(tokens_.out.data(), {n, width_}),
                a.num_heads,
                a.scale};
   FERRY_RETURN_IF_ERROR(inner_->Attend(cpu_, h));
-  return b.CopyToDevice(a.out.data, out_.data(), count * sizeof(float));
+  return tokens_.Upload(b, a);
 }
 
 }  // namespace ferry::offload

@@ -14,6 +14,13 @@
 
 namespace ferry::offload {
 
+// A call's q, k, v brought down to the host, and its attention output sent back.
+struct HostTokens {
+  std::vector<float> q, k, v, out;
+  absl::Status Download(kernels::Backend& backend, const AttendArgs& args, int width);
+  absl::Status Upload(kernels::Backend& backend, const AttendArgs& args) const;
+};
+
 class HostKvCache final : public AttentionCache {
  public:
   // `device` allocates the pinned memory (and does the copies); rows x max_len tokens per layer.
@@ -29,7 +36,7 @@ class HostKvCache final : public AttentionCache {
   int layers_ = 0, width_ = 0, rows_ = 0, max_len_ = 0;
   std::vector<kernels::DeviceBuffer> k_, v_;  // pinned host, per layer [rows, max_len, width]
   kernels::CpuBackend cpu_;                   // runs the attention on the host memory
-  std::vector<float> q_, kn_, vn_, out_;      // the call's tokens, on the host
+  HostTokens tokens_;
 };
 
 // H2O's evicting cache kept in host memory the same way (`ferry bench --kv cpu --h2o H,R`): the
@@ -50,8 +57,8 @@ class HostH2OCache final : public AttentionCache {
   HostH2OCache() = default;
   int width_ = 0;
   kernels::CpuBackend cpu_;
-  std::unique_ptr<H2OCache> inner_;       // on cpu_
-  std::vector<float> q_, kn_, vn_, out_;  // the call's tokens, on the host
+  std::unique_ptr<H2OCache> inner_;  // on cpu_
+  HostTokens tokens_;
 };
 
 }  // namespace ferry::offload
