@@ -180,7 +180,18 @@ TEST(CliTest, BenchPrintsFlexGenMetrics) {
   r = Ferry("bench " + kModel + " --store " + dir.File("s") + " --kv cpu --prompt-len 16 --gen-len 3 -q");
   EXPECT_EQ(r.code, 0) << r.err;
   EXPECT_NE(r.out.find("full, on the CPU"), std::string::npos) << r.out;
-  EXPECT_EQ(Ferry("bench " + kModel + " --store " + dir.File("s") + " --kv cpu --h2o 4,4 -q").code, 1);
+  r = Ferry("bench " + kModel + " --store " + dir.File("s") + " --kv cpu --h2o 4,4 --prompt-len 16 --gen-len 3 -q");
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.out.find("h2o 4+4, on the CPU"), std::string::npos) << r.out;
+  r = Ferry("bench " + kModel + " --store " + dir.File("s") + " --weights 0,100,0 --sparsity-sim 0.2 --prompt-len 16 --gen-len 3 -q");
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.out.find("sparse FFN"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("layers run dense"), std::string::npos) << r.out;
+  // Flags that exclude each other or are out of range: a one-line error, exit 2.
+  EXPECT_EQ(Ferry("bench " + kModel + " --store " + dir.File("s") + " --sparsity-sim 0.2 --sparsity /x -q").code, 2);
+  EXPECT_EQ(Ferry("bench " + kModel + " --store " + dir.File("s") + " --sparsity-sim 1.5 -q").code, 2);
+  // A context too short for prompt + gen: exit 1.
+  EXPECT_EQ(Ferry("bench " + kModel + " --store " + dir.File("s") + " --kv cpu --h2o 4,4 --prompt-len 5000 -q").code, 1);
   EXPECT_EQ(Ferry("bench --dummy opt-7b --store " + dir.File("d") + " -q").code, 1);
 }
 
