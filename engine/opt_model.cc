@@ -13,6 +13,7 @@
 #include "base/status.h"
 #include "base/thread_pool.h"
 #include "io/store.h"
+#include "nlohmann/json.hpp"
 
 namespace ferry::engine {
 namespace {
@@ -357,10 +358,24 @@ absl::Status OptModel::LoadBundles(const io::Store& store, const std::string& pr
     // The disk tier: the bundles live in the store's ffn_bundles.bin (written once, beside the
     // weights) and each gather reads only the pages that hold the chosen neurons.
     layer_stride_ = BundleLayerStride(c, matrix_dtype_);
-    const std::string path = store.dir() + "/ffn_bundles.bin";
+    const std::string path = store.dir() + "/ffn_bundles.bin", stamp_path = store.dir() + "/ffn_bundles.json";
     const uint64_t want = layer_stride_ * c.num_layers;
+    // The file is derived from the store's FC1/FC2 tensors: its stamp records their checksums and
+    // the layout, and any difference (a reconverted store, a torn write) rebuilds it.
+    nlohmann::json stamp = {{"bundle_bytes", bundle_bytes_}, {"layer_stride", layer_stride_}, {"layers", c.num_layers},
+                            {"ffn", f}, {"dtype", DTypeName(matrix_dtype_)}};
+    for (int l = 0; l < c.num_layers; ++l) {
+      for (const char* t : {"fc1.weight", "fc1.bias", "fc2.weight"}) {
+        const io::StoreTensor* st = store.FindTensor(absl::StrCat(prefix, "layers.", l, ".", t));
+        if (st == nullptr) return absl::NotFoundError(absl::StrCat("store lacks ", prefix, "layers.", l, ".", t));
+        stamp["xxh3"].push_back(st->xxh3);
+      }
+    }
     auto existing = io::ReadFile::Open(path, /*want_direct=*/false);
-    if (!existing.ok() || existing->size != want) {
+    auto old_stamp = ReadFileToString(stamp_path);
+    if (!existing.ok() || existing->size != want || !old_stamp.ok() ||
+        nlohmann::json::parse(*old_stamp, nullptr, false) != stamp) {
+      ::unlink(stamp_path.c_str());  // no stamp while the file is being rewritten
       const std::string tmp = path + ".tmp";
       ScopedFd out(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
       if (out.get() < 0) return absl::ErrnoToStatus(errno, absl::StrCat("cannot write ", tmp, " (the sparse FFN's bundles for the disk tier)"));
@@ -371,6 +386,12 @@ absl::Status OptModel::LoadBundles(const io::Store& store, const std::string& pr
       }
       if (::fsync(out.get()) != 0) return absl::ErrnoToStatus(errno, absl::StrCat("fsync ", tmp));
       if (::rename(tmp.c_str(), path.c_str()) != 0) return absl::ErrnoToStatus(errno, absl::StrCat("rename ", tmp));
+      const std::string stamp_tmp = stamp_path + ".tmp", text = stamp.dump();
+      ScopedFd so(::open(stamp_tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+      if (so.get() < 0) return absl::ErrnoToStatus(errno, absl::StrCat("cannot write ", stamp_tmp));
+      FERRY_RETURN_IF_ERROR(PwriteFull(so.get(), text.data(), text.size(), 0, stamp_tmp));
+      if (::fsync(so.get()) != 0) return absl::ErrnoToStatus(errno, absl::StrCat("fsync ", stamp_tmp));
+      if (::rename(stamp_tmp.c_str(), stamp_path.c_str()) != 0) return absl::ErrnoToStatus(errno, absl::StrCat("rename ", stamp_tmp));
     }
     FERRY_ASSIGN_OR_RETURN(bundle_file_, io::ReadFile::Open(path, /*want_direct=*/true));
     FERRY_ASSIGN_OR_RETURN(staging_, backend_->AllocateHost(layer_stride_));

@@ -3,6 +3,7 @@
 // refused before allocating, and disk faults come back as errors.
 #include <cerrno>
 
+#include "base/file.h"
 #include "engine/generator.h"
 #include "engine/opt_model.h"
 #include "engine/sparsity.h"
@@ -10,6 +11,7 @@
 #include "io/store.h"
 #include "offload/host_kv_cache.h"
 #include "kernels/cpu/cpu_backend.h"
+#include "nlohmann/json.hpp"
 #include "test_util.h"
 
 namespace ferry::engine {
@@ -238,6 +240,36 @@ TEST_F(OffloadModelTest, BudgetsHoldAndTooSmallBudgetsAreRefusedBeforeAllocating
   EXPECT_NE(refused.status().message().find("over by"), std::string::npos) << refused.status();
   EXPECT_EQ(small.peak_allocated_bytes(), 0u);
   EXPECT_EQ(small.peak_host_allocated_bytes(), 0u);
+}
+
+// The disk tier's ffn_bundles.bin is derived from the store: its stamp holds the FC1/FC2
+// checksums, and a file whose stamp does not match (a reconverted store) is rebuilt, not used.
+TEST_F(OffloadModelTest, StaleBundleFileIsRebuilt) {
+  kernels::CpuBackend resident_backend;
+  auto resident = OptModel::Load(ferry::testing::ModelDir(), &resident_backend);
+  ASSERT_TRUE(resident.ok());
+  const std::vector<float> expected = Run(**resident, resident_backend);
+  OffloadOptions o;
+  o.split = {0, 0, 100};
+  o.sparse_ffn = true;
+  {
+    kernels::CpuBackend backend;
+    auto m = OptModel::LoadOffloaded(store_dir_->path(), &backend, o);
+    ASSERT_TRUE(m.ok()) << m.status();
+  }
+  const std::string bin = store_dir_->File("ffn_bundles.bin"), stamp = store_dir_->File("ffn_bundles.json");
+  auto size = ReadFileToString(bin);
+  ASSERT_TRUE(size.ok());
+  ferry::testing::WriteFile(bin, std::string(size->size(), '\0'));  // wrong contents, right size
+  auto text = ReadFileToString(stamp);
+  ASSERT_TRUE(text.ok());
+  auto j = nlohmann::json::parse(*text);
+  j["xxh3"][0] = j["xxh3"][0].get<uint64_t>() ^ 1;  // as if FC1 of layer 0 had changed
+  ferry::testing::WriteFile(stamp, j.dump());
+  kernels::CpuBackend backend;
+  auto m = OptModel::LoadOffloaded(store_dir_->path(), &backend, o);
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_EQ(Run(**m, backend), expected);
 }
 
 // `ferry generate --weights ... --sparsity`: Generate passes the selector to every decode step of
