@@ -81,6 +81,17 @@ absl::Status PwriteFull(int fd, const void* src, size_t n, uint64_t offset, cons
   return absl::OkStatus();
 }
 
+absl::Status WriteFileAtomically(const std::string& path, const std::string& data) {
+  const std::string tmp = path + ".tmp";
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return absl::ErrnoToStatus(errno, absl::StrCat("create ", tmp));
+  ScopedFd guard(fd);
+  FERRY_RETURN_IF_ERROR(PwriteFull(fd, data.data(), data.size(), 0, tmp));
+  if (::fsync(fd) != 0) return absl::ErrnoToStatus(errno, absl::StrCat("fsync ", tmp));
+  if (::rename(tmp.c_str(), path.c_str()) != 0) return absl::ErrnoToStatus(errno, absl::StrCat("rename ", tmp));
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::string> ReadFileToString(const std::string& path) {
   FERRY_ASSIGN_OR_RETURN(ScopedFd fd, ScopedFd::OpenForRead(path));
   FERRY_ASSIGN_OR_RETURN(uint64_t size, FileSize(fd.get(), path));

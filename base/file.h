@@ -33,6 +33,8 @@ absl::Status PreadFull(int fd, void* dst, size_t n, uint64_t offset, const std::
 // pwrite until all n bytes are written (EINTR retried).
 absl::Status PwriteFull(int fd, const void* src, size_t n, uint64_t offset, const std::string& path_for_errors);
 absl::StatusOr<std::string> ReadFileToString(const std::string& path);
+// Writes path.tmp, fsyncs it and renames it over path: a crash leaves the old file or the new one.
+absl::Status WriteFileAtomically(const std::string& path, const std::string& data);
 bool PathExists(const std::string& path);
 
 }  // namespace ferry

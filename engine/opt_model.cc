@@ -386,12 +386,7 @@ absl::Status OptModel::LoadBundles(const io::Store& store, const std::string& pr
       }
       if (::fsync(out.get()) != 0) return absl::ErrnoToStatus(errno, absl::StrCat("fsync ", tmp));
       if (::rename(tmp.c_str(), path.c_str()) != 0) return absl::ErrnoToStatus(errno, absl::StrCat("rename ", tmp));
-      const std::string stamp_tmp = stamp_path + ".tmp", text = stamp.dump();
-      ScopedFd so(::open(stamp_tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
-      if (so.get() < 0) return absl::ErrnoToStatus(errno, absl::StrCat("cannot write ", stamp_tmp));
-      FERRY_RETURN_IF_ERROR(PwriteFull(so.get(), text.data(), text.size(), 0, stamp_tmp));
-      if (::fsync(so.get()) != 0) return absl::ErrnoToStatus(errno, absl::StrCat("fsync ", stamp_tmp));
-      if (::rename(stamp_tmp.c_str(), stamp_path.c_str()) != 0) return absl::ErrnoToStatus(errno, absl::StrCat("rename ", stamp_tmp));
+      FERRY_RETURN_IF_ERROR(WriteFileAtomically(stamp_path, stamp.dump()));
     }
     FERRY_ASSIGN_OR_RETURN(bundle_file_, io::ReadFile::Open(path, /*want_direct=*/true));
     FERRY_ASSIGN_OR_RETURN(staging_, backend_->AllocateHost(layer_stride_));

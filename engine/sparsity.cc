@@ -322,22 +322,33 @@ std::vector<float> SparseFfn::Scores(int layer, const float* x, int64_t tokens) 
   return z;
 }
 
+namespace {
+
+// Sets keep[j] = 1 for the k highest scores of z (ties: the lower index); idx is scratch.
+void MarkTopK(const float* z, int ffn, int k, std::vector<int>& idx, uint8_t* keep) {
+  idx.resize(static_cast<size_t>(ffn));
+  std::iota(idx.begin(), idx.end(), 0);
+  std::nth_element(idx.begin(), idx.begin() + k, idx.end(), [&](int p, int q) { return z[p] > z[q] || (z[p] == z[q] && p < q); });
+  for (int i = 0; i < k; ++i) keep[idx[i]] = 1;
+}
+
+}  // namespace
+
+int SparseFfn::kept_per_token() const { return std::max(1, static_cast<int>(std::lround(k_fraction_ * ffn_))); }
+
 std::function<absl::Status(int, const TensorView&, const TensorView&)> SparseFfn::Hook() const {
   return [this](int layer, const TensorView& x, const TensorView& act) -> absl::Status {
     if (!predicted(layer)) return absl::OkStatus();
     const int64_t n = x.shape[0];
-    const int k = std::max(1, static_cast<int>(std::lround(k_fraction_ * ffn_)));
+    const int k = kept_per_token();
     const std::vector<float> z = Scores(layer, x.as<const float>(), n);
     float* a = act.as<float>();
     ThreadPool::Default().ParallelFor(n, 4, [&](int64_t t0, int64_t t1) {
-      std::vector<int> idx(ffn_);
+      std::vector<int> idx;
       std::vector<uint8_t> keep(ffn_);
       for (int64_t t = t0; t < t1; ++t) {
-        const float* zt = z.data() + t * ffn_;
-        std::iota(idx.begin(), idx.end(), 0);
-        std::nth_element(idx.begin(), idx.begin() + k, idx.end(), [&](int p, int q) { return zt[p] > zt[q] || (zt[p] == zt[q] && p < q); });
         std::fill(keep.begin(), keep.end(), 0);
-        for (int i = 0; i < k; ++i) keep[idx[i]] = 1;
+        MarkTopK(z.data() + t * ffn_, ffn_, k, idx, keep.data());
         for (int j = 0; j < ffn_; ++j) {
           if (!keep[j]) a[t * ffn_ + j] = 0.0f;
         }
@@ -363,16 +374,10 @@ FfnSelector SparseFfn::Selector(kernels::Backend& backend) const {
       FERRY_RETURN_IF_ERROR(backend.CopyToHost(host.data(), x.data, x.bytes()));
       xs = host.data();
     }
-    const int k = std::max(1, static_cast<int>(std::lround(k_fraction_ * ffn_)));
     const std::vector<float> z = Scores(layer, xs, n);
     std::vector<uint8_t> keep(static_cast<size_t>(ffn_), 0);
-    std::vector<int> idx(static_cast<size_t>(ffn_));
-    for (int64_t t = 0; t < n; ++t) {  // the same top-k as Hook()
-      const float* zt = z.data() + t * ffn_;
-      std::iota(idx.begin(), idx.end(), 0);
-      std::nth_element(idx.begin(), idx.begin() + k, idx.end(), [&](int p, int q) { return zt[p] > zt[q] || (zt[p] == zt[q] && p < q); });
-      for (int i = 0; i < k; ++i) keep[idx[i]] = 1;
-    }
+    std::vector<int> idx;
+    for (int64_t t = 0; t < n; ++t) MarkTopK(z.data() + t * ffn_, ffn_, kept_per_token(), idx, keep.data());  // Hook()'s top-k
     for (int j = 0; j < ffn_; ++j) {
       if (keep[j]) all.push_back(j);
     }

@@ -85,6 +85,7 @@ class SparseFfn {
   static absl::StatusOr<SparseFfn> Load(const std::string& predictor_dir, const OptConfig& config);
   // Keeps the top k_fraction of neurons per token in predicted layers.
   void set_k_fraction(double k) { k_fraction_ = k; }
+  int kept_per_token() const;  // max(1, round(k_fraction x ffn))
   // The ForwardBatch::ffn_hook that applies it (CPU backend).
   std::function<absl::Status(int, const TensorView&, const TensorView&)> Hook() const;
   // The ForwardBatch::ffn_select of the sparse executor: the union over the batch's tokens of each

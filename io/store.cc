@@ -35,16 +35,6 @@ std::string Hex(uint64_t v) {
   return buf;
 }
 
-absl::Status WriteFileAtomically(const std::string& path, const std::string& data) {
-  const std::string tmp = path + ".tmp";
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return absl::ErrnoToStatus(errno, absl::StrCat("create ", tmp));
-  ScopedFd guard(fd);
-  FERRY_RETURN_IF_ERROR(PwriteFull(fd, data.data(), data.size(), 0, tmp));
-  if (::fsync(fd) != 0) return absl::ErrnoToStatus(errno, absl::StrCat("fsync ", tmp));
-  if (::rename(tmp.c_str(), path.c_str()) != 0) return absl::ErrnoToStatus(errno, absl::StrCat("rename ", tmp));
-  return absl::OkStatus();
-}
 
 }  // namespace
 
