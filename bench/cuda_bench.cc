@@ -184,14 +184,18 @@ void BM_LayerNorm(benchmark::State& state) {
   state.counters["frac_of_HBM"] = benchmark::Counter(bytes / kHbmBytesPerSecond, benchmark::Counter::kIsIterationInvariantRate);
 }
 
-// The layer's GEMMs: [batch, k] x [m, k]^T, fp16 weights.
+// The layer's GEMMs: [batch, k] x [m, k]^T, fp16 weights, with bias (and ReLU where relu = 1);
+// above 128 rows epilogue = 1 runs bias and ReLU in cuBLASLt's epilogue, 0 as a separate pass.
 void BM_Gemm(benchmark::State& state) {
   if (Gpu() == nullptr) return state.SkipWithError("no CUDA device");
   const int64_t n = state.range(0), m = state.range(1), k = state.range(2);
+  const bool relu = state.range(3) != 0, epilogue = state.range(4) != 0;
   DevTensor x = Random(DType::kF32, {n, k}, 1), w = Random(DType::kF16, {m, k}, 2), bias = Random(DType::kF32, {m}, 3),
             y = Random(DType::kF32, {n, m}, 4);
-  LinearArgs a{x.view, w.view, bias.view, y.view, false};
+  LinearArgs a{x.view, w.view, bias.view, y.view, relu};
+  Gpu()->set_gemm_epilogue(epilogue);
   TimeLoop(state, [&] { return Gpu()->Linear(a); });
+  Gpu()->set_gemm_epilogue(true);
   const double flops = 2.0 * n * m * k, wbytes = 2.0 * m * k;
   state.counters["TFLOP/s"] = benchmark::Counter(flops * 1e-12, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["frac_of_fp16_peak"] = benchmark::Counter(flops / kFp16FlopsPerSecond, benchmark::Counter::kIsIterationInvariantRate);
@@ -208,9 +212,11 @@ BENCHMARK(BM_SlotAttention)->ArgNames({"batch", "slots"})->Args({64, 103})->Args
 BENCHMARK(BM_BundledFfn)->ArgNames({"batch", "neurons"})->Args({1, 2458})->Args({1, 16384})->Args({16, 2458})->Args({64, 8192})
     ->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_LayerNorm)->ArgNames({"rows"})->Args({64})->Args({4096})->Args({32768})->UseManualTime()->Unit(benchmark::kMicrosecond);
-BENCHMARK(BM_Gemm)->ArgNames({"batch", "m", "k"})
-    ->Args({1, 4096, 4096})->Args({1, 16384, 4096})->Args({8, 16384, 4096})->Args({32, 16384, 4096})
-    ->Args({64, 16384, 4096})->Args({128, 16384, 4096})->Args({512, 16384, 4096})->Args({512, 4096, 16384})
+BENCHMARK(BM_Gemm)->ArgNames({"batch", "m", "k", "relu", "epilogue"})
+    ->Args({1, 4096, 4096, 0, 1})->Args({1, 16384, 4096, 1, 1})->Args({8, 16384, 4096, 1, 1})->Args({32, 16384, 4096, 1, 1})
+    ->Args({64, 16384, 4096, 1, 1})->Args({128, 16384, 4096, 1, 1})->Args({512, 16384, 4096, 1, 1})
+    ->Args({512, 16384, 4096, 1, 0})->Args({512, 4096, 16384, 0, 1})->Args({512, 4096, 16384, 0, 0})
+    ->Args({4096, 16384, 4096, 1, 1})->Args({4096, 16384, 4096, 1, 0})
     ->UseManualTime()->Unit(benchmark::kMicrosecond);
 
 }  // namespace

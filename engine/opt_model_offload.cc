@@ -89,7 +89,10 @@ absl::StatusOr<std::unique_ptr<OptModel>> OptModel::LoadOffloaded(const std::str
     }
     m->matrix_offsets_.push_back(offsets);
   }
-  FERRY_ASSIGN_OR_RETURN(m->plan_, PlanOffload(store, options));  // refuses before any allocation
+  // Refuses before any allocation. The backend's own workspace is already held.
+  OffloadOptions planned = options;
+  planned.reserve_device_bytes += backend->reserved_device_bytes();
+  FERRY_ASSIGN_OR_RETURN(m->plan_, PlanOffload(store, planned));
 
   FERRY_RETURN_IF_ERROR(m->LoadGlobals(store, prefix));
   for (int l = 0; l < c.num_layers; ++l) {

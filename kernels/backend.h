@@ -239,6 +239,9 @@ class Backend {
   // AllocateHost), in order with the compute queued after it. The CUDA backend reads the pinned
   // table from a kernel: one launch however scattered the rows (Deja Vu's neuron bundles).
   virtual absl::Status GatherHostRows(const void* host_table, size_t row_bytes, const std::vector<int32_t>& rows, void* dst) = 0;
+  // Device memory the backend holds for itself from creation on (the CUDA backend's GEMM
+  // workspace), inside its budget: plans leave it out of what the model may use.
+  virtual size_t reserved_device_bytes() const { return 0; }
 
  protected:
   friend class DeviceBuffer;

@@ -1,5 +1,7 @@
 #include "kernels/cuda/cuda_backend.h"
 
+#include <algorithm>
+
 #include "base/status.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/launch.h"
@@ -46,6 +48,16 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(const CudaBacke
   FERRY_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&b->transfer_stream_, cudaStreamNonBlocking));
   FERRY_CUBLAS_RETURN_IF_ERROR(cublasCreate(&b->cublas_));
   FERRY_CUBLAS_RETURN_IF_ERROR(cublasSetStream(b->cublas_, b->stream_));
+  FERRY_RETURN_IF_ERROR(b->lt_.Init());
+  size_t ws = options.gemm_workspace_bytes;
+  if (options.memory_budget_bytes > 0) ws = std::min(ws, options.memory_budget_bytes / 16);
+  ws = ws / 4096 * 4096;
+  if (ws > 0) {
+    FERRY_ASSIGN_OR_RETURN(b->workspace_, b->Allocate(ws));
+    // After cublasSetStream, which resets the workspace to cuBLAS's own pool.
+    FERRY_CUBLAS_RETURN_IF_ERROR(cublasSetWorkspace(b->cublas_, b->workspace_.data(), ws));
+    b->lt_.SetWorkspace(b->workspace_.data(), ws);
+  }
   return b;
 }
 
@@ -54,6 +66,7 @@ CudaBackend::~CudaBackend() {
   bundle_scratch_ = DeviceBuffer();
   gather_ids_ = DeviceBuffer();
   sample_scratch_ = DeviceBuffer();
+  workspace_ = DeviceBuffer();
   plans_.clear();
   if (stream_ != nullptr) cudaStreamSynchronize(stream_);
   if (cublas_ != nullptr) cublasDestroy(cublas_);
@@ -207,6 +220,11 @@ absl::Status CudaBackend::Gemm(const GemmOperand& x, const WeightOperand& w, int
     // GEMM inputs share one type: round the activations to the weight's 16-bit type.
     FERRY_RETURN_IF_ERROR(EnsureScratch(static_cast<size_t>(n * k) * 2));
     FERRY_CUDA_RETURN_IF_ERROR(LaunchConvertFromF32(x.data, scratch_.data(), w.dtype, n * k, stream_));
+    if (options_.gemm_epilogue) {
+      const absl::Status s = lt_.Run({w.data, w.mk, w.ld, scratch_.data(), wtype, m, n, k, out, bias, relu}, stream_);
+      if (s.ok()) return absl::OkStatus();
+      if (s.code() != absl::StatusCode::kUnimplemented) return s;
+    }
     FERRY_RETURN_IF_ERROR(gemm(scratch_.data(), n, out));
   }
   FERRY_CUDA_RETURN_IF_ERROR(LaunchBiasRelu(out, bias, n, m, relu, stream_));

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "kernels/backend.h"
+#include "kernels/cuda/lt_gemm.h"
 
 namespace ferry::kernels::cuda {
 
@@ -28,6 +29,13 @@ struct CudaBackendOptions {
   // for runs of >= 16 queries of one sequence at consecutive positions, when the caller passes
   // host copies of seq_ids/positions; otherwise (and for decode) the fp32 per-query kernel.
   bool prefill_tensor_cores = true;
+  // GEMMs above split_gemm_max_rows with 16-bit weights run through cuBLASLt with the bias and
+  // ReLU in its epilogue (the output written once); false: cublasGemmEx, then a bias/ReLU pass.
+  // Shapes cuBLASLt has no algorithm for take the second way either way.
+  bool gemm_epilogue = true;
+  // cuBLAS's and cuBLASLt's GEMM workspace, allocated at creation inside the memory budget (32 MiB
+  // is NVIDIA's recommendation for Hopper); capped at 1/16 of a budget, rounded down to 4 KiB.
+  size_t gemm_workspace_bytes = size_t{32} << 20;
 };
 
 // Number of visible CUDA devices (0 where there is no driver or no GPU).
@@ -68,7 +76,13 @@ class CudaBackend final : public Backend {
   absl::Status H2OPrefill(const H2OPrefillArgs& args) override;
   absl::Status GatherHostRows(const void* host_table, size_t row_bytes, const std::vector<int32_t>& rows, void* dst) override;
 
+  size_t reserved_device_bytes() const override { return workspace_.bytes(); }
+
   cudaStream_t stream() const { return stream_; }
+  // GEMMs that ran through cuBLASLt's epilogue, and those it had no algorithm for (which fell back).
+  int64_t lt_gemm_calls() const { return lt_.calls(); }
+  int64_t lt_gemm_fallbacks() const { return lt_.unsupported(); }
+  void set_gemm_epilogue(bool on) { options_.gemm_epilogue = on; }
   size_t allocated_bytes() const { return allocated_; }
   size_t peak_allocated_bytes() const { return peak_; }
 
@@ -98,6 +112,8 @@ class CudaBackend final : public Backend {
   cudaStream_t stream_ = nullptr;
   cudaStream_t transfer_stream_ = nullptr;  // used by the transfer thread only
   cublasHandle_t cublas_ = nullptr;
+  LtGemm lt_;
+  DeviceBuffer workspace_;       // cuBLAS's and cuBLASLt's workspace
   std::atomic<size_t> allocated_{0}, peak_{0}, host_allocated_{0};
   DeviceBuffer scratch_;         // activations converted for GEMM
   DeviceBuffer bundle_scratch_;  // BundledFfn's [n, m] activations

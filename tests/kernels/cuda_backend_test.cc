@@ -88,9 +88,66 @@ TEST_F(CudaTwinTest, Linear) {
     ASSERT_TRUE(cpu_.Linear(host).ok());
     LinearArgs dev{Up(x, DType::kF32, {c.n, c.k}), Up(wstore, c.dtype, {c.m, c.k}), Up(bias, DType::kF32, {c.m}),
                    Poisoned({c.n, c.m}), c.relu};
-    ASSERT_TRUE(gpu_->Linear(dev).ok());
-    EXPECT_LT(RelErr(Down(dev.out), ref), c.tol) << DTypeName(c.dtype) << " " << c.n << "x" << c.m << "x" << c.k;
+    // Above 128 rows, 16-bit weights go through cuBLASLt with bias and ReLU in the epilogue; the
+    // aligned shapes must (odd ones may fall back to cublasGemmEx + a bias/ReLU pass). Both ways
+    // are checked against the CPU.
+    for (bool epilogue : {true, false}) {
+      gpu_->set_gemm_epilogue(epilogue);
+      const int64_t lt_before = gpu_->lt_gemm_calls(), fallbacks_before = gpu_->lt_gemm_fallbacks();
+      ASSERT_TRUE(gpu_->Linear(dev).ok());
+      EXPECT_LT(RelErr(Down(dev.out), ref), c.tol)
+          << DTypeName(c.dtype) << " " << c.n << "x" << c.m << "x" << c.k << " epilogue " << epilogue;
+      const bool lt = epilogue && c.dtype != DType::kF32 && c.n > 128;
+      EXPECT_EQ(gpu_->lt_gemm_calls() - lt_before + gpu_->lt_gemm_fallbacks() - fallbacks_before, lt ? 1 : 0);
+      if (lt && c.m % 8 == 0 && c.k % 8 == 0) {
+        EXPECT_EQ(gpu_->lt_gemm_calls() - lt_before, 1) << "cuBLASLt fell back";
+      }
+      if (lt) {
+        std::printf("%s %dx%dx%d: %s\n", DTypeName(c.dtype), c.n, c.m, c.k,
+                    gpu_->lt_gemm_calls() > lt_before ? "cuBLASLt epilogue" : "fallback (no cuBLASLt algorithm)");
+      }
+      std::vector<float> nan(ref.size(), NAN);
+      ASSERT_TRUE(gpu_->CopyToDevice(dev.out.data, nan.data(), dev.out.bytes()).ok());
+    }
+    gpu_->set_gemm_epilogue(true);
   }
+}
+
+TEST_F(CudaTwinTest, GemmWorkspaceIsInsideTheBudget) {
+  auto none = CudaBackend::Create();
+  ASSERT_TRUE(none.ok());
+  EXPECT_EQ((*none)->reserved_device_bytes(), size_t{32} << 20);
+  EXPECT_EQ((*none)->allocated_bytes(), size_t{32} << 20);
+  // A small budget gets 1/16 of it as workspace, and large GEMMs still run (and match the CPU).
+  CudaBackendOptions o;
+  o.memory_budget_bytes = size_t{48} << 20;
+  auto small = CudaBackend::Create(o);
+  ASSERT_TRUE(small.ok()) << small.status();
+  EXPECT_EQ((*small)->reserved_device_bytes(), size_t{3} << 20);
+  const int n = 256, m = 1024, k = 2048;
+  std::vector<float> x = RandomValues(static_cast<size_t>(n) * k, 11), w = RandomValues(static_cast<size_t>(m) * k, 12),
+                     bias = RandomValues(m, 13), ref(static_cast<size_t>(n) * m), got(ref.size());
+  std::vector<uint16_t> wh(w.size());
+  ConvertFromF32(DType::kF16, w.data(), wh.data(), w.size());
+  ASSERT_TRUE(cpu_.Linear({TensorView::Contiguous(x.data(), DType::kF32, {n, k}), TensorView::Contiguous(wh.data(), DType::kF16, {m, k}),
+                           TensorView::Contiguous(bias.data(), DType::kF32, {m}), TensorView::Contiguous(ref.data(), DType::kF32, {n, m}),
+                           true})
+                  .ok());
+  CudaBackend& g = **small;
+  auto bx = g.Allocate(x.size() * 4), bw = g.Allocate(wh.size() * 2), bb = g.Allocate(m * 4), by = g.Allocate(ref.size() * 4);
+  ASSERT_TRUE(bx.ok() && bw.ok() && bb.ok() && by.ok());
+  ASSERT_TRUE(g.CopyToDevice(bx->data(), x.data(), x.size() * 4).ok());
+  ASSERT_TRUE(g.CopyToDevice(bw->data(), wh.data(), wh.size() * 2).ok());
+  ASSERT_TRUE(g.CopyToDevice(bb->data(), bias.data(), m * 4).ok());
+  ASSERT_TRUE(g.Linear({TensorView::Contiguous(bx->data(), DType::kF32, {n, k}, Device::kCuda),
+                        TensorView::Contiguous(bw->data(), DType::kF16, {m, k}, Device::kCuda),
+                        TensorView::Contiguous(bb->data(), DType::kF32, {m}, Device::kCuda),
+                        TensorView::Contiguous(by->data(), DType::kF32, {n, m}, Device::kCuda), true})
+                  .ok());
+  ASSERT_TRUE(g.CopyToHost(got.data(), by->data(), got.size() * 4).ok());
+  EXPECT_LT(RelErr(got, ref), 2e-3);
+  EXPECT_EQ(g.lt_gemm_calls(), 1);
+  EXPECT_LE(g.peak_allocated_bytes(), o.memory_budget_bytes);
 }
 
 TEST_F(CudaTwinTest, GatherLayerNormAdd) {
