@@ -1,5 +1,8 @@
 #include "engine/jobs.h"
 
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <chrono>
 #include <cstdio>
 #include <fstream>
@@ -72,6 +75,36 @@ class PromptReader {
   int64_t count_ = 0;
 };
 
+// How much of an existing output file a resumed job keeps: the bytes of its complete lines, each
+// of which must be a record whose id is that of the input's prompt at the same index. Streams
+// the file (an output of millions of records need not fit in memory).
+absl::StatusOr<uint64_t> CheckResumable(const std::string& out_path, const std::string& input_path, const Tokenizer& tokenizer,
+                                        const OptConfig& config, int64_t* lines) {
+  FERRY_ASSIGN_OR_RETURN(PromptReader reader, PromptReader::Open(input_path, &tokenizer, &config));
+  std::ifstream in(out_path, std::ios::binary);
+  if (!in) return absl::PermissionDeniedError(absl::StrCat("cannot read ", out_path));
+  uint64_t keep = 0;
+  *lines = 0;
+  for (std::string line; std::getline(in, line);) {
+    if (in.eof()) break;  // no newline after it: torn by an interrupted write, dropped
+    const json rec = json::parse(line, nullptr, false);
+    const std::string where = absl::StrCat(out_path, ":", *lines + 1);
+    if (rec.is_discarded() || !rec.is_object() || !rec.contains("id") || !rec.contains("completion")) {
+      return absl::DataLossError(absl::StrCat(where, ": not an output record; cannot resume"));
+    }
+    FERRY_ASSIGN_OR_RETURN(std::optional<Prompt> p, reader.Next());
+    if (!p) return absl::InvalidArgumentError(absl::StrCat(out_path, " has more records than ", input_path, " has prompts"));
+    if (rec["id"] != p->id) {
+      return absl::InvalidArgumentError(absl::StrCat(where, ": id ", rec["id"].dump(), " is not the input's ", p->id.dump(),
+                                                     ": this output belongs to another input"));
+    }
+    keep += line.size() + 1;
+    ++*lines;
+  }
+  if (in.bad()) return absl::DataLossError(absl::StrCat(out_path, ": read error"));
+  return keep;
+}
+
 }  // namespace
 
 absl::Status RunGenerateJob(const OptModel& model, const Tokenizer& tokenizer, const GenerateJobOptions& o) {
@@ -87,9 +120,33 @@ absl::Status RunGenerateJob(const OptModel& model, const Tokenizer& tokenizer, c
       ++total;
     }
   }
+  const bool to_stdout = o.output_path.empty() || o.output_path == "-";
+  if (o.resume && o.overwrite) return absl::InvalidArgumentError("--resume and --overwrite exclude each other");
+  if (o.resume && to_stdout) return absl::InvalidArgumentError("--resume needs an --output file");
+  int64_t skip = 0;  // prompts already in the output
+  if (!to_stdout && PathExists(o.output_path) && !o.overwrite) {
+    struct stat st;
+    if (::stat(o.output_path.c_str(), &st) != 0) return absl::PermissionDeniedError(absl::StrCat("cannot stat ", o.output_path));
+    if (st.st_size > 0 && !o.resume) {
+      return absl::AlreadyExistsError(absl::StrCat(o.output_path, " already holds output; pass --resume to continue it or --overwrite to replace it"));
+    }
+    if (o.resume) {
+      FERRY_ASSIGN_OR_RETURN(const uint64_t keep, CheckResumable(o.output_path, o.input_path, tokenizer, model.config(), &skip));
+      if (keep < static_cast<uint64_t>(st.st_size) && ::truncate(o.output_path.c_str(), static_cast<off_t>(keep)) != 0) {
+        return absl::PermissionDeniedError(absl::StrCat("cannot truncate the torn last line of ", o.output_path));
+      }
+      if (skip == total) {
+        if (o.show_progress) std::fprintf(stderr, "ferry: %s is complete (%lld prompts)\n", o.output_path.c_str(), static_cast<long long>(total));
+        return absl::OkStatus();
+      }
+      if (o.show_progress && skip > 0) {
+        std::fprintf(stderr, "ferry: resuming after %lld of %lld prompts\n", static_cast<long long>(skip), static_cast<long long>(total));
+      }
+    }
+  }
   std::FILE* out = stdout;
-  if (!o.output_path.empty() && o.output_path != "-") {
-    out = std::fopen(o.output_path.c_str(), "wb");
+  if (!to_stdout) {
+    out = std::fopen(o.output_path.c_str(), o.resume ? "ab" : "wb");
     if (out == nullptr) return absl::PermissionDeniedError(absl::StrCat("cannot write ", o.output_path));
   }
   auto close_out = [&]() -> absl::Status {
@@ -102,6 +159,7 @@ absl::Status RunGenerateJob(const OptModel& model, const Tokenizer& tokenizer, c
   const auto start = std::chrono::steady_clock::now();
   int64_t done = 0, generated = 0;
   absl::Status status;
+  for (; done < skip && status.ok(); ++done) status = reader.Next().status();
   for (bool eof = false; !eof && status.ok();) {
     std::vector<Prompt> prompts;
     std::vector<GenerationRequest> requests;
@@ -146,8 +204,10 @@ absl::Status RunGenerateJob(const OptModel& model, const Tokenizer& tokenizer, c
     done += static_cast<int64_t>(prompts.size());
     if (o.show_progress) {
       const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-      std::fprintf(stderr, "ferry: %lld/%lld prompts, %lld tokens, %.1f tok/s\n", static_cast<long long>(done),
-                   static_cast<long long>(total), static_cast<long long>(generated), s > 0 ? generated / s : 0.0);
+      const double rate = s > 0 ? generated / s : 0.0, prompt_rate = s > 0 ? (done - skip) / s : 0.0;
+      const double eta = prompt_rate > 0 ? (total - done) / prompt_rate : 0.0;
+      std::fprintf(stderr, "ferry: %lld/%lld prompts, %lld tokens, %.1f tok/s, %.0f s left\n", static_cast<long long>(done),
+                   static_cast<long long>(total), static_cast<long long>(generated), rate, eta);
     }
   }
   absl::Status closed = close_out();

@@ -2,6 +2,12 @@
 // {"id", "prompt", "completion", "token_ids", "finish_reason"} out, in input order. The whole
 // input is validated (JSON, prompt field, UTF-8, context length) before any generation starts,
 // so a bad line fails fast with its line number; results are flushed batch by batch.
+//
+// Nothing is lost: an existing non-empty output file is refused unless the job resumes it or is
+// told to overwrite it. Resuming checks that the output's complete lines are the first prompts of
+// the input (ids in order), drops a torn last line (a job killed mid-write), and generates the
+// rest, appending; sampled prompts keep their random streams (by input index), so a resumed job
+// writes what an uninterrupted one would have.
 #pragma once
 
 #include <string>
@@ -18,6 +24,8 @@ struct GenerateJobOptions {
   int batch_size = 16;
   GenerateOptions generate;
   bool show_progress = true;  // progress lines on stderr
+  bool resume = false;         // continue an existing output file
+  bool overwrite = false;      // replace an existing output file
 };
 
 absl::Status RunGenerateJob(const OptModel& model, const Tokenizer& tokenizer, const GenerateJobOptions& options);

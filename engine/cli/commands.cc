@@ -1,5 +1,7 @@
 #include "engine/cli/commands.h"
 
+#include <sys/stat.h>
+
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -115,6 +117,7 @@ struct GenerateFlags {
   uint64_t seed = 0;
   bool ignore_eos = false;
   bool quiet = false;
+  bool resume = false, overwrite = false;
   std::string h2o;
   int protect = 0;
   std::string sparsity;
@@ -130,6 +133,14 @@ absl::Status RunGenerate(const GenerateFlags& f) {
   gen.stop_at_eos = !f.ignore_eos;
   FERRY_ASSIGN_OR_RETURN(gen.h2o, ParseH2O(f.h2o, f.protect, 0));
   FERRY_RETURN_IF_ERROR(engine::ValidateGenerateOptions(gen));
+  // Before the model loads (minutes for a large one): an output that would be lost is refused.
+  if (f.resume && f.input.empty()) return absl::InvalidArgumentError("--resume continues an --input job");
+  if (!f.resume && !f.overwrite && !f.output.empty() && f.output != "-") {
+    if (struct stat st; ::stat(f.output.c_str(), &st) == 0 && st.st_size > 0) {
+      return absl::AlreadyExistsError(
+          absl::StrCat(f.output, " already holds output; pass --resume to continue it or --overwrite to replace it"));
+    }
+  }
   const int64_t rows = f.input.empty() ? 1 : f.batch_size;
   // --sparsity: with --weights the executor fetches only the predicted neurons' bundles (any
   // backend); on a resident model a hook zeroes the others (CPU backend).
@@ -159,6 +170,8 @@ absl::Status RunGenerate(const GenerateFlags& f) {
     job.batch_size = f.batch_size;
     job.generate = gen;
     job.show_progress = !f.quiet;
+    job.resume = f.resume;
+    job.overwrite = f.overwrite;
     return engine::RunGenerateJob(*l.model, *l.tokenizer, job);
   }
   FERRY_ASSIGN_OR_RETURN(std::vector<int> ids, l.tokenizer->Encode(f.prompt));
@@ -358,6 +371,9 @@ void RegisterCommands(CLI::App& app, Runner* selected) {
       ->capture_default_str();
   g->add_option("--protect", gen.protect, "With --h2o: never evict the first N positions")->check(CLI::NonNegativeNumber);
   g->add_flag("--ignore-eos", gen.ignore_eos, "Keep generating after the end-of-sequence token");
+  auto* resume = g->add_flag("--resume", gen.resume,
+                             "Continue an interrupted --input job: keep the --output's records, generate the rest");
+  g->add_flag("--overwrite", gen.overwrite, "Replace an existing --output file (it is refused otherwise)")->excludes(resume);
   g->add_flag("--quiet,-q", gen.quiet, "No progress or timing on stderr");
   g->callback([selected] { *selected = [] { return RunGenerate(gen); }; });
 

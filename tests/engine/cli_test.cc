@@ -64,6 +64,50 @@ TEST(CliTest, GenerateJsonlJob) {
   }
 }
 
+TEST(CliTest, JsonlJobResumesAndNeverOverwritesSilently) {
+  ferry::testing::TempDir dir;
+  std::string input;
+  for (int i = 0; i < 5; ++i) input += "{\"id\": \"p" + std::to_string(i) + "\", \"prompt\": \"And God said " + std::to_string(i) + "\"}\n";
+  ferry::testing::WriteFile(dir.File("in.jsonl"), input);
+  const std::string job = "generate " + kModel + " --input " + dir.File("in.jsonl") + " --max-new-tokens 5 --batch-size 2 " +
+                          "--temperature 0.9 --seed 11 -q --output ";
+  Result r = Ferry(job + dir.File("full.jsonl"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  const std::string full = ferry::ReadFileToString(dir.File("full.jsonl")).value();
+  ASSERT_EQ(Lines(full), 5);
+
+  // Killed while writing the fourth record: three complete lines and a torn one.
+  size_t cut = 0;
+  for (int i = 0; i < 3; ++i) cut = full.find('\n', cut) + 1;
+  const std::string torn = full.substr(0, cut) + full.substr(cut, 17);
+  ferry::testing::WriteFile(dir.File("out.jsonl"), torn);
+
+  // Without --resume an existing output is refused, and left as it was.
+  r = Ferry(job + dir.File("out.jsonl"));
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("already holds output; pass --resume"), std::string::npos) << r.err;
+  EXPECT_EQ(ferry::ReadFileToString(dir.File("out.jsonl")).value(), torn);
+
+  // Resumed: the torn line goes, the rest is generated, and the file is what one run wrote
+  // (sampling streams are per input index, not per batch).
+  r = Ferry(job + dir.File("out.jsonl") + " --resume");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(ferry::ReadFileToString(dir.File("out.jsonl")).value(), full);
+  r = Ferry(job + dir.File("out.jsonl") + " --resume");  // complete: nothing to do
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(ferry::ReadFileToString(dir.File("out.jsonl")).value(), full);
+
+  // An output of another input is not resumed; --overwrite replaces.
+  ferry::testing::WriteFile(dir.File("other.jsonl"), "{\"id\": \"x\", \"prompt\": \"Hi\"}\n");
+  r = Ferry("generate " + kModel + " --input " + dir.File("other.jsonl") + " --output " + dir.File("out.jsonl") + " --resume -q");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("belongs to another input"), std::string::npos) << r.err;
+  EXPECT_EQ(ferry::ReadFileToString(dir.File("out.jsonl")).value(), full);
+  r = Ferry("generate " + kModel + " --input " + dir.File("other.jsonl") + " --output " + dir.File("out.jsonl") + " --overwrite -q");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(Lines(ferry::ReadFileToString(dir.File("out.jsonl")).value()), 1);
+}
+
 TEST(CliTest, BadJsonlLineFailsBeforeAnyWorkWithItsLineNumber) {
   ferry::testing::TempDir dir;
   ferry::testing::WriteFile(dir.File("in.jsonl"), "{\"prompt\": \"ok\"}\n{\"prompt\": 5}\n");
