@@ -86,17 +86,18 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
     if (!o.kv_on_cpu) return 0;
     if (o.h2o.has_value()) {
       return offload::HostH2OCache::Bytes(config.num_layers, config.num_heads, config.head_dim(), static_cast<int>(b), *o.h2o,
-                                          static_cast<int>(b / o.num_gpu_batches), o.prompt_len);
+                                          static_cast<int>(b / o.num_gpu_batches), o.prompt_len, o.kv_dtype);
     }
-    return offload::HostKvCache::Bytes(config.num_layers, config.hidden_size, static_cast<int>(b), max_len);
+    return offload::HostKvCache::Bytes(config.num_layers, config.hidden_size, static_cast<int>(b), max_len, o.kv_dtype);
   };
   auto reserve = [&](int64_t b) {
     uint64_t kv = o.kv_on_cpu ? 0
                   : o.h2o.has_value()
-                      ? offload::H2OCache::Bytes(config.num_layers, config.num_heads, config.head_dim(), static_cast<int>(b), *o.h2o) +
+                      ? offload::H2OCache::Bytes(config.num_layers, config.num_heads, config.head_dim(), static_cast<int>(b), *o.h2o,
+                                                 o.kv_dtype) +
                             offload::H2OCache::PrefillBytes(config.num_heads, config.head_dim(),
-                                                            static_cast<int>(b / o.num_gpu_batches), o.prompt_len)
-                      : OptModel::KvCacheBytes(config, b, max_len);
+                                                            static_cast<int>(b / o.num_gpu_batches), o.prompt_len, o.kv_dtype)
+                      : OptModel::KvCacheBytes(config, b, max_len, o.kv_dtype);
     const int64_t micro = b / o.num_gpu_batches * o.prompt_len;  // one GPU batch's prefill tokens
     return kv + OptModel::ForwardWorkspaceBytes(config, b * o.prompt_len, b, micro);
   };
@@ -153,14 +154,16 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
   FERRY_ASSIGN_OR_RETURN(std::unique_ptr<OptModel> model, OptModel::LoadOffloaded(o.store_dir, backend.get(), off));
   std::unique_ptr<offload::AttentionCache> cache;
   if (o.h2o.has_value() && o.kv_on_cpu) {
-    FERRY_ASSIGN_OR_RETURN(cache, offload::HostH2OCache::Create(config.num_layers, config.num_heads, config.head_dim(), batch, *o.h2o));
+    FERRY_ASSIGN_OR_RETURN(cache, offload::HostH2OCache::Create(config.num_layers, config.num_heads, config.head_dim(), batch, *o.h2o,
+                                                                o.kv_dtype));
   } else if (o.h2o.has_value()) {
     FERRY_ASSIGN_OR_RETURN(cache, offload::H2OCache::Create(*backend, config.num_layers, config.num_heads, config.head_dim(),
-                                                            batch, *o.h2o));
+                                                            batch, *o.h2o, o.kv_dtype));
   } else if (o.kv_on_cpu) {
-    FERRY_ASSIGN_OR_RETURN(cache, offload::HostKvCache::Create(*backend, config.num_layers, config.hidden_size, batch, max_len));
+    FERRY_ASSIGN_OR_RETURN(cache, offload::HostKvCache::Create(*backend, config.num_layers, config.hidden_size, batch, max_len,
+                                                               o.kv_dtype));
   } else {
-    FERRY_ASSIGN_OR_RETURN(KvCache dense, KvCache::Create(*backend, config, batch, max_len));
+    FERRY_ASSIGN_OR_RETURN(KvCache dense, KvCache::Create(*backend, config, batch, max_len, o.kv_dtype));
     cache = std::make_unique<KvCache>(std::move(dense));
   }
 
@@ -249,6 +252,7 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
       {"kv_cache", o.h2o.has_value() ? absl::StrCat("h2o ", o.h2o->heavy, "+", o.h2o->recent, o.kv_on_cpu ? ", on the CPU" : "")
                    : o.kv_on_cpu   ? std::string("full, on the CPU")
                                    : std::string("full")},
+      {"kv_dtype", DTypeName(o.kv_dtype)},
       {"prompt_len", o.prompt_len}, {"gen_len", o.gen_len},
       {"weights_percent", {o.split.gpu, o.split.cpu, o.split.disk}},
       {"prefill_s", prefill_s}, {"decode_s", decode_s}, {"total_s", total_s},
@@ -287,7 +291,7 @@ std::string BenchResult::Table() const {
   std::string s;
   auto line = [&](const std::string& k, const std::string& v) { s += absl::StrFormat("%-28s %s\n", k, v); };
   line("device", j["device"].get<std::string>());
-  line("KV cache", j["kv_cache"].get<std::string>());
+  line("KV cache", absl::StrCat(j["kv_cache"].get<std::string>(), ", ", j["kv_dtype"].get<std::string>()));
   line("batch (gbs x ngb)", absl::StrFormat("%d (%d x %d)%s", j["batch"].get<int>(), j["gpu_batch_size"].get<int>(),
                                             j["num_gpu_batches"].get<int>(),
                                             j["batch_fitted_to_budget"].get<bool>() ? ", the largest that fits" : ""));

@@ -48,9 +48,9 @@ absl::StatusOr<std::vector<GenerationResult>> Generate(const OptModel& model,
   std::unique_ptr<offload::AttentionCache> cache;
   if (options.h2o.has_value()) {
     FERRY_ASSIGN_OR_RETURN(cache, offload::H2OCache::Create(model.backend(), c.num_layers, c.num_heads, c.head_dim(), n,
-                                                            *options.h2o));
+                                                            *options.h2o, options.kv_dtype));
   } else {
-    FERRY_ASSIGN_OR_RETURN(KvCache dense, KvCache::Create(model.backend(), c, n, max_len));
+    FERRY_ASSIGN_OR_RETURN(KvCache dense, KvCache::Create(model.backend(), c, n, max_len, options.kv_dtype));
     cache = std::make_unique<KvCache>(std::move(dense));
   }
   std::vector<Rng> rngs;

@@ -23,6 +23,7 @@ struct GenerateOptions {
   bool stop_at_eos = true;
   int64_t max_prefill_tokens = 4096;  // tokens per prefill forward call
   std::optional<offload::H2OOptions> h2o;  // evicting KV cache instead of the dense one
+  DType kv_dtype = DType::kF32;            // keys and values in the cache: F32 or F16
   // Optional FFN hook (Deja Vu on a resident model: zeroes the neurons a predictor did not select).
   const std::function<absl::Status(int, const TensorView&, const TensorView&)>* ffn_hook = nullptr;
   // Optional neuron selection for a model loaded with OffloadOptions::sparse_ffn (Deja Vu through

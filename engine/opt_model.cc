@@ -37,17 +37,19 @@ TensorView MakeView(void* data, DType dtype, const std::vector<int64_t>& shape, 
   return v;
 }
 
-absl::StatusOr<KvCache> KvCache::Create(kernels::Backend& backend, const OptConfig& config, int rows, int max_len) {
+absl::StatusOr<KvCache> KvCache::Create(kernels::Backend& backend, const OptConfig& config, int rows, int max_len,
+                                        DType kv_dtype) {
   if (rows <= 0 || max_len <= 0) return absl::InvalidArgumentError("KV cache needs at least one row and one slot");
+  if (kv_dtype != DType::kF32 && kv_dtype != DType::kF16) return absl::InvalidArgumentError("KV cache: F32 or F16");
   KvCache cache;
   cache.rows_ = rows;
   cache.max_len_ = max_len;
   const std::vector<int64_t> shape = {rows, max_len, config.hidden_size};
-  const size_t bytes = static_cast<size_t>(rows) * max_len * config.hidden_size * sizeof(float);
+  const size_t bytes = static_cast<size_t>(rows) * max_len * config.hidden_size * DTypeSize(kv_dtype);
   for (int l = 0; l < config.num_layers; ++l) {
     for (auto* list : {&cache.k_, &cache.v_}) {
       FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer buf, backend.Allocate(bytes));
-      TensorView view = MakeView(buf.data(), DType::kF32, shape, backend.device());
+      TensorView view = MakeView(buf.data(), kv_dtype, shape, backend.device());
       list->push_back(Weight{std::move(buf), view});
     }
   }
@@ -235,8 +237,8 @@ uint64_t OptModel::ForwardWorkspaceBytes(const OptConfig& c, int64_t n, int64_t 
          static_cast<uint64_t>(r) * c.vocab_size * 32 + (2 << 20);
 }
 
-uint64_t OptModel::KvCacheBytes(const OptConfig& c, int64_t rows, int64_t max_len) {
-  return 2ull * c.num_layers * static_cast<uint64_t>(rows) * static_cast<uint64_t>(max_len) * c.hidden_size * sizeof(float);
+uint64_t OptModel::KvCacheBytes(const OptConfig& c, int64_t rows, int64_t max_len, DType kv_dtype) {
+  return 2ull * c.num_layers * static_cast<uint64_t>(rows) * static_cast<uint64_t>(max_len) * c.hidden_size * DTypeSize(kv_dtype);
 }
 
 absl::Status OptModel::Forward(const ForwardBatch& batch, offload::AttentionCache& cache, std::vector<float>* logits) const {

@@ -56,7 +56,9 @@ struct OffloadOptions {
 // of row r lives at position t.
 class KvCache final : public offload::AttentionCache {
  public:
-  static absl::StatusOr<KvCache> Create(kernels::Backend& backend, const OptConfig& config, int rows, int max_len);
+  // Keys and values as kv_dtype: F32, or F16 (half the memory; attention still computes in fp32).
+  static absl::StatusOr<KvCache> Create(kernels::Backend& backend, const OptConfig& config, int rows, int max_len,
+                                        DType kv_dtype = DType::kF32);
   int rows() const { return rows_; }
   int max_len() const { return max_len_; }
   const TensorView& k(int layer) const { return k_[layer].view; }
@@ -132,7 +134,7 @@ class OptModel {
   // Device bytes that Forward allocates for `tokens` tokens and `logit_rows` rows of logits (an
   // upper bound, for memory plans), and that a KV cache of rows x max_len takes.
   static uint64_t ForwardWorkspaceBytes(const OptConfig& c, int64_t tokens, int64_t logit_rows, int64_t micro_tokens = 0);
-  static uint64_t KvCacheBytes(const OptConfig& c, int64_t rows, int64_t max_len);
+  static uint64_t KvCacheBytes(const OptConfig& c, int64_t rows, int64_t max_len, DType kv_dtype = DType::kF32);
 
   // Runs the batch; writes logits [logit_rows.size(), vocab] fp32 to host memory `logits`.
   absl::Status Forward(const ForwardBatch& batch, offload::AttentionCache& cache, std::vector<float>* logits) const;

@@ -51,7 +51,7 @@ absl::StatusOr<PerplexityResult> ComputePerplexity(const OptModel& model, const 
       const int64_t w1 = std::min(windows, w0 + per_call);
       FERRY_ASSIGN_OR_RETURN(std::unique_ptr<offload::H2OCache> cache,
                              offload::H2OCache::Create(model.backend(), c.num_layers, c.num_heads, c.head_dim(),
-                                                       static_cast<int>(w1 - w0), *o.h2o));
+                                                       static_cast<int>(w1 - w0), *o.h2o, o.kv_dtype));
       for (int64_t t = 0; t < o.window; ++t) {
         ForwardBatch step;
         std::vector<int> targets;
@@ -80,7 +80,7 @@ absl::StatusOr<PerplexityResult> ComputePerplexity(const OptModel& model, const 
     result.perplexity = std::exp(result.nll_sum / static_cast<double>(result.scored_tokens));
     return result;
   }
-  FERRY_ASSIGN_OR_RETURN(KvCache cache, KvCache::Create(model.backend(), c, per_call, o.window));
+  FERRY_ASSIGN_OR_RETURN(KvCache cache, KvCache::Create(model.backend(), c, per_call, o.window, o.kv_dtype));
   for (int64_t w0 = 0; w0 < windows; w0 += per_call) {
     const int64_t w1 = std::min(windows, w0 + per_call);
     ForwardBatch batch;

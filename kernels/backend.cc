@@ -103,12 +103,14 @@ absl::Status ValidateAdd(const TensorView& a, const TensorView& b, const TensorV
 
 namespace {
 
+bool IsKvType(DType t) { return t == DType::kF32 || t == DType::kF16; }
+
 absl::Status ValidateCacheAccess(const char* op, const TensorView& k_cache, const TensorView& v_cache,
                                  const TensorView& seq_ids, const TensorView& positions, int64_t n, int64_t width) {
-  FERRY_RETURN_IF_ERROR(Expect(k_cache.ndim == 3 && k_cache.dtype == DType::kF32 && k_cache.is_contiguous() &&
-                                   v_cache.shape == k_cache.shape && v_cache.dtype == DType::kF32 &&
+  FERRY_RETURN_IF_ERROR(Expect(k_cache.ndim == 3 && IsKvType(k_cache.dtype) && k_cache.is_contiguous() &&
+                                   v_cache.shape == k_cache.shape && v_cache.dtype == k_cache.dtype &&
                                    v_cache.is_contiguous(),
-                               op, "k_cache and v_cache must be contiguous [seqs, max_len, width] F32 of one shape"));
+                               op, "k_cache and v_cache must be contiguous [seqs, max_len, width] F32 or F16 of one shape and type"));
   FERRY_RETURN_IF_ERROR(Expect(k_cache.shape[2] == width, op,
                                absl::StrCat("cache width ", k_cache.shape[2], " != ", width)));
   FERRY_RETURN_IF_ERROR(Expect(IsIds(seq_ids, n) && IsIds(positions, n), op, "seq_ids and positions must be [n] I32"));
@@ -143,9 +145,9 @@ namespace {
 
 absl::Status ValidateSlots(const char* op, const TensorView& k_slots, const TensorView& v_slots, const TensorView& seq_ids,
                            int64_t n, int64_t width) {
-  FERRY_RETURN_IF_ERROR(Expect(k_slots.ndim == 4 && k_slots.dtype == DType::kF32 && k_slots.is_contiguous() &&
-                                   v_slots.shape == k_slots.shape && v_slots.dtype == DType::kF32 && v_slots.is_contiguous(),
-                               op, "k_slots and v_slots must be contiguous [seqs, heads, slots, head_dim] F32"));
+  FERRY_RETURN_IF_ERROR(Expect(k_slots.ndim == 4 && IsKvType(k_slots.dtype) && k_slots.is_contiguous() &&
+                                   v_slots.shape == k_slots.shape && v_slots.dtype == k_slots.dtype && v_slots.is_contiguous(),
+                               op, "k_slots and v_slots must be contiguous [seqs, heads, slots, head_dim] F32 or F16 of one type"));
   FERRY_RETURN_IF_ERROR(Expect(k_slots.shape[1] * k_slots.shape[3] == width, op, "heads x head_dim must equal the width"));
   return Expect(IsIds(seq_ids, n), op, "seq_ids must be [n] I32");
 }
@@ -174,7 +176,9 @@ absl::Status ValidateArgMaxRows(const TensorView& logits, const TensorView& ids)
 
 absl::Status ValidateSlotKvWrite(const SlotKvWriteArgs& a) {
   const char* op = "SlotKvWrite";
-  FERRY_RETURN_IF_ERROR(Expect(Is2dF32(a.k) && Is2dF32(a.v) && a.k.shape == a.v.shape, op, "k and v must be [n, width] F32"));
+  FERRY_RETURN_IF_ERROR(Expect(a.k.ndim == 2 && a.k.is_contiguous() && a.v.is_contiguous() && a.k.shape == a.v.shape &&
+                                   IsKvType(a.k.dtype) && a.v.dtype == a.k.dtype,
+                               op, "k and v must be contiguous [n, width] F32 or F16"));
   FERRY_RETURN_IF_ERROR(ValidateSlots(op, a.k_slots, a.v_slots, a.seq_ids, a.k.shape[0], a.k.shape[1]));
   return Expect(a.slot_ids.ndim == 2 && a.slot_ids.dtype == DType::kI32 && a.slot_ids.shape[0] == a.k.shape[0] &&
                     a.slot_ids.shape[1] == a.k_slots.shape[1] && a.slot_ids.is_contiguous(),

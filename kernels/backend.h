@@ -86,8 +86,8 @@ struct LinearArgs {
 struct KvWriteArgs {
   TensorView k;          // [n, heads * head_dim] F32
   TensorView v;          // [n, heads * head_dim] F32
-  TensorView k_cache;    // [seqs, max_len, heads * head_dim] F32
-  TensorView v_cache;    // [seqs, max_len, heads * head_dim] F32
+  TensorView k_cache;    // [seqs, max_len, heads * head_dim] F32, or F16 (rounded to nearest)
+  TensorView v_cache;    // [seqs, max_len, heads * head_dim] F32 or F16
   TensorView seq_ids;    // [n] I32: cache row of each token
   TensorView positions;  // [n] I32: slot of each token in its row
 };
@@ -96,8 +96,8 @@ struct KvWriteArgs {
 // Serves prefill (many queries per sequence) and decode (one per sequence) alike.
 struct AttentionArgs {
   TensorView q;          // [n, heads * head_dim] F32
-  TensorView k_cache;    // [seqs, max_len, heads * head_dim] F32
-  TensorView v_cache;    // [seqs, max_len, heads * head_dim] F32
+  TensorView k_cache;    // [seqs, max_len, heads * head_dim] F32 or F16 (scores and sums in fp32)
+  TensorView v_cache;    // [seqs, max_len, heads * head_dim] F32 or F16
   TensorView seq_ids;    // [n] I32
   TensorView positions;  // [n] I32
   TensorView out;        // [n, heads * head_dim] F32
@@ -126,10 +126,10 @@ struct SampleRowsArgs {
 // survived eviction; positions are absolute (OPT's positions are in the embeddings, so attention
 // needs no position ids).
 struct SlotKvWriteArgs {
-  TensorView k;          // [n, heads * head_dim] F32
-  TensorView v;          // [n, heads * head_dim] F32
-  TensorView k_slots;    // [seqs, heads, slots, head_dim] F32
-  TensorView v_slots;    // [seqs, heads, slots, head_dim] F32
+  TensorView k;          // [n, heads * head_dim] F32 or F16
+  TensorView v;          // [n, heads * head_dim] F32 or F16
+  TensorView k_slots;    // [seqs, heads, slots, head_dim] F32 or F16 (converted on the way in)
+  TensorView v_slots;    // [seqs, heads, slots, head_dim] F32 or F16
   TensorView seq_ids;    // [n] I32
   TensorView slot_ids;   // [n, heads] I32: the slot each head of each token goes to (-1: not stored)
 };
@@ -138,8 +138,8 @@ struct SlotKvWriteArgs {
 // attention probability from the same pass (0 for empty slots).
 struct SlotAttentionArgs {
   TensorView q;          // [n, heads * head_dim] F32
-  TensorView k_slots;    // [seqs, heads, slots, head_dim] F32
-  TensorView v_slots;    // [seqs, heads, slots, head_dim] F32
+  TensorView k_slots;    // [seqs, heads, slots, head_dim] F32 or F16
+  TensorView v_slots;    // [seqs, heads, slots, head_dim] F32 or F16
   TensorView occupied;   // [seqs, heads, slots] U8 (1: holds a token)
   TensorView seq_ids;    // [n] I32
   TensorView out;        // [n, heads * head_dim] F32

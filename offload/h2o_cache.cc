@@ -8,7 +8,8 @@
 namespace ferry::offload {
 
 absl::StatusOr<std::unique_ptr<H2OCache>> H2OCache::Create(kernels::Backend& backend, int layers, int heads, int head_dim,
-                                                            int rows, const H2OOptions& o) {
+                                                            int rows, const H2OOptions& o, DType kv_dtype) {
+  if (kv_dtype != DType::kF32 && kv_dtype != DType::kF16) return absl::InvalidArgumentError("H2O cache: keys and values are F32 or F16");
   if (o.heavy < 0 || o.recent < 0 || o.heavy + o.recent < 1) {
     return absl::InvalidArgumentError("H2O needs heavy >= 0, recent >= 0 and at least one slot");
   }
@@ -18,6 +19,7 @@ absl::StatusOr<std::unique_ptr<H2OCache>> H2OCache::Create(kernels::Backend& bac
   if (layers <= 0 || heads <= 0 || head_dim <= 0 || rows <= 0) return absl::InvalidArgumentError("H2O cache: bad dimensions");
   std::unique_ptr<H2OCache> c(new H2OCache());
   c->options_ = o;
+  c->kv_dtype_ = kv_dtype;
   c->layers_ = layers, c->heads_ = heads, c->head_dim_ = head_dim, c->rows_ = rows;
   c->slots_ = o.heavy + o.recent + 1;  // the budget plus the incoming token
   c->backend_ = &backend;
@@ -26,8 +28,8 @@ absl::StatusOr<std::unique_ptr<H2OCache>> H2OCache::Create(kernels::Backend& bac
   const std::vector<float> zero_scores(cells, 0.0f);
   const std::vector<uint8_t> zero_occ(cells, 0);
   for (int l = 0; l < layers; ++l) {
-    FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer k, backend.Allocate(cells * head_dim * sizeof(float)));
-    FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer v, backend.Allocate(cells * head_dim * sizeof(float)));
+    FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer k, backend.Allocate(cells * head_dim * DTypeSize(kv_dtype)));
+    FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer v, backend.Allocate(cells * head_dim * DTypeSize(kv_dtype)));
     FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer pos, backend.Allocate(cells * sizeof(int32_t)));
     FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer score, backend.Allocate(cells * sizeof(float)));
     FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer occ, backend.Allocate(cells));
@@ -46,17 +48,18 @@ absl::StatusOr<std::unique_ptr<H2OCache>> H2OCache::Create(kernels::Backend& bac
   return c;
 }
 
-uint64_t H2OCache::Bytes(int layers, int heads, int head_dim, int rows, const H2OOptions& o) {
+uint64_t H2OCache::Bytes(int layers, int heads, int head_dim, int rows, const H2OOptions& o, DType kv_dtype) {
   const uint64_t cells = static_cast<uint64_t>(rows) * heads * (o.heavy + o.recent + 1);
-  return static_cast<uint64_t>(layers) * cells * (2 * head_dim * sizeof(float) + sizeof(int32_t) + sizeof(float) + 1) +
+  return static_cast<uint64_t>(layers) * cells * (2 * head_dim * DTypeSize(kv_dtype) + sizeof(int32_t) + sizeof(float) + 1) +
          cells * sizeof(float) +
          static_cast<uint64_t>(rows) * heads * sizeof(int32_t);
 }
 
-uint64_t H2OCache::PrefillBytes(int heads, int head_dim, int rows, int max_prompt) {
-  // A dense K and V for the prompts, the column sums, and the ids of the selection (a row and a
-  // slot per head for each prompt token), one layer at a time.
-  return static_cast<uint64_t>(rows) * max_prompt * (2 * heads * head_dim + heads + heads + 2) * sizeof(float) +
+uint64_t H2OCache::PrefillBytes(int heads, int head_dim, int rows, int max_prompt, DType kv_dtype) {
+  // A dense K and V for the prompts (kv_dtype), the column sums, and the ids of the selection (a
+  // row and a slot per head for each prompt token), one layer at a time.
+  return static_cast<uint64_t>(rows) * max_prompt *
+             (2 * heads * head_dim * DTypeSize(kv_dtype) + (heads + heads + 2) * sizeof(float)) +
          static_cast<uint64_t>(rows) * 2 * sizeof(int32_t);
 }
 
@@ -109,13 +112,15 @@ absl::Status H2OCache::Prefill(kernels::Backend& b, const AttendArgs& a) {
   const TensorView local_ids =
       TensorView::Contiguous(local_dev.data(), DType::kI32, {static_cast<int64_t>(local.size())}, dev);
   const size_t dense_cells = static_cast<size_t>(used) * max_len * width;
-  FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer k_dense, b.Allocate(dense_cells * sizeof(float)));
-  FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer v_dense, b.Allocate(dense_cells * sizeof(float)));
+  // The prompt's keys and values in the cache's type, so that prefill attends to what the dense
+  // cache of that type would hold (budget >= length: the same logits as the full cache).
+  FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer k_dense, b.Allocate(dense_cells * DTypeSize(kv_dtype_)));
+  FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer v_dense, b.Allocate(dense_cells * DTypeSize(kv_dtype_)));
   FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer cols_dev, b.Allocate(static_cast<size_t>(used) * heads_ * max_len * sizeof(float)));
   std::vector<float> cols(static_cast<size_t>(used) * heads_ * max_len, 0.0f);
   FERRY_RETURN_IF_ERROR(b.CopyToDevice(cols_dev.data(), cols.data(), cols.size() * sizeof(float)));
-  const TensorView kd = TensorView::Contiguous(k_dense.data(), DType::kF32, {used, max_len, width}, dev);
-  const TensorView vd = TensorView::Contiguous(v_dense.data(), DType::kF32, {used, max_len, width}, dev);
+  const TensorView kd = TensorView::Contiguous(k_dense.data(), kv_dtype_, {used, max_len, width}, dev);
+  const TensorView vd = TensorView::Contiguous(v_dense.data(), kv_dtype_, {used, max_len, width}, dev);
   const TensorView cv = TensorView::Contiguous(cols_dev.data(), DType::kF32, {used, heads_, max_len}, dev);
   FERRY_RETURN_IF_ERROR(b.KvWrite({a.k, a.v, kd, vd, local_ids, a.positions}));
   kernels::AttentionArgs attn{a.q, kd, vd, local_ids, a.positions, a.out, heads_, a.scale, cv};
@@ -147,10 +152,10 @@ absl::Status H2OCache::Prefill(kernels::Backend& b, const AttendArgs& a) {
   FERRY_RETURN_IF_ERROR(b.H2OPrefill({cv, TensorView::Contiguous(meta_dev, DType::kI32, {used}, dev),
                                       TensorView::Contiguous(meta_dev + used, DType::kI32, {used}, dev), slot_pos, scores, occ,
                                       token_slot, options_.heavy, options_.recent, options_.protect}));
-  const TensorView k_slots = TensorView::Contiguous(k_[l].data(), DType::kF32, {rows_, heads_, slots_, head_dim_}, dev);
-  const TensorView v_slots = TensorView::Contiguous(v_[l].data(), DType::kF32, {rows_, heads_, slots_, head_dim_}, dev);
-  FERRY_RETURN_IF_ERROR(b.SlotKvWrite({TensorView::Contiguous(k_dense.data(), DType::kF32, {tokens, width}, dev),
-                                       TensorView::Contiguous(v_dense.data(), DType::kF32, {tokens, width}, dev), k_slots,
+  const TensorView k_slots = TensorView::Contiguous(k_[l].data(), kv_dtype_, {rows_, heads_, slots_, head_dim_}, dev);
+  const TensorView v_slots = TensorView::Contiguous(v_[l].data(), kv_dtype_, {rows_, heads_, slots_, head_dim_}, dev);
+  FERRY_RETURN_IF_ERROR(b.SlotKvWrite({TensorView::Contiguous(k_dense.data(), kv_dtype_, {tokens, width}, dev),
+                                       TensorView::Contiguous(v_dense.data(), kv_dtype_, {tokens, width}, dev), k_slots,
                                        v_slots, TensorView::Contiguous(row_dev, DType::kI32, {tokens}, dev), token_slot}));
   // The scratch buffers are freed in stream order on the GPU; the CPU ran synchronously.
   return absl::OkStatus();
@@ -169,8 +174,8 @@ absl::Status H2OCache::Attend(kernels::Backend& b, const AttendArgs& a) {
   const int l = a.layer;
   const Device dev = b.device();
   for (int32_t r : seq) row_used_[r] = 1;
-  const TensorView k_slots = TensorView::Contiguous(k_[l].data(), DType::kF32, {rows_, heads_, slots_, head_dim_}, dev);
-  const TensorView v_slots = TensorView::Contiguous(v_[l].data(), DType::kF32, {rows_, heads_, slots_, head_dim_}, dev);
+  const TensorView k_slots = TensorView::Contiguous(k_[l].data(), kv_dtype_, {rows_, heads_, slots_, head_dim_}, dev);
+  const TensorView v_slots = TensorView::Contiguous(v_[l].data(), kv_dtype_, {rows_, heads_, slots_, head_dim_}, dev);
   const TensorView slot_pos = TensorView::Contiguous(pos_dev_[l].data(), DType::kI32, {rows_, heads_, slots_}, dev);
   const TensorView scores = TensorView::Contiguous(score_dev_[l].data(), DType::kF32, {rows_, heads_, slots_}, dev);
   const TensorView occ = TensorView::Contiguous(occupied_dev_[l].data(), DType::kU8, {rows_, heads_, slots_}, dev);

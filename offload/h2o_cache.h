@@ -30,8 +30,9 @@ struct H2OOptions {
 
 class H2OCache final : public AttentionCache {
  public:
+  // Keys and values are kept as kv_dtype (F32, or F16: half the bytes); scores stay fp32.
   static absl::StatusOr<std::unique_ptr<H2OCache>> Create(kernels::Backend& backend, int layers, int heads, int head_dim,
-                                                           int rows, const H2OOptions& options);
+                                                           int rows, const H2OOptions& options, DType kv_dtype = DType::kF32);
 
   // Per call, each row gets either one token (decode, teacher forcing) or its whole prompt,
   // positions 0..L-1, while the row is still empty (prefill).
@@ -41,8 +42,8 @@ class H2OCache final : public AttentionCache {
   int slots() const { return slots_; }
   // Device bytes this cache holds for `rows` rows, and the most a prefill call of `rows` prompts
   // (the longest `max_prompt` tokens) allocates on top, for memory plans.
-  static uint64_t Bytes(int layers, int heads, int head_dim, int rows, const H2OOptions& o);
-  static uint64_t PrefillBytes(int heads, int head_dim, int rows, int max_prompt);
+  static uint64_t Bytes(int layers, int heads, int head_dim, int rows, const H2OOptions& o, DType kv_dtype = DType::kF32);
+  static uint64_t PrefillBytes(int heads, int head_dim, int rows, int max_prompt, DType kv_dtype = DType::kF32);
 
   // Positions held by (layer, row, head), in slot order (-1: empty slot); read from the backend.
   std::vector<int> Held(int layer, int row, int head) const;
@@ -56,6 +57,7 @@ class H2OCache final : public AttentionCache {
   size_t Index(int row, int head) const { return (static_cast<size_t>(row) * heads_ + head) * slots_; }
 
   H2OOptions options_;
+  DType kv_dtype_ = DType::kF32;
   kernels::Backend* backend_ = nullptr;
   int layers_ = 0, heads_ = 0, head_dim_ = 0, rows_ = 0, slots_ = 0;
   // Per layer, where the slots live: keys, values, and the bookkeeping ([rows, heads, slots]

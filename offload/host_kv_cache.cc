@@ -23,16 +23,18 @@ absl::Status HostTokens::Upload(kernels::Backend& b, const AttendArgs& a) const 
   return b.CopyToDevice(a.out.data, out.data(), out.size() * sizeof(float));
 }
 
-uint64_t HostKvCache::Bytes(int layers, int width, int rows, int max_len) {
-  return 2ull * layers * static_cast<uint64_t>(rows) * max_len * width * sizeof(float);
+uint64_t HostKvCache::Bytes(int layers, int width, int rows, int max_len, DType kv_dtype) {
+  return 2ull * layers * static_cast<uint64_t>(rows) * max_len * width * DTypeSize(kv_dtype);
 }
 
 absl::StatusOr<std::unique_ptr<HostKvCache>> HostKvCache::Create(kernels::Backend& device, int layers, int width, int rows,
-                                                                  int max_len) {
+                                                                  int max_len, DType kv_dtype) {
   if (layers <= 0 || width <= 0 || rows <= 0 || max_len <= 0) return absl::InvalidArgumentError("host KV cache: bad dimensions");
+  if (kv_dtype != DType::kF32 && kv_dtype != DType::kF16) return absl::InvalidArgumentError("host KV cache: F32 or F16");
   std::unique_ptr<HostKvCache> c(new HostKvCache());
   c->layers_ = layers, c->width_ = width, c->rows_ = rows, c->max_len_ = max_len;
-  const size_t bytes = static_cast<size_t>(rows) * max_len * width * sizeof(float);
+  c->kv_dtype_ = kv_dtype;
+  const size_t bytes = static_cast<size_t>(rows) * max_len * width * DTypeSize(kv_dtype);
   for (int l = 0; l < layers; ++l) {
     FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer k, device.AllocateHost(bytes));
     FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer v, device.AllocateHost(bytes));
@@ -50,7 +52,8 @@ absl::Status HostKvCache::Attend(kernels::Backend& b, const AttendArgs& a) {
   const int64_t n = a.q.shape[0];
   FERRY_RETURN_IF_ERROR(tokens_.Download(b, a, width_));
   std::vector<int32_t> seq = *a.host_seq_ids, pos = *a.host_positions;
-  const TensorView kc = host(k_[a.layer].data(), {rows_, max_len_, width_}), vc = host(v_[a.layer].data(), {rows_, max_len_, width_});
+  const TensorView kc = host(k_[a.layer].data(), {rows_, max_len_, width_}, kv_dtype_),
+                   vc = host(v_[a.layer].data(), {rows_, max_len_, width_}, kv_dtype_);
   const TensorView ids = host(seq.data(), {n}, DType::kI32), ps = host(pos.data(), {n}, DType::kI32);
   FERRY_RETURN_IF_ERROR(cpu_.KvWrite({host(tokens_.k.data(), {n, width_}), host(tokens_.v.data(), {n, width_}), kc, vc, ids, ps}));
   FERRY_RETURN_IF_ERROR(cpu_.Attention({host(tokens_.q.data(), {n, width_}), kc, vc, ids, ps, host(tokens_.out.data(), {n, width_}),
@@ -59,15 +62,17 @@ absl::Status HostKvCache::Attend(kernels::Backend& b, const AttendArgs& a) {
 }
 
 absl::StatusOr<std::unique_ptr<HostH2OCache>> HostH2OCache::Create(int layers, int heads, int head_dim, int rows,
-                                                                    const H2OOptions& o) {
+                                                                    const H2OOptions& o, DType kv_dtype) {
   std::unique_ptr<HostH2OCache> c(new HostH2OCache());
   c->width_ = heads * head_dim;
-  FERRY_ASSIGN_OR_RETURN(c->inner_, H2OCache::Create(c->cpu_, layers, heads, head_dim, rows, o));
+  FERRY_ASSIGN_OR_RETURN(c->inner_, H2OCache::Create(c->cpu_, layers, heads, head_dim, rows, o, kv_dtype));
   return c;
 }
 
-uint64_t HostH2OCache::Bytes(int layers, int heads, int head_dim, int rows, const H2OOptions& o, int prefill_rows, int max_prompt) {
-  return H2OCache::Bytes(layers, heads, head_dim, rows, o) + H2OCache::PrefillBytes(heads, head_dim, prefill_rows, max_prompt);
+uint64_t HostH2OCache::Bytes(int layers, int heads, int head_dim, int rows, const H2OOptions& o, int prefill_rows, int max_prompt,
+                             DType kv_dtype) {
+  return H2OCache::Bytes(layers, heads, head_dim, rows, o, kv_dtype) +
+         H2OCache::PrefillBytes(heads, head_dim, prefill_rows, max_prompt, kv_dtype);
 }
 
 absl::Status HostH2OCache::Check(const std::vector<int32_t>& seq_ids, const std::vector<int32_t>& positions) const {

@@ -16,7 +16,7 @@ namespace ferry::cli {
 namespace {
 
 struct BenchFlags {
-  std::string model, dummy, store, weights = "100,0,0", kv = "gpu", gpu_mem, cpu_mem, device = "cpu", json;
+  std::string model, dummy, store, weights = "100,0,0", kv = "gpu", kv_dtype = "f32", gpu_mem, cpu_mem, device = "cpu", json;
   int prompt_len = 512, gen_len = 32, gpu_batch_size = 1, num_gpu_batches = 1;
   unsigned queue_depth = 16;
   std::string block_size = "1MiB";
@@ -73,6 +73,7 @@ absl::StatusOr<std::string> PrepareStore(const BenchFlags& f) {
 absl::Status RunBenchCommand(const BenchFlags& f) {
   engine::BenchOptions o;
   o.kv_on_cpu = f.kv == "cpu";
+  o.kv_dtype = f.kv_dtype == "f16" ? DType::kF16 : DType::kF32;
   FERRY_ASSIGN_OR_RETURN(o.split, offload::ParseWeightSplit(f.weights));
   if (!f.gpu_mem.empty()) {
     FERRY_ASSIGN_OR_RETURN(o.backend.memory_budget_bytes, offload::ParseBytes(f.gpu_mem));
@@ -122,6 +123,9 @@ void RegisterBenchCommand(CLI::App& app, Runner* selected) {
   b->add_option("--num-gpu-batches", f.num_gpu_batches, "GPU batches per block")->check(CLI::PositiveNumber)->capture_default_str();
   b->add_option("--weights", f.weights, "Percent of each layer's weight bytes on GPU,CPU,DISK")->capture_default_str();
   b->add_option("--kv", f.kv, "Where the KV cache lives")->check(CLI::IsMember({"gpu", "cpu"}))->capture_default_str();
+  b->add_option("--kv-dtype", f.kv_dtype, "Keys and values in the KV cache: f32, or f16 (half the bytes: about twice the batch)")
+      ->check(CLI::IsMember({"f32", "f16"}))
+      ->capture_default_str();
   b->add_option("--gpu-mem", f.gpu_mem, "Device memory budget, e.g. 24GiB (default: none)");
   b->add_option("--cpu-mem", f.cpu_mem, "Pinned host memory budget, e.g. 64GiB (default: none)");
   b->add_option("--device", f.device, "Backend")->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();

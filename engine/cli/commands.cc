@@ -34,6 +34,7 @@ struct ModelFlags {
   int threads = 0;
   std::string weights;  // GPU,CPU,DISK percentages: offloaded execution from a store
   std::string gpu_mem, cpu_mem;
+  std::string kv_dtype = "f32";
 };
 
 void AddModelFlags(CLI::App* cmd, ModelFlags* f) {
@@ -46,6 +47,14 @@ void AddModelFlags(CLI::App* cmd, ModelFlags* f) {
   cmd->add_option("--gpu-mem", f->gpu_mem, "Device memory budget, e.g. 24GiB (default: none)");
   cmd->add_option("--cpu-mem", f->cpu_mem, "Pinned host memory budget for offloading, e.g. 64GiB (default: none)");
 }
+
+void AddKvDtypeFlag(CLI::App* cmd, ModelFlags* f) {
+  cmd->add_option("--kv-dtype", f->kv_dtype, "Keys and values in the KV cache: f32, or f16 (half the memory)")
+      ->check(CLI::IsMember({"f32", "f16"}))
+      ->capture_default_str();
+}
+
+DType KvDtype(const ModelFlags& f) { return f.kv_dtype == "f16" ? DType::kF16 : DType::kF32; }
 
 struct Loaded {
   std::unique_ptr<kernels::Backend> backend;
@@ -94,7 +103,7 @@ absl::StatusOr<Loaded> LoadAll(const ModelFlags& f, int64_t rows, int64_t max_to
     o.sparse_ffn = sparse_ffn;
     o.device_budget = bo.memory_budget_bytes;
     o.host_budget = bo.host_budget_bytes;
-    o.reserve_device_bytes = engine::OptModel::KvCacheBytes(config, rows, config.max_positions) +
+    o.reserve_device_bytes = engine::OptModel::KvCacheBytes(config, rows, config.max_positions, KvDtype(f)) +
                              engine::OptModel::ForwardWorkspaceBytes(config, max_tokens_per_call, rows);
     FERRY_ASSIGN_OR_RETURN(l.model, engine::OptModel::LoadOffloaded(f.model, l.backend.get(), o));
   }
@@ -131,6 +140,7 @@ absl::Status RunGenerate(const GenerateFlags& f) {
   gen.min_new_tokens = f.min_new_tokens;
   gen.sampling = {f.temperature, f.top_k, f.top_p, f.seed};
   gen.stop_at_eos = !f.ignore_eos;
+  gen.kv_dtype = KvDtype(f.model);
   FERRY_ASSIGN_OR_RETURN(gen.h2o, ParseH2O(f.h2o, f.protect, 0));
   FERRY_RETURN_IF_ERROR(engine::ValidateGenerateOptions(gen));
   // Before the model loads (minutes for a large one): an output that would be lost is refused.
@@ -240,6 +250,7 @@ absl::Status RunPpl(const PplFlags& f) {
   const auto start = std::chrono::steady_clock::now();
   FERRY_ASSIGN_OR_RETURN(std::vector<int> ids, l.tokenizer->Encode(text));
   engine::PerplexityOptions o;
+  o.kv_dtype = KvDtype(f.model);
   o.window = f.window;
   o.max_tokens = f.max_tokens;
   FERRY_ASSIGN_OR_RETURN(o.h2o, ParseH2O(f.h2o, f.protect, f.local));
@@ -351,6 +362,7 @@ void RegisterCommands(CLI::App& app, Runner* selected) {
   static GenerateFlags gen;
   CLI::App* g = app.add_subcommand("generate", "Generate completions for one prompt or a JSONL file of prompts");
   AddModelFlags(g, &gen.model);
+  AddKvDtypeFlag(g, &gen.model);
   auto* prompt = g->add_option("--prompt", gen.prompt, "Prompt text");
   auto* input = g->add_option("--input", gen.input, "JSONL file of {\"id\", \"prompt\"} lines");
   prompt->excludes(input);
@@ -388,6 +400,7 @@ void RegisterCommands(CLI::App& app, Runner* selected) {
   static PplFlags pplf;
   CLI::App* p = app.add_subcommand("ppl", "Perplexity of a text file (one document, non-overlapping windows)");
   AddModelFlags(p, &pplf.model);
+  AddKvDtypeFlag(p, &pplf.model);
   p->add_option("--text", pplf.text_file, "Text file")->required();
   p->add_option("--window", pplf.window, "Window length in tokens")->check(CLI::Range(2, 1 << 20))->capture_default_str();
   p->add_option("--max-tokens", pplf.max_tokens, "Use only the first N tokens (0: all)")->check(CLI::NonNegativeNumber);

@@ -24,6 +24,16 @@ inline float Dot(const float* q, const float* k, int64_t n) {
   return ((part[0] + part[4]) + (part[2] + part[6])) + ((part[1] + part[5]) + (part[3] + part[7])) + tail;
 }
 
+// Elements [offset, offset + n) of a KV cache as floats: the cache's own memory (F32), or `buf`
+// converted from F16, so both run the same arithmetic on the same values.
+inline const float* Row(const TensorView& t, int64_t offset, int64_t n, float* buf) {
+  if (t.dtype == DType::kF32) return t.as<const float>() + offset;
+  ConvertToF32(DType::kF16, t.as<const uint16_t>() + offset, buf, static_cast<size_t>(n));
+  return buf;
+}
+
+constexpr int64_t kMaxHeadDim = 1024;
+
 }  // namespace
 
 namespace {
@@ -35,12 +45,12 @@ void AttendOne(const AttentionArgs& a, int64_t i, int64_t h, std::vector<float>&
   const int32_t seq = a.seq_ids.as<const int32_t>()[i];
   const int64_t len = static_cast<int64_t>(a.positions.as<const int32_t>()[i]) + 1;
   const float* q = a.q.as<const float>() + i * width + h * head_dim;
-  const float* kbase = a.k_cache.as<const float>() + static_cast<int64_t>(seq) * max_len * width + h * head_dim;
-  const float* vbase = a.v_cache.as<const float>() + static_cast<int64_t>(seq) * max_len * width + h * head_dim;
+  const int64_t base = static_cast<int64_t>(seq) * max_len * width + h * head_dim;
+  float buf[kMaxHeadDim];
   scores.resize(static_cast<size_t>(len));
   float max_score = -INFINITY;
   for (int64_t j = 0; j < len; ++j) {
-    scores[j] = Dot(q, kbase + j * width, head_dim) * a.scale;
+    scores[j] = Dot(q, Row(a.k_cache, base + j * width, head_dim, buf), head_dim) * a.scale;
     max_score = std::max(max_score, scores[j]);
   }
   float sum = 0.0f;
@@ -54,7 +64,7 @@ void AttendOne(const AttentionArgs& a, int64_t i, int64_t h, std::vector<float>&
   for (int64_t j = 0; j < len; ++j) {
     const float p = scores[j] * inv;
     scores[j] = p;
-    const float* v = vbase + j * width;
+    const float* v = Row(a.v_cache, base + j * width, head_dim, buf);
     for (int64_t d = 0; d < head_dim; ++d) out[d] += p * v[d];
   }
 }
@@ -97,13 +107,12 @@ void CpuSlotAttention(ThreadPool& pool, const SlotAttentionArgs& a) {
       const int64_t i = item / heads, h = item % heads;
       const int64_t base = static_cast<int64_t>(seq[i]) * heads + h;  // (seq, head)
       const uint8_t* occ = a.occupied.as<const uint8_t>() + base * slots;
-      const float* kb = a.k_slots.as<const float>() + base * slots * hd;
-      const float* vb = a.v_slots.as<const float>() + base * slots * hd;
+      float buf[kMaxHeadDim];
       const float* q = a.q.as<const float>() + i * width + h * hd;
       float* p = a.probs.as<float>() + (i * heads + h) * slots;
       float max_score = -INFINITY;
       for (int64_t j = 0; j < slots; ++j) {
-        p[j] = occ[j] ? Dot(q, kb + j * hd, hd) * a.scale : -INFINITY;
+        p[j] = occ[j] ? Dot(q, Row(a.k_slots, (base * slots + j) * hd, hd, buf), hd) * a.scale : -INFINITY;
         max_score = std::max(max_score, p[j]);
       }
       float sum = 0.0f;
@@ -117,7 +126,7 @@ void CpuSlotAttention(ThreadPool& pool, const SlotAttentionArgs& a) {
       for (int64_t j = 0; j < slots; ++j) {
         p[j] *= inv;
         if (p[j] == 0.0f) continue;
-        const float* v = vb + j * hd;
+        const float* v = Row(a.v_slots, (base * slots + j) * hd, hd, buf);
         for (int64_t d = 0; d < hd; ++d) out[d] += p[j] * v[d];
       }
     }

@@ -173,8 +173,9 @@ absl::Status CpuBackend::KvWrite(const KvWriteArgs& a) {
   const int32_t* pos = a.positions.as<const int32_t>();
   for (int64_t i = 0; i < n; ++i) {
     const int64_t slot = (static_cast<int64_t>(seq[i]) * max_len + pos[i]) * width;
-    std::memcpy(a.k_cache.as<float>() + slot, a.k.as<const float>() + i * width, width * sizeof(float));
-    std::memcpy(a.v_cache.as<float>() + slot, a.v.as<const float>() + i * width, width * sizeof(float));
+    const size_t esize = DTypeSize(a.k_cache.dtype);  // F32, or F16 rounded to nearest
+    ConvertFromF32(a.k_cache.dtype, a.k.as<const float>() + i * width, a.k_cache.as<char>() + slot * esize, width);
+    ConvertFromF32(a.v_cache.dtype, a.v.as<const float>() + i * width, a.v_cache.as<char>() + slot * esize, width);
   }
   return absl::OkStatus();
 }
@@ -183,6 +184,7 @@ absl::Status CpuBackend::Attention(const AttentionArgs& a) {
   FERRY_RETURN_IF_ERROR(ValidateAttention(a));
   FERRY_RETURN_IF_ERROR(CheckIds("Attention", "seq_ids", a.seq_ids, 0, a.k_cache.shape[0]));
   FERRY_RETURN_IF_ERROR(CheckIds("Attention", "positions", a.positions, 0, a.k_cache.shape[1]));
+  if (a.q.shape[1] / a.num_heads > 1024) return absl::InvalidArgumentError("cpu attention: head_dim above 1024");
   CpuAttention(*pool_, a);
   return absl::OkStatus();
 }
@@ -266,8 +268,19 @@ absl::Status CpuBackend::SlotKvWrite(const SlotKvWriteArgs& a) {
     for (int64_t h = 0; h < heads; ++h) {
       if (slot[i * heads + h] < 0) continue;  // not kept
       const int64_t dst = ((static_cast<int64_t>(seq[i]) * heads + h) * slots + slot[i * heads + h]) * hd;
-      std::memcpy(a.k_slots.as<float>() + dst, a.k.as<const float>() + i * width + h * hd, hd * sizeof(float));
-      std::memcpy(a.v_slots.as<float>() + dst, a.v.as<const float>() + i * width + h * hd, hd * sizeof(float));
+      const size_t esize = DTypeSize(a.k_slots.dtype), in_size = DTypeSize(a.k.dtype);
+      for (const auto& [in, out] : {std::pair{&a.k, &a.k_slots}, std::pair{&a.v, &a.v_slots}}) {
+        const char* src = in->as<const char>() + (i * width + h * hd) * in_size;
+        char* to = out->as<char>() + dst * esize;
+        if (in->dtype == out->dtype) {
+          std::memcpy(to, src, hd * esize);
+        } else {  // F16 -> F32 is exact; F32 -> F16 rounds to nearest
+          float row[1024];
+          if (hd > 1024) return absl::InvalidArgumentError("SlotKvWrite: head_dim above 1024");
+          ConvertToF32(in->dtype, src, row, hd);
+          ConvertFromF32(out->dtype, row, to, hd);
+        }
+      }
     }
   }
   return absl::OkStatus();
@@ -276,6 +289,7 @@ absl::Status CpuBackend::SlotKvWrite(const SlotKvWriteArgs& a) {
 absl::Status CpuBackend::SlotAttention(const SlotAttentionArgs& a) {
   FERRY_RETURN_IF_ERROR(ValidateSlotAttention(a));
   FERRY_RETURN_IF_ERROR(CheckIds("SlotAttention", "seq_ids", a.seq_ids, 0, a.k_slots.shape[0]));
+  if (a.k_slots.shape[3] > 1024) return absl::InvalidArgumentError("cpu slot attention: head_dim above 1024");
   CpuSlotAttention(*pool_, a);
   return absl::OkStatus();
 }

@@ -19,7 +19,10 @@
 // normalized in place at the end (a pass over slots floats, not over K).
 #include <mma.h>
 
+#include <cuda_fp16.h>
+
 #include <cfloat>
+#include <type_traits>
 
 #include "kernels/cuda/launch.h"
 
@@ -28,6 +31,20 @@ namespace {
 
 constexpr int kWarps = 4;
 constexpr int kMaxPerLane = 8;  // head_dim <= 256
+
+// The KV cache is F32 or F16 (T = float or __half); every kernel computes in fp32.
+__device__ __forceinline__ float Ld(const float* p) { return *p; }
+__device__ __forceinline__ float Ld(const __half* p) { return __half2float(*p); }
+__device__ __forceinline__ void St(float* p, float v) { *p = v; }
+__device__ __forceinline__ void St(__half* p, float v) { *p = __float2half_rn(v); }
+// Four consecutive elements (16-byte aligned for float, 8-byte for __half).
+__device__ __forceinline__ float4 Ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+__device__ __forceinline__ float4 Ld4(const __half* p) {
+  const uint2 u = *reinterpret_cast<const uint2*>(p);
+  const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&u.x));
+  const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&u.y));
+  return make_float4(a.x, a.y, b.x, b.y);
+}
 
 // Merges the warps' (max, sum, acc) partials; returns the final max and sum (valid in every thread)
 // and leaves the merged, normalized output row in `o` (head_dim floats, global memory).
@@ -62,8 +79,9 @@ __device__ Merged MergeWarps(float m, float l, const float (&acc)[kMaxPerLane], 
   return {gmax, total};
 }
 
-__global__ void AttentionKernel(const float* __restrict__ q, const float* __restrict__ k_cache,
-                                const float* __restrict__ v_cache, const int32_t* __restrict__ seq_ids,
+template <typename T>
+__global__ void AttentionKernel(const float* __restrict__ q, const T* __restrict__ k_cache,
+                                const T* __restrict__ v_cache, const int32_t* __restrict__ seq_ids,
                                 const int32_t* __restrict__ positions, const int32_t* __restrict__ rows,
                                 float* __restrict__ out, float* __restrict__ col_sums, int64_t max_len, int64_t width,
                                 int head_dim, float scale) {
@@ -82,12 +100,12 @@ __global__ void AttentionKernel(const float* __restrict__ q, const float* __rest
     acc[r] = 0.0f;
   }
   auto score = [&](int64_t j) {
-    const float* kr = k_cache + base + j * width;
+    const T* kr = k_cache + base + j * width;
     float s = 0.0f;
 #pragma unroll
     for (int r = 0; r < kMaxPerLane; ++r) {
       const int d = lane + 32 * r;
-      if (d < head_dim) s += qv[r] * kr[d];
+      if (d < head_dim) s += qv[r] * Ld(kr + d);
     }
     for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
     return s * scale;
@@ -99,11 +117,11 @@ __global__ void AttentionKernel(const float* __restrict__ q, const float* __rest
     const float corr = expf(m - m_new);
     const float p = expf(s - m_new);
     l = l * corr + p;
-    const float* vr = v_cache + base + j * width;
+    const T* vr = v_cache + base + j * width;
 #pragma unroll
     for (int r = 0; r < kMaxPerLane; ++r) {
       const int d = lane + 32 * r;
-      if (d < head_dim) acc[r] = acc[r] * corr + p * vr[d];
+      if (d < head_dim) acc[r] = acc[r] * corr + p * Ld(vr + d);
     }
     m = m_new;
   }
@@ -132,9 +150,9 @@ size_t TileSmemBytes(int head_dim) {
 // With kColSums, a first walk over the key tiles finds each query row's final max and sum (S only,
 // no V), and the second adds each key's normalized probability, summed over the tile's queries, to
 // col_sums[seq, head, key] (H2O's prefill scores): K is read twice, V once.
-template <bool kColSums>
+template <bool kColSums, typename T>
 __global__ void __launch_bounds__(kWarps * 32) PrefillTileKernel(
-    const float* __restrict__ q, const float* __restrict__ k_cache, const float* __restrict__ v_cache,
+    const float* __restrict__ q, const T* __restrict__ k_cache, const T* __restrict__ v_cache,
     const int32_t* __restrict__ seq_ids, const int32_t* __restrict__ positions, const int2* __restrict__ tiles,
     float* __restrict__ out, float* __restrict__ col_sums, int64_t max_len, int64_t width, int hd, float scale) {
   using namespace nvcuda;
@@ -187,8 +205,8 @@ __global__ void __launch_bounds__(kWarps * 32) PrefillTileKernel(
       const int key = kt + j;
       const bool in = key <= p_last;
       const int64_t at = base + static_cast<int64_t>(key) * width + d;
-      put(ks + j * ldh + d, in ? *reinterpret_cast<const float4*>(k_cache + at) : zero4);
-      if (with_v) put(vs + j * ldh + d, in ? *reinterpret_cast<const float4*>(v_cache + at) : zero4);
+      put(ks + j * ldh + d, in ? Ld4(k_cache + at) : zero4);
+      if (with_v) put(vs + j * ldh + d, in ? Ld4(v_cache + at) : zero4);
     }
   };
   // S = Q K^T for this warp's 16 rows, into ss.
@@ -311,8 +329,9 @@ __global__ void __launch_bounds__(kWarps * 32) PrefillTileKernel(
 
 // ---- H2O slots -----------------------------------------------------------------------------------
 
-__global__ void SlotKvWriteKernel(const float* __restrict__ k, const float* __restrict__ v, float* __restrict__ k_slots,
-                                  float* __restrict__ v_slots, const int32_t* __restrict__ seq_ids,
+template <typename I, typename T>
+__global__ void SlotKvWriteKernel(const I* __restrict__ k, const I* __restrict__ v, T* __restrict__ k_slots,
+                                  T* __restrict__ v_slots, const int32_t* __restrict__ seq_ids,
                                   const int32_t* __restrict__ slot_ids, int heads, int slots, int hd) {
   const int64_t i = blockIdx.x;
   const int h = blockIdx.y;
@@ -321,13 +340,14 @@ __global__ void SlotKvWriteKernel(const float* __restrict__ k, const float* __re
   const int64_t cell = ((static_cast<int64_t>(seq_ids[i]) * heads + h) * slots + slot) * hd;
   const int64_t src = (i * heads + h) * hd;
   for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-    k_slots[cell + d] = k[src + d];
-    v_slots[cell + d] = v[src + d];
+    St(k_slots + cell + d, Ld(k + src + d));  // F16 -> F32 exact, F32 -> F16 rounded to nearest
+    St(v_slots + cell + d, Ld(v + src + d));
   }
 }
 
-__global__ void SlotAttentionKernel(const float* __restrict__ q, const float* __restrict__ k_slots,
-                                    const float* __restrict__ v_slots, const uint8_t* __restrict__ occupied,
+template <typename T>
+__global__ void SlotAttentionKernel(const float* __restrict__ q, const T* __restrict__ k_slots,
+                                    const T* __restrict__ v_slots, const uint8_t* __restrict__ occupied,
                                     const int32_t* __restrict__ seq_ids, float* __restrict__ out, float* __restrict__ probs,
                                     int slots, int hd, float scale) {
   const int64_t i = blockIdx.x;
@@ -335,8 +355,8 @@ __global__ void SlotAttentionKernel(const float* __restrict__ q, const float* __
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t cell = static_cast<int64_t>(seq_ids[i]) * heads + h;
   const uint8_t* occ = occupied + cell * slots;
-  const float* kb = k_slots + cell * slots * hd;
-  const float* vb = v_slots + cell * slots * hd;
+  const T* kb = k_slots + cell * slots * hd;
+  const T* vb = v_slots + cell * slots * hd;
   float* p_out = probs + (i * heads + h) * slots;
   const int64_t width = static_cast<int64_t>(heads) * hd;
   float qv[kMaxPerLane], acc[kMaxPerLane];
@@ -349,12 +369,12 @@ __global__ void SlotAttentionKernel(const float* __restrict__ q, const float* __
   float m = -FLT_MAX, l = 0.0f;
   for (int j = warp; j < slots; j += kWarps) {
     if (!occ[j]) continue;  // uniform across the warp
-    const float* kr = kb + static_cast<int64_t>(j) * hd;
+    const T* kr = kb + static_cast<int64_t>(j) * hd;
     float s = 0.0f;
 #pragma unroll
     for (int r = 0; r < kMaxPerLane; ++r) {
       const int d = lane + 32 * r;
-      if (d < hd) s += qv[r] * kr[d];
+      if (d < hd) s += qv[r] * Ld(kr + d);
     }
     for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
     s *= scale;
@@ -363,11 +383,11 @@ __global__ void SlotAttentionKernel(const float* __restrict__ q, const float* __
     const float corr = expf(m - m_new);
     const float p = expf(s - m_new);
     l = l * corr + p;
-    const float* vr = vb + static_cast<int64_t>(j) * hd;
+    const T* vr = vb + static_cast<int64_t>(j) * hd;
 #pragma unroll
     for (int r = 0; r < kMaxPerLane; ++r) {
       const int d = lane + 32 * r;
-      if (d < hd) acc[r] = acc[r] * corr + p * vr[d];
+      if (d < hd) acc[r] = acc[r] * corr + p * Ld(vr + d);
     }
     m = m_new;
   }
@@ -489,10 +509,18 @@ cudaError_t LaunchAttention(const AttentionArgs& a, const int32_t* rows, int64_t
   if (head_dim > kMaxPerLane * 32) return cudaErrorInvalidValue;
   if (num_rows == 0) return cudaSuccess;
   dim3 grid(static_cast<unsigned>(num_rows), static_cast<unsigned>(a.num_heads));
-  AttentionKernel<<<grid, kWarps * 32, 0, stream>>>(
-      a.q.as<const float>(), a.k_cache.as<const float>(), a.v_cache.as<const float>(), a.seq_ids.as<const int32_t>(),
-      a.positions.as<const int32_t>(), rows, a.out.as<float>(), a.col_sums.data != nullptr ? a.col_sums.as<float>() : nullptr,
-      a.k_cache.shape[1], width, head_dim, a.scale);
+  auto launch = [&](auto* cache_type) {
+    using T = std::remove_pointer_t<decltype(cache_type)>;
+    AttentionKernel<T><<<grid, kWarps * 32, 0, stream>>>(
+        a.q.as<const float>(), a.k_cache.as<const T>(), a.v_cache.as<const T>(), a.seq_ids.as<const int32_t>(),
+        a.positions.as<const int32_t>(), rows, a.out.as<float>(), a.col_sums.data != nullptr ? a.col_sums.as<float>() : nullptr,
+        a.k_cache.shape[1], width, head_dim, a.scale);
+  };
+  if (a.k_cache.dtype == DType::kF16) {
+    launch(static_cast<__half*>(nullptr));
+  } else {
+    launch(static_cast<float*>(nullptr));
+  }
   return cudaGetLastError();
 }
 
@@ -503,15 +531,19 @@ cudaError_t LaunchPrefillTiles(const AttentionArgs& a, const int2* tiles, int64_
   if (num_tiles == 0) return cudaSuccess;
   const size_t smem = TileSmemBytes(head_dim);
   const bool cols = a.col_sums.data != nullptr;
-  auto kernel = cols ? PrefillTileKernel<true> : PrefillTileKernel<false>;
-  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  if (e != cudaSuccess) return e;
   dim3 grid(static_cast<unsigned>(num_tiles), static_cast<unsigned>(a.num_heads));
-  kernel<<<grid, kWarps * 32, smem, stream>>>(a.q.as<const float>(), a.k_cache.as<const float>(), a.v_cache.as<const float>(),
-                                              a.seq_ids.as<const int32_t>(), a.positions.as<const int32_t>(), tiles,
-                                              a.out.as<float>(), cols ? a.col_sums.as<float>() : nullptr, a.k_cache.shape[1],
-                                              width, head_dim, a.scale);
-  return cudaGetLastError();
+  auto launch = [&](auto* cache_type) {
+    using T = std::remove_pointer_t<decltype(cache_type)>;
+    auto kernel = cols ? PrefillTileKernel<true, T> : PrefillTileKernel<false, T>;
+    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (e != cudaSuccess) return e;
+    kernel<<<grid, kWarps * 32, smem, stream>>>(a.q.as<const float>(), a.k_cache.as<const T>(), a.v_cache.as<const T>(),
+                                                a.seq_ids.as<const int32_t>(), a.positions.as<const int32_t>(), tiles,
+                                                a.out.as<float>(), cols ? a.col_sums.as<float>() : nullptr, a.k_cache.shape[1],
+                                                width, head_dim, a.scale);
+    return cudaGetLastError();
+  };
+  return a.k_cache.dtype == DType::kF16 ? launch(static_cast<__half*>(nullptr)) : launch(static_cast<float*>(nullptr));
 }
 
 cudaError_t LaunchSlotKvWrite(const SlotKvWriteArgs& a, cudaStream_t stream) {
@@ -520,9 +552,25 @@ cudaError_t LaunchSlotKvWrite(const SlotKvWriteArgs& a, cudaStream_t stream) {
   const int heads = static_cast<int>(a.k_slots.shape[1]), slots = static_cast<int>(a.k_slots.shape[2]),
             hd = static_cast<int>(a.k_slots.shape[3]);
   dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(heads));
-  SlotKvWriteKernel<<<grid, 128, 0, stream>>>(a.k.as<const float>(), a.v.as<const float>(), a.k_slots.as<float>(),
-                                              a.v_slots.as<float>(), a.seq_ids.as<const int32_t>(),
-                                              a.slot_ids.as<const int32_t>(), heads, slots, hd);
+  auto launch = [&](auto* in_type, auto* slot_type) {
+    using I = std::remove_pointer_t<decltype(in_type)>;
+    using T = std::remove_pointer_t<decltype(slot_type)>;
+    SlotKvWriteKernel<I, T><<<grid, 128, 0, stream>>>(a.k.as<const I>(), a.v.as<const I>(), a.k_slots.as<T>(), a.v_slots.as<T>(),
+                                                      a.seq_ids.as<const int32_t>(), a.slot_ids.as<const int32_t>(), heads,
+                                                      slots, hd);
+  };
+  const bool in16 = a.k.dtype == DType::kF16, out16 = a.k_slots.dtype == DType::kF16;
+  __half* h = nullptr;
+  float* f = nullptr;
+  if (in16 && out16) {
+    launch(h, h);
+  } else if (in16) {
+    launch(h, f);
+  } else if (out16) {
+    launch(f, h);
+  } else {
+    launch(f, f);
+  }
   return cudaGetLastError();
 }
 
@@ -533,10 +581,17 @@ cudaError_t LaunchSlotAttention(const SlotAttentionArgs& a, cudaStream_t stream)
   if (hd > kMaxPerLane * 32) return cudaErrorInvalidValue;
   if (n == 0) return cudaSuccess;
   dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(heads));
-  SlotAttentionKernel<<<grid, kWarps * 32, 0, stream>>>(a.q.as<const float>(), a.k_slots.as<const float>(),
-                                                        a.v_slots.as<const float>(), a.occupied.as<const uint8_t>(),
-                                                        a.seq_ids.as<const int32_t>(), a.out.as<float>(), a.probs.as<float>(),
-                                                        slots, hd, a.scale);
+  auto launch = [&](auto* slot_type) {
+    using T = std::remove_pointer_t<decltype(slot_type)>;
+    SlotAttentionKernel<T><<<grid, kWarps * 32, 0, stream>>>(a.q.as<const float>(), a.k_slots.as<const T>(), a.v_slots.as<const T>(),
+                                                             a.occupied.as<const uint8_t>(), a.seq_ids.as<const int32_t>(),
+                                                             a.out.as<float>(), a.probs.as<float>(), slots, hd, a.scale);
+  };
+  if (a.k_slots.dtype == DType::kF16) {
+    launch(static_cast<__half*>(nullptr));
+  } else {
+    launch(static_cast<float*>(nullptr));
+  }
   return cudaGetLastError();
 }
 

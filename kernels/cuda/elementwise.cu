@@ -35,14 +35,18 @@ __global__ void AddKernel(const float* __restrict__ a, const float* __restrict__
 }
 
 // One block per token: copy its k and v rows into the cache slot (seq, pos).
-__global__ void KvWriteKernel(const float* __restrict__ k, const float* __restrict__ v, float* k_cache,
-                              float* v_cache, const int32_t* __restrict__ seq, const int32_t* __restrict__ pos,
+// The cache is F32 or F16 (rounded to nearest, as the CPU twin).
+__device__ __forceinline__ void StoreKv(float* p, float v) { *p = v; }
+__device__ __forceinline__ void StoreKv(__half* p, float v) { *p = __float2half_rn(v); }
+template <typename T>
+__global__ void KvWriteKernel(const float* __restrict__ k, const float* __restrict__ v, T* k_cache,
+                              T* v_cache, const int32_t* __restrict__ seq, const int32_t* __restrict__ pos,
                               int64_t max_len, int64_t width) {
   const int64_t i = blockIdx.x;
   const int64_t slot = (static_cast<int64_t>(seq[i]) * max_len + pos[i]) * width;
   for (int64_t j = threadIdx.x; j < width; j += blockDim.x) {
-    k_cache[slot + j] = k[i * width + j];
-    v_cache[slot + j] = v[i * width + j];
+    StoreKv(k_cache + slot + j, k[i * width + j]);
+    StoreKv(v_cache + slot + j, v[i * width + j]);
   }
 }
 
@@ -189,9 +193,15 @@ cudaError_t LaunchAdd(const float* a, const float* b, float* out, int64_t n, cud
 cudaError_t LaunchKvWrite(const KvWriteArgs& a, cudaStream_t stream) {
   const int64_t n = a.k.shape[0];
   if (n == 0) return cudaSuccess;
-  KvWriteKernel<<<n, 256, 0, stream>>>(a.k.as<const float>(), a.v.as<const float>(), a.k_cache.as<float>(),
-                                       a.v_cache.as<float>(), a.seq_ids.as<const int32_t>(),
-                                       a.positions.as<const int32_t>(), a.k_cache.shape[1], a.k_cache.shape[2]);
+  if (a.k_cache.dtype == DType::kF16) {
+    KvWriteKernel<__half><<<n, 256, 0, stream>>>(a.k.as<const float>(), a.v.as<const float>(), a.k_cache.as<__half>(),
+                                                 a.v_cache.as<__half>(), a.seq_ids.as<const int32_t>(),
+                                                 a.positions.as<const int32_t>(), a.k_cache.shape[1], a.k_cache.shape[2]);
+  } else {
+    KvWriteKernel<float><<<n, 256, 0, stream>>>(a.k.as<const float>(), a.v.as<const float>(), a.k_cache.as<float>(),
+                                                a.v_cache.as<float>(), a.seq_ids.as<const int32_t>(),
+                                                a.positions.as<const int32_t>(), a.k_cache.shape[1], a.k_cache.shape[2]);
+  }
   return cudaGetLastError();
 }
 

@@ -111,6 +111,21 @@ TEST(BenchTest, H2OFitsALargerBatchInTheSameBudget) {
   EXPECT_GE(h2o_batch, 2 * full_batch);  // 41 slots instead of 203 positions per head
   EXPECT_EQ(h2o->json["kv_cache"], "h2o 20+20");
   for (const auto* r : {&*full, &*h2o}) EXPECT_LE(r->json["memory"]["plan_device"].get<uint64_t>(), 48u << 20);
+  // F16 keys and values: half the cache, so a larger batch (the workspace does not halve); two GPU
+  // batches, so the batch moves in steps of 2.
+  o.num_gpu_batches = 2;
+  o.h2o.reset();
+  auto full32 = RunBench(o);
+  o.kv_dtype = DType::kF16;
+  auto full16 = RunBench(o);
+  ASSERT_TRUE(full32.ok() && full16.ok()) << full32.status() << full16.status();
+  const int full32_batch = full32->json["batch"], full16_batch = full16->json["batch"];
+  EXPECT_GT(full16_batch, full32_batch * 5 / 4) << full32_batch << " -> " << full16_batch;
+  EXPECT_EQ(full16->json["kv_dtype"], "F16");
+  EXPECT_LE(full16->json["memory"]["plan_device"].get<uint64_t>(), 48u << 20);
+  o.kv_dtype = DType::kF32;
+  o.num_gpu_batches = 8;
+  o.h2o = offload::H2OOptions{20, 20, 0};
   o.fit_batch = true;
   o.backend.memory_budget_bytes = 2 << 20;
   EXPECT_EQ(RunBench(o).status().code(), absl::StatusCode::kResourceExhausted);

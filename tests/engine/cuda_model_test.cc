@@ -75,6 +75,13 @@ TEST_F(CudaModelTest, PerplexityWithinHalfAPercentOfTheCpu) {
   auto cpu = ComputePerplexity(*cpu_model_, *ids, o);
   ASSERT_TRUE(gpu.ok() && cpu.ok()) << gpu.status();
   EXPECT_NEAR(gpu->perplexity, cpu->perplexity, cpu->perplexity * 0.005);
+  // F16 keys and values on the GPU: within 0.5% of the CPU's F16 cache and 0.1% of the GPU's F32.
+  o.kv_dtype = DType::kF16;
+  auto gpu16 = ComputePerplexity(*gpu_model_, *ids, o);
+  auto cpu16 = ComputePerplexity(*cpu_model_, *ids, o);
+  ASSERT_TRUE(gpu16.ok() && cpu16.ok()) << gpu16.status();
+  EXPECT_NEAR(gpu16->perplexity, cpu16->perplexity, cpu16->perplexity * 0.005);
+  EXPECT_NEAR(gpu16->perplexity, gpu->perplexity, gpu->perplexity * 0.001);
 }
 
 // H2O on the GPU: token-by-token perplexity through the slot kernels equals the CPU's within 0.5%,
@@ -92,6 +99,12 @@ TEST_F(CudaModelTest, H2OMatchesTheCpu) {
   auto cpu = ComputePerplexity(*cpu_model_, *ids, o);
   ASSERT_TRUE(gpu.ok() && cpu.ok()) << gpu.status() << cpu.status();
   EXPECT_NEAR(gpu->perplexity, cpu->perplexity, cpu->perplexity * 0.005);
+  o.kv_dtype = DType::kF16;  // F16 slots
+  auto gpu16 = ComputePerplexity(*gpu_model_, *ids, o);
+  auto cpu16 = ComputePerplexity(*cpu_model_, *ids, o);
+  ASSERT_TRUE(gpu16.ok() && cpu16.ok()) << gpu16.status() << cpu16.status();
+  EXPECT_NEAR(gpu16->perplexity, cpu16->perplexity, cpu16->perplexity * 0.005);
+  o.kv_dtype = DType::kF32;
 
   const OptConfig& c = cpu_model_->config();
   const offload::H2OOptions h{24, 24, 2};

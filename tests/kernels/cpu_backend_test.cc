@@ -157,6 +157,88 @@ TEST(CpuBackendTest, AttentionMatchesReferenceForMixedPrefillAndDecode) {
   EXPECT_EQ(cpu.Attention(a).code(), absl::StatusCode::kInvalidArgument);
 }
 
+// An F16 KV cache (KvWrite rounds to nearest) attends exactly as an F32 cache holding the same
+// rounded values: the same output and column sums, bitwise; likewise H2O's slots.
+TEST(CpuBackendTest, F16KvCacheIsTheF32CacheOfRoundedValuesBitwise) {
+  CpuBackend cpu;
+  const int seqs = 3, max_len = 21, heads = 2, hd = 24, w = heads * hd;
+  std::vector<int32_t> seq, pos;
+  for (int p = 0; p < 17; ++p) seq.push_back(1), pos.push_back(p);  // a prompt
+  seq.push_back(0), pos.push_back(0);
+  seq.push_back(2), pos.push_back(0);
+  const int n = static_cast<int>(seq.size());
+  std::vector<float> k = RandomValues(n * w, 21, 3.0f), v = RandomValues(n * w, 22, 3.0f), q = RandomValues(n * w, 23);
+  std::vector<float> k_r(k.size()), v_r(v.size());
+  std::vector<uint16_t> tmp(k.size());
+  for (auto [src, dst] : {std::pair{&k, &k_r}, std::pair{&v, &v_r}}) {
+    ConvertFromF32(DType::kF16, src->data(), tmp.data(), tmp.size());
+    ConvertToF32(DType::kF16, tmp.data(), dst->data(), tmp.size());
+  }
+  EXPECT_NE(k, k_r);  // the rounding did something
+  std::vector<float> kc32(seqs * max_len * w, 0.0f), vc32(kc32.size(), 0.0f);
+  std::vector<uint16_t> kc16(kc32.size(), 0), vc16(kc32.size(), 0);
+  const TensorView k32 = View(kc32, {seqs, max_len, w}), v32 = View(vc32, {seqs, max_len, w});
+  const TensorView k16 = TensorView::Contiguous(kc16.data(), DType::kF16, {seqs, max_len, w}),
+                   v16 = TensorView::Contiguous(vc16.data(), DType::kF16, {seqs, max_len, w});
+  ASSERT_TRUE(cpu.KvWrite({View(k_r, {n, w}), View(v_r, {n, w}), k32, v32, Ids(seq), Ids(pos)}).ok());
+  ASSERT_TRUE(cpu.KvWrite({View(k, {n, w}), View(v, {n, w}), k16, v16, Ids(seq), Ids(pos)}).ok());
+  const float scale = 0.2f;
+  std::vector<float> out32(n * w, NAN), out16(n * w, NAN), cols32(seqs * heads * max_len, 0.0f), cols16(cols32.size(), 0.0f);
+  ASSERT_TRUE(cpu.Attention({View(q, {n, w}), k32, v32, Ids(seq), Ids(pos), View(out32, {n, w}), heads, scale,
+                             TensorView::Contiguous(cols32.data(), DType::kF32, {seqs, heads, max_len})})
+                  .ok());
+  ASSERT_TRUE(cpu.Attention({View(q, {n, w}), k16, v16, Ids(seq), Ids(pos), View(out16, {n, w}), heads, scale,
+                             TensorView::Contiguous(cols16.data(), DType::kF32, {seqs, heads, max_len})})
+                  .ok());
+  EXPECT_EQ(out16, out32);
+  EXPECT_EQ(cols16, cols32);
+
+  // H2O slots: F32 and F16 tokens into F16 slots, F16 tokens into F32 slots (exact), then attention.
+  const int slots = 5;
+  std::vector<int32_t> sseq = {0, 2, 1}, slot_ids = {4, 0, 1, 3, 2, -1};  // [3 tokens, 2 heads]
+  std::vector<float> s32(seqs * heads * slots * hd, 0.0f), t32(s32.size(), 0.0f);
+  std::vector<uint16_t> s16(s32.size(), 0), t16(s32.size(), 0), k3(3 * w), v3(3 * w);
+  ConvertFromF32(DType::kF16, k.data(), k3.data(), k3.size());
+  ConvertFromF32(DType::kF16, v.data(), v3.data(), v3.size());
+  const std::initializer_list<int64_t> sshape = {seqs, heads, slots, hd};
+  auto f16 = [&](std::vector<uint16_t>& x, std::initializer_list<int64_t> shape) {
+    return TensorView::Contiguous(x.data(), DType::kF16, shape);
+  };
+  std::vector<float> k3r(k_r.begin(), k_r.begin() + 3 * w), v3r(v_r.begin(), v_r.begin() + 3 * w), k3f(k.begin(), k.begin() + 3 * w),
+      v3f(v.begin(), v.begin() + 3 * w);
+  const TensorView slot_view = TensorView::Contiguous(slot_ids.data(), DType::kI32, {3, heads});
+  ASSERT_TRUE(cpu.SlotKvWrite({View(k3r, {3, w}), View(v3r, {3, w}), View(s32, sshape), View(t32, sshape), Ids(sseq), slot_view}).ok());
+  ASSERT_TRUE(cpu.SlotKvWrite({View(k3f, {3, w}), View(v3f, {3, w}), f16(s16, sshape), f16(t16, sshape), Ids(sseq), slot_view}).ok());
+  std::vector<uint16_t> s16b(s16.size(), 0), t16b(s16.size(), 0);
+  ASSERT_TRUE(cpu.SlotKvWrite({f16(k3, {3, w}), f16(v3, {3, w}), f16(s16b, sshape), f16(t16b, sshape), Ids(sseq), slot_view}).ok());
+  EXPECT_EQ(s16b, s16);
+  EXPECT_EQ(t16b, t16);
+  std::vector<float> s32b(s32.size(), 0.0f), t32b(s32.size(), 0.0f);
+  ASSERT_TRUE(cpu.SlotKvWrite({f16(k3, {3, w}), f16(v3, {3, w}), View(s32b, sshape), View(t32b, sshape), Ids(sseq), slot_view}).ok());
+  EXPECT_EQ(s32b, s32);
+  std::vector<uint8_t> occ(seqs * heads * slots, 0);
+  for (int i = 0; i < 3; ++i) {
+    for (int h = 0; h < heads; ++h) {
+      if (slot_ids[i * heads + h] >= 0) occ[(sseq[i] * heads + h) * slots + slot_ids[i * heads + h]] = 1;
+    }
+  }
+  std::vector<float> o32(3 * w, NAN), o16(3 * w, NAN), p32(3 * heads * slots, NAN), p16(p32.size(), NAN);
+  const TensorView occ_view = TensorView::Contiguous(occ.data(), DType::kU8, {seqs, heads, slots});
+  ASSERT_TRUE(cpu.SlotAttention({View(q, {3, w}), View(s32, sshape), View(t32, sshape), occ_view, Ids(sseq), View(o32, {3, w}),
+                                 View(p32, {3, heads, slots}), scale})
+                  .ok());
+  ASSERT_TRUE(cpu.SlotAttention({View(q, {3, w}), f16(s16, sshape), f16(t16, sshape), occ_view, Ids(sseq), View(o16, {3, w}),
+                                 View(p16, {3, heads, slots}), scale})
+                  .ok());
+  EXPECT_EQ(o16, o32);
+  EXPECT_EQ(p16, p32);
+  // BF16 is not a KV type.
+  EXPECT_EQ(cpu.KvWrite({View(k, {n, w}), View(v, {n, w}), TensorView::Contiguous(kc16.data(), DType::kBF16, {seqs, max_len, w}),
+                         TensorView::Contiguous(vc16.data(), DType::kBF16, {seqs, max_len, w}), Ids(seq), Ids(pos)})
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 TEST(CpuBackendTest, KvWriteAndAdd) {
   CpuBackend cpu;
   const int seqs = 2, max_len = 4, w = 5;
