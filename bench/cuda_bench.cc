@@ -106,14 +106,15 @@ void BM_HbmCopyProbe(benchmark::State& state) {
 void BM_DecodeAttention(benchmark::State& state) {
   if (Gpu() == nullptr) return state.SkipWithError("no CUDA device");
   const int64_t b = state.range(0), ctx = state.range(1), h = 32, hd = 128, w = h * hd;
-  DevTensor q = Random(DType::kF32, {b, w}, 1), k = Random(DType::kF32, {b, ctx, w}, 2), v = Random(DType::kF32, {b, ctx, w}, 3);
+  const DType kv = state.range(2) != 0 ? DType::kF16 : DType::kF32;  // the cache's type
+  DevTensor q = Random(DType::kF32, {b, w}, 1), k = Random(kv, {b, ctx, w}, 2), v = Random(kv, {b, ctx, w}, 3);
   DevTensor out = Random(DType::kF32, {b, w}, 4);
   std::vector<int32_t> seq(b), pos(b, static_cast<int32_t>(ctx - 1));
   for (int64_t i = 0; i < b; ++i) seq[i] = static_cast<int32_t>(i);
   DevTensor dseq = Ids(seq), dpos = Ids(pos);
   AttentionArgs a{q.view, k.view, v.view, dseq.view, dpos.view, out.view, static_cast<int>(h), 0.088f, TensorView{}};
   TimeLoop(state, [&] { return Gpu()->Attention(a); });
-  const double bytes = 2.0 * b * ctx * w * 4;
+  const double bytes = 2.0 * b * ctx * w * DTypeSize(kv);
   state.counters["KV_GB/s"] = benchmark::Counter(bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["frac_of_HBM"] = benchmark::Counter(bytes / kHbmBytesPerSecond, benchmark::Counter::kIsIterationInvariantRate);
 }
@@ -203,7 +204,8 @@ void BM_Gemm(benchmark::State& state) {
 }
 
 BENCHMARK(BM_HbmCopyProbe)->ArgNames({"MiB"})->Args({1024})->UseManualTime()->Unit(benchmark::kMicrosecond);
-BENCHMARK(BM_DecodeAttention)->ArgNames({"batch", "ctx"})->Args({64, 512})->Args({64, 1024})->Args({64, 2048})
+BENCHMARK(BM_DecodeAttention)->ArgNames({"batch", "ctx", "f16"})->Args({64, 512, 0})->Args({64, 1024, 0})->Args({64, 2048, 0})
+    ->Args({64, 2048, 1})
     ->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_PrefillAttention)->ArgNames({"ctx", "seqs", "tensor_cores"})->Args({512, 1, 0})->Args({512, 32, 0})
     ->Args({512, 32, 1})->Args({2048, 1, 1})->Args({2048, 8, 1})->UseManualTime()->Unit(benchmark::kMicrosecond);
