@@ -18,6 +18,7 @@
 #include "base/status.h"
 #include "base/thread_pool.h"
 #include "io/safetensors.h"
+#include "kernels/cpu/cpu_backend.h"
 #include "nlohmann/json.hpp"
 
 namespace ferry::engine {
@@ -103,21 +104,18 @@ void Predict(const float* x, int64_t n, int d, int r, int ffn, const float* down
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(n), ffn, r, 1.0f, h->data(), r, up, r, 1.0f, z->data(), ffn);
 }
 
-struct Adam {
-  std::vector<float> m, v;
-  int step = 0;
-  void Update(std::vector<float>& w, const std::vector<float>& g, float lr) {
-    if (m.empty()) m.assign(w.size(), 0.0f), v.assign(w.size(), 0.0f);
-    ++step;
-    const float b1 = 0.9f, b2 = 0.999f, eps = 1e-8f;
-    const float c1 = 1.0f - std::pow(b1, static_cast<float>(step)), c2 = 1.0f - std::pow(b2, static_cast<float>(step));
-    for (size_t i = 0; i < w.size(); ++i) {
-      m[i] = b1 * m[i] + (1 - b1) * g[i];
-      v[i] = b2 * v[i] + (1 - b2) * g[i] * g[i];
-      w[i] -= lr * (m[i] / c1) / (std::sqrt(v[i] / c2) + eps);
-    }
-  }
+// A backend buffer and its view.
+struct Buf {
+  kernels::DeviceBuffer buf;
+  TensorView view;
 };
+absl::StatusOr<Buf> Alloc(kernels::Backend& be, DType t, std::initializer_list<int64_t> shape) {
+  Buf b;
+  b.view = TensorView::Contiguous(nullptr, t, shape, be.device());
+  FERRY_ASSIGN_OR_RETURN(b.buf, be.Allocate(b.view.bytes()));
+  b.view.data = b.buf.data();
+  return b;
+}
 
 }  // namespace
 
@@ -200,6 +198,8 @@ absl::StatusOr<std::vector<LayerSparsity>> TrainPredictors(const std::string& da
   std::vector<LayerSparsity> result;
   std::vector<std::vector<float>> keep_down(meta.layers), keep_up(meta.layers), keep_bias(meta.layers);
   std::mt19937 rng(static_cast<uint32_t>(o.seed));
+  kernels::CpuBackend default_cpu;  // where no backend is given
+  kernels::Backend& be = o.backend != nullptr ? *o.backend : default_cpu;
   for (int l = 0; l < meta.layers; ++l) {
     LayerSparsity ls;
     ls.layer = l;
@@ -217,46 +217,89 @@ absl::StatusOr<std::vector<LayerSparsity>> TrainPredictors(const std::string& da
     std::vector<float> down(static_cast<size_t>(r) * d), up(static_cast<size_t>(F) * r), bias(F, std::log(p / (1 - p)));
     for (auto& x : down) x = nd(rng) / std::sqrt(static_cast<float>(d));
     for (auto& x : up) x = nd(rng) / std::sqrt(static_cast<float>(r));
-    Adam adam_down, adam_up, adam_bias;
-    std::vector<float> h, z, g, gdown(down.size()), gup(up.size()), gbias(F), gh;
+    // Weights, Adam's moments and the step's temporaries live in backend memory; the host gathers
+    // each batch's rows and labels and copies them over.
+    const int B = o.batch;
+    const int64_t held = meta.tokens - n_train, chunk = std::min<int64_t>(held, 16384);
+    FERRY_ASSIGN_OR_RETURN(Buf dw, Alloc(be, DType::kF32, {r, d}));
+    FERRY_ASSIGN_OR_RETURN(Buf uw, Alloc(be, DType::kF32, {F, r}));
+    FERRY_ASSIGN_OR_RETURN(Buf bw, Alloc(be, DType::kF32, {F}));
+    FERRY_RETURN_IF_ERROR(be.CopyToDevice(dw.view.data, down.data(), dw.view.bytes()));
+    FERRY_RETURN_IF_ERROR(be.CopyToDevice(uw.view.data, up.data(), uw.view.bytes()));
+    FERRY_RETURN_IF_ERROR(be.CopyToDevice(bw.view.data, bias.data(), bw.view.bytes()));
+    std::vector<Buf> moments;  // m and v of down, up, bias, zeroed
+    for (const Buf* w : {&dw, &uw, &bw}) {
+      for (int i = 0; i < 2; ++i) {
+        FERRY_ASSIGN_OR_RETURN(Buf mv, Alloc(be, DType::kF32, {w->view.numel()}));
+        const std::vector<float> zeros(mv.view.numel(), 0.0f);
+        FERRY_RETURN_IF_ERROR(be.CopyToDevice(mv.view.data, zeros.data(), mv.view.bytes()));
+        moments.push_back(std::move(mv));
+      }
+    }
+    FERRY_ASSIGN_OR_RETURN(Buf gdown, Alloc(be, DType::kF32, {r, d}));
+    FERRY_ASSIGN_OR_RETURN(Buf gup, Alloc(be, DType::kF32, {F, r}));
+    FERRY_ASSIGN_OR_RETURN(Buf gbias, Alloc(be, DType::kF32, {F}));
+    FERRY_ASSIGN_OR_RETURN(Buf xb, Alloc(be, DType::kF32, {B, d}));
+    FERRY_ASSIGN_OR_RETURN(Buf lb, Alloc(be, DType::kU8, {B, L.row_bytes}));
+    FERRY_ASSIGN_OR_RETURN(Buf h, Alloc(be, DType::kF32, {B, r}));
+    FERRY_ASSIGN_OR_RETURN(Buf z, Alloc(be, DType::kF32, {B, F}));
+    FERRY_ASSIGN_OR_RETURN(Buf g, Alloc(be, DType::kF32, {B, F}));
+    FERRY_ASSIGN_OR_RETURN(Buf gh, Alloc(be, DType::kF32, {B, r}));
+    FERRY_ASSIGN_OR_RETURN(Buf hx, Alloc(be, DType::kF32, {chunk, d}));
+    FERRY_ASSIGN_OR_RETURN(Buf hh, Alloc(be, DType::kF32, {chunk, r}));
+    FERRY_ASSIGN_OR_RETURN(Buf hz, Alloc(be, DType::kF32, {chunk, F}));
+    int adam_step = 0;
+    const float b1 = 0.9f, b2 = 0.999f;
     std::vector<int64_t> order(n_train);
     std::iota(order.begin(), order.end(), 0);
-    std::vector<float> xb(static_cast<size_t>(o.batch) * d);
+    std::vector<float> xb_host(static_cast<size_t>(B) * d);
+    std::vector<uint8_t> lb_host(static_cast<size_t>(B) * L.row_bytes);
+    std::vector<float> z_held(static_cast<size_t>(held) * F);
     double best = -1;
     std::vector<float> best_down, best_up, best_bias;
     int since_best = 0;
     for (int epoch = 0; epoch < o.epochs && since_best < 2; ++epoch) {
       std::shuffle(order.begin(), order.end(), rng);
-      for (int64_t b0 = 0; b0 + o.batch <= n_train; b0 += o.batch) {
-        const int B = o.batch;
-        for (int i = 0; i < B; ++i) std::copy_n(L.x.data() + order[b0 + i] * d, d, xb.data() + static_cast<size_t>(i) * d);
-        Predict(xb.data(), B, d, r, F, down.data(), up.data(), bias.data(), &h, &z);
-        // dLoss/dz of the class-balanced BCE, averaged over the batch.
-        g.resize(z.size());
-        ThreadPool::Default().ParallelFor(B, 8, [&](int64_t i0, int64_t i1) {
-          for (int64_t i = i0; i < i1; ++i) {
-            const int64_t t = order[b0 + i];
-            for (int j = 0; j < F; ++j) {
-              const float s = 1.0f / (1.0f + std::exp(-z[i * F + j]));
-              g[i * F + j] = (L.Active(t, j) ? w1 * (s - 1.0f) : w0 * s) / B;
-            }
-          }
-        });
-        std::fill(gbias.begin(), gbias.end(), 0.0f);
-        for (int i = 0; i < B; ++i)
-          for (int j = 0; j < F; ++j) gbias[j] += g[static_cast<size_t>(i) * F + j];
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, F, r, B, 1.0f, g.data(), F, h.data(), r, 0.0f, gup.data(), r);
-        gh.resize(static_cast<size_t>(B) * r);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, B, r, F, 1.0f, g.data(), F, up.data(), r, 0.0f, gh.data(), r);
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, r, d, B, 1.0f, gh.data(), r, xb.data(), d, 0.0f, gdown.data(), d);
-        adam_down.Update(down, gdown, o.learning_rate);
-        adam_up.Update(up, gup, o.learning_rate);
-        adam_bias.Update(bias, gbias, o.learning_rate);
+      for (int64_t b0 = 0; b0 + B <= n_train; b0 += B) {
+        for (int i = 0; i < B; ++i) {
+          std::copy_n(L.x.data() + order[b0 + i] * d, d, xb_host.data() + static_cast<size_t>(i) * d);
+          std::copy_n(L.bits.data() + order[b0 + i] * L.row_bytes, L.row_bytes, lb_host.data() + static_cast<size_t>(i) * L.row_bytes);
+        }
+        FERRY_RETURN_IF_ERROR(be.CopyToDevice(xb.view.data, xb_host.data(), xb.view.bytes()));
+        FERRY_RETURN_IF_ERROR(be.CopyToDevice(lb.view.data, lb_host.data(), lb.view.bytes()));
+        // z = up (down x) + bias; dLoss/dz of the class-balanced BCE averaged over the batch; back
+        // through both factors; Adam.
+        FERRY_RETURN_IF_ERROR(be.MatMul({xb.view, dw.view, h.view, false, true, TensorView{}}));
+        FERRY_RETURN_IF_ERROR(be.MatMul({h.view, uw.view, z.view, false, true, bw.view}));
+        FERRY_RETURN_IF_ERROR(be.BceGrad({z.view, lb.view, g.view, gbias.view, w1, w0}));
+        FERRY_RETURN_IF_ERROR(be.MatMul({g.view, h.view, gup.view, true, false, TensorView{}}));
+        FERRY_RETURN_IF_ERROR(be.MatMul({g.view, uw.view, gh.view, false, false, TensorView{}}));
+        FERRY_RETURN_IF_ERROR(be.MatMul({gh.view, xb.view, gdown.view, true, false, TensorView{}}));
+        ++adam_step;
+        const float c1 = 1.0f - std::pow(b1, static_cast<float>(adam_step)), c2 = 1.0f - std::pow(b2, static_cast<float>(adam_step));
+        const Buf* grads[3] = {&gdown, &gup, &gbias};
+        const Buf* weights[3] = {&dw, &uw, &bw};
+        for (int i = 0; i < 3; ++i) {
+          FERRY_RETURN_IF_ERROR(be.AdamStep({weights[i]->view, grads[i]->view, moments[2 * i].view, moments[2 * i + 1].view,
+                                             o.learning_rate, b1, b2, 1e-8f, c1, c2}));
+        }
       }
-      Predict(L.x.data() + n_train * d, meta.tokens - n_train, d, r, F, down.data(), up.data(), bias.data(), &h, &z);
-      const double recall = RecallAtK(z, L, n_train, meta.tokens, F, k);
+      for (int64_t c0 = 0; c0 < held; c0 += chunk) {
+        const int64_t c = std::min(chunk, held - c0);
+        const TensorView cx = TensorView::Contiguous(hx.view.data, DType::kF32, {c, d}, be.device()),
+                         ch = TensorView::Contiguous(hh.view.data, DType::kF32, {c, r}, be.device()),
+                         cz = TensorView::Contiguous(hz.view.data, DType::kF32, {c, F}, be.device());
+        FERRY_RETURN_IF_ERROR(be.CopyToDevice(cx.data, L.x.data() + (n_train + c0) * d, cx.bytes()));
+        FERRY_RETURN_IF_ERROR(be.MatMul({cx, dw.view, ch, false, true, TensorView{}}));
+        FERRY_RETURN_IF_ERROR(be.MatMul({ch, uw.view, cz, false, true, bw.view}));
+        FERRY_RETURN_IF_ERROR(be.CopyToHost(z_held.data() + c0 * F, cz.data, cz.bytes()));
+      }
+      const double recall = RecallAtK(z_held, L, n_train, meta.tokens, F, k);
       if (o.progress) o.progress(absl::StrFormat("layer %d epoch %d: held-out recall at %.0f%% = %.4f", l, epoch + 1, 100 * o.k_fraction, recall));
       if (recall > best) {
+        FERRY_RETURN_IF_ERROR(be.CopyToHost(down.data(), dw.view.data, dw.view.bytes()));
+        FERRY_RETURN_IF_ERROR(be.CopyToHost(up.data(), uw.view.data, uw.view.bytes()));
+        FERRY_RETURN_IF_ERROR(be.CopyToHost(bias.data(), bw.view.data, bw.view.bytes()));
         best = recall, best_down = down, best_up = up, best_bias = bias, since_best = 0;
       } else {
         ++since_best;  // early stop after two epochs without a better recall

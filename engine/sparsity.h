@@ -38,6 +38,9 @@ struct TrainOptions {
   double dense_above = 0.3;   // layers whose active fraction is above this stay dense
   uint64_t seed = 1;
   std::function<void(const std::string&)> progress;
+  // Where the training runs (weights, gradients and Adam state in its memory); nullptr: the CPU.
+  // The CPU and CUDA backends run the same steps (fp32 GEMMs, the same rule for every op).
+  kernels::Backend* backend = nullptr;
 };
 
 struct LayerSparsity {

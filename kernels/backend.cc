@@ -258,4 +258,38 @@ absl::Status ValidateSampleRows(const SampleRowsArgs& a) {
                 "SampleRows", "needs temperature > 0, top_k >= 0 and top_p in (0, 1]");
 }
 
+absl::Status ValidateMatMul(const MatMulArgs& a) {
+  const char* op = "MatMul";
+  FERRY_RETURN_IF_ERROR(Expect(Is2dF32(a.a) && Is2dF32(a.b) && Is2dF32(a.out), op, "a, b and out must be contiguous 2-D F32"));
+  const int64_t m = a.trans_a ? a.a.shape[1] : a.a.shape[0], k = a.trans_a ? a.a.shape[0] : a.a.shape[1];
+  const int64_t kb = a.trans_b ? a.b.shape[1] : a.b.shape[0], n = a.trans_b ? a.b.shape[0] : a.b.shape[1];
+  FERRY_RETURN_IF_ERROR(Expect(k == kb && a.out.shape[0] == m && a.out.shape[1] == n, op,
+                               absl::StrCat("shapes do not chain: [", m, ", ", k, "] x [", kb, ", ", n, "] -> [", a.out.shape[0], ", ",
+                                            a.out.shape[1], "]")));
+  FERRY_RETURN_IF_ERROR(Expect(a.out.data != a.a.data && a.out.data != a.b.data, op, "out must not alias a or b"));
+  if (a.bias.data != nullptr) {
+    FERRY_RETURN_IF_ERROR(Expect(a.bias.ndim == 1 && a.bias.dtype == DType::kF32 && a.bias.shape[0] == n, op, "bias must be [N] F32"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateBceGrad(const BceGradArgs& a) {
+  const char* op = "BceGrad";
+  FERRY_RETURN_IF_ERROR(Expect(Is2dF32(a.z) && Is2dF32(a.grad) && a.z.shape == a.grad.shape, op, "z and grad must be [B, F] F32"));
+  const int64_t rows = a.z.shape[0], f = a.z.shape[1];
+  FERRY_RETURN_IF_ERROR(Expect(a.labels.ndim == 2 && a.labels.dtype == DType::kU8 && a.labels.is_contiguous() &&
+                                   a.labels.shape[0] == rows && a.labels.shape[1] == (f + 7) / 8,
+                               op, "labels must be [B, ceil(F / 8)] U8"));
+  return Expect(a.grad_bias.ndim == 1 && a.grad_bias.dtype == DType::kF32 && a.grad_bias.shape[0] == f, op, "grad_bias must be [F] F32");
+}
+
+absl::Status ValidateAdam(const AdamArgs& a) {
+  const int64_t n = a.w.numel();
+  for (const TensorView* t : {&a.w, &a.g, &a.m, &a.v}) {
+    FERRY_RETURN_IF_ERROR(Expect(t->dtype == DType::kF32 && t->is_contiguous() && t->numel() == n, "AdamStep",
+                                 "w, g, m and v must be contiguous F32 of one size"));
+  }
+  return Expect(a.c1 > 0.0f && a.c2 > 0.0f, "AdamStep", "bias corrections must be positive");
+}
+
 }  // namespace ferry::kernels

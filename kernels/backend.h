@@ -113,6 +113,36 @@ struct AttentionArgs {
   const int32_t* host_positions = nullptr;
 };
 
+// Training ops (Deja Vu's predictors, trained where the model runs), all F32 row-major.
+// MatMul: out[M, N] = op(a) op(b) (+ bias[N] on every row), op(x) = x or x^T. Exact fp32 math on
+// every backend (no TF32, no 16-bit rounding).
+struct MatMulArgs {
+  TensorView a;        // [M, K], or [K, M] with trans_a
+  TensorView b;        // [K, N], or [N, K] with trans_b
+  TensorView out;      // [M, N]; must not alias a or b
+  bool trans_a = false, trans_b = false;
+  TensorView bias;     // optional [N]: out = bias + op(a) op(b)
+};
+
+// The gradient of the class-balanced binary cross-entropy over logits z [B, F] with bit-packed
+// labels [B, ceil(F / 8)] U8 (label j of row i: bit j % 8 of byte j / 8), averaged over the B rows:
+// grad = (label ? w_pos (sigmoid(z) - 1) : w_neg sigmoid(z)) / B, and grad_bias[j] = sum_i grad[i, j].
+struct BceGradArgs {
+  TensorView z;          // [B, F] F32
+  TensorView labels;     // [B, ceil(F / 8)] U8
+  TensorView grad;       // [B, F] F32, out
+  TensorView grad_bias;  // [F] F32, out
+  float w_pos = 1.0f, w_neg = 1.0f;
+};
+
+// One Adam step in place: m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
+// w -= lr (m / c1) / (sqrt(v / c2) + eps), with the bias corrections c1 = 1 - b1^t, c2 = 1 - b2^t
+// given by the caller (so every backend uses the same ones).
+struct AdamArgs {
+  TensorView w, g, m, v;  // [n] F32 each (any shape, contiguous, equal sizes)
+  float lr = 1e-3f, beta1 = 0.9f, beta2 = 0.999f, eps = 1e-8f, c1 = 1.0f, c2 = 1.0f;
+};
+
 // Sampling where the logits are (so only token ids come back), by the rule of kernels/sampling.h,
 // with the caller's uniform draw per row (each sequence's own random stream stays on the host).
 struct SampleRowsArgs {
@@ -239,6 +269,9 @@ class Backend {
   // AllocateHost), in order with the compute queued after it. The CUDA backend reads the pinned
   // table from a kernel: one launch however scattered the rows (Deja Vu's neuron bundles).
   virtual absl::Status GatherHostRows(const void* host_table, size_t row_bytes, const std::vector<int32_t>& rows, void* dst) = 0;
+  virtual absl::Status MatMul(const MatMulArgs& args) = 0;
+  virtual absl::Status BceGrad(const BceGradArgs& args) = 0;
+  virtual absl::Status AdamStep(const AdamArgs& args) = 0;
   // Device memory the backend holds for itself from creation on (the CUDA backend's GEMM
   // workspace), inside its budget: plans leave it out of what the model may use.
   virtual size_t reserved_device_bytes() const { return 0; }
@@ -265,5 +298,8 @@ absl::Status ValidateSlotAttention(const SlotAttentionArgs& args);
 absl::Status ValidateH2OPlace(const H2OPlaceArgs& args);
 absl::Status ValidateH2OUpdate(const H2OUpdateArgs& args);
 absl::Status ValidateH2OPrefill(const H2OPrefillArgs& args);
+absl::Status ValidateMatMul(const MatMulArgs& args);
+absl::Status ValidateBceGrad(const BceGradArgs& args);
+absl::Status ValidateAdam(const AdamArgs& args);
 
 }  // namespace ferry::kernels

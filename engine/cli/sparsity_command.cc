@@ -1,4 +1,5 @@
-// `ferry sparsity collect|train|report`: Deja Vu predictors for a model (CPU backend).
+// `ferry sparsity collect|train|report`: Deja Vu predictors for a model (collect on the CPU
+// backend; train on the CPU or a GPU).
 #include <cstdio>
 
 #include "absl/strings/str_cat.h"
@@ -9,6 +10,7 @@
 #include "engine/sparsity.h"
 #include "engine/tokenizer.h"
 #include "kernels/cpu/cpu_backend.h"
+#include "kernels/registry.h"
 #include "nlohmann/json.hpp"
 
 namespace ferry::cli {
@@ -22,7 +24,7 @@ struct CollectFlags {
 };
 
 struct TrainFlags {
-  std::string data, out;
+  std::string data, out, device = "cpu";
   engine::TrainOptions options;
   bool quiet = false;
 };
@@ -53,6 +55,10 @@ absl::Status RunCollect(const CollectFlags& f) {
 
 absl::Status RunTrain(const TrainFlags& f) {
   engine::TrainOptions o = f.options;
+  kernels::BackendOptions bo;
+  bo.name = f.device;
+  FERRY_ASSIGN_OR_RETURN(std::unique_ptr<kernels::Backend> backend, kernels::CreateBackend(bo));
+  o.backend = backend.get();
   if (!f.quiet) o.progress = [](const std::string& s) { std::fprintf(stderr, "ferry: %s\n", s.c_str()); };
   FERRY_ASSIGN_OR_RETURN(auto layers, engine::TrainPredictors(f.data, f.out, o));
   for (const auto& l : layers) {
@@ -105,6 +111,7 @@ void RegisterSparsityCommand(CLI::App& app, Runner* selected) {
   t->add_option("--k", tf.options.k_fraction, "Fraction of neurons kept, for recall")->check(CLI::Range(0.0, 1.0))->capture_default_str();
   t->add_option("--dense-above", tf.options.dense_above, "Layers more active than this stay dense")->capture_default_str();
   t->add_option("--seed", tf.options.seed, "Seed")->capture_default_str();
+  t->add_option("--device", tf.device, "Where the training runs")->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
   t->add_flag("--quiet,-q", tf.quiet, "No progress on stderr");
   t->callback([selected] { *selected = [] { return RunTrain(tf); }; });
 

@@ -428,4 +428,41 @@ absl::Status CudaBackend::GatherHostRows(const void* host_table, size_t row_byte
   return absl::OkStatus();
 }
 
+absl::Status CudaBackend::MatMul(const MatMulArgs& a) {
+  FERRY_RETURN_IF_ERROR(ValidateMatMul(a));
+  for (const TensorView* t : {&a.a, &a.b, &a.out, &a.bias}) FERRY_RETURN_IF_ERROR(RequireDevice(*t, "matmul operand"));
+  const int64_t m = a.out.shape[0], n = a.out.shape[1], k = a.trans_a ? a.a.shape[0] : a.a.shape[1];
+  float beta = 0.0f;
+  if (a.bias.data != nullptr) {
+    FERRY_CUDA_RETURN_IF_ERROR(LaunchBroadcastRows(a.out.as<float>(), a.bias.as<const float>(), m, n, stream_));
+    beta = 1.0f;
+  }
+  if (m == 0 || n == 0) return absl::OkStatus();
+  if (k == 0) {
+    if (beta == 0.0f) FERRY_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(a.out.data, 0, a.out.bytes(), stream_));
+    return absl::OkStatus();
+  }
+  // Row-major out[m, n] is column-major out^T[n, m] = op(b)^T op(a)^T: b and a swap places, each
+  // transposed when its row-major form is.
+  const float alpha = 1.0f;
+  FERRY_CUBLAS_RETURN_IF_ERROR(cublasSgemm(cublas_, a.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, a.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
+                                           static_cast<int>(n), static_cast<int>(m), static_cast<int>(k), &alpha, a.b.as<const float>(),
+                                           static_cast<int>(a.b.shape[1]), a.a.as<const float>(), static_cast<int>(a.a.shape[1]), &beta,
+                                           a.out.as<float>(), static_cast<int>(n)));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::BceGrad(const BceGradArgs& a) {
+  FERRY_RETURN_IF_ERROR(ValidateBceGrad(a));
+  FERRY_CUDA_RETURN_IF_ERROR(LaunchBceGrad(a, stream_));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::AdamStep(const AdamArgs& a) {
+  FERRY_RETURN_IF_ERROR(ValidateAdam(a));
+  FERRY_CUDA_RETURN_IF_ERROR(LaunchAdam(a, stream_));
+  return absl::OkStatus();
+}
+
 }  // namespace ferry::kernels::cuda
+

@@ -58,4 +58,9 @@ cudaError_t LaunchSampleRows(const float* logits, const double* uniforms, int64_
 // ids[r] = argmax of logits[r, :] (lowest index among ties), one block per row.
 cudaError_t LaunchArgMaxRows(const float* logits, int32_t* ids, int64_t rows, int64_t vocab, cudaStream_t stream);
 
+// Training (training.cu): out[r, :] = row; the BCE gradient and its column sums; Adam.
+cudaError_t LaunchBroadcastRows(float* out, const float* row, int64_t rows, int64_t cols, cudaStream_t stream);
+cudaError_t LaunchBceGrad(const BceGradArgs& a, cudaStream_t stream);
+cudaError_t LaunchAdam(const AdamArgs& a, cudaStream_t stream);
+
 }  // namespace ferry::kernels::cuda

@@ -239,6 +239,65 @@ TEST(CpuBackendTest, F16KvCacheIsTheF32CacheOfRoundedValuesBitwise) {
             absl::StatusCode::kInvalidArgument);
 }
 
+// Training ops against double-precision loops: every transpose combination of MatMul (with and
+// without the bias rows), the BCE gradient over bit-packed labels, Adam.
+TEST(CpuBackendTest, TrainingOpsMatchReferences) {
+  CpuBackend cpu;
+  const int m = 13, k = 37, n = 29;
+  for (bool ta : {false, true}) {
+    for (bool tb : {false, true}) {
+      for (bool with_bias : {false, true}) {
+        std::vector<float> a = RandomValues(m * k, 50), b = RandomValues(k * n, 51), bias = RandomValues(n, 52), out(m * n, NAN);
+        std::vector<double> ref(m * n);
+        for (int i = 0; i < m; ++i) {
+          for (int j = 0; j < n; ++j) {
+            double acc = with_bias ? bias[j] : 0.0;
+            for (int x = 0; x < k; ++x) acc += static_cast<double>(ta ? a[x * m + i] : a[i * k + x]) * (tb ? b[j * k + x] : b[x * n + j]);
+            ref[i * n + j] = acc;
+          }
+        }
+        MatMulArgs args{ta ? View(a, {k, m}) : View(a, {m, k}), tb ? View(b, {n, k}) : View(b, {k, n}), View(out, {m, n}), ta, tb,
+                        with_bias ? View(bias, {n}) : TensorView{}};
+        ASSERT_TRUE(cpu.MatMul(args).ok());
+        EXPECT_LT(MaxRelErr(out, ref), 1e-5) << ta << tb << with_bias;
+      }
+    }
+  }
+  std::vector<float> a = RandomValues(m * k, 53), b = RandomValues(k * n, 54), out(m * n);
+  EXPECT_EQ(cpu.MatMul({View(a, {m, k}), View(b, {k, n}), View(out, {n, m}), false, false, TensorView{}}).code(),
+            absl::StatusCode::kInvalidArgument);
+
+  const int rows = 7, f = 21, row_bytes = 3;
+  std::vector<float> z = RandomValues(rows * f, 55, 4.0f), g(rows * f, NAN), gb(f, NAN);
+  std::vector<uint8_t> labels(rows * row_bytes);
+  for (size_t i = 0; i < labels.size(); ++i) labels[i] = static_cast<uint8_t>(i * 37 + 11);
+  ASSERT_TRUE(cpu.BceGrad({View(z, {rows, f}), TensorView::Contiguous(labels.data(), DType::kU8, {rows, row_bytes}), View(g, {rows, f}),
+                           View(gb, {f}), 3.0f, 0.6f})
+                  .ok());
+  std::vector<double> gref(rows * f), gbref(f, 0.0);
+  for (int i = 0; i < rows; ++i) {
+    for (int j = 0; j < f; ++j) {
+      const double s = 1.0 / (1.0 + std::exp(-static_cast<double>(z[i * f + j])));
+      const bool on = (labels[i * row_bytes + j / 8] >> (j % 8)) & 1;
+      gref[i * f + j] = (on ? 3.0 * (s - 1.0) : 0.6 * s) / rows;
+      gbref[j] += gref[i * f + j];
+    }
+  }
+  EXPECT_LT(MaxRelErr(g, gref), 1e-5);
+  EXPECT_LT(MaxRelErr(gb, gbref), 1e-5);
+
+  std::vector<float> w = RandomValues(40, 56), grad = RandomValues(40, 57), mom = RandomValues(40, 58), var(40);
+  for (size_t i = 0; i < var.size(); ++i) var[i] = 0.01f * (1.0f + i);
+  std::vector<double> wref(40);
+  const float c1 = 1.0f - std::pow(0.9f, 3.0f), c2 = 1.0f - std::pow(0.999f, 3.0f);
+  for (int i = 0; i < 40; ++i) {
+    const double mi = 0.9 * mom[i] + 0.1 * grad[i], vi = 0.999 * var[i] + 0.001 * grad[i] * grad[i];
+    wref[i] = w[i] - 0.01 * (mi / c1) / (std::sqrt(vi / c2) + 1e-8);
+  }
+  ASSERT_TRUE(cpu.AdamStep({View(w, {40}), View(grad, {40}), View(mom, {40}), View(var, {40}), 0.01f, 0.9f, 0.999f, 1e-8f, c1, c2}).ok());
+  EXPECT_LT(MaxRelErr(w, wref), 1e-6);
+}
+
 TEST(CpuBackendTest, KvWriteAndAdd) {
   CpuBackend cpu;
   const int seqs = 2, max_len = 4, w = 5;

@@ -430,6 +430,56 @@ TEST_F(CudaTwinTest, F16KvCache) {
   EXPECT_LT(RelErr(Down(dev.probs), probs), 1e-5);
 }
 
+// Training ops (Deja Vu's predictors on the GPU): fp32 SGEMM in every transpose combination, odd
+// and predictor-sized shapes, with and without bias rows (1e-5 of the CPU's OpenBLAS); the BCE
+// gradient and its column sums (1e-5); Adam (1e-6).
+TEST_F(CudaTwinTest, TrainingOps) {
+  struct Case { int m, k, n; };
+  for (const Case& c : {Case{13, 37, 29}, Case{512, 4096, 128}, Case{128, 512, 16384}, Case{1, 1, 1}}) {
+    for (bool ta : {false, true}) {
+      for (bool tb : {false, true}) {
+        std::vector<float> a = RandomValues(static_cast<size_t>(c.m) * c.k, 60), b = RandomValues(static_cast<size_t>(c.k) * c.n, 61),
+                           bias = RandomValues(c.n, 62), ref(static_cast<size_t>(c.m) * c.n);
+        const bool with_bias = ta != tb;
+        auto shape_a = ta ? std::initializer_list<int64_t>{c.k, c.m} : std::initializer_list<int64_t>{c.m, c.k};
+        auto shape_b = tb ? std::initializer_list<int64_t>{c.n, c.k} : std::initializer_list<int64_t>{c.k, c.n};
+        ASSERT_TRUE(cpu_.MatMul({TensorView::Contiguous(a.data(), DType::kF32, shape_a), TensorView::Contiguous(b.data(), DType::kF32, shape_b),
+                                 TensorView::Contiguous(ref.data(), DType::kF32, {c.m, c.n}), ta, tb,
+                                 with_bias ? TensorView::Contiguous(bias.data(), DType::kF32, {c.n}) : TensorView{}})
+                        .ok());
+        MatMulArgs dev{Up(a, DType::kF32, shape_a), Up(b, DType::kF32, shape_b), Poisoned({c.m, c.n}), ta, tb,
+                       with_bias ? Up(bias, DType::kF32, {c.n}) : TensorView{}};
+        ASSERT_TRUE(gpu_->MatMul(dev).ok());
+        EXPECT_LT(RelErr(Down(dev.out), ref), 1e-5) << c.m << "x" << c.k << "x" << c.n << " " << ta << tb;
+      }
+    }
+  }
+  const int rows = 512, f = 1027, row_bytes = (f + 7) / 8;
+  std::vector<float> z = RandomValues(static_cast<size_t>(rows) * f, 63, 4.0f), g(z.size()), gb(f);
+  std::vector<uint8_t> labels(static_cast<size_t>(rows) * row_bytes);
+  for (size_t i = 0; i < labels.size(); ++i) labels[i] = static_cast<uint8_t>((i * 2654435761u) >> 13);
+  auto hv = [](auto& d, DType t, std::initializer_list<int64_t> sh) { return TensorView::Contiguous(d.data(), t, sh); };
+  ASSERT_TRUE(cpu_.BceGrad({hv(z, DType::kF32, {rows, f}), hv(labels, DType::kU8, {rows, row_bytes}), hv(g, DType::kF32, {rows, f}),
+                            hv(gb, DType::kF32, {f}), 3.9f, 0.57f})
+                  .ok());
+  BceGradArgs bce{Up(z, DType::kF32, {rows, f}), Up(labels, DType::kU8, {rows, row_bytes}), Poisoned({rows, f}), Poisoned({f}), 3.9f, 0.57f};
+  ASSERT_TRUE(gpu_->BceGrad(bce).ok());
+  EXPECT_LT(RelErr(Down(bce.grad), g), 1e-5);
+  EXPECT_LT(RelErr(Down(bce.grad_bias), gb), 1e-5);
+  const int n = 100003;
+  std::vector<float> w = RandomValues(n, 64), grad = RandomValues(n, 65, 0.1f), m = RandomValues(n, 66, 0.1f), v(n);
+  for (int i = 0; i < n; ++i) v[i] = 1e-3f * (1 + i % 7);
+  AdamArgs dev{Up(w, DType::kF32, {n}), Up(grad, DType::kF32, {n}), Up(m, DType::kF32, {n}), Up(v, DType::kF32, {n}), 2e-3f, 0.9f, 0.999f,
+               1e-8f, 0.271f, 0.00299f};
+  ASSERT_TRUE(cpu_.AdamStep({hv(w, DType::kF32, {n}), hv(grad, DType::kF32, {n}), hv(m, DType::kF32, {n}), hv(v, DType::kF32, {n}), 2e-3f,
+                             0.9f, 0.999f, 1e-8f, 0.271f, 0.00299f})
+                  .ok());
+  ASSERT_TRUE(gpu_->AdamStep(dev).ok());
+  EXPECT_LT(RelErr(Down(dev.w), w), 1e-6);
+  EXPECT_LT(RelErr(Down(dev.m), m), 1e-6);
+  EXPECT_LT(RelErr(Down(dev.v), v), 1e-6);
+}
+
 // Deja Vu's gathered rows: the bundled FFN over a scattered neuron subset, against the CPU twin
 // (which the CPU tests hold to the dense FFN restricted to the same neurons). Small batches take
 // the split-activation GEMMs (1e-5), large ones fp16-rounded activations (3e-3).
