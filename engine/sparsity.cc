@@ -121,7 +121,6 @@ absl::StatusOr<Buf> Alloc(kernels::Backend& be, DType t, std::initializer_list<i
 
 absl::Status CollectActivations(const OptModel& model, const std::vector<int>& ids, const std::string& out_dir,
                                 const CollectOptions& o) {
-  if (model.backend().device() != Device::kCpu) return absl::UnimplementedError("sparsity collect runs on the CPU backend");
   const OptConfig& c = model.config();
   if (o.window < 2 || o.window > c.max_positions) return absl::InvalidArgumentError("bad window");
   const int64_t total = o.tokens > 0 ? std::min<int64_t>(o.tokens, ids.size()) : static_cast<int64_t>(ids.size());
@@ -137,15 +136,26 @@ absl::Status CollectActivations(const OptModel& model, const std::vector<int>& i
   std::vector<int64_t> active(c.num_layers, 0);
   std::vector<uint16_t> half;
   std::vector<uint8_t> bits;
+  std::vector<float> x_host, act_host;
   absl::Status write_status;
   const std::function<absl::Status(int, const TensorView&, const TensorView&)> hook =
       [&](int l, const TensorView& x, const TensorView& act) -> absl::Status {
     const int64_t n = x.shape[0];
+    // On a GPU backend the views are device memory: read them back first.
+    const float* xs = x.as<const float>();
+    const float* a = act.as<const float>();
+    if (x.device != Device::kCpu) {
+      x_host.resize(static_cast<size_t>(x.numel()));
+      act_host.resize(static_cast<size_t>(act.numel()));
+      FERRY_RETURN_IF_ERROR(model.backend().CopyToHost(x_host.data(), x.data, x.bytes()));
+      FERRY_RETURN_IF_ERROR(model.backend().CopyToHost(act_host.data(), act.data, act.bytes()));
+      xs = x_host.data();
+      a = act_host.data();
+    }
     half.resize(static_cast<size_t>(n) * c.hidden_size);
-    ConvertFromF32(DType::kF16, x.as<const float>(), half.data(), half.size());
+    ConvertFromF32(DType::kF16, xs, half.data(), half.size());
     FERRY_RETURN_IF_ERROR(WriteAppend(inputs[l], half.data(), half.size() * 2, LayerFile(out_dir, l, "inputs")));
     bits.assign(static_cast<size_t>(n * row_bytes), 0);
-    const float* a = act.as<const float>();
     for (int64_t t = 0; t < n; ++t) {
       for (int j = 0; j < c.ffn_dim; ++j) {
         if (a[t * c.ffn_dim + j] > 0.0f) {
@@ -379,13 +389,22 @@ void MarkTopK(const float* z, int ffn, int k, std::vector<int>& idx, uint8_t* ke
 
 int SparseFfn::kept_per_token() const { return std::max(1, static_cast<int>(std::lround(k_fraction_ * ffn_))); }
 
-std::function<absl::Status(int, const TensorView&, const TensorView&)> SparseFfn::Hook() const {
-  return [this](int layer, const TensorView& x, const TensorView& act) -> absl::Status {
+std::function<absl::Status(int, const TensorView&, const TensorView&)> SparseFfn::Hook(kernels::Backend* backend) const {
+  return [this, backend](int layer, const TensorView& x, const TensorView& act) -> absl::Status {
     if (!predicted(layer)) return absl::OkStatus();
     const int64_t n = x.shape[0];
     const int k = kept_per_token();
-    const std::vector<float> z = Scores(layer, x.as<const float>(), n);
-    float* a = act.as<float>();
+    const bool on_device = x.device != Device::kCpu || act.device != Device::kCpu;
+    if (on_device && backend == nullptr) return absl::InvalidArgumentError("sparsity hook: device views need the backend");
+    std::vector<float> x_host, act_host;
+    if (on_device) {
+      x_host.resize(static_cast<size_t>(x.numel()));
+      act_host.resize(static_cast<size_t>(act.numel()));
+      FERRY_RETURN_IF_ERROR(backend->CopyToHost(x_host.data(), x.data, x.bytes()));
+      FERRY_RETURN_IF_ERROR(backend->CopyToHost(act_host.data(), act.data, act.bytes()));
+    }
+    const std::vector<float> z = Scores(layer, on_device ? x_host.data() : x.as<const float>(), n);
+    float* a = on_device ? act_host.data() : act.as<float>();
     ThreadPool::Default().ParallelFor(n, 4, [&](int64_t t0, int64_t t1) {
       std::vector<int> idx;
       std::vector<uint8_t> keep(ffn_);
@@ -397,6 +416,7 @@ std::function<absl::Status(int, const TensorView&, const TensorView&)> SparseFfn
         }
       }
     });
+    if (on_device) return backend->CopyToDevice(act.data, act_host.data(), act.bytes());
     return absl::OkStatus();
   };
 }

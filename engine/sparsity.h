@@ -89,8 +89,10 @@ class SparseFfn {
   // Keeps the top k_fraction of neurons per token in predicted layers.
   void set_k_fraction(double k) { k_fraction_ = k; }
   int kept_per_token() const;  // max(1, round(k_fraction x ffn))
-  // The ForwardBatch::ffn_hook that applies it (CPU backend).
-  std::function<absl::Status(int, const TensorView&, const TensorView&)> Hook() const;
+  // The ForwardBatch::ffn_hook that applies it: zeroes every neuron outside each token's top k.
+  // Views in device memory are copied to the host and back through `backend` (evaluation with a
+  // resident model on a GPU: correct, not fast; the executor's selector moves only ids).
+  std::function<absl::Status(int, const TensorView&, const TensorView&)> Hook(kernels::Backend* backend = nullptr) const;
   // The ForwardBatch::ffn_select of the sparse executor: the union over the batch's tokens of each
   // token's top k_fraction neurons (every neuron in layers without a predictor). The inputs are
   // read from `backend` memory.

@@ -153,7 +153,8 @@ absl::Status RunGenerate(const GenerateFlags& f) {
   }
   const int64_t rows = f.input.empty() ? 1 : f.batch_size;
   // --sparsity: with --weights the executor fetches only the predicted neurons' bundles (any
-  // backend); on a resident model a hook zeroes the others (CPU backend).
+  // backend); on a resident model a hook zeroes the others (any backend; on a GPU the activations
+  // make a round trip through the host, which is for evaluation, not speed).
   const bool sparse_exec = !f.sparsity.empty() && !f.model.weights.empty();
   FERRY_ASSIGN_OR_RETURN(Loaded l, LoadAll(f.model, rows, std::max<int64_t>(4096, rows), sparse_exec));
   std::optional<engine::SparseFfn> sparse;
@@ -166,10 +167,7 @@ absl::Status RunGenerate(const GenerateFlags& f) {
       select = sparse->Selector(*l.backend);
       gen.ffn_select = &select;
     } else {
-      if (l.backend->device() != Device::kCpu) {
-        return absl::UnimplementedError("--sparsity on a resident model runs on the CPU backend; with --weights it runs anywhere");
-      }
-      hook = sparse->Hook();
+      hook = sparse->Hook(l.backend.get());
       gen.ffn_hook = &hook;
     }
   }
@@ -257,10 +255,9 @@ absl::Status RunPpl(const PplFlags& f) {
   std::optional<engine::SparseFfn> sparse;
   std::function<absl::Status(int, const TensorView&, const TensorView&)> hook;
   if (!f.sparsity.empty()) {
-    if (l.backend->device() != Device::kCpu) return absl::UnimplementedError("--sparsity runs on the CPU backend so far");
     FERRY_ASSIGN_OR_RETURN(sparse, engine::SparseFfn::Load(f.sparsity, l.model->config()));
     sparse->set_k_fraction(f.sparsity_k);
-    hook = sparse->Hook();
+    hook = sparse->Hook(l.backend.get());
     o.ffn_hook = &hook;
   }
   if (!f.quiet) {

@@ -1,5 +1,5 @@
-// `ferry sparsity collect|train|report`: Deja Vu predictors for a model (collect on the CPU
-// backend; train on the CPU or a GPU).
+// `ferry sparsity collect|train|report`: Deja Vu predictors for a model (collect and train on the
+// CPU or a GPU).
 #include <cstdio>
 
 #include "absl/strings/str_cat.h"
@@ -17,7 +17,7 @@ namespace ferry::cli {
 namespace {
 
 struct CollectFlags {
-  std::string model = DefaultModelDir(), text, out;
+  std::string model = DefaultModelDir(), text, out, device = "cpu";
   int64_t tokens = 0;
   int window = 512;
   bool quiet = false;
@@ -36,8 +36,10 @@ struct ReportFlags {
 
 absl::Status RunCollect(const CollectFlags& f) {
   if (!PathExists(f.model + "/config.json")) return absl::NotFoundError(absl::StrCat("no model at ", f.model));
-  kernels::CpuBackend cpu;
-  FERRY_ASSIGN_OR_RETURN(auto model, engine::OptModel::Load(f.model, &cpu));
+  kernels::BackendOptions bo;
+  bo.name = f.device;
+  FERRY_ASSIGN_OR_RETURN(std::unique_ptr<kernels::Backend> backend, kernels::CreateBackend(bo));
+  FERRY_ASSIGN_OR_RETURN(auto model, engine::OptModel::Load(f.model, backend.get()));
   FERRY_ASSIGN_OR_RETURN(auto tok, engine::Tokenizer::FromModelDir(f.model));
   FERRY_ASSIGN_OR_RETURN(std::string text, ReadFileToString(f.text));
   FERRY_ASSIGN_OR_RETURN(std::vector<int> ids, tok->Encode(engine::NormalizeNewlines(text)));
@@ -98,6 +100,7 @@ void RegisterSparsityCommand(CLI::App& app, Runner* selected) {
   c->add_option("--tokens", cf.tokens, "Use the first N tokens (0: all)")->check(CLI::NonNegativeNumber);
   c->add_option("--window", cf.window, "Window length")->check(CLI::Range(2, 1 << 20))->capture_default_str();
   c->add_option("--out", cf.out, "Output directory")->required();
+  c->add_option("--device", cf.device, "Where the model runs")->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
   c->add_flag("--quiet,-q", cf.quiet, "No progress on stderr");
   c->callback([selected] { *selected = [] { return RunCollect(cf); }; });
 

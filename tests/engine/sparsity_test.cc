@@ -86,6 +86,26 @@ TEST_F(SparsityTest, KeepingEveryNeuronIsTheDenseModelExactly) {
   EXPECT_EQ(Ppl(&*s, 1.0), Ppl(nullptr, 0));
 }
 
+// The hook on views a GPU backend would hand it (device memory): it reads them through the backend,
+// applies the same top-k and writes the activations back. Here the "device" is host memory behind
+// the CPU backend's copies, so the result must equal the direct path bitwise.
+TEST_F(SparsityTest, HookOnDeviceViewsGoesThroughTheBackend) {
+  auto s = SparseFfn::Load(dir_->File("pred"), model_->config());
+  ASSERT_TRUE(s.ok());
+  const int n = 9, d = model_->config().hidden_size, f = model_->config().ffn_dim;
+  std::vector<float> x = ferry::testing::RandomValues(static_cast<size_t>(n) * d, 70), act = ferry::testing::RandomValues(static_cast<size_t>(n) * f, 71);
+  std::vector<float> direct = act, via = act;
+  auto host_hook = s->Hook();
+  ASSERT_TRUE(host_hook(2, TensorView::Contiguous(x.data(), DType::kF32, {n, d}), TensorView::Contiguous(direct.data(), DType::kF32, {n, f})).ok());
+  const TensorView dx = TensorView::Contiguous(x.data(), DType::kF32, {n, d}, Device::kCuda),
+                   dact = TensorView::Contiguous(via.data(), DType::kF32, {n, f}, Device::kCuda);
+  EXPECT_EQ(host_hook(2, dx, dact).code(), absl::StatusCode::kInvalidArgument);  // no backend to copy through
+  auto device_hook = s->Hook(cpu_);
+  ASSERT_TRUE(device_hook(2, dx, dact).ok());
+  EXPECT_EQ(via, direct);
+  EXPECT_NE(direct, act);
+}
+
 TEST_F(SparsityTest, TrainedPredictorsKeepPerplexityWithinBounds) {
   auto s = SparseFfn::Load(dir_->File("pred"), model_->config());
   ASSERT_TRUE(s.ok());
