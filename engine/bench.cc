@@ -150,6 +150,9 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
   if (o.sparsity_sim < 0.0 || o.sparsity_sim > 1.0) return absl::InvalidArgumentError("--sparsity-sim must be in (0, 1]");
   if (o.sparsity_sim > 0.0 && !o.sparsity_dir.empty()) return absl::InvalidArgumentError("--sparsity-sim and --sparsity exclude each other");
   off.sparse_ffn = sparse;
+  if (o.sparsity_cache < 0.0 || o.sparsity_cache > 1.0) return absl::InvalidArgumentError("--sparsity-cache must be in [0, 1]");
+  if (o.sparsity_cache > 0.0 && !sparse) return absl::InvalidArgumentError("--sparsity-cache needs --sparsity or --sparsity-sim");
+  off.sparse_cache_fraction = o.sparsity_cache;
   say("loading the model");
   FERRY_ASSIGN_OR_RETURN(std::unique_ptr<OptModel> model, OptModel::LoadOffloaded(o.store_dir, backend.get(), off));
   std::unique_ptr<offload::AttentionCache> cache;
@@ -201,6 +204,7 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
   const auto t1 = Clock::now();
   const auto stats1 = model->streamer()->stats();
   const uint64_t bundles1 = model->bundle_bytes_moved(), bundle_disk1 = model->bundle_disk_bytes_read();
+  const uint64_t hits1 = model->bundle_cache_hits(), misses1 = model->bundle_cache_misses();
   std::vector<int> next(batch);
   for (int s = 0; s < batch; ++s) {
     const float* row = logits.data() + static_cast<size_t>(s) * config.vocab_size;
@@ -226,6 +230,7 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
   const auto t2 = Clock::now();
   const auto stats2 = model->streamer()->stats();
   const uint64_t bundles2 = model->bundle_bytes_moved(), bundle_disk2 = model->bundle_disk_bytes_read();
+  const uint64_t hits = model->bundle_cache_hits() - hits1, lookups = hits + model->bundle_cache_misses() - misses1;
 
   const double prefill_s = Seconds(t0, t1), decode_s = Seconds(t1, t2), total_s = prefill_s + decode_s;
   const int steps = o.gen_len - 1;
@@ -277,6 +282,8 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
                                               {"dense_ffn_bytes_per_step", dense_ffn_step},
                                               {"fetched_fraction", dense_ffn_step > 0 ? static_cast<double>(bundle_step) / dense_ffn_step : 0.0},
                                               {"dense_above", o.sparsity_dense_above},
+                                              {"device_cache_fraction", o.sparsity_cache},
+                                              {"device_cache_hit_rate", lookups > 0 ? static_cast<double>(hits) / lookups : 0.0},
                                               {"layers_run_dense", adaptive ? adaptive->dense_layers() : std::vector<int>()}}
                             : nlohmann::json()},
       {"memory", {{"plan_device", model->plan().device_bytes}, {"plan_pinned", model->plan().host_bytes},
@@ -315,6 +322,11 @@ std::string BenchResult::Table() const {
                                        sp["bundle_bytes_per_step"].get<double>() / 1048576,
                                        100 * sp["fetched_fraction"].get<double>(),
                                        sp["dense_ffn_bytes_per_step"].get<double>() / 1048576));
+    if (sp["device_cache_fraction"].get<double>() > 0) {
+      line("bundle cache on the device", absl::StrFormat("%.0f%% of each FFN, %.1f%% of the selected neurons found there",
+                                                         100 * sp["device_cache_fraction"].get<double>(),
+                                                         100 * sp["device_cache_hit_rate"].get<double>()));
+    }
     std::string dense;
     for (int l : sp["layers_run_dense"]) absl::StrAppend(&dense, dense.empty() ? "" : ",", l);
     line("layers run dense", absl::StrFormat("%s (measured union >= %.0f%% of the FFN)", dense.empty() ? "none" : dense.c_str(),

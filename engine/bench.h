@@ -42,6 +42,7 @@ struct BenchOptions {
   std::string sparsity_dir;    // empty: off
   double sparsity_k = 0.15;
   double sparsity_dense_above = 0.9;  // a layer whose measured union reaches this runs dense
+  double sparsity_cache = 0.0;        // per layer, this fraction of the FFN's bundles cached on the device
 };
 
 struct BenchResult {

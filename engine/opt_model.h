@@ -50,6 +50,11 @@ struct OffloadOptions {
   // the bundles of the neurons the batch's ForwardBatch::ffn_select picks cross the link. Needs a
   // store whose attention matrices form one range of the layer's region, apart from FC1/FC2.
   bool sparse_ffn = false;
+  // With sparse_ffn: per layer, room for this fraction of the FFN's bundles in device memory,
+  // kept by recency over the calls (LLM in a flash's window; the often used neurons stay): a
+  // selected neuron found there is copied on the device, only the others cross the link. Counted
+  // in the plan. 0: off. Calls that select every neuron (prefill) bypass it.
+  double sparse_cache_fraction = 0.0;
 };
 
 // The dense cache: per layer K and V of [rows, max_len, hidden] fp32 in backend memory; token t
@@ -130,6 +135,11 @@ class OptModel {
   uint64_t bundle_bytes_moved() const { return bundle_bytes_moved_; }
   // Disk tier: the bundle pages read from the SSD so far (page-rounded).
   uint64_t bundle_disk_bytes_read() const { return bundle_disk_bytes_read_; }
+  // The device-side bundle cache (OffloadOptions::sparse_cache_fraction): rows per layer, and the
+  // selected neurons found there / fetched over the link so far.
+  int64_t bundle_cache_rows() const { return cache_rows_; }
+  uint64_t bundle_cache_hits() const { return cache_hits_; }
+  uint64_t bundle_cache_misses() const { return cache_misses_; }
 
   // Device bytes that Forward allocates for `tokens` tokens and `logit_rows` rows of logits (an
   // upper bound, for memory plans), and that a KV cache of rows x max_len takes.
@@ -178,6 +188,16 @@ class OptModel {
   std::unique_ptr<io::UringReader> bundle_reader_;
   mutable std::unique_ptr<kernels::Fence> staging_fence_;
   mutable uint64_t bundle_disk_bytes_read_ = 0;
+  // Per layer: cache_rows_ bundles in device memory, which neuron each slot holds (-1: none), the
+  // slot of each neuron (-1: not cached), and the call that last used each slot.
+  struct BundleCache {
+    kernels::DeviceBuffer rows;
+    std::vector<int32_t> neuron_of, slot_of;
+    std::vector<uint64_t> last_used;
+  };
+  int64_t cache_rows_ = 0;
+  mutable std::vector<BundleCache> caches_;
+  mutable uint64_t cache_clock_ = 0, cache_hits_ = 0, cache_misses_ = 0;
   absl::StatusOr<TensorView> GatherBundles(int layer, const std::vector<int32_t>& neurons) const;
   absl::Status LoadBundles(const io::Store& store, const std::string& prefix, const OffloadOptions& options);
   absl::Status BuildLayerBundles(const io::Store& store, const std::string& prefix, int layer, char* dst) const;

@@ -156,6 +156,11 @@ uint64_t BundleBytes(const OptConfig& c, DType dtype) {
 uint64_t BundleLayerStride(const OptConfig& c, DType dtype) {
   return (BundleBytes(c, dtype) * c.ffn_dim + io::kStoreAlignment - 1) / io::kStoreAlignment * io::kStoreAlignment;
 }
+// Rows of the device-side bundle cache per layer.
+int64_t CacheRows(const OptConfig& c, const OffloadOptions& o) {
+  const double fraction = std::clamp(o.sparse_cache_fraction, 0.0, 1.0);
+  return static_cast<int64_t>(std::llround(fraction * c.ffn_dim));
+}
 
 }  // namespace
 
@@ -220,6 +225,17 @@ absl::Status OptModel::LoadBundles(const io::Store& store, const std::string& pr
     bundle_reader_ = std::move(*reader);
   }
   FERRY_ASSIGN_OR_RETURN(gather_, backend_->Allocate(static_cast<size_t>(f) * bundle_bytes_));
+  cache_rows_ = CacheRows(c, options);
+  if (cache_rows_ > 0) {
+    for (int l = 0; l < c.num_layers; ++l) {
+      BundleCache cache;
+      FERRY_ASSIGN_OR_RETURN(cache.rows, backend_->Allocate(static_cast<size_t>(cache_rows_) * bundle_bytes_));
+      cache.neuron_of.assign(static_cast<size_t>(cache_rows_), -1);
+      cache.slot_of.assign(static_cast<size_t>(f), -1);
+      cache.last_used.assign(static_cast<size_t>(cache_rows_), 0);
+      caches_.push_back(std::move(cache));
+    }
+  }
   return absl::OkStatus();
 }
 
@@ -231,21 +247,38 @@ absl::StatusOr<TensorView> OptModel::GatherBundles(int layer, const std::vector<
                                                      ") in increasing order"));
     }
   }
+  // With the device-side cache, a partial selection splits into the neurons found there (hits,
+  // copied on the device) and the rest (misses, fetched); the gathered rows are the misses, then
+  // the hits (BundledFfn sums over its rows in any order).
+  const bool cached = cache_rows_ > 0 && m < f;
+  std::vector<int32_t> misses, hit_slots;
+  if (cached) {
+    const BundleCache& cache = caches_[layer];
+    for (int32_t j : neurons) {
+      if (cache.slot_of[j] >= 0) {
+        hit_slots.push_back(cache.slot_of[j]);
+      } else {
+        misses.push_back(j);
+      }
+    }
+  }
+  const std::vector<int32_t>& fetch = cached ? misses : neurons;
+  const int64_t nf = static_cast<int64_t>(fetch.size());
   const void* table = nullptr;
   if (bundle_reader_ == nullptr) {
     table = bundles_[layer].data();
-  } else {
-    // Read the pages that hold the chosen bundles into the staging mirror of the layer's region,
+  } else if (nf > 0) {
+    // Read the pages that hold the fetched bundles into the staging mirror of the layer's region,
     // at their own offsets, so the gather below finds neuron j at j * bundle_bytes_.
     if (staging_fence_ != nullptr) FERRY_RETURN_IF_ERROR(staging_fence_->Wait());  // the last gather read staging_
     std::vector<io::UringReader::ReadExtent> extents;
     const uint64_t page = io::kStoreAlignment, base = static_cast<uint64_t>(layer) * layer_stride_;
     char* staging = static_cast<char*>(staging_.data());
-    for (int64_t i = 0; i < m;) {
+    for (int64_t i = 0; i < nf;) {
       int64_t e = i + 1;
-      while (e < m && neurons[e] == neurons[e - 1] + 1) ++e;
-      const uint64_t first = static_cast<uint64_t>(neurons[i]) * bundle_bytes_ / page;
-      const uint64_t last = (static_cast<uint64_t>(neurons[e - 1] + 1) * bundle_bytes_ + page - 1) / page;  // exclusive
+      while (e < nf && fetch[e] == fetch[e - 1] + 1) ++e;
+      const uint64_t first = static_cast<uint64_t>(fetch[i]) * bundle_bytes_ / page;
+      const uint64_t last = (static_cast<uint64_t>(fetch[e - 1] + 1) * bundle_bytes_ + page - 1) / page;  // exclusive
       if (!extents.empty() && extents.back().offset + extents.back().n >= base + first * page) {
         extents.back().n = static_cast<size_t>(base + last * page - extents.back().offset);
       } else {
@@ -260,11 +293,42 @@ absl::StatusOr<TensorView> OptModel::GatherBundles(int layer, const std::vector<
     table = staging;
   }
   // One gather, in stream order: the FFN that read gather_ last is done before it is rewritten.
-  FERRY_RETURN_IF_ERROR(backend_->GatherHostRows(table, bundle_bytes_, neurons, gather_.data()));
-  if (bundle_reader_ != nullptr) {
+  if (nf > 0) FERRY_RETURN_IF_ERROR(backend_->GatherHostRows(table, bundle_bytes_, fetch, gather_.data()));
+  if (bundle_reader_ != nullptr && nf > 0) {
     FERRY_ASSIGN_OR_RETURN(staging_fence_, backend_->RecordFence());
   }
-  bundle_bytes_moved_ += static_cast<uint64_t>(m) * bundle_bytes_;
+  bundle_bytes_moved_ += static_cast<uint64_t>(nf) * bundle_bytes_;
+  if (cached) {
+    BundleCache& cache = caches_[layer];
+    const uint64_t now = ++cache_clock_;
+    cache_hits_ += hit_slots.size();
+    cache_misses_ += misses.size();
+    std::vector<int32_t> to(hit_slots.size());
+    for (size_t i = 0; i < to.size(); ++i) {
+      to[i] = static_cast<int32_t>(nf + static_cast<int64_t>(i));
+      cache.last_used[hit_slots[i]] = now;
+    }
+    FERRY_RETURN_IF_ERROR(backend_->CopyRows(cache.rows.data(), gather_.data(), bundle_bytes_, hit_slots, to));
+    // The fetched rows replace the least recently used slots this call does not use.
+    std::vector<int32_t> victims;
+    for (int32_t slot = 0; slot < cache_rows_; ++slot) {
+      if (cache.last_used[slot] != now) victims.push_back(slot);
+    }
+    const size_t take = std::min(victims.size(), misses.size());
+    std::nth_element(victims.begin(), victims.begin() + static_cast<int64_t>(take), victims.end(),
+                     [&](int32_t a, int32_t b) { return cache.last_used[a] < cache.last_used[b] || (cache.last_used[a] == cache.last_used[b] && a < b); });
+    victims.resize(take);
+    std::vector<int32_t> from(take);
+    for (size_t i = 0; i < take; ++i) {
+      const int32_t slot = victims[i];
+      if (cache.neuron_of[slot] >= 0) cache.slot_of[cache.neuron_of[slot]] = -1;
+      cache.neuron_of[slot] = misses[i];
+      cache.slot_of[misses[i]] = slot;
+      cache.last_used[slot] = now;
+      from[i] = static_cast<int32_t>(i);
+    }
+    FERRY_RETURN_IF_ERROR(backend_->CopyRows(gather_.data(), cache.rows.data(), bundle_bytes_, from, victims));
+  }
   return MakeView(gather_.data(), matrix_dtype_, {m, bundle_stride_}, backend_->device());
 }
 
@@ -288,6 +352,8 @@ absl::StatusOr<offload::Plan> OptModel::PlanOffload(const io::Store& store, cons
     const io::StoreTensor* fc1 = store.FindTensor(absl::StrCat(DecoderPrefix(store), "layers.0.fc1.weight"));
     const uint64_t bundle = BundleBytes(c, fc1->info.dtype);
     bundles_device = (bundle + sizeof(int32_t)) * c.ffn_dim;  // one layer's worth of fetched bundles and their ids
+    // The device-side cache, and CopyRows' two id lists.
+    bundles_device += static_cast<uint64_t>(CacheRows(c, options)) * (bundle * c.num_layers) + 2 * sizeof(int32_t) * c.ffn_dim;
     // Pinned: every layer's bundles (CPU tier), or one layer's staging mirror (disk tier).
     bundles_host = options.split.disk > 0.0 ? BundleLayerStride(c, fc1->info.dtype) : bundle * c.ffn_dim * c.num_layers;
   } else {

@@ -269,6 +269,11 @@ class Backend {
   // AllocateHost), in order with the compute queued after it. The CUDA backend reads the pinned
   // table from a kernel: one launch however scattered the rows (Deja Vu's neuron bundles).
   virtual absl::Status GatherHostRows(const void* host_table, size_t row_bytes, const std::vector<int32_t>& rows, void* dst) = 0;
+  // dst row dst_rows[i] = src row src_rows[i] (row_bytes each), in order with the compute queued
+  // after it; src and dst are backend memory or pinned host memory (Deja Vu's device-side cache of
+  // neuron bundles: hits copied from it, fetched rows copied into it).
+  virtual absl::Status CopyRows(const void* src, void* dst, size_t row_bytes, const std::vector<int32_t>& src_rows,
+                                const std::vector<int32_t>& dst_rows) = 0;
   virtual absl::Status MatMul(const MatMulArgs& args) = 0;
   virtual absl::Status BceGrad(const BceGradArgs& args) = 0;
   virtual absl::Status AdamStep(const AdamArgs& args) = 0;

@@ -24,7 +24,7 @@ struct BenchFlags {
   bool quiet = false;
   std::string h2o;
   bool fit_batch = false;
-  double sparsity_sim = 0.0, sparsity_k = 0.15, sparsity_dense_above = 0.9;
+  double sparsity_sim = 0.0, sparsity_k = 0.15, sparsity_dense_above = 0.9, sparsity_cache = 0.0;
   std::string sparsity;
 };
 
@@ -95,6 +95,7 @@ absl::Status RunBenchCommand(const BenchFlags& f) {
   o.sparsity_dir = f.sparsity;
   o.sparsity_k = f.sparsity_k;
   o.sparsity_dense_above = f.sparsity_dense_above;
+  o.sparsity_cache = f.sparsity_cache;
   FERRY_ASSIGN_OR_RETURN(o.h2o, ParseH2O(f.h2o, 0, 0));
   if (!f.quiet) o.progress = [](const std::string& s) { std::fprintf(stderr, "ferry: %s\n", s.c_str()); };
   FERRY_ASSIGN_OR_RETURN(o.store_dir, PrepareStore(f));
@@ -145,6 +146,10 @@ void RegisterBenchCommand(CLI::App& app, Runner* selected) {
       ->capture_default_str();
   b->add_option("--sparsity-dense-above", f.sparsity_dense_above,
                 "A layer whose union over its first decode calls reaches this fraction runs dense")
+      ->check(CLI::Range(0.0, 1.0))
+      ->capture_default_str();
+  b->add_option("--sparsity-cache", f.sparsity_cache,
+                "Keep this fraction of each layer's FFN bundles on the GPU, most recently used first: hits skip the link")
       ->check(CLI::Range(0.0, 1.0))
       ->capture_default_str();
   b->add_option("--json", f.json, "Also write the results as JSON to this file");

@@ -411,4 +411,16 @@ absl::Status CpuBackend::GatherHostRows(const void* host_table, size_t row_bytes
   return absl::OkStatus();
 }
 
+absl::Status CpuBackend::CopyRows(const void* src, void* dst, size_t row_bytes, const std::vector<int32_t>& src_rows,
+                                  const std::vector<int32_t>& dst_rows) {
+  if (src_rows.size() != dst_rows.size()) return absl::InvalidArgumentError("CopyRows: src_rows and dst_rows differ in length");
+  for (size_t i = 0; i < src_rows.size(); ++i) {
+    if (src_rows[i] < 0 || dst_rows[i] < 0) return absl::InvalidArgumentError("CopyRows: negative row");
+    std::memcpy(static_cast<char*>(dst) + static_cast<size_t>(dst_rows[i]) * row_bytes,
+                static_cast<const char*>(src) + static_cast<size_t>(src_rows[i]) * row_bytes, row_bytes);
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace ferry::kernels
+

@@ -57,6 +57,8 @@ class CpuBackend final : public Backend {
   absl::Status H2OUpdate(const H2OUpdateArgs& args) override;
   absl::Status H2OPrefill(const H2OPrefillArgs& args) override;
   absl::Status GatherHostRows(const void* host_table, size_t row_bytes, const std::vector<int32_t>& rows, void* dst) override;
+  absl::Status CopyRows(const void* src, void* dst, size_t row_bytes, const std::vector<int32_t>& src_rows,
+                        const std::vector<int32_t>& dst_rows) override;
   absl::Status MatMul(const MatMulArgs& args) override;
   absl::Status BceGrad(const BceGradArgs& args) override;
   absl::Status AdamStep(const AdamArgs& args) override;

@@ -428,6 +428,25 @@ absl::Status CudaBackend::GatherHostRows(const void* host_table, size_t row_byte
   return absl::OkStatus();
 }
 
+absl::Status CudaBackend::CopyRows(const void* src, void* dst, size_t row_bytes, const std::vector<int32_t>& src_rows,
+                                   const std::vector<int32_t>& dst_rows) {
+  if (src_rows.size() != dst_rows.size()) return absl::InvalidArgumentError("CopyRows: src_rows and dst_rows differ in length");
+  if (src_rows.empty()) return absl::OkStatus();
+  const size_t n = src_rows.size(), bytes = 2 * n * sizeof(int32_t);
+  if (gather_ids_.bytes() < bytes) {
+    gather_ids_ = DeviceBuffer();
+    FERRY_ASSIGN_OR_RETURN(gather_ids_, Allocate(bytes));
+  }
+  std::vector<int32_t> ids(2 * n);
+  std::copy(src_rows.begin(), src_rows.end(), ids.begin());
+  std::copy(dst_rows.begin(), dst_rows.end(), ids.begin() + static_cast<int64_t>(n));
+  // Stream-ordered after the previous user of gather_ids_; synchronous, as `ids` is pageable.
+  FERRY_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(gather_ids_.data(), ids.data(), bytes, cudaMemcpyHostToDevice, stream_));
+  const int32_t* dev = static_cast<const int32_t*>(gather_ids_.data());
+  FERRY_CUDA_RETURN_IF_ERROR(LaunchGatherHostRows(src, row_bytes, dev, static_cast<int64_t>(n), dst, stream_, dev + n));
+  return absl::OkStatus();
+}
+
 absl::Status CudaBackend::MatMul(const MatMulArgs& a) {
   FERRY_RETURN_IF_ERROR(ValidateMatMul(a));
   for (const TensorView* t : {&a.a, &a.b, &a.out, &a.bias}) FERRY_RETURN_IF_ERROR(RequireDevice(*t, "matmul operand"));

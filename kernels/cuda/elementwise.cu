@@ -111,9 +111,10 @@ __global__ void StridedBiasReluKernel(float* act, const T* __restrict__ bias, in
 // memory over the bus (zero-copy), so one launch gathers any number of scattered rows.
 template <typename U>
 __global__ void GatherHostRowsKernel(const char* __restrict__ table, size_t row_bytes, const int32_t* __restrict__ rows,
-                                     char* __restrict__ dst) {
+                                     const int32_t* __restrict__ dst_rows, char* __restrict__ dst) {
   const U* src = reinterpret_cast<const U*>(table + static_cast<size_t>(rows[blockIdx.x]) * row_bytes);
-  U* out = reinterpret_cast<U*>(dst + static_cast<size_t>(blockIdx.x) * row_bytes);
+  const size_t to = dst_rows != nullptr ? static_cast<size_t>(dst_rows[blockIdx.x]) : blockIdx.x;
+  U* out = reinterpret_cast<U*>(dst + to * row_bytes);
   const size_t units = row_bytes / sizeof(U);
   for (size_t i = threadIdx.x; i < units; i += blockDim.x) out[i] = src[i];
 }
@@ -270,20 +271,20 @@ cudaError_t LaunchStridedBiasRelu(float* act, const void* bias, DType dtype, int
 }
 
 cudaError_t LaunchGatherHostRows(const void* host_table, size_t row_bytes, const int32_t* rows, int64_t n, void* dst,
-                                 cudaStream_t stream) {
+                                 cudaStream_t stream, const int32_t* dst_rows) {
   if (n == 0 || row_bytes == 0) return cudaSuccess;
   const uintptr_t a = reinterpret_cast<uintptr_t>(host_table) | reinterpret_cast<uintptr_t>(dst) | row_bytes;
   const char* t = static_cast<const char*>(host_table);
   char* d = static_cast<char*>(dst);
   const unsigned blocks = static_cast<unsigned>(n);
   if (a % 16 == 0) {
-    GatherHostRowsKernel<uint4><<<blocks, 256, 0, stream>>>(t, row_bytes, rows, d);
+    GatherHostRowsKernel<uint4><<<blocks, 256, 0, stream>>>(t, row_bytes, rows, dst_rows, d);
   } else if (a % 4 == 0) {
-    GatherHostRowsKernel<uint32_t><<<blocks, 256, 0, stream>>>(t, row_bytes, rows, d);
+    GatherHostRowsKernel<uint32_t><<<blocks, 256, 0, stream>>>(t, row_bytes, rows, dst_rows, d);
   } else if (a % 2 == 0) {
-    GatherHostRowsKernel<uint16_t><<<blocks, 256, 0, stream>>>(t, row_bytes, rows, d);
+    GatherHostRowsKernel<uint16_t><<<blocks, 256, 0, stream>>>(t, row_bytes, rows, dst_rows, d);
   } else {
-    GatherHostRowsKernel<uint8_t><<<blocks, 256, 0, stream>>>(t, row_bytes, rows, d);
+    GatherHostRowsKernel<uint8_t><<<blocks, 256, 0, stream>>>(t, row_bytes, rows, dst_rows, d);
   }
   return cudaGetLastError();
 }

@@ -45,9 +45,10 @@ cudaError_t LaunchCombineSplit(const float* tmp, float* out, const float* bias, 
 // act[r, j] = max(act[r, j] + bias[j * stride], 0) over [rows, m]; bias is F16/BF16/F32 (Deja Vu bundles).
 cudaError_t LaunchStridedBiasRelu(float* act, const void* bias, DType dtype, int64_t stride, int64_t rows, int64_t m,
                                   cudaStream_t stream);
-// dst row i = host_table row rows[i] (row_bytes each); host_table is pinned (mapped) host memory.
+// dst row i (dst_rows[i] when given) = host_table row rows[i] (row_bytes each); host_table is
+// pinned (mapped) host memory or device memory, as is dst.
 cudaError_t LaunchGatherHostRows(const void* host_table, size_t row_bytes, const int32_t* rows, int64_t n, void* dst,
-                                 cudaStream_t stream);
+                                 cudaStream_t stream, const int32_t* dst_rows = nullptr);
 // out[r, c] += bias[c] (when bias), then ReLU (when relu), over [rows, cols].
 cudaError_t LaunchBiasRelu(float* out, const float* bias, int64_t rows, int64_t cols, bool relu, cudaStream_t stream);
 

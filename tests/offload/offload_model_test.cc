@@ -165,6 +165,74 @@ TEST_F(OffloadModelTest, SparseFfnFetchesOnlyTheSelectedBundles) {
   }
 }
 
+// The device-side bundle cache: selected neurons already there are copied on the device and only
+// the others cross the link. Random 30% selections with half the FFN cached give the logits of the
+// dense model with the other neurons zeroed (the rows come in another order: 1e-5) and move only the
+// misses; a selection repeated call after call moves nothing after its first call; the plan counts
+// the cache.
+TEST_F(OffloadModelTest, DeviceBundleCacheMovesOnlyTheMisses) {
+  kernels::CpuBackend resident_backend;
+  auto resident = OptModel::Load(ferry::testing::ModelDir(), &resident_backend);
+  ASSERT_TRUE(resident.ok());
+  const OptConfig& c = (*resident)->config();
+  for (const offload::WeightSplit split : {offload::WeightSplit{0, 100, 0}, offload::WeightSplit{0, 0, 100}}) {
+    kernels::CpuBackend backend, plain_backend;
+    OffloadOptions o;
+    o.split = split;
+    o.sparse_ffn = true;
+    auto plain = OptModel::LoadOffloaded(store_dir_->path(), &plain_backend, o);
+    o.sparse_cache_fraction = 0.5;
+    auto m = OptModel::LoadOffloaded(store_dir_->path(), &backend, o);
+    ASSERT_TRUE(m.ok() && plain.ok()) << m.status();
+    EXPECT_EQ((*m)->bundle_cache_rows(), c.ffn_dim / 2);
+    EXPECT_GE((*m)->plan().device_bytes, (*plain)->plan().device_bytes + c.num_layers * (c.ffn_dim / 2) * (*m)->bundle_bytes());
+    const FfnSelector sparse_select = RandomFfnSelector(c.ffn_dim, 0.3, 11), hook_select = RandomFfnSelector(c.ffn_dim, 0.3, 11);
+    uint64_t selected = 0;
+    const FfnSelector counting = [&](int layer, const TensorView& x) -> absl::StatusOr<std::vector<int32_t>> {
+      auto s = sparse_select(layer, x);
+      if (s.ok()) selected += s->size();
+      return s;
+    };
+    const std::function<absl::Status(int, const TensorView&, const TensorView&)> zero_others =
+        [&](int layer, const TensorView& x, const TensorView& act) -> absl::Status {
+      FERRY_ASSIGN_OR_RETURN(std::vector<int32_t> keep, hook_select(layer, x));
+      std::vector<uint8_t> on(static_cast<size_t>(c.ffn_dim), 0);
+      for (int32_t j : keep) on[j] = 1;
+      for (int64_t t = 0; t < act.shape[0]; ++t) {
+        for (int j = 0; j < c.ffn_dim; ++j) {
+          if (!on[j]) act.as<float>()[t * c.ffn_dim + j] = 0.0f;
+        }
+      }
+      return absl::OkStatus();
+    };
+    const uint64_t before = (*m)->bundle_bytes_moved();
+    const std::vector<float> got = Run(**m, backend, /*micro=*/true, &counting);
+    const std::vector<float> want = Run(**resident, resident_backend, /*micro=*/true, nullptr, &zero_others);
+    ASSERT_EQ(got.size(), want.size());
+    double diff = 0, mag = 0;
+    for (size_t i = 0; i < got.size(); ++i) {
+      diff = std::max(diff, static_cast<double>(std::abs(got[i] - want[i])));
+      mag = std::max(mag, static_cast<double>(std::abs(want[i])));
+    }
+    EXPECT_LT(diff / mag, 1e-5) << split.disk;
+    const uint64_t hits = (*m)->bundle_cache_hits(), misses = (*m)->bundle_cache_misses();
+    EXPECT_EQ(hits + misses, selected);
+    EXPECT_GT(hits, 0u);
+    const uint64_t prefill = 2ull * c.num_layers * c.ffn_dim * (*m)->bundle_bytes();  // every neuron: not cached
+    EXPECT_EQ((*m)->bundle_bytes_moved() - before, prefill + misses * (*m)->bundle_bytes());
+
+    // The same 20% every call: after the first decode call every selected neuron is a hit.
+    std::vector<int32_t> fixed;
+    for (int j = 0; j < c.ffn_dim; j += 5) fixed.push_back(j);
+    const FfnSelector same = [&](int, const TensorView&) -> absl::StatusOr<std::vector<int32_t>> { return fixed; };
+    const uint64_t misses0 = (*m)->bundle_cache_misses();
+    Run(**m, backend, /*micro=*/false, &same);
+    // The first call of this run finds the neurons cached by the previous run only by chance; from
+    // the second on, all are there.
+    EXPECT_LE((*m)->bundle_cache_misses() - misses0, static_cast<uint64_t>(c.num_layers) * fixed.size());
+  }
+}
+
 TEST_F(OffloadModelTest, KvCacheOnTheCpuGivesBitIdenticalLogits) {
   kernels::CpuBackend backend;
   OffloadOptions o;
