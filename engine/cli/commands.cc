@@ -75,8 +75,10 @@ absl::StatusOr<std::unique_ptr<engine::Tokenizer>> LoadTokenizer(const ModelFlag
 
 // `rows` and `max_tokens_per_call`: the largest batch and forward call the command will run,
 // reserved in the memory plan of an offloaded model.
-// `sparse_ffn`: Deja Vu through the executor (needs --weights).
-absl::StatusOr<Loaded> LoadAll(const ModelFlags& f, int64_t rows, int64_t max_tokens_per_call, bool sparse_ffn = false) {
+// `sparse_ffn`: Deja Vu through the executor (needs --weights), with `sparse_cache` of each FFN's
+// bundles cached on the device.
+absl::StatusOr<Loaded> LoadAll(const ModelFlags& f, int64_t rows, int64_t max_tokens_per_call, bool sparse_ffn = false,
+                               double sparse_cache = 0.0) {
   if (f.threads > 0) setenv("FERRY_NUM_THREADS", std::to_string(f.threads).c_str(), 1);
   FERRY_RETURN_IF_ERROR(CheckModelDir(f.model));
   Loaded l;
@@ -101,6 +103,7 @@ absl::StatusOr<Loaded> LoadAll(const ModelFlags& f, int64_t rows, int64_t max_to
     engine::OffloadOptions o;
     FERRY_ASSIGN_OR_RETURN(o.split, offload::ParseWeightSplit(f.weights));
     o.sparse_ffn = sparse_ffn;
+    o.sparse_cache_fraction = sparse_cache;
     o.device_budget = bo.memory_budget_bytes;
     o.host_budget = bo.host_budget_bytes;
     o.reserve_device_bytes = engine::OptModel::KvCacheBytes(config, rows, config.max_positions, KvDtype(f)) +
@@ -131,6 +134,7 @@ struct GenerateFlags {
   int protect = 0;
   std::string sparsity;
   double sparsity_k = 0.15;
+  double sparsity_cache = 0.0;
 };
 
 absl::Status RunGenerate(const GenerateFlags& f) {
@@ -156,7 +160,8 @@ absl::Status RunGenerate(const GenerateFlags& f) {
   // backend); on a resident model a hook zeroes the others (any backend; on a GPU the activations
   // make a round trip through the host, which is for evaluation, not speed).
   const bool sparse_exec = !f.sparsity.empty() && !f.model.weights.empty();
-  FERRY_ASSIGN_OR_RETURN(Loaded l, LoadAll(f.model, rows, std::max<int64_t>(4096, rows), sparse_exec));
+  if (f.sparsity_cache > 0.0 && !sparse_exec) return absl::InvalidArgumentError("--sparsity-cache needs --sparsity and --weights");
+  FERRY_ASSIGN_OR_RETURN(Loaded l, LoadAll(f.model, rows, std::max<int64_t>(4096, rows), sparse_exec, f.sparsity_cache));
   std::optional<engine::SparseFfn> sparse;
   std::function<absl::Status(int, const TensorView&, const TensorView&)> hook;
   engine::FfnSelector select;
@@ -378,6 +383,9 @@ void RegisterCommands(CLI::App& app, Runner* selected) {
   g->add_option("--sparsity-k", gen.sparsity_k, "Fraction of FFN neurons kept per token with --sparsity")
       ->check(CLI::Range(0.0, 1.0))
       ->capture_default_str();
+  g->add_option("--sparsity-cache", gen.sparsity_cache,
+                "With --sparsity and --weights: keep this fraction of each FFN's bundles on the GPU (most recently used)")
+      ->check(CLI::Range(0.0, 1.0));
   g->add_option("--protect", gen.protect, "With --h2o: never evict the first N positions")->check(CLI::NonNegativeNumber);
   g->add_flag("--ignore-eos", gen.ignore_eos, "Keep generating after the end-of-sequence token");
   auto* resume = g->add_flag("--resume", gen.resume,
