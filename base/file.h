@@ -36,5 +36,7 @@ absl::StatusOr<std::string> ReadFileToString(const std::string& path);
 // Writes path.tmp, fsyncs it and renames it over path: a crash leaves the old file or the new one.
 absl::Status WriteFileAtomically(const std::string& path, const std::string& data);
 bool PathExists(const std::string& path);
+// Creates the directory and any missing parents (as mkdir -p); an existing directory is fine.
+absl::Status MakeDirs(const std::string& path);
 
 }  // namespace ferry

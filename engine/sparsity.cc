@@ -125,7 +125,7 @@ absl::Status CollectActivations(const OptModel& model, const std::vector<int>& i
   if (o.window < 2 || o.window > c.max_positions) return absl::InvalidArgumentError("bad window");
   const int64_t total = o.tokens > 0 ? std::min<int64_t>(o.tokens, ids.size()) : static_cast<int64_t>(ids.size());
   if (total < 1) return absl::InvalidArgumentError("no tokens to collect");
-  if (::mkdir(out_dir.c_str(), 0755) != 0 && errno != EEXIST) return absl::ErrnoToStatus(errno, absl::StrCat("mkdir ", out_dir));
+  FERRY_RETURN_IF_ERROR(MakeDirs(out_dir));
   const int64_t row_bytes = (c.ffn_dim + 7) / 8;
   std::vector<std::ofstream> inputs(c.num_layers), labels(c.num_layers);
   for (int l = 0; l < c.num_layers; ++l) {
@@ -200,7 +200,7 @@ absl::StatusOr<std::vector<LayerSparsity>> TrainPredictors(const std::string& da
   if (o.rank < 1 || o.epochs < 1 || o.batch < 1 || !(o.holdout > 0 && o.holdout < 1) || !(o.k_fraction > 0 && o.k_fraction <= 1)) {
     return absl::InvalidArgumentError("bad training options (rank, epochs, batch >= 1; holdout and k in (0, 1))");
   }
-  if (::mkdir(out_dir.c_str(), 0755) != 0 && errno != EEXIST) return absl::ErrnoToStatus(errno, absl::StrCat("mkdir ", out_dir));
+  FERRY_RETURN_IF_ERROR(MakeDirs(out_dir));
   const int d = meta.d, F = meta.ffn, r = o.rank;
   const int k = std::max(1, static_cast<int>(std::lround(o.k_fraction * F)));
   const int64_t n_train = static_cast<int64_t>(meta.tokens * (1.0 - o.holdout));

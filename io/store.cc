@@ -65,7 +65,7 @@ StoreWriter& StoreWriter::operator=(StoreWriter&&) noexcept = default;
 StoreWriter::~StoreWriter() = default;
 
 absl::StatusOr<StoreWriter> StoreWriter::Create(const std::string& out_dir, std::vector<PlannedTensor> tensors) {
-  if (::mkdir(out_dir.c_str(), 0755) != 0 && errno != EEXIST) return absl::ErrnoToStatus(errno, absl::StrCat("mkdir ", out_dir));
+  FERRY_RETURN_IF_ERROR(MakeDirs(out_dir));
   StoreWriter w;
   w.out_dir_ = out_dir;
   std::stable_sort(tensors.begin(), tensors.end(), [](const PlannedTensor& a, const PlannedTensor& b) {
