@@ -139,6 +139,12 @@ TEST(CliTest, PplJson) {
   auto j = nlohmann::json::parse(r.out);
   EXPECT_GT(j["perplexity"].get<double>(), 1.0);
   EXPECT_EQ(j["window"], 8);
+  // F16 keys and values: nearly the same perplexity, not bitwise (the values are rounded).
+  Result r16 = Ferry("ppl " + kModel + " --text " + dir.File("t.txt") + " --window 8 --json -q --kv-dtype f16");
+  ASSERT_EQ(r16.code, 0) << r16.err;
+  const double p32 = j["perplexity"].get<double>(), p16 = nlohmann::json::parse(r16.out)["perplexity"].get<double>();
+  EXPECT_NEAR(p16, p32, p32 * 1e-3);
+  EXPECT_EQ(Ferry("ppl " + kModel + " --text " + dir.File("t.txt") + " --kv-dtype bf16").code, 2);
 }
 
 TEST(CliTest, ErrorsAreOneClearLine) {
@@ -163,6 +169,14 @@ TEST(CliTest, ErrorsAreOneClearLine) {
   r = Ferry("generate " + kModel);
   EXPECT_EQ(r.code, 1);
   EXPECT_NE(r.err.find("--prompt or --input"), std::string::npos);
+
+  r = Ferry("generate " + kModel + " --prompt hi --sparsity-cache 0.3");  // needs --sparsity and --weights
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("--sparsity-cache needs"), std::string::npos) << r.err;
+
+  r = Ferry("sparsity train --data /nonexistent-ferry-data --out /tmp/x --device cuda");
+  EXPECT_NE(r.code, 0);
+  EXPECT_EQ(Lines(r.err), 1) << r.err;
 
   ferry::testing::TempDir dir;
   ferry::testing::WriteFile(dir.File("config.json"), "{\"model_type\": \"opt\", ");
