@@ -13,6 +13,7 @@ absl::Status ValidateGenerateOptions(const GenerateOptions& o) {
   if (o.max_new_tokens < 0) return absl::InvalidArgumentError(absl::StrCat("max-new-tokens must be >= 0, got ", o.max_new_tokens));
   if (o.min_new_tokens < 0) return absl::InvalidArgumentError(absl::StrCat("min-new-tokens must be >= 0, got ", o.min_new_tokens));
   if (o.max_prefill_tokens <= 0) return absl::InvalidArgumentError("max_prefill_tokens must be positive");
+  if (o.prefill_call_tokens < 0) return absl::InvalidArgumentError("prefill_call_tokens must be >= 0");
   return ValidateSampling(o.sampling);
 }
 
@@ -92,13 +93,20 @@ absl::StatusOr<std::vector<GenerationResult>> Generate(const OptModel& model,
     }
   };
 
-  // Prefill, several prompts per call up to max_prefill_tokens (a longer prompt goes alone).
+  // Prefill, several prompts per call up to prefill_call_tokens, in micro-batches of up to
+  // max_prefill_tokens (a longer prompt goes alone).
+  const int64_t call_cap = std::max(options.prefill_call_tokens, options.max_prefill_tokens);
   for (int s0 = 0; s0 < n;) {
     ForwardBatch batch;
     int s1 = s0;
-    while (s1 < n && (s1 == s0 || static_cast<int64_t>(batch.tokens.size() + requests[s1].prompt.size()) <=
-                                      options.max_prefill_tokens)) {
+    int64_t micro_tokens = 0;
+    while (s1 < n && (s1 == s0 || static_cast<int64_t>(batch.tokens.size() + requests[s1].prompt.size()) <= call_cap)) {
       const auto& prompt = requests[s1].prompt;
+      if (micro_tokens > 0 && micro_tokens + static_cast<int64_t>(prompt.size()) > options.max_prefill_tokens) {
+        batch.micro_batch_ends.push_back(static_cast<int32_t>(batch.tokens.size()));
+        micro_tokens = 0;
+      }
+      micro_tokens += static_cast<int64_t>(prompt.size());
       for (size_t i = 0; i < prompt.size(); ++i) {
         batch.tokens.push_back(prompt[i]);
         batch.seq_ids.push_back(s1);

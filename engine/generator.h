@@ -21,7 +21,12 @@ struct GenerateOptions {
   int min_new_tokens = 0;  // EOS is suppressed until this many tokens exist (as transformers does)
   SamplingOptions sampling;
   bool stop_at_eos = true;
-  int64_t max_prefill_tokens = 4096;  // tokens per prefill forward call
+  int64_t max_prefill_tokens = 4096;  // tokens per prefill micro-batch (the activations' size)
+  // Tokens per prefill forward call, cut into micro-batches of at most max_prefill_tokens at
+  // prompt boundaries; 0: max_prefill_tokens (one micro-batch per call). An offloaded model streams
+  // its weights once per call, so one call over many prompts is FlexGen's schedule: each layer
+  // crosses the link once and runs over every micro-batch.
+  int64_t prefill_call_tokens = 0;
   std::optional<offload::H2OOptions> h2o;  // evicting KV cache instead of the dense one
   DType kv_dtype = DType::kF32;            // keys and values in the cache: F32 or F16
   // Optional FFN hook (Deja Vu on a resident model: zeroes the neurons a predictor did not select).

@@ -76,9 +76,10 @@ absl::StatusOr<std::unique_ptr<engine::Tokenizer>> LoadTokenizer(const ModelFlag
 // `rows` and `max_tokens_per_call`: the largest batch and forward call the command will run,
 // reserved in the memory plan of an offloaded model.
 // `sparse_ffn`: Deja Vu through the executor (needs --weights), with `sparse_cache` of each FFN's
-// bundles cached on the device.
+// bundles cached on the device. `whole_prefill`: an offloaded model's prefill runs every prompt
+// of a batch in one call (rows x the context), in micro-batches of max_tokens_per_call.
 absl::StatusOr<Loaded> LoadAll(const ModelFlags& f, int64_t rows, int64_t max_tokens_per_call, bool sparse_ffn = false,
-                               double sparse_cache = 0.0) {
+                               double sparse_cache = 0.0, bool whole_prefill = false) {
   if (f.threads > 0) setenv("FERRY_NUM_THREADS", std::to_string(f.threads).c_str(), 1);
   FERRY_RETURN_IF_ERROR(CheckModelDir(f.model));
   Loaded l;
@@ -107,7 +108,8 @@ absl::StatusOr<Loaded> LoadAll(const ModelFlags& f, int64_t rows, int64_t max_to
     o.device_budget = bo.memory_budget_bytes;
     o.host_budget = bo.host_budget_bytes;
     o.reserve_device_bytes = engine::OptModel::KvCacheBytes(config, rows, config.max_positions, KvDtype(f)) +
-                             engine::OptModel::ForwardWorkspaceBytes(config, max_tokens_per_call, rows);
+                             engine::OptModel::ForwardWorkspaceBytes(config, whole_prefill ? rows * config.max_positions : max_tokens_per_call, rows,
+                                                                   max_tokens_per_call);
     FERRY_ASSIGN_OR_RETURN(l.model, engine::OptModel::LoadOffloaded(f.model, l.backend.get(), o));
   }
   if (l.tokenizer->vocab_size() > l.model->config().vocab_size) {
@@ -161,7 +163,12 @@ absl::Status RunGenerate(const GenerateFlags& f) {
   // make a round trip through the host, which is for evaluation, not speed).
   const bool sparse_exec = !f.sparsity.empty() && !f.model.weights.empty();
   if (f.sparsity_cache > 0.0 && !sparse_exec) return absl::InvalidArgumentError("--sparsity-cache needs --sparsity and --weights");
-  FERRY_ASSIGN_OR_RETURN(Loaded l, LoadAll(f.model, rows, std::max<int64_t>(4096, rows), sparse_exec, f.sparsity_cache));
+  // Offloaded, a batch's prompts prefill in one call (the weights cross the link once), in
+  // micro-batches of gen.max_prefill_tokens.
+  const bool offloaded = !f.model.weights.empty();
+  FERRY_ASSIGN_OR_RETURN(Loaded l, LoadAll(f.model, rows, std::max<int64_t>(gen.max_prefill_tokens, rows), sparse_exec,
+                                           f.sparsity_cache, offloaded));
+  if (offloaded) gen.prefill_call_tokens = rows * l.model->config().max_positions;
   std::optional<engine::SparseFfn> sparse;
   std::function<absl::Status(int, const TensorView&, const TensorView&)> hook;
   engine::FfnSelector select;

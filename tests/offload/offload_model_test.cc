@@ -274,6 +274,22 @@ TEST_F(OffloadModelTest, GreedyGenerationIsTheSame) {
   auto y = Generate(**off, reqs, g);
   ASSERT_TRUE(x.ok() && y.ok()) << y.status();
   for (size_t i = 0; i < reqs.size(); ++i) EXPECT_EQ((*x)[i].tokens, (*y)[i].tokens);
+
+  // One prefill call per prompt (micro-batch cap 4 tokens), then both prompts in one call as two
+  // micro-batches: the same tokens, and the weights cross the link once less.
+  g.max_prefill_tokens = 4;
+  const uint64_t h2d0 = (*off)->streamer()->stats().h2d_bytes;
+  auto apart = Generate(**off, reqs, g);
+  const uint64_t h2d1 = (*off)->streamer()->stats().h2d_bytes;
+  g.prefill_call_tokens = 1000;
+  auto together = Generate(**off, reqs, g);
+  const uint64_t h2d2 = (*off)->streamer()->stats().h2d_bytes;
+  ASSERT_TRUE(apart.ok() && together.ok()) << together.status();
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    EXPECT_EQ((*apart)[i].tokens, (*x)[i].tokens);
+    EXPECT_EQ((*together)[i].tokens, (*x)[i].tokens);
+  }
+  EXPECT_LT(h2d2 - h2d1, h2d1 - h2d0) << h2d2 - h2d1 << " vs " << h2d1 - h2d0;
 }
 
 TEST_F(OffloadModelTest, BudgetsHoldAndTooSmallBudgetsAreRefusedBeforeAllocating) {
