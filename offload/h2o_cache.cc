@@ -73,19 +73,25 @@ absl::Status H2OCache::Check(const std::vector<int32_t>& seq_ids, const std::vec
     ++count[seq_ids[i]];
     max_pos[seq_ids[i]] = std::max(max_pos[seq_ids[i]], positions[i]);
   }
+  sequential_ = false;
   const bool prefill = std::any_of(count.begin(), count.end(), [](int c) { return c > 1; });
   if (!prefill) return absl::OkStatus();  // decode: one token per row
+  bool all_prompts = true;  // every row with tokens gets positions 0..count-1 and is still empty
   for (int r = 0; r < rows_; ++r) {
-    if (count[r] == 0) continue;
-    // A prompt: positions 0..count-1 into an empty row.
-    if (max_pos[r] != count[r] - 1) {
-      return absl::InvalidArgumentError(absl::StrCat("H2O prefill of sequence ", r, " must give positions 0..", count[r] - 1,
-                                                     " (a call is either all prompts or one token per sequence)"));
-    }
-    if (row_used_[r]) {
-      return absl::UnimplementedError(absl::StrCat("H2O: sequence ", r, " already holds tokens; it takes one token per call now"));
-    }
+    if (count[r] > 0 && (max_pos[r] != count[r] - 1 || row_used_[r])) all_prompts = false;
   }
+  if (all_prompts) return absl::OkStatus();
+  // Token by token: each row's tokens must continue its positions, in call order.
+  std::vector<int> next(rows_, -1);
+  for (size_t i = 0; i < seq_ids.size(); ++i) {
+    const int r = seq_ids[i];
+    if (next[r] >= 0 && positions[i] != next[r]) {
+      return absl::InvalidArgumentError(absl::StrCat("H2O: sequence ", r, " gets position ", positions[i], " after ", next[r] - 1,
+                                                     "; a row's tokens in a call must be consecutive positions in order"));
+    }
+    next[r] = positions[i] + 1;
+  }
+  sequential_ = true;
   return absl::OkStatus();
 }
 
@@ -165,12 +171,27 @@ absl::Status H2OCache::Attend(kernels::Backend& b, const AttendArgs& a) {
   const std::vector<int32_t>& seq = *a.host_seq_ids;
   const int n = static_cast<int>(seq.size());
   if (a.num_heads != heads_) return absl::InvalidArgumentError("H2O cache: head count differs from the model's");
+  if (sequential_) {
+    // One token at a time, in call order: each sees the slots as the tokens before it left them.
+    for (int i = 0; i < n; ++i) {
+      const std::vector<int32_t> one_seq = {seq[i]}, one_pos = {(*a.host_positions)[i]};
+      AttendArgs t{a.layer, a.q.Rows(i, i + 1), a.k.Rows(i, i + 1), a.v.Rows(i, i + 1), a.seq_ids.Rows(i, i + 1),
+                   a.positions.Rows(i, i + 1), &one_seq, &one_pos, a.out.Rows(i, i + 1), a.num_heads, a.scale};
+      FERRY_RETURN_IF_ERROR(Decode(b, t));
+    }
+    return absl::OkStatus();
+  }
   std::vector<bool> seen(rows_, false);
   for (int32_t s : seq) {
     if (seen[s]) return Prefill(b, a);
     seen[s] = true;
   }
+  return Decode(b, a);
+}
 
+absl::Status H2OCache::Decode(kernels::Backend& b, const AttendArgs& a) {
+  const std::vector<int32_t>& seq = *a.host_seq_ids;
+  const int n = static_cast<int>(seq.size());
   const int l = a.layer;
   const Device dev = b.device();
   for (int32_t r : seq) row_used_[r] = 1;

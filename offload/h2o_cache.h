@@ -9,9 +9,11 @@
 // also returns each prompt token's column sum of probabilities; the row keeps the `recent` newest
 // tokens, the protected first ones, and the highest column sums up to `heavy`, each slot starting
 // with its column sum as its score.
-// The bookkeeping (placement, scores, eviction) runs on the backend where the slots live, as the
-// H2OPlace/H2OUpdate ops; only a prefill brings a layer's slot state to the host (to choose the
-// kept prompt tokens from the column sums) and back.
+// Any other call (several tokens into a row that already holds some: a prompt in chunks, or
+// prompts mixed with such rows) runs token by token in call order through the decode rule, as
+// teacher forcing does.
+// The bookkeeping (placement, scores, eviction, the prefill's selection) runs on the backend where
+// the slots live, as the H2OPlace/H2OUpdate/H2OPrefill ops.
 #pragma once
 
 #include <memory>
@@ -34,8 +36,9 @@ class H2OCache final : public AttentionCache {
   static absl::StatusOr<std::unique_ptr<H2OCache>> Create(kernels::Backend& backend, int layers, int heads, int head_dim,
                                                            int rows, const H2OOptions& options, DType kv_dtype = DType::kF32);
 
-  // Per call, each row gets either one token (decode, teacher forcing) or its whole prompt,
-  // positions 0..L-1, while the row is still empty (prefill).
+  // A call gives each row one token (decode), or its whole prompt, positions 0..L-1, while the row
+  // is still empty (prefill); otherwise each row's tokens must continue its positions in order and
+  // the call runs token by token.
   absl::Status Check(const std::vector<int32_t>& seq_ids, const std::vector<int32_t>& positions) const override;
   absl::Status Attend(kernels::Backend& backend, const AttendArgs& args) override;
 
@@ -53,6 +56,7 @@ class H2OCache final : public AttentionCache {
  private:
   H2OCache() = default;
   absl::Status Prefill(kernels::Backend& backend, const AttendArgs& args);
+  absl::Status Decode(kernels::Backend& backend, const AttendArgs& args);
   // Offset of (row, head)'s first slot in a layer's [rows, heads, slots] state.
   size_t Index(int row, int head) const { return (static_cast<size_t>(row) * heads_ + head) * slots_; }
 
@@ -65,6 +69,7 @@ class H2OCache final : public AttentionCache {
   std::vector<kernels::DeviceBuffer> k_, v_, pos_dev_, score_dev_, occupied_dev_;
   kernels::DeviceBuffer slot_ids_dev_, probs_dev_;
   std::vector<uint8_t> row_used_;  // rows that hold tokens (a prompt goes only into an empty row)
+  mutable bool sequential_ = false;  // set by Check(): this call runs token by token
 };
 
 }  // namespace ferry::offload

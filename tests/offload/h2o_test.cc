@@ -112,9 +112,10 @@ TEST(H2OTest, KeepsWhatTheNaiveRuleKeeps) {
       }
     }
   }
-  // A row appears once per call.
-  std::vector<int32_t> twice = {1, 1}, p2 = {0, 1};
-  EXPECT_EQ((*cache)->Check(twice, p2).code(), absl::StatusCode::kUnimplemented);
+  // Several tokens into a row that holds some run token by token, at consecutive positions.
+  std::vector<int32_t> twice = {1, 1}, p2 = {40, 41}, gap = {40, 42};
+  EXPECT_TRUE((*cache)->Check(twice, p2).ok());
+  EXPECT_EQ((*cache)->Check(twice, gap).code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(H2OCache::Create(cpu, 1, 1, 8, 1, {2, 2, 3}).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
@@ -173,8 +174,12 @@ TEST(H2OTest, PrefillKeepsRecentProtectedAndTopColumnSums) {
     }
     first += len[r];
   }
-  // The row is no longer empty: another prompt into it is refused.
-  EXPECT_EQ((*cache)->Check(seq, pos).code(), absl::StatusCode::kUnimplemented);
+  // The rows are no longer empty: the same positions again are not a prompt (they run token by
+  // token, so the check passes), but positions out of order are refused.
+  EXPECT_TRUE((*cache)->Check(seq, pos).ok());
+  std::vector<int32_t> backwards = pos;
+  std::swap(backwards[0], backwards[1]);
+  EXPECT_EQ((*cache)->Check(seq, backwards).code(), absl::StatusCode::kInvalidArgument);
 }
 
 class H2OPerplexityTest : public ::testing::Test {
@@ -267,6 +272,42 @@ TEST_F(H2OPerplexityTest, HostResidentH2OCacheGivesTheSameLogits) {
   }
   EXPECT_EQ((*host)->slots().Held(2, 1, 3), (*device)->Held(2, 1, 3));
   }
+}
+
+// A prompt in two chunks: the first is a prefill, the second (into a row that holds tokens) runs
+// token by token, with the same logits bitwise as feeding its tokens one call at a time; two rows
+// in one call, with evictions.
+TEST_F(H2OPerplexityTest, ASecondChunkRunsTokenByToken) {
+  const auto& c = model_->config();
+  const H2OOptions o{6, 6, 1};
+  auto chunked = H2OCache::Create(cpu_, c.num_layers, c.num_heads, c.head_dim(), 2, o);
+  auto stepped = H2OCache::Create(cpu_, c.num_layers, c.num_heads, c.head_dim(), 2, o);
+  ASSERT_TRUE(chunked.ok() && stepped.ok());
+  engine::ForwardBatch pre;
+  for (int s = 0; s < 2; ++s) {
+    for (int t = 0; t < 20; ++t) pre.tokens.push_back(ids_[s * 300 + t]), pre.seq_ids.push_back(s), pre.positions.push_back(t);
+    pre.logit_rows.push_back(static_cast<int32_t>(pre.tokens.size()) - 1);
+  }
+  std::vector<float> a, b;
+  ASSERT_TRUE(model_->Forward(pre, **chunked, &a).ok());
+  ASSERT_TRUE(model_->Forward(pre, **stepped, &b).ok());
+  ASSERT_EQ(a, b);
+  engine::ForwardBatch chunk;  // 9 more tokens for each row, interleaved
+  for (int t = 20; t < 29; ++t) {
+    for (int s = 0; s < 2; ++s) {
+      chunk.tokens.push_back(ids_[s * 300 + t]), chunk.seq_ids.push_back(s), chunk.positions.push_back(t);
+      chunk.logit_rows.push_back(static_cast<int32_t>(chunk.tokens.size()) - 1);
+    }
+  }
+  ASSERT_TRUE(model_->Forward(chunk, **chunked, &a).ok());
+  std::vector<float> want;
+  for (int t = 20; t < 29; ++t) {
+    engine::ForwardBatch step{{ids_[t], ids_[300 + t]}, {0, 1}, {t, t}, {0, 1}};
+    ASSERT_TRUE(model_->Forward(step, **stepped, &b).ok());
+    want.insert(want.end(), b.begin(), b.end());
+  }
+  EXPECT_EQ(a, want);
+  EXPECT_EQ((*chunked)->Held(3, 1, 2), (*stepped)->Held(3, 1, 2));
 }
 
 TEST_F(H2OPerplexityTest, GenerationWithARoomyBudgetIsTheDenseGeneration) {
