@@ -121,8 +121,14 @@ absl::Status LtGemm::Run(const Call& c, cudaStream_t stream) {
         cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &c.bias, sizeof(c.bias)));
   }
   const float alpha = 1.0f, beta = 0.0f;
-  FERRY_CUBLAS_RETURN_IF_ERROR(cublasLtMatmul(handle_, plan->desc, &alpha, c.a, plan->la, c.b, plan->lb, &beta, c.d, plan->ld, c.d,
-                                              plan->ld, &plan->algo, workspace_, workspace_bytes_, stream));
+  const cublasStatus_t st = cublasLtMatmul(handle_, plan->desc, &alpha, c.a, plan->la, c.b, plan->lb, &beta, c.d, plan->ld, c.d,
+                                           plan->ld, &plan->algo, workspace_, workspace_bytes_, stream);
+  if (st == CUBLAS_STATUS_NOT_SUPPORTED) {  // refused at launch (nothing was queued): fall back from now on
+    plan->supported = false;
+    ++unsupported_;
+    return absl::UnimplementedError("cuBLASLt refused the algorithm its heuristic chose");
+  }
+  FERRY_CUBLAS_RETURN_IF_ERROR(st);
   ++calls_;
   return absl::OkStatus();
 }
