@@ -157,8 +157,26 @@ TEST(BenchTest, SparsitySimFetchesTheDrawnBundlesOnly) {
   const uint64_t sparse_step = j["bytes_per_step"]["pinned_to_device"].get<uint64_t>();
   EXPECT_LT(sparse_step * 2, dense_step);  // attention (1/3) + 15% of the FFN (2/3)
   EXPECT_NE(sparse->Table().find("sparse FFN"), std::string::npos);
+  // Half of each FFN cached on the device: some draws are found there and the bundles crossing the
+  // link per step drop by exactly those; the plan grows by the cache.
+  o.sparsity_cache = 0.5;
+  auto cached = RunBench(o);
+  ASSERT_TRUE(cached.ok()) << cached.status();
+  const auto& jc = cached->json["sparse_ffn"];
+  const double hit_rate = jc["device_cache_hit_rate"].get<double>();
+  EXPECT_GT(hit_rate, 0.1);
+  EXPECT_LT(hit_rate, 0.6);
+  EXPECT_NEAR(jc["bundle_bytes_per_step"].get<double>(), (1.0 - hit_rate) * config->num_layers * k * bundle, bundle * 1.0);
+  EXPECT_GE(cached->json["memory"]["plan_device"].get<uint64_t>(),
+            j["memory"]["plan_device"].get<uint64_t>() + config->num_layers * (config->ffn_dim / 2) * bundle);
+  EXPECT_NE(cached->Table().find("bundle cache on the device"), std::string::npos);
+  o.sparsity_cache = 0.0;
   o.sparsity_dir = "/nonexistent";
   EXPECT_FALSE(RunBench(o).ok());  // both at once
+  o.sparsity_dir.clear();
+  o.sparsity_sim = 0.0;
+  o.sparsity_cache = 0.5;
+  EXPECT_EQ(RunBench(o).status().code(), absl::StatusCode::kInvalidArgument);  // a cache without sparsity
 }
 
 // The measured choice to run a layer dense: after its probe calls, a layer whose union reached the
