@@ -111,14 +111,14 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
     if (off.device_budget == 0) return absl::InvalidArgumentError("--fit-batch needs --gpu-mem");
     auto fits = [&](int64_t gbs) {
       OffloadOptions t = off;
-      t.reserve_device_bytes = reserve(gbs * o.num_gpu_batches) + backend->reserved_device_bytes();
+      t.reserve_device_bytes = reserve(gbs * o.num_gpu_batches);
       t.reserve_host_bytes = host_reserve(gbs * o.num_gpu_batches);
-      return OptModel::PlanOffload(store, t).ok();
+      return OptModel::PlanOffload(store, t, *backend).ok();
     };
     if (!fits(1)) {
-      off.reserve_device_bytes = reserve(o.num_gpu_batches) + backend->reserved_device_bytes();
+      off.reserve_device_bytes = reserve(o.num_gpu_batches);
       off.reserve_host_bytes = host_reserve(o.num_gpu_batches);
-      return OptModel::PlanOffload(store, off).status();  // says what does not fit
+      return OptModel::PlanOffload(store, off, *backend).status();  // says what does not fit
     }
     int64_t lo = 1, hi = 2;
     while (hi <= (1 << 20) && fits(hi)) lo = hi, hi *= 2;

@@ -76,11 +76,11 @@ class PromptReader {
 };
 
 // How much of an existing output file a resumed job keeps: the bytes of its complete lines, each
-// of which must be a record whose id is that of the input's prompt at the same index. Streams
-// the file (an output of millions of records need not fit in memory).
-absl::StatusOr<uint64_t> CheckResumable(const std::string& out_path, const std::string& input_path, const Tokenizer& tokenizer,
-                                        const OptConfig& config, int64_t* lines) {
-  FERRY_ASSIGN_OR_RETURN(PromptReader reader, PromptReader::Open(input_path, &tokenizer, &config));
+// of which must be a record whose id is that of the input's prompt at the same index; `reader`
+// is left after those prompts. Streams the file (an output of millions of records need not fit
+// in memory).
+absl::StatusOr<uint64_t> CheckResumable(const std::string& out_path, const std::string& input_path, PromptReader& reader,
+                                        int64_t* lines) {
   std::ifstream in(out_path, std::ios::binary);
   if (!in) return absl::PermissionDeniedError(absl::StrCat("cannot read ", out_path));
   uint64_t keep = 0;
@@ -107,6 +107,14 @@ absl::StatusOr<uint64_t> CheckResumable(const std::string& out_path, const std::
 
 }  // namespace
 
+absl::Status RefuseExistingOutput(const std::string& path) {
+  struct stat st;
+  if (::stat(path.c_str(), &st) == 0 && st.st_size > 0) {
+    return absl::AlreadyExistsError(absl::StrCat(path, " already holds output; pass --resume to continue it or --overwrite to replace it"));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status RunGenerateJob(const OptModel& model, const Tokenizer& tokenizer, const GenerateJobOptions& o) {
   if (o.batch_size <= 0) return absl::InvalidArgumentError(absl::StrCat("batch size must be positive, got ", o.batch_size));
   FERRY_RETURN_IF_ERROR(ValidateGenerateOptions(o.generate));
@@ -123,25 +131,23 @@ absl::Status RunGenerateJob(const OptModel& model, const Tokenizer& tokenizer, c
   const bool to_stdout = o.output_path.empty() || o.output_path == "-";
   if (o.resume && o.overwrite) return absl::InvalidArgumentError("--resume and --overwrite exclude each other");
   if (o.resume && to_stdout) return absl::InvalidArgumentError("--resume needs an --output file");
+  // Pass 2 reads the prompts again; a resumed job first skips those already in the output.
+  FERRY_ASSIGN_OR_RETURN(PromptReader reader, PromptReader::Open(o.input_path, &tokenizer, &model.config()));
   int64_t skip = 0;  // prompts already in the output
-  if (!to_stdout && PathExists(o.output_path) && !o.overwrite) {
+  if (!to_stdout && !o.overwrite && !o.resume) FERRY_RETURN_IF_ERROR(RefuseExistingOutput(o.output_path));
+  if (!to_stdout && o.resume && PathExists(o.output_path)) {
     struct stat st;
     if (::stat(o.output_path.c_str(), &st) != 0) return absl::PermissionDeniedError(absl::StrCat("cannot stat ", o.output_path));
-    if (st.st_size > 0 && !o.resume) {
-      return absl::AlreadyExistsError(absl::StrCat(o.output_path, " already holds output; pass --resume to continue it or --overwrite to replace it"));
+    FERRY_ASSIGN_OR_RETURN(const uint64_t keep, CheckResumable(o.output_path, o.input_path, reader, &skip));
+    if (keep < static_cast<uint64_t>(st.st_size) && ::truncate(o.output_path.c_str(), static_cast<off_t>(keep)) != 0) {
+      return absl::PermissionDeniedError(absl::StrCat("cannot truncate the torn last line of ", o.output_path));
     }
-    if (o.resume) {
-      FERRY_ASSIGN_OR_RETURN(const uint64_t keep, CheckResumable(o.output_path, o.input_path, tokenizer, model.config(), &skip));
-      if (keep < static_cast<uint64_t>(st.st_size) && ::truncate(o.output_path.c_str(), static_cast<off_t>(keep)) != 0) {
-        return absl::PermissionDeniedError(absl::StrCat("cannot truncate the torn last line of ", o.output_path));
-      }
-      if (skip == total) {
-        if (o.show_progress) std::fprintf(stderr, "ferry: %s is complete (%lld prompts)\n", o.output_path.c_str(), static_cast<long long>(total));
-        return absl::OkStatus();
-      }
-      if (o.show_progress && skip > 0) {
-        std::fprintf(stderr, "ferry: resuming after %lld of %lld prompts\n", static_cast<long long>(skip), static_cast<long long>(total));
-      }
+    if (skip == total) {
+      if (o.show_progress) std::fprintf(stderr, "ferry: %s is complete (%lld prompts)\n", o.output_path.c_str(), static_cast<long long>(total));
+      return absl::OkStatus();
+    }
+    if (o.show_progress && skip > 0) {
+      std::fprintf(stderr, "ferry: resuming after %lld of %lld prompts\n", static_cast<long long>(skip), static_cast<long long>(total));
     }
   }
   std::FILE* out = stdout;
@@ -155,11 +161,9 @@ absl::Status RunGenerateJob(const OptModel& model, const Tokenizer& tokenizer, c
   };
 
   // Pass 2: generate batch by batch, writing as we go.
-  FERRY_ASSIGN_OR_RETURN(PromptReader reader, PromptReader::Open(o.input_path, &tokenizer, &model.config()));
   const auto start = std::chrono::steady_clock::now();
-  int64_t done = 0, generated = 0;
+  int64_t done = skip, generated = 0;
   absl::Status status;
-  for (; done < skip && status.ok(); ++done) status = reader.Next().status();
   for (bool eof = false; !eof && status.ok();) {
     std::vector<Prompt> prompts;
     std::vector<GenerationRequest> requests;

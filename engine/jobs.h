@@ -28,6 +28,10 @@ struct GenerateJobOptions {
   bool overwrite = false;      // replace an existing output file
 };
 
+// kAlreadyExists when `path` is a non-empty file (output that would be lost), naming --resume and
+// --overwrite.
+absl::Status RefuseExistingOutput(const std::string& path);
+
 absl::Status RunGenerateJob(const OptModel& model, const Tokenizer& tokenizer, const GenerateJobOptions& options);
 
 }  // namespace ferry::engine

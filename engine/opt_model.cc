@@ -70,13 +70,17 @@ absl::Status KvCache::Attend(kernels::Backend& b, const offload::AttendArgs& a) 
   return b.Attention(args);
 }
 
-absl::StatusOr<Weight> OptModel::Alloc(DType dtype, std::initializer_list<int64_t> shape) const {
+absl::StatusOr<Weight> AllocWeight(kernels::Backend& backend, DType dtype, std::initializer_list<int64_t> shape) {
   const std::vector<int64_t> dims(shape);
   size_t bytes = DTypeSize(dtype);
   for (int64_t d : dims) bytes *= static_cast<size_t>(d);
-  FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer buf, backend_->Allocate(bytes));
-  TensorView view = MakeView(buf.data(), dtype, dims, backend_->device());
+  FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer buf, backend.Allocate(bytes));
+  TensorView view = MakeView(buf.data(), dtype, dims, backend.device());
   return Weight{std::move(buf), view};
+}
+
+absl::StatusOr<Weight> OptModel::Alloc(DType dtype, std::initializer_list<int64_t> shape) const {
+  return AllocWeight(*backend_, dtype, shape);
 }
 
 absl::StatusOr<Weight> OptModel::LoadTensor(const io::TensorSource& ckpt, const std::string& name,

@@ -28,6 +28,8 @@ struct Weight {
   kernels::DeviceBuffer buffer;
   TensorView view;
 };
+// A contiguous tensor of `shape` in `backend` memory (uninitialized).
+absl::StatusOr<Weight> AllocWeight(kernels::Backend& backend, DType dtype, std::initializer_list<int64_t> shape);
 
 struct OptLayerWeights {
   Weight ln1_gamma, ln1_beta;  // self_attn_layer_norm
@@ -124,8 +126,10 @@ class OptModel {
   // allocated.
   static absl::StatusOr<std::unique_ptr<OptModel>> LoadOffloaded(const std::string& store_dir, kernels::Backend* backend,
                                                                  const OffloadOptions& options);
-  // The memory plan LoadOffloaded would make for this store (nothing is allocated).
-  static absl::StatusOr<offload::Plan> PlanOffload(const io::Store& store, const OffloadOptions& options);
+  // The memory plan LoadOffloaded would make for this store on `backend` (nothing is allocated);
+  // the device memory the backend holds for itself (its GEMM workspace) is counted in.
+  static absl::StatusOr<offload::Plan> PlanOffload(const io::Store& store, const OffloadOptions& options,
+                                                   const kernels::Backend& backend);
   // The streaming pipeline of an offloaded model (nullptr when fully resident).
   const offload::LayerStreamer* streamer() const { return streamer_.get(); }
   const offload::Plan& plan() const { return plan_; }
@@ -194,7 +198,12 @@ class OptModel {
     kernels::DeviceBuffer rows;
     std::vector<int32_t> neuron_of, slot_of;
     std::vector<uint64_t> last_used;
+    // Gives `neurons` (not cached) the least recently used slots not used at `now`, as many as
+    // there are; returns the slots, in the order of the neurons that got them.
+    std::vector<int32_t> Admit(const std::vector<int32_t>& neurons, uint64_t now);
   };
+  // Disk tier: reads the pages holding `neurons`' bundles of `layer` into staging_.
+  absl::Status ReadBundlePages(int layer, const std::vector<int32_t>& neurons) const;
   int64_t cache_rows_ = 0;
   mutable std::vector<BundleCache> caches_;
   mutable uint64_t cache_clock_ = 0, cache_hits_ = 0, cache_misses_ = 0;

@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <numeric>
 #include <cerrno>
 #include <cstring>
 
@@ -89,10 +90,7 @@ absl::StatusOr<std::unique_ptr<OptModel>> OptModel::LoadOffloaded(const std::str
     }
     m->matrix_offsets_.push_back(offsets);
   }
-  // Refuses before any allocation. The backend's own workspace is already held.
-  OffloadOptions planned = options;
-  planned.reserve_device_bytes += backend->reserved_device_bytes();
-  FERRY_ASSIGN_OR_RETURN(m->plan_, PlanOffload(store, planned));
+  FERRY_ASSIGN_OR_RETURN(m->plan_, PlanOffload(store, options, *backend));  // refuses before any allocation
 
   FERRY_RETURN_IF_ERROR(m->LoadGlobals(store, prefix));
   for (int l = 0; l < c.num_layers; ++l) {
@@ -264,38 +262,14 @@ absl::StatusOr<TensorView> OptModel::GatherBundles(int layer, const std::vector<
   }
   const std::vector<int32_t>& fetch = cached ? misses : neurons;
   const int64_t nf = static_cast<int64_t>(fetch.size());
-  const void* table = nullptr;
-  if (bundle_reader_ == nullptr) {
-    table = bundles_[layer].data();
-  } else if (nf > 0) {
-    // Read the pages that hold the fetched bundles into the staging mirror of the layer's region,
-    // at their own offsets, so the gather below finds neuron j at j * bundle_bytes_.
-    if (staging_fence_ != nullptr) FERRY_RETURN_IF_ERROR(staging_fence_->Wait());  // the last gather read staging_
-    std::vector<io::UringReader::ReadExtent> extents;
-    const uint64_t page = io::kStoreAlignment, base = static_cast<uint64_t>(layer) * layer_stride_;
-    char* staging = static_cast<char*>(staging_.data());
-    for (int64_t i = 0; i < nf;) {
-      int64_t e = i + 1;
-      while (e < nf && fetch[e] == fetch[e - 1] + 1) ++e;
-      const uint64_t first = static_cast<uint64_t>(fetch[i]) * bundle_bytes_ / page;
-      const uint64_t last = (static_cast<uint64_t>(fetch[e - 1] + 1) * bundle_bytes_ + page - 1) / page;  // exclusive
-      if (!extents.empty() && extents.back().offset + extents.back().n >= base + first * page) {
-        extents.back().n = static_cast<size_t>(base + last * page - extents.back().offset);
-      } else {
-        extents.push_back({base + first * page, staging + first * page, static_cast<size_t>((last - first) * page)});
-      }
-      i = e;
+  if (nf > 0) {
+    if (bundle_reader_ != nullptr) FERRY_RETURN_IF_ERROR(ReadBundlePages(layer, fetch));
+    const void* table = bundle_reader_ != nullptr ? staging_.data() : bundles_[layer].data();
+    // One gather, in stream order: the FFN that read gather_ last is done before it is rewritten.
+    FERRY_RETURN_IF_ERROR(backend_->GatherHostRows(table, bundle_bytes_, fetch, gather_.data()));
+    if (bundle_reader_ != nullptr) {
+      FERRY_ASSIGN_OR_RETURN(staging_fence_, backend_->RecordFence());
     }
-    uint64_t bytes = 0;
-    for (const auto& x : extents) bytes += x.n;
-    FERRY_RETURN_IF_ERROR(bundle_reader_->ReadMany(bundle_file_, extents));
-    bundle_disk_bytes_read_ += bytes;
-    table = staging;
-  }
-  // One gather, in stream order: the FFN that read gather_ last is done before it is rewritten.
-  if (nf > 0) FERRY_RETURN_IF_ERROR(backend_->GatherHostRows(table, bundle_bytes_, fetch, gather_.data()));
-  if (bundle_reader_ != nullptr && nf > 0) {
-    FERRY_ASSIGN_OR_RETURN(staging_fence_, backend_->RecordFence());
   }
   bundle_bytes_moved_ += static_cast<uint64_t>(nf) * bundle_bytes_;
   if (cached) {
@@ -309,30 +283,61 @@ absl::StatusOr<TensorView> OptModel::GatherBundles(int layer, const std::vector<
       cache.last_used[hit_slots[i]] = now;
     }
     FERRY_RETURN_IF_ERROR(backend_->CopyRows(cache.rows.data(), gather_.data(), bundle_bytes_, hit_slots, to));
-    // The fetched rows replace the least recently used slots this call does not use.
-    std::vector<int32_t> victims;
-    for (int32_t slot = 0; slot < cache_rows_; ++slot) {
-      if (cache.last_used[slot] != now) victims.push_back(slot);
-    }
-    const size_t take = std::min(victims.size(), misses.size());
-    std::nth_element(victims.begin(), victims.begin() + static_cast<int64_t>(take), victims.end(),
-                     [&](int32_t a, int32_t b) { return cache.last_used[a] < cache.last_used[b] || (cache.last_used[a] == cache.last_used[b] && a < b); });
-    victims.resize(take);
-    std::vector<int32_t> from(take);
-    for (size_t i = 0; i < take; ++i) {
-      const int32_t slot = victims[i];
-      if (cache.neuron_of[slot] >= 0) cache.slot_of[cache.neuron_of[slot]] = -1;
-      cache.neuron_of[slot] = misses[i];
-      cache.slot_of[misses[i]] = slot;
-      cache.last_used[slot] = now;
-      from[i] = static_cast<int32_t>(i);
-    }
-    FERRY_RETURN_IF_ERROR(backend_->CopyRows(gather_.data(), cache.rows.data(), bundle_bytes_, from, victims));
+    // The fetched rows (gather_ rows 0.. of the misses) go into the slots they were given.
+    const std::vector<int32_t> slots = cache.Admit(misses, now);
+    std::vector<int32_t> from(slots.size());
+    std::iota(from.begin(), from.end(), 0);
+    FERRY_RETURN_IF_ERROR(backend_->CopyRows(gather_.data(), cache.rows.data(), bundle_bytes_, from, slots));
   }
   return MakeView(gather_.data(), matrix_dtype_, {m, bundle_stride_}, backend_->device());
 }
 
-absl::StatusOr<offload::Plan> OptModel::PlanOffload(const io::Store& store, const OffloadOptions& options) {
+std::vector<int32_t> OptModel::BundleCache::Admit(const std::vector<int32_t>& neurons, uint64_t now) {
+  std::vector<int32_t> victims;
+  for (int32_t slot = 0; slot < static_cast<int32_t>(neuron_of.size()); ++slot) {
+    if (last_used[slot] != now) victims.push_back(slot);
+  }
+  const size_t take = std::min(victims.size(), neurons.size());
+  std::nth_element(victims.begin(), victims.begin() + static_cast<int64_t>(take), victims.end(),
+                   [&](int32_t a, int32_t b) { return last_used[a] < last_used[b] || (last_used[a] == last_used[b] && a < b); });
+  victims.resize(take);
+  for (size_t i = 0; i < take; ++i) {
+    const int32_t slot = victims[i];
+    if (neuron_of[slot] >= 0) slot_of[neuron_of[slot]] = -1;
+    neuron_of[slot] = neurons[i];
+    slot_of[neurons[i]] = slot;
+    last_used[slot] = now;
+  }
+  return victims;
+}
+
+absl::Status OptModel::ReadBundlePages(int layer, const std::vector<int32_t>& neurons) const {
+  // The pages that hold the bundles land in the staging mirror of the layer's region at their own
+  // offsets, so the gather finds neuron j at j * bundle_bytes_.
+  if (staging_fence_ != nullptr) FERRY_RETURN_IF_ERROR(staging_fence_->Wait());  // the last gather read staging_
+  std::vector<io::UringReader::ReadExtent> extents;
+  const uint64_t page = io::kStoreAlignment, base = static_cast<uint64_t>(layer) * layer_stride_;
+  char* staging = static_cast<char*>(staging_.data());
+  const int64_t n = static_cast<int64_t>(neurons.size());
+  for (int64_t i = 0; i < n;) {
+    int64_t e = i + 1;
+    while (e < n && neurons[e] == neurons[e - 1] + 1) ++e;
+    const uint64_t first = static_cast<uint64_t>(neurons[i]) * bundle_bytes_ / page;
+    const uint64_t last = (static_cast<uint64_t>(neurons[e - 1] + 1) * bundle_bytes_ + page - 1) / page;  // exclusive
+    if (!extents.empty() && extents.back().offset + extents.back().n >= base + first * page) {
+      extents.back().n = static_cast<size_t>(base + last * page - extents.back().offset);
+    } else {
+      extents.push_back({base + first * page, staging + first * page, static_cast<size_t>((last - first) * page)});
+    }
+    i = e;
+  }
+  FERRY_RETURN_IF_ERROR(bundle_reader_->ReadMany(bundle_file_, extents));
+  for (const auto& x : extents) bundle_disk_bytes_read_ += x.n;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<offload::Plan> OptModel::PlanOffload(const io::Store& store, const OffloadOptions& options,
+                                                    const kernels::Backend& backend) {
   uint64_t resident_other = 0;  // what stays resident besides the layer matrices; vectors as fp32
   for (const std::string& name : store.Names()) {
     const io::StoreTensor* t = store.FindTensor(name);
@@ -360,7 +365,7 @@ absl::StatusOr<offload::Plan> OptModel::PlanOffload(const io::Store& store, cons
     for (const auto& region : store.layers()) in.layer_bytes.push_back(region.bytes);
   }
   in.split = options.split;
-  in.other_device_bytes = resident_other + options.reserve_device_bytes + bundles_device;
+  in.other_device_bytes = resident_other + options.reserve_device_bytes + bundles_device + backend.reserved_device_bytes();
   in.other_host_bytes = options.reserve_host_bytes + bundles_host;
   in.device_budget = options.device_budget;
   in.host_budget = options.host_budget;

@@ -1,10 +1,5 @@
 #include "engine/sparsity.h"
 
-#include <cblas.h>
-#include <sys/stat.h>
-
-#include <cerrno>
-
 #include <algorithm>
 #include <cmath>
 #include <fstream>
@@ -94,27 +89,15 @@ double RecallAtK(const std::vector<float>& scores, const LayerData& L, int64_t t
   return positives > 0 ? static_cast<double>(hits) / positives : 1.0;
 }
 
-// z = up (down x) + bias for rows of x: [n, ffn].
-void Predict(const float* x, int64_t n, int d, int r, int ffn, const float* down, const float* up, const float* bias,
-             std::vector<float>* h, std::vector<float>* z) {
-  h->resize(static_cast<size_t>(n) * r);
-  z->resize(static_cast<size_t>(n) * ffn);
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(n), r, d, 1.0f, x, d, down, d, 0.0f, h->data(), r);
-  for (int64_t i = 0; i < n; ++i) std::copy(bias, bias + ffn, z->data() + i * ffn);
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(n), ffn, r, 1.0f, h->data(), r, up, r, 1.0f, z->data(), ffn);
-}
 
-// A backend buffer and its view.
-struct Buf {
-  kernels::DeviceBuffer buf;
-  TensorView view;
-};
-absl::StatusOr<Buf> Alloc(kernels::Backend& be, DType t, std::initializer_list<int64_t> shape) {
-  Buf b;
-  b.view = TensorView::Contiguous(nullptr, t, shape, be.device());
-  FERRY_ASSIGN_OR_RETURN(b.buf, be.Allocate(b.view.bytes()));
-  b.view.data = b.buf.data();
-  return b;
+// The floats of `v` on the host: its own memory, or (device memory) a copy in `buf` read through
+// `backend`.
+absl::StatusOr<float*> HostFloats(kernels::Backend* backend, const TensorView& v, std::vector<float>& buf) {
+  if (v.device == Device::kCpu) return v.as<float>();
+  if (backend == nullptr) return absl::InvalidArgumentError("sparsity: device views need the backend");
+  buf.resize(static_cast<size_t>(v.numel()));
+  FERRY_RETURN_IF_ERROR(backend->CopyToHost(buf.data(), v.data, v.bytes()));
+  return buf.data();
 }
 
 }  // namespace
@@ -137,21 +120,11 @@ absl::Status CollectActivations(const OptModel& model, const std::vector<int>& i
   std::vector<uint16_t> half;
   std::vector<uint8_t> bits;
   std::vector<float> x_host, act_host;
-  absl::Status write_status;
   const std::function<absl::Status(int, const TensorView&, const TensorView&)> hook =
       [&](int l, const TensorView& x, const TensorView& act) -> absl::Status {
     const int64_t n = x.shape[0];
-    // On a GPU backend the views are device memory: read them back first.
-    const float* xs = x.as<const float>();
-    const float* a = act.as<const float>();
-    if (x.device != Device::kCpu) {
-      x_host.resize(static_cast<size_t>(x.numel()));
-      act_host.resize(static_cast<size_t>(act.numel()));
-      FERRY_RETURN_IF_ERROR(model.backend().CopyToHost(x_host.data(), x.data, x.bytes()));
-      FERRY_RETURN_IF_ERROR(model.backend().CopyToHost(act_host.data(), act.data, act.bytes()));
-      xs = x_host.data();
-      a = act_host.data();
-    }
+    FERRY_ASSIGN_OR_RETURN(const float* xs, HostFloats(&model.backend(), x, x_host));
+    FERRY_ASSIGN_OR_RETURN(const float* a, HostFloats(&model.backend(), act, act_host));
     half.resize(static_cast<size_t>(n) * c.hidden_size);
     ConvertFromF32(DType::kF16, xs, half.data(), half.size());
     FERRY_RETURN_IF_ERROR(WriteAppend(inputs[l], half.data(), half.size() * 2, LayerFile(out_dir, l, "inputs")));
@@ -231,33 +204,33 @@ absl::StatusOr<std::vector<LayerSparsity>> TrainPredictors(const std::string& da
     // each batch's rows and labels and copies them over.
     const int B = o.batch;
     const int64_t held = meta.tokens - n_train, chunk = std::min<int64_t>(held, 16384);
-    FERRY_ASSIGN_OR_RETURN(Buf dw, Alloc(be, DType::kF32, {r, d}));
-    FERRY_ASSIGN_OR_RETURN(Buf uw, Alloc(be, DType::kF32, {F, r}));
-    FERRY_ASSIGN_OR_RETURN(Buf bw, Alloc(be, DType::kF32, {F}));
+    FERRY_ASSIGN_OR_RETURN(Weight dw, AllocWeight(be, DType::kF32, {r, d}));
+    FERRY_ASSIGN_OR_RETURN(Weight uw, AllocWeight(be, DType::kF32, {F, r}));
+    FERRY_ASSIGN_OR_RETURN(Weight bw, AllocWeight(be, DType::kF32, {F}));
     FERRY_RETURN_IF_ERROR(be.CopyToDevice(dw.view.data, down.data(), dw.view.bytes()));
     FERRY_RETURN_IF_ERROR(be.CopyToDevice(uw.view.data, up.data(), uw.view.bytes()));
     FERRY_RETURN_IF_ERROR(be.CopyToDevice(bw.view.data, bias.data(), bw.view.bytes()));
-    std::vector<Buf> moments;  // m and v of down, up, bias, zeroed
-    for (const Buf* w : {&dw, &uw, &bw}) {
+    std::vector<Weight> moments;  // m and v of down, up, bias, zeroed
+    for (const Weight* w : {&dw, &uw, &bw}) {
       for (int i = 0; i < 2; ++i) {
-        FERRY_ASSIGN_OR_RETURN(Buf mv, Alloc(be, DType::kF32, {w->view.numel()}));
+        FERRY_ASSIGN_OR_RETURN(Weight mv, AllocWeight(be, DType::kF32, {w->view.numel()}));
         const std::vector<float> zeros(mv.view.numel(), 0.0f);
         FERRY_RETURN_IF_ERROR(be.CopyToDevice(mv.view.data, zeros.data(), mv.view.bytes()));
         moments.push_back(std::move(mv));
       }
     }
-    FERRY_ASSIGN_OR_RETURN(Buf gdown, Alloc(be, DType::kF32, {r, d}));
-    FERRY_ASSIGN_OR_RETURN(Buf gup, Alloc(be, DType::kF32, {F, r}));
-    FERRY_ASSIGN_OR_RETURN(Buf gbias, Alloc(be, DType::kF32, {F}));
-    FERRY_ASSIGN_OR_RETURN(Buf xb, Alloc(be, DType::kF32, {B, d}));
-    FERRY_ASSIGN_OR_RETURN(Buf lb, Alloc(be, DType::kU8, {B, L.row_bytes}));
-    FERRY_ASSIGN_OR_RETURN(Buf h, Alloc(be, DType::kF32, {B, r}));
-    FERRY_ASSIGN_OR_RETURN(Buf z, Alloc(be, DType::kF32, {B, F}));
-    FERRY_ASSIGN_OR_RETURN(Buf g, Alloc(be, DType::kF32, {B, F}));
-    FERRY_ASSIGN_OR_RETURN(Buf gh, Alloc(be, DType::kF32, {B, r}));
-    FERRY_ASSIGN_OR_RETURN(Buf hx, Alloc(be, DType::kF32, {chunk, d}));
-    FERRY_ASSIGN_OR_RETURN(Buf hh, Alloc(be, DType::kF32, {chunk, r}));
-    FERRY_ASSIGN_OR_RETURN(Buf hz, Alloc(be, DType::kF32, {chunk, F}));
+    FERRY_ASSIGN_OR_RETURN(Weight gdown, AllocWeight(be, DType::kF32, {r, d}));
+    FERRY_ASSIGN_OR_RETURN(Weight gup, AllocWeight(be, DType::kF32, {F, r}));
+    FERRY_ASSIGN_OR_RETURN(Weight gbias, AllocWeight(be, DType::kF32, {F}));
+    FERRY_ASSIGN_OR_RETURN(Weight xb, AllocWeight(be, DType::kF32, {B, d}));
+    FERRY_ASSIGN_OR_RETURN(Weight lb, AllocWeight(be, DType::kU8, {B, L.row_bytes}));
+    FERRY_ASSIGN_OR_RETURN(Weight h, AllocWeight(be, DType::kF32, {B, r}));
+    FERRY_ASSIGN_OR_RETURN(Weight z, AllocWeight(be, DType::kF32, {B, F}));
+    FERRY_ASSIGN_OR_RETURN(Weight g, AllocWeight(be, DType::kF32, {B, F}));
+    FERRY_ASSIGN_OR_RETURN(Weight gh, AllocWeight(be, DType::kF32, {B, r}));
+    FERRY_ASSIGN_OR_RETURN(Weight hx, AllocWeight(be, DType::kF32, {chunk, d}));
+    FERRY_ASSIGN_OR_RETURN(Weight hh, AllocWeight(be, DType::kF32, {chunk, r}));
+    FERRY_ASSIGN_OR_RETURN(Weight hz, AllocWeight(be, DType::kF32, {chunk, F}));
     int adam_step = 0;
     const float b1 = 0.9f, b2 = 0.999f;
     std::vector<int64_t> order(n_train);
@@ -287,8 +260,8 @@ absl::StatusOr<std::vector<LayerSparsity>> TrainPredictors(const std::string& da
         FERRY_RETURN_IF_ERROR(be.MatMul({gh.view, xb.view, gdown.view, true, false, TensorView{}}));
         ++adam_step;
         const float c1 = 1.0f - std::pow(b1, static_cast<float>(adam_step)), c2 = 1.0f - std::pow(b2, static_cast<float>(adam_step));
-        const Buf* grads[3] = {&gdown, &gup, &gbias};
-        const Buf* weights[3] = {&dw, &uw, &bw};
+        const Weight* grads[3] = {&gdown, &gup, &gbias};
+        const Weight* weights[3] = {&dw, &uw, &bw};
         for (int i = 0; i < 3; ++i) {
           FERRY_RETURN_IF_ERROR(be.AdamStep({weights[i]->view, grads[i]->view, moments[2 * i].view, moments[2 * i + 1].view,
                                              o.learning_rate, b1, b2, 1e-8f, c1, c2}));
@@ -369,9 +342,17 @@ absl::StatusOr<SparseFfn> SparseFfn::Load(const std::string& dir, const OptConfi
   return s;
 }
 
-std::vector<float> SparseFfn::Scores(int layer, const float* x, int64_t tokens) const {
-  std::vector<float> h, z;
-  Predict(x, tokens, d_, rank_, ffn_, down_[layer].data(), up_[layer].data(), bias_[layer].data(), &h, &z);
+absl::StatusOr<std::vector<float>> SparseFfn::Scores(int layer, const float* x, int64_t tokens) const {
+  // z = up (down x) + bias, host memory, through the CPU backend's GEMM (the trainer's).
+  kernels::CpuBackend cpu;
+  auto view = [](const float* p, std::initializer_list<int64_t> shape) {
+    return TensorView::Contiguous(const_cast<float*>(p), DType::kF32, shape);
+  };
+  std::vector<float> h(static_cast<size_t>(tokens) * rank_), z(static_cast<size_t>(tokens) * ffn_);
+  FERRY_RETURN_IF_ERROR(cpu.MatMul({view(x, {tokens, d_}), view(down_[layer].data(), {rank_, d_}), view(h.data(), {tokens, rank_}), false,
+                                    true, TensorView{}}));
+  FERRY_RETURN_IF_ERROR(cpu.MatMul({view(h.data(), {tokens, rank_}), view(up_[layer].data(), {ffn_, rank_}),
+                                    view(z.data(), {tokens, ffn_}), false, true, view(bias_[layer].data(), {ffn_})}));
   return z;
 }
 
@@ -394,17 +375,10 @@ std::function<absl::Status(int, const TensorView&, const TensorView&)> SparseFfn
     if (!predicted(layer)) return absl::OkStatus();
     const int64_t n = x.shape[0];
     const int k = kept_per_token();
-    const bool on_device = x.device != Device::kCpu || act.device != Device::kCpu;
-    if (on_device && backend == nullptr) return absl::InvalidArgumentError("sparsity hook: device views need the backend");
     std::vector<float> x_host, act_host;
-    if (on_device) {
-      x_host.resize(static_cast<size_t>(x.numel()));
-      act_host.resize(static_cast<size_t>(act.numel()));
-      FERRY_RETURN_IF_ERROR(backend->CopyToHost(x_host.data(), x.data, x.bytes()));
-      FERRY_RETURN_IF_ERROR(backend->CopyToHost(act_host.data(), act.data, act.bytes()));
-    }
-    const std::vector<float> z = Scores(layer, on_device ? x_host.data() : x.as<const float>(), n);
-    float* a = on_device ? act_host.data() : act.as<float>();
+    FERRY_ASSIGN_OR_RETURN(const float* xs, HostFloats(backend, x, x_host));
+    FERRY_ASSIGN_OR_RETURN(float* a, HostFloats(backend, act, act_host));
+    FERRY_ASSIGN_OR_RETURN(const std::vector<float> z, Scores(layer, xs, n));
     ThreadPool::Default().ParallelFor(n, 4, [&](int64_t t0, int64_t t1) {
       std::vector<int> idx;
       std::vector<uint8_t> keep(ffn_);
@@ -416,7 +390,7 @@ std::function<absl::Status(int, const TensorView&, const TensorView&)> SparseFfn
         }
       }
     });
-    if (on_device) return backend->CopyToDevice(act.data, act_host.data(), act.bytes());
+    if (act.device != Device::kCpu) return backend->CopyToDevice(act.data, a, act.bytes());  // the edited copy goes back
     return absl::OkStatus();
   };
 }
@@ -431,13 +405,8 @@ FfnSelector SparseFfn::Selector(kernels::Backend& backend) const {
     }
     const int64_t n = x.shape[0];
     std::vector<float> host;
-    const float* xs = x.as<const float>();
-    if (x.device != Device::kCpu) {
-      host.resize(static_cast<size_t>(x.numel()));
-      FERRY_RETURN_IF_ERROR(backend.CopyToHost(host.data(), x.data, x.bytes()));
-      xs = host.data();
-    }
-    const std::vector<float> z = Scores(layer, xs, n);
+    FERRY_ASSIGN_OR_RETURN(const float* xs, HostFloats(&backend, x, host));
+    FERRY_ASSIGN_OR_RETURN(const std::vector<float> z, Scores(layer, xs, n));
     std::vector<uint8_t> keep(static_cast<size_t>(ffn_), 0);
     std::vector<int> idx;
     for (int64_t t = 0; t < n; ++t) MarkTopK(z.data() + t * ffn_, ffn_, kept_per_token(), idx, keep.data());  // Hook()'s top-k
@@ -512,7 +481,8 @@ absl::StatusOr<SparsityReport> ReportSparsity(const std::string& data_dir, const
     double recall = -1;
     if (predictors != nullptr && predictors->predicted(l)) {
       const int k = std::max(1, static_cast<int>(std::lround(k_fraction * meta.ffn)));
-      recall = RecallAtK(predictors->Scores(l, L.x.data(), meta.tokens), L, 0, meta.tokens, meta.ffn, k);
+      FERRY_ASSIGN_OR_RETURN(const std::vector<float> z, predictors->Scores(l, L.x.data(), meta.tokens));
+      recall = RecallAtK(z, L, 0, meta.tokens, meta.ffn, k);
     }
     rep.recall.push_back(recall);
     // Union over a decode batch: B tokens at the same position of B different sequences (windows).

@@ -98,7 +98,7 @@ class SparseFfn {
   // read from `backend` memory.
   FfnSelector Selector(kernels::Backend& backend) const;
   // Predicted scores [tokens, ffn] of `layer` for inputs [tokens, d].
-  std::vector<float> Scores(int layer, const float* x, int64_t tokens) const;
+  absl::StatusOr<std::vector<float>> Scores(int layer, const float* x, int64_t tokens) const;
   bool predicted(int layer) const { return !down_[layer].empty(); }
 
  private:

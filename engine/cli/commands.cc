@@ -1,7 +1,5 @@
 #include "engine/cli/commands.h"
 
-#include <sys/stat.h>
-
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -151,12 +149,7 @@ absl::Status RunGenerate(const GenerateFlags& f) {
   FERRY_RETURN_IF_ERROR(engine::ValidateGenerateOptions(gen));
   // Before the model loads (minutes for a large one): an output that would be lost is refused.
   if (f.resume && f.input.empty()) return absl::InvalidArgumentError("--resume continues an --input job");
-  if (!f.resume && !f.overwrite && !f.output.empty() && f.output != "-") {
-    if (struct stat st; ::stat(f.output.c_str(), &st) == 0 && st.st_size > 0) {
-      return absl::AlreadyExistsError(
-          absl::StrCat(f.output, " already holds output; pass --resume to continue it or --overwrite to replace it"));
-    }
-  }
+  if (!f.resume && !f.overwrite && !f.output.empty() && f.output != "-") FERRY_RETURN_IF_ERROR(engine::RefuseExistingOutput(f.output));
   const int64_t rows = f.input.empty() ? 1 : f.batch_size;
   // --sparsity: with --weights the executor fetches only the predicted neurons' bundles (any
   // backend); on a resident model a hook zeroes the others (any backend; on a GPU the activations

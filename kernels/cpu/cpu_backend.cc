@@ -264,6 +264,7 @@ absl::Status CpuBackend::SlotKvWrite(const SlotKvWriteArgs& a) {
   for (int64_t i = 0; i < n * heads; ++i) {
     if (slot[i] < -1 || slot[i] >= slots) return absl::InvalidArgumentError("SlotKvWrite: slot id out of range");
   }
+  if (a.k.dtype != a.k_slots.dtype && hd > 1024) return absl::InvalidArgumentError("SlotKvWrite: head_dim above 1024");
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t h = 0; h < heads; ++h) {
       if (slot[i * heads + h] < 0) continue;  // not kept
@@ -276,7 +277,6 @@ absl::Status CpuBackend::SlotKvWrite(const SlotKvWriteArgs& a) {
           std::memcpy(to, src, hd * esize);
         } else {  // F16 -> F32 is exact; F32 -> F16 rounds to nearest
           float row[1024];
-          if (hd > 1024) return absl::InvalidArgumentError("SlotKvWrite: head_dim above 1024");
           ConvertToF32(in->dtype, src, row, hd);
           ConvertFromF32(out->dtype, row, to, hd);
         }

@@ -221,9 +221,8 @@ absl::Status CudaBackend::Gemm(const GemmOperand& x, const WeightOperand& w, int
     FERRY_RETURN_IF_ERROR(EnsureScratch(static_cast<size_t>(n * k) * 2));
     FERRY_CUDA_RETURN_IF_ERROR(LaunchConvertFromF32(x.data, scratch_.data(), w.dtype, n * k, stream_));
     if (options_.gemm_epilogue) {
-      const absl::Status s = lt_.Run({w.data, w.mk, w.ld, scratch_.data(), wtype, m, n, k, out, bias, relu}, stream_);
-      if (s.ok()) return absl::OkStatus();
-      if (s.code() != absl::StatusCode::kUnimplemented) return s;
+      FERRY_ASSIGN_OR_RETURN(const bool done, lt_.Run({w.data, w.mk, w.ld, scratch_.data(), wtype, m, n, k, out, bias, relu}, stream_));
+      if (done) return absl::OkStatus();
     }
     FERRY_RETURN_IF_ERROR(gemm(scratch_.data(), n, out));
   }
@@ -415,36 +414,32 @@ absl::Status CudaBackend::H2OPrefill(const H2OPrefillArgs& a) {
 }
 
 absl::Status CudaBackend::GatherHostRows(const void* host_table, size_t row_bytes, const std::vector<int32_t>& rows, void* dst) {
-  if (rows.empty()) return absl::OkStatus();
-  const size_t bytes = rows.size() * sizeof(int32_t);
+  return MoveRows(host_table, dst, row_bytes, rows, nullptr);
+}
+
+absl::Status CudaBackend::MoveRows(const void* src, void* dst, size_t row_bytes, const std::vector<int32_t>& src_rows,
+                                   const std::vector<int32_t>* dst_rows) {
+  if (src_rows.empty()) return absl::OkStatus();
+  const size_t n = src_rows.size(), bytes = (dst_rows != nullptr ? 2 : 1) * n * sizeof(int32_t);
   if (gather_ids_.bytes() < bytes) {
     gather_ids_ = DeviceBuffer();
     FERRY_ASSIGN_OR_RETURN(gather_ids_, Allocate(bytes));
   }
-  // Stream-ordered: the previous gather's kernel has read the old ids before these land.
-  FERRY_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(gather_ids_.data(), rows.data(), bytes, cudaMemcpyHostToDevice, stream_));
-  FERRY_CUDA_RETURN_IF_ERROR(LaunchGatherHostRows(host_table, row_bytes, static_cast<const int32_t*>(gather_ids_.data()),
-                                                  static_cast<int64_t>(rows.size()), dst, stream_));
+  std::vector<int32_t> ids(src_rows);
+  if (dst_rows != nullptr) ids.insert(ids.end(), dst_rows->begin(), dst_rows->end());
+  // Stream-ordered: the previous kernel has read the old ids before these land; the copy from
+  // pageable memory has taken `ids` when it returns.
+  FERRY_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(gather_ids_.data(), ids.data(), bytes, cudaMemcpyHostToDevice, stream_));
+  const int32_t* dev = static_cast<const int32_t*>(gather_ids_.data());
+  FERRY_CUDA_RETURN_IF_ERROR(LaunchGatherHostRows(src, row_bytes, dev, static_cast<int64_t>(n), dst, stream_,
+                                                  dst_rows != nullptr ? dev + n : nullptr));
   return absl::OkStatus();
 }
 
 absl::Status CudaBackend::CopyRows(const void* src, void* dst, size_t row_bytes, const std::vector<int32_t>& src_rows,
                                    const std::vector<int32_t>& dst_rows) {
   if (src_rows.size() != dst_rows.size()) return absl::InvalidArgumentError("CopyRows: src_rows and dst_rows differ in length");
-  if (src_rows.empty()) return absl::OkStatus();
-  const size_t n = src_rows.size(), bytes = 2 * n * sizeof(int32_t);
-  if (gather_ids_.bytes() < bytes) {
-    gather_ids_ = DeviceBuffer();
-    FERRY_ASSIGN_OR_RETURN(gather_ids_, Allocate(bytes));
-  }
-  std::vector<int32_t> ids(2 * n);
-  std::copy(src_rows.begin(), src_rows.end(), ids.begin());
-  std::copy(dst_rows.begin(), dst_rows.end(), ids.begin() + static_cast<int64_t>(n));
-  // Stream-ordered after the previous user of gather_ids_; synchronous, as `ids` is pageable.
-  FERRY_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(gather_ids_.data(), ids.data(), bytes, cudaMemcpyHostToDevice, stream_));
-  const int32_t* dev = static_cast<const int32_t*>(gather_ids_.data());
-  FERRY_CUDA_RETURN_IF_ERROR(LaunchGatherHostRows(src, row_bytes, dev, static_cast<int64_t>(n), dst, stream_, dev + n));
-  return absl::OkStatus();
+  return MoveRows(src, dst, row_bytes, src_rows, &dst_rows);
 }
 
 absl::Status CudaBackend::MatMul(const MatMulArgs& a) {

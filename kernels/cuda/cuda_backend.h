@@ -98,6 +98,9 @@ class CudaBackend final : public Backend {
   CudaBackend() = default;
   absl::Status EnsureScratch(size_t bytes);
   absl::Status EnsureBundleScratch(size_t bytes);
+  // GatherHostRows and CopyRows: dst row dst_rows[i] (i without dst_rows) = src row src_rows[i].
+  absl::Status MoveRows(const void* src, void* dst, size_t row_bytes, const std::vector<int32_t>& src_rows,
+                        const std::vector<int32_t>* dst_rows);
   // out[n, m] (+ bias, ReLU) = x[n, k] with W, fp32 accumulation. W is [m, k] row-major with row
   // stride ld (mk: out = x W^T) or [k, m] (out = x W); 16-bit W takes x split (hi + lo) up to
   // split_gemm_max_rows rows, else rounded to W's type.

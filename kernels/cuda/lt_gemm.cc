@@ -83,7 +83,7 @@ absl::Status LtGemm::MakePlan(Plan& p, const Call& c) {
   return absl::OkStatus();
 }
 
-absl::Status LtGemm::Run(const Call& c, cudaStream_t stream) {
+absl::StatusOr<bool> LtGemm::Run(const Call& c, cudaStream_t stream) {
   if (handle_ == nullptr) return absl::FailedPreconditionError("LtGemm: Init() was not called");
   const uint32_t align_a = Alignment(c.a), align_b = Alignment(c.b), align_d = Alignment(c.d),
                  align_bias = c.bias != nullptr ? Alignment(c.bias) : 0;
@@ -114,7 +114,7 @@ absl::Status LtGemm::Run(const Call& c, cudaStream_t stream) {
   }
   if (!plan->supported) {
     ++unsupported_;
-    return absl::UnimplementedError("cuBLASLt has no algorithm for this GEMM");
+    return false;
   }
   if (c.bias != nullptr) {
     FERRY_CUBLAS_RETURN_IF_ERROR(
@@ -126,11 +126,11 @@ absl::Status LtGemm::Run(const Call& c, cudaStream_t stream) {
   if (st == CUBLAS_STATUS_NOT_SUPPORTED) {  // refused at launch (nothing was queued): fall back from now on
     plan->supported = false;
     ++unsupported_;
-    return absl::UnimplementedError("cuBLASLt refused the algorithm its heuristic chose");
+    return false;
   }
   FERRY_CUBLAS_RETURN_IF_ERROR(st);
   ++calls_;
-  return absl::OkStatus();
+  return true;
 }
 
 }  // namespace ferry::kernels::cuda

@@ -12,7 +12,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "absl/status/status.h"
+#include "absl/status/statusor.h"
 
 namespace ferry::kernels::cuda {
 
@@ -41,9 +41,10 @@ class LtGemm {
     const float* bias;     // [m] or nullptr
     bool relu;
   };
-  // kUnimplemented where cuBLASLt has no algorithm for the call (the caller falls back to
-  // cublasGemmEx and a separate bias/ReLU pass); any other error is an error.
-  absl::Status Run(const Call& c, cudaStream_t stream);
+  // True when the GEMM was queued; false (nothing queued) where cuBLASLt has no algorithm for the
+  // call or refuses the one its heuristic chose, and the caller falls back to cublasGemmEx and a
+  // separate bias/ReLU pass; any other failure is an error.
+  absl::StatusOr<bool> Run(const Call& c, cudaStream_t stream);
 
   int64_t calls() const { return calls_; }
   int64_t unsupported() const { return unsupported_; }
