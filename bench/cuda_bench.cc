@@ -4,7 +4,10 @@
 #include <benchmark/benchmark.h>
 #include <cuda_runtime.h>
 
+#include <map>
+#include <memory>
 #include <random>
+#include <tuple>
 #include <vector>
 
 #include "kernels/cuda/cuda_backend.h"
@@ -24,12 +27,18 @@ CudaBackend* Gpu() {
 }
 
 // A device tensor of random values (fp32 generated on the host, converted when dtype is 16-bit).
+// Google Benchmark calls a benchmark several times while it sizes the iteration count, so tensors
+// are made once per (dtype, shape, seed) and shared (the GBs of decode-attention KV took most of
+// the run's time before); contents are random, never zeros.
 struct DevTensor {
-  DeviceBuffer buf;
+  std::shared_ptr<DeviceBuffer> buf;
   TensorView view;
 };
 
 DevTensor Random(DType dtype, std::initializer_list<int64_t> shape, uint32_t seed) {
+  static std::map<std::tuple<int, std::vector<int64_t>, uint32_t>, DevTensor> made;
+  const auto key = std::make_tuple(static_cast<int>(dtype), std::vector<int64_t>(shape), seed);
+  if (auto it = made.find(key); it != made.end()) return it->second;
   DevTensor t;
   t.view = TensorView::Contiguous(nullptr, dtype, shape, Device::kCuda);
   // A block of 1M random values repeated (generating GBs of them on the host would take minutes).
@@ -45,18 +54,19 @@ DevTensor Random(DType dtype, std::initializer_list<int64_t> shape, uint32_t see
   } else {
     ConvertFromF32(dtype, f.data(), host.data(), f.size());
   }
-  t.buf = std::move(*Gpu()->Allocate(host.size()));
-  (void)Gpu()->CopyToDevice(t.buf.data(), host.data(), host.size());
-  t.view.data = t.buf.data();
+  t.buf = std::make_shared<DeviceBuffer>(std::move(*Gpu()->Allocate(host.size())));
+  (void)Gpu()->CopyToDevice(t.buf->data(), host.data(), host.size());
+  t.view.data = t.buf->data();
+  made.emplace(key, t);
   return t;
 }
 
 DevTensor Ids(const std::vector<int32_t>& ids) {
   DevTensor t;
   t.view = TensorView::Contiguous(nullptr, DType::kI32, {static_cast<int64_t>(ids.size())}, Device::kCuda);
-  t.buf = std::move(*Gpu()->Allocate(t.view.bytes()));
-  (void)Gpu()->CopyToDevice(t.buf.data(), ids.data(), t.view.bytes());
-  t.view.data = t.buf.data();
+  t.buf = std::make_shared<DeviceBuffer>(std::move(*Gpu()->Allocate(t.view.bytes())));
+  (void)Gpu()->CopyToDevice(t.buf->data(), ids.data(), t.view.bytes());
+  t.view.data = t.buf->data();
   return t;
 }
 
@@ -150,9 +160,9 @@ void BM_SlotAttention(benchmark::State& state) {
   DevTensor dseq = Ids(seq);
   DevTensor occ;
   occ.view = TensorView::Contiguous(nullptr, DType::kU8, {b, h, slots}, Device::kCuda);
-  occ.buf = std::move(*Gpu()->Allocate(occ.view.bytes()));
-  cudaMemsetAsync(occ.buf.data(), 1, occ.view.bytes(), Gpu()->stream());
-  occ.view.data = occ.buf.data();
+  occ.buf = std::make_shared<DeviceBuffer>(std::move(*Gpu()->Allocate(occ.view.bytes())));
+  cudaMemsetAsync(occ.buf->data(), 1, occ.view.bytes(), Gpu()->stream());
+  occ.view.data = occ.buf->data();
   SlotAttentionArgs a{q.view, k.view, v.view, occ.view, dseq.view, out.view, probs.view, 0.088f};
   TimeLoop(state, [&] { return Gpu()->SlotAttention(a); });
   const double bytes = 2.0 * b * h * slots * hd * 4;

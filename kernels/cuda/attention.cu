@@ -46,11 +46,63 @@ __device__ __forceinline__ float4 Ld4(const __half* p) {
   return make_float4(a.x, a.y, b.x, b.y);
 }
 
+// The head dims a lane holds in its registers qv[r] / acc[r] in the per-query kernels. With Pairs
+// (an F16 cache and an even head_dim) a lane loads two neighbours as one __half2, so each warp load
+// covers 128 contiguous bytes as the F32 path's float loads do (scalar __half loads covered 64 and
+// left the F16 cache at half the F32 cache's bandwidth).
+template <bool Pairs>
+__device__ __forceinline__ int LaneDim(int r, int lane) {
+  return Pairs ? 64 * (r >> 1) + 2 * lane + (r & 1) : lane + 32 * r;
+}
+template <bool Pairs, typename T>
+__device__ __forceinline__ float LaneDot(const float (&qv)[kMaxPerLane], const T* row, int lane, int hd) {
+  float s = 0.0f;
+  if constexpr (Pairs) {
+#pragma unroll
+    for (int r = 0; r < kMaxPerLane; r += 2) {
+      const int d = LaneDim<true>(r, lane);
+      if (d < hd) {
+        const float2 x = __half22float2(*reinterpret_cast<const __half2*>(row + d));
+        s += qv[r] * x.x + qv[r + 1] * x.y;
+      }
+    }
+  } else {
+#pragma unroll
+    for (int r = 0; r < kMaxPerLane; ++r) {
+      const int d = LaneDim<false>(r, lane);
+      if (d < hd) s += qv[r] * Ld(row + d);
+    }
+  }
+  return s;
+}
+// acc = acc * corr + p * row, over the lane's dims.
+template <bool Pairs, typename T>
+__device__ __forceinline__ void LaneAxpy(float (&acc)[kMaxPerLane], float corr, float p, const T* row, int lane, int hd) {
+  if constexpr (Pairs) {
+#pragma unroll
+    for (int r = 0; r < kMaxPerLane; r += 2) {
+      const int d = LaneDim<true>(r, lane);
+      if (d < hd) {
+        const float2 x = __half22float2(*reinterpret_cast<const __half2*>(row + d));
+        acc[r] = acc[r] * corr + p * x.x;
+        acc[r + 1] = acc[r + 1] * corr + p * x.y;
+      }
+    }
+  } else {
+#pragma unroll
+    for (int r = 0; r < kMaxPerLane; ++r) {
+      const int d = LaneDim<false>(r, lane);
+      if (d < hd) acc[r] = acc[r] * corr + p * Ld(row + d);
+    }
+  }
+}
+
 // Merges the warps' (max, sum, acc) partials; returns the final max and sum (valid in every thread)
 // and leaves the merged, normalized output row in `o` (head_dim floats, global memory).
 struct Merged {
   float max, sum;
 };
+template <bool Pairs>
 __device__ Merged MergeWarps(float m, float l, const float (&acc)[kMaxPerLane], int head_dim, float* o) {
   __shared__ float s_max[kWarps], s_sum[kWarps];
   __shared__ float s_acc[kWarps][kMaxPerLane * 32];
@@ -60,7 +112,7 @@ __device__ Merged MergeWarps(float m, float l, const float (&acc)[kMaxPerLane], 
     s_sum[warp] = l;
   }
 #pragma unroll
-  for (int r = 0; r < kMaxPerLane; ++r) s_acc[warp][lane + 32 * r] = acc[r];
+  for (int r = 0; r < kMaxPerLane; ++r) s_acc[warp][LaneDim<Pairs>(r, lane)] = acc[r];
   __syncthreads();
   float gmax = -FLT_MAX;
   for (int w = 0; w < kWarps; ++w) gmax = fmaxf(gmax, s_max[w]);
@@ -79,7 +131,7 @@ __device__ Merged MergeWarps(float m, float l, const float (&acc)[kMaxPerLane], 
   return {gmax, total};
 }
 
-template <typename T>
+template <typename T, bool Pairs>
 __global__ void AttentionKernel(const float* __restrict__ q, const T* __restrict__ k_cache,
                                 const T* __restrict__ v_cache, const int32_t* __restrict__ seq_ids,
                                 const int32_t* __restrict__ positions, const int32_t* __restrict__ rows,
@@ -95,18 +147,12 @@ __global__ void AttentionKernel(const float* __restrict__ q, const T* __restrict
   float qv[kMaxPerLane], acc[kMaxPerLane];
 #pragma unroll
   for (int r = 0; r < kMaxPerLane; ++r) {
-    const int d = lane + 32 * r;
+    const int d = LaneDim<Pairs>(r, lane);
     qv[r] = d < head_dim ? q[i * width + static_cast<int64_t>(h) * head_dim + d] : 0.0f;
     acc[r] = 0.0f;
   }
   auto score = [&](int64_t j) {
-    const T* kr = k_cache + base + j * width;
-    float s = 0.0f;
-#pragma unroll
-    for (int r = 0; r < kMaxPerLane; ++r) {
-      const int d = lane + 32 * r;
-      if (d < head_dim) s += qv[r] * Ld(kr + d);
-    }
+    float s = LaneDot<Pairs>(qv, k_cache + base + j * width, lane, head_dim);
     for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
     return s * scale;
   };
@@ -117,15 +163,10 @@ __global__ void AttentionKernel(const float* __restrict__ q, const T* __restrict
     const float corr = expf(m - m_new);
     const float p = expf(s - m_new);
     l = l * corr + p;
-    const T* vr = v_cache + base + j * width;
-#pragma unroll
-    for (int r = 0; r < kMaxPerLane; ++r) {
-      const int d = lane + 32 * r;
-      if (d < head_dim) acc[r] = acc[r] * corr + p * Ld(vr + d);
-    }
+    LaneAxpy<Pairs>(acc, corr, p, v_cache + base + j * width, lane, head_dim);
     m = m_new;
   }
-  const Merged fin = MergeWarps(m, l, acc, head_dim, out + i * width + static_cast<int64_t>(h) * head_dim);
+  const Merged fin = MergeWarps<Pairs>(m, l, acc, head_dim, out + i * width + static_cast<int64_t>(h) * head_dim);
   if (col_sums == nullptr) return;
   float* col = col_sums + (seq * gridDim.y + h) * max_len;
   const float inv = 1.0f / fin.sum;
@@ -345,7 +386,7 @@ __global__ void SlotKvWriteKernel(const I* __restrict__ k, const I* __restrict__
   }
 }
 
-template <typename T>
+template <typename T, bool Pairs>
 __global__ void SlotAttentionKernel(const float* __restrict__ q, const T* __restrict__ k_slots,
                                     const T* __restrict__ v_slots, const uint8_t* __restrict__ occupied,
                                     const int32_t* __restrict__ seq_ids, float* __restrict__ out, float* __restrict__ probs,
@@ -362,20 +403,14 @@ __global__ void SlotAttentionKernel(const float* __restrict__ q, const T* __rest
   float qv[kMaxPerLane], acc[kMaxPerLane];
 #pragma unroll
   for (int r = 0; r < kMaxPerLane; ++r) {
-    const int d = lane + 32 * r;
+    const int d = LaneDim<Pairs>(r, lane);
     qv[r] = d < hd ? q[i * width + static_cast<int64_t>(h) * hd + d] : 0.0f;
     acc[r] = 0.0f;
   }
   float m = -FLT_MAX, l = 0.0f;
   for (int j = warp; j < slots; j += kWarps) {
     if (!occ[j]) continue;  // uniform across the warp
-    const T* kr = kb + static_cast<int64_t>(j) * hd;
-    float s = 0.0f;
-#pragma unroll
-    for (int r = 0; r < kMaxPerLane; ++r) {
-      const int d = lane + 32 * r;
-      if (d < hd) s += qv[r] * Ld(kr + d);
-    }
+    float s = LaneDot<Pairs>(qv, kb + static_cast<int64_t>(j) * hd, lane, hd);
     for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
     s *= scale;
     if (lane == 0) p_out[j] = s;  // the raw score, normalized below
@@ -383,15 +418,10 @@ __global__ void SlotAttentionKernel(const float* __restrict__ q, const T* __rest
     const float corr = expf(m - m_new);
     const float p = expf(s - m_new);
     l = l * corr + p;
-    const T* vr = vb + static_cast<int64_t>(j) * hd;
-#pragma unroll
-    for (int r = 0; r < kMaxPerLane; ++r) {
-      const int d = lane + 32 * r;
-      if (d < hd) acc[r] = acc[r] * corr + p * Ld(vr + d);
-    }
+    LaneAxpy<Pairs>(acc, corr, p, vb + static_cast<int64_t>(j) * hd, lane, hd);
     m = m_new;
   }
-  const Merged fin = MergeWarps(m, l, acc, hd, out + i * width + static_cast<int64_t>(h) * hd);
+  const Merged fin = MergeWarps<Pairs>(m, l, acc, hd, out + i * width + static_cast<int64_t>(h) * hd);
   __syncthreads();  // the raw scores written by every warp are visible
   const float inv = fin.sum > 0.0f ? 1.0f / fin.sum : 0.0f;
   for (int j = threadIdx.x; j < slots; j += blockDim.x) p_out[j] = occ[j] ? expf(p_out[j] - fin.max) * inv : 0.0f;
@@ -501,6 +531,12 @@ __global__ void H2OPrefillKernel(const float* __restrict__ col_sums, const int32
 
 }  // namespace
 
+// The F16 per-query kernels load __half2 pairs where the head_dim is even and the caches 4-byte
+// aligned, scalar halves elsewhere.
+static bool HalfPairsAligned(const void* k, const void* v, int head_dim) {
+  return head_dim % 2 == 0 && reinterpret_cast<uintptr_t>(k) % 4 == 0 && reinterpret_cast<uintptr_t>(v) % 4 == 0;
+}
+
 bool PrefillTilesSupported(int head_dim) { return head_dim % 16 == 0 && head_dim <= 128; }
 
 cudaError_t LaunchAttention(const AttentionArgs& a, const int32_t* rows, int64_t num_rows, cudaStream_t stream) {
@@ -509,17 +545,19 @@ cudaError_t LaunchAttention(const AttentionArgs& a, const int32_t* rows, int64_t
   if (head_dim > kMaxPerLane * 32) return cudaErrorInvalidValue;
   if (num_rows == 0) return cudaSuccess;
   dim3 grid(static_cast<unsigned>(num_rows), static_cast<unsigned>(a.num_heads));
-  auto launch = [&](auto* cache_type) {
+  auto launch = [&](auto* cache_type, auto pairs) {
     using T = std::remove_pointer_t<decltype(cache_type)>;
-    AttentionKernel<T><<<grid, kWarps * 32, 0, stream>>>(
+    AttentionKernel<T, decltype(pairs)::value><<<grid, kWarps * 32, 0, stream>>>(
         a.q.as<const float>(), a.k_cache.as<const T>(), a.v_cache.as<const T>(), a.seq_ids.as<const int32_t>(),
         a.positions.as<const int32_t>(), rows, a.out.as<float>(), a.col_sums.data != nullptr ? a.col_sums.as<float>() : nullptr,
         a.k_cache.shape[1], width, head_dim, a.scale);
   };
-  if (a.k_cache.dtype == DType::kF16) {
-    launch(static_cast<__half*>(nullptr));
+  if (a.k_cache.dtype == DType::kF16 && HalfPairsAligned(a.k_cache.data, a.v_cache.data, head_dim)) {
+    launch(static_cast<__half*>(nullptr), std::true_type{});
+  } else if (a.k_cache.dtype == DType::kF16) {
+    launch(static_cast<__half*>(nullptr), std::false_type{});
   } else {
-    launch(static_cast<float*>(nullptr));
+    launch(static_cast<float*>(nullptr), std::false_type{});
   }
   return cudaGetLastError();
 }
@@ -581,16 +619,18 @@ cudaError_t LaunchSlotAttention(const SlotAttentionArgs& a, cudaStream_t stream)
   if (hd > kMaxPerLane * 32) return cudaErrorInvalidValue;
   if (n == 0) return cudaSuccess;
   dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(heads));
-  auto launch = [&](auto* slot_type) {
+  auto launch = [&](auto* slot_type, auto pairs) {
     using T = std::remove_pointer_t<decltype(slot_type)>;
-    SlotAttentionKernel<T><<<grid, kWarps * 32, 0, stream>>>(a.q.as<const float>(), a.k_slots.as<const T>(), a.v_slots.as<const T>(),
+    SlotAttentionKernel<T, decltype(pairs)::value><<<grid, kWarps * 32, 0, stream>>>(a.q.as<const float>(), a.k_slots.as<const T>(), a.v_slots.as<const T>(),
                                                              a.occupied.as<const uint8_t>(), a.seq_ids.as<const int32_t>(),
                                                              a.out.as<float>(), a.probs.as<float>(), slots, hd, a.scale);
   };
-  if (a.k_slots.dtype == DType::kF16) {
-    launch(static_cast<__half*>(nullptr));
+  if (a.k_slots.dtype == DType::kF16 && HalfPairsAligned(a.k_slots.data, a.v_slots.data, hd)) {
+    launch(static_cast<__half*>(nullptr), std::true_type{});
+  } else if (a.k_slots.dtype == DType::kF16) {
+    launch(static_cast<__half*>(nullptr), std::false_type{});
   } else {
-    launch(static_cast<float*>(nullptr));
+    launch(static_cast<float*>(nullptr), std::false_type{});
   }
   return cudaGetLastError();
 }

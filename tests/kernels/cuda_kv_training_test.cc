@@ -15,85 +15,89 @@ using ferry::testing::RandomValues;
 // prefill loads them as they are (3e-3), with and without H2O's column sums; slots take F32 or F16
 // tokens.
 TEST_F(CudaTwinTest, F16KvCache) {
-  const int seqs = 3, max_len = 300, heads = 4, hd = 64, w = heads * hd;
-  std::vector<int32_t> seq, pos;
-  for (int t = 0; t < 200; ++t) seq.push_back(0), pos.push_back(t);  // a prompt: tiles when planned
-  seq.push_back(1), pos.push_back(0);
-  seq.push_back(2), pos.push_back(0);
-  const int n = static_cast<int>(seq.size());
-  std::vector<float> k = RandomValues(static_cast<size_t>(n) * w, 40, 3.0f), v = RandomValues(k.size(), 41, 3.0f),
-                     q = RandomValues(k.size(), 42, 2.0f), ref(k.size()), cols(static_cast<size_t>(seqs) * heads * max_len, 0.0f);
-  std::vector<uint16_t> kc(static_cast<size_t>(seqs) * max_len * w, 0), vc(kc.size(), 0);
-  auto hv = [](auto& d, DType t, std::initializer_list<int64_t> sh) { return TensorView::Contiguous(d.data(), t, sh); };
-  TensorView hseq = hv(seq, DType::kI32, {n}), hpos = hv(pos, DType::kI32, {n});
-  ASSERT_TRUE(cpu_.KvWrite({hv(k, DType::kF32, {n, w}), hv(v, DType::kF32, {n, w}), hv(kc, DType::kF16, {seqs, max_len, w}),
-                            hv(vc, DType::kF16, {seqs, max_len, w}), hseq, hpos})
-                  .ok());
-  const float scale = 0.125f;
-  ASSERT_TRUE(cpu_.Attention({hv(q, DType::kF32, {n, w}), hv(kc, DType::kF16, {seqs, max_len, w}), hv(vc, DType::kF16, {seqs, max_len, w}),
-                              hseq, hpos, hv(ref, DType::kF32, {n, w}), heads, scale, hv(cols, DType::kF32, {seqs, heads, max_len})})
-                  .ok());
-  std::vector<uint16_t> zeros16(kc.size(), 0);
-  TensorView dk = Up(zeros16, DType::kF16, {seqs, max_len, w}), dv = Up(zeros16, DType::kF16, {seqs, max_len, w});
-  TensorView dseq = Up(seq, DType::kI32, {n}), dpos = Up(pos, DType::kI32, {n}), dq = Up(q, DType::kF32, {n, w});
-  ASSERT_TRUE(gpu_->KvWrite({Up(k, DType::kF32, {n, w}), Up(v, DType::kF32, {n, w}), dk, dv, dseq, dpos}).ok());
-  std::vector<uint16_t> got16(kc.size());
-  ASSERT_TRUE(gpu_->CopyToHost(got16.data(), dk.data, dk.bytes()).ok());
-  EXPECT_EQ(got16, kc);
-  ASSERT_TRUE(gpu_->CopyToHost(got16.data(), dv.data, dv.bytes()).ok());
-  EXPECT_EQ(got16, vc);
-  for (bool planned : {false, true}) {
-    std::vector<float> zeros(cols.size(), 0.0f);
-    AttentionArgs dev{dq, dk, dv, dseq, dpos, Poisoned({n, w}), heads, scale, Up(zeros, DType::kF32, {seqs, heads, max_len})};
-    if (planned) dev.host_seq_ids = seq.data(), dev.host_positions = pos.data();
-    ASSERT_TRUE(gpu_->Attention(dev).ok());
-    const double tol = planned ? 3e-3 : 1e-5;
-    EXPECT_LT(RelErr(Down(dev.out), ref), tol) << "planned " << planned;
-    EXPECT_LT(RelErr(Down(dev.col_sums), cols), tol) << "planned " << planned;
-  }
-
-  // Slots: F32 tokens into F16 slots (rounded as the CPU), F16 tokens into F16 slots (copied), then
-  // slot attention over F16 slots.
-  const int slots = 7;
-  const size_t cells = static_cast<size_t>(seqs) * heads * slots;
-  std::vector<int32_t> sseq = {2, 0, 1}, slot_ids;
-  std::vector<uint8_t> occ(cells, 0);
-  for (int i = 0; i < 3; ++i) {
-    for (int h = 0; h < heads; ++h) {
-      const int slot = (i * 3 + h) % slots;
-      slot_ids.push_back(slot);
-      occ[(static_cast<size_t>(sseq[i]) * heads + h) * slots + slot] = 1;
+  // head_dim 64 and 200: the __half2 loads (200: a partial last pair group); 33: scalar halves.
+  for (const int hd : {64, 200, 33}) {
+    SCOPED_TRACE(hd);
+    const int seqs = 3, max_len = 300, heads = 4, w = heads * hd;
+    std::vector<int32_t> seq, pos;
+    for (int t = 0; t < 200; ++t) seq.push_back(0), pos.push_back(t);  // a prompt: tiles when planned
+    seq.push_back(1), pos.push_back(0);
+    seq.push_back(2), pos.push_back(0);
+    const int n = static_cast<int>(seq.size());
+    std::vector<float> k = RandomValues(static_cast<size_t>(n) * w, 40, 3.0f), v = RandomValues(k.size(), 41, 3.0f),
+                       q = RandomValues(k.size(), 42, 2.0f), ref(k.size()), cols(static_cast<size_t>(seqs) * heads * max_len, 0.0f);
+    std::vector<uint16_t> kc(static_cast<size_t>(seqs) * max_len * w, 0), vc(kc.size(), 0);
+    auto hv = [](auto& d, DType t, std::initializer_list<int64_t> sh) { return TensorView::Contiguous(d.data(), t, sh); };
+    TensorView hseq = hv(seq, DType::kI32, {n}), hpos = hv(pos, DType::kI32, {n});
+    ASSERT_TRUE(cpu_.KvWrite({hv(k, DType::kF32, {n, w}), hv(v, DType::kF32, {n, w}), hv(kc, DType::kF16, {seqs, max_len, w}),
+                              hv(vc, DType::kF16, {seqs, max_len, w}), hseq, hpos})
+                    .ok());
+    const float scale = 0.125f;
+    ASSERT_TRUE(cpu_.Attention({hv(q, DType::kF32, {n, w}), hv(kc, DType::kF16, {seqs, max_len, w}), hv(vc, DType::kF16, {seqs, max_len, w}),
+                                hseq, hpos, hv(ref, DType::kF32, {n, w}), heads, scale, hv(cols, DType::kF32, {seqs, heads, max_len})})
+                    .ok());
+    std::vector<uint16_t> zeros16(kc.size(), 0);
+    TensorView dk = Up(zeros16, DType::kF16, {seqs, max_len, w}), dv = Up(zeros16, DType::kF16, {seqs, max_len, w});
+    TensorView dseq = Up(seq, DType::kI32, {n}), dpos = Up(pos, DType::kI32, {n}), dq = Up(q, DType::kF32, {n, w});
+    ASSERT_TRUE(gpu_->KvWrite({Up(k, DType::kF32, {n, w}), Up(v, DType::kF32, {n, w}), dk, dv, dseq, dpos}).ok());
+    std::vector<uint16_t> got16(kc.size());
+    ASSERT_TRUE(gpu_->CopyToHost(got16.data(), dk.data, dk.bytes()).ok());
+    EXPECT_EQ(got16, kc);
+    ASSERT_TRUE(gpu_->CopyToHost(got16.data(), dv.data, dv.bytes()).ok());
+    EXPECT_EQ(got16, vc);
+    for (bool planned : {false, true}) {
+      std::vector<float> zeros(cols.size(), 0.0f);
+      AttentionArgs dev{dq, dk, dv, dseq, dpos, Poisoned({n, w}), heads, scale, Up(zeros, DType::kF32, {seqs, heads, max_len})};
+      if (planned) dev.host_seq_ids = seq.data(), dev.host_positions = pos.data();
+      ASSERT_TRUE(gpu_->Attention(dev).ok());
+      const double tol = planned ? 3e-3 : 1e-5;
+      EXPECT_LT(RelErr(Down(dev.out), ref), tol) << "planned " << planned;
+      EXPECT_LT(RelErr(Down(dev.col_sums), cols), tol) << "planned " << planned;
     }
+
+    // Slots: F32 tokens into F16 slots (rounded as the CPU), F16 tokens into F16 slots (copied), then
+    // slot attention over F16 slots.
+    const int slots = 7;
+    const size_t cells = static_cast<size_t>(seqs) * heads * slots;
+    std::vector<int32_t> sseq = {2, 0, 1}, slot_ids;
+    std::vector<uint8_t> occ(cells, 0);
+    for (int i = 0; i < 3; ++i) {
+      for (int h = 0; h < heads; ++h) {
+        const int slot = (i * 3 + h) % slots;
+        slot_ids.push_back(slot);
+        occ[(static_cast<size_t>(sseq[i]) * heads + h) * slots + slot] = 1;
+      }
+    }
+    std::vector<uint16_t> s_cpu(cells * hd, 0), t_cpu(cells * hd, 0), k3(3 * w);
+    ConvertFromF32(DType::kF16, k.data(), k3.data(), k3.size());
+    const std::initializer_list<int64_t> sshape = {seqs, heads, slots, hd};
+    ASSERT_TRUE(cpu_.SlotKvWrite({hv(k, DType::kF32, {3, w}), hv(v, DType::kF32, {3, w}), hv(s_cpu, DType::kF16, sshape),
+                                  hv(t_cpu, DType::kF16, sshape), hv(sseq, DType::kI32, {3}), hv(slot_ids, DType::kI32, {3, heads})})
+                    .ok());
+    std::vector<uint16_t> zeros_slots(cells * hd, 0);
+    TensorView ds = Up(zeros_slots, DType::kF16, sshape), dt = Up(zeros_slots, DType::kF16, sshape), dsseq = Up(sseq, DType::kI32, {3}),
+               dslot = Up(slot_ids, DType::kI32, {3, heads});
+    std::vector<float> k3f(k.begin(), k.begin() + 3 * w), v3f(v.begin(), v.begin() + 3 * w);
+    ASSERT_TRUE(gpu_->SlotKvWrite({Up(k3f, DType::kF32, {3, w}), Up(v3f, DType::kF32, {3, w}), ds, dt, dsseq, dslot}).ok());
+    std::vector<uint16_t> slots_got(cells * hd);
+    ASSERT_TRUE(gpu_->CopyToHost(slots_got.data(), ds.data, ds.bytes()).ok());
+    EXPECT_EQ(slots_got, s_cpu);
+    TensorView ds2 = Up(zeros_slots, DType::kF16, sshape), dt2 = Up(zeros_slots, DType::kF16, sshape);
+    ASSERT_TRUE(gpu_->SlotKvWrite({Up(k3, DType::kF16, {3, w}), Up(k3, DType::kF16, {3, w}), ds2, dt2, dsseq, dslot}).ok());
+    ASSERT_TRUE(gpu_->CopyToHost(slots_got.data(), ds2.data, ds2.bytes()).ok());
+    EXPECT_EQ(slots_got, s_cpu);
+    std::vector<float> out(3 * w), probs(3 * heads * slots);
+    ASSERT_TRUE(cpu_.SlotAttention({hv(q, DType::kF32, {3, w}), hv(s_cpu, DType::kF16, sshape), hv(t_cpu, DType::kF16, sshape),
+                                    hv(occ, DType::kU8, {seqs, heads, slots}), hv(sseq, DType::kI32, {3}), hv(out, DType::kF32, {3, w}),
+                                    hv(probs, DType::kF32, {3, heads, slots}), scale})
+                    .ok());
+    std::vector<float> q3(q.begin(), q.begin() + 3 * w);
+    SlotAttentionArgs dev{Up(q3, DType::kF32, {3, w}), ds, dt, Up(occ, DType::kU8, {seqs, heads, slots}), dsseq,
+                          Poisoned({3, w}), Poisoned({3, heads, slots}), scale};
+    ASSERT_TRUE(gpu_->SlotAttention(dev).ok());
+    EXPECT_LT(RelErr(Down(dev.out), out), 1e-5);
+    EXPECT_LT(RelErr(Down(dev.probs), probs), 1e-5);
   }
-  std::vector<uint16_t> s_cpu(cells * hd, 0), t_cpu(cells * hd, 0), k3(3 * w);
-  ConvertFromF32(DType::kF16, k.data(), k3.data(), k3.size());
-  const std::initializer_list<int64_t> sshape = {seqs, heads, slots, hd};
-  ASSERT_TRUE(cpu_.SlotKvWrite({hv(k, DType::kF32, {3, w}), hv(v, DType::kF32, {3, w}), hv(s_cpu, DType::kF16, sshape),
-                                hv(t_cpu, DType::kF16, sshape), hv(sseq, DType::kI32, {3}), hv(slot_ids, DType::kI32, {3, heads})})
-                  .ok());
-  std::vector<uint16_t> zeros_slots(cells * hd, 0);
-  TensorView ds = Up(zeros_slots, DType::kF16, sshape), dt = Up(zeros_slots, DType::kF16, sshape), dsseq = Up(sseq, DType::kI32, {3}),
-             dslot = Up(slot_ids, DType::kI32, {3, heads});
-  std::vector<float> k3f(k.begin(), k.begin() + 3 * w), v3f(v.begin(), v.begin() + 3 * w);
-  ASSERT_TRUE(gpu_->SlotKvWrite({Up(k3f, DType::kF32, {3, w}), Up(v3f, DType::kF32, {3, w}), ds, dt, dsseq, dslot}).ok());
-  std::vector<uint16_t> slots_got(cells * hd);
-  ASSERT_TRUE(gpu_->CopyToHost(slots_got.data(), ds.data, ds.bytes()).ok());
-  EXPECT_EQ(slots_got, s_cpu);
-  TensorView ds2 = Up(zeros_slots, DType::kF16, sshape), dt2 = Up(zeros_slots, DType::kF16, sshape);
-  ASSERT_TRUE(gpu_->SlotKvWrite({Up(k3, DType::kF16, {3, w}), Up(k3, DType::kF16, {3, w}), ds2, dt2, dsseq, dslot}).ok());
-  ASSERT_TRUE(gpu_->CopyToHost(slots_got.data(), ds2.data, ds2.bytes()).ok());
-  EXPECT_EQ(slots_got, s_cpu);
-  std::vector<float> out(3 * w), probs(3 * heads * slots);
-  ASSERT_TRUE(cpu_.SlotAttention({hv(q, DType::kF32, {3, w}), hv(s_cpu, DType::kF16, sshape), hv(t_cpu, DType::kF16, sshape),
-                                  hv(occ, DType::kU8, {seqs, heads, slots}), hv(sseq, DType::kI32, {3}), hv(out, DType::kF32, {3, w}),
-                                  hv(probs, DType::kF32, {3, heads, slots}), scale})
-                  .ok());
-  std::vector<float> q3(q.begin(), q.begin() + 3 * w);
-  SlotAttentionArgs dev{Up(q3, DType::kF32, {3, w}), ds, dt, Up(occ, DType::kU8, {seqs, heads, slots}), dsseq,
-                        Poisoned({3, w}), Poisoned({3, heads, slots}), scale};
-  ASSERT_TRUE(gpu_->SlotAttention(dev).ok());
-  EXPECT_LT(RelErr(Down(dev.out), out), 1e-5);
-  EXPECT_LT(RelErr(Down(dev.probs), probs), 1e-5);
 }
 
 // Training ops (Deja Vu's predictors on the GPU): fp32 SGEMM in every transpose combination, odd
@@ -107,13 +111,13 @@ TEST_F(CudaTwinTest, TrainingOps) {
         std::vector<float> a = RandomValues(static_cast<size_t>(c.m) * c.k, 60), b = RandomValues(static_cast<size_t>(c.k) * c.n, 61),
                            bias = RandomValues(c.n, 62), ref(static_cast<size_t>(c.m) * c.n);
         const bool with_bias = ta != tb;
-        auto shape_a = ta ? std::initializer_list<int64_t>{c.k, c.m} : std::initializer_list<int64_t>{c.m, c.k};
-        auto shape_b = tb ? std::initializer_list<int64_t>{c.n, c.k} : std::initializer_list<int64_t>{c.k, c.n};
-        ASSERT_TRUE(cpu_.MatMul({TensorView::Contiguous(a.data(), DType::kF32, shape_a), TensorView::Contiguous(b.data(), DType::kF32, shape_b),
+        // Shapes as plain dims: an initializer_list picked by ?: would outlive its backing array.
+        const int64_t a0 = ta ? c.k : c.m, a1 = ta ? c.m : c.k, b0 = tb ? c.n : c.k, b1 = tb ? c.k : c.n;
+        ASSERT_TRUE(cpu_.MatMul({TensorView::Contiguous(a.data(), DType::kF32, {a0, a1}), TensorView::Contiguous(b.data(), DType::kF32, {b0, b1}),
                                  TensorView::Contiguous(ref.data(), DType::kF32, {c.m, c.n}), ta, tb,
                                  with_bias ? TensorView::Contiguous(bias.data(), DType::kF32, {c.n}) : TensorView{}})
                         .ok());
-        MatMulArgs dev{Up(a, DType::kF32, shape_a), Up(b, DType::kF32, shape_b), Poisoned({c.m, c.n}), ta, tb,
+        MatMulArgs dev{Up(a, DType::kF32, {a0, a1}), Up(b, DType::kF32, {b0, b1}), Poisoned({c.m, c.n}), ta, tb,
                        with_bias ? Up(bias, DType::kF32, {c.n}) : TensorView{}};
         ASSERT_TRUE(gpu_->MatMul(dev).ok());
         EXPECT_LT(RelErr(Down(dev.out), ref), 1e-5) << c.m << "x" << c.k << "x" << c.n << " " << ta << tb;
