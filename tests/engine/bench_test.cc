@@ -2,6 +2,7 @@
 // decode step moves each streamed layer once), budgets hold, and dummy stores load and run.
 #include "engine/bench.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "engine/dummy_model.h"
@@ -43,6 +44,13 @@ TEST(BenchTest, MetricsAreConsistentWithThePlan) {
   EXPECT_GE(moved, 5 * per_step);
   EXPECT_LE(moved, 6 * per_step);
   EXPECT_GT(j["probe_GBps"]["disk"].get<double>(), 0.0);
+  // The disk floor is the median of the probe's 8 timed segments.
+  auto seg = j["disk_probe_segments_GBps"].get<std::vector<double>>();
+  ASSERT_EQ(seg.size(), 8u);
+  std::sort(seg.begin(), seg.end());
+  EXPECT_GT(seg[0], 0.0);
+  EXPECT_DOUBLE_EQ(j["probe_GBps"]["disk"].get<double>(), (seg[3] + seg[4]) / 2);
+  EXPECT_NE(r->Table().find("disk probe segments"), std::string::npos);
   EXPECT_GT(j["floor_step_s"].get<double>(), 0.0);
   EXPECT_LE(j["memory"]["plan_device"].get<uint64_t>(), 64u << 20);
   EXPECT_GE(lines, 5);
