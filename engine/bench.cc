@@ -35,23 +35,29 @@ absl::StatusOr<double> ProbeH2D(kernels::Backend& b, size_t bytes) {
 }
 
 // O_DIRECT read bandwidth of the store's data file with the streamer's queue depth and block size:
-// max_bytes read in file order from the start (the streamer reads layer after layer in file order;
-// some virtual disks are much slower for scattered reads), after one untimed chunk, in kSegments
-// timed segments, each one pipeline of chunk-sized extents landing in the same pinned buffer so that
-// queue_depth requests stay in flight across chunks as in the streamer's layer-sized reads. The
-// floor uses the median segment: on the H100 machine a single 2 GiB timing said 1.1-1.2 GB/s while
-// the streamer read the same file at 2.0 GB/s right after (cause not known; the segments say
-// whether it is a slow start). A small store is read several times (O_DIRECT: never from the cache).
+// the layers' region (what a decode step streams from the disk when all of it is there) read once
+// in file order, at least min_bytes (a small store is read several times; O_DIRECT never reads from
+// the cache) and at most max_bytes, after one untimed chunk, in kSegments timed segments, each one
+// pipeline of chunk-sized extents landing in the same pinned buffer so that queue_depth requests
+// stay in flight across chunks as in the streamer's layer-sized reads. The floor uses the median
+// segment. Why the whole region: on the H100 machine a 2 GiB probe (scattered, in file order from
+// the middle, or one pipeline from the start) said 1.1-1.2 GB/s while the streamer read the whole
+// file at 2.0 GB/s right after it; reading what the streamer reads measures the same bytes.
 struct DiskProbe {
   double median = 0;             // bytes/s
   std::vector<double> segments;  // bytes/s, in order
 };
 
-absl::StatusOr<DiskProbe> ProbeDisk(kernels::Backend& b, const io::Store& store, const io::UringOptions& uo_in, uint64_t max_bytes,
-                                    uint64_t max_chunk) {
+absl::StatusOr<DiskProbe> ProbeDisk(kernels::Backend& b, const io::Store& store, const io::UringOptions& uo_in, uint64_t min_bytes,
+                                    uint64_t max_bytes, uint64_t max_chunk) {
   constexpr uint64_t kSegments = 8;
   DiskProbe probe;
-  const uint64_t data = store.data_bytes() / 4096 * 4096;
+  uint64_t begin = 0, end = store.data_bytes() / 4096 * 4096;
+  if (!store.layers().empty()) {
+    begin = store.layers().front().offset;
+    end = std::min(end, store.layers().back().offset + store.layers().back().bytes);
+  }
+  const uint64_t data = end > begin ? end - begin : 0;
   const size_t chunk = static_cast<size_t>(std::min<uint64_t>(std::min<uint64_t>(64 << 20, max_chunk), data));
   if (chunk == 0) return probe;
   FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer host, b.AllocateHost(chunk));
@@ -65,12 +71,13 @@ absl::StatusOr<DiskProbe> ProbeDisk(kernels::Backend& b, const io::Store& store,
   }
   if (!reader.ok()) return reader.status();
   const uint64_t chunks_in_file = data / chunk;
-  const uint64_t per_segment = std::max<uint64_t>(max_bytes / chunk / kSegments, 1);
-  FERRY_RETURN_IF_ERROR((*reader)->Read(file, (chunks_in_file - 1) * chunk, host.data(), chunk));  // warm-up
+  const uint64_t total = std::clamp<uint64_t>(chunks_in_file * chunk, min_bytes, std::max(min_bytes, max_bytes));
+  const uint64_t per_segment = std::max<uint64_t>(total / chunk / kSegments, 1);
+  FERRY_RETURN_IF_ERROR((*reader)->Read(file, begin + (chunks_in_file - 1) * chunk, host.data(), chunk));  // warm-up
   uint64_t next = 0;
   for (uint64_t seg = 0; seg < kSegments; ++seg) {
     std::vector<io::UringReader::ReadExtent> extents;
-    for (uint64_t i = 0; i < per_segment; ++i, ++next) extents.push_back({(next % chunks_in_file) * chunk, host.data(), chunk});
+    for (uint64_t i = 0; i < per_segment; ++i, ++next) extents.push_back({begin + (next % chunks_in_file) * chunk, host.data(), chunk});
     const auto t0 = Clock::now();
     FERRY_RETURN_IF_ERROR((*reader)->ReadMany(file, extents));
     probe.segments.push_back(static_cast<double>(per_segment) * chunk / Seconds(t0, Clock::now()));
@@ -159,7 +166,7 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
   DiskProbe disk_probe;
   if (o.split.disk > 0) {
     say("probing disk bandwidth (O_DIRECT)");
-    FERRY_ASSIGN_OR_RETURN(disk_probe, ProbeDisk(*backend, store, o.uring, uint64_t{2} << 30, probe_bytes));
+    FERRY_ASSIGN_OR_RETURN(disk_probe, ProbeDisk(*backend, store, o.uring, uint64_t{2} << 30, uint64_t{16} << 30, probe_bytes));
   }
   const double disk_bw = disk_probe.median;
 
