@@ -54,47 +54,38 @@ template <bool Pairs>
 __device__ __forceinline__ int LaneDim(int r, int lane) {
   return Pairs ? 64 * (r >> 1) + 2 * lane + (r & 1) : lane + 32 * r;
 }
-template <bool Pairs, typename T>
-__device__ __forceinline__ float LaneDot(const float (&qv)[kMaxPerLane], const T* row, int lane, int hd) {
-  float s = 0.0f;
+// Calls f(r, x) for each head dim the lane holds: register r, x = row[LaneDim(r, lane)] in fp32.
+template <bool Pairs, typename T, typename F>
+__device__ __forceinline__ void ForLaneDims(const T* row, int lane, int hd, F&& f) {
   if constexpr (Pairs) {
 #pragma unroll
     for (int r = 0; r < kMaxPerLane; r += 2) {
       const int d = LaneDim<true>(r, lane);
       if (d < hd) {
         const float2 x = __half22float2(*reinterpret_cast<const __half2*>(row + d));
-        s += qv[r] * x.x + qv[r + 1] * x.y;
+        f(r, x.x);
+        f(r + 1, x.y);
       }
     }
   } else {
 #pragma unroll
     for (int r = 0; r < kMaxPerLane; ++r) {
       const int d = LaneDim<false>(r, lane);
-      if (d < hd) s += qv[r] * Ld(row + d);
+      if (d < hd) f(r, Ld(row + d));
     }
   }
+}
+// The lane's part of q . row.
+template <bool Pairs, typename T>
+__device__ __forceinline__ float LaneDot(const float (&qv)[kMaxPerLane], const T* row, int lane, int hd) {
+  float s = 0.0f;
+  ForLaneDims<Pairs>(row, lane, hd, [&](int r, float x) { s += qv[r] * x; });
   return s;
 }
 // acc = acc * corr + p * row, over the lane's dims.
 template <bool Pairs, typename T>
 __device__ __forceinline__ void LaneAxpy(float (&acc)[kMaxPerLane], float corr, float p, const T* row, int lane, int hd) {
-  if constexpr (Pairs) {
-#pragma unroll
-    for (int r = 0; r < kMaxPerLane; r += 2) {
-      const int d = LaneDim<true>(r, lane);
-      if (d < hd) {
-        const float2 x = __half22float2(*reinterpret_cast<const __half2*>(row + d));
-        acc[r] = acc[r] * corr + p * x.x;
-        acc[r + 1] = acc[r + 1] * corr + p * x.y;
-      }
-    }
-  } else {
-#pragma unroll
-    for (int r = 0; r < kMaxPerLane; ++r) {
-      const int d = LaneDim<false>(r, lane);
-      if (d < hd) acc[r] = acc[r] * corr + p * Ld(row + d);
-    }
-  }
+  ForLaneDims<Pairs>(row, lane, hd, [&](int r, float x) { acc[r] = acc[r] * corr + p * x; });
 }
 
 // Merges the warps' (max, sum, acc) partials; returns the final max and sum (valid in every thread)

@@ -315,19 +315,16 @@ TEST_F(H2OPerplexityTest, GenerationWithARoomyBudgetIsTheDenseGeneration) {
   o.max_new_tokens = 16;
   std::vector<engine::GenerationRequest> reqs = {{std::vector<int>(ids_.begin(), ids_.begin() + 40), 0},
                                                  {std::vector<int>(ids_.begin() + 100, ids_.begin() + 107), 1}};
-  auto dense = engine::Generate(*model_, reqs, o);
-  o.h2o = H2OOptions{64, 64, 0};
-  auto h2o = engine::Generate(*model_, reqs, o);
-  ASSERT_TRUE(dense.ok() && h2o.ok()) << h2o.status();
-  for (size_t i = 0; i < reqs.size(); ++i) EXPECT_EQ((*dense)[i].tokens, (*h2o)[i].tokens);
-  // The same with F16 keys and values: the H2O prefill attends to the F16 values the dense cache holds.
-  o.kv_dtype = DType::kF16;
-  o.h2o.reset();
-  auto dense16 = engine::Generate(*model_, reqs, o);
-  o.h2o = H2OOptions{64, 64, 0};
-  auto h2o16 = engine::Generate(*model_, reqs, o);
-  ASSERT_TRUE(dense16.ok() && h2o16.ok()) << h2o16.status();
-  for (size_t i = 0; i < reqs.size(); ++i) EXPECT_EQ((*dense16)[i].tokens, (*h2o16)[i].tokens);
+  // F32 and F16 keys and values (with F16 the H2O prefill attends to the F16 values the dense cache holds).
+  for (DType kv : {DType::kF32, DType::kF16}) {
+    o.kv_dtype = kv;
+    o.h2o.reset();
+    auto dense = engine::Generate(*model_, reqs, o);
+    o.h2o = H2OOptions{64, 64, 0};
+    auto h2o = engine::Generate(*model_, reqs, o);
+    ASSERT_TRUE(dense.ok() && h2o.ok()) << h2o.status();
+    for (size_t i = 0; i < reqs.size(); ++i) EXPECT_EQ((*dense)[i].tokens, (*h2o)[i].tokens) << DTypeName(kv);
+  }
   o.kv_dtype = DType::kF32;
   o.h2o = H2OOptions{4, 4, 1};  // a tight budget still generates
   o.stop_at_eos = false;
