@@ -172,10 +172,12 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
   probe_bytes = std::max<uint64_t>(probe_bytes / 4096 * 4096, 4096);
   say("probing host->device bandwidth");
   FERRY_ASSIGN_OR_RETURN(const double h2d_bw, ProbeH2D(*backend, probe_bytes));
+  // Before the run and again after it (see ProbeDisk), over the layer region: 2 to 16 GiB.
+  auto probe_disk = [&] { return ProbeDisk(*backend, store, o.uring, uint64_t{2} << 30, uint64_t{16} << 30, probe_bytes); };
   DiskProbe disk_probe;
   if (o.split.disk > 0) {
     say("probing disk bandwidth (O_DIRECT)");
-    FERRY_ASSIGN_OR_RETURN(disk_probe, ProbeDisk(*backend, store, o.uring, uint64_t{2} << 30, uint64_t{16} << 30, probe_bytes));
+    FERRY_ASSIGN_OR_RETURN(disk_probe, probe_disk());
   }
 
   off.reserve_device_bytes = reserve(batch);
@@ -286,7 +288,7 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
     cache.reset();
     model.reset();  // the probe's buffer in memory the model held
     say("probing disk bandwidth again after the decode steps");
-    FERRY_ASSIGN_OR_RETURN(disk_probe_after, ProbeDisk(*backend, store, o.uring, uint64_t{2} << 30, uint64_t{16} << 30, probe_bytes));
+    FERRY_ASSIGN_OR_RETURN(disk_probe_after, probe_disk());
   }
   const double disk_bw = std::max(disk_probe.median, disk_probe_after.median);
   // Sparse FFN: the fetched bundles cross the same link (measured), next to the attention part.
@@ -367,10 +369,8 @@ std::string BenchResult::Table() const {
                                      j["decode_throughput_tok_s"].get<double>()));
   line("bytes/step disk->pinned", absl::StrFormat("%.1f MiB", j["bytes_per_step"]["disk_to_pinned"].get<double>() / 1048576));
   line("bytes/step pinned->device", absl::StrFormat("%.1f MiB", j["bytes_per_step"]["pinned_to_device"].get<double>() / 1048576));
-  if (j.contains("prefill_link_GBps")) {
-    line("prefill link rate", absl::StrFormat("disk %.2f GB/s, pinned->device %.2f GB/s", j["prefill_link_GBps"]["disk"].get<double>(),
-                                              j["prefill_link_GBps"]["pinned_to_device"].get<double>()));
-  }
+  line("prefill link rate", absl::StrFormat("disk %.2f GB/s, pinned->device %.2f GB/s", j["prefill_link_GBps"]["disk"].get<double>(),
+                                            j["prefill_link_GBps"]["pinned_to_device"].get<double>()));
   line("decode link rate", absl::StrFormat("disk %.2f GB/s, pinned->device %.2f GB/s", j["decode_link_GBps"]["disk"].get<double>(),
                                            j["decode_link_GBps"]["pinned_to_device"].get<double>()));
   line("probe bandwidth", absl::StrFormat("disk %.2f GB/s, pinned->device %.2f GB/s", j["probe_GBps"]["disk"].get<double>(),
