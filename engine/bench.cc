@@ -11,7 +11,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "base/status.h"
-#include "engine/opt_model.h"
+#include "engine/model.h"
 #include "engine/sparsity.h"
 #include "io/store.h"
 #include "offload/host_kv_cache.h"
@@ -106,7 +106,7 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
   auto say = [&](const std::string& s) {
     if (o.progress) o.progress(s);
   };
-  FERRY_ASSIGN_OR_RETURN(OptConfig config, OptConfig::FromModelDir(o.store_dir));
+  FERRY_ASSIGN_OR_RETURN(ModelConfig config, ModelConfig::FromModelDir(o.store_dir));
   if (o.prompt_len + o.gen_len > config.max_positions) {
     return absl::InvalidArgumentError(absl::StrCat("prompt-len + gen-len = ", o.prompt_len + o.gen_len,
                                                    " exceeds the model's context of ", config.max_positions));
@@ -116,24 +116,19 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
   const int max_len = o.prompt_len + o.gen_len;
   // Device bytes beyond the weights for a batch: the KV cache (dense or H2O) and the workspace of
   // the prefill, which runs the whole batch in one pass so that weights cross the link once.
-  auto host_reserve = [&](int64_t b) -> uint64_t {
-    if (!o.kv_on_cpu) return 0;
-    if (o.h2o.has_value()) {
-      return offload::HostH2OCache::Bytes(config.num_layers, config.num_heads, config.head_dim(), static_cast<int>(b), *o.h2o,
-                                          static_cast<int>(b / o.num_gpu_batches), o.prompt_len, o.kv_dtype);
-    }
-    return offload::HostKvCache::Bytes(config.num_layers, config.hidden_size, static_cast<int>(b), max_len, o.kv_dtype);
+  // The KV cache of a batch of b sequences: one spec sizes the plan and creates the cache.
+  auto kv_spec = [&](int64_t b) {
+    offload::KvCacheSpec spec = KvSpec(config, static_cast<int>(b), max_len, o.kv_dtype);
+    spec.on_host = o.kv_on_cpu;
+    spec.h2o = o.h2o;
+    spec.prefill_rows = static_cast<int>(b / o.num_gpu_batches);
+    spec.max_prompt = o.prompt_len;
+    return spec;
   };
+  auto host_reserve = [&](int64_t b) -> uint64_t { return offload::KvCacheBytes(kv_spec(b)).host; };
   auto reserve = [&](int64_t b) {
-    uint64_t kv = o.kv_on_cpu ? 0
-                  : o.h2o.has_value()
-                      ? offload::H2OCache::Bytes(config.num_layers, config.num_heads, config.head_dim(), static_cast<int>(b), *o.h2o,
-                                                 o.kv_dtype) +
-                            offload::H2OCache::PrefillBytes(config.num_heads, config.head_dim(),
-                                                            static_cast<int>(b / o.num_gpu_batches), o.prompt_len, o.kv_dtype)
-                      : OptModel::KvCacheBytes(config, b, max_len, o.kv_dtype);
     const int64_t micro = b / o.num_gpu_batches * o.prompt_len;  // one GPU batch's prefill tokens
-    return kv + OptModel::ForwardWorkspaceBytes(config, b * o.prompt_len, b, micro);
+    return offload::KvCacheBytes(kv_spec(b)).device + Model::ForwardWorkspaceBytes(config, b * o.prompt_len, b, micro);
   };
   OffloadOptions off;
   off.split = o.split;
@@ -147,12 +142,12 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
       OffloadOptions t = off;
       t.reserve_device_bytes = reserve(gbs * o.num_gpu_batches);
       t.reserve_host_bytes = host_reserve(gbs * o.num_gpu_batches);
-      return OptModel::PlanOffload(store, t, *backend).ok();
+      return Model::PlanOffload(store, t, *backend).ok();
     };
     if (!fits(1)) {
       off.reserve_device_bytes = reserve(o.num_gpu_batches);
       off.reserve_host_bytes = host_reserve(o.num_gpu_batches);
-      return OptModel::PlanOffload(store, off, *backend).status();  // says what does not fit
+      return Model::PlanOffload(store, off, *backend).status();  // says what does not fit
     }
     int64_t lo = 1, hi = 2;
     while (hi <= (1 << 20) && fits(hi)) lo = hi, hi *= 2;
@@ -190,21 +185,8 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
   if (o.sparsity_cache > 0.0 && !sparse) return absl::InvalidArgumentError("--sparsity-cache needs --sparsity or --sparsity-sim");
   off.sparse_cache_fraction = o.sparsity_cache;
   say("loading the model");
-  FERRY_ASSIGN_OR_RETURN(std::unique_ptr<OptModel> model, OptModel::LoadOffloaded(o.store_dir, backend.get(), off));
-  std::unique_ptr<offload::AttentionCache> cache;
-  if (o.h2o.has_value() && o.kv_on_cpu) {
-    FERRY_ASSIGN_OR_RETURN(cache, offload::HostH2OCache::Create(config.num_layers, config.num_heads, config.head_dim(), batch, *o.h2o,
-                                                                o.kv_dtype));
-  } else if (o.h2o.has_value()) {
-    FERRY_ASSIGN_OR_RETURN(cache, offload::H2OCache::Create(*backend, config.num_layers, config.num_heads, config.head_dim(),
-                                                            batch, *o.h2o, o.kv_dtype));
-  } else if (o.kv_on_cpu) {
-    FERRY_ASSIGN_OR_RETURN(cache, offload::HostKvCache::Create(*backend, config.num_layers, config.hidden_size, batch, max_len,
-                                                               o.kv_dtype));
-  } else {
-    FERRY_ASSIGN_OR_RETURN(KvCache dense, KvCache::Create(*backend, config, batch, max_len, o.kv_dtype));
-    cache = std::make_unique<KvCache>(std::move(dense));
-  }
+  FERRY_ASSIGN_OR_RETURN(std::unique_ptr<Model> model, Model::LoadOffloaded(o.store_dir, backend.get(), off));
+  FERRY_ASSIGN_OR_RETURN(std::unique_ptr<offload::AttentionCache> cache, offload::CreateKvCache(*backend, kv_spec(batch)));
 
   FfnSelector select;
   std::optional<SparseFfn> predictors;
@@ -240,8 +222,9 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
   FERRY_RETURN_IF_ERROR(model->Forward(pre, *cache, &logits));
   const auto t1 = Clock::now();
   const auto stats1 = model->streamer()->stats();
-  const uint64_t bundles1 = model->bundle_bytes_moved(), bundle_disk1 = model->bundle_disk_bytes_read();
-  const uint64_t hits1 = model->bundle_cache_hits(), misses1 = model->bundle_cache_misses();
+  const offload::FfnBundles* bundles = model->bundles();
+  const uint64_t bundles1 = bundles ? bundles->bytes_moved() : 0, bundle_disk1 = bundles ? bundles->disk_bytes_read() : 0;
+  const uint64_t hits1 = bundles ? bundles->cache_hits() : 0, misses1 = bundles ? bundles->cache_misses() : 0;
   std::vector<int> next(batch);
   for (int s = 0; s < batch; ++s) {
     const float* row = logits.data() + static_cast<size_t>(s) * config.vocab_size;
@@ -266,8 +249,9 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
   }
   const auto t2 = Clock::now();
   const auto stats2 = model->streamer()->stats();
-  const uint64_t bundles2 = model->bundle_bytes_moved(), bundle_disk2 = model->bundle_disk_bytes_read();
-  const uint64_t hits = model->bundle_cache_hits() - hits1, lookups = hits + model->bundle_cache_misses() - misses1;
+  const uint64_t bundles2 = bundles ? bundles->bytes_moved() : 0, bundle_disk2 = bundles ? bundles->disk_bytes_read() : 0;
+  const uint64_t hits = (bundles ? bundles->cache_hits() : 0) - hits1;
+  const uint64_t lookups = hits + (bundles ? bundles->cache_misses() : 0) - misses1;
 
   const double prefill_s = Seconds(t0, t1), decode_s = Seconds(t1, t2), total_s = prefill_s + decode_s;
   const int steps = o.gen_len - 1;
@@ -277,7 +261,7 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
     disk_step += l.disk_bytes();
     h2d_step += l.cpu_bytes() + l.disk_bytes();
   }
-  const uint64_t bundle_bytes = model->bundle_bytes();
+  const uint64_t bundle_bytes = bundles ? bundles->bundle_bytes() : 0;
   const uint64_t plan_device = model->plan().device_bytes, plan_host = model->plan().host_bytes;
   const std::vector<int> dense_layers = adaptive ? adaptive->dense_layers() : std::vector<int>();
   DiskProbe disk_probe_after;

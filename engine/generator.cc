@@ -17,7 +17,7 @@ absl::Status ValidateGenerateOptions(const GenerateOptions& o) {
   return ValidateSampling(o.sampling);
 }
 
-absl::Status ValidatePromptLength(const OptConfig& config, size_t prompt_tokens) {
+absl::Status ValidatePromptLength(const ModelConfig& config, size_t prompt_tokens) {
   if (prompt_tokens == 0) return absl::InvalidArgumentError("empty prompt");
   if (prompt_tokens > static_cast<size_t>(config.max_positions)) {
     return absl::InvalidArgumentError(absl::StrCat("prompt is ", prompt_tokens, " tokens, longer than the model's context of ",
@@ -26,11 +26,11 @@ absl::Status ValidatePromptLength(const OptConfig& config, size_t prompt_tokens)
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::vector<GenerationResult>> Generate(const OptModel& model,
+absl::StatusOr<std::vector<GenerationResult>> Generate(Model& model,
                                                         const std::vector<GenerationRequest>& requests,
                                                         const GenerateOptions& options) {
   FERRY_RETURN_IF_ERROR(ValidateGenerateOptions(options));
-  const OptConfig& c = model.config();
+  const ModelConfig& c = model.config();
   const int n = static_cast<int>(requests.size());
   std::vector<GenerationResult> results(n);
   if (n == 0) return results;
@@ -46,14 +46,9 @@ absl::StatusOr<std::vector<GenerationResult>> Generate(const OptModel& model,
     for (auto& r : results) r.finish_reason = "length";
     return results;
   }
-  std::unique_ptr<offload::AttentionCache> cache;
-  if (options.h2o.has_value()) {
-    FERRY_ASSIGN_OR_RETURN(cache, offload::H2OCache::Create(model.backend(), c.num_layers, c.num_heads, c.head_dim(), n,
-                                                            *options.h2o, options.kv_dtype));
-  } else {
-    FERRY_ASSIGN_OR_RETURN(KvCache dense, KvCache::Create(model.backend(), c, n, max_len, options.kv_dtype));
-    cache = std::make_unique<KvCache>(std::move(dense));
-  }
+  offload::KvCacheSpec spec = KvSpec(c, n, max_len, options.kv_dtype);
+  spec.h2o = options.h2o;
+  FERRY_ASSIGN_OR_RETURN(std::unique_ptr<offload::AttentionCache> cache, offload::CreateKvCache(model.backend(), spec));
   std::vector<Rng> rngs;
   rngs.reserve(n);
   for (const auto& r : requests) rngs.emplace_back(options.sampling.seed, r.index);
@@ -71,7 +66,7 @@ absl::StatusOr<std::vector<GenerationResult>> Generate(const OptModel& model,
   auto want_argmax = [&](ForwardBatch& batch, const std::vector<int>& seqs) {
     batch.ffn_hook = options.ffn_hook;
     batch.argmax_ids = &chosen;
-    batch.banned_token = c.eos_token_id;
+    batch.banned_tokens.assign(c.eos_token_ids.begin(), c.eos_token_ids.end());
     for (size_t i = 0; i < seqs.size(); ++i) {
       if (static_cast<int>(results[seqs[i]].tokens.size()) < options.min_new_tokens) batch.banned_rows.push_back(static_cast<int32_t>(i));
       if (!greedy) batch.sample_uniforms.push_back(rngs[seqs[i]].Uniform());
@@ -84,7 +79,7 @@ absl::StatusOr<std::vector<GenerationResult>> Generate(const OptModel& model,
   auto accept = [&](int s, int token) {
     results[s].tokens.push_back(token);
     pending[s] = token;
-    if (options.stop_at_eos && token == c.eos_token_id) {
+    if (options.stop_at_eos && c.is_eos(token)) {
       running[s] = false;
       results[s].finish_reason = "eos";
     } else if (static_cast<int>(results[s].tokens.size()) >= options.max_new_tokens || length[s] >= c.max_positions) {

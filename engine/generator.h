@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "engine/opt_model.h"
+#include "engine/model.h"
 #include "engine/sampling.h"
 #include "offload/h2o_cache.h"
 
@@ -49,9 +49,9 @@ struct GenerationResult {
 
 absl::Status ValidateGenerateOptions(const GenerateOptions& options);
 // A prompt must be non-empty and fit the model's context.
-absl::Status ValidatePromptLength(const OptConfig& config, size_t prompt_tokens);
+absl::Status ValidatePromptLength(const ModelConfig& config, size_t prompt_tokens);
 
-absl::StatusOr<std::vector<GenerationResult>> Generate(const OptModel& model,
+absl::StatusOr<std::vector<GenerationResult>> Generate(Model& model,
                                                         const std::vector<GenerationRequest>& requests,
                                                         const GenerateOptions& options);
 

@@ -27,7 +27,7 @@ struct Prompt {
 // Reads JSONL prompts one line at a time; blank lines are skipped.
 class PromptReader {
  public:
-  static absl::StatusOr<PromptReader> Open(const std::string& path, const Tokenizer* tok, const OptConfig* config) {
+  static absl::StatusOr<PromptReader> Open(const std::string& path, const Tokenizer* tok, const ModelConfig* config) {
     if (!PathExists(path)) return absl::NotFoundError(absl::StrCat(path, ": no such file"));
     PromptReader r;
     r.path_ = path;
@@ -69,7 +69,7 @@ class PromptReader {
   }
   std::string path_;
   const Tokenizer* tok_ = nullptr;
-  const OptConfig* config_ = nullptr;
+  const ModelConfig* config_ = nullptr;
   std::unique_ptr<std::ifstream> in_;
   int64_t line_no_ = 0;
   int64_t count_ = 0;
@@ -115,7 +115,7 @@ absl::Status RefuseExistingOutput(const std::string& path) {
   return absl::OkStatus();
 }
 
-absl::Status RunGenerateJob(const OptModel& model, const Tokenizer& tokenizer, const GenerateJobOptions& o) {
+absl::Status RunGenerateJob(Model& model, const Tokenizer& tokenizer, const GenerateJobOptions& o) {
   if (o.batch_size <= 0) return absl::InvalidArgumentError(absl::StrCat("batch size must be positive, got ", o.batch_size));
   FERRY_RETURN_IF_ERROR(ValidateGenerateOptions(o.generate));
   // Pass 1: validate everything before any work.

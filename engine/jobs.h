@@ -32,6 +32,6 @@ struct GenerateJobOptions {
 // --overwrite.
 absl::Status RefuseExistingOutput(const std::string& path);
 
-absl::Status RunGenerateJob(const OptModel& model, const Tokenizer& tokenizer, const GenerateJobOptions& options);
+absl::Status RunGenerateJob(Model& model, const Tokenizer& tokenizer, const GenerateJobOptions& options);
 
 }  // namespace ferry::engine

@@ -22,9 +22,9 @@ std::string NormalizeNewlines(const std::string& text) {
   return out;
 }
 
-absl::StatusOr<PerplexityResult> ComputePerplexity(const OptModel& model, const std::vector<int>& ids,
+absl::StatusOr<PerplexityResult> ComputePerplexity(Model& model, const std::vector<int>& ids,
                                                    const PerplexityOptions& o) {
-  const OptConfig& c = model.config();
+  const ModelConfig& c = model.config();
   if (o.window < 2) return absl::InvalidArgumentError(absl::StrCat("window must be >= 2, got ", o.window));
   if (o.window > c.max_positions) {
     return absl::InvalidArgumentError(absl::StrCat("window ", o.window, " is longer than the model's context of ", c.max_positions));
@@ -49,9 +49,9 @@ absl::StatusOr<PerplexityResult> ComputePerplexity(const OptModel& model, const 
   if (o.h2o.has_value()) {
     for (int64_t w0 = 0; w0 < windows; w0 += per_call) {
       const int64_t w1 = std::min(windows, w0 + per_call);
-      FERRY_ASSIGN_OR_RETURN(std::unique_ptr<offload::H2OCache> cache,
-                             offload::H2OCache::Create(model.backend(), c.num_layers, c.num_heads, c.head_dim(),
-                                                       static_cast<int>(w1 - w0), *o.h2o, o.kv_dtype));
+      offload::KvCacheSpec spec = KvSpec(c, static_cast<int>(w1 - w0), o.window, o.kv_dtype);
+      spec.h2o = o.h2o;
+      FERRY_ASSIGN_OR_RETURN(std::unique_ptr<offload::AttentionCache> cache, offload::CreateKvCache(model.backend(), spec));
       for (int64_t t = 0; t < o.window; ++t) {
         ForwardBatch step;
         std::vector<int> targets;
@@ -80,7 +80,8 @@ absl::StatusOr<PerplexityResult> ComputePerplexity(const OptModel& model, const 
     result.perplexity = std::exp(result.nll_sum / static_cast<double>(result.scored_tokens));
     return result;
   }
-  FERRY_ASSIGN_OR_RETURN(KvCache cache, KvCache::Create(model.backend(), c, per_call, o.window, o.kv_dtype));
+  FERRY_ASSIGN_OR_RETURN(std::unique_ptr<offload::AttentionCache> cache,
+                         offload::CreateKvCache(model.backend(), KvSpec(c, per_call, o.window, o.kv_dtype)));
   for (int64_t w0 = 0; w0 < windows; w0 += per_call) {
     const int64_t w1 = std::min(windows, w0 + per_call);
     ForwardBatch batch;
@@ -98,7 +99,7 @@ absl::StatusOr<PerplexityResult> ComputePerplexity(const OptModel& model, const 
       }
     }
     batch.ffn_hook = o.ffn_hook;
-    FERRY_RETURN_IF_ERROR(model.Forward(batch, cache, &logits));
+    FERRY_RETURN_IF_ERROR(model.Forward(batch, *cache, &logits));
     for (size_t r = 0; r < targets.size(); ++r) result.nll_sum += nll(logits.data() + r * vocab, targets[r]);
     result.scored_tokens += static_cast<int64_t>(targets.size());
     if (o.progress) o.progress(std::min(total, w1 * o.window), total);

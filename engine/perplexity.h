@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "engine/opt_model.h"
+#include "engine/model.h"
 #include "offload/h2o_cache.h"
 
 namespace ferry::engine {
@@ -39,7 +39,7 @@ struct PerplexityResult {
 // texts were read that way.
 std::string NormalizeNewlines(const std::string& text);
 
-absl::StatusOr<PerplexityResult> ComputePerplexity(const OptModel& model, const std::vector<int>& ids,
+absl::StatusOr<PerplexityResult> ComputePerplexity(Model& model, const std::vector<int>& ids,
                                                    const PerplexityOptions& options);
 
 }  // namespace ferry::engine

@@ -102,9 +102,9 @@ absl::StatusOr<float*> HostFloats(kernels::Backend* backend, const TensorView& v
 
 }  // namespace
 
-absl::Status CollectActivations(const OptModel& model, const std::vector<int>& ids, const std::string& out_dir,
+absl::Status CollectActivations(Model& model, const std::vector<int>& ids, const std::string& out_dir,
                                 const CollectOptions& o) {
-  const OptConfig& c = model.config();
+  const ModelConfig& c = model.config();
   if (o.window < 2 || o.window > c.max_positions) return absl::InvalidArgumentError("bad window");
   const int64_t total = o.tokens > 0 ? std::min<int64_t>(o.tokens, ids.size()) : static_cast<int64_t>(ids.size());
   if (total < 1) return absl::InvalidArgumentError("no tokens to collect");
@@ -139,7 +139,7 @@ absl::Status CollectActivations(const OptModel& model, const std::vector<int>& i
     }
     return WriteAppend(labels[l], bits.data(), bits.size(), LayerFile(out_dir, l, "labels"));
   };
-  FERRY_ASSIGN_OR_RETURN(KvCache cache, KvCache::Create(model.backend(), c, 1, o.window));
+  FERRY_ASSIGN_OR_RETURN(std::unique_ptr<offload::AttentionCache> cache, offload::CreateKvCache(model.backend(), KvSpec(c, 1, o.window)));
   std::vector<float> logits;
   for (int64_t begin = 0; begin < total; begin += o.window) {
     const int64_t end = std::min(total, begin + o.window);
@@ -150,7 +150,7 @@ absl::Status CollectActivations(const OptModel& model, const std::vector<int>& i
       b.positions.push_back(static_cast<int32_t>(i - begin));
     }
     b.ffn_hook = &hook;
-    FERRY_RETURN_IF_ERROR(model.Forward(b, cache, &logits));
+    FERRY_RETURN_IF_ERROR(model.Forward(b, *cache, &logits));
     if (o.progress) o.progress(end, total);
   }
   json meta = {{"tokens", total}, {"hidden", c.hidden_size}, {"ffn", c.ffn_dim}, {"layers", c.num_layers},
@@ -310,7 +310,7 @@ absl::StatusOr<std::vector<LayerSparsity>> TrainPredictors(const std::string& da
   return result;
 }
 
-absl::StatusOr<SparseFfn> SparseFfn::Load(const std::string& dir, const OptConfig& config) {
+absl::StatusOr<SparseFfn> SparseFfn::Load(const std::string& dir, const ModelConfig& config) {
   FERRY_ASSIGN_OR_RETURN(std::string text, ReadFileToString(dir + "/sparsity.json"));
   json j = json::parse(text, nullptr, false);
   if (j.is_discarded() || !j.is_object()) return absl::DataLossError(absl::StrCat(dir, "/sparsity.json is not JSON"));

@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "engine/opt_model.h"
+#include "engine/model.h"
 
 namespace ferry::engine {
 
@@ -25,7 +25,7 @@ struct CollectOptions {
 
 // Writes DIR/meta.json and per layer DIR/layer-L.inputs (fp16 [tokens, d]) and DIR/layer-L.labels
 // (bit-packed FC1 output > 0, [tokens, ceil(ffn / 8)]). CPU backend only.
-absl::Status CollectActivations(const OptModel& model, const std::vector<int>& ids, const std::string& out_dir,
+absl::Status CollectActivations(Model& model, const std::vector<int>& ids, const std::string& out_dir,
                                 const CollectOptions& options);
 
 struct TrainOptions {
@@ -85,7 +85,7 @@ class AdaptiveFfnSelector {
 
 class SparseFfn {
  public:
-  static absl::StatusOr<SparseFfn> Load(const std::string& predictor_dir, const OptConfig& config);
+  static absl::StatusOr<SparseFfn> Load(const std::string& predictor_dir, const ModelConfig& config);
   // Keeps the top k_fraction of neurons per token in predicted layers.
   void set_k_fraction(double k) { k_fraction_ = k; }
   int kept_per_token() const;  // max(1, round(k_fraction x ffn))

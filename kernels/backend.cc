@@ -132,23 +132,29 @@ absl::Status ValidateAttention(const AttentionArgs& a) {
   FERRY_RETURN_IF_ERROR(Expect(a.num_heads > 0 && a.q.shape[1] % a.num_heads == 0, op,
                                absl::StrCat("width ", a.q.shape[1], " is not a multiple of ", a.num_heads, " heads")));
   FERRY_RETURN_IF_ERROR(Expect(a.q.data != a.out.data, op, "out must not alias q"));
+  const int64_t kv_heads = a.kv_heads(), head_dim = a.q.shape[1] / a.num_heads;
+  FERRY_RETURN_IF_ERROR(Expect(kv_heads > 0 && a.num_heads % kv_heads == 0, op,
+                               absl::StrCat(a.num_heads, " query heads are not a multiple of ", kv_heads, " KV heads")));
   if (a.col_sums.data != nullptr) {
     FERRY_RETURN_IF_ERROR(Expect(a.col_sums.ndim == 3 && a.col_sums.dtype == DType::kF32 &&
                                      a.col_sums.shape[0] == a.k_cache.shape[0] && a.col_sums.shape[1] == a.num_heads &&
                                      a.col_sums.shape[2] == a.k_cache.shape[1],
                                  op, "col_sums must be [seqs, heads, max_len] F32"));
   }
-  return ValidateCacheAccess(op, a.k_cache, a.v_cache, a.seq_ids, a.positions, a.q.shape[0], a.q.shape[1]);
+  return ValidateCacheAccess(op, a.k_cache, a.v_cache, a.seq_ids, a.positions, a.q.shape[0], kv_heads * head_dim);
 }
 
 namespace {
 
+// `width` is the rows' width; it must hold a whole multiple (the query group) of kv_heads x head_dim.
 absl::Status ValidateSlots(const char* op, const TensorView& k_slots, const TensorView& v_slots, const TensorView& seq_ids,
                            int64_t n, int64_t width) {
   FERRY_RETURN_IF_ERROR(Expect(k_slots.ndim == 4 && IsKvType(k_slots.dtype) && k_slots.is_contiguous() &&
                                    v_slots.shape == k_slots.shape && v_slots.dtype == k_slots.dtype && v_slots.is_contiguous(),
-                               op, "k_slots and v_slots must be contiguous [seqs, heads, slots, head_dim] F32 or F16 of one type"));
-  FERRY_RETURN_IF_ERROR(Expect(k_slots.shape[1] * k_slots.shape[3] == width, op, "heads x head_dim must equal the width"));
+                               op, "k_slots and v_slots must be contiguous [seqs, kv_heads, slots, head_dim] F32 or F16 of one type"));
+  const int64_t kv_width = k_slots.shape[1] * k_slots.shape[3];
+  FERRY_RETURN_IF_ERROR(Expect(kv_width > 0 && width % kv_width == 0, op,
+                               "the width must be a multiple of kv_heads x head_dim"));
   return Expect(IsIds(seq_ids, n), op, "seq_ids must be [n] I32");
 }
 
@@ -180,6 +186,7 @@ absl::Status ValidateSlotKvWrite(const SlotKvWriteArgs& a) {
                                    IsKvType(a.k.dtype) && a.v.dtype == a.k.dtype,
                                op, "k and v must be contiguous [n, width] F32 or F16"));
   FERRY_RETURN_IF_ERROR(ValidateSlots(op, a.k_slots, a.v_slots, a.seq_ids, a.k.shape[0], a.k.shape[1]));
+  FERRY_RETURN_IF_ERROR(Expect(a.k.shape[1] == a.k_slots.shape[1] * a.k_slots.shape[3], op, "k's width must be kv_heads x head_dim"));
   return Expect(a.slot_ids.ndim == 2 && a.slot_ids.dtype == DType::kI32 && a.slot_ids.shape[0] == a.k.shape[0] &&
                     a.slot_ids.shape[1] == a.k_slots.shape[1] && a.slot_ids.is_contiguous(),
                 op, "slot_ids must be [n, heads] I32");
@@ -195,7 +202,7 @@ absl::Status ValidateSlotAttention(const SlotAttentionArgs& a) {
                                    a.occupied.shape[1] == ks[1] && a.occupied.shape[2] == ks[2],
                                op, "occupied must be [seqs, heads, slots] U8"));
   return Expect(a.probs.ndim == 3 && a.probs.dtype == DType::kF32 && a.probs.shape[0] == a.q.shape[0] &&
-                    a.probs.shape[1] == ks[1] && a.probs.shape[2] == ks[2],
+                    a.probs.shape[1] * ks[3] == a.q.shape[1] && a.probs.shape[2] == ks[2] && a.probs.is_contiguous(),
                 op, "probs must be [n, heads, slots] F32");
 }
 
@@ -224,9 +231,9 @@ absl::Status ValidateH2OPlace(const H2OPlaceArgs& a) {
 absl::Status ValidateH2OUpdate(const H2OUpdateArgs& a) {
   FERRY_RETURN_IF_ERROR(ValidateH2OState("H2OUpdate", a.seq_ids, a.positions, a.slot_pos, a.scores, a.occupied));
   FERRY_RETURN_IF_ERROR(Expect(a.probs.ndim == 3 && a.probs.dtype == DType::kF32 && a.probs.is_contiguous() &&
-                                   a.probs.shape[0] == a.seq_ids.shape[0] && a.probs.shape[1] == a.slot_pos.shape[1] &&
+                                   a.probs.shape[0] == a.seq_ids.shape[0] && a.probs.shape[1] % a.slot_pos.shape[1] == 0 &&
                                    a.probs.shape[2] == a.slot_pos.shape[2],
-                               "H2OUpdate", "probs must be [n, heads, slots] F32"));
+                               "H2OUpdate", "probs must be [n, heads, slots] F32, heads a multiple of the KV heads"));
   return Expect(a.budget >= 1 && a.recent >= 0 && a.protect >= 0, "H2OUpdate", "budget must be >= 1, recent and protect >= 0");
 }
 
@@ -236,7 +243,7 @@ absl::Status ValidateH2OPrefill(const H2OPrefillArgs& a) {
                                "col_sums must be [used, heads, max_len] F32"));
   const int64_t used = a.col_sums.shape[0], max_len = a.col_sums.shape[2];
   FERRY_RETURN_IF_ERROR(ValidateH2OState(op, a.lengths, a.rows, a.slot_pos, a.scores, a.occupied));
-  FERRY_RETURN_IF_ERROR(Expect(a.lengths.shape[0] == used && a.slot_pos.shape[1] == a.col_sums.shape[1], op,
+  FERRY_RETURN_IF_ERROR(Expect(a.lengths.shape[0] == used && a.col_sums.shape[1] % a.slot_pos.shape[1] == 0, op,
                                "lengths and rows must be [used] and the head counts must agree"));
   FERRY_RETURN_IF_ERROR(Expect(a.token_slot.ndim == 2 && a.token_slot.dtype == DType::kI32 && a.token_slot.is_contiguous() &&
                                    a.token_slot.shape[0] == used * max_len && a.token_slot.shape[1] == a.slot_pos.shape[1],
@@ -244,6 +251,39 @@ absl::Status ValidateH2OPrefill(const H2OPrefillArgs& a) {
   return Expect(a.heavy >= 0 && a.recent >= 0 && a.protect >= 0 && a.protect <= a.heavy &&
                     a.heavy + a.recent < a.slot_pos.shape[2],
                 op, "needs 0 <= protect <= heavy and heavy + recent < slots");
+}
+
+absl::Status ValidateRmsNorm(const RmsNormArgs& a) {
+  const char* op = "RmsNorm";
+  FERRY_RETURN_IF_ERROR(Expect(Is2dF32(a.in) && Is2dF32(a.out) && a.in.shape == a.out.shape, op,
+                               "in and out must be contiguous [n, dim] F32 of one shape"));
+  return Expect(a.gamma.ndim == 1 && a.gamma.shape[0] == a.in.shape[1] && a.gamma.dtype == DType::kF32, op,
+                absl::StrCat("gamma must be [", a.in.shape[1], "] F32"));
+}
+
+absl::Status ValidateAddRmsNorm(const AddRmsNormArgs& a) {
+  FERRY_RETURN_IF_ERROR(ValidateAdd(a.residual, a.delta, a.residual));
+  return ValidateRmsNorm({a.residual, a.gamma, a.out, a.eps});
+}
+
+absl::Status ValidateRope(const RopeArgs& a) {
+  const char* op = "Rope";
+  FERRY_RETURN_IF_ERROR(Expect(Is2dF32(a.x) && a.num_heads > 0 && a.x.shape[1] % a.num_heads == 0, op,
+                               "x must be contiguous [n, heads * head_dim] F32"));
+  const int64_t head_dim = a.x.shape[1] / a.num_heads;
+  FERRY_RETURN_IF_ERROR(Expect(a.rotary_dim > 0 && a.rotary_dim % 2 == 0 && a.rotary_dim <= head_dim, op,
+                               absl::StrCat("rotary_dim ", a.rotary_dim, " must be even and in (0, ", head_dim, "]")));
+  FERRY_RETURN_IF_ERROR(Expect(IsIds(a.positions, a.x.shape[0]), op, "positions must be [n] I32"));
+  FERRY_RETURN_IF_ERROR(Expect(a.inv_freq.ndim == 2 && a.inv_freq.dtype == DType::kF32 && a.inv_freq.is_contiguous() &&
+                                   a.inv_freq.shape[0] >= 1 && a.inv_freq.shape[1] == a.rotary_dim / 2,
+                               op, absl::StrCat("inv_freq must be [tables, ", a.rotary_dim / 2, "] F32")));
+  if (a.freq_rows.data == nullptr) return absl::OkStatus();
+  return Expect(IsIds(a.freq_rows, a.x.shape[0]), op, "freq_rows must be [n] I32");
+}
+
+absl::Status ValidateSiluMul(const SiluMulArgs& a) {
+  return Expect(Is2dF32(a.gate) && Is2dF32(a.up) && Is2dF32(a.out) && a.gate.shape == a.up.shape && a.out.shape == a.gate.shape,
+                "SiluMul", "gate, up and out must be contiguous [n, f] F32 of one shape");
 }
 
 absl::Status ValidateAddLayerNorm(const AddLayerNormArgs& a) {

@@ -74,6 +74,46 @@ struct AddLayerNormArgs {
   float eps = 1e-5f;
 };
 
+// RMSNorm (Llama's): out = x / sqrt(mean(x^2) + eps) * gamma, per row. Any row width: the
+// per-head q/k norm of Qwen3 runs on a [n * heads, head_dim] view.
+struct RmsNormArgs {
+  TensorView in;     // [n, dim] F32
+  TensorView gamma;  // [dim] F32
+  TensorView out;    // [n, dim] F32 (may alias in)
+  float eps = 1e-6f;
+};
+
+// residual += delta, then out = RmsNorm(residual) (out may alias residual).
+struct AddRmsNormArgs {
+  TensorView residual;  // [n, dim] F32, updated
+  TensorView delta;     // [n, dim] F32
+  TensorView gamma;     // [dim] F32
+  TensorView out;       // [n, dim] F32
+  float eps = 1e-6f;
+};
+
+// Rotary position embedding in place, as transformers computes it (the half-split layout): in
+// each head, dim d < rotary_dim / 2 pairs with d + rotary_dim / 2; with angle = position x
+// inv_freq[d] (one fp32 product), cos and sin times attention_scaling, x[d] = x[d] cos - x[d +
+// half] sin and x[d + half] = x[d + half] cos + x[d] sin. Dims past rotary_dim are left alone
+// (partial rotary).
+struct RopeArgs {
+  TensorView x;          // [n, heads * head_dim] F32, rotated in place
+  TensorView positions;  // [n] I32
+  TensorView inv_freq;   // [tables, rotary_dim / 2] F32
+  TensorView freq_rows;  // optional [n] I32: the inv_freq row of each token (data == nullptr: row 0)
+  int num_heads = 1;
+  int rotary_dim = 0;    // even, <= head_dim
+  float attention_scaling = 1.0f;
+};
+
+// SwiGLU's activation: out = silu(gate) * up, silu(x) = x / (1 + exp(-x)).
+struct SiluMulArgs {
+  TensorView gate;  // [n, f] F32
+  TensorView up;    // [n, f] F32
+  TensorView out;   // [n, f] F32 (may alias gate or up)
+};
+
 struct LinearArgs {
   TensorView in;      // [n, k] F32
   TensorView weight;  // [m, k] F32/F16/BF16 (PyTorch's layout)
@@ -84,33 +124,37 @@ struct LinearArgs {
 
 // Writes new keys/values into the per-sequence cache rows.
 struct KvWriteArgs {
-  TensorView k;          // [n, heads * head_dim] F32
-  TensorView v;          // [n, heads * head_dim] F32
-  TensorView k_cache;    // [seqs, max_len, heads * head_dim] F32, or F16 (rounded to nearest)
-  TensorView v_cache;    // [seqs, max_len, heads * head_dim] F32 or F16
+  TensorView k;          // [n, kv_heads * head_dim] F32
+  TensorView v;          // [n, kv_heads * head_dim] F32
+  TensorView k_cache;    // [seqs, max_len, kv_heads * head_dim] F32, or F16 (rounded to nearest)
+  TensorView v_cache;    // [seqs, max_len, kv_heads * head_dim] F32 or F16
   TensorView seq_ids;    // [n] I32: cache row of each token
   TensorView positions;  // [n] I32: slot of each token in its row
 };
 
 // Causal attention over the cache: query i attends to entries 0..positions[i] of row seq_ids[i].
-// Serves prefill (many queries per sequence) and decode (one per sequence) alike.
+// Serves prefill (many queries per sequence) and decode (one per sequence) alike. Grouped-query
+// attention is native: query head h reads KV head h / (heads / kv_heads); K and V are never
+// repeated. head_dim = q width / heads.
 struct AttentionArgs {
   TensorView q;          // [n, heads * head_dim] F32
-  TensorView k_cache;    // [seqs, max_len, heads * head_dim] F32 or F16 (scores and sums in fp32)
-  TensorView v_cache;    // [seqs, max_len, heads * head_dim] F32 or F16
+  TensorView k_cache;    // [seqs, max_len, kv_heads * head_dim] F32 or F16 (scores and sums in fp32)
+  TensorView v_cache;    // [seqs, max_len, kv_heads * head_dim] F32 or F16
   TensorView seq_ids;    // [n] I32
   TensorView positions;  // [n] I32
   TensorView out;        // [n, heads * head_dim] F32
   int num_heads = 1;
   float scale = 1.0f;    // applied to q.k
   // Optional (data == nullptr: off): col_sums[seq, head, j] += the probability each query of the
-  // call gave to cache entry j, computed in the same pass (H2O's prefill scores). Must be zeroed
-  // by the caller; [seqs, heads, max_len] F32.
+  // call gave to cache entry j, computed in the same pass (H2O's prefill scores), per query head.
+  // Must be zeroed by the caller; [seqs, heads, max_len] F32.
   TensorView col_sums;
   // Optional host copies of seq_ids and positions (n each), which let a backend plan its launch
   // (the CUDA backend runs runs of >= 16 consecutive positions of one sequence as tensor-core tiles).
   const int32_t* host_seq_ids = nullptr;
   const int32_t* host_positions = nullptr;
+  int num_kv_heads = 0;  // 0: num_heads (multi-head attention)
+  int kv_heads() const { return num_kv_heads > 0 ? num_kv_heads : num_heads; }
 };
 
 // Training ops (Deja Vu's predictors, trained where the model runs), all F32 row-major.
@@ -152,33 +196,34 @@ struct SampleRowsArgs {
   TensorView ids;                    // [rows] I32, out
 };
 
-// H2O's per-head slot cache: each (sequence, head) owns `slots` entries that hold whichever tokens
-// survived eviction; positions are absolute (OPT's positions are in the embeddings, so attention
-// needs no position ids).
+// H2O's per-KV-head slot cache: each (sequence, KV head) owns `slots` entries that hold whichever
+// tokens survived eviction; positions are absolute (rotary keys are rotated before they are
+// stored, so attention needs no position ids).
 struct SlotKvWriteArgs {
-  TensorView k;          // [n, heads * head_dim] F32 or F16
-  TensorView v;          // [n, heads * head_dim] F32 or F16
-  TensorView k_slots;    // [seqs, heads, slots, head_dim] F32 or F16 (converted on the way in)
-  TensorView v_slots;    // [seqs, heads, slots, head_dim] F32 or F16
+  TensorView k;          // [n, kv_heads * head_dim] F32 or F16
+  TensorView v;          // [n, kv_heads * head_dim] F32 or F16
+  TensorView k_slots;    // [seqs, kv_heads, slots, head_dim] F32 or F16 (converted on the way in)
+  TensorView v_slots;    // [seqs, kv_heads, slots, head_dim] F32 or F16
   TensorView seq_ids;    // [n] I32
-  TensorView slot_ids;   // [n, heads] I32: the slot each head of each token goes to (-1: not stored)
+  TensorView slot_ids;   // [n, kv_heads] I32: the slot each KV head of each token goes to (-1: not stored)
 };
 
-// One query per row over the occupied slots of its (sequence, head), returning each slot's
-// attention probability from the same pass (0 for empty slots).
+// One query per row over the occupied slots of its (sequence, KV head), returning each slot's
+// attention probability per query head from the same pass (0 for empty slots). Query head h reads
+// KV head h / (heads / kv_heads).
 struct SlotAttentionArgs {
   TensorView q;          // [n, heads * head_dim] F32
-  TensorView k_slots;    // [seqs, heads, slots, head_dim] F32 or F16
-  TensorView v_slots;    // [seqs, heads, slots, head_dim] F32 or F16
-  TensorView occupied;   // [seqs, heads, slots] U8 (1: holds a token)
+  TensorView k_slots;    // [seqs, kv_heads, slots, head_dim] F32 or F16
+  TensorView v_slots;    // [seqs, kv_heads, slots, head_dim] F32 or F16
+  TensorView occupied;   // [seqs, kv_heads, slots] U8 (1: holds a token)
   TensorView seq_ids;    // [n] I32
   TensorView out;        // [n, heads * head_dim] F32
   TensorView probs;      // [n, heads, slots] F32
   float scale = 1.0f;
 };
 
-// H2O's bookkeeping over the per-(sequence, head) slot state, run where the slots live (no host
-// round trip per step). State tensors are [seqs, heads, slots]: slot_pos I32 (the absolute
+// H2O's bookkeeping over the per-(sequence, KV head) slot state, run where the slots live (no host
+// round trip per step). State tensors are [seqs, kv_heads, slots]: slot_pos I32 (the absolute
 // position a slot holds, -1: empty), scores F32 (accumulated attention), occupied U8.
 // Place: each token's heads take the first free slot of their (sequence, head); the slot gets the
 // token's position, score 0, occupied 1, and slot_ids[i, h] says which (-1 where none was free,
@@ -189,28 +234,30 @@ struct H2OPlaceArgs {
   TensorView slot_pos, scores, occupied;
   TensorView slot_ids;   // [n, heads] I32, out
 };
-// Update after SlotAttention: every occupied slot's score grows by its probability; where more
+// Update after SlotAttention: every occupied slot's score grows by its probability summed over the
+// query heads of its group (in head order; probs has heads = group x kv_heads); where more
 // than `budget` slots are occupied, the lowest-scoring one that is neither recent (position >
 // positions[i] - recent) nor protected (position < protect) is emptied (ties: the oldest).
 struct H2OUpdateArgs {
   TensorView seq_ids;    // [n] I32
   TensorView positions;  // [n] I32
   TensorView probs;      // [n, heads, slots] F32
-  TensorView slot_pos, scores, occupied;
+  TensorView slot_pos, scores, occupied;  // [seqs, kv_heads, slots]
   int budget = 0, recent = 0, protect = 0;
 };
 
-// H2O's prefill selection, per (prompt, head), from the prompt's column sums: keep the `recent`
+// H2O's prefill selection, per (prompt, KV head), from the prompt's column sums summed over the
+// query heads of the group (in head order): keep the `recent`
 // newest positions, the first `protect`, and the heavy - min(protect, length) highest column sums
 // of the rest (ties: the oldest); the kept positions fill slots 0.. in position order (score: the
 // column sum) and the row's other slots are emptied. token_slot says for each prompt token and
 // head which slot it goes to (-1: dropped), ready for SlotKvWrite.
 struct H2OPrefillArgs {
-  TensorView col_sums;    // [used, heads, max_len] F32
+  TensorView col_sums;    // [used, heads, max_len] F32 (query heads; a multiple of kv_heads)
   TensorView lengths;     // [used] I32: each prompt's length (<= max_len)
   TensorView rows;        // [used] I32: each prompt's cache row
-  TensorView slot_pos, scores, occupied;  // [seqs, heads, slots]
-  TensorView token_slot;  // [used * max_len, heads] I32, out (token u * max_len + p)
+  TensorView slot_pos, scores, occupied;  // [seqs, kv_heads, slots]
+  TensorView token_slot;  // [used * max_len, kv_heads] I32, out (token u * max_len + p)
   int heavy = 0, recent = 0, protect = 0;
 };
 
@@ -249,6 +296,10 @@ class Backend {
   virtual absl::Status LayerNorm(const LayerNormArgs& args) = 0;
   virtual absl::Status AddLayerNorm(const AddLayerNormArgs& args) = 0;
   virtual absl::Status Linear(const LinearArgs& args) = 0;
+  virtual absl::Status RmsNorm(const RmsNormArgs& args) = 0;
+  virtual absl::Status AddRmsNorm(const AddRmsNormArgs& args) = 0;
+  virtual absl::Status Rope(const RopeArgs& args) = 0;
+  virtual absl::Status SiluMul(const SiluMulArgs& args) = 0;
   // dst = src, same shape and dtype, both contiguous, on the compute queue.
   virtual absl::Status CopyTensor(const TensorView& src, const TensorView& dst) = 0;
   // out = a + b, elementwise, [n, dim] F32 (out may alias a or b).
@@ -291,6 +342,10 @@ absl::Status ValidateGatherRows(const GatherRowsArgs& args);
 absl::Status ValidateLayerNorm(const LayerNormArgs& args);
 absl::Status ValidateAddLayerNorm(const AddLayerNormArgs& args);
 absl::Status ValidateLinear(const LinearArgs& args);
+absl::Status ValidateRmsNorm(const RmsNormArgs& args);
+absl::Status ValidateAddRmsNorm(const AddRmsNormArgs& args);
+absl::Status ValidateRope(const RopeArgs& args);
+absl::Status ValidateSiluMul(const SiluMulArgs& args);
 absl::Status ValidateCopy(const TensorView& src, const TensorView& dst);
 absl::Status ValidateAdd(const TensorView& a, const TensorView& b, const TensorView& out);
 absl::Status ValidateKvWrite(const KvWriteArgs& args);

@@ -14,13 +14,15 @@ namespace ferry::offload {
 
 struct AttendArgs {
   int layer = 0;
-  TensorView q, k, v;                 // [n, heads * head_dim] F32, device
+  TensorView q, k, v;                 // [n, heads * head_dim] (k, v: kv_heads * head_dim) F32, device
   TensorView seq_ids, positions;      // [n] I32, device
   const std::vector<int32_t>* host_seq_ids = nullptr;    // the same, on the host
   const std::vector<int32_t>* host_positions = nullptr;
   TensorView out;                     // [n, heads * head_dim] F32, device
   int num_heads = 1;
   float scale = 1.0f;
+  int num_kv_heads = 0;               // 0: num_heads
+  int kv_heads() const { return num_kv_heads > 0 ? num_kv_heads : num_heads; }
 };
 
 class AttentionCache {

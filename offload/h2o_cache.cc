@@ -8,7 +8,8 @@
 namespace ferry::offload {
 
 absl::StatusOr<std::unique_ptr<H2OCache>> H2OCache::Create(kernels::Backend& backend, int layers, int heads, int head_dim,
-                                                            int rows, const H2OOptions& o, DType kv_dtype) {
+                                                            int rows, const H2OOptions& o, DType kv_dtype, int query_heads) {
+  if (query_heads == 0) query_heads = heads;
   if (kv_dtype != DType::kF32 && kv_dtype != DType::kF16) return absl::InvalidArgumentError("H2O cache: keys and values are F32 or F16");
   if (o.heavy < 0 || o.recent < 0 || o.heavy + o.recent < 1) {
     return absl::InvalidArgumentError("H2O needs heavy >= 0, recent >= 0 and at least one slot");
@@ -16,11 +17,14 @@ absl::StatusOr<std::unique_ptr<H2OCache>> H2OCache::Create(kernels::Backend& bac
   if (o.protect < 0 || o.protect > o.heavy) {
     return absl::InvalidArgumentError(absl::StrCat("protected positions (", o.protect, ") must be between 0 and heavy (", o.heavy, ")"));
   }
-  if (layers <= 0 || heads <= 0 || head_dim <= 0 || rows <= 0) return absl::InvalidArgumentError("H2O cache: bad dimensions");
+  if (layers <= 0 || heads <= 0 || head_dim <= 0 || rows <= 0 || query_heads % heads != 0) {
+    return absl::InvalidArgumentError("H2O cache: bad dimensions");
+  }
   std::unique_ptr<H2OCache> c(new H2OCache());
   c->options_ = o;
   c->kv_dtype_ = kv_dtype;
   c->layers_ = layers, c->heads_ = heads, c->head_dim_ = head_dim, c->rows_ = rows;
+  c->query_heads_ = query_heads;
   c->slots_ = o.heavy + o.recent + 1;  // the budget plus the incoming token
   c->backend_ = &backend;
   const size_t cells = static_cast<size_t>(rows) * heads * c->slots_;
@@ -43,23 +47,25 @@ absl::StatusOr<std::unique_ptr<H2OCache>> H2OCache::Create(kernels::Backend& bac
     c->occupied_dev_.push_back(std::move(occ));
   }
   FERRY_ASSIGN_OR_RETURN(c->slot_ids_dev_, backend.Allocate(static_cast<size_t>(rows) * heads * sizeof(int32_t)));
-  FERRY_ASSIGN_OR_RETURN(c->probs_dev_, backend.Allocate(cells * sizeof(float)));
+  FERRY_ASSIGN_OR_RETURN(c->probs_dev_, backend.Allocate(cells / heads * query_heads * sizeof(float)));
   c->row_used_.assign(rows, 0);
   return c;
 }
 
-uint64_t H2OCache::Bytes(int layers, int heads, int head_dim, int rows, const H2OOptions& o, DType kv_dtype) {
+uint64_t H2OCache::Bytes(int layers, int heads, int head_dim, int rows, const H2OOptions& o, DType kv_dtype, int query_heads) {
+  if (query_heads == 0) query_heads = heads;
   const uint64_t cells = static_cast<uint64_t>(rows) * heads * (o.heavy + o.recent + 1);
   return static_cast<uint64_t>(layers) * cells * (2 * head_dim * DTypeSize(kv_dtype) + sizeof(int32_t) + sizeof(float) + 1) +
-         cells * sizeof(float) +
+         cells / heads * query_heads * sizeof(float) +  // the probabilities, per query head
          static_cast<uint64_t>(rows) * heads * sizeof(int32_t);
 }
 
-uint64_t H2OCache::PrefillBytes(int heads, int head_dim, int rows, int max_prompt, DType kv_dtype) {
-  // A dense K and V for the prompts (kv_dtype), the column sums, and the ids of the selection (a
-  // row and a slot per head for each prompt token), one layer at a time.
+uint64_t H2OCache::PrefillBytes(int heads, int head_dim, int rows, int max_prompt, DType kv_dtype, int query_heads) {
+  if (query_heads == 0) query_heads = heads;
+  // A dense K and V for the prompts (kv_dtype), the column sums (per query head), and the ids of
+  // the selection (a row and a slot per KV head for each prompt token), one layer at a time.
   return static_cast<uint64_t>(rows) * max_prompt *
-             (2 * heads * head_dim * DTypeSize(kv_dtype) + (heads + heads + 2) * sizeof(float)) +
+             (2 * heads * head_dim * DTypeSize(kv_dtype) + (query_heads + heads + 2) * sizeof(float)) +
          static_cast<uint64_t>(rows) * 2 * sizeof(int32_t);
 }
 
@@ -122,14 +128,16 @@ absl::Status H2OCache::Prefill(kernels::Backend& b, const AttendArgs& a) {
   // cache of that type would hold (budget >= length: the same logits as the full cache).
   FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer k_dense, b.Allocate(dense_cells * DTypeSize(kv_dtype_)));
   FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer v_dense, b.Allocate(dense_cells * DTypeSize(kv_dtype_)));
-  FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer cols_dev, b.Allocate(static_cast<size_t>(used) * heads_ * max_len * sizeof(float)));
-  std::vector<float> cols(static_cast<size_t>(used) * heads_ * max_len, 0.0f);
+  FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer cols_dev,
+                         b.Allocate(static_cast<size_t>(used) * query_heads_ * max_len * sizeof(float)));
+  std::vector<float> cols(static_cast<size_t>(used) * query_heads_ * max_len, 0.0f);
   FERRY_RETURN_IF_ERROR(b.CopyToDevice(cols_dev.data(), cols.data(), cols.size() * sizeof(float)));
   const TensorView kd = TensorView::Contiguous(k_dense.data(), kv_dtype_, {used, max_len, width}, dev);
   const TensorView vd = TensorView::Contiguous(v_dense.data(), kv_dtype_, {used, max_len, width}, dev);
-  const TensorView cv = TensorView::Contiguous(cols_dev.data(), DType::kF32, {used, heads_, max_len}, dev);
+  const TensorView cv = TensorView::Contiguous(cols_dev.data(), DType::kF32, {used, query_heads_, max_len}, dev);
   FERRY_RETURN_IF_ERROR(b.KvWrite({a.k, a.v, kd, vd, local_ids, a.positions}));
-  kernels::AttentionArgs attn{a.q, kd, vd, local_ids, a.positions, a.out, heads_, a.scale, cv};
+  kernels::AttentionArgs attn{a.q, kd, vd, local_ids, a.positions, a.out, query_heads_, a.scale, cv};
+  attn.num_kv_heads = heads_;
   attn.host_seq_ids = local.data();
   attn.host_positions = pos.data();
   FERRY_RETURN_IF_ERROR(b.Attention(attn));
@@ -170,13 +178,16 @@ absl::Status H2OCache::Prefill(kernels::Backend& b, const AttendArgs& a) {
 absl::Status H2OCache::Attend(kernels::Backend& b, const AttendArgs& a) {
   const std::vector<int32_t>& seq = *a.host_seq_ids;
   const int n = static_cast<int>(seq.size());
-  if (a.num_heads != heads_) return absl::InvalidArgumentError("H2O cache: head count differs from the model's");
+  if (a.num_heads != query_heads_ || a.kv_heads() != heads_) {
+    return absl::InvalidArgumentError("H2O cache: head counts differ from the model's");
+  }
   if (sequential_) {
     // One token at a time, in call order: each sees the slots as the tokens before it left them.
     for (int i = 0; i < n; ++i) {
       const std::vector<int32_t> one_seq = {seq[i]}, one_pos = {(*a.host_positions)[i]};
       AttendArgs t{a.layer, a.q.Rows(i, i + 1), a.k.Rows(i, i + 1), a.v.Rows(i, i + 1), a.seq_ids.Rows(i, i + 1),
-                   a.positions.Rows(i, i + 1), &one_seq, &one_pos, a.out.Rows(i, i + 1), a.num_heads, a.scale};
+                   a.positions.Rows(i, i + 1), &one_seq, &one_pos, a.out.Rows(i, i + 1), a.num_heads, a.scale,
+                   a.num_kv_heads};
       FERRY_RETURN_IF_ERROR(Decode(b, t));
     }
     return absl::OkStatus();
@@ -201,7 +212,7 @@ absl::Status H2OCache::Decode(kernels::Backend& b, const AttendArgs& a) {
   const TensorView scores = TensorView::Contiguous(score_dev_[l].data(), DType::kF32, {rows_, heads_, slots_}, dev);
   const TensorView occ = TensorView::Contiguous(occupied_dev_[l].data(), DType::kU8, {rows_, heads_, slots_}, dev);
   const TensorView slot_view = TensorView::Contiguous(slot_ids_dev_.data(), DType::kI32, {n, heads_}, dev);
-  const TensorView probs = TensorView::Contiguous(probs_dev_.data(), DType::kF32, {n, heads_, slots_}, dev);
+  const TensorView probs = TensorView::Contiguous(probs_dev_.data(), DType::kF32, {n, query_heads_, slots_}, dev);
   // Everything stays where the slots are: place the new token, store its k and v, attend (which
   // returns each slot's probability), then accumulate and evict. No host round trip.
   FERRY_RETURN_IF_ERROR(b.H2OPlace({a.seq_ids, a.positions, slot_pos, scores, occ, slot_view}));

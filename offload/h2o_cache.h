@@ -1,5 +1,7 @@
-// H2O KV eviction (Zhang et al. 2023), per sequence and per head, with slots overwritten in place.
-// Each (layer, sequence, head) owns heavy + recent + 1 slots. At every decode step the new token
+// H2O KV eviction (Zhang et al. 2023), per sequence and per KV head, with slots overwritten in
+// place. Each (layer, sequence, KV head) owns heavy + recent + 1 slots; with grouped-query
+// attention a slot serves its group of query heads and its score is the sum of their
+// probabilities. At every decode step the new token
 // takes a free slot, attention runs over the occupied slots and returns each slot's probability in
 // the same pass, every slot's fp32 score grows by its probability (the new token's too), and when
 // more than heavy + recent slots are occupied the lowest-scoring slot that is neither among the
@@ -32,9 +34,11 @@ struct H2OOptions {
 
 class H2OCache final : public AttentionCache {
  public:
-  // Keys and values are kept as kv_dtype (F32, or F16: half the bytes); scores stay fp32.
+  // Keys and values are kept as kv_dtype (F32, or F16: half the bytes); scores stay fp32. `heads`
+  // are the KV heads; query_heads (a multiple of them; 0: as many) attend to them.
   static absl::StatusOr<std::unique_ptr<H2OCache>> Create(kernels::Backend& backend, int layers, int heads, int head_dim,
-                                                           int rows, const H2OOptions& options, DType kv_dtype = DType::kF32);
+                                                           int rows, const H2OOptions& options, DType kv_dtype = DType::kF32,
+                                                           int query_heads = 0);
 
   // A call gives each row one token (decode), or its whole prompt, positions 0..L-1, while the row
   // is still empty (prefill); otherwise each row's tokens must continue its positions in order and
@@ -45,8 +49,10 @@ class H2OCache final : public AttentionCache {
   int slots() const { return slots_; }
   // Device bytes this cache holds for `rows` rows, and the most a prefill call of `rows` prompts
   // (the longest `max_prompt` tokens) allocates on top, for memory plans.
-  static uint64_t Bytes(int layers, int heads, int head_dim, int rows, const H2OOptions& o, DType kv_dtype = DType::kF32);
-  static uint64_t PrefillBytes(int heads, int head_dim, int rows, int max_prompt, DType kv_dtype = DType::kF32);
+  static uint64_t Bytes(int layers, int heads, int head_dim, int rows, const H2OOptions& o, DType kv_dtype = DType::kF32,
+                        int query_heads = 0);
+  static uint64_t PrefillBytes(int heads, int head_dim, int rows, int max_prompt, DType kv_dtype = DType::kF32,
+                               int query_heads = 0);
 
   // Positions held by (layer, row, head), in slot order (-1: empty slot); read from the backend.
   std::vector<int> Held(int layer, int row, int head) const;
@@ -64,6 +70,7 @@ class H2OCache final : public AttentionCache {
   DType kv_dtype_ = DType::kF32;
   kernels::Backend* backend_ = nullptr;
   int layers_ = 0, heads_ = 0, head_dim_ = 0, rows_ = 0, slots_ = 0;
+  int query_heads_ = 0;  // a multiple of heads_ (the KV heads)
   // Per layer, where the slots live: keys, values, and the bookkeeping ([rows, heads, slots]
   // positions (-1: empty), fp32 scores, occupancy), updated by the backend's H2O ops.
   std::vector<kernels::DeviceBuffer> k_, v_, pos_dev_, score_dev_, occupied_dev_;

@@ -11,12 +11,12 @@ TensorView host(void* p, std::initializer_list<int64_t> shape, DType t = DType::
 
 }  // namespace
 
-absl::Status HostTokens::Download(kernels::Backend& b, const AttendArgs& a, int width) {
-  const size_t count = static_cast<size_t>(a.q.shape[0]) * width;
-  q.resize(count), k.resize(count), v.resize(count), out.resize(count);
+absl::Status HostTokens::Download(kernels::Backend& b, const AttendArgs& a, int width, int kv_width) {
+  const size_t count = static_cast<size_t>(a.q.shape[0]) * width, kv_count = static_cast<size_t>(a.q.shape[0]) * kv_width;
+  q.resize(count), k.resize(kv_count), v.resize(kv_count), out.resize(count);
   FERRY_RETURN_IF_ERROR(b.CopyToHost(q.data(), a.q.data, count * sizeof(float)));
-  FERRY_RETURN_IF_ERROR(b.CopyToHost(k.data(), a.k.data, count * sizeof(float)));
-  return b.CopyToHost(v.data(), a.v.data, count * sizeof(float));
+  FERRY_RETURN_IF_ERROR(b.CopyToHost(k.data(), a.k.data, kv_count * sizeof(float)));
+  return b.CopyToHost(v.data(), a.v.data, kv_count * sizeof(float));
 }
 
 absl::Status HostTokens::Upload(kernels::Backend& b, const AttendArgs& a) const {
@@ -49,30 +49,34 @@ absl::Status HostKvCache::Check(const std::vector<int32_t>& seq_ids, const std::
 }
 
 absl::Status HostKvCache::Attend(kernels::Backend& b, const AttendArgs& a) {
-  const int64_t n = a.q.shape[0];
-  FERRY_RETURN_IF_ERROR(tokens_.Download(b, a, width_));
+  const int64_t n = a.q.shape[0], q_width = a.q.shape[1];
+  FERRY_RETURN_IF_ERROR(tokens_.Download(b, a, static_cast<int>(q_width), width_));
   std::vector<int32_t> seq = *a.host_seq_ids, pos = *a.host_positions;
   const TensorView kc = host(k_[a.layer].data(), {rows_, max_len_, width_}, kv_dtype_),
                    vc = host(v_[a.layer].data(), {rows_, max_len_, width_}, kv_dtype_);
   const TensorView ids = host(seq.data(), {n}, DType::kI32), ps = host(pos.data(), {n}, DType::kI32);
   FERRY_RETURN_IF_ERROR(cpu_.KvWrite({host(tokens_.k.data(), {n, width_}), host(tokens_.v.data(), {n, width_}), kc, vc, ids, ps}));
-  FERRY_RETURN_IF_ERROR(cpu_.Attention({host(tokens_.q.data(), {n, width_}), kc, vc, ids, ps, host(tokens_.out.data(), {n, width_}),
-                                        a.num_heads, a.scale, TensorView{}}));
+  kernels::AttentionArgs attn{host(tokens_.q.data(), {n, q_width}), kc, vc, ids, ps, host(tokens_.out.data(), {n, q_width}),
+                              a.num_heads, a.scale, TensorView{}};
+  attn.num_kv_heads = a.num_kv_heads;
+  FERRY_RETURN_IF_ERROR(cpu_.Attention(attn));
   return tokens_.Upload(b, a);
 }
 
 absl::StatusOr<std::unique_ptr<HostH2OCache>> HostH2OCache::Create(int layers, int heads, int head_dim, int rows,
-                                                                    const H2OOptions& o, DType kv_dtype) {
+                                                                    const H2OOptions& o, DType kv_dtype, int query_heads) {
   std::unique_ptr<HostH2OCache> c(new HostH2OCache());
-  c->width_ = heads * head_dim;
-  FERRY_ASSIGN_OR_RETURN(c->inner_, H2OCache::Create(c->cpu_, layers, heads, head_dim, rows, o, kv_dtype));
+  if (query_heads == 0) query_heads = heads;
+  c->width_ = query_heads * head_dim;
+  c->kv_width_ = heads * head_dim;
+  FERRY_ASSIGN_OR_RETURN(c->inner_, H2OCache::Create(c->cpu_, layers, heads, head_dim, rows, o, kv_dtype, query_heads));
   return c;
 }
 
 uint64_t HostH2OCache::Bytes(int layers, int heads, int head_dim, int rows, const H2OOptions& o, int prefill_rows, int max_prompt,
-                             DType kv_dtype) {
-  return H2OCache::Bytes(layers, heads, head_dim, rows, o, kv_dtype) +
-         H2OCache::PrefillBytes(heads, head_dim, prefill_rows, max_prompt, kv_dtype);
+                             DType kv_dtype, int query_heads) {
+  return H2OCache::Bytes(layers, heads, head_dim, rows, o, kv_dtype, query_heads) +
+         H2OCache::PrefillBytes(heads, head_dim, prefill_rows, max_prompt, kv_dtype, query_heads);
 }
 
 absl::Status HostH2OCache::Check(const std::vector<int32_t>& seq_ids, const std::vector<int32_t>& positions) const {
@@ -81,19 +85,20 @@ absl::Status HostH2OCache::Check(const std::vector<int32_t>& seq_ids, const std:
 
 absl::Status HostH2OCache::Attend(kernels::Backend& b, const AttendArgs& a) {
   const int64_t n = a.q.shape[0];
-  FERRY_RETURN_IF_ERROR(tokens_.Download(b, a, width_));
+  FERRY_RETURN_IF_ERROR(tokens_.Download(b, a, width_, kv_width_));
   std::vector<int32_t> seq = *a.host_seq_ids, pos = *a.host_positions;
   AttendArgs h{a.layer,
                host(tokens_.q.data(), {n, width_}),
-               host(tokens_.k.data(), {n, width_}),
-               host(tokens_.v.data(), {n, width_}),
+               host(tokens_.k.data(), {n, kv_width_}),
+               host(tokens_.v.data(), {n, kv_width_}),
                host(seq.data(), {n}, DType::kI32),
                host(pos.data(), {n}, DType::kI32),
                &seq,
                &pos,
                host(tokens_.out.data(), {n, width_}),
                a.num_heads,
-               a.scale};
+               a.scale,
+               a.num_kv_heads};
   FERRY_RETURN_IF_ERROR(inner_->Attend(cpu_, h));
   return tokens_.Upload(b, a);
 }

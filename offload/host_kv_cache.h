@@ -17,7 +17,8 @@ namespace ferry::offload {
 // A call's q, k, v brought down to the host, and its attention output sent back.
 struct HostTokens {
   std::vector<float> q, k, v, out;
-  absl::Status Download(kernels::Backend& backend, const AttendArgs& args, int width);
+  // q and out are [n, width], k and v [n, kv_width].
+  absl::Status Download(kernels::Backend& backend, const AttendArgs& args, int width, int kv_width);
   absl::Status Upload(kernels::Backend& backend, const AttendArgs& args) const;
 };
 
@@ -46,11 +47,11 @@ class HostKvCache final : public AttentionCache {
 class HostH2OCache final : public AttentionCache {
  public:
   static absl::StatusOr<std::unique_ptr<HostH2OCache>> Create(int layers, int heads, int head_dim, int rows, const H2OOptions& o,
-                                                               DType kv_dtype = DType::kF32);
+                                                               DType kv_dtype = DType::kF32, int query_heads = 0);
   // Host bytes: the slots and bookkeeping, plus the prefill's dense scratch for `prefill_rows`
   // prompts of up to `max_prompt` tokens.
   static uint64_t Bytes(int layers, int heads, int head_dim, int rows, const H2OOptions& o, int prefill_rows, int max_prompt,
-                        DType kv_dtype = DType::kF32);
+                        DType kv_dtype = DType::kF32, int query_heads = 0);
 
   absl::Status Check(const std::vector<int32_t>& seq_ids, const std::vector<int32_t>& positions) const override;
   absl::Status Attend(kernels::Backend& backend, const AttendArgs& args) override;
@@ -58,7 +59,7 @@ class HostH2OCache final : public AttentionCache {
 
  private:
   HostH2OCache() = default;
-  int width_ = 0;
+  int width_ = 0, kv_width_ = 0;
   kernels::CpuBackend cpu_;
   std::unique_ptr<H2OCache> inner_;  // on cpu_
   HostTokens tokens_;

@@ -14,7 +14,7 @@
 #include "base/status.h"
 #include "engine/generator.h"
 #include "engine/jobs.h"
-#include "engine/opt_model.h"
+#include "engine/model.h"
 #include "engine/perplexity.h"
 #include "engine/sparsity.h"
 #include "engine/tokenizer.h"
@@ -56,7 +56,7 @@ DType KvDtype(const ModelFlags& f) { return f.kv_dtype == "f16" ? DType::kF16 : 
 
 struct Loaded {
   std::unique_ptr<kernels::Backend> backend;
-  std::unique_ptr<engine::OptModel> model;
+  std::unique_ptr<engine::Model> model;
   std::unique_ptr<engine::Tokenizer> tokenizer;
 };
 
@@ -92,23 +92,23 @@ absl::StatusOr<Loaded> LoadAll(const ModelFlags& f, int64_t rows, int64_t max_to
   FERRY_ASSIGN_OR_RETURN(l.backend, kernels::CreateBackend(bo));
   FERRY_ASSIGN_OR_RETURN(l.tokenizer, engine::Tokenizer::FromModelDir(f.model));
   if (f.weights.empty()) {
-    FERRY_ASSIGN_OR_RETURN(l.model, engine::OptModel::Load(f.model, l.backend.get()));
+    FERRY_ASSIGN_OR_RETURN(l.model, engine::Model::Load(f.model, l.backend.get()));
   } else {
     if (!PathExists(f.model + "/manifest.json")) {
       return absl::InvalidArgumentError(absl::StrCat("--weights reads a ferry store; convert first: ferry convert --model ",
                                                      f.model, " --out STORE"));
     }
-    FERRY_ASSIGN_OR_RETURN(engine::OptConfig config, engine::OptConfig::FromModelDir(f.model));
+    FERRY_ASSIGN_OR_RETURN(engine::ModelConfig config, engine::ModelConfig::FromModelDir(f.model));
     engine::OffloadOptions o;
     FERRY_ASSIGN_OR_RETURN(o.split, offload::ParseWeightSplit(f.weights));
     o.sparse_ffn = sparse_ffn;
     o.sparse_cache_fraction = sparse_cache;
     o.device_budget = bo.memory_budget_bytes;
     o.host_budget = bo.host_budget_bytes;
-    o.reserve_device_bytes = engine::OptModel::KvCacheBytes(config, rows, config.max_positions, KvDtype(f)) +
-                             engine::OptModel::ForwardWorkspaceBytes(config, whole_prefill ? rows * config.max_positions : max_tokens_per_call, rows,
+    o.reserve_device_bytes = offload::KvCacheBytes(engine::KvSpec(config, static_cast<int>(rows), config.max_positions, KvDtype(f))).device +
+                             engine::Model::ForwardWorkspaceBytes(config, whole_prefill ? rows * config.max_positions : max_tokens_per_call, rows,
                                                                    max_tokens_per_call);
-    FERRY_ASSIGN_OR_RETURN(l.model, engine::OptModel::LoadOffloaded(f.model, l.backend.get(), o));
+    FERRY_ASSIGN_OR_RETURN(l.model, engine::Model::LoadOffloaded(f.model, l.backend.get(), o));
   }
   if (l.tokenizer->vocab_size() > l.model->config().vocab_size) {
     return absl::InvalidArgumentError(absl::StrCat("tokenizer has ", l.tokenizer->vocab_size(), " tokens but the model only ",

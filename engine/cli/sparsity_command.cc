@@ -39,7 +39,7 @@ absl::Status RunCollect(const CollectFlags& f) {
   kernels::BackendOptions bo;
   bo.name = f.device;
   FERRY_ASSIGN_OR_RETURN(std::unique_ptr<kernels::Backend> backend, kernels::CreateBackend(bo));
-  FERRY_ASSIGN_OR_RETURN(auto model, engine::OptModel::Load(f.model, backend.get()));
+  FERRY_ASSIGN_OR_RETURN(auto model, engine::Model::Load(f.model, backend.get()));
   FERRY_ASSIGN_OR_RETURN(auto tok, engine::Tokenizer::FromModelDir(f.model));
   FERRY_ASSIGN_OR_RETURN(std::string text, ReadFileToString(f.text));
   FERRY_ASSIGN_OR_RETURN(std::vector<int> ids, tok->Encode(engine::NormalizeNewlines(text)));
@@ -75,7 +75,7 @@ absl::Status RunReport(const ReportFlags& f) {
   if (!f.predictors.empty()) {
     FERRY_ASSIGN_OR_RETURN(std::string cfg, ReadFileToString(f.data + "/meta.json"));
     // The predictors carry their shapes; check them against the collected data's.
-    engine::OptConfig shape;
+    engine::ModelConfig shape;
     auto j = nlohmann::json::parse(cfg, nullptr, false);
     if (j.is_discarded()) return absl::DataLossError(absl::StrCat(f.data, "/meta.json is not JSON"));
     shape.hidden_size = j.value("hidden", 0), shape.ffn_dim = j.value("ffn", 0), shape.num_layers = j.value("layers", 0);

@@ -38,19 +38,20 @@ constexpr int64_t kMaxHeadDim = 1024;
 
 namespace {
 
-// Attention of query i, head h over entries 0..pos[i] of its row; returns the probabilities in
-// `scores` (resized to the row's length).
+// Attention of query i, head h over entries 0..pos[i] of its row (KV head h / group); returns the
+// probabilities in `scores` (resized to the row's length).
 void AttendOne(const AttentionArgs& a, int64_t i, int64_t h, std::vector<float>& scores) {
   const int64_t width = a.q.shape[1], head_dim = width / a.num_heads, max_len = a.k_cache.shape[1];
+  const int64_t kv_width = a.k_cache.shape[2], group = a.num_heads / a.kv_heads();
   const int32_t seq = a.seq_ids.as<const int32_t>()[i];
   const int64_t len = static_cast<int64_t>(a.positions.as<const int32_t>()[i]) + 1;
   const float* q = a.q.as<const float>() + i * width + h * head_dim;
-  const int64_t base = static_cast<int64_t>(seq) * max_len * width + h * head_dim;
+  const int64_t base = static_cast<int64_t>(seq) * max_len * kv_width + (h / group) * head_dim;
   float buf[kMaxHeadDim];
   scores.resize(static_cast<size_t>(len));
   float max_score = -INFINITY;
   for (int64_t j = 0; j < len; ++j) {
-    scores[j] = Dot(q, Row(a.k_cache, base + j * width, head_dim, buf), head_dim) * a.scale;
+    scores[j] = Dot(q, Row(a.k_cache, base + j * kv_width, head_dim, buf), head_dim) * a.scale;
     max_score = std::max(max_score, scores[j]);
   }
   float sum = 0.0f;
@@ -64,7 +65,7 @@ void AttendOne(const AttentionArgs& a, int64_t i, int64_t h, std::vector<float>&
   for (int64_t j = 0; j < len; ++j) {
     const float p = scores[j] * inv;
     scores[j] = p;
-    const float* v = Row(a.v_cache, base + j * width, head_dim, buf);
+    const float* v = Row(a.v_cache, base + j * kv_width, head_dim, buf);
     for (int64_t d = 0; d < head_dim; ++d) out[d] += p * v[d];
   }
 }
@@ -100,12 +101,13 @@ void CpuAttention(ThreadPool& pool, const AttentionArgs& a) {
 
 void CpuSlotAttention(ThreadPool& pool, const SlotAttentionArgs& a) {
   const int64_t n = a.q.shape[0], width = a.q.shape[1];
-  const int64_t heads = a.k_slots.shape[1], slots = a.k_slots.shape[2], hd = a.k_slots.shape[3];
+  const int64_t kv_heads = a.k_slots.shape[1], slots = a.k_slots.shape[2], hd = a.k_slots.shape[3];
+  const int64_t heads = width / hd, group = heads / kv_heads;
   const int32_t* seq = a.seq_ids.as<const int32_t>();
   pool.ParallelFor(n * heads, 4, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t i = item / heads, h = item % heads;
-      const int64_t base = static_cast<int64_t>(seq[i]) * heads + h;  // (seq, head)
+      const int64_t base = static_cast<int64_t>(seq[i]) * kv_heads + h / group;  // (seq, KV head)
       const uint8_t* occ = a.occupied.as<const uint8_t>() + base * slots;
       float buf[kMaxHeadDim];
       const float* q = a.q.as<const float>() + i * width + h * hd;

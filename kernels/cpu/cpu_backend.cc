@@ -29,6 +29,14 @@ absl::Status CheckIds(const char* op, const char* what, const TensorView& ids, i
 
 }  // namespace
 
+// The sum over a KV head's `group` query heads of element j of their rows of `stride` floats
+// (rows consecutive from `rows`), in head order: H2O's score of a shared slot.
+static float GroupSum(const float* rows, int64_t group, int64_t stride, int64_t j) {
+  float s = rows[j];
+  for (int64_t g = 1; g < group; ++g) s += rows[g * stride + j];
+  return s;
+}
+
 class DoneFence final : public Fence {
  public:
   absl::Status Wait() override { return absl::OkStatus(); }
@@ -321,6 +329,7 @@ absl::Status CpuBackend::H2OPlace(const H2OPlaceArgs& a) {
 absl::Status CpuBackend::H2OUpdate(const H2OUpdateArgs& a) {
   FERRY_RETURN_IF_ERROR(ValidateH2OUpdate(a));
   const int64_t n = a.seq_ids.shape[0], heads = a.slot_pos.shape[1], slots = a.slot_pos.shape[2];
+  const int64_t group = a.probs.shape[1] / heads;  // query heads per KV head
   FERRY_RETURN_IF_ERROR(CheckIds("H2OUpdate", "seq_ids", a.seq_ids, 0, a.slot_pos.shape[0]));
   const int32_t* seq = a.seq_ids.as<const int32_t>();
   const int32_t* pos = a.positions.as<const int32_t>();
@@ -330,11 +339,10 @@ absl::Status CpuBackend::H2OUpdate(const H2OUpdateArgs& a) {
       uint8_t* occ = a.occupied.as<uint8_t>() + base;
       int32_t* at = a.slot_pos.as<int32_t>() + base;
       float* score = a.scores.as<float>() + base;
-      const float* p = a.probs.as<const float>() + (i * heads + h) * slots;
       int count = 0;
       for (int64_t j = 0; j < slots; ++j) {
         if (!occ[j]) continue;
-        score[j] += p[j];
+        score[j] += GroupSum(a.probs.as<const float>() + (i * heads + h) * group * slots, group, slots, j);
         ++count;
       }
       if (count <= a.budget) continue;
@@ -354,8 +362,8 @@ absl::Status CpuBackend::H2OUpdate(const H2OUpdateArgs& a) {
 
 absl::Status CpuBackend::H2OPrefill(const H2OPrefillArgs& a) {
   FERRY_RETURN_IF_ERROR(ValidateH2OPrefill(a));
-  const int64_t used = a.col_sums.shape[0], heads = a.col_sums.shape[1], max_len = a.col_sums.shape[2];
-  const int64_t slots = a.slot_pos.shape[2];
+  const int64_t used = a.col_sums.shape[0], heads = a.slot_pos.shape[1], max_len = a.col_sums.shape[2];
+  const int64_t slots = a.slot_pos.shape[2], group = a.col_sums.shape[1] / heads;
   FERRY_RETURN_IF_ERROR(CheckIds("H2OPrefill", "rows", a.rows, 0, a.slot_pos.shape[0]));
   const int32_t* lengths = a.lengths.as<const int32_t>();
   for (int64_t u = 0; u < used; ++u) {
@@ -363,10 +371,13 @@ absl::Status CpuBackend::H2OPrefill(const H2OPrefillArgs& a) {
   }
   pool_->ParallelFor(used * heads, 4, [&](int64_t begin, int64_t end) {
     std::vector<int> keep, rest;
+    std::vector<float> summed(static_cast<size_t>(max_len));
     for (int64_t item = begin; item < end; ++item) {
       const int64_t u = item / heads, h = item % heads;
       const int len = lengths[u];
-      const float* col = a.col_sums.as<const float>() + item * max_len;
+      // The KV head's column sums: its query heads' in head order.
+      for (int64_t p = 0; p < max_len; ++p) summed[p] = GroupSum(a.col_sums.as<const float>() + item * group * max_len, group, max_len, p);
+      const float* col = summed.data();
       keep.clear();
       rest.clear();
       for (int p = 0; p < len; ++p) {

@@ -127,13 +127,13 @@ __global__ void AttentionKernel(const float* __restrict__ q, const T* __restrict
                                 const T* __restrict__ v_cache, const int32_t* __restrict__ seq_ids,
                                 const int32_t* __restrict__ positions, const int32_t* __restrict__ rows,
                                 float* __restrict__ out, float* __restrict__ col_sums, int64_t max_len, int64_t width,
-                                int head_dim, float scale) {
+                                int64_t kv_width, int group, int head_dim, float scale) {
   const int64_t i = rows != nullptr ? rows[blockIdx.x] : blockIdx.x;
   const int h = blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t len = static_cast<int64_t>(positions[i]) + 1;
   const int64_t seq = seq_ids[i];
-  const int64_t base = seq * max_len * width + static_cast<int64_t>(h) * head_dim;
+  const int64_t base = seq * max_len * kv_width + static_cast<int64_t>(h / group) * head_dim;  // the query group's KV head
 
   float qv[kMaxPerLane], acc[kMaxPerLane];
 #pragma unroll
@@ -143,7 +143,7 @@ __global__ void AttentionKernel(const float* __restrict__ q, const T* __restrict
     acc[r] = 0.0f;
   }
   auto score = [&](int64_t j) {
-    float s = LaneDot<Pairs>(qv, k_cache + base + j * width, lane, head_dim);
+    float s = LaneDot<Pairs>(qv, k_cache + base + j * kv_width, lane, head_dim);
     for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
     return s * scale;
   };
@@ -154,7 +154,7 @@ __global__ void AttentionKernel(const float* __restrict__ q, const T* __restrict
     const float corr = expf(m - m_new);
     const float p = expf(s - m_new);
     l = l * corr + p;
-    LaneAxpy<Pairs>(acc, corr, p, v_cache + base + j * width, lane, head_dim);
+    LaneAxpy<Pairs>(acc, corr, p, v_cache + base + j * kv_width, lane, head_dim);
     m = m_new;
   }
   const Merged fin = MergeWarps<Pairs>(m, l, acc, head_dim, out + i * width + static_cast<int64_t>(h) * head_dim);
@@ -186,7 +186,8 @@ template <bool kColSums, typename T>
 __global__ void __launch_bounds__(kWarps * 32) PrefillTileKernel(
     const float* __restrict__ q, const T* __restrict__ k_cache, const T* __restrict__ v_cache,
     const int32_t* __restrict__ seq_ids, const int32_t* __restrict__ positions, const int2* __restrict__ tiles,
-    float* __restrict__ out, float* __restrict__ col_sums, int64_t max_len, int64_t width, int hd, float scale) {
+    float* __restrict__ out, float* __restrict__ col_sums, int64_t max_len, int64_t width, int64_t kv_width, int group, int hd,
+    float scale) {
   using namespace nvcuda;
   extern __shared__ __align__(128) unsigned char smem[];
   const int ldh = hd + 8, ldo = hd + 4;
@@ -206,7 +207,7 @@ __global__ void __launch_bounds__(kWarps * 32) PrefillTileKernel(
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int p0 = positions[r0], p_last = p0 + nrows - 1;
   const int64_t seq = seq_ids[r0];
-  const int64_t base = seq * max_len * width + static_cast<int64_t>(h) * hd;
+  const int64_t base = seq * max_len * kv_width + static_cast<int64_t>(h / group) * hd;  // the query group's KV head
   const int64_t col0 = static_cast<int64_t>(h) * hd;
 
   // Rows of Q, K and V move as float4 (head_dim % 16 == 0 keeps them 16-byte aligned) and land
@@ -236,7 +237,7 @@ __global__ void __launch_bounds__(kWarps * 32) PrefillTileKernel(
       const int j = idx / hd4, d = (idx - j * hd4) * 4;
       const int key = kt + j;
       const bool in = key <= p_last;
-      const int64_t at = base + static_cast<int64_t>(key) * width + d;
+      const int64_t at = base + static_cast<int64_t>(key) * kv_width + d;
       put(ks + j * ldh + d, in ? Ld4(k_cache + at) : zero4);
       if (with_v) put(vs + j * ldh + d, in ? Ld4(v_cache + at) : zero4);
     }
@@ -381,11 +382,11 @@ template <typename T, bool Pairs>
 __global__ void SlotAttentionKernel(const float* __restrict__ q, const T* __restrict__ k_slots,
                                     const T* __restrict__ v_slots, const uint8_t* __restrict__ occupied,
                                     const int32_t* __restrict__ seq_ids, float* __restrict__ out, float* __restrict__ probs,
-                                    int slots, int hd, float scale) {
+                                    int slots, int hd, int kv_heads, float scale) {
   const int64_t i = blockIdx.x;
   const int h = blockIdx.y, heads = gridDim.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t cell = static_cast<int64_t>(seq_ids[i]) * heads + h;
+  const int64_t cell = static_cast<int64_t>(seq_ids[i]) * kv_heads + h / (heads / kv_heads);  // (sequence, KV head)
   const uint8_t* occ = occupied + cell * slots;
   const T* kb = k_slots + cell * slots * hd;
   const T* vb = v_slots + cell * slots * hd;
@@ -440,17 +441,19 @@ __global__ void H2OPlaceKernel(const int32_t* __restrict__ seq_ids, const int32_
 __global__ void H2OUpdateKernel(const int32_t* __restrict__ seq_ids, const int32_t* __restrict__ positions,
                                 const float* __restrict__ probs, int32_t* __restrict__ slot_pos, float* __restrict__ scores,
                                 uint8_t* __restrict__ occupied, int64_t n, int heads, int slots, int budget, int recent,
-                                int protect) {
+                                int protect, int group) {
   const int64_t cell = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (cell >= n * heads) return;
   const int64_t i = cell / heads, h = cell % heads;
   const int64_t base = (static_cast<int64_t>(seq_ids[i]) * heads + h) * slots;
-  const float* p = probs + cell * slots;
+  const float* p = probs + cell * group * slots;  // the group's query heads, [group, slots]
   const int pos = positions[i];
   int count = 0;
   for (int j = 0; j < slots; ++j) {
     if (!occupied[base + j]) continue;
-    scores[base + j] += p[j];
+    float sum = p[j];  // in head order, as the CPU twin
+    for (int g = 1; g < group; ++g) sum += p[g * slots + j];
+    scores[base + j] += sum;
     ++count;
   }
   if (count <= budget) return;
@@ -475,13 +478,20 @@ __global__ void H2OUpdateKernel(const int32_t* __restrict__ seq_ids, const int32
 __global__ void H2OPrefillKernel(const float* __restrict__ col_sums, const int32_t* __restrict__ lengths,
                                  const int32_t* __restrict__ rows, int32_t* __restrict__ slot_pos, float* __restrict__ scores,
                                  uint8_t* __restrict__ occupied, int32_t* __restrict__ token_slot, int max_len, int slots,
-                                 int heavy, int recent, int protect) {
+                                 int heavy, int recent, int protect, int group) {
   extern __shared__ float col[];  // [max_len], then int flags [max_len]
   int* kept = reinterpret_cast<int*>(col + max_len);
-  const int u = blockIdx.x, h = blockIdx.y, heads = gridDim.y;
+  const int u = blockIdx.x, h = blockIdx.y, heads = gridDim.y;  // h: the KV head
   const int len = lengths[u];
-  const float* src = col_sums + (static_cast<int64_t>(u) * heads + h) * max_len;
-  for (int p = threadIdx.x; p < max_len; p += blockDim.x) col[p] = p < len ? src[p] : 0.0f;
+  const float* src = col_sums + (static_cast<int64_t>(u) * heads + h) * group * max_len;  // its query heads' sums
+  for (int p = threadIdx.x; p < max_len; p += blockDim.x) {
+    float c = 0.0f;
+    if (p < len) {
+      c = src[p];  // in head order, as the CPU twin
+      for (int g = 1; g < group; ++g) c += src[static_cast<int64_t>(g) * max_len + p];
+    }
+    col[p] = c;
+  }
   const int64_t base = (static_cast<int64_t>(rows[u]) * heads + h) * slots;
   for (int j = threadIdx.x; j < slots; j += blockDim.x) {
     slot_pos[base + j] = -1;
@@ -531,8 +541,8 @@ static bool HalfPairsAligned(const void* k, const void* v, int head_dim) {
 bool PrefillTilesSupported(int head_dim) { return head_dim % 16 == 0 && head_dim <= 128; }
 
 cudaError_t LaunchAttention(const AttentionArgs& a, const int32_t* rows, int64_t num_rows, cudaStream_t stream) {
-  const int64_t width = a.q.shape[1];
-  const int head_dim = static_cast<int>(width / a.num_heads);
+  const int64_t width = a.q.shape[1], kv_width = a.k_cache.shape[2];
+  const int head_dim = static_cast<int>(width / a.num_heads), group = a.num_heads / a.kv_heads();
   if (head_dim > kMaxPerLane * 32) return cudaErrorInvalidValue;
   if (num_rows == 0) return cudaSuccess;
   dim3 grid(static_cast<unsigned>(num_rows), static_cast<unsigned>(a.num_heads));
@@ -541,7 +551,7 @@ cudaError_t LaunchAttention(const AttentionArgs& a, const int32_t* rows, int64_t
     AttentionKernel<T, decltype(pairs)::value><<<grid, kWarps * 32, 0, stream>>>(
         a.q.as<const float>(), a.k_cache.as<const T>(), a.v_cache.as<const T>(), a.seq_ids.as<const int32_t>(),
         a.positions.as<const int32_t>(), rows, a.out.as<float>(), a.col_sums.data != nullptr ? a.col_sums.as<float>() : nullptr,
-        a.k_cache.shape[1], width, head_dim, a.scale);
+        a.k_cache.shape[1], width, kv_width, group, head_dim, a.scale);
   };
   if (a.k_cache.dtype == DType::kF16 && HalfPairsAligned(a.k_cache.data, a.v_cache.data, head_dim)) {
     launch(static_cast<__half*>(nullptr), std::true_type{});
@@ -554,8 +564,8 @@ cudaError_t LaunchAttention(const AttentionArgs& a, const int32_t* rows, int64_t
 }
 
 cudaError_t LaunchPrefillTiles(const AttentionArgs& a, const int2* tiles, int64_t num_tiles, cudaStream_t stream) {
-  const int64_t width = a.q.shape[1];
-  const int head_dim = static_cast<int>(width / a.num_heads);
+  const int64_t width = a.q.shape[1], kv_width = a.k_cache.shape[2];
+  const int head_dim = static_cast<int>(width / a.num_heads), group = a.num_heads / a.kv_heads();
   if (!PrefillTilesSupported(head_dim)) return cudaErrorInvalidValue;
   if (num_tiles == 0) return cudaSuccess;
   const size_t smem = TileSmemBytes(head_dim);
@@ -569,7 +579,7 @@ cudaError_t LaunchPrefillTiles(const AttentionArgs& a, const int2* tiles, int64_
     kernel<<<grid, kWarps * 32, smem, stream>>>(a.q.as<const float>(), a.k_cache.as<const T>(), a.v_cache.as<const T>(),
                                                 a.seq_ids.as<const int32_t>(), a.positions.as<const int32_t>(), tiles,
                                                 a.out.as<float>(), cols ? a.col_sums.as<float>() : nullptr, a.k_cache.shape[1],
-                                                width, head_dim, a.scale);
+                                                width, kv_width, group, head_dim, a.scale);
     return cudaGetLastError();
   };
   return a.k_cache.dtype == DType::kF16 ? launch(static_cast<__half*>(nullptr)) : launch(static_cast<float*>(nullptr));
@@ -605,8 +615,9 @@ cudaError_t LaunchSlotKvWrite(const SlotKvWriteArgs& a, cudaStream_t stream) {
 
 cudaError_t LaunchSlotAttention(const SlotAttentionArgs& a, cudaStream_t stream) {
   const int64_t n = a.q.shape[0];
-  const int heads = static_cast<int>(a.k_slots.shape[1]), slots = static_cast<int>(a.k_slots.shape[2]),
+  const int kv_heads = static_cast<int>(a.k_slots.shape[1]), slots = static_cast<int>(a.k_slots.shape[2]),
             hd = static_cast<int>(a.k_slots.shape[3]);
+  const int heads = static_cast<int>(a.q.shape[1] / hd);  // query heads
   if (hd > kMaxPerLane * 32) return cudaErrorInvalidValue;
   if (n == 0) return cudaSuccess;
   dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(heads));
@@ -614,7 +625,7 @@ cudaError_t LaunchSlotAttention(const SlotAttentionArgs& a, cudaStream_t stream)
     using T = std::remove_pointer_t<decltype(slot_type)>;
     SlotAttentionKernel<T, decltype(pairs)::value><<<grid, kWarps * 32, 0, stream>>>(a.q.as<const float>(), a.k_slots.as<const T>(), a.v_slots.as<const T>(),
                                                              a.occupied.as<const uint8_t>(), a.seq_ids.as<const int32_t>(),
-                                                             a.out.as<float>(), a.probs.as<float>(), slots, hd, a.scale);
+                                                             a.out.as<float>(), a.probs.as<float>(), slots, hd, kv_heads, a.scale);
   };
   if (a.k_slots.dtype == DType::kF16 && HalfPairsAligned(a.k_slots.data, a.v_slots.data, hd)) {
     launch(static_cast<__half*>(nullptr), std::true_type{});
@@ -644,13 +655,15 @@ cudaError_t LaunchH2OUpdate(const H2OUpdateArgs& a, cudaStream_t stream) {
   const int64_t cells = n * heads;
   H2OUpdateKernel<<<static_cast<unsigned>((cells + 127) / 128), 128, 0, stream>>>(
       a.seq_ids.as<const int32_t>(), a.positions.as<const int32_t>(), a.probs.as<const float>(), a.slot_pos.as<int32_t>(),
-      a.scores.as<float>(), a.occupied.as<uint8_t>(), n, heads, slots, a.budget, a.recent, a.protect);
+      a.scores.as<float>(), a.occupied.as<uint8_t>(), n, heads, slots, a.budget, a.recent, a.protect,
+      static_cast<int>(a.probs.shape[1] / heads));
   return cudaGetLastError();
 }
 
 cudaError_t LaunchH2OPrefill(const H2OPrefillArgs& a, cudaStream_t stream) {
   const int64_t used = a.col_sums.shape[0];
-  const int heads = static_cast<int>(a.col_sums.shape[1]), max_len = static_cast<int>(a.col_sums.shape[2]);
+  const int heads = static_cast<int>(a.slot_pos.shape[1]), max_len = static_cast<int>(a.col_sums.shape[2]);  // KV heads
+  const int group = static_cast<int>(a.col_sums.shape[1]) / heads;
   if (used == 0) return cudaSuccess;
   const size_t smem = static_cast<size_t>(max_len) * (sizeof(float) + sizeof(int));
   if (smem > 48 * 1024) {
@@ -661,7 +674,7 @@ cudaError_t LaunchH2OPrefill(const H2OPrefillArgs& a, cudaStream_t stream) {
   H2OPrefillKernel<<<grid, 256, smem, stream>>>(a.col_sums.as<const float>(), a.lengths.as<const int32_t>(),
                                                 a.rows.as<const int32_t>(), a.slot_pos.as<int32_t>(), a.scores.as<float>(),
                                                 a.occupied.as<uint8_t>(), a.token_slot.as<int32_t>(), max_len,
-                                                static_cast<int>(a.slot_pos.shape[2]), a.heavy, a.recent, a.protect);
+                                                static_cast<int>(a.slot_pos.shape[2]), a.heavy, a.recent, a.protect, group);
   return cudaGetLastError();
 }
 

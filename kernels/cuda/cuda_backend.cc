@@ -187,6 +187,30 @@ absl::Status CudaBackend::LayerNorm(const LayerNormArgs& a) {
   return absl::OkStatus();
 }
 
+absl::Status CudaBackend::RmsNorm(const RmsNormArgs& a) {
+  FERRY_RETURN_IF_ERROR(ValidateRmsNorm(a));
+  FERRY_CUDA_RETURN_IF_ERROR(LaunchRmsNorm(a, stream_));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::AddRmsNorm(const AddRmsNormArgs& a) {
+  FERRY_RETURN_IF_ERROR(ValidateAddRmsNorm(a));
+  FERRY_CUDA_RETURN_IF_ERROR(LaunchAddRmsNorm(a, stream_));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::Rope(const RopeArgs& a) {
+  FERRY_RETURN_IF_ERROR(ValidateRope(a));
+  FERRY_CUDA_RETURN_IF_ERROR(LaunchRope(a, stream_));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::SiluMul(const SiluMulArgs& a) {
+  FERRY_RETURN_IF_ERROR(ValidateSiluMul(a));
+  FERRY_CUDA_RETURN_IF_ERROR(LaunchSiluMul(a, stream_));
+  return absl::OkStatus();
+}
+
 absl::Status CudaBackend::Gemm(const GemmOperand& x, const WeightOperand& w, int64_t m, float* out, const float* bias,
                                 bool relu) {
   const int64_t n = x.rows, k = x.cols;

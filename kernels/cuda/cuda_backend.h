@@ -62,6 +62,10 @@ class CudaBackend final : public Backend {
   absl::Status LayerNorm(const LayerNormArgs& args) override;
   absl::Status AddLayerNorm(const AddLayerNormArgs& args) override;
   absl::Status Linear(const LinearArgs& args) override;
+  absl::Status RmsNorm(const RmsNormArgs& args) override;
+  absl::Status AddRmsNorm(const AddRmsNormArgs& args) override;
+  absl::Status Rope(const RopeArgs& args) override;
+  absl::Status SiluMul(const SiluMulArgs& args) override;
   absl::Status CopyTensor(const TensorView& src, const TensorView& dst) override;
   absl::Status Add(const TensorView& a, const TensorView& b, const TensorView& out) override;
   absl::Status KvWrite(const KvWriteArgs& args) override;

@@ -17,6 +17,12 @@ cudaError_t LaunchGatherRows(const GatherRowsArgs& a, cudaStream_t stream);
 cudaError_t LaunchLayerNorm(const LayerNormArgs& a, cudaStream_t stream);
 // residual += delta, out = LayerNorm(residual), in one pass where the row fits the register kernel.
 cudaError_t LaunchAddLayerNorm(const AddLayerNormArgs& a, cudaStream_t stream);
+// RMSNorm per row; the fused variant adds delta into the residual first (norm_rope.cu).
+cudaError_t LaunchRmsNorm(const RmsNormArgs& a, cudaStream_t stream);
+cudaError_t LaunchAddRmsNorm(const AddRmsNormArgs& a, cudaStream_t stream);
+// Rotary embeddings in place; freq_rows were checked against inv_freq's rows on the host.
+cudaError_t LaunchRope(const RopeArgs& a, cudaStream_t stream);
+cudaError_t LaunchSiluMul(const SiluMulArgs& a, cudaStream_t stream);
 // out = a + b over n floats.
 cudaError_t LaunchAdd(const float* a, const float* b, float* out, int64_t n, cudaStream_t stream);
 cudaError_t LaunchKvWrite(const KvWriteArgs& a, cudaStream_t stream);

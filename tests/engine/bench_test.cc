@@ -6,7 +6,7 @@
 #include <cmath>
 
 #include "engine/dummy_model.h"
-#include "engine/opt_model.h"
+#include "engine/model.h"
 #include "engine/sparsity.h"
 #include "gtest/gtest.h"
 #include "io/store.h"
@@ -101,7 +101,7 @@ TEST(BenchTest, H2OWithTheKvCacheOnTheCpu) {
   ASSERT_TRUE(dense_cpu.ok());
   // The host plan counts each cache: the difference between the two runs is the difference of
   // their host bytes.
-  auto config = OptConfig::FromModelDir(dir.path());
+  auto config = ModelConfig::FromModelDir(dir.path());
   ASSERT_TRUE(config.ok());
   const int64_t h2o_bytes = static_cast<int64_t>(offload::HostH2OCache::Bytes(config->num_layers, config->num_heads,
                                                                               config->head_dim(), 4, *o.h2o, 2, 24));
@@ -167,7 +167,7 @@ TEST(BenchTest, SparsitySimFetchesTheDrawnBundlesOnly) {
   auto sparse = RunBench(o);
   ASSERT_TRUE(sparse.ok()) << sparse.status();
   const auto& j = sparse->json;
-  auto config = OptConfig::FromModelDir(dir.path());
+  auto config = ModelConfig::FromModelDir(dir.path());
   ASSERT_TRUE(config.ok());
   const uint64_t bundle = ((2 * config->hidden_size + 1) * 2 + 15) / 16 * 16;  // fp16, rows padded to 16 bytes
   const uint64_t k = static_cast<uint64_t>(std::lround(0.15 * config->ffn_dim));
@@ -242,11 +242,11 @@ TEST(DummyModelTest, Opt125mStoreLoadsAndRuns) {
   kernels::CpuBackend cpu;
   OffloadOptions off;
   off.split = {0, 100, 0};
-  auto m = OptModel::LoadOffloaded(dir.path(), &cpu, off);
+  auto m = Model::LoadOffloaded(dir.path(), &cpu, off);
   ASSERT_TRUE(m.ok()) << m.status();
-  auto cache = KvCache::Create(cpu, (*m)->config(), 1, 4);
+  auto cache = offload::CreateKvCache(cpu, KvSpec((*m)->config(), 1, 4));
   std::vector<float> logits;
-  ASSERT_TRUE((*m)->Forward({{2, 100, 200}, {0, 0, 0}, {0, 1, 2}, {2}}, *cache, &logits).ok());
+  ASSERT_TRUE((*m)->Forward({{2, 100, 200}, {0, 0, 0}, {0, 1, 2}, {2}}, **cache, &logits).ok());
   for (float x : logits) ASSERT_TRUE(std::isfinite(x));
   // The same seed writes the same weights.
   ferry::testing::TempDir again;

@@ -27,13 +27,13 @@ class CudaModelTest : public ::testing::Test {
     ASSERT_TRUE(gpu.ok()) << gpu.status();
     gpu_ = std::move(*gpu);
     cpu_ = std::move(*kernels::CreateBackend({"cpu", 0, 0}));
-    auto m = OptModel::Load(ferry::testing::ModelDir(), gpu_.get());
+    auto m = Model::Load(ferry::testing::ModelDir(), gpu_.get());
     ASSERT_TRUE(m.ok()) << m.status();
     gpu_model_ = std::move(*m);
-    cpu_model_ = std::move(*OptModel::Load(ferry::testing::ModelDir(), cpu_.get()));
+    cpu_model_ = std::move(*Model::Load(ferry::testing::ModelDir(), cpu_.get()));
   }
   std::unique_ptr<kernels::Backend> gpu_, cpu_;
-  std::unique_ptr<OptModel> gpu_model_, cpu_model_;
+  std::unique_ptr<Model> gpu_model_, cpu_model_;
 };
 
 TEST_F(CudaModelTest, GreedyTokensMatchTheCpuAndLogitsTheGoldens) {
@@ -50,12 +50,12 @@ TEST_F(CudaModelTest, GreedyTokensMatchTheCpuAndLogitsTheGoldens) {
     EXPECT_EQ((*gpu)[0].tokens, (*cpu)[0].tokens) << p["text"];
     EXPECT_EQ((*gpu)[0].tokens, p["greedy_ids"].get<std::vector<int>>()) << p["text"];
 
-    auto cache = KvCache::Create(*gpu_, gpu_model_->config(), 1, static_cast<int>(ids.size()));
+    auto cache = offload::CreateKvCache(*gpu_, KvSpec(gpu_model_->config(), 1, static_cast<int>(ids.size())));
     ForwardBatch b;
     for (size_t i = 0; i < ids.size(); ++i) b.tokens.push_back(ids[i]), b.seq_ids.push_back(0), b.positions.push_back(i);
     b.logit_rows.push_back(static_cast<int32_t>(ids.size()) - 1);
     std::vector<float> logits;
-    ASSERT_TRUE(gpu_model_->Forward(b, *cache, &logits).ok());
+    ASSERT_TRUE(gpu_model_->Forward(b, **cache, &logits).ok());
     const std::vector<float> ref = p["last_logits"];
     double diff = 0, mag = 0;
     for (size_t i = 0; i < ref.size(); ++i) {
@@ -107,7 +107,7 @@ TEST_F(CudaModelTest, H2OMatchesTheCpu) {
   EXPECT_NEAR(gpu16->perplexity, cpu16->perplexity, cpu16->perplexity * 0.005);
   o.kv_dtype = DType::kF32;
 
-  const OptConfig& c = cpu_model_->config();
+  const ModelConfig& c = cpu_model_->config();
   const offload::H2OOptions h{24, 24, 2};
   auto gcache = offload::H2OCache::Create(*gpu_, c.num_layers, c.num_heads, c.head_dim(), 2, h);
   auto ccache = offload::H2OCache::Create(*cpu_, c.num_layers, c.num_heads, c.head_dim(), 2, h);

@@ -17,16 +17,16 @@ class GenerateTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
     backend_ = new kernels::CpuBackend();
-    model_ = std::move(*OptModel::Load(ferry::testing::ModelDir(), backend_)).release();
+    model_ = std::move(*Model::Load(ferry::testing::ModelDir(), backend_)).release();
     tok_ = std::move(*Tokenizer::FromModelDir(ferry::testing::ModelDir())).release();
   }
   std::vector<int> Ids(const std::string& text) { return *tok_->Encode(text); }
   static kernels::CpuBackend* backend_;
-  static OptModel* model_;
+  static Model* model_;
   static Tokenizer* tok_;
 };
 kernels::CpuBackend* GenerateTest::backend_;
-OptModel* GenerateTest::model_;
+Model* GenerateTest::model_;
 Tokenizer* GenerateTest::tok_;
 
 const std::vector<std::string> kPrompts = {
@@ -102,7 +102,7 @@ TEST_F(GenerateTest, StopsAtEosOrLength) {
   auto r = Generate(*model_, {{Ids("ROMEO:\nWhat light"), 0}}, o);
   ASSERT_TRUE(r.ok());
   EXPECT_EQ((*r)[0].finish_reason, "eos");
-  EXPECT_EQ((*r)[0].tokens.back(), model_->config().eos_token_id);
+  EXPECT_EQ((*r)[0].tokens.back(), model_->config().eos_token_id());
   EXPECT_EQ((*r)[0].tokens.size(), 5u);
   o.max_new_tokens = 3;
   r = Generate(*model_, {{Ids("In the beginning God created"), 0}}, o);

@@ -5,7 +5,7 @@
 #include <fstream>
 
 #include "engine/generator.h"
-#include "engine/opt_model.h"
+#include "engine/model.h"
 #include "engine/tokenizer.h"
 #include "gtest/gtest.h"
 #include "test_util.h"
@@ -33,13 +33,13 @@ double RelErr(const float* ours, const std::vector<float>& ref) {
 class GoldenTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    auto m = OptModel::Load(ferry::testing::ModelDir(), &backend_);
+    auto m = Model::Load(ferry::testing::ModelDir(), &backend_);
     ASSERT_TRUE(m.ok()) << m.status();
     model_ = std::move(*m);
     goldens_ = Goldens();
   }
   kernels::CpuBackend backend_;
-  std::unique_ptr<OptModel> model_;
+  std::unique_ptr<Model> model_;
   nlohmann::json goldens_;
 };
 
@@ -48,7 +48,7 @@ TEST_F(GoldenTest, LastLogitsAndAllPositionLogits) {
   bool checked_all_positions = false;
   for (const auto& p : goldens_["prompts"]) {
     const std::vector<int> ids = p["ids"];
-    auto cache = KvCache::Create(backend_, model_->config(), 1, static_cast<int>(ids.size()));
+    auto cache = offload::CreateKvCache(backend_, KvSpec(model_->config(), 1, static_cast<int>(ids.size())));
     ASSERT_TRUE(cache.ok());
     ForwardBatch batch;
     for (size_t i = 0; i < ids.size(); ++i) {
@@ -58,7 +58,7 @@ TEST_F(GoldenTest, LastLogitsAndAllPositionLogits) {
       batch.logit_rows.push_back(static_cast<int32_t>(i));
     }
     std::vector<float> logits;
-    ASSERT_TRUE(model_->Forward(batch, *cache, &logits).ok());
+    ASSERT_TRUE(model_->Forward(batch, **cache, &logits).ok());
     const std::vector<float> last = p["last_logits"];
     ASSERT_EQ(last.size(), static_cast<size_t>(vocab));
     const double err = RelErr(logits.data() + (ids.size() - 1) * vocab, last);

@@ -3,7 +3,7 @@
 // straightforward double-precision forward written here from the transformers model code.
 #include <cmath>
 
-#include "engine/opt_model.h"
+#include "engine/model.h"
 #include "gtest/gtest.h"
 #include "kernels/cpu/cpu_backend.h"
 #include "test_util.h"
@@ -161,10 +161,10 @@ TEST_P(OptVariantTest, MatchesDoubleReference) {
   ferry::testing::WriteFile(dir.File("config.json"), cfg.dump());
 
   kernels::CpuBackend cpu;
-  auto model = OptModel::Load(dir.path(), &cpu);
+  auto model = Model::Load(dir.path(), &cpu);
   ASSERT_TRUE(model.ok()) << model.status();
   const std::vector<int> ids = {2, 17, 5, 49, 0, 33, 8};
-  auto cache = KvCache::Create(cpu, (*model)->config(), 1, kP);
+  auto cache = offload::CreateKvCache(cpu, KvSpec((*model)->config(), 1, kP));
   ASSERT_TRUE(cache.ok());
   // Prefill the first 4 tokens, then decode the rest one at a time.
   std::vector<float> got;
@@ -173,11 +173,11 @@ TEST_P(OptVariantTest, MatchesDoubleReference) {
   for (int t = 0; t < 4; ++t) {
     pre.tokens.push_back(ids[t]), pre.seq_ids.push_back(0), pre.positions.push_back(t), pre.logit_rows.push_back(t);
   }
-  ASSERT_TRUE((*model)->Forward(pre, *cache, &got).ok());
+  ASSERT_TRUE((*model)->Forward(pre, **cache, &got).ok());
   for (int t = 0; t < 4; ++t) rows.emplace_back(got.begin() + t * kV, got.begin() + (t + 1) * kV);
   for (int t = 4; t < static_cast<int>(ids.size()); ++t) {
     ForwardBatch step{{ids[t]}, {0}, {t}, {0}};
-    ASSERT_TRUE((*model)->Forward(step, *cache, &got).ok());
+    ASSERT_TRUE((*model)->Forward(step, **cache, &got).ok());
     rows.push_back(got);
   }
   const auto ref = Reference(v, W, ids);
@@ -191,7 +191,7 @@ TEST_P(OptVariantTest, MatchesDoubleReference) {
   }
   // A position past max_position_embeddings is refused.
   ForwardBatch past{{1}, {0}, {kP}, {0}};
-  EXPECT_EQ((*model)->Forward(past, *cache, &got).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ((*model)->Forward(past, **cache, &got).code(), absl::StatusCode::kInvalidArgument);
 }
 
 INSTANTIATE_TEST_SUITE_P(Layouts, OptVariantTest,
@@ -208,17 +208,17 @@ TEST(OptModelLoadTest, MissingTensorAndWrongShapeAreClearErrors) {
                             ferry::testing::SerializeSafetensors({MakeTensor("model.decoder.embed_tokens.weight", DType::kF32,
                                                                              {kV, kD + 1}, RandomValues(kV * (kD + 1), 1))}));
   kernels::CpuBackend cpu;
-  auto m = OptModel::Load(dir.path(), &cpu);
+  auto m = Model::Load(dir.path(), &cpu);
   EXPECT_EQ(m.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(m.status().message().find("embed_tokens"), std::string::npos) << m.status();
   ferry::testing::WriteFile(dir.File("model.safetensors"),
                             ferry::testing::SerializeSafetensors({MakeTensor("model.decoder.embed_tokens.weight", DType::kF32,
                                                                              {kV, kD}, RandomValues(kV * kD, 1))}));
-  m = OptModel::Load(dir.path(), &cpu);
+  m = Model::Load(dir.path(), &cpu);
   EXPECT_EQ(m.status().code(), absl::StatusCode::kNotFound);
   EXPECT_NE(m.status().message().find("embed_positions"), std::string::npos) << m.status();
   ferry::testing::WriteFile(dir.File("config.json"), "{\"model_type\": \"gpt2\"}");
-  EXPECT_EQ(OptModel::Load(dir.path(), &cpu).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Model::Load(dir.path(), &cpu).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace

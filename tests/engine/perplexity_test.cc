@@ -12,7 +12,7 @@ namespace {
 
 TEST(PerplexityTest, WikiText2MatchesTransformers) {
   kernels::CpuBackend cpu;
-  auto model = OptModel::Load(ferry::testing::ModelDir(), &cpu);
+  auto model = Model::Load(ferry::testing::ModelDir(), &cpu);
   ASSERT_TRUE(model.ok());
   auto tok = Tokenizer::FromModelDir(ferry::testing::ModelDir());
   auto raw = ReadFileToString(ferry::testing::DataDir() + "/wiki.test.raw");
@@ -30,7 +30,7 @@ TEST(PerplexityTest, WikiText2MatchesTransformers) {
 
 TEST(PerplexityTest, BatchingWindowsChangesNothingAndBadOptionsAreRefused) {
   kernels::CpuBackend cpu;
-  auto model = OptModel::Load(ferry::testing::ModelDir(), &cpu);
+  auto model = Model::Load(ferry::testing::ModelDir(), &cpu);
   auto tok = Tokenizer::FromModelDir(ferry::testing::ModelDir());
   auto ids = (*tok)->Encode("Thou shalt not kill. Thou shalt not steal. Honour thy father and thy mother, "
                             "that thy days may be long upon the land which the LORD thy God giveth thee.");

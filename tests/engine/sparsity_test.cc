@@ -20,7 +20,7 @@ class SparsityTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
     cpu_ = new kernels::CpuBackend();
-    model_ = OptModel::Load(ferry::testing::ModelDir(), cpu_)->release();
+    model_ = Model::Load(ferry::testing::ModelDir(), cpu_)->release();
     auto tok = Tokenizer::FromModelDir(ferry::testing::ModelDir());
     train_ids_ = new std::vector<int>(*(*tok)->Encode(NormalizeNewlines(*ReadFileToString(ferry::testing::DataDir() + "/kjv-train-400k.txt"))));
     val_ids_ = new std::vector<int>(*(*tok)->Encode(NormalizeNewlines(*ReadFileToString(ferry::testing::DataDir() + "/kjv-val.txt"))));
@@ -52,13 +52,13 @@ class SparsityTest : public ::testing::Test {
   }
 
   static kernels::CpuBackend* cpu_;
-  static OptModel* model_;
+  static Model* model_;
   static std::vector<int>*train_ids_, *val_ids_;
   static ferry::testing::TempDir* dir_;
   static std::vector<LayerSparsity>* layers_;
 };
 kernels::CpuBackend* SparsityTest::cpu_;
-OptModel* SparsityTest::model_;
+Model* SparsityTest::model_;
 std::vector<int>* SparsityTest::train_ids_;
 std::vector<int>* SparsityTest::val_ids_;
 ferry::testing::TempDir* SparsityTest::dir_;
@@ -136,7 +136,7 @@ TEST_F(SparsityTest, UnionCurveGrowsWithTheBatch) {
 
 TEST_F(SparsityTest, BadInputs) {
   EXPECT_EQ(SparseFfn::Load("/nonexistent-ferry", model_->config()).status().code(), absl::StatusCode::kNotFound);
-  OptConfig other = model_->config();
+  ModelConfig other = model_->config();
   other.ffn_dim = 512;
   EXPECT_EQ(SparseFfn::Load(dir_->File("pred"), other).status().code(), absl::StatusCode::kInvalidArgument);
   TrainOptions bad;

@@ -7,7 +7,7 @@
 
 #include <filesystem>
 
-#include "engine/opt_model.h"
+#include "engine/model.h"
 #include "io/safetensors.h"
 #include "gtest/gtest.h"
 #include "kernels/cpu/cpu_backend.h"
@@ -72,15 +72,15 @@ TEST_F(StoreTest, LayoutIsAlignedAndLayersAreContiguous) {
 
 TEST_F(StoreTest, ModelFromStoreGivesIdenticalLogits) {
   kernels::CpuBackend cpu;
-  auto from_hf = engine::OptModel::Load(ferry::testing::ModelDir(), &cpu);
-  auto from_store = engine::OptModel::Load(dir_.path(), &cpu);
+  auto from_hf = engine::Model::Load(ferry::testing::ModelDir(), &cpu);
+  auto from_store = engine::Model::Load(dir_.path(), &cpu);
   ASSERT_TRUE(from_hf.ok() && from_store.ok()) << from_store.status();
   engine::ForwardBatch b{{2, 1248, 262, 2732, 406, 4156}, {0, 0, 0, 0, 0, 0}, {0, 1, 2, 3, 4, 5}, {5}};
   std::vector<float> x, y;
-  auto c1 = engine::KvCache::Create(cpu, (*from_hf)->config(), 1, 8);
-  auto c2 = engine::KvCache::Create(cpu, (*from_hf)->config(), 1, 8);
-  ASSERT_TRUE((*from_hf)->Forward(b, *c1, &x).ok());
-  ASSERT_TRUE((*from_store)->Forward(b, *c2, &y).ok());
+  auto c1 = offload::CreateKvCache(cpu, engine::KvSpec((*from_hf)->config(), 1, 8));
+  auto c2 = offload::CreateKvCache(cpu, engine::KvSpec((*from_hf)->config(), 1, 8));
+  ASSERT_TRUE((*from_hf)->Forward(b, **c1, &x).ok());
+  ASSERT_TRUE((*from_store)->Forward(b, **c2, &y).ok());
   EXPECT_EQ(x, y);
 }
 
@@ -97,7 +97,7 @@ TEST_F(StoreTest, CorruptByteIsDataLoss) {
   std::vector<char> buf(t->info.bytes);
   EXPECT_EQ(reopened->Read(t->info.name, buf.data(), buf.size()).code(), absl::StatusCode::kDataLoss);
   kernels::CpuBackend cpu;
-  EXPECT_EQ(engine::OptModel::Load(dir_.path(), &cpu).status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_EQ(engine::Model::Load(dir_.path(), &cpu).status().code(), absl::StatusCode::kDataLoss);
 }
 
 TEST_F(StoreTest, TruncatedOrMissingDataFile) {

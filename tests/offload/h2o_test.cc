@@ -185,7 +185,7 @@ TEST(H2OTest, PrefillKeepsRecentProtectedAndTopColumnSums) {
 class H2OPerplexityTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    model_ = std::move(*engine::OptModel::Load(ferry::testing::ModelDir(), &cpu_));
+    model_ = std::move(*engine::Model::Load(ferry::testing::ModelDir(), &cpu_));
     auto tok = engine::Tokenizer::FromModelDir(ferry::testing::ModelDir());
     auto text = ReadFileToString(ferry::testing::DataDir() + "/kjv-val.txt");
     ASSERT_TRUE(text.ok());
@@ -202,7 +202,7 @@ class H2OPerplexityTest : public ::testing::Test {
     return r.ok() ? r->perplexity : 0.0;
   }
   kernels::CpuBackend cpu_;
-  std::unique_ptr<engine::OptModel> model_;
+  std::unique_ptr<engine::Model> model_;
   std::vector<int> ids_;
 };
 
@@ -211,7 +211,7 @@ TEST_F(H2OPerplexityTest, BudgetHoldingEverythingGivesTheDenseCacheLogitsBitwise
   SCOPED_TRACE(DTypeName(kv));
   // Two sequences of different lengths, token by token, through both caches.
   const int len[2] = {120, 77};
-  auto dense = engine::KvCache::Create(cpu_, model_->config(), 2, 128, kv);
+  auto dense = offload::CreateKvCache(cpu_, engine::KvSpec(model_->config(), 2, 128, kv));
   auto h2o = H2OCache::Create(cpu_, model_->config().num_layers, model_->config().num_heads, model_->config().head_dim(), 2,
                               {100, 100, 0}, kv);
   ASSERT_TRUE(dense.ok() && h2o.ok());
@@ -225,7 +225,7 @@ TEST_F(H2OPerplexityTest, BudgetHoldingEverythingGivesTheDenseCacheLogitsBitwise
       step.logit_rows.push_back(static_cast<int32_t>(step.tokens.size()) - 1);
     }
     std::vector<float> a, b;
-    ASSERT_TRUE(model_->Forward(step, *dense, &a).ok());
+    ASSERT_TRUE(model_->Forward(step, **dense, &a).ok());
     ASSERT_TRUE(model_->Forward(step, **h2o, &b).ok());
     ASSERT_EQ(a, b) << "step " << t;
   }
@@ -233,11 +233,11 @@ TEST_F(H2OPerplexityTest, BudgetHoldingEverythingGivesTheDenseCacheLogitsBitwise
   // The same cache with a small budget does evict: the logits then differ.
   auto small = H2OCache::Create(cpu_, model_->config().num_layers, model_->config().num_heads, model_->config().head_dim(), 1,
                                 {4, 4, 0});
-  auto ref = engine::KvCache::Create(cpu_, model_->config(), 1, 128);
+  auto ref = offload::CreateKvCache(cpu_, engine::KvSpec(model_->config(), 1, 128));
   std::vector<float> a, b;
   for (int t = 0; t < 40; ++t) {
     engine::ForwardBatch step{{ids_[t]}, {0}, {t}, {0}};
-    ASSERT_TRUE(model_->Forward(step, *ref, &a).ok());
+    ASSERT_TRUE(model_->Forward(step, **ref, &a).ok());
     ASSERT_TRUE(model_->Forward(step, **small, &b).ok());
   }
   EXPECT_NE(a, b);

@@ -5,7 +5,7 @@
 
 #include "base/file.h"
 #include "engine/generator.h"
-#include "engine/opt_model.h"
+#include "engine/model.h"
 #include "engine/sparsity.h"
 #include "gtest/gtest.h"
 #include "io/store.h"
@@ -27,21 +27,21 @@ class OffloadModelTest : public ::testing::Test {
 
   // Logits of a prefill of two prompts, then three decode steps, all positions kept; with
   // `micro`, each sequence is its own micro-batch (FlexGen's GPU batches).
-  static std::vector<float> Run(const OptModel& m, kernels::Backend& b, bool micro = false, const FfnSelector* select = nullptr,
+  static std::vector<float> Run(Model& m, kernels::Backend& b, bool micro = false, const FfnSelector* select = nullptr,
                                 const std::function<absl::Status(int, const TensorView&, const TensorView&)>* hook = nullptr) {
-    auto cache = KvCache::Create(b, m.config(), 2, 16);
+    auto cache = offload::CreateKvCache(b, KvSpec(m.config(), 2, 16));
     EXPECT_TRUE(cache.ok());
     std::vector<float> all, logits;
     ForwardBatch pre{{2, 1248, 262, 2732, 2, 1777, 554}, {0, 0, 0, 0, 1, 1, 1}, {0, 1, 2, 3, 0, 1, 2}, {0, 1, 2, 3, 4, 5, 6}};
     if (micro) pre.micro_batch_ends = {4, 7};
-    EXPECT_TRUE(m.Forward(pre, *cache, &logits).ok());
+    EXPECT_TRUE(m.Forward(pre, **cache, &logits).ok());
     all.insert(all.end(), logits.begin(), logits.end());
     for (int step = 0; step < 3; ++step) {
       ForwardBatch dec{{406 + step, 342 + step}, {0, 1}, {4 + step, 3 + step}, {0, 1}};
       if (micro) dec.micro_batch_ends = {1, 2};
       dec.ffn_select = select;
       dec.ffn_hook = hook;
-      const absl::Status s = m.Forward(dec, *cache, &logits);
+      const absl::Status s = m.Forward(dec, **cache, &logits);
       EXPECT_TRUE(s.ok()) << s;
       all.insert(all.end(), logits.begin(), logits.end());
     }
@@ -57,7 +57,7 @@ class OffloadModelTest : public ::testing::Test {
     double rel_diff = 0;
     uint64_t selected = 0;
   };
-  static ZeroedRun RunAgainstZeroedDense(const OptModel& m, kernels::Backend& b, const OptModel& resident, kernels::Backend& rb) {
+  static ZeroedRun RunAgainstZeroedDense(Model& m, kernels::Backend& b, Model& resident, kernels::Backend& rb) {
     const int ffn = resident.config().ffn_dim;
     const FfnSelector sparse_select = RandomFfnSelector(ffn, 0.3, 11), hook_select = RandomFfnSelector(ffn, 0.3, 11);
     ZeroedRun r;
@@ -96,7 +96,7 @@ ferry::testing::TempDir* OffloadModelTest::store_dir_ = nullptr;
 
 TEST_F(OffloadModelTest, EveryPlacementGivesBitIdenticalLogits) {
   kernels::CpuBackend resident_backend;
-  auto resident = OptModel::Load(ferry::testing::ModelDir(), &resident_backend);
+  auto resident = Model::Load(ferry::testing::ModelDir(), &resident_backend);
   ASSERT_TRUE(resident.ok());
   const std::vector<float> expected = Run(**resident, resident_backend);
   for (const offload::WeightSplit split : {offload::WeightSplit{100, 0, 0}, offload::WeightSplit{0, 100, 0},
@@ -106,7 +106,7 @@ TEST_F(OffloadModelTest, EveryPlacementGivesBitIdenticalLogits) {
     OffloadOptions o;
     o.split = split;
     o.streamer.uring.block_bytes = 64 << 10;
-    auto m = OptModel::LoadOffloaded(store_dir_->path(), &backend, o);
+    auto m = Model::LoadOffloaded(store_dir_->path(), &backend, o);
     ASSERT_TRUE(m.ok()) << m.status();
     EXPECT_EQ(Run(**m, backend), expected) << split.gpu << "," << split.cpu << "," << split.disk;
     EXPECT_EQ(Run(**m, backend, /*micro=*/true), expected) << "micro-batches " << split.gpu << "," << split.cpu;
@@ -129,10 +129,10 @@ TEST_F(OffloadModelTest, EveryPlacementGivesBitIdenticalLogits) {
 // exactly the selected bundles.
 TEST_F(OffloadModelTest, SparseFfnFetchesOnlyTheSelectedBundles) {
   kernels::CpuBackend resident_backend;
-  auto resident = OptModel::Load(ferry::testing::ModelDir(), &resident_backend);
+  auto resident = Model::Load(ferry::testing::ModelDir(), &resident_backend);
   ASSERT_TRUE(resident.ok());
   const std::vector<float> expected = Run(**resident, resident_backend);
-  const OptConfig& c = (*resident)->config();
+  const ModelConfig& c = (*resident)->config();
   for (const offload::WeightSplit split : {offload::WeightSplit{0, 100, 0}, offload::WeightSplit{0, 0, 100},
                                           offload::WeightSplit{30, 30, 40}}) {
     kernels::CpuBackend backend;
@@ -140,14 +140,14 @@ TEST_F(OffloadModelTest, SparseFfnFetchesOnlyTheSelectedBundles) {
     o.split = split;
     o.sparse_ffn = true;
     o.streamer.uring.block_bytes = 64 << 10;
-    auto m = OptModel::LoadOffloaded(store_dir_->path(), &backend, o);
+    auto m = Model::LoadOffloaded(store_dir_->path(), &backend, o);
     ASSERT_TRUE(m.ok()) << m.status();
     EXPECT_TRUE((*m)->sparse_ffn());
     EXPECT_EQ(Run(**m, backend), expected) << split.gpu << "," << split.cpu << "," << split.disk;
     const FfnSelector all = RandomFfnSelector(c.ffn_dim, 1.0, 3);
     EXPECT_EQ(Run(**m, backend, /*micro=*/true, &all), expected);
     // With a disk share the bundles come from the store's ffn_bundles.bin, page by page.
-    EXPECT_EQ((*m)->bundle_disk_bytes_read() > 0, split.disk > 0) << split.disk;
+    EXPECT_EQ((*m)->bundles()->disk_bytes_read() > 0, split.disk > 0) << split.disk;
     // The attention part alone is placed and streamed: about a third of each layer's region.
     auto store = io::Store::Open(store_dir_->path());
     ASSERT_TRUE(store.ok());
@@ -163,22 +163,22 @@ TEST_F(OffloadModelTest, SparseFfnFetchesOnlyTheSelectedBundles) {
     OffloadOptions o;
     o.split = split;
     o.sparse_ffn = true;
-    auto m = OptModel::LoadOffloaded(store_dir_->path(), &backend, o);
+    auto m = Model::LoadOffloaded(store_dir_->path(), &backend, o);
     ASSERT_TRUE(m.ok()) << m.status();
-    const uint64_t before = (*m)->bundle_bytes_moved();
+    const uint64_t before = (*m)->bundles()->bytes_moved();
     const ZeroedRun r = RunAgainstZeroedDense(**m, backend, **resident, resident_backend);
     const std::vector<float>& got = r.got;
     const uint64_t selected = r.selected;
     EXPECT_LT(r.rel_diff, 1e-5);
     EXPECT_NE(got, expected);  // the selection did change the model
     // The prefill fetched every bundle once per layer and micro-batch; the decode steps only the selected.
-    const uint64_t prefill = 2ull * c.num_layers * c.ffn_dim * (*m)->bundle_bytes();
-    EXPECT_EQ((*m)->bundle_bytes_moved() - before, prefill + selected * (*m)->bundle_bytes());
+    const uint64_t prefill = 2ull * c.num_layers * c.ffn_dim * (*m)->bundles()->bundle_bytes();
+    EXPECT_EQ((*m)->bundles()->bytes_moved() - before, prefill + selected * (*m)->bundles()->bundle_bytes());
     EXPECT_GT(selected, 0u);
     EXPECT_LT(selected, 3ull * 2 * c.num_layers * c.ffn_dim / 2);  // 30% per token, one token per micro-batch
     if (split.disk > 0) {
       // Page-rounded reads of the selected bundles: at least their bytes, at most a few pages more per bundle.
-      EXPECT_GE((*m)->bundle_disk_bytes_read(), prefill + selected * (*m)->bundle_bytes());
+      EXPECT_GE((*m)->bundles()->disk_bytes_read(), prefill + selected * (*m)->bundles()->bundle_bytes());
     }
   }
 }
@@ -190,38 +190,38 @@ TEST_F(OffloadModelTest, SparseFfnFetchesOnlyTheSelectedBundles) {
 // the cache.
 TEST_F(OffloadModelTest, DeviceBundleCacheMovesOnlyTheMisses) {
   kernels::CpuBackend resident_backend;
-  auto resident = OptModel::Load(ferry::testing::ModelDir(), &resident_backend);
+  auto resident = Model::Load(ferry::testing::ModelDir(), &resident_backend);
   ASSERT_TRUE(resident.ok());
-  const OptConfig& c = (*resident)->config();
+  const ModelConfig& c = (*resident)->config();
   for (const offload::WeightSplit split : {offload::WeightSplit{0, 100, 0}, offload::WeightSplit{0, 0, 100}}) {
     kernels::CpuBackend backend, plain_backend;
     OffloadOptions o;
     o.split = split;
     o.sparse_ffn = true;
-    auto plain = OptModel::LoadOffloaded(store_dir_->path(), &plain_backend, o);
+    auto plain = Model::LoadOffloaded(store_dir_->path(), &plain_backend, o);
     o.sparse_cache_fraction = 0.5;
-    auto m = OptModel::LoadOffloaded(store_dir_->path(), &backend, o);
+    auto m = Model::LoadOffloaded(store_dir_->path(), &backend, o);
     ASSERT_TRUE(m.ok() && plain.ok()) << m.status();
-    EXPECT_EQ((*m)->bundle_cache_rows(), c.ffn_dim / 2);
-    EXPECT_GE((*m)->plan().device_bytes, (*plain)->plan().device_bytes + c.num_layers * (c.ffn_dim / 2) * (*m)->bundle_bytes());
-    const uint64_t before = (*m)->bundle_bytes_moved();
+    EXPECT_EQ((*m)->bundles()->cache_rows(), c.ffn_dim / 2);
+    EXPECT_GE((*m)->plan().device_bytes, (*plain)->plan().device_bytes + c.num_layers * (c.ffn_dim / 2) * (*m)->bundles()->bundle_bytes());
+    const uint64_t before = (*m)->bundles()->bytes_moved();
     const ZeroedRun r = RunAgainstZeroedDense(**m, backend, **resident, resident_backend);
     EXPECT_LT(r.rel_diff, 1e-5) << split.disk;
-    const uint64_t hits = (*m)->bundle_cache_hits(), misses = (*m)->bundle_cache_misses();
+    const uint64_t hits = (*m)->bundles()->cache_hits(), misses = (*m)->bundles()->cache_misses();
     EXPECT_EQ(hits + misses, r.selected);
     EXPECT_GT(hits, 0u);
-    const uint64_t prefill = 2ull * c.num_layers * c.ffn_dim * (*m)->bundle_bytes();  // every neuron: not cached
-    EXPECT_EQ((*m)->bundle_bytes_moved() - before, prefill + misses * (*m)->bundle_bytes());
+    const uint64_t prefill = 2ull * c.num_layers * c.ffn_dim * (*m)->bundles()->bundle_bytes();  // every neuron: not cached
+    EXPECT_EQ((*m)->bundles()->bytes_moved() - before, prefill + misses * (*m)->bundles()->bundle_bytes());
 
     // The same 20% every call: after the first decode call every selected neuron is a hit.
     std::vector<int32_t> fixed;
     for (int j = 0; j < c.ffn_dim; j += 5) fixed.push_back(j);
     const FfnSelector same = [&](int, const TensorView&) -> absl::StatusOr<std::vector<int32_t>> { return fixed; };
-    const uint64_t misses0 = (*m)->bundle_cache_misses();
+    const uint64_t misses0 = (*m)->bundles()->cache_misses();
     Run(**m, backend, /*micro=*/false, &same);
     // The first call of this run finds the neurons cached by the previous run only by chance; from
     // the second on, all are there.
-    EXPECT_LE((*m)->bundle_cache_misses() - misses0, static_cast<uint64_t>(c.num_layers) * fixed.size());
+    EXPECT_LE((*m)->bundles()->cache_misses() - misses0, static_cast<uint64_t>(c.num_layers) * fixed.size());
   }
 }
 
@@ -229,22 +229,22 @@ TEST_F(OffloadModelTest, KvCacheOnTheCpuGivesBitIdenticalLogits) {
   kernels::CpuBackend backend;
   OffloadOptions o;
   o.split = {0, 50, 50};
-  auto m = OptModel::LoadOffloaded(store_dir_->path(), &backend, o);
+  auto m = Model::LoadOffloaded(store_dir_->path(), &backend, o);
   ASSERT_TRUE(m.ok());
-  const OptConfig& c = (*m)->config();
-  auto dense = KvCache::Create(backend, c, 2, 16);
+  const ModelConfig& c = (*m)->config();
+  auto dense = offload::CreateKvCache(backend, KvSpec(c, 2, 16));
   auto host = offload::HostKvCache::Create(backend, c.num_layers, c.hidden_size, 2, 16);
   ASSERT_TRUE(dense.ok() && host.ok());
   const size_t pinned_before = backend.host_allocated_bytes();
   EXPECT_EQ(offload::HostKvCache::Bytes(c.num_layers, c.hidden_size, 2, 16), pinned_before - (*m)->plan().host_bytes);
   std::vector<float> a, b;
   ForwardBatch pre{{2, 1248, 262, 2732, 2, 1777, 554}, {0, 0, 0, 0, 1, 1, 1}, {0, 1, 2, 3, 0, 1, 2}, {3, 6}};
-  ASSERT_TRUE((*m)->Forward(pre, *dense, &a).ok());
+  ASSERT_TRUE((*m)->Forward(pre, **dense, &a).ok());
   ASSERT_TRUE((*m)->Forward(pre, **host, &b).ok());
   EXPECT_EQ(a, b);
   for (int step = 0; step < 3; ++step) {
     ForwardBatch dec{{406 + step, 342 + step}, {0, 1}, {4 + step, 3 + step}, {0, 1}};
-    ASSERT_TRUE((*m)->Forward(dec, *dense, &a).ok());
+    ASSERT_TRUE((*m)->Forward(dec, **dense, &a).ok());
     ASSERT_TRUE((*m)->Forward(dec, **host, &b).ok());
     EXPECT_EQ(a, b) << "step " << step;
   }
@@ -254,10 +254,10 @@ TEST_F(OffloadModelTest, KvCacheOnTheCpuGivesBitIdenticalLogits) {
 
 TEST_F(OffloadModelTest, GreedyGenerationIsTheSame) {
   kernels::CpuBackend a, b;
-  auto resident = OptModel::Load(ferry::testing::ModelDir(), &a);
+  auto resident = Model::Load(ferry::testing::ModelDir(), &a);
   OffloadOptions o;
   o.split = {10, 20, 70};
-  auto off = OptModel::LoadOffloaded(store_dir_->path(), &b, o);
+  auto off = Model::LoadOffloaded(store_dir_->path(), &b, o);
   ASSERT_TRUE(off.ok()) << off.status();
   GenerateOptions g;
   g.max_new_tokens = 12;
@@ -293,7 +293,7 @@ TEST_F(OffloadModelTest, BudgetsHoldAndTooSmallBudgetsAreRefusedBeforeAllocating
   o.device_budget = device_budget;
   o.host_budget = host_budget;
   o.reserve_device_bytes = 2 << 20;  // KV cache + activations of Run()
-  auto m = OptModel::LoadOffloaded(store_dir_->path(), &backend, o);
+  auto m = Model::LoadOffloaded(store_dir_->path(), &backend, o);
   ASSERT_TRUE(m.ok()) << m.status();
   Run(**m, backend);
   EXPECT_LE(backend.peak_allocated_bytes(), device_budget);
@@ -301,17 +301,17 @@ TEST_F(OffloadModelTest, BudgetsHoldAndTooSmallBudgetsAreRefusedBeforeAllocating
   EXPECT_LE((*m)->plan().device_bytes, device_budget);
 
   // A micro-batch boundary inside a sequence is refused.
-  auto c2 = KvCache::Create(backend, (*m)->config(), 2, 16);
+  auto c2 = offload::CreateKvCache(backend, KvSpec((*m)->config(), 2, 16));
   std::vector<float> logits;
   ForwardBatch split{{2, 5, 2, 6}, {0, 0, 1, 1}, {0, 1, 0, 1}, {1, 3}};
   split.micro_batch_ends = {1, 4};
-  EXPECT_EQ((*m)->Forward(split, *c2, &logits).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ((*m)->Forward(split, **c2, &logits).code(), absl::StatusCode::kInvalidArgument);
 
   // Too small: refused by the plan, with nothing allocated.
   kernels::CpuBackend small(kernels::CpuBackendOptions{1 << 20, 0});
   o.device_budget = 1 << 20;
   o.split = {100, 0, 0};
-  auto refused = OptModel::LoadOffloaded(store_dir_->path(), &small, o);
+  auto refused = Model::LoadOffloaded(store_dir_->path(), &small, o);
   EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_NE(refused.status().message().find("over by"), std::string::npos) << refused.status();
   EXPECT_EQ(small.peak_allocated_bytes(), 0u);
@@ -322,7 +322,7 @@ TEST_F(OffloadModelTest, BudgetsHoldAndTooSmallBudgetsAreRefusedBeforeAllocating
 // checksums, and a file whose stamp does not match (a reconverted store) is rebuilt, not used.
 TEST_F(OffloadModelTest, StaleBundleFileIsRebuilt) {
   kernels::CpuBackend resident_backend;
-  auto resident = OptModel::Load(ferry::testing::ModelDir(), &resident_backend);
+  auto resident = Model::Load(ferry::testing::ModelDir(), &resident_backend);
   ASSERT_TRUE(resident.ok());
   const std::vector<float> expected = Run(**resident, resident_backend);
   OffloadOptions o;
@@ -330,7 +330,7 @@ TEST_F(OffloadModelTest, StaleBundleFileIsRebuilt) {
   o.sparse_ffn = true;
   {
     kernels::CpuBackend backend;
-    auto m = OptModel::LoadOffloaded(store_dir_->path(), &backend, o);
+    auto m = Model::LoadOffloaded(store_dir_->path(), &backend, o);
     ASSERT_TRUE(m.ok()) << m.status();
   }
   const std::string bin = store_dir_->File("ffn_bundles.bin"), stamp = store_dir_->File("ffn_bundles.json");
@@ -343,7 +343,7 @@ TEST_F(OffloadModelTest, StaleBundleFileIsRebuilt) {
   j["xxh3"][0] = j["xxh3"][0].get<uint64_t>() ^ 1;  // as if FC1 of layer 0 had changed
   ferry::testing::WriteFile(stamp, j.dump());
   kernels::CpuBackend backend;
-  auto m = OptModel::LoadOffloaded(store_dir_->path(), &backend, o);
+  auto m = Model::LoadOffloaded(store_dir_->path(), &backend, o);
   ASSERT_TRUE(m.ok()) << m.status();
   EXPECT_EQ(Run(**m, backend), expected);
 }
@@ -353,13 +353,13 @@ TEST_F(OffloadModelTest, StaleBundleFileIsRebuilt) {
 // resident model's.
 TEST_F(OffloadModelTest, GenerateUsesTheSelectorInDecodeSteps) {
   kernels::CpuBackend resident_backend;
-  auto resident = OptModel::Load(ferry::testing::ModelDir(), &resident_backend);
+  auto resident = Model::Load(ferry::testing::ModelDir(), &resident_backend);
   ASSERT_TRUE(resident.ok());
   kernels::CpuBackend backend;
   OffloadOptions o;
   o.split = {0, 100, 0};
   o.sparse_ffn = true;
-  auto m = OptModel::LoadOffloaded(store_dir_->path(), &backend, o);
+  auto m = Model::LoadOffloaded(store_dir_->path(), &backend, o);
   ASSERT_TRUE(m.ok()) << m.status();
   const int ffn = (*m)->config().ffn_dim, layers = (*m)->config().num_layers;
   int calls = 0;
@@ -390,12 +390,12 @@ TEST_F(OffloadModelTest, SparseFfnBudgetsHold) {
   o.reserve_device_bytes = 2 << 20;
   auto store = io::Store::Open(store_dir_->path());
   ASSERT_TRUE(store.ok());
-  auto plan = OptModel::PlanOffload(*store, o, probe);
+  auto plan = Model::PlanOffload(*store, o, probe);
   ASSERT_TRUE(plan.ok()) << plan.status();
   o.device_budget = plan->device_bytes;
   o.host_budget = plan->host_bytes;
   kernels::CpuBackend backend(kernels::CpuBackendOptions{o.device_budget, o.host_budget});
-  auto m = OptModel::LoadOffloaded(store_dir_->path(), &backend, o);
+  auto m = Model::LoadOffloaded(store_dir_->path(), &backend, o);
   ASSERT_TRUE(m.ok()) << m.status();
   Run(**m, backend);
   EXPECT_LE(backend.peak_allocated_bytes(), o.device_budget);
@@ -403,7 +403,7 @@ TEST_F(OffloadModelTest, SparseFfnBudgetsHold) {
 
   o.host_budget = plan->host_bytes - (1 << 20);
   kernels::CpuBackend small(kernels::CpuBackendOptions{o.device_budget, o.host_budget});
-  auto refused = OptModel::LoadOffloaded(store_dir_->path(), &small, o);
+  auto refused = Model::LoadOffloaded(store_dir_->path(), &small, o);
   EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_EQ(small.peak_host_allocated_bytes(), 0u);
 }
@@ -415,13 +415,13 @@ TEST_F(OffloadModelTest, DiskErrorsAreReportedNotCrashedOn) {
   int reads = 0;
   o.streamer.uring.fault_hook = [&reads](int res, size_t) { return ++reads > 20 ? -EIO : res; };
   o.streamer.uring.block_bytes = 64 << 10;
-  auto m = OptModel::LoadOffloaded(store_dir_->path(), &backend, o);
+  auto m = Model::LoadOffloaded(store_dir_->path(), &backend, o);
   ASSERT_TRUE(m.ok()) << m.status();
-  auto cache = KvCache::Create(backend, (*m)->config(), 1, 8);
+  auto cache = offload::CreateKvCache(backend, KvSpec((*m)->config(), 1, 8));
   std::vector<float> logits;
   absl::Status s;
   for (int i = 0; i < 20 && s.ok(); ++i) {
-    s = (*m)->Forward({{2, 5, 6}, {0, 0, 0}, {0, 1, 2}, {2}}, *cache, &logits);
+    s = (*m)->Forward({{2, 5, 6}, {0, 0, 0}, {0, 1, 2}, {2}}, **cache, &logits);
   }
   EXPECT_FALSE(s.ok());
   EXPECT_NE(s.message().find("from disk"), std::string::npos) << s;
@@ -429,7 +429,7 @@ TEST_F(OffloadModelTest, DiskErrorsAreReportedNotCrashedOn) {
 
 TEST_F(OffloadModelTest, OffloadingNeedsAStore) {
   kernels::CpuBackend backend;
-  EXPECT_EQ(OptModel::LoadOffloaded(ferry::testing::ModelDir(), &backend, {}).status().code(),
+  EXPECT_EQ(Model::LoadOffloaded(ferry::testing::ModelDir(), &backend, {}).status().code(),
             absl::StatusCode::kInvalidArgument);
 }
 

@@ -1,0 +1,247 @@
+// Model loading: a resident model from a checkpoint or store, an offloaded one through the layer
+// streamer (the plan checked against the budgets before anything is allocated), and the plan.
+#include <algorithm>
+#include <array>
+
+#include "absl/strings/str_cat.h"
+#include "base/file.h"
+#include "base/status.h"
+#include "engine/model.h"
+#include "io/store.h"
+
+namespace ferry::engine {
+namespace {
+
+using offload::Role;
+
+std::string ShapeStr(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+bool IsFloatWeight(DType t) { return t == DType::kF32 || t == DType::kF16 || t == DType::kBF16; }
+
+// Refuses a checkpoint with layers beyond config.json's num_hidden_layers (a config that would
+// silently drop layers).
+absl::Status CheckLayerCount(const ModelConfig& c, const TensorNames& names, const io::TensorSource& src) {
+  for (const std::string& name : src.Names()) {
+    Role role;
+    int layer = -1;
+    if (names.RoleOf(name, &role, &layer) && layer >= c.num_layers) {
+      return absl::InvalidArgumentError(absl::StrCat("the checkpoint has tensor \"", name, "\" of layer ", layer,
+                                                     " but config.json says num_hidden_layers = ", c.num_layers));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// Sparse FFN: per layer, the range [begin, end) of its region that holds the attention matrices
+// (4 KiB-aligned), which must not overlap FC1 or FC2 (those stay out of the stream).
+absl::StatusOr<std::vector<std::pair<uint64_t, uint64_t>>> AttentionRanges(const io::Store& store, const TensorNames& names,
+                                                                           int layers) {
+  std::vector<std::pair<uint64_t, uint64_t>> ranges;
+  for (int l = 0; l < layers; ++l) {
+    const io::StoreLayer& region = store.layers()[l];
+    uint64_t begin = region.bytes, end = 0;
+    const Role roles[6] = {Role::kQ, Role::kK, Role::kV, Role::kO, Role::kUp, Role::kDown};
+    std::array<const io::StoreTensor*, 6> t{};
+    for (int i = 0; i < 6; ++i) {
+      t[i] = store.FindTensor(names.Layer(roles[i], l));
+      if (t[i] == nullptr || t[i]->info.offset < region.offset) return absl::NotFoundError(absl::StrCat("store lacks layer ", l, "'s matrices"));
+    }
+    for (int i = 0; i < 4; ++i) {
+      begin = std::min(begin, t[i]->info.offset - region.offset);
+      end = std::max(end, t[i]->info.offset - region.offset + t[i]->info.bytes);
+    }
+    begin = begin / io::kStoreAlignment * io::kStoreAlignment;
+    end = std::min<uint64_t>((end + io::kStoreAlignment - 1) / io::kStoreAlignment * io::kStoreAlignment, region.bytes);
+    for (int i = 4; i < 6; ++i) {
+      const uint64_t at = t[i]->info.offset - region.offset;
+      if (at < end && at + t[i]->info.bytes > begin) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "the store interleaves layer ", l, "'s FFN and attention matrices, so the FFN cannot stay out of the stream "
+            "(stores from ferry convert and --dummy keep them apart)"));
+      }
+    }
+    ranges.push_back({begin, end});
+  }
+  return ranges;
+}
+
+absl::Status RefuseSparseSwiGlu(const ModelConfig& c) {
+  if (c.ffn == FfnKind::kRelu) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(
+      "Deja Vu sparsity needs a ReLU FFN; this ", c.model_type,
+      " model has a SwiGLU FFN (activation sparsity for SwiGLU models is not supported yet)"));
+}
+
+offload::FfnBundleLayout BundleLayout(const ModelConfig& c, const TensorNames& names, DType dtype) {
+  offload::FfnBundleLayout layout{c.hidden_size, c.ffn_dim, dtype, {}, {}, {}};
+  for (int l = 0; l < c.num_layers; ++l) {
+    layout.up.push_back(names.Layer(Role::kUp, l));
+    layout.up_bias.push_back(names.Layer(Role::kUpBias, l));
+    layout.down.push_back(names.Layer(Role::kDown, l));
+  }
+  return layout;
+}
+
+}  // namespace
+
+absl::StatusOr<Weight> Model::Alloc(DType dtype, std::initializer_list<int64_t> shape) const {
+  return AllocWeight(*backend_, dtype, shape);
+}
+
+absl::StatusOr<Weight> Model::LoadTensor(const io::TensorSource& src, const std::string& name, const std::vector<int64_t>& shape,
+                                         bool as_f32) {
+  const io::TensorInfo* info = src.Find(name);
+  if (info == nullptr) return absl::NotFoundError(absl::StrCat("checkpoint lacks tensor \"", name, "\""));
+  if (info->shape != shape) {
+    return absl::InvalidArgumentError(absl::StrCat("tensor \"", name, "\" has shape ", ShapeStr(info->shape),
+                                                   " but config.json implies ", ShapeStr(shape)));
+  }
+  if (!IsFloatWeight(info->dtype)) {
+    return absl::InvalidArgumentError(absl::StrCat("tensor \"", name, "\" has dtype ", DTypeName(info->dtype),
+                                                   "; weights must be F32, F16 or BF16"));
+  }
+  std::vector<char> host(info->bytes);
+  FERRY_RETURN_IF_ERROR(src.Read(name, host.data(), host.size()));
+  DType dtype = info->dtype;
+  if (as_f32 && dtype != DType::kF32) {
+    std::vector<char> converted(static_cast<size_t>(info->numel()) * sizeof(float));
+    ConvertToF32(dtype, host.data(), reinterpret_cast<float*>(converted.data()), static_cast<size_t>(info->numel()));
+    host.swap(converted);
+    dtype = DType::kF32;
+  }
+  FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer buf, backend_->Allocate(host.size()));
+  FERRY_RETURN_IF_ERROR(backend_->CopyToDevice(buf.data(), host.data(), host.size()));
+  TensorView view = MakeView(buf.data(), dtype, shape, backend_->device());
+  return Weight{std::move(buf), view};
+}
+
+absl::Status Model::LoadResident(const io::TensorSource& src, bool matrices) {
+  for (const RoleSpec& r : GlobalRoles(config_)) {
+    const std::string name = names_.Global(r.role);
+    if (r.role == Role::kLmHead && src.Find(name) == nullptr) {
+      return absl::NotFoundError(absl::StrCat("config.json sets tie_word_embeddings false but the checkpoint lacks \"", name, "\""));
+    }
+    FERRY_ASSIGN_OR_RETURN(Weight w, LoadTensor(src, name, r.shape, !r.matrix));
+    weights_.SetGlobal(r.role, std::move(w));
+  }
+  const std::vector<RoleSpec> roles = LayerRoles(config_);
+  for (int l = 0; l < config_.num_layers; ++l) {
+    for (const RoleSpec& r : roles) {
+      if (r.matrix && !matrices) continue;
+      FERRY_ASSIGN_OR_RETURN(Weight w, LoadTensor(src, names_.Layer(r.role, l), r.shape, !r.matrix));
+      weights_.SetLayer(l, r.role, std::move(w));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir, kernels::Backend* backend) {
+  std::unique_ptr<Model> m(new Model());
+  m->backend_ = backend;
+  FERRY_ASSIGN_OR_RETURN(m->config_, ModelConfig::FromModelDir(dir));
+  FERRY_ASSIGN_OR_RETURN(m->family_, FindFamily(m->config_.model_type, dir + "/config.json"));
+  FERRY_ASSIGN_OR_RETURN(std::unique_ptr<io::TensorSource> source, io::OpenTensorSource(dir));
+  FERRY_ASSIGN_OR_RETURN(m->names_, TensorNames::Resolve(*m->family_, *source));
+  FERRY_RETURN_IF_ERROR(CheckLayerCount(m->config_, m->names_, *source));
+  m->weights_ = offload::ModelWeights(m->config_.num_layers);
+  FERRY_RETURN_IF_ERROR(m->LoadResident(*source, /*matrices=*/true));
+  return m;
+}
+
+absl::StatusOr<std::unique_ptr<Model>> Model::LoadOffloaded(const std::string& store_dir, kernels::Backend* backend,
+                                                            const OffloadOptions& options) {
+  std::unique_ptr<Model> m(new Model());
+  m->backend_ = backend;
+  FERRY_ASSIGN_OR_RETURN(m->config_, ModelConfig::FromModelDir(store_dir));
+  const ModelConfig& c = m->config_;
+  if (options.sparse_ffn) FERRY_RETURN_IF_ERROR(RefuseSparseSwiGlu(c));
+  if (!PathExists(store_dir + "/manifest.json")) {
+    return absl::InvalidArgumentError(absl::StrCat(store_dir, " is not a ferry store: offloading reads a store (ferry convert)"));
+  }
+  FERRY_ASSIGN_OR_RETURN(m->family_, FindFamily(c.model_type, store_dir + "/config.json"));
+  FERRY_ASSIGN_OR_RETURN(io::Store store, io::Store::Open(store_dir));
+  FERRY_ASSIGN_OR_RETURN(m->names_, TensorNames::Resolve(*m->family_, store));
+  FERRY_RETURN_IF_ERROR(CheckLayerCount(c, m->names_, store));
+  if (static_cast<int>(store.layers().size()) != c.num_layers) {
+    return absl::DataLossError(absl::StrCat(store_dir, ": the store has ", store.layers().size(), " layers, config.json ", c.num_layers));
+  }
+  // Every matrix must lie in its layer's block, with its shape and one 16/32-bit float dtype.
+  std::vector<std::vector<offload::StreamedTensor>> streamed(static_cast<size_t>(c.num_layers));
+  DType matrix_dtype = DType::kF16;
+  bool first = true;
+  for (int l = 0; l < c.num_layers; ++l) {
+    const io::StoreLayer& region = store.layers()[l];
+    for (const RoleSpec& r : LayerRoles(c)) {
+      if (!r.matrix) continue;
+      const std::string name = m->names_.Layer(r.role, l);
+      const io::StoreTensor* t = store.FindTensor(name);
+      if (t == nullptr) return absl::NotFoundError(absl::StrCat("store lacks tensor \"", name, "\""));
+      if (t->info.shape != r.shape || t->info.offset < region.offset || t->info.offset + t->info.bytes > region.offset + region.bytes) {
+        return absl::DataLossError(absl::StrCat("tensor \"", name, "\" has the wrong shape or lies outside its layer"));
+      }
+      if (first) matrix_dtype = t->info.dtype;
+      first = false;
+      if (t->info.dtype != matrix_dtype || !IsFloatWeight(t->info.dtype)) {
+        return absl::InvalidArgumentError(absl::StrCat("tensor \"", name, "\": layer matrices must share one float dtype"));
+      }
+      if (options.sparse_ffn && (r.role == Role::kUp || r.role == Role::kDown)) continue;  // bundles instead
+      streamed[l].push_back({r.role, t->info.offset - region.offset, t->info.dtype, r.shape});
+    }
+  }
+  FERRY_ASSIGN_OR_RETURN(m->plan_, PlanOffload(store, options, *backend));  // refuses before any allocation
+
+  m->weights_ = offload::ModelWeights(c.num_layers);
+  FERRY_RETURN_IF_ERROR(m->LoadResident(store, /*matrices=*/false));
+  if (options.sparse_ffn) {
+    offload::FfnBundleOptions bo{options.split.disk > 0.0, options.sparse_cache_fraction, options.streamer.uring};
+    FERRY_ASSIGN_OR_RETURN(m->bundles_, offload::FfnBundles::Create(backend, store, BundleLayout(c, m->names_, matrix_dtype), bo));
+  }
+  for (int l = 0; l < c.num_layers; ++l) {
+    for (offload::StreamedTensor& t : streamed[l]) t.offset -= m->plan_.layers[l].begin;
+  }
+  FERRY_ASSIGN_OR_RETURN(std::unique_ptr<offload::LayerStreamer> streamer,
+                         offload::LayerStreamer::Create(backend, store, m->plan_, options.streamer));
+  m->weights_.SetStreamed(std::move(streamer), std::move(streamed));
+  return m;
+}
+
+absl::StatusOr<offload::Plan> Model::PlanOffload(const io::Store& store, const OffloadOptions& options,
+                                                 const kernels::Backend& backend) {
+  uint64_t resident_other = 0;  // what stays resident besides the layer matrices; vectors as fp32
+  for (const std::string& name : store.Names()) {
+    const io::StoreTensor* t = store.FindTensor(name);
+    const bool matrix = t->layer >= 0 && t->info.shape.size() == 2;
+    if (!matrix) resident_other += t->info.shape.size() == 1 ? static_cast<uint64_t>(t->info.numel()) * 4 : t->info.bytes;
+  }
+  offload::PlanInputs in;
+  uint64_t bundles_host = 0, bundles_device = 0;
+  if (options.sparse_ffn) {
+    FERRY_ASSIGN_OR_RETURN(const ModelConfig c, ModelConfig::FromModelDir(store.dir()));
+    FERRY_RETURN_IF_ERROR(RefuseSparseSwiGlu(c));
+    if (static_cast<int>(store.layers().size()) != c.num_layers) return absl::DataLossError("the store's layer count differs from config.json");
+    FERRY_ASSIGN_OR_RETURN(const Family* family, FindFamily(c.model_type, store.dir()));
+    FERRY_ASSIGN_OR_RETURN(const TensorNames names, TensorNames::Resolve(*family, store));
+    FERRY_ASSIGN_OR_RETURN(const auto ranges, AttentionRanges(store, names, c.num_layers));
+    for (const auto& [begin, end] : ranges) {
+      in.layer_begin.push_back(begin);
+      in.layer_bytes.push_back(end - begin);
+    }
+    const DType dtype = store.FindTensor(names.Layer(Role::kUp, 0))->info.dtype;
+    bundles_device = offload::FfnBundles::DeviceBytes(c.num_layers, c.hidden_size, c.ffn_dim, dtype, options.sparse_cache_fraction);
+    bundles_host = offload::FfnBundles::HostBytes(c.num_layers, c.hidden_size, c.ffn_dim, dtype, options.split.disk > 0.0);
+  } else {
+    for (const auto& region : store.layers()) in.layer_bytes.push_back(region.bytes);
+  }
+  in.split = options.split;
+  in.other_device_bytes = resident_other + options.reserve_device_bytes + bundles_device + backend.reserved_device_bytes();
+  in.other_host_bytes = options.reserve_host_bytes + bundles_host;
+  in.device_budget = options.device_budget;
+  in.host_budget = options.host_budget;
+  return offload::MakePlan(in);
+}
+
+}  // namespace ferry::engine
