@@ -28,6 +28,12 @@ inline std::string ModelDir() {
   return env != nullptr ? env : FERRY_TEST_MODEL_DIR;
 }
 
+// The model-family goldens (models/goldens): $FERRY_TEST_GOLDENS_DIR when set.
+inline std::string GoldensDir() {
+  const char* env = std::getenv("FERRY_TEST_GOLDENS_DIR");
+  return env != nullptr ? env : FERRY_TEST_GOLDENS_DIR;
+}
+
 // A directory removed when the object dies.
 class TempDir {
  public:

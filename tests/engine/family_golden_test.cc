@@ -1,0 +1,107 @@
+// Every model family against transformers' float32 goldens (scripts/make_family_goldens.py) on the
+// CPU backend: per golden checkpoint (GQA and MHA, head_dim != hidden/heads, q/k/v and MLP
+// biases, q/k norm, tied and untied heads, f32/f16/bf16, every rope scaling kind, a sharded
+// checkpoint) the last-position logits of each prompt and the all-position logits of one within
+// 1e-4 relative (max |ours - ref| / max |ref|), and 16 greedy tokens identical.
+#include <cmath>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "engine/generator.h"
+#include "engine/model.h"
+#include "gtest/gtest.h"
+#include "io/safetensors.h"
+#include "kernels/cpu/cpu_backend.h"
+#include "nlohmann/json.hpp"
+#include "test_util.h"
+
+namespace ferry::engine {
+namespace {
+
+const char* const kGoldens[] = {"llama-gqa", "llama3-tied", "llama-bias", "smollm2-style", "mistral", "qwen2-dynamic", "qwen3-yarn"};
+
+std::string GoldenDir(const std::string& name) { return ferry::testing::GoldensDir() + "/" + name; }
+
+double RelErr(const float* ours, const float* ref, size_t n) {
+  double max_diff = 0, max_ref = 0;
+  for (size_t i = 0; i < n; ++i) {
+    max_diff = std::max(max_diff, std::abs(static_cast<double>(ours[i]) - ref[i]));
+    max_ref = std::max(max_ref, std::abs(static_cast<double>(ref[i])));
+  }
+  return max_diff / max_ref;
+}
+
+struct Reference {
+  nlohmann::json meta;
+  std::vector<float> last, all;  // [prompts, vocab], [len, vocab]
+};
+
+Reference LoadReference(const std::string& dir) {
+  Reference r;
+  std::ifstream in(dir + "/goldens.json");
+  r.meta = nlohmann::json::parse(in);
+  auto file = io::SafetensorsFile::Open(dir + "/reference.safetensors");
+  FERRY_CHECK(file.ok());
+  for (auto [name, out] : {std::pair{"last_logits", &r.last}, std::pair{"all_logits", &r.all}}) {
+    const io::TensorInfo* t = (*file)->Find(name);
+    FERRY_CHECK(t != nullptr && t->dtype == DType::kF32);
+    out->resize(t->bytes / 4);
+    FERRY_CHECK((*file)->Read(*t, out->data(), t->bytes).ok());
+  }
+  return r;
+}
+
+class FamilyGoldenTest : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(FamilyGoldenTest, LogitsAndGreedyTokensMatchTransformers) {
+  const std::string dir = GoldenDir(GetParam());
+  kernels::CpuBackend backend;
+  auto model = Model::Load(dir, &backend);
+  ASSERT_TRUE(model.ok()) << model.status();
+  const Reference ref = LoadReference(dir);
+  const int vocab = (*model)->config().vocab_size;
+  const auto& prompts = ref.meta["prompts"];
+  const size_t all_at = ref.meta["all_logits_prompt"].get<size_t>();
+  std::vector<GenerationRequest> requests;
+  for (size_t p = 0; p < prompts.size(); ++p) {
+    const std::vector<int> ids = prompts[p]["ids"];
+    auto cache = offload::CreateKvCache(backend, KvSpec((*model)->config(), 1, static_cast<int>(ids.size())));
+    ASSERT_TRUE(cache.ok());
+    ForwardBatch batch;
+    for (size_t i = 0; i < ids.size(); ++i) {
+      batch.tokens.push_back(ids[i]);
+      batch.seq_ids.push_back(0);
+      batch.positions.push_back(static_cast<int32_t>(i));
+      batch.logit_rows.push_back(static_cast<int32_t>(i));
+    }
+    std::vector<float> logits;
+    ASSERT_TRUE((*model)->Forward(batch, **cache, &logits).ok());
+    EXPECT_LT(RelErr(logits.data() + (ids.size() - 1) * vocab, ref.last.data() + p * vocab, vocab), 1e-4) << "prompt " << p;
+    if (p == all_at) {
+      ASSERT_EQ(ref.all.size(), ids.size() * vocab);
+      for (size_t i = 0; i < ids.size(); ++i) {
+        EXPECT_LT(RelErr(logits.data() + i * vocab, ref.all.data() + i * vocab, vocab), 1e-4) << "position " << i;
+      }
+    }
+    requests.push_back({ids, p});
+  }
+  // Greedy, all prompts in one batch (the kernels are batch invariant).
+  GenerateOptions o;
+  o.max_new_tokens = o.min_new_tokens = 16;
+  auto results = Generate(**model, requests, o);
+  ASSERT_TRUE(results.ok()) << results.status();
+  for (size_t p = 0; p < prompts.size(); ++p) {
+    EXPECT_EQ((*results)[p].tokens, prompts[p]["greedy"].get<std::vector<int>>()) << "prompt " << p;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Goldens, FamilyGoldenTest, ::testing::ValuesIn(kGoldens),
+                         [](const auto& info) {
+                           std::string s = info.param;
+                           for (char& ch : s) ch = std::isalnum(static_cast<unsigned char>(ch)) ? ch : '_';
+                           return s;
+                         });
+
+}  // namespace
+}  // namespace ferry::engine
