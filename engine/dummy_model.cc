@@ -1,18 +1,20 @@
 #include "engine/dummy_model.h"
 
 #include <algorithm>
+#include <map>
 
 #include "absl/strings/str_cat.h"
 #include "base/dtype.h"
 #include "base/status.h"
 #include "base/thread_pool.h"
+#include "engine/family.h"
 #include "io/store.h"
 #include "nlohmann/json.hpp"
 
 namespace ferry::engine {
 namespace {
 
-constexpr int kVocab = 50272, kPositions = 2048;
+using offload::Role;
 
 uint64_t Mix(uint64_t x) {
   x += 0x9e3779b97f4a7c15ull;
@@ -21,26 +23,32 @@ uint64_t Mix(uint64_t x) {
   return x ^ (x >> 31);
 }
 
-std::vector<io::PlannedTensor> Tensors(const DummyShape& s) {
-  const int64_t d = s.hidden, f = s.ffn;
-  std::vector<io::PlannedTensor> t = {{"model.decoder.embed_tokens.weight", DType::kF16, {kVocab, d}},
-                                      {"model.decoder.embed_positions.weight", DType::kF16, {kPositions + 2, d}},
-                                      {"model.decoder.final_layer_norm.weight", DType::kF16, {d}},
-                                      {"model.decoder.final_layer_norm.bias", DType::kF16, {d}}};
+struct DummyTensor {
+  io::PlannedTensor planned;
+  bool norm = false, bias = false;  // norms are ones, biases zeros
+};
+
+absl::StatusOr<std::vector<DummyTensor>> Tensors(const DummyShape& s) {
+  FERRY_ASSIGN_OR_RETURN(const ModelConfig c, ModelConfig::FromJson(DummyConfigJson(s), s.name));
+  FERRY_ASSIGN_OR_RETURN(const Family* family, FindFamily(c.model_type, s.name));
+  const TensorNames names = TensorNames::WithPrefix(*family, family->prefixes.front());
+  auto is_norm = [](Role r) {
+    return r == Role::kFinalNorm || r == Role::kAttnNorm || r == Role::kFfnNorm || r == Role::kQNorm || r == Role::kKNorm;
+  };
+  auto is_bias = [](Role r) {
+    return r == Role::kFinalNormBias || r == Role::kAttnNormBias || r == Role::kFfnNormBias || r == Role::kQBias ||
+           r == Role::kKBias || r == Role::kVBias || r == Role::kOBias || r == Role::kGateBias || r == Role::kUpBias ||
+           r == Role::kDownBias;
+  };
+  std::vector<DummyTensor> t;
+  for (const RoleSpec& r : GlobalRoles(c)) {
+    t.push_back({{names.Global(r.role), DType::kF16, r.shape, offload::RoleName(r.role)}, is_norm(r.role), is_bias(r.role)});
+  }
+  const std::vector<RoleSpec> layer = LayerRoles(c);
   for (int l = 0; l < s.layers; ++l) {
-    const std::string p = absl::StrCat("model.decoder.layers.", l, ".");
-    for (const char* proj : {"q_proj", "k_proj", "v_proj", "out_proj"}) {
-      t.push_back({p + "self_attn." + proj + ".weight", DType::kF16, {d, d}});
-      t.push_back({p + "self_attn." + proj + ".bias", DType::kF16, {d}});
+    for (const RoleSpec& r : layer) {
+      t.push_back({{names.Layer(r.role, l), DType::kF16, r.shape, offload::RoleName(r.role)}, is_norm(r.role), is_bias(r.role)});
     }
-    for (const char* ln : {"self_attn_layer_norm", "final_layer_norm"}) {
-      t.push_back({p + ln + ".weight", DType::kF16, {d}});
-      t.push_back({p + ln + ".bias", DType::kF16, {d}});
-    }
-    t.push_back({p + "fc1.weight", DType::kF16, {f, d}});
-    t.push_back({p + "fc1.bias", DType::kF16, {f}});
-    t.push_back({p + "fc2.weight", DType::kF16, {d, f}});
-    t.push_back({p + "fc2.bias", DType::kF16, {d}});
   }
   return t;
 }
@@ -49,9 +57,21 @@ std::vector<io::PlannedTensor> Tensors(const DummyShape& s) {
 
 const std::vector<DummyShape>& DummyShapes() {
   static const std::vector<DummyShape> shapes = {
-      {"opt-125m", 12, 768, 12, 3072},     {"opt-1.3b", 24, 2048, 32, 8192},   {"opt-6.7b", 32, 4096, 32, 16384},
-      {"opt-13b", 40, 5120, 40, 20480},    {"opt-30b", 48, 7168, 56, 28672},   {"opt-66b", 64, 9216, 72, 36864},
-      {"opt-175b", 96, 12288, 96, 49152}};
+      {"opt-125m", "opt", 12, 768, 12, 12, 3072, 50272, 2048},
+      {"opt-1.3b", "opt", 24, 2048, 32, 32, 8192, 50272, 2048},
+      {"opt-6.7b", "opt", 32, 4096, 32, 32, 16384, 50272, 2048},
+      {"opt-13b", "opt", 40, 5120, 40, 40, 20480, 50272, 2048},
+      {"opt-30b", "opt", 48, 7168, 56, 56, 28672, 50272, 2048},
+      {"opt-66b", "opt", 64, 9216, 72, 72, 36864, 50272, 2048},
+      {"opt-175b", "opt", 96, 12288, 96, 96, 49152, 50272, 2048},
+      {"llama-2-7b", "llama", 32, 4096, 32, 32, 11008, 32000, 4096},
+      {"llama-2-13b", "llama", 40, 5120, 40, 40, 13824, 32000, 4096},
+      {"llama-2-70b", "llama", 80, 8192, 64, 8, 28672, 32000, 4096},
+      {"llama-3-8b", "llama", 32, 4096, 32, 8, 14336, 128256, 8192, 500000.0},
+      {"llama-3-70b", "llama", 80, 8192, 64, 8, 28672, 128256, 8192, 500000.0},
+      {"qwen2.5-7b", "qwen2", 28, 3584, 28, 4, 18944, 152064, 32768, 1000000.0},
+      {"qwen2.5-32b", "qwen2", 64, 5120, 40, 8, 27648, 152064, 32768, 1000000.0},
+      {"mistral-7b", "mistral", 32, 4096, 32, 8, 14336, 32000, 32768, 1000000.0}};
   return shapes;
 }
 
@@ -65,27 +85,46 @@ absl::StatusOr<DummyShape> FindDummyShape(const std::string& name) {
 }
 
 std::string DummyConfigJson(const DummyShape& s) {
-  nlohmann::json j = {{"model_type", "opt"}, {"hidden_size", s.hidden}, {"ffn_dim", s.ffn},
-                      {"num_attention_heads", s.heads}, {"num_hidden_layers", s.layers}, {"vocab_size", kVocab},
-                      {"max_position_embeddings", kPositions}, {"do_layer_norm_before", true},
-                      {"word_embed_proj_dim", s.hidden}, {"activation_function", "relu"}, {"enable_bias", true},
-                      {"tie_word_embeddings", true}, {"bos_token_id", 2}, {"eos_token_id", 2}, {"pad_token_id", 1},
-                      {"torch_dtype", "float16"}, {"_ferry_dummy", s.name}};
+  nlohmann::json j;
+  if (s.model_type == "opt") {
+    j = {{"model_type", "opt"}, {"hidden_size", s.hidden}, {"ffn_dim", s.ffn}, {"num_attention_heads", s.heads},
+         {"num_hidden_layers", s.layers}, {"vocab_size", s.vocab}, {"max_position_embeddings", s.positions},
+         {"do_layer_norm_before", true}, {"word_embed_proj_dim", s.hidden}, {"activation_function", "relu"},
+         {"enable_bias", true}, {"tie_word_embeddings", true}, {"bos_token_id", 2}, {"eos_token_id", 2}, {"pad_token_id", 1}};
+  } else {
+    j = {{"model_type", s.model_type}, {"hidden_size", s.hidden}, {"intermediate_size", s.ffn},
+         {"num_attention_heads", s.heads}, {"num_key_value_heads", s.kv_heads}, {"num_hidden_layers", s.layers},
+         {"vocab_size", s.vocab}, {"max_position_embeddings", s.positions}, {"rope_theta", s.rope_theta},
+         {"rms_norm_eps", 1e-5}, {"hidden_act", "silu"}, {"tie_word_embeddings", false}, {"bos_token_id", 1},
+         {"eos_token_id", 2}};
+    if (s.model_type == "mistral") j["sliding_window"] = nullptr;
+  }
+  j["torch_dtype"] = "float16";
+  j["_ferry_dummy"] = s.name;
   return j.dump(1);
 }
 
 uint64_t DummyWeightBytes(const DummyShape& s) {
+  auto tensors = Tensors(s);
+  FERRY_CHECK(tensors.ok());  // the built-in shapes parse
   uint64_t total = 0;
-  for (const auto& t : Tensors(s)) {
+  for (const auto& t : *tensors) {
     uint64_t n = 2;
-    for (int64_t d : t.shape) n *= static_cast<uint64_t>(d);
+    for (int64_t d : t.planned.shape) n *= static_cast<uint64_t>(d);
     total += n;
   }
   return total;
 }
 
 absl::Status WriteDummyStore(const DummyShape& shape, const std::string& out_dir, const DummyStoreOptions& options) {
-  FERRY_ASSIGN_OR_RETURN(io::StoreWriter writer, io::StoreWriter::Create(out_dir, Tensors(shape)));
+  FERRY_ASSIGN_OR_RETURN(std::vector<DummyTensor> tensors, Tensors(shape));
+  std::vector<io::PlannedTensor> planned;
+  std::map<std::string, const DummyTensor*> by_name;
+  for (const auto& t : tensors) {
+    planned.push_back(t.planned);
+    by_name[t.planned.name] = &t;
+  }
+  FERRY_ASSIGN_OR_RETURN(io::StoreWriter writer, io::StoreWriter::Create(out_dir, std::move(planned)));
   constexpr int64_t kPiece = int64_t{64} << 20;  // elements generated per write
   constexpr int64_t kChunk = int64_t{1} << 16;   // elements per parallel task
   std::vector<uint16_t> buf;
@@ -93,10 +132,9 @@ absl::Status WriteDummyStore(const DummyShape& shape, const std::string& out_dir
   const uint16_t one = F32ToF16(1.0f), zero = F32ToF16(0.0f);
   for (size_t i = 0; i < writer.order().size(); ++i) {
     const io::PlannedTensor& t = writer.order()[i];
+    const DummyTensor& kind = *by_name.at(t.name);
     int64_t numel = 1;
     for (int64_t d : t.shape) numel *= d;
-    const bool ln_weight = t.name.find("layer_norm.weight") != std::string::npos;
-    const bool ln_bias = t.name.find("layer_norm.bias") != std::string::npos;
     for (int64_t p0 = 0; p0 < numel; p0 += kPiece) {
       const int64_t n = std::min(kPiece, numel - p0);
       buf.resize(static_cast<size_t>(n));
@@ -104,8 +142,8 @@ absl::Status WriteDummyStore(const DummyShape& shape, const std::string& out_dir
         for (int64_t c = b; c < e; ++c) {
           uint64_t state = Mix(options.seed ^ Mix(i * 0x100000001b3ull + static_cast<uint64_t>(p0 / kChunk + c)));
           for (int64_t k = c * kChunk; k < std::min(n, (c + 1) * kChunk); ++k) {
-            if (ln_weight || ln_bias) {
-              buf[k] = ln_weight ? one : zero;
+            if (kind.norm || kind.bias) {
+              buf[k] = kind.norm ? one : zero;
               continue;
             }
             state = Mix(state);

@@ -1,5 +1,7 @@
-// Dummy OPT models for benchmarks without downloaded weights: FlexGen's shapes, random fp16
-// weights (generated in parallel, deterministic per seed) written straight into a ferry store.
+// Dummy models for benchmarks without downloaded weights: the real shapes of OPT (FlexGen's),
+// Llama 2 and 3, Qwen2.5 and Mistral, random fp16 weights (generated in parallel, deterministic per
+// seed) written straight into a ferry store. The tensors are those the family's config implies
+// (engine/family.h's roles), named by the family's table: a dummy is loaded like any store.
 #pragma once
 
 #include <cstdint>
@@ -13,13 +15,15 @@ namespace ferry::engine {
 
 struct DummyShape {
   std::string name;
-  int layers, hidden, heads, ffn;
+  std::string model_type;  // "opt", "llama", "qwen2", "mistral"
+  int layers, hidden, heads, kv_heads, ffn, vocab, positions;
+  double rope_theta = 10000.0;
 };
 
-// opt-125m, opt-1.3b, opt-6.7b, opt-13b, opt-30b, opt-66b, opt-175b.
+// opt-125m ... opt-175b, llama-2-7b/13b/70b, llama-3-8b/70b, qwen2.5-7b/32b, mistral-7b.
 const std::vector<DummyShape>& DummyShapes();
 absl::StatusOr<DummyShape> FindDummyShape(const std::string& name);
-// config.json text of a dummy (vocab 50272, 2048 positions, pre-LN, ReLU, fp16).
+// config.json text of a dummy (fp16; OPT: pre-LN, ReLU; the others: their family's defaults).
 std::string DummyConfigJson(const DummyShape& shape);
 // Bytes of fp16 weights of the dummy.
 uint64_t DummyWeightBytes(const DummyShape& shape);

@@ -79,6 +79,10 @@ struct ForwardBatch {
   std::vector<int32_t> banned_rows = {};
 };
 
+// `ferry convert`: a checkpoint of a supported family into a store whose manifest records each
+// tensor's role. The config is read (and refused, if ferry cannot run it) before anything is written.
+absl::Status ConvertModel(const std::string& model_dir, const std::string& out_dir, io::ConvertOptions options = {});
+
 class Model {
  public:
   // DIR is a Hugging Face checkpoint or a ferry store (`ferry convert`).

@@ -88,6 +88,21 @@ offload::FfnBundleLayout BundleLayout(const ModelConfig& c, const TensorNames& n
 
 }  // namespace
 
+absl::Status ConvertModel(const std::string& model_dir, const std::string& out_dir, io::ConvertOptions options) {
+  FERRY_ASSIGN_OR_RETURN(const ModelConfig c, ModelConfig::FromModelDir(model_dir));
+  FERRY_ASSIGN_OR_RETURN(const Family* family, FindFamily(c.model_type, model_dir + "/config.json"));
+  FERRY_ASSIGN_OR_RETURN(std::unique_ptr<io::TensorSource> source, io::OpenTensorSource(model_dir));
+  FERRY_ASSIGN_OR_RETURN(const TensorNames names, TensorNames::Resolve(*family, *source));
+  FERRY_RETURN_IF_ERROR(CheckLayerCount(c, names, *source));
+  source.reset();
+  options.role_of = [names](const std::string& name) {
+    Role role;
+    int layer = -1;
+    return names.RoleOf(name, &role, &layer) ? std::string(offload::RoleName(role)) : std::string();
+  };
+  return io::ConvertToStore(model_dir, out_dir, options);
+}
+
 absl::StatusOr<Weight> Model::Alloc(DType dtype, std::initializer_list<int64_t> shape) const {
   return AllocWeight(*backend_, dtype, shape);
 }
@@ -180,6 +195,9 @@ absl::StatusOr<std::unique_ptr<Model>> Model::LoadOffloaded(const std::string& s
       const std::string name = m->names_.Layer(r.role, l);
       const io::StoreTensor* t = store.FindTensor(name);
       if (t == nullptr) return absl::NotFoundError(absl::StrCat("store lacks tensor \"", name, "\""));
+      if (!t->role.empty() && t->role != offload::RoleName(r.role)) {
+        return absl::DataLossError(absl::StrCat("tensor \"", name, "\" is recorded as ", t->role, ", not ", offload::RoleName(r.role)));
+      }
       if (t->info.shape != r.shape || t->info.offset < region.offset || t->info.offset + t->info.bytes > region.offset + region.bytes) {
         return absl::DataLossError(absl::StrCat("tensor \"", name, "\" has the wrong shape or lies outside its layer"));
       }

@@ -125,9 +125,11 @@ absl::Status StoreWriter::Finish(const std::map<std::string, std::string>& side_
       it->second.second = AlignUp(offsets_[i] + bytes_[i]);
     }
     json shape = t.shape;
-    manifest["tensors"].push_back({{"name", t.name}, {"dtype", DTypeName(t.dtype)}, {"shape", shape},
-                                   {"offset", offsets_[i]}, {"bytes", bytes_[i]}, {"layout", "row-major"},
-                                   {"layer", layer}, {"xxh3", Hex(XXH3_64bits_digest(state_->hashes[i]))}});
+    json entry = {{"name", t.name}, {"dtype", DTypeName(t.dtype)}, {"shape", shape},
+                  {"offset", offsets_[i]}, {"bytes", bytes_[i]}, {"layout", "row-major"},
+                  {"layer", layer}, {"xxh3", Hex(XXH3_64bits_digest(state_->hashes[i]))}};
+    if (!t.role.empty()) entry["role"] = t.role;
+    manifest["tensors"].push_back(entry);
   }
   for (const auto& [layer, span] : layer_span) {
     manifest["layers"].push_back({{"index", layer}, {"offset", span.first}, {"bytes", span.second - span.first}});
@@ -145,7 +147,7 @@ absl::Status ConvertToStore(const std::string& model_dir, const std::string& out
   std::vector<PlannedTensor> planned;
   for (const std::string& name : ckpt.Names()) {
     const TensorInfo* t = ckpt.Find(name);
-    planned.push_back({name, t->dtype, t->shape});
+    planned.push_back({name, t->dtype, t->shape, options.role_of ? options.role_of(name) : std::string()});
   }
   FERRY_ASSIGN_OR_RETURN(StoreWriter writer, StoreWriter::Create(out_dir, std::move(planned)));
   std::vector<char> chunk(std::max<size_t>(options.chunk_bytes, kStoreAlignment));
@@ -202,6 +204,7 @@ absl::StatusOr<Store> Store::Open(const std::string& dir) {
       st.layer = t.at("layer").get<int>();
       st.layout = t.at("layout").get<std::string>();
       st.xxh3 = std::stoull(t.at("xxh3").get<std::string>(), nullptr, 16);
+      if (t.contains("role")) st.role = t.at("role").get<std::string>();
     } catch (const std::exception& e) {
       return Corrupt(dir, absl::StrCat("bad tensor entry in manifest.json: ", e.what()));
     }

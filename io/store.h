@@ -27,6 +27,7 @@ struct StoreTensor {
   uint64_t xxh3 = 0;    // XXH3-64 of the tensor's bytes
   int layer = -1;       // decoder layer, -1 for the others
   std::string layout = "row-major";
+  std::string role;     // the tensor's role in its model family ("attn_q", ...), when recorded
 };
 
 struct StoreLayer {
@@ -67,6 +68,7 @@ struct PlannedTensor {
   std::string name;
   DType dtype = DType::kF16;
   std::vector<int64_t> shape;
+  std::string role;  // recorded in the manifest when set
 };
 
 // Writes a store: the layout (non-layer tensors first, then each layer's, 4 KiB-aligned) is fixed
@@ -99,6 +101,8 @@ class StoreWriter {
 struct ConvertOptions {
   std::function<void(uint64_t done, uint64_t total)> progress;  // bytes written so far
   size_t chunk_bytes = 64 << 20;  // tensors stream through a buffer of this size
+  // The role of a checkpoint tensor in its model family ("" when none), recorded in the manifest.
+  std::function<std::string(const std::string& name)> role_of;
 };
 
 // Converts the model in `model_dir` (safetensors + config + tokenizer) into a store at `out_dir`.

@@ -9,6 +9,7 @@
 #include "engine/bench.h"
 #include "engine/cli/commands.h"
 #include "engine/dummy_model.h"
+#include "engine/model.h"
 #include "io/store.h"
 #include "nlohmann/json.hpp"
 
@@ -65,7 +66,7 @@ absl::StatusOr<std::string> PrepareStore(const BenchFlags& f) {
   if (!PathExists(f.store + "/manifest.json")) {
     io::ConvertOptions o;
     o.progress = progress("convert");
-    FERRY_RETURN_IF_ERROR(io::ConvertToStore(model, f.store, o));
+    FERRY_RETURN_IF_ERROR(engine::ConvertModel(model, f.store, o));
   }
   return f.store;
 }

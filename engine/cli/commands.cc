@@ -314,7 +314,7 @@ absl::Status RunConvert(const ConvertFlags& f) {
   }
   io::ConvertOptions o;
   o.progress = ByteProgress("convert", f.quiet);
-  FERRY_RETURN_IF_ERROR(io::ConvertToStore(f.model, f.out, o));
+  FERRY_RETURN_IF_ERROR(engine::ConvertModel(f.model, f.out, o));
   if (f.verify) {
     FERRY_ASSIGN_OR_RETURN(io::Store store, io::Store::Open(f.out));
     FERRY_RETURN_IF_ERROR(store.Verify(ByteProgress("verify", f.quiet)));
