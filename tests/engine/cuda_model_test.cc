@@ -209,5 +209,29 @@ TEST_F(CudaModelTest, PredictorsTrainOnTheGpuAsOnTheCpu) {
   EXPECT_NEAR(gpu_ppl->perplexity, cpu_ppl->perplexity, cpu_ppl->perplexity * 0.005);
 }
 
+// Every model-family golden on the GPU: the 16 greedy tokens transformers gave (as on the CPU),
+// the whole batch at once, and with a GQA H2O cache that holds everything.
+TEST_F(CudaModelTest, FamilyGoldensGiveTheirGreedyTokens) {
+  for (const char* name : {"llama-gqa", "llama3-tied", "llama-bias", "smollm2-style", "mistral", "qwen2-dynamic", "qwen3-yarn"}) {
+    const std::string dir = ferry::testing::GoldensDir() + "/" + name;
+    auto m = Model::Load(dir, gpu_.get());
+    ASSERT_TRUE(m.ok()) << m.status();
+    std::ifstream in(dir + "/goldens.json");
+    const auto g = nlohmann::json::parse(in);
+    std::vector<GenerationRequest> reqs;
+    for (const auto& p : g["prompts"]) reqs.push_back({p["ids"].get<std::vector<int>>(), reqs.size()});
+    GenerateOptions o;
+    o.max_new_tokens = o.min_new_tokens = 16;
+    for (bool h2o : {false, true}) {
+      if (h2o) o.h2o = offload::H2OOptions{128, 128, 0};
+      auto r = Generate(**m, reqs, o);
+      ASSERT_TRUE(r.ok()) << r.status();
+      for (size_t i = 0; i < reqs.size(); ++i) {
+        EXPECT_EQ((*r)[i].tokens, g["prompts"][i]["greedy"].get<std::vector<int>>()) << name << " prompt " << i << " h2o " << h2o;
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace ferry::engine
