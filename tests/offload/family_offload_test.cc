@@ -4,6 +4,7 @@
 // the GQA cache from the same spec that allocates it; Deja Vu on a SwiGLU model is refused.
 #include <fstream>
 
+#include "engine/dummy_model.h"
 #include "engine/model.h"
 #include "gtest/gtest.h"
 #include "io/store.h"
@@ -126,6 +127,32 @@ INSTANTIATE_TEST_SUITE_P(Goldens, FamilyOffloadTest, ::testing::Values("llama-gq
                            for (char& ch : s) ch = std::isalnum(static_cast<unsigned char>(ch)) ? ch : '_';
                            return s;
                          });
+
+}  // namespace
+}  // namespace ferry::engine
+
+namespace ferry::engine {
+namespace {
+
+// The dummies have the real models' parameter counts, and a GQA cache is kv_heads / heads of the
+// multi-head one: what --fit-batch counts.
+TEST(FamilyDummyTest, RealShapesAndGqaCacheBytes) {
+  const std::pair<const char*, double> params[] = {{"llama-2-7b", 6.738e9}, {"llama-2-13b", 13.016e9}, {"llama-2-70b", 68.977e9},
+                                                   {"llama-3-8b", 8.030e9}, {"llama-3-70b", 70.554e9}, {"qwen2.5-7b", 7.616e9},
+                                                   {"qwen2.5-32b", 32.764e9}, {"mistral-7b", 7.242e9}, {"opt-6.7b", 6.658e9}};
+  for (const auto& [name, count] : params) {
+    auto shape = FindDummyShape(name);
+    ASSERT_TRUE(shape.ok()) << name;
+    EXPECT_NEAR(DummyWeightBytes(*shape) / 2.0, count, count * 0.005) << name;
+    auto c = ModelConfig::FromJson(DummyConfigJson(*shape), name);
+    ASSERT_TRUE(c.ok()) << c.status();
+  }
+  auto llama = ModelConfig::FromJson(DummyConfigJson(*FindDummyShape("llama-3-8b")), "l");
+  auto opt = ModelConfig::FromJson(DummyConfigJson(*FindDummyShape("opt-6.7b")), "o");
+  const uint64_t l = offload::KvCacheBytes(KvSpec(*llama, 32, 544)).device, o = offload::KvCacheBytes(KvSpec(*opt, 32, 544)).device;
+  EXPECT_EQ(o, 4 * l);
+  EXPECT_EQ(l, 2ull * 32 * 32 * 544 * 8 * 128 * 4);
+}
 
 }  // namespace
 }  // namespace ferry::engine
