@@ -195,6 +195,50 @@ void BM_LayerNorm(benchmark::State& state) {
   state.counters["frac_of_HBM"] = benchmark::Counter(bytes / kHbmBytesPerSecond, benchmark::Counter::kIsIterationInvariantRate);
 }
 
+// The Llama-family ops at Llama-3-8B shapes (d 4096, 32 query and 8 KV heads of 128, ffn 14336).
+void BM_RmsNorm(benchmark::State& state) {
+  if (Gpu() == nullptr) return state.SkipWithError("no CUDA device");
+  const int64_t rows = state.range(0), d = 4096;
+  DevTensor x = Random(DType::kF32, {rows, d}, 1), g = Random(DType::kF32, {d}, 2), y = Random(DType::kF32, {rows, d}, 4);
+  RmsNormArgs a{x.view, g.view, y.view, 1e-5f};
+  TimeLoop(state, [&] { return Gpu()->RmsNorm(a); });
+  const double bytes = 2.0 * rows * d * 4;  // read + write
+  state.counters["GB/s"] = benchmark::Counter(bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["frac_of_HBM"] = benchmark::Counter(bytes / kHbmBytesPerSecond, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+// q (32 heads) and k (8 heads) rotated in place, as a layer does.
+void BM_Rope(benchmark::State& state) {
+  if (Gpu() == nullptr) return state.SkipWithError("no CUDA device");
+  const int64_t rows = state.range(0), hd = 128;
+  DevTensor q = Random(DType::kF32, {rows, 32 * hd}, 5), k = Random(DType::kF32, {rows, 8 * hd}, 6),
+            f = Random(DType::kF32, {1, hd / 2}, 7);
+  std::vector<int32_t> pos(rows);
+  for (int64_t i = 0; i < rows; ++i) pos[i] = static_cast<int32_t>(i % 8192);
+  auto dpos = Gpu()->Allocate(rows * 4);
+  (void)Gpu()->CopyToDevice(dpos->data(), pos.data(), rows * 4);
+  const TensorView pv = TensorView::Contiguous(dpos->data(), DType::kI32, {rows}, Device::kCuda);
+  RopeArgs aq{q.view, pv, f.view, TensorView{}, 32, static_cast<int>(hd), 1.0f}, ak{k.view, pv, f.view, TensorView{}, 8, static_cast<int>(hd), 1.0f};
+  TimeLoop(state, [&]() -> absl::Status {
+    FERRY_RETURN_IF_ERROR(Gpu()->Rope(aq));
+    return Gpu()->Rope(ak);
+  });
+  const double bytes = 2.0 * rows * 40 * hd * 4;  // q and k read and written
+  state.counters["GB/s"] = benchmark::Counter(bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["frac_of_HBM"] = benchmark::Counter(bytes / kHbmBytesPerSecond, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+void BM_SiluMul(benchmark::State& state) {
+  if (Gpu() == nullptr) return state.SkipWithError("no CUDA device");
+  const int64_t rows = state.range(0), f = 14336;
+  DevTensor g = Random(DType::kF32, {rows, f}, 8), u = Random(DType::kF32, {rows, f}, 9);
+  SiluMulArgs a{g.view, u.view, g.view};
+  TimeLoop(state, [&] { return Gpu()->SiluMul(a); });
+  const double bytes = 3.0 * rows * f * 4;  // two reads, one write
+  state.counters["GB/s"] = benchmark::Counter(bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["frac_of_HBM"] = benchmark::Counter(bytes / kHbmBytesPerSecond, benchmark::Counter::kIsIterationInvariantRate);
+}
+
 // The layer's GEMMs: [batch, k] x [m, k]^T, fp16 weights, with bias (and ReLU where relu = 1);
 // above 128 rows epilogue = 1 runs bias and ReLU in cuBLASLt's epilogue, 0 as a separate pass.
 void BM_Gemm(benchmark::State& state) {
@@ -224,6 +268,9 @@ BENCHMARK(BM_SlotAttention)->ArgNames({"batch", "slots"})->Args({64, 103})->Args
 BENCHMARK(BM_BundledFfn)->ArgNames({"batch", "neurons"})->Args({1, 2458})->Args({1, 16384})->Args({16, 2458})->Args({64, 8192})
     ->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_LayerNorm)->ArgNames({"rows"})->Args({64})->Args({4096})->Args({32768})->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_RmsNorm)->ArgNames({"rows"})->Args({64})->Args({4096})->Args({32768})->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_Rope)->ArgNames({"rows"})->Args({64})->Args({4096})->Args({32768})->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_SiluMul)->ArgNames({"rows"})->Args({64})->Args({4096})->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_Gemm)->ArgNames({"batch", "m", "k", "relu", "epilogue"})
     ->Args({1, 4096, 4096, 0, 1})->Args({1, 16384, 4096, 1, 1})->Args({8, 16384, 4096, 1, 1})->Args({32, 16384, 4096, 1, 1})
     ->Args({64, 16384, 4096, 1, 1})->Args({128, 16384, 4096, 1, 1})->Args({512, 16384, 4096, 1, 1})
