@@ -102,9 +102,21 @@ absl::StatusOr<float*> HostFloats(kernels::Backend* backend, const TensorView& v
 
 }  // namespace
 
+namespace {
+
+// Deja Vu's predictors learn which ReLU outputs are positive; a SwiGLU FFN has none.
+absl::Status RequireRelu(const ModelConfig& c) {
+  if (c.ffn == FfnKind::kRelu) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat("Deja Vu sparsity needs a ReLU FFN; this ", c.model_type,
+                                                 " model has a SwiGLU FFN (activation sparsity for SwiGLU models is not supported yet)"));
+}
+
+}  // namespace
+
 absl::Status CollectActivations(Model& model, const std::vector<int>& ids, const std::string& out_dir,
                                 const CollectOptions& o) {
   const ModelConfig& c = model.config();
+  FERRY_RETURN_IF_ERROR(RequireRelu(c));
   if (o.window < 2 || o.window > c.max_positions) return absl::InvalidArgumentError("bad window");
   const int64_t total = o.tokens > 0 ? std::min<int64_t>(o.tokens, ids.size()) : static_cast<int64_t>(ids.size());
   if (total < 1) return absl::InvalidArgumentError("no tokens to collect");
@@ -311,6 +323,7 @@ absl::StatusOr<std::vector<LayerSparsity>> TrainPredictors(const std::string& da
 }
 
 absl::StatusOr<SparseFfn> SparseFfn::Load(const std::string& dir, const ModelConfig& config) {
+  FERRY_RETURN_IF_ERROR(RequireRelu(config));
   FERRY_ASSIGN_OR_RETURN(std::string text, ReadFileToString(dir + "/sparsity.json"));
   json j = json::parse(text, nullptr, false);
   if (j.is_discarded() || !j.is_object()) return absl::DataLossError(absl::StrCat(dir, "/sparsity.json is not JSON"));
