@@ -38,6 +38,8 @@ std::string Hex(uint64_t v) {
 
 }  // namespace
 
+uint64_t StoreHash(const void* data, size_t n) { return XXH3_64bits(data, n); }
+
 int LayerOfTensor(const std::string& name) {
   const std::string key = "layers.";
   const size_t at = name.find(key);

@@ -110,6 +110,9 @@ struct ConvertOptions {
 // last (a crash leaves no valid store).
 absl::Status ConvertToStore(const std::string& model_dir, const std::string& out_dir, const ConvertOptions& options = {});
 
+// XXH3-64 of n bytes: the store's checksum.
+uint64_t StoreHash(const void* data, size_t n);
+
 // The decoder layer a tensor belongs to ("...layers.<i>...."), or -1.
 int LayerOfTensor(const std::string& name);
 

@@ -1,6 +1,7 @@
 #include "offload/layer_streamer.h"
 
 #include <chrono>
+#include <cstring>
 
 #include "absl/strings/str_cat.h"
 #include "base/status.h"
@@ -35,16 +36,26 @@ absl::StatusOr<std::unique_ptr<LayerStreamer>> LayerStreamer::Create(kernels::Ba
       return absl::InvalidArgumentError(absl::StrCat("plan does not match the store at layer ", l));
     }
     s->layer_offsets_.push_back(layers[l].offset + p.begin);
+    // The placed bytes once, checked tensor by tensor; the GPU and CPU parts come from this read.
+    std::vector<char> host(p.bytes);
+    FERRY_RETURN_IF_ERROR(PreadFull(plain.fd.get(), host.data(), host.size(), s->layer_offsets_[l], store.data_path()));
+    for (const std::string& name : store.Names()) {  // by byte range, whatever layer the manifest names
+      const io::StoreTensor* t = store.FindTensor(name);
+      const uint64_t at = t->info.offset - s->layer_offsets_[l];
+      if (t->info.offset < s->layer_offsets_[l] || at + t->info.bytes > p.bytes) continue;  // outside the placed range
+      if (io::StoreHash(host.data() + at, t->info.bytes) != t->xxh3) {
+        return absl::DataLossError(absl::StrCat(store.dir(), ": corrupt store: checksum mismatch in tensor \"", t->info.name, "\""));
+      }
+    }
+    s->disk_digest_.push_back(io::StoreHash(host.data() + p.cpu_end, p.disk_bytes()));
     kernels::DeviceBuffer resident, pinned;
     if (p.gpu_end > 0) {
-      std::vector<char> host(p.gpu_end);
-      FERRY_RETURN_IF_ERROR(PreadFull(plain.fd.get(), host.data(), host.size(), s->layer_offsets_[l], store.data_path()));
       FERRY_ASSIGN_OR_RETURN(resident, backend->Allocate(p.gpu_end));
-      FERRY_RETURN_IF_ERROR(backend->CopyToDevice(resident.data(), host.data(), host.size()));
+      FERRY_RETURN_IF_ERROR(backend->CopyToDevice(resident.data(), host.data(), p.gpu_end));
     }
     if (p.cpu_bytes() > 0) {
       FERRY_ASSIGN_OR_RETURN(pinned, backend->AllocateHost(p.cpu_bytes()));
-      FERRY_RETURN_IF_ERROR(PreadFull(plain.fd.get(), pinned.data(), p.cpu_bytes(), s->layer_offsets_[l] + p.gpu_end, store.data_path()));
+      std::memcpy(pinned.data(), host.data() + p.gpu_end, p.cpu_bytes());
     }
     s->resident_.push_back(std::move(resident));
     s->pinned_.push_back(std::move(pinned));
@@ -109,6 +120,10 @@ void LayerStreamer::DiskLoop() {
       const absl::Status st = reader_->Read(file_, layer_offsets_[layer] + p.cpu_end, staging_[seq % 2].data(), p.disk_bytes());
       if (!st.ok()) {
         Fail(absl::Status(st.code(), absl::StrCat("reading layer ", layer, " from disk: ", st.message())));
+        return;
+      }
+      if (io::StoreHash(staging_[seq % 2].data(), p.disk_bytes()) != disk_digest_[layer]) {
+        Fail(absl::DataLossError(absl::StrCat("layer ", layer, "'s bytes on disk changed since the store was checked (checksum mismatch)")));
         return;
       }
       Add(disk_seconds_, Since(t0));

@@ -7,6 +7,10 @@
 // so the read of layer j+2, the copy of layer j+1 and the compute of layer j overlap and nothing
 // waits on a global synchronization. Layers are consumed cyclically (0..L-1, then 0 again for the
 // next forward pass). Layers that are fully resident never enter the pipeline.
+// Nothing from the store is used unchecked: Create reads each layer's placed bytes once and checks
+// every tensor in them against the manifest's XXH3 (a mismatch refuses the store, kDataLoss) and
+// records the XXH3 of the disk part, which the disk thread recomputes after every read (at several
+// GB/s, off the compute path) so that a disk part changed since is an error, never a weight.
 #pragma once
 
 #include <atomic>
@@ -62,6 +66,7 @@ class LayerStreamer {
   kernels::Backend* backend_ = nullptr;
   Plan plan_;
   std::vector<uint64_t> layer_offsets_;          // in weights.bin
+  std::vector<uint64_t> disk_digest_;            // per layer, XXH3 of [cpu_end, bytes)
   std::vector<kernels::DeviceBuffer> resident_;  // per layer, [0, gpu_end)
   std::vector<kernels::DeviceBuffer> pinned_;    // per layer, [gpu_end, cpu_end)
   std::vector<int> streamed_;                    // layers that go through the slots, in order
