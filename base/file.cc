@@ -1,6 +1,7 @@
 #include "base/file.h"
 
 #include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -25,7 +26,19 @@ ScopedFd& ScopedFd::operator=(ScopedFd&& o) noexcept {
   return *this;
 }
 
+absl::Status RequireRegularFile(const std::string& path) {
+  struct stat st;
+  if (::stat(path.c_str(), &st) != 0) {
+    if (errno == ENOENT) return absl::NotFoundError(absl::StrCat(path, ": no such file"));
+    return absl::ErrnoToStatus(errno, absl::StrCat("stat ", path));
+  }
+  if (S_ISDIR(st.st_mode)) return absl::InvalidArgumentError(absl::StrCat(path, " is a directory, not a file"));
+  if (!S_ISREG(st.st_mode)) return absl::InvalidArgumentError(absl::StrCat(path, " is not a regular file"));
+  return absl::OkStatus();
+}
+
 absl::StatusOr<ScopedFd> ScopedFd::OpenForRead(const std::string& path) {
+  FERRY_RETURN_IF_ERROR(RequireRegularFile(path));
   int fd;
   do {
     fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
@@ -86,9 +99,86 @@ absl::Status WriteFileAtomically(const std::string& path, const std::string& dat
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) return absl::ErrnoToStatus(errno, absl::StrCat("create ", tmp));
   ScopedFd guard(fd);
-  FERRY_RETURN_IF_ERROR(PwriteFull(fd, data.data(), data.size(), 0, tmp));
-  if (::fsync(fd) != 0) return absl::ErrnoToStatus(errno, absl::StrCat("fsync ", tmp));
-  if (::rename(tmp.c_str(), path.c_str()) != 0) return absl::ErrnoToStatus(errno, absl::StrCat("rename ", tmp));
+  absl::Status st = PwriteFull(fd, data.data(), data.size(), 0, tmp);
+  if (st.ok() && ::fsync(fd) != 0) st = absl::ErrnoToStatus(errno, absl::StrCat("fsync ", tmp));
+  if (st.ok() && ::rename(tmp.c_str(), path.c_str()) != 0) st = absl::ErrnoToStatus(errno, absl::StrCat("rename ", tmp));
+  if (!st.ok()) ::unlink(tmp.c_str());  // no half-written leftover
+  return st;
+}
+
+absl::StatusOr<RecordFile> RecordFile::Open(const std::string& path, const std::string& must_differ) {
+  RecordFile f;
+  f.path_ = path;
+  if (path.empty() || path == "-") {
+    f.is_stdout_ = true;
+    return f;
+  }
+  struct stat st;
+  if (::stat(path.c_str(), &st) == 0) {
+    if (S_ISDIR(st.st_mode)) return absl::InvalidArgumentError(absl::StrCat(path, " is a directory, not a file"));
+    if (S_ISFIFO(st.st_mode) || S_ISSOCK(st.st_mode)) return absl::InvalidArgumentError(absl::StrCat(path, " is not a regular file"));
+    struct stat in;
+    if (!must_differ.empty() && ::stat(must_differ.c_str(), &in) == 0 && in.st_dev == st.st_dev && in.st_ino == st.st_ino) {
+      return absl::InvalidArgumentError(absl::StrCat(path, " is the input ", must_differ, "; writing it would destroy the input"));
+    }
+  }
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+  if (fd < 0) return absl::ErrnoToStatus(errno, absl::StrCat("cannot write ", path));
+  f.fd_ = ScopedFd(fd);
+  if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    if (errno == EWOULDBLOCK) {
+      return absl::FailedPreconditionError(absl::StrCat(path, " is being written by another ferry job (it holds the lock)"));
+    }
+    return absl::ErrnoToStatus(errno, absl::StrCat("lock ", path));
+  }
+  return f;
+}
+
+RecordFile::~RecordFile() {
+  if (!closed_ && fd_.get() >= 0) ::fsync(fd_.get());
+}
+
+absl::StatusOr<uint64_t> RecordFile::Size() const {
+  if (is_stdout_) return 0;
+  return FileSize(fd_.get(), path_);
+}
+
+absl::Status RecordFile::Truncate(uint64_t size) {
+  struct stat st;
+  if (is_stdout_ || (::fstat(fd_.get(), &st) == 0 && !S_ISREG(st.st_mode))) return absl::OkStatus();  // a device: nothing to cut
+  if (::ftruncate(fd_.get(), static_cast<off_t>(size)) != 0) return absl::ErrnoToStatus(errno, absl::StrCat("truncate ", path_));
+  return absl::OkStatus();
+}
+
+absl::Status RecordFile::Append(const std::string& data) {
+  const int fd = is_stdout_ ? STDOUT_FILENO : fd_.get();
+  uint64_t before = 0;
+  struct stat st;
+  const bool regular = !is_stdout_ && ::fstat(fd, &st) == 0 && S_ISREG(st.st_mode);
+  if (regular) before = static_cast<uint64_t>(st.st_size);
+  size_t done = 0;
+  while (done < data.size()) {
+    const ssize_t n = ::write(fd, data.data() + done, data.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      const int err = n < 0 ? errno : ENOSPC;
+      // Cut back to the last whole record, so that --resume continues from there.
+      if (regular) (void)::ftruncate(fd, static_cast<off_t>(before));
+      return absl::ErrnoToStatus(err, absl::StrCat("writing ", is_stdout_ ? std::string("standard output") : path_,
+                                                   regular ? " (the file ends at the last complete record: --resume continues it)" : ""));
+    }
+    done += static_cast<size_t>(n);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status RecordFile::Close() {
+  closed_ = true;
+  if (is_stdout_) return absl::OkStatus();
+  struct stat st;
+  const bool regular = ::fstat(fd_.get(), &st) == 0 && S_ISREG(st.st_mode);
+  if (regular && ::fsync(fd_.get()) != 0) return absl::ErrnoToStatus(errno, absl::StrCat("fsync ", path_));
+  if (::close(fd_.release()) != 0) return absl::ErrnoToStatus(errno, absl::StrCat("close ", path_));
   return absl::OkStatus();
 }
 

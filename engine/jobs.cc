@@ -131,17 +131,35 @@ absl::Status RunGenerateJob(Model& model, const Tokenizer& tokenizer, const Gene
   const bool to_stdout = o.output_path.empty() || o.output_path == "-";
   if (o.resume && o.overwrite) return absl::InvalidArgumentError("--resume and --overwrite exclude each other");
   if (o.resume && to_stdout) return absl::InvalidArgumentError("--resume needs an --output file");
-  // Pass 2 reads the prompts again; a resumed job first skips those already in the output.
+  // Pass 2 reads the prompts again; a resumed job first skips those already in the output. The
+  // output is opened (and locked) before it is looked at, so no other job changes it meanwhile.
   FERRY_ASSIGN_OR_RETURN(PromptReader reader, PromptReader::Open(o.input_path, &tokenizer, &model.config()));
   int64_t skip = 0;  // prompts already in the output
-  if (!to_stdout && !o.overwrite && !o.resume) FERRY_RETURN_IF_ERROR(RefuseExistingOutput(o.output_path));
-  if (!to_stdout && o.resume && PathExists(o.output_path)) {
-    struct stat st;
-    if (::stat(o.output_path.c_str(), &st) != 0) return absl::PermissionDeniedError(absl::StrCat("cannot stat ", o.output_path));
+  FERRY_ASSIGN_OR_RETURN(RecordFile out, RecordFile::Open(o.output_path, o.input_path));
+  FERRY_ASSIGN_OR_RETURN(const uint64_t existing, out.Size());
+  const std::string params_path = o.output_path + ".job.json";
+  if (!to_stdout && !o.overwrite && !o.resume && existing > 0) FERRY_RETURN_IF_ERROR(RefuseExistingOutput(o.output_path));
+  if (!to_stdout && o.resume && existing > 0) {
+    // The records must be this input's, and made with these settings.
     FERRY_ASSIGN_OR_RETURN(const uint64_t keep, CheckResumable(o.output_path, o.input_path, reader, &skip));
-    if (keep < static_cast<uint64_t>(st.st_size) && ::truncate(o.output_path.c_str(), static_cast<off_t>(keep)) != 0) {
-      return absl::PermissionDeniedError(absl::StrCat("cannot truncate the torn last line of ", o.output_path));
+    auto recorded = ReadFileToString(params_path);
+    if (recorded.ok()) {
+      const nlohmann::json before = nlohmann::json::parse(*recorded, nullptr, false);
+      if (before != o.parameters) {
+        std::string what;
+        for (auto it = o.parameters.begin(); it != o.parameters.end(); ++it) {
+          if (!before.is_object() || !before.contains(it.key()) || before[it.key()] != it.value()) {
+            what = absl::StrCat(it.key(), " was ", before.is_object() && before.contains(it.key()) ? before[it.key()].dump() : "unset",
+                                ", now ", it.value().dump());
+            break;
+          }
+        }
+        return absl::InvalidArgumentError(absl::StrCat("--resume: ", o.output_path, " was made with other settings (",
+                                                       what.empty() ? "see " + params_path : what,
+                                                       "); resume with the same flags or --overwrite"));
+      }
     }
+    if (keep < existing) FERRY_RETURN_IF_ERROR(out.Truncate(keep));  // the torn last line of a killed job
     if (skip == total) {
       if (o.show_progress) std::fprintf(stderr, "ferry: %s is complete (%lld prompts)\n", o.output_path.c_str(), static_cast<long long>(total));
       return absl::OkStatus();
@@ -150,15 +168,10 @@ absl::Status RunGenerateJob(Model& model, const Tokenizer& tokenizer, const Gene
       std::fprintf(stderr, "ferry: resuming after %lld of %lld prompts\n", static_cast<long long>(skip), static_cast<long long>(total));
     }
   }
-  std::FILE* out = stdout;
   if (!to_stdout) {
-    out = std::fopen(o.output_path.c_str(), o.resume ? "ab" : "wb");
-    if (out == nullptr) return absl::PermissionDeniedError(absl::StrCat("cannot write ", o.output_path));
+    if (o.overwrite) FERRY_RETURN_IF_ERROR(out.Truncate(0));
+    FERRY_RETURN_IF_ERROR(WriteFileAtomically(params_path, o.parameters.dump(1)));
   }
-  auto close_out = [&]() -> absl::Status {
-    if (out != stdout && std::fclose(out) != 0) return absl::DataLossError(absl::StrCat("error closing ", o.output_path));
-    return absl::OkStatus();
-  };
 
   // Pass 2: generate batch by batch, writing as we go.
   const auto start = std::chrono::steady_clock::now();
@@ -186,6 +199,7 @@ absl::Status RunGenerateJob(Model& model, const Tokenizer& tokenizer, const Gene
       status = results.status();
       break;
     }
+    std::string lines;
     for (size_t i = 0; i < prompts.size(); ++i) {
       auto text = tokenizer.Decode((*results)[i].tokens);
       if (!text.ok()) {
@@ -197,14 +211,12 @@ absl::Status RunGenerateJob(Model& model, const Tokenizer& tokenizer, const Gene
                   {"completion", *text},
                   {"token_ids", (*results)[i].tokens},
                   {"finish_reason", (*results)[i].finish_reason}};
-      const std::string line = rec.dump() + "\n";
-      if (std::fwrite(line.data(), 1, line.size(), out) != line.size()) {
-        status = absl::DataLossError(absl::StrCat("error writing ", o.output_path.empty() ? "stdout" : o.output_path));
-        break;
-      }
+      lines += rec.dump() + "\n";
       generated += static_cast<int64_t>((*results)[i].tokens.size());
     }
-    std::fflush(out);
+    if (!status.ok()) break;
+    status = out.Append(lines);  // the batch whole, or nothing of it
+    if (!status.ok()) break;
     done += static_cast<int64_t>(prompts.size());
     if (o.show_progress) {
       const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -214,7 +226,7 @@ absl::Status RunGenerateJob(Model& model, const Tokenizer& tokenizer, const Gene
                    static_cast<long long>(total), static_cast<long long>(generated), rate, eta);
     }
   }
-  absl::Status closed = close_out();
+  absl::Status closed = out.Close();
   FERRY_RETURN_IF_ERROR(status);
   return closed;
 }

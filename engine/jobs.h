@@ -7,12 +7,15 @@
 // told to overwrite it. Resuming checks that the output's complete lines are the first prompts of
 // the input (ids in order), drops a torn last line (a job killed mid-write), and generates the
 // rest, appending; sampled prompts keep their random streams (by input index), so a resumed job
-// writes what an uninterrupted one would have.
+// writes what an uninterrupted one would have. The output is locked (two jobs on one file are
+// refused), must not be the input, and every batch is written whole or cut back (a full disk stops
+// the job with an error and leaves a file --resume continues).
 #pragma once
 
 #include <string>
 
 #include "absl/status/status.h"
+#include "nlohmann/json.hpp"
 #include "engine/generator.h"
 #include "engine/tokenizer.h"
 
@@ -26,6 +29,10 @@ struct GenerateJobOptions {
   bool show_progress = true;  // progress lines on stderr
   bool resume = false;         // continue an existing output file
   bool overwrite = false;      // replace an existing output file
+  // What decides the records besides the input (model, sampling, lengths, cache): written beside
+  // the output (OUTPUT.job.json) and compared on --resume, so a resumed job never mixes records of
+  // different settings.
+  nlohmann::json parameters = nlohmann::json::object();
 };
 
 // kAlreadyExists when `path` is a non-empty file (output that would be lost), naming --resume and

@@ -185,6 +185,11 @@ absl::Status RunGenerate(const GenerateFlags& f) {
     job.show_progress = !f.quiet;
     job.resume = f.resume;
     job.overwrite = f.overwrite;
+    job.parameters = {{"model", f.model.model}, {"weights", f.model.weights}, {"max_new_tokens", f.max_new_tokens},
+                      {"min_new_tokens", f.min_new_tokens}, {"temperature", f.temperature}, {"top_k", f.top_k},
+                      {"top_p", f.top_p}, {"seed", f.seed}, {"ignore_eos", f.ignore_eos}, {"h2o", f.h2o},
+                      {"protect", f.protect}, {"kv_dtype", f.model.kv_dtype}, {"sparsity", f.sparsity},
+                      {"sparsity_k", f.sparsity.empty() ? 0.0 : f.sparsity_k}};
     return engine::RunGenerateJob(*l.model, *l.tokenizer, job);
   }
   FERRY_ASSIGN_OR_RETURN(std::vector<int> ids, l.tokenizer->Encode(f.prompt));
@@ -195,14 +200,13 @@ absl::Status RunGenerate(const GenerateFlags& f) {
   if (!f.output.empty()) {
     nlohmann::json rec = {{"id", 0}, {"prompt", f.prompt}, {"completion", text},
                           {"token_ids", results[0].tokens}, {"finish_reason", results[0].finish_reason}};
-    std::FILE* out = f.output == "-" ? stdout : std::fopen(f.output.c_str(), "wb");
-    if (out == nullptr) return absl::PermissionDeniedError(absl::StrCat("cannot write ", f.output));
-    const std::string line = rec.dump() + "\n";
-    const bool ok = std::fwrite(line.data(), 1, line.size(), out) == line.size();
-    if (out != stdout && std::fclose(out) != 0) return absl::DataLossError(absl::StrCat("error writing ", f.output));
-    if (!ok) return absl::DataLossError(absl::StrCat("error writing ", f.output));
+    FERRY_ASSIGN_OR_RETURN(RecordFile out, RecordFile::Open(f.output));
+    FERRY_RETURN_IF_ERROR(out.Truncate(0));
+    FERRY_RETURN_IF_ERROR(out.Append(rec.dump() + "\n"));
+    FERRY_RETURN_IF_ERROR(out.Close());
   } else {
-    std::printf("%s\n", text.c_str());
+    FERRY_ASSIGN_OR_RETURN(RecordFile out, RecordFile::Open("-"));
+    FERRY_RETURN_IF_ERROR(out.Append(text + "\n"));
   }
   if (!f.quiet) {
     std::fprintf(stderr, "ferry: %zu prompt tokens, %zu new tokens in %.3f s (%.1f tok/s), finish: %s\n", ids.size(),

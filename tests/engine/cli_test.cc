@@ -1,5 +1,7 @@
 // The `ferry` binary as a user runs it: outputs, exit codes, and one clear line on bad input.
+#include <sys/stat.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <fstream>
@@ -290,6 +292,66 @@ TEST(CliTest, LlamaFamilyThroughEveryCommand) {
     EXPECT_EQ(sparse.code, 1);
     EXPECT_NE(sparse.err.find("needs a ReLU FFN"), std::string::npos) << sparse.err;
   }
+}
+
+// Hardening (issue 18): no write is lost with exit 0, the input is never the output, two jobs never
+// share an output, and a resumed job never mixes settings.
+TEST(CliTest, FailedWritesStopTheJobAndLeaveAResumableFile) {
+  ferry::testing::TempDir dir;
+  const char* env = std::getenv("FERRY_BINARY");
+  const std::string bin = env != nullptr ? env : FERRY_BINARY;
+  for (const std::string& to : {std::string(" >/dev/full"), std::string(" --output /dev/full")}) {
+    const int st = std::system((bin + " generate " + kModel + " --prompt 'In the' --max-new-tokens 4 -q" + to + " 2>" + dir.File("e")).c_str());
+    EXPECT_EQ(WIFEXITED(st) ? WEXITSTATUS(st) : -1, 1) << to;
+    EXPECT_NE(ferry::ReadFileToString(dir.File("e")).value_or("").find("No space left"), std::string::npos) << to;
+  }
+  std::string in;
+  for (int i = 0; i < 12; ++i) in += "{\"id\": " + std::to_string(i) + ", \"prompt\": \"In the beginning " + std::to_string(i) + "\"}\n";
+  ferry::testing::WriteFile(dir.File("in.jsonl"), in);
+  const std::string job = "generate " + kModel + " --input " + dir.File("in.jsonl") + " --max-new-tokens 24 --batch-size 2 -q --output ";
+  Result clean = Ferry(job + dir.File("clean.jsonl"));
+  ASSERT_EQ(clean.code, 0) << clean.err;
+  // A file size limit of 2 KiB stands in for a disk that fills mid-job: the write fails, the job
+  // says so, and the file ends at a whole record.
+  const std::string cmd = "bash -c 'ulimit -f 2; " + bin + " " + job + dir.File("out.jsonl") + "' 2>" + dir.File("err");
+  const int status = std::system(cmd.c_str());
+  EXPECT_EQ(WIFEXITED(status) ? WEXITSTATUS(status) : -1, 1);
+  const std::string err = ferry::ReadFileToString(dir.File("err")).value_or("");
+  EXPECT_NE(err.find("last complete record"), std::string::npos) << err;
+  const std::string partial = ferry::ReadFileToString(dir.File("out.jsonl")).value_or("");
+  ASSERT_FALSE(partial.empty());
+  EXPECT_EQ(partial.back(), '\n');
+  EXPECT_LT(partial.size(), 2049u);
+  EXPECT_EQ(ferry::ReadFileToString(dir.File("clean.jsonl"))->compare(0, partial.size(), partial), 0);
+  Result resumed = Ferry(job + dir.File("out.jsonl") + " --resume");
+  ASSERT_EQ(resumed.code, 0) << resumed.err;
+  EXPECT_EQ(ferry::ReadFileToString(dir.File("out.jsonl")).value(), ferry::ReadFileToString(dir.File("clean.jsonl")).value());
+  // Resuming with other sampling settings is refused, naming the setting.
+  Result other = Ferry(job + dir.File("out.jsonl") + " --resume --temperature 0.7");
+  EXPECT_EQ(other.code, 1);
+  EXPECT_NE(other.err.find("temperature"), std::string::npos) << other.err;
+}
+
+TEST(CliTest, TheInputIsNeverTheOutputAndOutputsAreLocked) {
+  ferry::testing::TempDir dir;
+  const std::string input = "{\"prompt\": \"To be\"}\n";
+  ferry::testing::WriteFile(dir.File("in.jsonl"), input);
+  ASSERT_EQ(::symlink(dir.File("in.jsonl").c_str(), dir.File("link.jsonl").c_str()), 0);
+  for (const char* out : {"in.jsonl", "link.jsonl"}) {
+    Result r = Ferry("generate " + kModel + " --input " + dir.File("in.jsonl") + " --output " + dir.File(out) + " --overwrite -q");
+    EXPECT_EQ(r.code, 1);
+    EXPECT_NE(r.err.find("is the input"), std::string::npos) << r.err;
+    EXPECT_EQ(ferry::ReadFileToString(dir.File("in.jsonl")).value(), input);
+  }
+  // Another job (here this test) holds the output: refused, nothing written.
+  auto held = ferry::RecordFile::Open(dir.File("out.jsonl"));
+  ASSERT_TRUE(held.ok());
+  Result r = Ferry("generate " + kModel + " --input " + dir.File("in.jsonl") + " --output " + dir.File("out.jsonl") + " -q");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("another ferry job"), std::string::npos) << r.err;
+  // A FIFO as a model file is refused rather than blocking forever.
+  ASSERT_EQ(::mkfifo(dir.File("fifo").c_str(), 0644), 0);
+  EXPECT_FALSE(ferry::ReadFileToString(dir.File("fifo")).ok());
 }
 
 }  // namespace
