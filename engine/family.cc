@@ -10,6 +10,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_replace.h"
 #include "base/file.h"
+#include "base/json.h"
 #include "base/status.h"
 
 namespace ferry::engine {
@@ -37,6 +38,7 @@ absl::StatusOr<const Family*> FindFamily(const std::string& model_type, const st
 bool ModelConfig::is_eos(int id) const { return std::find(eos_token_ids.begin(), eos_token_ids.end(), id) != eos_token_ids.end(); }
 
 absl::StatusOr<ModelConfig> ModelConfig::FromJson(const std::string& json_text, const std::string& source) {
+  if (JsonDepth(json_text) > 64) return absl::InvalidArgumentError(absl::StrCat(source, ": JSON nested deeper than 64 levels"));
   json j = json::parse(json_text, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded() || !j.is_object()) {
     return absl::InvalidArgumentError(absl::StrCat(source, ": malformed JSON (expected an object)"));

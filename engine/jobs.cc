@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "base/file.h"
+#include "base/json.h"
 #include "base/status.h"
 #include "nlohmann/json.hpp"
 
@@ -45,6 +46,7 @@ class PromptReader {
       ++line_no_;
       if (!line.empty() && line.back() == '\r') line.pop_back();
       if (line.find_first_not_of(" \t") == std::string::npos) continue;
+      if (JsonDepth(line) > 64) return Error("JSON nested deeper than 64 levels");
       json j = json::parse(line, nullptr, false);
       if (j.is_discarded() || !j.is_object()) return Error("not a JSON object");
       if (!j.contains("prompt") || !j["prompt"].is_string()) return Error("needs a string \"prompt\"");
@@ -87,7 +89,7 @@ absl::StatusOr<uint64_t> CheckResumable(const std::string& out_path, const std::
   *lines = 0;
   for (std::string line; std::getline(in, line);) {
     if (in.eof()) break;  // no newline after it: torn by an interrupted write, dropped
-    const json rec = json::parse(line, nullptr, false);
+    const json rec = JsonDepth(line) > 64 ? json() : json::parse(line, nullptr, false);
     const std::string where = absl::StrCat(out_path, ":", *lines + 1);
     if (rec.is_discarded() || !rec.is_object() || !rec.contains("id") || !rec.contains("completion")) {
       return absl::DataLossError(absl::StrCat(where, ": not an output record; cannot resume"));

@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "base/file.h"
+#include "base/json.h"
 #include "base/status.h"
 #include "base/thread_pool.h"
 #include "nlohmann/json.hpp"
@@ -254,16 +255,50 @@ struct Tokenizer::Impl {
   }
 };
 
+namespace {
+
+// Checked readers of tokenizer.json: a field of the wrong type or an id out of range is one clear
+// kInvalidArgument naming the field, never an exception or a silent truncation.
+constexpr int64_t kMaxTokenId = int64_t{1} << 22;  // 4M: above every real vocabulary (Gemma's is 262144)
+
+absl::Status Bad(const std::string& field, const std::string& why) {
+  return absl::InvalidArgumentError(absl::StrCat("tokenizer.json: \"", field, "\" ", why));
+}
+
+absl::StatusOr<std::string> StringField(const json& j, const char* key, const std::string& fallback, const std::string& where) {
+  if (!j.is_object() || !j.contains(key) || j[key].is_null()) return fallback;
+  if (!j[key].is_string()) return Bad(where + key, "must be a string");
+  return j[key].get<std::string>();
+}
+
+absl::StatusOr<bool> BoolField(const json& j, const char* key, bool fallback, const std::string& where) {
+  if (!j.is_object() || !j.contains(key) || j[key].is_null()) return fallback;
+  if (!j[key].is_boolean()) return Bad(where + key, "must be true or false");
+  return j[key].get<bool>();
+}
+
+absl::StatusOr<int> TokenId(const json& v, const std::string& where) {
+  if (!v.is_number_integer()) return Bad(where, "must be an integer token id");
+  if (v.is_number_unsigned() ? v.get<uint64_t>() >= static_cast<uint64_t>(kMaxTokenId) : (v.get<int64_t>() < 0 || v.get<int64_t>() >= kMaxTokenId)) {
+    return Bad(where, absl::StrCat("is ", v.dump(), ", outside [0, ", kMaxTokenId, ")"));
+  }
+  return static_cast<int>(v.get<int64_t>());
+}
+
+}  // namespace
+
 Tokenizer::Tokenizer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Tokenizer::~Tokenizer() = default;
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromTokenizerJson(const std::string& json_text) {
+  if (JsonDepth(json_text) > 64) return absl::InvalidArgumentError("tokenizer.json: JSON nested deeper than 64 levels");
   json j = json::parse(json_text, nullptr, false);
   if (j.is_discarded() || !j.is_object() || !j.contains("model") || !j["model"].is_object()) {
     return absl::InvalidArgumentError("tokenizer.json: malformed JSON (expected an object with \"model\")");
   }
   const json& m = j["model"];
-  if (m.value("type", std::string()) != "BPE") return absl::InvalidArgumentError("tokenizer.json: \"model.type\" must be \"BPE\"");
+  FERRY_ASSIGN_OR_RETURN(const std::string model_type, StringField(m, "type", "", "model."));
+  if (model_type != "BPE") return absl::InvalidArgumentError("tokenizer.json: \"model.type\" must be \"BPE\"");
   for (const char* field : {"continuing_subword_prefix", "end_of_word_suffix"}) {
     if (m.contains(field) && !m[field].is_null() && m[field] != "") {
       return absl::InvalidArgumentError(absl::StrCat("tokenizer.json: \"model.", field, "\" is not supported"));
@@ -275,10 +310,12 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromTokenizerJson(const st
   auto impl = std::make_unique<Impl>();
   if (j.contains("pre_tokenizer") && !j["pre_tokenizer"].is_null()) {
     const json& p = j["pre_tokenizer"];
-    if (p.value("type", std::string()) != "ByteLevel") {
+    if (!p.is_object()) return Bad("pre_tokenizer", "must be an object");
+    FERRY_ASSIGN_OR_RETURN(const std::string type, StringField(p, "type", "", "pre_tokenizer."));
+    if (type != "ByteLevel") {
       return absl::InvalidArgumentError("tokenizer.json: \"pre_tokenizer.type\" must be \"ByteLevel\"");
     }
-    impl->add_prefix_space = p.value("add_prefix_space", false);
+    FERRY_ASSIGN_OR_RETURN(impl->add_prefix_space, BoolField(p, "add_prefix_space", false, "pre_tokenizer."));
   }
   if (!m.contains("vocab") || !m["vocab"].is_object() || !m.contains("merges") || !m["merges"].is_array()) {
     return absl::InvalidArgumentError("tokenizer.json: \"model.vocab\" and \"model.merges\" are required");
@@ -290,21 +327,28 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromTokenizerJson(const st
   int max_id = -1;
   std::vector<std::pair<std::string, int>> entries;
   for (auto it = m["vocab"].begin(); it != m["vocab"].end(); ++it) {
-    if (!it.value().is_number_integer() || it.value().get<int>() < 0) {
-      return absl::InvalidArgumentError(absl::StrCat("tokenizer.json: vocab id of \"", it.key(), "\" is not an integer >= 0"));
-    }
-    entries.emplace_back(it.key(), it.value().get<int>());
-    max_id = std::max(max_id, it.value().get<int>());
+    FERRY_ASSIGN_OR_RETURN(const int id, TokenId(it.value(), "model.vocab[" + it.key() + "]"));
+    entries.emplace_back(it.key(), id);
+    max_id = std::max(max_id, id);
   }
   std::vector<std::tuple<std::string, int, bool>> added_tokens;
-  if (j.contains("added_tokens") && j["added_tokens"].is_array()) {
+  if (j.contains("added_tokens") && !j["added_tokens"].is_null()) {
+    if (!j["added_tokens"].is_array()) return Bad("added_tokens", "must be a list");
     for (const auto& a : j["added_tokens"]) {
-      if (!a.contains("id") || !a.contains("content") || !a["id"].is_number_integer() || !a["content"].is_string()) {
+      if (!a.is_object() || !a.contains("id") || !a.contains("content") || !a["content"].is_string()) {
         return absl::InvalidArgumentError("tokenizer.json: each added token needs \"id\" and \"content\"");
       }
-      added_tokens.emplace_back(a["content"].get<std::string>(), a["id"].get<int>(), a.value("special", false));
-      max_id = std::max(max_id, a["id"].get<int>());
+      FERRY_ASSIGN_OR_RETURN(const int id, TokenId(a["id"], "added_tokens[].id"));
+      FERRY_ASSIGN_OR_RETURN(const bool special, BoolField(a, "special", false, "added_tokens[]."));
+      added_tokens.emplace_back(a["content"].get<std::string>(), id, special);
+      max_id = std::max(max_id, id);
     }
+  }
+  // Ids are indices into tables of max_id + 1 entries: a table much larger than the tokens is a
+  // lying file, not a vocabulary.
+  const int64_t tokens = static_cast<int64_t>(entries.size() + added_tokens.size());
+  if (max_id >= 2 * tokens + 1024) {
+    return Bad("model.vocab", absl::StrCat("has token id ", max_id, " for only ", tokens, " tokens"));
   }
   impl->id_to_bytes.assign(max_id + 1, std::string());
   impl->special.assign(max_id + 1, false);
@@ -337,15 +381,28 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromTokenizerJson(const st
   }
   if (j.contains("post_processor") && !j["post_processor"].is_null()) {
     const json& pp = j["post_processor"];
-    const std::string type = pp.value("type", std::string());
+    if (!pp.is_object()) return Bad("post_processor", "must be an object");
+    FERRY_ASSIGN_OR_RETURN(const std::string type, StringField(pp, "type", "", "post_processor."));
     if (type == "TemplateProcessing") {
+      if (!pp.contains("single") || !pp["single"].is_array()) return Bad("post_processor.single", "must be a list");
       for (const auto& piece : pp["single"]) {
+        if (!piece.is_object()) return Bad("post_processor.single[]", "must be an object");
         if (!piece.contains("SpecialToken")) break;
-        const std::string name = piece["SpecialToken"].value("id", std::string());
-        if (!pp.contains("special_tokens") || !pp["special_tokens"].contains(name)) {
+        const json& st = piece["SpecialToken"];
+        if (!st.is_object()) return Bad("post_processor.single[].SpecialToken", "must be an object");
+        FERRY_ASSIGN_OR_RETURN(const std::string name, StringField(st, "id", "", "post_processor.single[].SpecialToken."));
+        if (!pp.contains("special_tokens") || !pp["special_tokens"].is_object() || !pp["special_tokens"].contains(name)) {
           return absl::InvalidArgumentError(absl::StrCat("tokenizer.json: post_processor names unknown special token \"", name, "\""));
         }
-        for (const auto& id : pp["special_tokens"][name]["ids"]) impl->prefix.push_back(id.get<int>());
+        const json& tok = pp["special_tokens"][name];
+        if (!tok.is_object() || !tok.contains("ids") || !tok["ids"].is_array()) {
+          return Bad(absl::StrCat("post_processor.special_tokens.", name, ".ids"), "must be a list of token ids");
+        }
+        for (const auto& id : tok["ids"]) {
+          FERRY_ASSIGN_OR_RETURN(const int v, TokenId(id, "post_processor.special_tokens." + name + ".ids[]"));
+          if (v > max_id) return Bad("post_processor.special_tokens." + name + ".ids[]", "is not in the vocabulary");
+          impl->prefix.push_back(v);
+        }
       }
     } else if (type != "ByteLevel") {
       return absl::InvalidArgumentError(absl::StrCat("tokenizer.json: \"post_processor.type\" \"", type, "\" is not supported"));

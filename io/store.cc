@@ -12,6 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "base/status.h"
+#include "base/json.h"
 #include "io/safetensors.h"
 #include "nlohmann/json.hpp"
 
@@ -178,14 +179,27 @@ absl::StatusOr<Store> Store::Open(const std::string& dir) {
   s.dir_ = dir;
   const std::string manifest_path = dir + "/manifest.json";
   FERRY_ASSIGN_OR_RETURN(std::string text, ReadFileToString(manifest_path));
+  if (JsonDepth(text) > 16) return Corrupt(dir, "manifest.json is nested too deeply");
   json m = json::parse(text, nullptr, false);
   if (m.is_discarded() || !m.is_object()) return Corrupt(dir, "manifest.json is not JSON");
-  if (m.value("format", std::string()) != "ferry-store") return Corrupt(dir, "manifest.json is not a ferry store manifest");
-  if (m.value("version", 0) != 1) return absl::InvalidArgumentError(absl::StrCat(dir, ": store version ", m.value("version", 0), " is not supported"));
+  if (!m.contains("format") || m["format"] != "ferry-store") return Corrupt(dir, "manifest.json is not a ferry store manifest");
+  if (!m.contains("version") || !m["version"].is_number_integer() || m["version"] != 1) {
+    return absl::InvalidArgumentError(absl::StrCat(dir, ": store version ", m.contains("version") ? m["version"].dump() : "(none)",
+                                                   " is not supported"));
+  }
   if (!m.contains("tensors") || !m["tensors"].is_array() || !m.contains("data_bytes") || !m["data_bytes"].is_number_unsigned()) {
     return Corrupt(dir, "manifest.json lacks tensors or data_bytes");
   }
-  s.data_path_ = dir + "/" + m.value("data_file", std::string("weights.bin"));
+  // A store is untrusted input: its data file is a plain name inside the store's directory.
+  std::string data_file = "weights.bin";
+  if (m.contains("data_file")) {
+    if (!m["data_file"].is_string()) return Corrupt(dir, "data_file must be a string");
+    data_file = m["data_file"].get<std::string>();
+    if (data_file.empty() || data_file.find('/') != std::string::npos || data_file == "." || data_file == "..") {
+      return Corrupt(dir, absl::StrCat("data_file \"", data_file, "\" is not a file name inside the store"));
+    }
+  }
+  s.data_path_ = dir + "/" + data_file;
   s.data_bytes_ = m["data_bytes"].get<uint64_t>();
   FERRY_ASSIGN_OR_RETURN(s.fd_, ScopedFd::OpenForRead(s.data_path_));
   FERRY_ASSIGN_OR_RETURN(const uint64_t size, FileSize(s.fd_.get(), s.data_path_));
@@ -204,6 +218,7 @@ absl::StatusOr<Store> Store::Open(const std::string& dir) {
       st.info.offset = t.at("offset").get<uint64_t>();
       st.info.bytes = t.at("bytes").get<uint64_t>();
       st.layer = t.at("layer").get<int>();
+      if (st.layer < -1) return Corrupt(dir, "a tensor's layer must be >= -1");
       st.layout = t.at("layout").get<std::string>();
       st.xxh3 = std::stoull(t.at("xxh3").get<std::string>(), nullptr, 16);
       if (t.contains("role")) st.role = t.at("role").get<std::string>();
@@ -228,14 +243,33 @@ absl::StatusOr<Store> Store::Open(const std::string& dir) {
   for (size_t i = 1; i < ranges.size(); ++i) {
     if (ranges[i].first < ranges[i - 1].second) return Corrupt(dir, "tensors overlap in weights.bin");
   }
-  if (m.contains("layers") && m["layers"].is_array()) {
+  if (m.contains("layers")) {
+    if (!m["layers"].is_array()) return Corrupt(dir, "layers must be a list");
     for (const auto& l : m["layers"]) {
-      StoreLayer layer{l.value("index", 0), l.value("offset", uint64_t{0}), l.value("bytes", uint64_t{0})};
+      if (!l.is_object() || !l.contains("index") || !l["index"].is_number_unsigned() || !l.contains("offset") ||
+          !l["offset"].is_number_unsigned() || !l.contains("bytes") || !l["bytes"].is_number_unsigned()) {
+        return Corrupt(dir, "each layer needs unsigned index, offset and bytes");
+      }
+      StoreLayer layer{static_cast<int>(std::min<uint64_t>(l["index"].get<uint64_t>(), 1 << 20)), l["offset"].get<uint64_t>(),
+                       l["bytes"].get<uint64_t>()};
+      if (layer.index != static_cast<int>(s.layers_.size())) return Corrupt(dir, "the layers table is not 0, 1, 2, ... in order");
       if (layer.offset % kStoreAlignment != 0 || layer.bytes % kStoreAlignment != 0 || layer.offset > s.data_bytes_ ||
           layer.bytes > s.data_bytes_ - layer.offset) {
         return Corrupt(dir, absl::StrCat("layer ", layer.index, " region is misaligned or out of bounds"));
       }
+      if (!s.layers_.empty() && layer.offset < s.layers_.back().offset + s.layers_.back().bytes) {
+        return Corrupt(dir, absl::StrCat("layer ", layer.index, " region overlaps the one before"));
+      }
       s.layers_.push_back(layer);
+    }
+  }
+  // Every tensor of a layer lies inside its region.
+  for (const auto& [name, t] : s.tensors_) {
+    if (t.layer < 0) continue;
+    if (t.layer >= static_cast<int>(s.layers_.size())) return Corrupt(dir, absl::StrCat("tensor \"", name, "\" names layer ", t.layer, " of none"));
+    const StoreLayer& r = s.layers_[t.layer];
+    if (t.info.offset < r.offset || t.info.offset + t.info.bytes > r.offset + r.bytes) {
+      return Corrupt(dir, absl::StrCat("tensor \"", name, "\" lies outside layer ", t.layer, "'s region"));
     }
   }
   return s;
