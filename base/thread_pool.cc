@@ -11,6 +11,7 @@ ThreadPool::ThreadPool(int threads) {
     const char* env = std::getenv("FERRY_NUM_THREADS");
     threads = env != nullptr ? std::atoi(env) : 0;
     if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    threads = std::min(threads, kMaxThreads);  // an environment value is not trusted to be sane
   }
   for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { WorkerLoop(); });
 }

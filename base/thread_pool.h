@@ -14,6 +14,8 @@ namespace ferry {
 
 class ThreadPool {
  public:
+  // At most this many threads (FERRY_NUM_THREADS above it is cut to it; --threads above it is refused).
+  static constexpr int kMaxThreads = 1024;
   // threads <= 0: one per hardware thread (or FERRY_NUM_THREADS when set).
   explicit ThreadPool(int threads = 0);
   ~ThreadPool();

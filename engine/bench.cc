@@ -120,7 +120,7 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
   auto kv_spec = [&](int64_t b) {
     offload::KvCacheSpec spec = KvSpec(config, static_cast<int>(b), max_len, o.kv_dtype);
     spec.on_host = o.kv_on_cpu;
-    spec.h2o = o.h2o;
+    if (o.h2o) spec.h2o = offload::ClampToLength(*o.h2o, max_len);
     spec.prefill_rows = static_cast<int>(b / o.num_gpu_batches);
     spec.max_prompt = o.prompt_len;
     return spec;

@@ -40,14 +40,15 @@ absl::StatusOr<std::vector<GenerationResult>> Generate(Model& model,
     for (int id : r.prompt) {
       if (id < 0 || id >= c.vocab_size) return absl::InvalidArgumentError(absl::StrCat("prompt token ", id, " is outside the vocabulary"));
     }
-    max_len = std::max<int>(max_len, std::min<int>(c.max_positions, static_cast<int>(r.prompt.size()) + options.max_new_tokens));
+    max_len = static_cast<int>(std::max<int64_t>(
+        max_len, std::min<int64_t>(c.max_positions, static_cast<int64_t>(r.prompt.size()) + options.max_new_tokens)));
   }
   if (options.max_new_tokens == 0) {
     for (auto& r : results) r.finish_reason = "length";
     return results;
   }
   offload::KvCacheSpec spec = KvSpec(c, n, max_len, options.kv_dtype);
-  spec.h2o = options.h2o;
+  if (options.h2o) spec.h2o = offload::ClampToLength(*options.h2o, max_len);  // never more slots than positions
   FERRY_ASSIGN_OR_RETURN(std::unique_ptr<offload::AttentionCache> cache, offload::CreateKvCache(model.backend(), spec));
   std::vector<Rng> rngs;
   rngs.reserve(n);

@@ -50,7 +50,7 @@ absl::StatusOr<PerplexityResult> ComputePerplexity(Model& model, const std::vect
     for (int64_t w0 = 0; w0 < windows; w0 += per_call) {
       const int64_t w1 = std::min(windows, w0 + per_call);
       offload::KvCacheSpec spec = KvSpec(c, static_cast<int>(w1 - w0), o.window, o.kv_dtype);
-      spec.h2o = o.h2o;
+      spec.h2o = offload::ClampToLength(*o.h2o, o.window);
       FERRY_ASSIGN_OR_RETURN(std::unique_ptr<offload::AttentionCache> cache, offload::CreateKvCache(model.backend(), spec));
       for (int64_t t = 0; t < o.window; ++t) {
         ForwardBatch step;

@@ -7,11 +7,20 @@
 
 namespace ferry::offload {
 
+H2OOptions ClampToLength(const H2OOptions& o, int64_t max_len) {
+  H2OOptions c = o;
+  const int cap = static_cast<int>(std::clamp<int64_t>(max_len, 1, 1 << 30));
+  c.heavy = std::min(c.heavy, cap);
+  c.recent = std::min(c.recent, cap);
+  c.protect = std::min(c.protect, c.heavy);
+  return c;
+}
+
 absl::StatusOr<std::unique_ptr<H2OCache>> H2OCache::Create(kernels::Backend& backend, int layers, int heads, int head_dim,
                                                             int rows, const H2OOptions& o, DType kv_dtype, int query_heads) {
   if (query_heads == 0) query_heads = heads;
   if (kv_dtype != DType::kF32 && kv_dtype != DType::kF16) return absl::InvalidArgumentError("H2O cache: keys and values are F32 or F16");
-  if (o.heavy < 0 || o.recent < 0 || o.heavy + o.recent < 1) {
+  if (o.heavy < 0 || o.recent < 0 || static_cast<int64_t>(o.heavy) + o.recent < 1 || static_cast<int64_t>(o.heavy) + o.recent > (1 << 24)) {
     return absl::InvalidArgumentError("H2O needs heavy >= 0, recent >= 0 and at least one slot");
   }
   if (o.protect < 0 || o.protect > o.heavy) {

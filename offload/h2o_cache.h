@@ -32,6 +32,11 @@ struct H2OOptions {
   int protect = 0;  // the first `protect` positions are never evicted (must be <= heavy)
 };
 
+// The same rule with no more slots than a sequence has positions (--h2o 100000000,... or --local
+// 2000000000 mean "keep everything" for a context of max_len): heavy and recent cut to max_len,
+// protect to heavy.
+H2OOptions ClampToLength(const H2OOptions& o, int64_t max_len);
+
 class H2OCache final : public AttentionCache {
  public:
   // Keys and values are kept as kv_dtype (F32, or F16: half the bytes); scores stay fp32. `heads`

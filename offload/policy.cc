@@ -32,7 +32,7 @@ absl::StatusOr<WeightSplit> ParseWeightSplit(const std::string& text) {
   double* fields[] = {&s.gpu, &s.cpu, &s.disk};
   if (parts.size() != 3) return absl::InvalidArgumentError(absl::StrCat("--weights wants GPU,CPU,DISK percentages, got \"", text, "\""));
   for (int i = 0; i < 3; ++i) {
-    if (!absl::SimpleAtod(parts[i], fields[i]) || *fields[i] < 0 || *fields[i] > 100) {
+    if (!absl::SimpleAtod(parts[i], fields[i]) || !std::isfinite(*fields[i]) || *fields[i] < 0 || *fields[i] > 100) {
       return absl::InvalidArgumentError(absl::StrCat("--weights: \"", parts[i], "\" is not a percentage in [0, 100]"));
     }
   }
@@ -59,12 +59,15 @@ absl::StatusOr<uint64_t> ParseBytes(const std::string& text) {
   if (!absl::SimpleAtod(t, &v) || v < 0 || !std::isfinite(v)) {
     return absl::InvalidArgumentError(absl::StrCat("\"", text, "\" is not a size (like 24GiB, 512MiB, 1000000)"));
   }
-  return static_cast<uint64_t>(v * scale);
+  const double bytes = v * scale;
+  if (bytes >= 9.2e18) return absl::InvalidArgumentError(absl::StrCat("\"", text, "\" is larger than any memory (at most 8 EiB)"));
+  if (bytes < 1) return absl::InvalidArgumentError(absl::StrCat("\"", text, "\" is zero; give a positive size (leave the flag out for no limit)"));
+  return static_cast<uint64_t>(bytes);
 }
 
 absl::StatusOr<Plan> MakePlan(const PlanInputs& in) {
   const WeightSplit& s = in.split;
-  if (std::abs(s.gpu + s.cpu + s.disk - 100.0) > 1e-6 || s.gpu < 0 || s.cpu < 0 || s.disk < 0) {
+  if (!(std::abs(s.gpu + s.cpu + s.disk - 100.0) <= 1e-6) || !(s.gpu >= 0) || !(s.cpu >= 0) || !(s.disk >= 0)) {
     return absl::InvalidArgumentError("weight split percentages must be >= 0 and sum to 100");
   }
   Plan p;

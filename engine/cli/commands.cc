@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "base/file.h"
+#include "base/thread_pool.h"
 #include "base/status.h"
 #include "engine/generator.h"
 #include "engine/jobs.h"
@@ -78,7 +79,13 @@ absl::StatusOr<std::unique_ptr<engine::Tokenizer>> LoadTokenizer(const ModelFlag
 // of a batch in one call (rows x the context), in micro-batches of max_tokens_per_call.
 absl::StatusOr<Loaded> LoadAll(const ModelFlags& f, int64_t rows, int64_t max_tokens_per_call, bool sparse_ffn = false,
                                double sparse_cache = 0.0, bool whole_prefill = false) {
+  if (f.threads > ThreadPool::kMaxThreads) {
+    return absl::InvalidArgumentError(absl::StrCat("--threads ", f.threads, " is more than ", ThreadPool::kMaxThreads));
+  }
   if (f.threads > 0) setenv("FERRY_NUM_THREADS", std::to_string(f.threads).c_str(), 1);
+  if (!f.cpu_mem.empty() && f.weights.empty()) {
+    return absl::InvalidArgumentError("--cpu-mem budgets the pinned memory of offloading; it needs --weights");
+  }
   FERRY_RETURN_IF_ERROR(CheckModelDir(f.model));
   Loaded l;
   kernels::BackendOptions bo;
@@ -91,6 +98,10 @@ absl::StatusOr<Loaded> LoadAll(const ModelFlags& f, int64_t rows, int64_t max_to
   }
   FERRY_ASSIGN_OR_RETURN(l.backend, kernels::CreateBackend(bo));
   FERRY_ASSIGN_OR_RETURN(l.tokenizer, engine::Tokenizer::FromModelDir(f.model));
+  offload::WeightSplit split;
+  if (!f.weights.empty()) {
+    FERRY_ASSIGN_OR_RETURN(split, offload::ParseWeightSplit(f.weights));
+  }
   if (f.weights.empty()) {
     FERRY_ASSIGN_OR_RETURN(l.model, engine::Model::Load(f.model, l.backend.get()));
   } else {
@@ -100,7 +111,7 @@ absl::StatusOr<Loaded> LoadAll(const ModelFlags& f, int64_t rows, int64_t max_to
     }
     FERRY_ASSIGN_OR_RETURN(engine::ModelConfig config, engine::ModelConfig::FromModelDir(f.model));
     engine::OffloadOptions o;
-    FERRY_ASSIGN_OR_RETURN(o.split, offload::ParseWeightSplit(f.weights));
+    o.split = split;
     o.sparse_ffn = sparse_ffn;
     o.sparse_cache_fraction = sparse_cache;
     o.device_budget = bo.memory_budget_bytes;
@@ -126,7 +137,7 @@ struct GenerateFlags {
   float temperature = 0.0f;
   int top_k = 0;
   float top_p = 1.0f;
-  uint64_t seed = 0;
+  std::string seed = "0";
   bool ignore_eos = false;
   bool quiet = false;
   bool resume = false, overwrite = false;
@@ -142,7 +153,11 @@ absl::Status RunGenerate(const GenerateFlags& f) {
   engine::GenerateOptions gen;
   gen.max_new_tokens = f.max_new_tokens;
   gen.min_new_tokens = f.min_new_tokens;
-  gen.sampling = {f.temperature, f.top_k, f.top_p, f.seed};
+  uint64_t seed = 0;
+  if (!absl::SimpleAtoi(f.seed, &seed)) {
+    return absl::InvalidArgumentError(absl::StrCat("--seed \"", f.seed, "\" is not an integer in [0, 2^64)"));
+  }
+  gen.sampling = {f.temperature, f.top_k, f.top_p, seed};
   gen.stop_at_eos = !f.ignore_eos;
   gen.kv_dtype = KvDtype(f.model);
   FERRY_ASSIGN_OR_RETURN(gen.h2o, ParseH2O(f.h2o, f.protect, 0));
@@ -187,7 +202,7 @@ absl::Status RunGenerate(const GenerateFlags& f) {
     job.overwrite = f.overwrite;
     job.parameters = {{"model", f.model.model}, {"weights", f.model.weights}, {"max_new_tokens", f.max_new_tokens},
                       {"min_new_tokens", f.min_new_tokens}, {"temperature", f.temperature}, {"top_k", f.top_k},
-                      {"top_p", f.top_p}, {"seed", f.seed}, {"ignore_eos", f.ignore_eos}, {"h2o", f.h2o},
+                      {"top_p", f.top_p}, {"seed", seed}, {"ignore_eos", f.ignore_eos}, {"h2o", f.h2o},
                       {"protect", f.protect}, {"kv_dtype", f.model.kv_dtype}, {"sparsity", f.sparsity},
                       {"sparsity_k", f.sparsity.empty() ? 0.0 : f.sparsity_k}};
     return engine::RunGenerateJob(*l.model, *l.tokenizer, job);
@@ -347,7 +362,7 @@ absl::StatusOr<std::optional<offload::H2OOptions>> ParseH2O(const std::string& s
     std::vector<std::string> parts = absl::StrSplit(spec, ',');
     int heavy = 0, recent = 0;
     if (parts.size() != 2 || !absl::SimpleAtoi(parts[0], &heavy) || !absl::SimpleAtoi(parts[1], &recent) || heavy < 0 ||
-        recent < 0 || heavy + recent < 1) {
+        recent < 0 || static_cast<int64_t>(heavy) + recent < 1) {
       return absl::InvalidArgumentError(absl::StrCat("--h2o wants HEAVY,RECENT slot counts, got \"", spec, "\""));
     }
     return std::optional<offload::H2OOptions>(offload::H2OOptions{heavy, recent, protect});

@@ -354,4 +354,36 @@ TEST(CliTest, TheInputIsNeverTheOutputAndOutputsAreLocked) {
   EXPECT_FALSE(ferry::ReadFileToString(dir.File("fifo")).ok());
 }
 
+// Numbers from the command line: each bad one is one line and exit 1; sizes that mean "all" are
+// cut to the context instead of allocating it.
+TEST(CliTest, NumbersFromTheCommandLine) {
+  const std::string gen = "generate " + kModel + " --prompt 'In the' --max-new-tokens 3 -q ";
+  const std::pair<const char*, const char*> bad[] = {
+      {"--weights nan,0,100", "not a percentage"}, {"--threads 100000", "more than 1024"},
+      {"--gpu-mem 1e30", "larger than any memory"}, {"--gpu-mem 18446744073709551615", "larger than any memory"},
+      {"--gpu-mem 0", "is zero"}, {"--cpu-mem 1GiB", "needs --weights"},
+      {"--seed 18446744073709551616", "--seed"}, {"--seed -1", "--seed"}};
+  for (const auto& [flag, why] : bad) {
+    Result r = Ferry(gen + flag);
+    EXPECT_EQ(r.code, 1) << flag;
+    EXPECT_NE(r.err.find(why), std::string::npos) << flag << ": " << r.err;
+    EXPECT_EQ(Lines(r.err), 1) << r.err;
+  }
+  // "Everything" for a context: the same text as the full cache, and generation up to the context.
+  Result full = Ferry(gen);
+  ASSERT_EQ(full.code, 0) << full.err;
+  for (const char* flag : {"--h2o 100000000,5", "--h2o 2147483647,1"}) {
+    Result r = Ferry(gen + flag);
+    EXPECT_EQ(r.code, 0) << flag << r.err;
+    EXPECT_EQ(r.out, full.out) << flag;
+  }
+  Result longest = Ferry("generate " + kModel + " --prompt 'In the' --max-new-tokens 2147483647 --ignore-eos --output - -q");
+  ASSERT_EQ(longest.code, 0) << longest.err;
+  const auto rec = nlohmann::json::parse(longest.out);
+  EXPECT_EQ(rec["finish_reason"], "length");
+  EXPECT_EQ(rec["token_ids"].size() + 3, 513u);  // prompt (BOS + 2) + new fill the 512 positions, and the last needs none
+  Result local = Ferry("ppl " + kModel + " --text " + ferry::testing::DataDir() + "/kjv-train-400k.txt --max-tokens 300 --window 100 -q --local 2000000000");
+  EXPECT_EQ(local.code, 0) << local.err;
+}
+
 }  // namespace
