@@ -83,6 +83,10 @@ struct ForwardBatch {
 // tensor's role. The config is read (and refused, if ferry cannot run it) before anything is written.
 absl::Status ConvertModel(const std::string& model_dir, const std::string& out_dir, io::ConvertOptions options = {});
 
+// `ferry verify`'s model check: the store holds every tensor its config.json implies, with its
+// shape and a float dtype, and one region per layer (a manifest that lost a tensor is refused).
+absl::Status CheckStoreModel(const io::Store& store);
+
 class Model {
  public:
   // DIR is a Hugging Face checkpoint or a ferry store (`ferry convert`).

@@ -103,6 +103,31 @@ absl::Status ConvertModel(const std::string& model_dir, const std::string& out_d
   return io::ConvertToStore(model_dir, out_dir, options);
 }
 
+absl::Status CheckStoreModel(const io::Store& store) {
+  FERRY_ASSIGN_OR_RETURN(const ModelConfig c, ModelConfig::FromModelDir(store.dir()));
+  FERRY_ASSIGN_OR_RETURN(const Family* family, FindFamily(c.model_type, store.dir() + "/config.json"));
+  FERRY_ASSIGN_OR_RETURN(const TensorNames names, TensorNames::Resolve(*family, store));
+  FERRY_RETURN_IF_ERROR(CheckLayerCount(c, names, store));
+  if (static_cast<int>(store.layers().size()) != c.num_layers) {
+    return absl::DataLossError(absl::StrCat(store.dir(), ": the store has ", store.layers().size(), " layer regions, config.json ",
+                                            c.num_layers, " layers"));
+  }
+  auto check = [&](const RoleSpec& r, const std::string& name) -> absl::Status {
+    const io::TensorInfo* t = store.Find(name);
+    if (t == nullptr) return absl::DataLossError(absl::StrCat(store.dir(), ": the store lacks tensor \"", name, "\""));
+    if (t->shape != r.shape || !IsFloatWeight(t->dtype)) {
+      return absl::DataLossError(absl::StrCat(store.dir(), ": tensor \"", name, "\" has shape ", ShapeStr(t->shape), " ",
+                                              DTypeName(t->dtype), "; config.json implies ", ShapeStr(r.shape)));
+    }
+    return absl::OkStatus();
+  };
+  for (const RoleSpec& r : GlobalRoles(c)) FERRY_RETURN_IF_ERROR(check(r, names.Global(r.role)));
+  for (int l = 0; l < c.num_layers; ++l) {
+    for (const RoleSpec& r : LayerRoles(c)) FERRY_RETURN_IF_ERROR(check(r, names.Layer(r.role, l)));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<Weight> Model::Alloc(DType dtype, std::initializer_list<int64_t> shape) const {
   return AllocWeight(*backend_, dtype, shape);
 }

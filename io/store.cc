@@ -37,6 +37,11 @@ std::string Hex(uint64_t v) {
 }
 
 
+uint64_t TablesHash(const json& m) {
+  const std::string tables = m["tensors"].dump() + m["layers"].dump();
+  return XXH3_64bits(tables.data(), tables.size());
+}
+
 }  // namespace
 
 uint64_t StoreHash(const void* data, size_t n) { return XXH3_64bits(data, n); }
@@ -57,6 +62,8 @@ struct StoreWriter::State {
   std::string tmp_path;
   std::vector<XXH3_state_t*> hashes;
   std::vector<uint64_t> digests;
+  bool finished = false;
+  std::vector<std::string> written;  // files Finish put in place (removed if it fails later)
   ~State() {
     for (auto* h : hashes) XXH3_freeState(h);
   }
@@ -65,7 +72,13 @@ struct StoreWriter::State {
 StoreWriter::StoreWriter() = default;
 StoreWriter::StoreWriter(StoreWriter&&) noexcept = default;
 StoreWriter& StoreWriter::operator=(StoreWriter&&) noexcept = default;
-StoreWriter::~StoreWriter() = default;
+StoreWriter::~StoreWriter() {
+  // A writer that did not finish leaves nothing behind that a retry would need room for.
+  if (state_ != nullptr && !state_->finished) {
+    ::unlink(state_->tmp_path.c_str());
+    for (const std::string& f : state_->written) ::unlink(f.c_str());
+  }
+}
 
 absl::StatusOr<StoreWriter> StoreWriter::Create(const std::string& out_dir, std::vector<PlannedTensor> tensors) {
   FERRY_RETURN_IF_ERROR(MakeDirs(out_dir));
@@ -137,14 +150,27 @@ absl::Status StoreWriter::Finish(const std::map<std::string, std::string>& side_
   for (const auto& [layer, span] : layer_span) {
     manifest["layers"].push_back({{"index", layer}, {"offset", span.first}, {"bytes", span.second - span.first}});
   }
+  // The tables themselves are checksummed too: a dtype, shape or offset edited afterwards would
+  // change what the bytes mean without changing the bytes.
+  manifest["manifest_xxh3"] = Hex(TablesHash(manifest));
   if (::fsync(state_->fd.get()) != 0) return absl::ErrnoToStatus(errno, absl::StrCat("fsync ", state_->tmp_path));
   const std::string data_path = out_dir_ + "/weights.bin";
   if (::rename(state_->tmp_path.c_str(), data_path.c_str()) != 0) return absl::ErrnoToStatus(errno, "rename weights.bin");
-  for (const auto& [name, text] : side_files) FERRY_RETURN_IF_ERROR(WriteFileAtomically(out_dir_ + "/" + name, text));
-  return WriteFileAtomically(out_dir_ + "/manifest.json", manifest.dump(1));
+  state_->written.push_back(data_path);
+  for (const auto& [name, text] : side_files) {
+    FERRY_RETURN_IF_ERROR(WriteFileAtomically(out_dir_ + "/" + name, text));
+    state_->written.push_back(out_dir_ + "/" + name);
+  }
+  FERRY_RETURN_IF_ERROR(WriteFileAtomically(out_dir_ + "/manifest.json", manifest.dump(1)));
+  state_->finished = true;
+  return absl::OkStatus();
 }
 
 absl::Status ConvertToStore(const std::string& model_dir, const std::string& out_dir, const ConvertOptions& options) {
+  struct stat a, b;
+  if (::stat(model_dir.c_str(), &a) == 0 && ::stat(out_dir.c_str(), &b) == 0 && a.st_dev == b.st_dev && a.st_ino == b.st_ino) {
+    return absl::InvalidArgumentError(absl::StrCat(out_dir, " is the model directory itself; convert into a new directory"));
+  }
   FERRY_ASSIGN_OR_RETURN(Checkpoint ckpt, Checkpoint::Open(model_dir));
   if (!PathExists(model_dir + "/config.json")) return absl::NotFoundError(absl::StrCat("no config.json in ", model_dir));
   std::vector<PlannedTensor> planned;
@@ -189,6 +215,12 @@ absl::StatusOr<Store> Store::Open(const std::string& dir) {
   }
   if (!m.contains("tensors") || !m["tensors"].is_array() || !m.contains("data_bytes") || !m["data_bytes"].is_number_unsigned()) {
     return Corrupt(dir, "manifest.json lacks tensors or data_bytes");
+  }
+  if (m.contains("manifest_xxh3")) {  // stores written before it have none
+    if (!m["manifest_xxh3"].is_string() || !m.contains("layers") ||
+        m["manifest_xxh3"].get<std::string>() != Hex(TablesHash(m))) {
+      return Corrupt(dir, "manifest.json's tables were changed after the store was written (manifest checksum mismatch)");
+    }
   }
   // A store is untrusted input: its data file is a plain name inside the store's directory.
   std::string data_file = "weights.bin";

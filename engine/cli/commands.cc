@@ -350,6 +350,7 @@ struct VerifyFlags {
 absl::Status RunVerify(const VerifyFlags& f) {
   FERRY_ASSIGN_OR_RETURN(io::Store store, io::Store::Open(f.store));
   FERRY_RETURN_IF_ERROR(store.Verify(ByteProgress("verify", f.quiet)));
+  if (PathExists(f.store + "/config.json")) FERRY_RETURN_IF_ERROR(engine::CheckStoreModel(store));
   std::printf("ok: %zu tensors, %.1f MiB, every checksum matches\n", store.Names().size(), store.data_bytes() / 1048576.0);
   return absl::OkStatus();
 }

@@ -386,4 +386,31 @@ TEST(CliTest, NumbersFromTheCommandLine) {
   EXPECT_EQ(local.code, 0) << local.err;
 }
 
+// `ferry verify` refuses a manifest that lost a tensor (a store written before the tables'
+// checksum), and a convert that fails (here a 1 MiB file size limit) leaves nothing behind.
+TEST(CliTest, VerifyChecksTheModelAndFailedConvertsCleanUp) {
+  ferry::testing::TempDir dir;
+  ASSERT_EQ(Ferry("convert " + kModel + " --out " + dir.File("s") + " -q").code, 0);
+  auto m = nlohmann::json::parse(ferry::ReadFileToString(dir.File("s/manifest.json")).value());
+  m.erase("manifest_xxh3");
+  auto& t = m["tensors"];
+  for (auto it = t.begin(); it != t.end(); ++it) {
+    if ((*it)["name"] == "model.decoder.layers.2.fc2.bias") {
+      t.erase(it);
+      break;
+    }
+  }
+  ferry::testing::WriteFile(dir.File("s/manifest.json"), m.dump());
+  Result v = Ferry("verify --store " + dir.File("s") + " -q");
+  EXPECT_EQ(v.code, 1);
+  EXPECT_NE(v.err.find("lacks tensor \"model.decoder.layers.2.fc2.bias\""), std::string::npos) << v.err;
+  const char* env = std::getenv("FERRY_BINARY");
+  const std::string bin = env != nullptr ? env : FERRY_BINARY;
+  const int st = std::system(("bash -c 'ulimit -f 1024; " + bin + " convert " + kModel + " --out " + dir.File("t") + " -q' 2>/dev/null").c_str());
+  EXPECT_NE(WIFEXITED(st) ? WEXITSTATUS(st) : 0, 0);
+  EXPECT_FALSE(ferry::PathExists(dir.File("t/weights.bin.tmp")));
+  EXPECT_FALSE(ferry::PathExists(dir.File("t/weights.bin")));
+  EXPECT_FALSE(ferry::PathExists(dir.File("t/manifest.json")));
+}
+
 }  // namespace

@@ -101,10 +101,12 @@ class HostileManifestTest : public ::testing::Test {
   absl::Status OpenWith(const std::function<void(json&)>& edit) {
     json m = json::parse(*ReadFileToString(dir_.File("manifest.json")));
     edit(m);
+    if (!keep_tables_hash_) m.erase("manifest_xxh3");  // each check on its own, as for a store written before it
     ferry::testing::WriteFile(dir_.File("manifest.json"), m.dump());
     return io::Store::Open(dir_.path()).status();
   }
   ferry::testing::TempDir dir_;
+  bool keep_tables_hash_ = false;
 };
 
 TEST_F(HostileManifestTest, WrongTypesLiesAndPathsOutsideTheStore) {
@@ -131,6 +133,17 @@ TEST_F(HostileManifestTest, WrongTypesLiesAndPathsOutsideTheStore) {
     restore();
   }
   EXPECT_TRUE(io::Store::Open(dir_.path()).ok());
+  // With the tables' checksum (every store ferry writes now), a dtype changed from F16 to BF16 (the
+  // same bytes, other values) is refused, as is a tensor dropped from the table.
+  keep_tables_hash_ = true;
+  for (const auto& edit : std::vector<std::function<void(json&)>>{
+           [](json& m) { for (auto& t : m["tensors"]) if (t["dtype"] == "F16") { t["dtype"] = "BF16"; break; } },
+           [](json& m) { m["tensors"].erase(m["tensors"].begin()); }}) {
+    const absl::Status s = OpenWith(edit);
+    EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss) << s;
+    EXPECT_NE(s.message().find("manifest checksum"), std::string::npos) << s;
+    restore();
+  }
 }
 
 }  // namespace
