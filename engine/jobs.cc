@@ -46,13 +46,11 @@ class PromptReader {
       ++line_no_;
       if (!line.empty() && line.back() == '\r') line.pop_back();
       if (line.find_first_not_of(" \t") == std::string::npos) continue;
-      if (JsonDepth(line) > 64) return Error("JSON nested deeper than 64 levels");
-      json j = json::parse(line, nullptr, false);
-      if (j.is_discarded() || !j.is_object()) return Error("not a JSON object");
-      if (!j.contains("prompt") || !j["prompt"].is_string()) return Error("needs a string \"prompt\"");
+      auto parsed = ParseJobLine(line);
+      if (!parsed.ok()) return Error(std::string(parsed.status().message()));
       Prompt p;
-      p.text = j["prompt"].get<std::string>();
-      p.id = j.contains("id") ? j["id"] : json(count_);
+      p.text = std::move(parsed->prompt);
+      p.id = parsed->has_id ? std::move(parsed->id) : json(count_);
       auto ids = tok_->Encode(p.text);
       if (!ids.ok()) return Error(std::string(ids.status().message()));
       p.ids = std::move(*ids);
@@ -108,6 +106,17 @@ absl::StatusOr<uint64_t> CheckResumable(const std::string& out_path, const std::
 }
 
 }  // namespace
+
+absl::StatusOr<JobLine> ParseJobLine(std::string_view line) {
+  if (JsonDepth(line) > 64) return absl::InvalidArgumentError("JSON nested deeper than 64 levels");
+  json j = json::parse(line, nullptr, false);
+  if (j.is_discarded() || !j.is_object()) return absl::InvalidArgumentError("not a JSON object");
+  if (!j.contains("prompt") || !j["prompt"].is_string()) return absl::InvalidArgumentError("needs a string \"prompt\"");
+  JobLine l;
+  l.prompt = j["prompt"].get<std::string>();
+  if (j.contains("id")) l.id = j["id"], l.has_id = true;
+  return l;
+}
 
 absl::Status RefuseExistingOutput(const std::string& path) {
   struct stat st;

@@ -35,6 +35,15 @@ struct GenerateJobOptions {
   nlohmann::json parameters = nlohmann::json::object();
 };
 
+// One input line of a job: {"id": any JSON (optional), "prompt": string}. kInvalidArgument (the
+// line's number is the caller's to add) for anything else, nesting deeper than 64 levels included.
+struct JobLine {
+  nlohmann::json id;
+  bool has_id = false;  // a line without an id gets its index
+  std::string prompt;
+};
+absl::StatusOr<JobLine> ParseJobLine(std::string_view line);
+
 // kAlreadyExists when `path` is a non-empty file (output that would be lost), naming --resume and
 // --overwrite.
 absl::Status RefuseExistingOutput(const std::string& path);
