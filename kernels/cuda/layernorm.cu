@@ -2,6 +2,7 @@
 // does in double), then the affine output. fp32 throughout. Rows of up to 12288 floats (every OPT
 // width) whose pointers are 16-byte aligned are read once into registers as float4s; others use the
 // general kernel, which reads the row three times (from L1/L2 after the first).
+#include "kernels/cuda/block_sum.cuh"
 #include "kernels/cuda/launch.h"
 
 namespace ferry::kernels::cuda {
@@ -9,22 +10,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-__device__ float BlockSum(float v, float* shared) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) shared[warp] = v;
-  __syncthreads();
-  float total = 0.0f;
-  if (threadIdx.x < 32) {
-    total = threadIdx.x < blockDim.x / 32 ? shared[threadIdx.x] : 0.0f;
-    for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffffu, total, o);
-    if (threadIdx.x == 0) shared[0] = total;
-  }
-  __syncthreads();
-  total = shared[0];
-  __syncthreads();  // shared is reused by the next call
-  return total;
-}
 
 // in, out: [rows, dim]; gamma, beta: [dim]
 __global__ void LayerNormKernel(const float* in, const float* __restrict__ gamma, const float* __restrict__ beta,

@@ -2,6 +2,7 @@
 // front when asked), rotary embeddings in place (one thread per rotated pair: (token, head, d) for
 // d < rotary_dim / 2, with accurate cosf/sinf of the fp32 angle as the CPU twin computes it), and
 // silu(gate) * up, elementwise. fp32 throughout.
+#include "kernels/cuda/block_sum.cuh"
 #include "kernels/cuda/launch.h"
 
 namespace ferry::kernels::cuda {
@@ -9,20 +10,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-__device__ float RowSum(float v, float* shared) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) shared[warp] = v;
-  __syncthreads();
-  float total = 0.0f;
-  if (threadIdx.x < 32) {
-    total = threadIdx.x < blockDim.x / 32 ? shared[threadIdx.x] : 0.0f;
-    for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffffu, total, o);
-    if (threadIdx.x == 0) shared[0] = total;
-  }
-  __syncthreads();
-  return shared[0];
-}
 
 // in, out: [rows, dim] (out may alias in); with delta, in[] += delta[] first (the residual stream).
 __global__ void RmsNormKernel(float* in, const float* __restrict__ delta, const float* __restrict__ gamma, float* out,
@@ -39,7 +26,7 @@ __global__ void RmsNormKernel(float* in, const float* __restrict__ delta, const 
     }
     s += v * v;
   }
-  const float inv = rsqrtf(RowSum(s, shared) / static_cast<float>(dim) + eps);
+  const float inv = rsqrtf(BlockSum(s, shared) / static_cast<float>(dim) + eps);
   for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) y[j] = gamma[j] * (x[j] * inv);
 }
 
