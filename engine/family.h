@@ -23,6 +23,13 @@ struct RoleName {
   bool absolute = false;
 };
 
+// A llama.cpp architecture (general.architecture of a GGUF file) this family runs.
+struct GgufArch {
+  const char* arch;
+  const char* model_type;  // the config.json model_type it stands for
+  bool qk_permuted;        // llama.cpp's converter permuted the Q and K rows (interleaved rope pairs)
+};
+
 struct Family {
   const char* name;
   std::vector<std::string> model_types;
@@ -30,6 +37,7 @@ struct Family {
   std::vector<std::string> prefixes;
   std::vector<RoleName> names;
   absl::StatusOr<ModelConfig> (*parse)(const nlohmann::json& config, const std::string& source);
+  std::vector<GgufArch> gguf = {};
 };
 
 // The family of `model_type`, or kInvalidArgument naming the supported ones.

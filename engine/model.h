@@ -13,6 +13,7 @@
 
 #include "absl/status/statusor.h"
 #include "engine/family.h"
+#include "engine/gguf_model.h"
 #include "engine/model_config.h"
 #include "io/store.h"
 #include "io/tensor_source.h"
@@ -81,7 +82,10 @@ struct ForwardBatch {
 
 // `ferry convert`: a checkpoint of a supported family into a store whose manifest records each
 // tensor's role. The config is read (and refused, if ferry cannot run it) before anything is written.
-absl::Status ConvertModel(const std::string& model_dir, const std::string& out_dir, io::ConvertOptions options = {});
+// MODEL may be a GGUF file: its tensors are dequantized to `gguf.dtype` (and un-permuted), its
+// metadata written as config.json, tokenizer.json and (with a chat template) tokenizer_config.json.
+absl::Status ConvertModel(const std::string& model_dir, const std::string& out_dir, io::ConvertOptions options = {},
+                          const GgufLoadOptions& gguf = {});
 
 // `ferry verify`'s model check: the store holds every tensor its config.json implies, with its
 // shape and a float dtype, and one region per layer (a manifest that lost a tensor is refused).
@@ -89,8 +93,10 @@ absl::Status CheckStoreModel(const io::Store& store);
 
 class Model {
  public:
-  // DIR is a Hugging Face checkpoint or a ferry store (`ferry convert`).
-  static absl::StatusOr<std::unique_ptr<Model>> Load(const std::string& dir, kernels::Backend* backend);
+  // DIR is a Hugging Face checkpoint, a ferry store (`ferry convert`) or a GGUF file (its tensors
+  // dequantized to `gguf.dtype`).
+  static absl::StatusOr<std::unique_ptr<Model>> Load(const std::string& dir, kernels::Backend* backend,
+                                                     const GgufLoadOptions& gguf = {});
   // DIR must be a ferry store. The plan is checked against the budgets before anything is
   // allocated.
   static absl::StatusOr<std::unique_ptr<Model>> LoadOffloaded(const std::string& store_dir, kernels::Backend* backend,

@@ -2,12 +2,14 @@
 // streamer (the plan checked against the budgets before anything is allocated), and the plan.
 #include <algorithm>
 #include <array>
+#include <map>
 
 #include "absl/strings/str_cat.h"
 #include "base/file.h"
 #include "base/status.h"
 #include "engine/model.h"
 #include "io/store.h"
+#include "nlohmann/json.hpp"
 
 namespace ferry::engine {
 namespace {
@@ -88,7 +90,22 @@ offload::FfnBundleLayout BundleLayout(const ModelConfig& c, const TensorNames& n
 
 }  // namespace
 
-absl::Status ConvertModel(const std::string& model_dir, const std::string& out_dir, io::ConvertOptions options) {
+absl::Status ConvertModel(const std::string& model_dir, const std::string& out_dir, io::ConvertOptions options,
+                          const GgufLoadOptions& gguf) {
+  if (IsGgufFile(model_dir)) {
+    FERRY_ASSIGN_OR_RETURN(GgufModel g, OpenGgufModel(model_dir, gguf));
+    FERRY_ASSIGN_OR_RETURN(const Family* family, FindFamily(g.config.model_type, model_dir));
+    const TensorNames names = TensorNames::WithPrefix(*family, family->prefixes.front());
+    FERRY_RETURN_IF_ERROR(CheckLayerCount(g.config, names, *g.tensors));
+    options.role_of = [names](const std::string& name) {
+      Role role;
+      int layer = -1;
+      return names.RoleOf(name, &role, &layer) ? std::string(offload::RoleName(role)) : std::string();
+    };
+    std::map<std::string, std::string> side = {{"config.json", g.config_json}, {"tokenizer.json", g.tokenizer_json}};
+    if (!g.chat_template.empty()) side["tokenizer_config.json"] = nlohmann::json({{"chat_template", g.chat_template}}).dump(1);
+    return io::ConvertToStore(*g.tensors, side, out_dir, options);
+  }
   FERRY_ASSIGN_OR_RETURN(const ModelConfig c, ModelConfig::FromModelDir(model_dir));
   FERRY_ASSIGN_OR_RETURN(const Family* family, FindFamily(c.model_type, model_dir + "/config.json"));
   FERRY_ASSIGN_OR_RETURN(std::unique_ptr<io::TensorSource> source, io::OpenTensorSource(model_dir));
@@ -179,12 +196,19 @@ absl::Status Model::LoadResident(const io::TensorSource& src, bool matrices) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir, kernels::Backend* backend) {
+absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir, kernels::Backend* backend, const GgufLoadOptions& gguf) {
   std::unique_ptr<Model> m(new Model());
   m->backend_ = backend;
-  FERRY_ASSIGN_OR_RETURN(m->config_, ModelConfig::FromModelDir(dir));
+  std::unique_ptr<io::TensorSource> source;
+  if (IsGgufFile(dir)) {
+    FERRY_ASSIGN_OR_RETURN(GgufModel g, OpenGgufModel(dir, gguf));
+    m->config_ = g.config;
+    source = std::move(g.tensors);
+  } else {
+    FERRY_ASSIGN_OR_RETURN(m->config_, ModelConfig::FromModelDir(dir));
+    FERRY_ASSIGN_OR_RETURN(source, io::OpenTensorSource(dir));
+  }
   FERRY_ASSIGN_OR_RETURN(m->family_, FindFamily(m->config_.model_type, dir + "/config.json"));
-  FERRY_ASSIGN_OR_RETURN(std::unique_ptr<io::TensorSource> source, io::OpenTensorSource(dir));
   FERRY_ASSIGN_OR_RETURN(m->names_, TensorNames::Resolve(*m->family_, *source));
   FERRY_RETURN_IF_ERROR(CheckLayerCount(m->config_, m->names_, *source));
   m->weights_ = offload::ModelWeights(m->config_.num_layers);

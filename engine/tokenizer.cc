@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstring>
 #include <queue>
 
 #include "absl/container/flat_hash_map.h"
@@ -14,6 +15,8 @@
 #include "base/json.h"
 #include "base/status.h"
 #include "base/thread_pool.h"
+#include "engine/gguf_model.h"
+#include "io/gguf.h"
 #include "nlohmann/json.hpp"
 
 namespace ferry::engine {
@@ -23,6 +26,112 @@ using nlohmann::json;
 
 constexpr const char* kGpt2Pattern =
     R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)";
+// Llama 3 (tiktoken's cl100k) and Qwen2, as their tokenizer.json files spell them.
+constexpr const char* kLlama3Pattern =
+    R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
+constexpr const char* kQwen2Pattern =
+    R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
+constexpr const char* kDigitPattern = R"(\p{N})";
+constexpr const char* kDigitsPattern = R"(\p{N}+)";
+constexpr const char* kPunctuationPattern = R"([\p{P}!-/:-@\[-`{-~])";
+// Texts split at "<ASCII non-space>\n|<ASCII non-space>" give the same pieces on both sides with
+// these patterns (no match crosses such a cut), so long texts may be encoded in parallel chunks.
+bool CutSafe(const std::string& pattern) {
+  for (const char* p : {kGpt2Pattern, kLlama3Pattern, kQwen2Pattern, kDigitPattern, kDigitsPattern, kPunctuationPattern}) {
+    if (pattern == p) return true;
+  }
+  return false;
+}
+
+// How a Split pre-tokenizer treats its matches (tokenizers' SplitDelimiterBehavior).
+enum class SplitBehavior { kIsolated, kRemoved, kMergedWithPrevious, kMergedWithNext, kContiguous };
+
+struct PreStep {
+  std::string pattern;
+  pcre2_code* regex = nullptr;
+  SplitBehavior behavior = SplitBehavior::kIsolated;
+  bool invert = false;
+};
+
+size_t NextCodePoint(std::string_view s, size_t i) {
+  ++i;
+  while (i < s.size() && (static_cast<unsigned char>(s[i]) & 0xC0) == 0x80) ++i;
+  return i;
+}
+
+// Applies one Split step to the pieces [begin, end) of `text`.
+absl::Status SplitPieces(const PreStep& step, std::string_view text, const std::vector<std::pair<size_t, size_t>>& in,
+                         std::vector<std::pair<size_t, size_t>>* out, pcre2_match_data* md) {
+  out->clear();
+  for (const auto& [pb, pe] : in) {
+    // (begin, end, is_match) spans covering the piece
+    std::vector<std::tuple<size_t, size_t, bool>> spans;
+    const std::string_view piece = text.substr(pb, pe - pb);
+    size_t start = 0, last = 0;
+    while (start < piece.size()) {
+      const int rc = pcre2_match(step.regex, reinterpret_cast<PCRE2_SPTR>(piece.data()), piece.size(), start,
+                                 PCRE2_NO_UTF_CHECK, md, nullptr);
+      if (rc == PCRE2_ERROR_NOMATCH) break;
+      if (rc < 0) return absl::InternalError(absl::StrCat("pcre2_match failed with code ", rc));
+      const PCRE2_SIZE* ov = pcre2_get_ovector_pointer(md);
+      if (ov[1] <= ov[0]) {  // empty match: no piece, step one character
+        start = NextCodePoint(piece, ov[0]);
+        continue;
+      }
+      if (ov[0] > last) spans.emplace_back(last, ov[0], false);
+      spans.emplace_back(ov[0], ov[1], true);
+      last = start = ov[1];
+    }
+    if (last < piece.size()) spans.emplace_back(last, piece.size(), false);
+    if (step.invert) {
+      for (auto& sp : spans) std::get<2>(sp) = !std::get<2>(sp);
+    }
+    std::vector<std::pair<size_t, size_t>> pieces;
+    bool prev_match = false;
+    if (step.behavior == SplitBehavior::kMergedWithNext) {  // as tokenizers does it: from the right
+      for (auto it = spans.rbegin(); it != spans.rend(); ++it) {
+        const auto& [b, e, is_match] = *it;
+        if (is_match && !prev_match && !pieces.empty()) {
+          pieces.back().first = pb + b;
+        } else {
+          pieces.emplace_back(pb + b, pb + e);
+        }
+        prev_match = is_match;
+      }
+      std::reverse(pieces.begin(), pieces.end());
+    } else {
+      for (const auto& [b, e, is_match] : spans) {
+        const size_t ab = pb + b, ae = pb + e;
+        switch (step.behavior) {
+          case SplitBehavior::kIsolated:
+            pieces.emplace_back(ab, ae);
+            break;
+          case SplitBehavior::kRemoved:
+            if (!is_match) pieces.emplace_back(ab, ae);
+            break;
+          case SplitBehavior::kMergedWithPrevious:
+            if (is_match && !prev_match && !pieces.empty()) {
+              pieces.back().second = ae;
+            } else {
+              pieces.emplace_back(ab, ae);
+            }
+            break;
+          case SplitBehavior::kContiguous:
+          case SplitBehavior::kMergedWithNext:
+            if (is_match == prev_match && !pieces.empty()) {
+              pieces.back().second = ae;
+            } else {
+              pieces.emplace_back(ab, ae);
+            }
+            break;
+        }
+        prev_match = is_match;
+      }
+    }
+    out->insert(out->end(), pieces.begin(), pieces.end());
+  }
+  return absl::OkStatus();
+}
 
 // GPT-2's byte -> unicode code point map (printable bytes map to themselves).
 std::array<int, 256> ByteToCodePoint() {
@@ -71,28 +180,52 @@ struct Tokenizer::Impl {
   std::vector<std::pair<std::string, int>> added;              // content -> id, longest first
   std::vector<int> prefix;
   bool add_prefix_space = false;
+  bool ignore_merges = false;  // a pre-token that is itself in the vocabulary is that token
+  bool cut_safe = true;        // long texts may be encoded in parallel chunks
   size_t chunk_bytes = 1 << 20;
-  pcre2_code* regex = nullptr;
+  std::vector<PreStep> steps;  // the pre-tokenizer: Split steps in order
 
   ~Impl() {
-    if (regex != nullptr) pcre2_code_free(regex);
+    for (PreStep& s : steps) {
+      if (s.regex != nullptr) pcre2_code_free(s.regex);
+    }
+  }
+
+  absl::Status AddStep(const std::string& pattern, SplitBehavior behavior, bool invert) {
+    PreStep step;
+    step.pattern = pattern;
+    step.behavior = behavior;
+    step.invert = invert;
+    int err;
+    PCRE2_SIZE offset;
+    step.regex = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(), PCRE2_UTF | PCRE2_UCP, &err, &offset,
+                               nullptr);
+    if (step.regex == nullptr) {
+      PCRE2_UCHAR msg[256];
+      pcre2_get_error_message(err, msg, sizeof(msg));
+      return absl::InvalidArgumentError(absl::StrCat("tokenizer.json: pre-tokenizer regex \"", pattern, "\" does not compile at offset ",
+                                                     offset, ": ", reinterpret_cast<const char*>(msg)));
+    }
+    pcre2_jit_compile(step.regex, PCRE2_JIT_COMPLETE);  // falls back to the interpreter when JIT is absent
+    cut_safe = cut_safe && CutSafe(pattern) && (behavior == SplitBehavior::kIsolated) && !invert;
+    steps.push_back(std::move(step));
+    return absl::OkStatus();
   }
 
   absl::Status Finish() {
+    // A vocabulary may lack the tokens of bytes that valid UTF-8 never holds (0xC0, 0xC1, 0xF5-0xFF)
+    // and, in a few vocabularies (Falcon's), of some control characters: text holding such a byte
+    // is refused when it is encoded.
+    int missing = 0;
     for (int b = 0; b < 256; ++b) {
       auto it = bytes_to_id.find(std::string(1, static_cast<char>(b)));
-      if (it == bytes_to_id.end()) {
-        return absl::InvalidArgumentError(absl::StrCat("tokenizer vocabulary lacks the byte-level token for byte ", b));
-      }
-      byte_id[b] = it->second;
+      byte_id[b] = it == bytes_to_id.end() ? -1 : it->second;
+      missing += byte_id[b] < 0;
+    }
+    if (missing > 64) {
+      return absl::InvalidArgumentError(absl::StrCat("tokenizer vocabulary lacks the byte-level tokens of ", missing, " bytes"));
     }
     std::sort(added.begin(), added.end(), [](const auto& a, const auto& b) { return a.first.size() > b.first.size(); });
-    int err;
-    PCRE2_SIZE offset;
-    regex = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(kGpt2Pattern), PCRE2_ZERO_TERMINATED, PCRE2_UTF | PCRE2_UCP,
-                          &err, &offset, nullptr);
-    if (regex == nullptr) return absl::InternalError("cannot compile the GPT-2 pre-tokenizer regex");
-    pcre2_jit_compile(regex, PCRE2_JIT_COMPLETE);  // falls back to the interpreter when JIT is absent
     return absl::OkStatus();
   }
 
@@ -111,11 +244,15 @@ struct Tokenizer::Impl {
 
   // BPE of one pre-token: symbols in a linked list, candidate merges in a min-heap ordered by
   // (rank, position) so the lowest-ranked, leftmost pair merges first.
-  void Bpe(std::string_view word, std::vector<int>* out) const {
+  absl::Status Bpe(std::string_view word, std::vector<int>* out) const {
     const int n = static_cast<int>(word.size());
+    for (char c : word) {
+      if (byte_id[static_cast<unsigned char>(c)] < 0) return absl::InvalidArgumentError(absl::StrCat(
+          "the text holds byte 0x", absl::Hex(static_cast<unsigned char>(c), absl::kZeroPad2), ", which this vocabulary has no token for"));
+    }
     if (n == 1) {
       out->push_back(byte_id[static_cast<unsigned char>(word[0])]);
-      return;
+      return absl::OkStatus();
     }
     std::vector<int> ids(n), next(n), prev(n);
     for (int i = 0; i < n; ++i) {
@@ -148,6 +285,7 @@ struct Tokenizer::Impl {
       push(c.pos);
     }
     for (int i = 0; i >= 0; i = next[i]) out->push_back(ids[i]);
+    return absl::OkStatus();
   }
 
   // Pre-tokenizes and BPEs one segment without added tokens, with a per-call cache.
@@ -159,37 +297,39 @@ struct Tokenizer::Impl {
       with_space.append(text.data(), text.size());
       text = with_space;
     }
-    pcre2_match_data* md = pcre2_match_data_create_from_pattern(regex, nullptr);
-    if (md == nullptr) return absl::ResourceExhaustedError("pcre2: cannot allocate match data");
+    std::vector<std::pair<size_t, size_t>> pieces = {{0, text.size()}}, next;
+    if (text.empty()) return absl::OkStatus();
+    if (!steps.empty()) {
+      pcre2_match_data* md = pcre2_match_data_create(8, nullptr);
+      if (md == nullptr) return absl::ResourceExhaustedError("pcre2: cannot allocate match data");
+      absl::Status status;
+      for (const PreStep& step : steps) {
+        status = SplitPieces(step, text, pieces, &next, md);
+        if (!status.ok()) break;
+        pieces.swap(next);
+      }
+      pcre2_match_data_free(md);
+      FERRY_RETURN_IF_ERROR(status);
+    }
     absl::flat_hash_map<std::string_view, std::pair<uint32_t, uint32_t>> cache;
     std::vector<int> pool;
-    PCRE2_SIZE start = 0;
-    absl::Status status;
-    while (start < text.size()) {
-      const int rc = pcre2_match(regex, reinterpret_cast<PCRE2_SPTR>(text.data()), text.size(), start,
-                                 start == 0 ? 0 : PCRE2_NO_UTF_CHECK, md, nullptr);
-      if (rc < 0) {
-        if (rc == PCRE2_ERROR_NOMATCH) break;  // cannot happen: \s+ or a class matches any char
-        status = absl::InternalError(absl::StrCat("pcre2_match failed with code ", rc));
-        break;
-      }
-      const PCRE2_SIZE* ov = pcre2_get_ovector_pointer(md);
-      if (ov[1] <= ov[0]) {  // empty match: step one byte to stay safe
-        start = ov[1] + 1;
-        continue;
-      }
-      const std::string_view word = text.substr(ov[0], ov[1] - ov[0]);
+    for (const auto& [b, e] : pieces) {
+      if (e <= b) continue;
+      const std::string_view word = text.substr(b, e - b);
       auto it = cache.find(word);
       if (it == cache.end()) {
         const uint32_t begin = static_cast<uint32_t>(pool.size());
-        Bpe(word, &pool);
+        auto whole = ignore_merges ? bytes_to_id.find(absl::string_view(word.data(), word.size())) : bytes_to_id.end();
+        if (whole != bytes_to_id.end()) {
+          pool.push_back(whole->second);
+        } else {
+          FERRY_RETURN_IF_ERROR(Bpe(word, &pool));
+        }
         it = cache.emplace(word, std::make_pair(begin, static_cast<uint32_t>(pool.size()) - begin)).first;
       }
       out->insert(out->end(), pool.begin() + it->second.first, pool.begin() + it->second.first + it->second.second);
-      start = ov[1];
     }
-    pcre2_match_data_free(md);
-    return status;
+    return absl::OkStatus();
   }
 
   // Splits on added tokens; BPE-encodes the text between them (large texts in parallel chunks cut
@@ -227,7 +367,7 @@ struct Tokenizer::Impl {
 
   absl::Status EncodeLarge(std::string_view text, std::vector<int>* out) const {
     const size_t kChunk = std::max<size_t>(chunk_bytes, 16);
-    if (text.size() < 2 * kChunk) return EncodeSegment(text, out);
+    if (text.size() < 2 * kChunk || !cut_safe) return EncodeSegment(text, out);
     std::vector<std::string_view> chunks;
     size_t begin = 0;
     while (begin < text.size()) {
@@ -285,7 +425,121 @@ absl::StatusOr<int> TokenId(const json& v, const std::string& where) {
   return static_cast<int>(v.get<int64_t>());
 }
 
+// The pattern of a Split pre-tokenizer: {"Regex": r} as is, {"String": s} escaped.
+absl::StatusOr<std::string> SplitPattern(const json& p, const std::string& where) {
+  if (!p.is_object() || !p.contains("pattern") || !p["pattern"].is_object()) return Bad(where + "pattern", "must be {\"Regex\": ...} or {\"String\": ...}");
+  const json& pat = p["pattern"];
+  if (pat.contains("Regex") && pat["Regex"].is_string()) return pat["Regex"].get<std::string>();
+  if (pat.contains("String") && pat["String"].is_string()) {
+    std::string out;
+    for (char c : pat["String"].get<std::string>()) {
+      if (std::strchr("\\^$.|?*+()[]{}-#", c) != nullptr && c != '\0') out.push_back('\\');
+      out.push_back(c);
+    }
+    return out;
+  }
+  return Bad(where + "pattern", "must be {\"Regex\": ...} or {\"String\": ...}");
+}
+
+absl::StatusOr<SplitBehavior> Behavior(const json& p, const std::string& where, SplitBehavior fallback) {
+  FERRY_ASSIGN_OR_RETURN(const std::string b, StringField(p, "behavior", "", where));
+  if (b.empty()) return fallback;
+  if (b == "Isolated") return SplitBehavior::kIsolated;
+  if (b == "Removed") return SplitBehavior::kRemoved;
+  if (b == "MergedWithPrevious") return SplitBehavior::kMergedWithPrevious;
+  if (b == "MergedWithNext") return SplitBehavior::kMergedWithNext;
+  if (b == "Contiguous") return SplitBehavior::kContiguous;
+  return Bad(where + "behavior", absl::StrCat("\"", b, "\" is not a split behavior"));
+}
+
 }  // namespace
+
+// pre_tokenizer: ByteLevel (with or without its regex), Split, Digits, Punctuation, Sequence;
+// anything else is refused by name.
+static absl::Status ParsePreTokenizer(const json& p, Tokenizer::Impl* impl, bool* byte_level, const std::string& where, int depth = 0) {
+  if (!p.is_object()) return Bad(where, "must be an object");
+  if (depth > 8) return Bad(where, "nests Sequences too deeply");
+  FERRY_ASSIGN_OR_RETURN(const std::string type, StringField(p, "type", "", where + "."));
+  if (type == "Sequence") {
+    if (!p.contains("pretokenizers") || !p["pretokenizers"].is_array()) return Bad(where + ".pretokenizers", "must be a list");
+    for (const json& q : p["pretokenizers"]) FERRY_RETURN_IF_ERROR(ParsePreTokenizer(q, impl, byte_level, where + ".pretokenizers[]", depth + 1));
+    return absl::OkStatus();
+  }
+  if (*byte_level) return Bad(where, absl::StrCat("has \"", type, "\" after ByteLevel, which ferry does not support"));
+  if (type == "ByteLevel") {
+    FERRY_ASSIGN_OR_RETURN(const bool prefix_space, BoolField(p, "add_prefix_space", false, where + "."));
+    FERRY_ASSIGN_OR_RETURN(const bool use_regex, BoolField(p, "use_regex", true, where + "."));
+    if (prefix_space && !impl->steps.empty()) {
+      return Bad(where + ".add_prefix_space", "is supported only when ByteLevel is the first pre-tokenizer");
+    }
+    impl->add_prefix_space = prefix_space;
+    *byte_level = true;
+    if (use_regex) return impl->AddStep(kGpt2Pattern, SplitBehavior::kIsolated, false);
+    return absl::OkStatus();
+  }
+  if (type == "Split") {
+    FERRY_ASSIGN_OR_RETURN(const std::string pattern, SplitPattern(p, where + "."));
+    FERRY_ASSIGN_OR_RETURN(const SplitBehavior behavior, Behavior(p, where + ".", SplitBehavior::kIsolated));
+    FERRY_ASSIGN_OR_RETURN(const bool invert, BoolField(p, "invert", false, where + "."));
+    return impl->AddStep(pattern, behavior, invert);
+  }
+  if (type == "Digits") {
+    FERRY_ASSIGN_OR_RETURN(const bool individual, BoolField(p, "individual_digits", false, where + "."));
+    return impl->AddStep(individual ? kDigitPattern : kDigitsPattern, SplitBehavior::kIsolated, false);
+  }
+  if (type == "Punctuation") {
+    FERRY_ASSIGN_OR_RETURN(const SplitBehavior behavior, Behavior(p, where + ".", SplitBehavior::kIsolated));
+    return impl->AddStep(kPunctuationPattern, behavior, false);
+  }
+  return absl::InvalidArgumentError(absl::StrCat("tokenizer.json: pre-tokenizer \"", type, "\" is not supported"));
+}
+
+// post_processor: TemplateProcessing (special tokens before the text become the prefix; tokens
+// after it are refused), ByteLevel (nothing to add), Sequence of those.
+static absl::Status ParsePostProcessor(const json& pp, Tokenizer::Impl* impl, int max_id, int depth = 0) {
+  if (!pp.is_object()) return Bad("post_processor", "must be an object");
+  if (depth > 8) return Bad("post_processor", "nests Sequences too deeply");
+  FERRY_ASSIGN_OR_RETURN(const std::string type, StringField(pp, "type", "", "post_processor."));
+  if (type == "Sequence") {
+    if (!pp.contains("processors") || !pp["processors"].is_array()) return Bad("post_processor.processors", "must be a list");
+    for (const json& q : pp["processors"]) FERRY_RETURN_IF_ERROR(ParsePostProcessor(q, impl, max_id, depth + 1));
+    return absl::OkStatus();
+  }
+  if (type == "ByteLevel") return absl::OkStatus();
+  if (type != "TemplateProcessing") {
+    return absl::InvalidArgumentError(absl::StrCat("tokenizer.json: \"post_processor.type\" \"", type, "\" is not supported"));
+  }
+  if (!pp.contains("single") || !pp["single"].is_array()) return Bad("post_processor.single", "must be a list");
+  bool after_text = false;
+  for (const auto& piece : pp["single"]) {
+    if (!piece.is_object()) return Bad("post_processor.single[]", "must be an object");
+    if (!piece.contains("SpecialToken")) {
+      if (!piece.contains("Sequence")) return Bad("post_processor.single[]", "must be a SpecialToken or the Sequence");
+      after_text = true;
+      continue;
+    }
+    const json& st = piece["SpecialToken"];
+    if (!st.is_object()) return Bad("post_processor.single[].SpecialToken", "must be an object");
+    FERRY_ASSIGN_OR_RETURN(const std::string name, StringField(st, "id", "", "post_processor.single[].SpecialToken."));
+    if (after_text) {
+      return absl::InvalidArgumentError(absl::StrCat("tokenizer.json: post_processor appends \"", name,
+                                                     "\" after the text, which ferry does not support"));
+    }
+    if (!pp.contains("special_tokens") || !pp["special_tokens"].is_object() || !pp["special_tokens"].contains(name)) {
+      return absl::InvalidArgumentError(absl::StrCat("tokenizer.json: post_processor names unknown special token \"", name, "\""));
+    }
+    const json& tok = pp["special_tokens"][name];
+    if (!tok.is_object() || !tok.contains("ids") || !tok["ids"].is_array()) {
+      return Bad(absl::StrCat("post_processor.special_tokens.", name, ".ids"), "must be a list of token ids");
+    }
+    for (const auto& id : tok["ids"]) {
+      FERRY_ASSIGN_OR_RETURN(const int v, TokenId(id, "post_processor.special_tokens." + name + ".ids[]"));
+      if (v > max_id) return Bad("post_processor.special_tokens." + name + ".ids[]", "is not in the vocabulary");
+      impl->prefix.push_back(v);
+    }
+  }
+  return absl::OkStatus();
+}
 
 Tokenizer::Tokenizer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Tokenizer::~Tokenizer() = default;
@@ -305,17 +559,28 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromTokenizerJson(const st
     }
   }
   if (j.contains("normalizer") && !j["normalizer"].is_null()) {
-    return absl::InvalidArgumentError("tokenizer.json: \"normalizer\" is not supported (byte-level BPE has none)");
+    const json& n = j["normalizer"];
+    const std::string type = n.is_object() && n.contains("type") && n["type"].is_string() ? n["type"].get<std::string>() : "?";
+    return absl::InvalidArgumentError(absl::StrCat("tokenizer.json: normalizer \"", type, "\" is not supported"));
   }
   auto impl = std::make_unique<Impl>();
-  if (j.contains("pre_tokenizer") && !j["pre_tokenizer"].is_null()) {
-    const json& p = j["pre_tokenizer"];
-    if (!p.is_object()) return Bad("pre_tokenizer", "must be an object");
-    FERRY_ASSIGN_OR_RETURN(const std::string type, StringField(p, "type", "", "pre_tokenizer."));
-    if (type != "ByteLevel") {
-      return absl::InvalidArgumentError("tokenizer.json: \"pre_tokenizer.type\" must be \"ByteLevel\"");
-    }
-    FERRY_ASSIGN_OR_RETURN(impl->add_prefix_space, BoolField(p, "add_prefix_space", false, "pre_tokenizer."));
+  if (!j.contains("pre_tokenizer") || j["pre_tokenizer"].is_null()) {
+    return absl::InvalidArgumentError("tokenizer.json: \"pre_tokenizer\" is null; ferry reads byte-level BPE, which needs a ByteLevel pre-tokenizer");
+  }
+  bool byte_level = false;
+  FERRY_RETURN_IF_ERROR(ParsePreTokenizer(j["pre_tokenizer"], impl.get(), &byte_level, "pre_tokenizer"));
+  if (!byte_level) {
+    return absl::InvalidArgumentError("tokenizer.json: the pre-tokenizer has no ByteLevel step; ferry reads byte-level BPE only");
+  }
+  FERRY_ASSIGN_OR_RETURN(impl->ignore_merges, BoolField(m, "ignore_merges", false, "model."));
+  FERRY_ASSIGN_OR_RETURN(const bool byte_fallback, BoolField(m, "byte_fallback", false, "model."));
+  if (byte_fallback) return absl::InvalidArgumentError("tokenizer.json: \"model.byte_fallback\" is not supported with a byte-level vocabulary");
+  if (m.contains("dropout") && !m["dropout"].is_null()) return absl::InvalidArgumentError("tokenizer.json: \"model.dropout\" is not supported");
+  if (j.contains("decoder") && !j["decoder"].is_null()) {
+    const json& d = j["decoder"];
+    if (!d.is_object()) return Bad("decoder", "must be an object");
+    FERRY_ASSIGN_OR_RETURN(const std::string type, StringField(d, "type", "", "decoder."));
+    if (type != "ByteLevel") return absl::InvalidArgumentError(absl::StrCat("tokenizer.json: decoder \"", type, "\" is not supported"));
   }
   if (!m.contains("vocab") || !m["vocab"].is_object() || !m.contains("merges") || !m["merges"].is_array()) {
     return absl::InvalidArgumentError("tokenizer.json: \"model.vocab\" and \"model.merges\" are required");
@@ -356,9 +621,14 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromTokenizerJson(const st
   for (const auto& [content, id, special] : added_tokens) added_ids[content] = id;
   for (const auto& [tok, id] : entries) {
     if (added_ids.contains(tok)) continue;  // added tokens are literal text, not byte-level
-    FERRY_ASSIGN_OR_RETURN(std::string bytes, TokenToBytes(tok, cp_to_byte));
-    impl->bytes_to_id.emplace(bytes, id);
-    impl->id_to_bytes[id] = std::move(bytes);
+    auto bytes = TokenToBytes(tok, cp_to_byte);
+    if (!bytes.ok()) {  // not byte-level text: no merge can produce it; it decodes as its text
+      if (FindInvalidUtf8(tok) != std::string::npos) return bytes.status();
+      impl->id_to_bytes[id] = tok;
+      continue;
+    }
+    impl->bytes_to_id.emplace(*bytes, id);
+    impl->id_to_bytes[id] = std::move(*bytes);
   }
   for (const auto& [content, id, special] : added_tokens) {
     impl->id_to_bytes[id] = content;
@@ -380,33 +650,7 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromTokenizerJson(const st
     FERRY_RETURN_IF_ERROR(impl->AddMerge(l, r, rank++, cp_to_byte));
   }
   if (j.contains("post_processor") && !j["post_processor"].is_null()) {
-    const json& pp = j["post_processor"];
-    if (!pp.is_object()) return Bad("post_processor", "must be an object");
-    FERRY_ASSIGN_OR_RETURN(const std::string type, StringField(pp, "type", "", "post_processor."));
-    if (type == "TemplateProcessing") {
-      if (!pp.contains("single") || !pp["single"].is_array()) return Bad("post_processor.single", "must be a list");
-      for (const auto& piece : pp["single"]) {
-        if (!piece.is_object()) return Bad("post_processor.single[]", "must be an object");
-        if (!piece.contains("SpecialToken")) break;
-        const json& st = piece["SpecialToken"];
-        if (!st.is_object()) return Bad("post_processor.single[].SpecialToken", "must be an object");
-        FERRY_ASSIGN_OR_RETURN(const std::string name, StringField(st, "id", "", "post_processor.single[].SpecialToken."));
-        if (!pp.contains("special_tokens") || !pp["special_tokens"].is_object() || !pp["special_tokens"].contains(name)) {
-          return absl::InvalidArgumentError(absl::StrCat("tokenizer.json: post_processor names unknown special token \"", name, "\""));
-        }
-        const json& tok = pp["special_tokens"][name];
-        if (!tok.is_object() || !tok.contains("ids") || !tok["ids"].is_array()) {
-          return Bad(absl::StrCat("post_processor.special_tokens.", name, ".ids"), "must be a list of token ids");
-        }
-        for (const auto& id : tok["ids"]) {
-          FERRY_ASSIGN_OR_RETURN(const int v, TokenId(id, "post_processor.special_tokens." + name + ".ids[]"));
-          if (v > max_id) return Bad("post_processor.special_tokens." + name + ".ids[]", "is not in the vocabulary");
-          impl->prefix.push_back(v);
-        }
-      }
-    } else if (type != "ByteLevel") {
-      return absl::InvalidArgumentError(absl::StrCat("tokenizer.json: \"post_processor.type\" \"", type, "\" is not supported"));
-    }
+    FERRY_RETURN_IF_ERROR(ParsePostProcessor(j["post_processor"], impl.get(), max_id));
   }
   FERRY_RETURN_IF_ERROR(impl->Finish());
   return std::unique_ptr<Tokenizer>(new Tokenizer(std::move(impl)));
@@ -439,7 +683,127 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromVocabAndMerges(const s
   return FromTokenizerJson(tj.dump());
 }
 
+
+namespace {
+
+// llama.cpp's pre-tokenizer names (tokenizer.ggml.pre) and their regexes, in order; each splits
+// the pieces of the one before (tokenizers' Split with behavior Isolated). Where llama.cpp adapts
+// a tokenizer.json regex, the original (which PCRE2 runs as written) is used.
+struct GgufPre {
+  std::vector<std::string> names;
+  std::vector<std::string> patterns;
+  bool ignore_merges = false;
+  bool add_bos = false;  // llama.cpp's default when tokenizer.ggml.add_bos_token is absent
+};
+
+const std::vector<GgufPre>& GgufPres() {
+  static const std::vector<GgufPre> pres = {
+      {{"gpt-2", "gpt2", "phi-2", "jina-es", "jina-de", "jina-v2-es", "jina-v2-de", "mpt", "olmo", "jais", "gigachat", "mellum", "a.x-4.0",
+        "trillion", "granite-docling"},
+       {kGpt2Pattern}},
+      {{"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2"}, {kLlama3Pattern}, true, true},
+      {{"dbrx", "smaug-bpe"}, {kLlama3Pattern}},
+      {{"qwen2", "deepseek-r1-qwen", "stablelm2", "kormo"}, {kQwen2Pattern}},
+      {{"qwen35"},
+       {R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)"}},
+      {{"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"}, {kDigitPattern, kGpt2Pattern}},
+      {{"chatglm-bpe"},
+       {R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)"}},
+      {{"falcon"},
+       {R"([\p{P}\$\+<=>\^~\|`]+)", R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S))", "[0-9][0-9][0-9]"}},
+      {{"default"},
+       {R"([\p{P}\$\+<=>\^~\|]+)", R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S))", R"(\p{N}+)",
+        "[0-9][0-9][0-9]"}},
+      {{"deepseek-coder"}, {"[\r\n]", R"(\s?\p{L}+)", R"(\s?\p{P}+)", R"([\x{4e00}-\x{9fa5}\x{0800}-\x{4e00}\x{ac00}-\x{d7ff}]+)", R"(\p{N})"}},
+      {{"poro-chat", "bloom", "gpt3-finnish"}, {R"( ?[^(\s|.,!?…。，、।۔،)]+)"}},
+      {{"viking"}, {R"( ?[^(\s|.,!?…。，、।۔،)]+)", R"(\p{N})"}},
+      {{"gpt-4o", "llama4"},
+       {R"([^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+)"}},
+      {{"tekken"},
+       {R"([^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+)"}},
+  };
+  return pres;
+}
+
+}  // namespace
+
+absl::StatusOr<std::string> TokenizerJsonFromGguf(const io::GgufFile& f) {
+  const std::string where = f.path() + ": ";
+  FERRY_ASSIGN_OR_RETURN(const std::string model, f.String("tokenizer.ggml.model"));
+  if (model != "gpt2") {
+    return absl::InvalidArgumentError(absl::StrCat(where, "tokenizer.ggml.model \"", model, "\" is not supported (ferry reads \"gpt2\", byte-level BPE)"));
+  }
+  std::string pre_name = "default";
+  if (f.Find("tokenizer.ggml.pre") != nullptr) {
+    FERRY_ASSIGN_OR_RETURN(pre_name, f.String("tokenizer.ggml.pre"));
+  }
+  const GgufPre* pre = nullptr;
+  for (const GgufPre& p : GgufPres()) {
+    if (std::find(p.names.begin(), p.names.end(), pre_name) != p.names.end()) pre = &p;
+  }
+  if (pre == nullptr) return absl::InvalidArgumentError(absl::StrCat(where, "tokenizer.ggml.pre \"", pre_name, "\" is not supported"));
+  FERRY_ASSIGN_OR_RETURN(const std::vector<std::string>* tokens, f.Strings("tokenizer.ggml.tokens"));
+  FERRY_ASSIGN_OR_RETURN(const std::vector<std::string>* merges, f.Strings("tokenizer.ggml.merges"));
+  const std::vector<int64_t>* types = nullptr;
+  if (f.Find("tokenizer.ggml.token_type") != nullptr) {
+    FERRY_ASSIGN_OR_RETURN(types, f.Ints("tokenizer.ggml.token_type"));
+    if (types->size() != tokens->size()) {
+      return absl::InvalidArgumentError(absl::StrCat(where, "tokenizer.ggml.token_type has ", types->size(), " entries for ", tokens->size(), " tokens"));
+    }
+  }
+  if (tokens->size() >= static_cast<size_t>(kMaxTokenId)) return absl::InvalidArgumentError(absl::StrCat(where, "vocabulary of ", tokens->size(), " tokens is too large"));
+  json vocab = json::object(), added = json::array();
+  for (size_t id = 0; id < tokens->size(); ++id) {
+    const std::string& t = (*tokens)[id];
+    if (FindInvalidUtf8(t) != std::string::npos) return absl::InvalidArgumentError(absl::StrCat(where, "token ", id, " is not valid UTF-8"));
+    const int64_t type = types ? (*types)[id] : 1;
+    if (type == 3 || type == 4) {  // control, user-defined: literal text split out before pre-tokenizing
+      added.push_back({{"id", id}, {"content", t}, {"special", type == 3}});
+    }
+    if (!vocab.contains(t)) vocab[t] = id;
+  }
+  json pretok = {{"type", "Sequence"}, {"pretokenizers", json::array()}};
+  for (const std::string& pattern : pre->patterns) {
+    pretok["pretokenizers"].push_back({{"type", "Split"}, {"pattern", {{"Regex", pattern}}}, {"behavior", "Isolated"}, {"invert", false}});
+  }
+  pretok["pretokenizers"].push_back({{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", false}, {"trim_offsets", false}});
+  json tj = {{"version", "1.0"},
+             {"model", {{"type", "BPE"}, {"vocab", vocab}, {"merges", *merges}, {"ignore_merges", pre->ignore_merges}, {"byte_fallback", false}}},
+             {"added_tokens", added},
+             {"normalizer", nullptr},
+             {"pre_tokenizer", pretok},
+             {"decoder", {{"type", "ByteLevel"}}}};
+  bool add_bos = pre->add_bos;
+  if (f.Find("tokenizer.ggml.add_bos_token") != nullptr) {
+    FERRY_ASSIGN_OR_RETURN(add_bos, f.Bool("tokenizer.ggml.add_bos_token"));
+  }
+  if (f.Find("tokenizer.ggml.add_eos_token") != nullptr) {
+    FERRY_ASSIGN_OR_RETURN(const bool add_eos, f.Bool("tokenizer.ggml.add_eos_token"));
+    if (add_eos) return absl::InvalidArgumentError(absl::StrCat(where, "tokenizer.ggml.add_eos_token is true, which ferry does not support"));
+  }
+  if (add_bos) {
+    FERRY_ASSIGN_OR_RETURN(const uint64_t bos, f.Uint("tokenizer.ggml.bos_token_id"));
+    if (bos >= tokens->size()) return absl::InvalidArgumentError(absl::StrCat(where, "tokenizer.ggml.bos_token_id ", bos, " is outside the vocabulary"));
+    const std::string& content = (*tokens)[bos];
+    tj["post_processor"] = {{"type", "TemplateProcessing"},
+                            {"single", {{{"SpecialToken", {{"id", content}, {"type_id", 0}}}}, {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}}},
+                            {"special_tokens", {{content, {{"id", content}, {"ids", {bos}}, {"tokens", {content}}}}}}};
+  }
+  return tj.dump();
+}
+
+absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromGguf(const io::GgufFile& file) {
+  FERRY_ASSIGN_OR_RETURN(const std::string text, TokenizerJsonFromGguf(file));
+  auto tok = FromTokenizerJson(text);
+  if (!tok.ok()) return absl::Status(tok.status().code(), absl::StrCat(file.path(), " (tokenizer from GGUF metadata): ", tok.status().message()));
+  return tok;
+}
+
 absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromModelDir(const std::string& dir) {
+  if (IsGgufFile(dir)) {
+    FERRY_ASSIGN_OR_RETURN(std::unique_ptr<io::GgufFile> file, io::GgufFile::Open(dir));
+    return FromGguf(*file);
+  }
   if (PathExists(dir + "/tokenizer.json")) {
     FERRY_ASSIGN_OR_RETURN(std::string text, ReadFileToString(dir + "/tokenizer.json"));
     auto tok = FromTokenizerJson(text);

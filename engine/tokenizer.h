@@ -12,6 +12,10 @@
 
 #include "absl/status/statusor.h"
 
+namespace ferry::io {
+class GgufFile;
+}
+
 namespace ferry::engine {
 
 struct DecodeOptions {
@@ -20,7 +24,8 @@ struct DecodeOptions {
 
 class Tokenizer {
  public:
-  // Reads DIR/tokenizer.json, or DIR/vocab.json + DIR/merges.txt when there is no tokenizer.json.
+  // Reads DIR/tokenizer.json, or DIR/vocab.json + DIR/merges.txt when there is no tokenizer.json;
+  // DIR may also be a GGUF file (FromGguf).
   static absl::StatusOr<std::unique_ptr<Tokenizer>> FromModelDir(const std::string& dir);
   static absl::StatusOr<std::unique_ptr<Tokenizer>> FromTokenizerJson(const std::string& json_text);
   // vocab.json text, merges.txt text, and the special tokens (added to the vocabulary) with the
@@ -29,6 +34,8 @@ class Tokenizer {
                                                                         const std::string& merges_txt,
                                                                         const std::vector<std::string>& special_tokens,
                                                                         const std::string& bos_token);
+  // The tokenizer of a GGUF file's metadata (tokenizer.ggml.*), through TokenizerJsonFromGguf.
+  static absl::StatusOr<std::unique_ptr<Tokenizer>> FromGguf(const io::GgufFile& file);
   ~Tokenizer();
 
   // Text must be valid UTF-8 (kInvalidArgument with the byte offset otherwise).
@@ -48,11 +55,17 @@ class Tokenizer {
   bool IsSpecial(int id) const;
   const std::vector<int>& prefix_ids() const;
 
+ struct Impl;  // opaque
+
  private:
-  struct Impl;
   explicit Tokenizer(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
+
+// A tokenizer.json equivalent to a GGUF file's tokenizer metadata: its vocabulary, merges, control
+// and user-defined tokens (added tokens), llama.cpp's pre-tokenizer regexes for tokenizer.ggml.pre,
+// BOS when add_bos_token. Refuses tokenizer models and pre-tokenizers ferry does not implement.
+absl::StatusOr<std::string> TokenizerJsonFromGguf(const io::GgufFile& file);
 
 // Replaces invalid UTF-8 sequences with U+FFFD (one per maximal invalid subpart).
 std::string SanitizeUtf8(std::string_view bytes);

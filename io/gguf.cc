@@ -387,8 +387,9 @@ absl::StatusOr<std::unique_ptr<GgufFile>> GgufFile::Open(const std::string& path
     f->tensors_.push_back(std::move(info));
   }
   const uint64_t data_start = (r.pos() + f->alignment_ - 1) / f->alignment_ * f->alignment_;
-  if (data_start > size) return Corrupt(path, "the data section starts past the end of the file");
-  const uint64_t data_size = size - data_start;
+  // A vocab-only file (no tensors) may end right after its header, without the padding.
+  if (data_start > size && !f->tensors_.empty()) return Corrupt(path, "the data section starts past the end of the file");
+  const uint64_t data_size = data_start > size ? 0 : size - data_start;
   std::vector<std::pair<uint64_t, uint64_t>> ranges;
   for (size_t i = 0; i < f->tensors_.size(); ++i) {
     GgufTensor& t = f->tensors_[i];

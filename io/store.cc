@@ -166,13 +166,8 @@ absl::Status StoreWriter::Finish(const std::map<std::string, std::string>& side_
   return absl::OkStatus();
 }
 
-absl::Status ConvertToStore(const std::string& model_dir, const std::string& out_dir, const ConvertOptions& options) {
-  struct stat a, b;
-  if (::stat(model_dir.c_str(), &a) == 0 && ::stat(out_dir.c_str(), &b) == 0 && a.st_dev == b.st_dev && a.st_ino == b.st_ino) {
-    return absl::InvalidArgumentError(absl::StrCat(out_dir, " is the model directory itself; convert into a new directory"));
-  }
-  FERRY_ASSIGN_OR_RETURN(Checkpoint ckpt, Checkpoint::Open(model_dir));
-  if (!PathExists(model_dir + "/config.json")) return absl::NotFoundError(absl::StrCat("no config.json in ", model_dir));
+absl::Status ConvertToStore(const TensorSource& ckpt, const std::map<std::string, std::string>& side_files, const std::string& out_dir,
+                            const ConvertOptions& options) {
   std::vector<PlannedTensor> planned;
   for (const std::string& name : ckpt.Names()) {
     const TensorInfo* t = ckpt.Find(name);
@@ -191,13 +186,23 @@ absl::Status ConvertToStore(const std::string& model_dir, const std::string& out
       if (options.progress) options.progress(done, writer.total_bytes());
     }
   }
+  return writer.Finish(side_files);
+}
+
+absl::Status ConvertToStore(const std::string& model_dir, const std::string& out_dir, const ConvertOptions& options) {
+  struct stat a, b;
+  if (::stat(model_dir.c_str(), &a) == 0 && ::stat(out_dir.c_str(), &b) == 0 && a.st_dev == b.st_dev && a.st_ino == b.st_ino) {
+    return absl::InvalidArgumentError(absl::StrCat(out_dir, " is the model directory itself; convert into a new directory"));
+  }
+  FERRY_ASSIGN_OR_RETURN(Checkpoint ckpt, Checkpoint::Open(model_dir));
+  if (!PathExists(model_dir + "/config.json")) return absl::NotFoundError(absl::StrCat("no config.json in ", model_dir));
   std::map<std::string, std::string> side;
   for (const char* name : kSideFiles) {
     const std::string src = model_dir + "/" + name;
     if (!PathExists(src)) continue;
     FERRY_ASSIGN_OR_RETURN(side[name], ReadFileToString(src));
   }
-  return writer.Finish(side);
+  return ConvertToStore(ckpt, side, out_dir, options);
 }
 
 absl::StatusOr<Store> Store::Open(const std::string& dir) {

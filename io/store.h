@@ -109,6 +109,9 @@ struct ConvertOptions {
 // Streams tensor by tensor in chunks, so models larger than RAM convert; the manifest is written
 // last (a crash leaves no valid store).
 absl::Status ConvertToStore(const std::string& model_dir, const std::string& out_dir, const ConvertOptions& options = {});
+// The same from any tensor source, with the side files (config.json, tokenizer.json, ...) given.
+absl::Status ConvertToStore(const TensorSource& source, const std::map<std::string, std::string>& side_files,
+                            const std::string& out_dir, const ConvertOptions& options = {});
 
 // XXH3-64 of n bytes: the store's checksum.
 uint64_t StoreHash(const void* data, size_t n);

@@ -35,6 +35,13 @@ inline std::string GoldensDir() {
 }
 
 // A directory removed when the object dies.
+// Where scripts/fetch-models caches what it fetches from PyPI (FERRY_CACHE, else ~/.cache/ferry).
+inline std::string CacheDir() {
+  if (const char* c = std::getenv("FERRY_CACHE"); c != nullptr && *c != 0) return c;
+  const char* home = std::getenv("HOME");
+  return std::string(home != nullptr ? home : "/root") + "/.cache/ferry";
+}
+
 class TempDir {
  public:
   TempDir() {

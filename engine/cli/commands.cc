@@ -34,11 +34,26 @@ struct ModelFlags {
   std::string weights;  // GPU,CPU,DISK percentages: offloaded execution from a store
   std::string gpu_mem, cpu_mem;
   std::string kv_dtype = "f32";
+  std::string gguf_dtype = "f16";
 };
 
-void AddModelFlags(CLI::App* cmd, ModelFlags* f) {
-  cmd->add_option("--model", f->model, "Hugging Face model directory (config.json, safetensors, tokenizer.json)")
+absl::StatusOr<DType> GgufDtype(const std::string& name) {
+  if (name == "f32") return DType::kF32;
+  if (name == "f16") return DType::kF16;
+  if (name == "bf16") return DType::kBF16;
+  return absl::InvalidArgumentError(absl::StrCat("--gguf-dtype must be f32, f16 or bf16, not \"", name, "\""));
+}
+
+void AddGgufDtypeFlag(CLI::App* cmd, std::string* dtype) {
+  cmd->add_option("--gguf-dtype", *dtype, "A GGUF model's quantized tensors are dequantized at load to this dtype (f32 is exact)")
+      ->check(CLI::IsMember({"f32", "f16", "bf16"}))
       ->capture_default_str();
+}
+
+void AddModelFlags(CLI::App* cmd, ModelFlags* f) {
+  cmd->add_option("--model", f->model, "Hugging Face model directory (config.json, safetensors, tokenizer.json), ferry store or GGUF file")
+      ->capture_default_str();
+  AddGgufDtypeFlag(cmd, &f->gguf_dtype);
   cmd->add_option("--device", f->device, "Backend to run on")->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
   cmd->add_option("--threads", f->threads, "CPU threads (0: all cores)")->check(CLI::NonNegativeNumber);
   cmd->add_option("--weights", f->weights,
@@ -63,6 +78,7 @@ struct Loaded {
 
 absl::Status CheckModelDir(const std::string& dir) {
   if (!PathExists(dir)) return absl::NotFoundError(absl::StrCat("model directory ", dir, " does not exist"));
+  if (engine::IsGgufFile(dir)) return absl::OkStatus();
   if (!PathExists(dir + "/config.json")) return absl::NotFoundError(absl::StrCat("no config.json in ", dir));
   return absl::OkStatus();
 }
@@ -103,7 +119,9 @@ absl::StatusOr<Loaded> LoadAll(const ModelFlags& f, int64_t rows, int64_t max_to
     FERRY_ASSIGN_OR_RETURN(split, offload::ParseWeightSplit(f.weights));
   }
   if (f.weights.empty()) {
-    FERRY_ASSIGN_OR_RETURN(l.model, engine::Model::Load(f.model, l.backend.get()));
+    engine::GgufLoadOptions go;
+    FERRY_ASSIGN_OR_RETURN(go.dtype, GgufDtype(f.gguf_dtype));
+    FERRY_ASSIGN_OR_RETURN(l.model, engine::Model::Load(f.model, l.backend.get(), go));
   } else {
     if (!PathExists(f.model + "/manifest.json")) {
       return absl::InvalidArgumentError(absl::StrCat("--weights reads a ferry store; convert first: ferry convert --model ",
@@ -307,6 +325,7 @@ absl::Status RunPpl(const PplFlags& f) {
 struct ConvertFlags {
   std::string model = DefaultModelDir();
   std::string out;
+  std::string gguf_dtype = "f16";
   bool verify = false;
   bool quiet = false;
 };
@@ -333,7 +352,9 @@ absl::Status RunConvert(const ConvertFlags& f) {
   }
   io::ConvertOptions o;
   o.progress = ByteProgress("convert", f.quiet);
-  FERRY_RETURN_IF_ERROR(engine::ConvertModel(f.model, f.out, o));
+  engine::GgufLoadOptions go;
+  FERRY_ASSIGN_OR_RETURN(go.dtype, GgufDtype(f.gguf_dtype));
+  FERRY_RETURN_IF_ERROR(engine::ConvertModel(f.model, f.out, o, go));
   if (f.verify) {
     FERRY_ASSIGN_OR_RETURN(io::Store store, io::Store::Open(f.out));
     FERRY_RETURN_IF_ERROR(store.Verify(ByteProgress("verify", f.quiet)));
@@ -442,8 +463,9 @@ void RegisterCommands(CLI::App& app, Runner* selected) {
   p->callback([selected] { *selected = [] { return RunPpl(pplf); }; });
 
   static ConvertFlags convf;
-  CLI::App* c = app.add_subcommand("convert", "Convert a Hugging Face checkpoint into a ferry store (the disk tier's format)");
-  c->add_option("--model", convf.model, "Hugging Face model directory")->capture_default_str();
+  CLI::App* c = app.add_subcommand("convert", "Convert a Hugging Face checkpoint or a GGUF file into a ferry store (the disk tier's format)");
+  c->add_option("--model", convf.model, "Hugging Face model directory or GGUF file")->capture_default_str();
+  AddGgufDtypeFlag(c, &convf.gguf_dtype);
   c->add_option("--out", convf.out, "Store directory to create")->required();
   c->add_flag("--verify", convf.verify, "Read the store back and check every checksum");
   c->add_flag("--quiet,-q", convf.quiet, "No progress on stderr");

@@ -212,7 +212,10 @@ const Family& LlamaFamily() {
        {Role::kUpBias, "layers.{L}.mlp.up_proj.bias"},
        {Role::kDown, "layers.{L}.mlp.down_proj.weight"},
        {Role::kDownBias, "layers.{L}.mlp.down_proj.bias"}},
-      ParseLlama};
+      ParseLlama,
+      // llama.cpp writes Llama and Mistral models as "llama", with Q/K rows permuted for its
+      // interleaved rope; Qwen2 and Qwen3 keep the Hugging Face (NeoX) order.
+      {{"llama", "llama", true}, {"qwen2", "qwen2", false}, {"qwen3", "qwen3", false}}};
   return family;
 }
 

@@ -4,6 +4,7 @@
 // recipe: 46.17 at 15%, 45.93 at 20%; dense 45.87).
 #include "engine/sparsity.h"
 
+#include <algorithm>
 #include <filesystem>
 
 #include "base/file.h"
@@ -16,6 +17,23 @@
 namespace ferry::engine {
 namespace {
 
+// Under AddressSanitizer (scripts/sanitize) every path below runs on a smaller problem: the first
+// 40,000 training tokens, 2 epochs, perplexity over 1,024 validation tokens. The full recipe (400k
+// tokens, 6 epochs, 4,096 tokens) takes over half an hour there; its quality bounds are asserted in
+// the normal build, which CI runs too.
+#if defined(__SANITIZE_ADDRESS__)
+constexpr bool kSmall = true;
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+constexpr bool kSmall = true;
+#else
+constexpr bool kSmall = false;
+#endif
+#else
+constexpr bool kSmall = false;
+#endif
+constexpr size_t kSmallTrainTokens = 40000;
+
 class SparsityTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
@@ -24,11 +42,12 @@ class SparsityTest : public ::testing::Test {
     auto tok = Tokenizer::FromModelDir(ferry::testing::ModelDir());
     train_ids_ = new std::vector<int>(*(*tok)->Encode(NormalizeNewlines(*ReadFileToString(ferry::testing::DataDir() + "/kjv-train-400k.txt"))));
     val_ids_ = new std::vector<int>(*(*tok)->Encode(NormalizeNewlines(*ReadFileToString(ferry::testing::DataDir() + "/kjv-val.txt"))));
+    if (kSmall) train_ids_->resize(std::min(train_ids_->size(), kSmallTrainTokens));
     dir_ = new ferry::testing::TempDir();
     CollectOptions co;
     ASSERT_TRUE(CollectActivations(*model_, *train_ids_, dir_->File("data"), co).ok());
     TrainOptions to;
-    to.epochs = 6;
+    to.epochs = kSmall ? 2 : 6;
     auto trained = TrainPredictors(dir_->File("data"), dir_->File("pred"), to);
     ASSERT_TRUE(trained.ok()) << trained.status();
     layers_ = new std::vector<LayerSparsity>(*trained);
@@ -39,7 +58,7 @@ class SparsityTest : public ::testing::Test {
     std::function<absl::Status(int, const TensorView&, const TensorView&)> hook;
     PerplexityOptions o;
     o.window = 512;
-    o.max_tokens = 4096;
+    o.max_tokens = kSmall ? 1024 : 4096;
     SparseFfn copy = s ? *s : SparseFfn();
     if (s != nullptr) {
       copy.set_k_fraction(k);
@@ -110,11 +129,17 @@ TEST_F(SparsityTest, TrainedPredictorsKeepPerplexityWithinBounds) {
   auto s = SparseFfn::Load(dir_->File("pred"), model_->config());
   ASSERT_TRUE(s.ok());
   const double dense = Ppl(nullptr, 0);
-  EXPECT_NEAR(dense, 45.87, 0.05);
   const double at15 = Ppl(&*s, 0.15), at20 = Ppl(&*s, 0.20);
-  EXPECT_LE(at15, 46.56);
-  EXPECT_LE(at20, 46.10);
+  if (kSmall) {  // predictors trained on a tenth of the data, 1,024 tokens: looser, relative bounds
+    EXPECT_LE(at15, dense * 1.05);
+    EXPECT_LE(at20, dense * 1.03);
+  } else {
+    EXPECT_NEAR(dense, 45.87, 0.05);
+    EXPECT_LE(at15, 46.56);
+    EXPECT_LE(at20, 46.10);
+  }
   EXPECT_GT(at15, dense);  // sparsity does cost something
+  EXPECT_GE(at15, at20);   // keeping fewer neurons costs more
   RecordProperty("ppl_15", std::to_string(at15));
   RecordProperty("ppl_20", std::to_string(at20));
 }
