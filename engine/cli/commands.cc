@@ -19,6 +19,7 @@
 #include "engine/perplexity.h"
 #include "engine/sparsity.h"
 #include "engine/tokenizer.h"
+#include "io/gguf.h"
 #include "io/store.h"
 #include "offload/policy.h"
 #include "kernels/registry.h"
@@ -253,9 +254,17 @@ struct TokenizeFlags {
   ModelFlags model;
   std::string text, file;
   bool no_bos = false;
+  std::string export_json;
 };
 
 absl::Status RunTokenize(const TokenizeFlags& f) {
+  if (!f.export_json.empty()) {
+    if (!engine::IsGgufFile(f.model.model)) return absl::InvalidArgumentError("--export-json needs a GGUF --model");
+    FERRY_ASSIGN_OR_RETURN(std::unique_ptr<io::GgufFile> file, io::GgufFile::Open(f.model.model));
+    FERRY_ASSIGN_OR_RETURN(const std::string json, engine::TokenizerJsonFromGguf(*file));
+    FERRY_RETURN_IF_ERROR(engine::Tokenizer::FromTokenizerJson(json).status());
+    return WriteFileAtomically(f.export_json, json);
+  }
   if (f.text.empty() == f.file.empty()) return absl::InvalidArgumentError("give exactly one of --text or --file");
   FERRY_ASSIGN_OR_RETURN(auto tok, LoadTokenizer(f.model));
   std::string text = f.text;
@@ -441,6 +450,8 @@ void RegisterCommands(CLI::App& app, Runner* selected) {
   auto* text = t->add_option("--text", tokf.text, "Text to tokenize");
   t->add_option("--file", tokf.file, "File to tokenize")->excludes(text);
   t->add_flag("--no-bos", tokf.no_bos, "Do not prepend the BOS token");
+  t->add_option("--export-json", tokf.export_json, "Write the tokenizer of a GGUF --model as tokenizer.json (Hugging Face format) to this path")
+      ->excludes(text);
   t->callback([selected] { *selected = [] { return RunTokenize(tokf); }; });
 
   static PplFlags pplf;
