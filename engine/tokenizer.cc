@@ -177,7 +177,12 @@ struct Tokenizer::Impl {
   absl::flat_hash_map<std::string, int> bytes_to_id;
   std::array<int, 256> byte_id{};
   absl::flat_hash_map<uint64_t, std::pair<int, int>> merges;  // (left, right) -> (rank, merged)
-  std::vector<std::pair<std::string, int>> added;              // content -> id, longest first
+  struct Added {
+    std::string content;
+    int id;
+    bool lstrip, rstrip;  // the token takes the whitespace on its left / right with it
+  };
+  std::vector<Added> added;  // longest first
   std::vector<int> prefix;
   bool add_prefix_space = false;
   bool ignore_merges = false;  // a pre-token that is itself in the vocabulary is that token
@@ -225,7 +230,7 @@ struct Tokenizer::Impl {
     if (missing > 64) {
       return absl::InvalidArgumentError(absl::StrCat("tokenizer vocabulary lacks the byte-level tokens of ", missing, " bytes"));
     }
-    std::sort(added.begin(), added.end(), [](const auto& a, const auto& b) { return a.first.size() > b.first.size(); });
+    std::stable_sort(added.begin(), added.end(), [](const auto& a, const auto& b) { return a.content.size() > b.content.size(); });
     return absl::OkStatus();
   }
 
@@ -342,17 +347,25 @@ struct Tokenizer::Impl {
     };
     if (!added.empty()) {
       std::array<bool, 256> first{};
-      for (const auto& [content, id] : added) {
-        if (!content.empty()) first[static_cast<unsigned char>(content[0])] = true;
+      for (const Added& a : added) {
+        if (!a.content.empty()) first[static_cast<unsigned char>(a.content[0])] = true;
       }
+      auto space = [](char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f'; };
       for (size_t i = 0; i < text.size();) {
         bool matched = false;
         if (first[static_cast<unsigned char>(text[i])]) {
-          for (const auto& [content, id] : added) {
-            if (!content.empty() && text.compare(i, content.size(), content) == 0) {
-              FERRY_RETURN_IF_ERROR(flush(i));
-              out->push_back(id);
-              i += content.size();
+          for (const Added& a : added) {
+            if (!a.content.empty() && text.compare(i, a.content.size(), a.content) == 0) {
+              size_t begin = i, end = i + a.content.size();
+              if (a.lstrip) {
+                while (begin > seg_begin && space(text[begin - 1])) --begin;
+              }
+              if (a.rstrip) {
+                while (end < text.size() && space(text[end])) ++end;
+              }
+              FERRY_RETURN_IF_ERROR(flush(begin));
+              out->push_back(a.id);
+              i = end;
               seg_begin = i;
               matched = true;
               break;
@@ -596,7 +609,12 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromTokenizerJson(const st
     entries.emplace_back(it.key(), id);
     max_id = std::max(max_id, id);
   }
-  std::vector<std::tuple<std::string, int, bool>> added_tokens;
+  struct AddedEntry {
+    std::string content;
+    int id;
+    bool special, lstrip, rstrip;
+  };
+  std::vector<AddedEntry> added_tokens;
   if (j.contains("added_tokens") && !j["added_tokens"].is_null()) {
     if (!j["added_tokens"].is_array()) return Bad("added_tokens", "must be a list");
     for (const auto& a : j["added_tokens"]) {
@@ -605,7 +623,12 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromTokenizerJson(const st
       }
       FERRY_ASSIGN_OR_RETURN(const int id, TokenId(a["id"], "added_tokens[].id"));
       FERRY_ASSIGN_OR_RETURN(const bool special, BoolField(a, "special", false, "added_tokens[]."));
-      added_tokens.emplace_back(a["content"].get<std::string>(), id, special);
+      FERRY_ASSIGN_OR_RETURN(const bool lstrip, BoolField(a, "lstrip", false, "added_tokens[]."));
+      FERRY_ASSIGN_OR_RETURN(const bool rstrip, BoolField(a, "rstrip", false, "added_tokens[]."));
+      FERRY_ASSIGN_OR_RETURN(const bool single_word, BoolField(a, "single_word", false, "added_tokens[]."));
+      if (single_word) return Bad("added_tokens[].single_word", "true is not supported");
+      if (a["content"].get<std::string>().empty()) return Bad("added_tokens[].content", "must not be empty");
+      added_tokens.push_back({a["content"].get<std::string>(), id, special, lstrip, rstrip});
       max_id = std::max(max_id, id);
     }
   }
@@ -618,7 +641,7 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromTokenizerJson(const st
   impl->id_to_bytes.assign(max_id + 1, std::string());
   impl->special.assign(max_id + 1, false);
   absl::flat_hash_map<std::string, int> added_ids;
-  for (const auto& [content, id, special] : added_tokens) added_ids[content] = id;
+  for (const AddedEntry& a : added_tokens) added_ids[a.content] = a.id;
   for (const auto& [tok, id] : entries) {
     if (added_ids.contains(tok)) continue;  // added tokens are literal text, not byte-level
     auto bytes = TokenToBytes(tok, cp_to_byte);
@@ -630,10 +653,11 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromTokenizerJson(const st
     impl->bytes_to_id.emplace(*bytes, id);
     impl->id_to_bytes[id] = std::move(*bytes);
   }
-  for (const auto& [content, id, special] : added_tokens) {
+  for (const AddedEntry& a : added_tokens) {
+    const auto& [content, id, special, lstrip, rstrip] = a;
     impl->id_to_bytes[id] = content;
     impl->special[id] = special;
-    impl->added.emplace_back(content, id);
+    impl->added.push_back({content, id, lstrip, rstrip});
   }
   int rank = 0;
   for (const auto& mg : m["merges"]) {
@@ -758,7 +782,8 @@ absl::StatusOr<std::string> TokenizerJsonFromGguf(const io::GgufFile& f) {
     if (FindInvalidUtf8(t) != std::string::npos) return absl::InvalidArgumentError(absl::StrCat(where, "token ", id, " is not valid UTF-8"));
     const int64_t type = types ? (*types)[id] : 1;
     if (type == 3 || type == 4) {  // control, user-defined: literal text split out before pre-tokenizing
-      added.push_back({{"id", id}, {"content", t}, {"special", type == 3}});
+      added.push_back({{"id", id}, {"content", t}, {"single_word", false}, {"lstrip", false}, {"rstrip", false},
+                       {"normalized", false}, {"special", type == 3}});
     }
     if (!vocab.contains(t)) vocab[t] = id;
   }
@@ -767,12 +792,21 @@ absl::StatusOr<std::string> TokenizerJsonFromGguf(const io::GgufFile& f) {
     pretok["pretokenizers"].push_back({{"type", "Split"}, {"pattern", {{"Regex", pattern}}}, {"behavior", "Isolated"}, {"invert", false}});
   }
   pretok["pretokenizers"].push_back({{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", false}, {"trim_offsets", false}});
+  // tokenizers needs every field of the BPE model
+  json bpe = {{"type", "BPE"}, {"dropout", nullptr}, {"unk_token", nullptr}, {"continuing_subword_prefix", nullptr},
+              {"end_of_word_suffix", nullptr}, {"fuse_unk", false}};
   json tj = {{"version", "1.0"},
-             {"model", {{"type", "BPE"}, {"vocab", vocab}, {"merges", *merges}, {"ignore_merges", pre->ignore_merges}, {"byte_fallback", false}}},
+             {"model", bpe},
              {"added_tokens", added},
              {"normalizer", nullptr},
              {"pre_tokenizer", pretok},
-             {"decoder", {{"type", "ByteLevel"}}}};
+             {"decoder", {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", false}, {"use_regex", false}}},
+             {"truncation", nullptr},
+             {"padding", nullptr}};
+  tj["model"]["vocab"] = vocab;
+  tj["model"]["merges"] = *merges;
+  tj["model"]["ignore_merges"] = pre->ignore_merges;
+  tj["model"]["byte_fallback"] = false;
   bool add_bos = pre->add_bos;
   if (f.Find("tokenizer.ggml.add_bos_token") != nullptr) {
     FERRY_ASSIGN_OR_RETURN(add_bos, f.Bool("tokenizer.ggml.add_bos_token"));
@@ -787,6 +821,8 @@ absl::StatusOr<std::string> TokenizerJsonFromGguf(const io::GgufFile& f) {
     const std::string& content = (*tokens)[bos];
     tj["post_processor"] = {{"type", "TemplateProcessing"},
                             {"single", {{{"SpecialToken", {{"id", content}, {"type_id", 0}}}}, {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}}},
+                            {"pair", {{{"SpecialToken", {{"id", content}, {"type_id", 0}}}}, {{"Sequence", {{"id", "A"}, {"type_id", 0}}}},
+                                      {{"SpecialToken", {{"id", content}, {"type_id", 1}}}}, {{"Sequence", {{"id", "B"}, {"type_id", 1}}}}}},
                             {"special_tokens", {{content, {{"id", content}, {"ids", {bos}}, {"tokens", {content}}}}}}};
   }
   return tj.dump();

@@ -2,7 +2,7 @@
 """Makes tests/data/tokenizer-vectors/<name>.json: the Hugging Face `tokenizers` package's ids for
 1500 strings per tokenizer.json ferry reads, for a C++ test that compares ferry's ids with them.
 
-Tokenizers: tiny-opt's tokenizer.json (GPT-2/OPT); and the tokenizer.json ferry writes for GGUF
+Tokenizers: tiny-opt's tokenizer.json (GPT-2/OPT), a copy with lstrip/rstrip added tokens; and the tokenizer.json ferry writes for GGUF
 tokenizers (`ferry tokenize --model X.gguf --export-json`): the real model SmolLM2-135M-Instruct
 and llama.cpp's vocab files for GPT-2, Llama 3 (llama-bpe), Qwen2, StarCoder and Falcon (fetched by
 scripts/fetch-models). Loading those into `tokenizers` also checks that what ferry writes is a
@@ -73,7 +73,16 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "tests", "data", "tokenizer-vectors"))
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    sources = {"tiny-opt": ("dir", os.path.join(ROOT, "models", "tiny-opt"), os.path.join(ROOT, "models", "tiny-opt", "tokenizer.json"))}
+    sources = {"tiny-opt": ("dir", "models/tiny-opt", os.path.join(ROOT, "models", "tiny-opt", "tokenizer.json"))}
+    # tiny-opt with added tokens that strip the whitespace on their left / right (lstrip, rstrip)
+    strip = json.load(open(os.path.join(ROOT, "models", "tiny-opt", "tokenizer.json"), encoding="utf-8"))
+    for i, (content, l, r) in enumerate([("<mask>", True, False), ("[R]", False, True), ("<both>", True, True)]):
+        strip["added_tokens"].append({"id": 8192 + i, "content": content, "single_word": False, "lstrip": l, "rstrip": r,
+                                      "normalized": False, "special": True})
+    strip_path = os.path.join(args.out, "tiny-opt-strip.tokenizer.json")
+    with open(strip_path, "w", encoding="utf-8") as fh:
+        json.dump(strip, fh, ensure_ascii=False)
+    sources["tiny-opt-strip"] = ("json", "tokenizer-vectors/tiny-opt-strip.tokenizer.json", strip_path)
     tmp = tempfile.mkdtemp()
     for name, gguf in GGUFS.items():
         path = os.path.join(tmp, name + ".json")
@@ -86,7 +95,7 @@ def main():
         strings = [random_string(rng, added) for _ in range(N)]
         ids = [tok.encode(s, add_special_tokens=True).ids for s in strings]
         with open(os.path.join(args.out, name + ".json"), "w", encoding="utf-8") as fh:
-            json.dump({"source": kind, "path": where if kind == "gguf" else "models/tiny-opt", "strings": strings, "ids": ids}, fh,
+            json.dump({"source": kind, "path": where, "strings": strings, "ids": ids}, fh,
                       ensure_ascii=False)
         print(name, len(strings), "strings", sum(map(len, ids)), "ids")
 
