@@ -5,11 +5,15 @@
 
 #include <algorithm>
 #include <array>
+#include <cctype>
+#include <cstdio>
 #include <cstring>
 #include <queue>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
 #include "absl/strings/str_split.h"
 #include "base/file.h"
 #include "base/json.h"
@@ -190,6 +194,30 @@ struct Tokenizer::Impl {
   size_t chunk_bytes = 1 << 20;
   std::vector<PreStep> steps;  // the pre-tokenizer: Split steps in order
 
+  // SentencePiece-style BPE (Llama 2, Mistral, TinyLlama, Gemma): the vocabulary holds text, not the
+  // byte-level alphabet; characters without a token become <0xXX> byte tokens (byte_fallback) or unk.
+  bool spm = false;
+  bool byte_fallback = false, fuse_unk = false;
+  int unk_id = -1;
+  std::array<int, 256> fallback_id{};
+  struct Normalizer {
+    enum Kind { kPrepend, kReplace, kStrip } kind;
+    std::string a, b;  // Prepend: a; Replace: pattern a -> b
+    bool left = false, right = false;
+  };
+  std::vector<Normalizer> normalizers;
+  // Metaspace pre-tokenizer (the first step when present): spaces become `meta`, which is
+  // prepended per the scheme (0 always, 1 first segment only, 2 never).
+  bool metaspace = false;
+  std::string meta = "\xe2\x96\x81";
+  int meta_scheme = 0;
+  struct Decoder {
+    enum Kind { kReplace, kByteFallback, kFuse, kStrip, kMetaspace } kind;
+    std::string a, b;
+    int start = 0, stop = 0;
+  };
+  std::vector<Decoder> decoders;
+
   ~Impl() {
     for (PreStep& s : steps) {
       if (s.regex != nullptr) pcre2_code_free(s.regex);
@@ -218,6 +246,17 @@ struct Tokenizer::Impl {
   }
 
   absl::Status Finish() {
+    if (spm) {
+      cut_safe = false;
+      for (int b = 0; b < 256; ++b) {
+        char name[8];
+        std::snprintf(name, sizeof(name), "<0x%02X>", b);
+        auto it = bytes_to_id.find(std::string(name));
+        fallback_id[b] = it == bytes_to_id.end() ? -1 : it->second;
+      }
+      std::stable_sort(added.begin(), added.end(), [](const auto& a, const auto& b) { return a.content.size() > b.content.size(); });
+      return absl::OkStatus();
+    }
     // A vocabulary may lack the tokens of bytes that valid UTF-8 never holds (0xC0, 0xC1, 0xF5-0xFF)
     // and, in a few vocabularies (Falcon's), of some control characters: text holding such a byte
     // is refused when it is encoded.
@@ -236,8 +275,11 @@ struct Tokenizer::Impl {
 
   absl::Status AddMerge(const std::string& left_tok, const std::string& right_tok, int rank,
                         const absl::flat_hash_map<int, int>& cp_to_byte) {
-    FERRY_ASSIGN_OR_RETURN(std::string l, TokenToBytes(left_tok, cp_to_byte));
-    FERRY_ASSIGN_OR_RETURN(std::string r, TokenToBytes(right_tok, cp_to_byte));
+    std::string l = left_tok, r = right_tok;
+    if (!spm) {
+      FERRY_ASSIGN_OR_RETURN(l, TokenToBytes(left_tok, cp_to_byte));
+      FERRY_ASSIGN_OR_RETURN(r, TokenToBytes(right_tok, cp_to_byte));
+    }
     auto li = bytes_to_id.find(l), ri = bytes_to_id.find(r), mi = bytes_to_id.find(l + r);
     if (li == bytes_to_id.end() || ri == bytes_to_id.end() || mi == bytes_to_id.end()) {
       return absl::InvalidArgumentError(absl::StrCat("merge \"", left_tok, " ", right_tok, "\" uses a token not in the vocabulary"));
@@ -249,7 +291,41 @@ struct Tokenizer::Impl {
 
   // BPE of one pre-token: symbols in a linked list, candidate merges in a min-heap ordered by
   // (rank, position) so the lowest-ranked, leftmost pair merges first.
+  // SentencePiece-style initial symbols: one per character (its token), else its byte tokens, else unk.
+  absl::Status SpmSymbols(std::string_view word, std::vector<int>* ids) const {
+    bool prev_unk = false;
+    for (size_t i = 0; i < word.size();) {
+      const size_t j = NextCodePoint(word, i);
+      auto it = bytes_to_id.find(absl::string_view(word.data() + i, j - i));
+      if (it != bytes_to_id.end()) {
+        ids->push_back(it->second);
+        prev_unk = false;
+      } else {
+        bool all = byte_fallback;
+        for (size_t k = i; all && k < j; ++k) all = fallback_id[static_cast<unsigned char>(word[k])] >= 0;
+        if (all) {
+          for (size_t k = i; k < j; ++k) ids->push_back(fallback_id[static_cast<unsigned char>(word[k])]);
+          prev_unk = false;
+        } else if (unk_id >= 0) {
+          if (!(fuse_unk && prev_unk)) ids->push_back(unk_id);
+          prev_unk = true;
+        } else {
+          return absl::InvalidArgumentError(absl::StrCat("the text holds \"", std::string(word.substr(i, j - i)),
+                                                         "\", which this vocabulary has no token for (and no unk token)"));
+        }
+      }
+      i = j;
+    }
+    return absl::OkStatus();
+  }
+
   absl::Status Bpe(std::string_view word, std::vector<int>* out) const {
+    if (spm) {
+      std::vector<int> ids;
+      FERRY_RETURN_IF_ERROR(SpmSymbols(word, &ids));
+      MergeIds(std::move(ids), out);
+      return absl::OkStatus();
+    }
     const int n = static_cast<int>(word.size());
     for (char c : word) {
       if (byte_id[static_cast<unsigned char>(c)] < 0) return absl::InvalidArgumentError(absl::StrCat(
@@ -259,9 +335,19 @@ struct Tokenizer::Impl {
       out->push_back(byte_id[static_cast<unsigned char>(word[0])]);
       return absl::OkStatus();
     }
-    std::vector<int> ids(n), next(n), prev(n);
+    std::vector<int> ids(n);
+    for (int i = 0; i < n; ++i) ids[i] = byte_id[static_cast<unsigned char>(word[i])];
+    MergeIds(std::move(ids), out);
+    return absl::OkStatus();
+  }
+
+  // Merges symbol ids by rank: a linked list, candidate merges in a min-heap ordered by
+  // (rank, position) so the lowest-ranked, leftmost pair merges first.
+  void MergeIds(std::vector<int> ids, std::vector<int>* out) const {
+    const int n = static_cast<int>(ids.size());
+    if (n == 0) return;
+    std::vector<int> next(n), prev(n);
     for (int i = 0; i < n; ++i) {
-      ids[i] = byte_id[static_cast<unsigned char>(word[i])];
       next[i] = i + 1 < n ? i + 1 : -1;
       prev[i] = i - 1;
     }
@@ -290,11 +376,15 @@ struct Tokenizer::Impl {
       push(c.pos);
     }
     for (int i = 0; i >= 0; i = next[i]) out->push_back(ids[i]);
-    return absl::OkStatus();
   }
 
   // Pre-tokenizes and BPEs one segment without added tokens, with a per-call cache.
-  absl::Status EncodeSegment(std::string_view text, std::vector<int>* out) const {
+  absl::Status EncodeSegment(std::string_view text, std::vector<int>* out, bool first = true) const {
+    std::string normalized;
+    if (!normalizers.empty() || metaspace) {
+      normalized = Normalize(text, first);
+      text = normalized;
+    }
     std::string with_space;
     if (add_prefix_space && !text.empty() && text[0] != ' ') {
       with_space.reserve(text.size() + 1);
@@ -337,12 +427,105 @@ struct Tokenizer::Impl {
     return absl::OkStatus();
   }
 
+  // tokenizers' decoders over the tokens' strings, joined.
+  std::string RunDecoders(std::vector<std::string> toks) const {
+    for (const Decoder& d : decoders) {
+      switch (d.kind) {
+        case Decoder::kReplace:
+          for (std::string& t : toks) t = absl::StrReplaceAll(t, {{d.a, d.b}});
+          break;
+        case Decoder::kByteFallback: {
+          std::vector<std::string> out;
+          std::string pending;
+          int pending_n = 0;
+          auto flush = [&] {
+            if (pending_n == 0) return;
+            if (FindInvalidUtf8(pending) == std::string::npos) {
+              out.push_back(pending);
+            } else {
+              std::string r;
+              for (int i = 0; i < pending_n; ++i) r += "\xef\xbf\xbd";
+              out.push_back(r);
+            }
+            pending.clear();
+            pending_n = 0;
+          };
+          for (const std::string& t : toks) {
+            unsigned v;
+            if (t.size() == 6 && t.compare(0, 3, "<0x") == 0 && t[5] == '>' && std::isxdigit(static_cast<unsigned char>(t[3])) &&
+                std::isxdigit(static_cast<unsigned char>(t[4])) && std::sscanf(t.c_str() + 3, "%2x", &v) == 1) {
+              pending.push_back(static_cast<char>(v));
+              ++pending_n;
+            } else {
+              flush();
+              out.push_back(t);
+            }
+          }
+          flush();
+          toks.swap(out);
+          break;
+        }
+        case Decoder::kFuse: {
+          std::string all;
+          for (const std::string& t : toks) all += t;
+          toks = {all};
+          break;
+        }
+        case Decoder::kStrip:
+          for (std::string& t : toks) {
+            size_t b = 0, e = t.size();
+            for (int i = 0; i < d.start && b < e && absl::StartsWith(absl::string_view(t).substr(b), d.a); ++i) b += d.a.size();
+            for (int i = 0; i < d.stop && e > b && absl::EndsWith(absl::string_view(t).substr(0, e), d.a); ++i) e -= d.a.size();
+            t = t.substr(b, e - b);
+          }
+          break;
+        case Decoder::kMetaspace:
+          for (size_t i = 0; i < toks.size(); ++i) {
+            toks[i] = absl::StrReplaceAll(toks[i], {{d.a, " "}});
+            if (i == 0 && d.start && absl::StartsWith(toks[i], " ")) toks[i] = toks[i].substr(1);
+          }
+          break;
+      }
+    }
+    std::string all;
+    for (const std::string& t : toks) all += t;
+    return all;
+  }
+
+  // The normalizers, then the Metaspace pre-tokenizer's replacement and prefix.
+  std::string Normalize(std::string_view text, bool first) const {
+    std::string s(text);
+    for (const Normalizer& n : normalizers) {
+      switch (n.kind) {
+        case Normalizer::kPrepend:
+          if (!s.empty()) s = n.a + s;
+          break;
+        case Normalizer::kReplace:
+          s = absl::StrReplaceAll(s, {{n.a, n.b}});
+          break;
+        case Normalizer::kStrip: {
+          auto space = [](char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f'; };
+          size_t b = 0, e = s.size();
+          if (n.left) while (b < e && space(s[b])) ++b;
+          if (n.right) while (e > b && space(s[e - 1])) --e;
+          s = s.substr(b, e - b);
+          break;
+        }
+      }
+    }
+    if (metaspace) {
+      s = absl::StrReplaceAll(s, {{" ", meta}});
+      if ((meta_scheme == 0 || (meta_scheme == 1 && first)) && !absl::StartsWith(s, meta)) s = meta + s;
+    }
+    return s;
+  }
+
   // Splits on added tokens; BPE-encodes the text between them (large texts in parallel chunks cut
   // where the regex cannot join across the cut: "<non-space>\n|<ASCII non-space>").
   absl::Status EncodeText(std::string_view text, std::vector<int>* out) const {
     size_t seg_begin = 0;
     auto flush = [&](size_t end) -> absl::Status {
-      if (end > seg_begin) FERRY_RETURN_IF_ERROR(EncodeLarge(text.substr(seg_begin, end - seg_begin), out));
+      if (end > seg_begin) FERRY_RETURN_IF_ERROR(EncodeLarge(text.substr(seg_begin, end - seg_begin), out, seg_begin == 0));
       return absl::OkStatus();
     };
     if (!added.empty()) {
@@ -378,9 +561,9 @@ struct Tokenizer::Impl {
     return flush(text.size());
   }
 
-  absl::Status EncodeLarge(std::string_view text, std::vector<int>* out) const {
+  absl::Status EncodeLarge(std::string_view text, std::vector<int>* out, bool first) const {
     const size_t kChunk = std::max<size_t>(chunk_bytes, 16);
-    if (text.size() < 2 * kChunk || !cut_safe) return EncodeSegment(text, out);
+    if (text.size() < 2 * kChunk || !cut_safe) return EncodeSegment(text, out, first);
     std::vector<std::string_view> chunks;
     size_t begin = 0;
     while (begin < text.size()) {
@@ -490,6 +673,29 @@ static absl::Status ParsePreTokenizer(const json& p, Tokenizer::Impl* impl, bool
     if (use_regex) return impl->AddStep(kGpt2Pattern, SplitBehavior::kIsolated, false);
     return absl::OkStatus();
   }
+  if (type == "Metaspace") {
+    if (!impl->steps.empty() || impl->metaspace) return Bad(where, "has Metaspace after another pre-tokenizer, which ferry does not support");
+    FERRY_ASSIGN_OR_RETURN(impl->meta, StringField(p, "replacement", "\xe2\x96\x81", where + "."));
+    if (impl->meta.empty()) return Bad(where + ".replacement", "must not be empty");
+    FERRY_ASSIGN_OR_RETURN(const std::string scheme, StringField(p, "prepend_scheme", "always", where + "."));
+    FERRY_ASSIGN_OR_RETURN(const bool prefix_space, BoolField(p, "add_prefix_space", true, where + "."));
+    if (scheme == "always") {
+      impl->meta_scheme = prefix_space ? 0 : 2;
+    } else if (scheme == "first") {
+      impl->meta_scheme = 1;
+    } else if (scheme == "never") {
+      impl->meta_scheme = 2;
+    } else {
+      return Bad(where + ".prepend_scheme", absl::StrCat("\"", scheme, "\" is not always, first or never"));
+    }
+    impl->metaspace = true;
+    FERRY_ASSIGN_OR_RETURN(const bool split, BoolField(p, "split", true, where + "."));
+    if (split) {
+      const std::string pattern = absl::StrCat("\\Q", impl->meta, "\\E");  // the replacement, literally
+      return impl->AddStep(pattern, SplitBehavior::kMergedWithNext, false);
+    }
+    return absl::OkStatus();
+  }
   if (type == "Split") {
     FERRY_ASSIGN_OR_RETURN(const std::string pattern, SplitPattern(p, where + "."));
     FERRY_ASSIGN_OR_RETURN(const SplitBehavior behavior, Behavior(p, where + ".", SplitBehavior::kIsolated));
@@ -505,6 +711,101 @@ static absl::Status ParsePreTokenizer(const json& p, Tokenizer::Impl* impl, bool
     return impl->AddStep(kPunctuationPattern, behavior, false);
   }
   return absl::InvalidArgumentError(absl::StrCat("tokenizer.json: pre-tokenizer \"", type, "\" is not supported"));
+}
+
+// normalizer: Prepend, Replace (string patterns), Strip, Sequence; NFC, NFKC, Lowercase and the
+// rest are refused by name.
+static absl::Status ParseNormalizer(const json& n, Tokenizer::Impl* impl, const std::string& where, int depth = 0) {
+  if (!n.is_object()) return Bad(where, "must be an object");
+  if (depth > 8) return Bad(where, "nests Sequences too deeply");
+  FERRY_ASSIGN_OR_RETURN(const std::string type, StringField(n, "type", "", where + "."));
+  using N = Tokenizer::Impl::Normalizer;
+  if (type == "Sequence") {
+    if (!n.contains("normalizers") || !n["normalizers"].is_array()) return Bad(where + ".normalizers", "must be a list");
+    for (const json& q : n["normalizers"]) FERRY_RETURN_IF_ERROR(ParseNormalizer(q, impl, where + ".normalizers[]", depth + 1));
+    return absl::OkStatus();
+  }
+  if (type == "Prepend") {
+    FERRY_ASSIGN_OR_RETURN(const std::string prepend, StringField(n, "prepend", "", where + "."));
+    impl->normalizers.push_back({N::kPrepend, prepend, ""});
+    return absl::OkStatus();
+  }
+  if (type == "Replace") {
+    if (!n.contains("pattern") || !n["pattern"].is_object() || !n["pattern"].contains("String") || !n["pattern"]["String"].is_string()) {
+      return Bad(where + ".pattern", "must be {\"String\": ...} (regex patterns are not supported)");
+    }
+    FERRY_ASSIGN_OR_RETURN(const std::string content, StringField(n, "content", "", where + "."));
+    const std::string pattern = n["pattern"]["String"].get<std::string>();
+    if (pattern.empty()) return Bad(where + ".pattern", "must not be empty");
+    impl->normalizers.push_back({N::kReplace, pattern, content});
+    return absl::OkStatus();
+  }
+  if (type == "Strip") {
+    N s{N::kStrip, "", ""};
+    FERRY_ASSIGN_OR_RETURN(s.left, BoolField(n, "strip_left", true, where + "."));
+    FERRY_ASSIGN_OR_RETURN(s.right, BoolField(n, "strip_right", true, where + "."));
+    impl->normalizers.push_back(s);
+    return absl::OkStatus();
+  }
+  return absl::InvalidArgumentError(absl::StrCat("tokenizer.json: normalizer \"", type, "\" is not supported"));
+}
+
+// decoder: ByteLevel on a byte-level vocabulary; Replace, ByteFallback, Fuse, Strip, Metaspace
+// and Sequence on a SentencePiece-style one.
+static absl::Status ParseDecoder(const json& d, Tokenizer::Impl* impl, bool byte_level, const std::string& where, int depth = 0) {
+  if (!d.is_object()) return Bad(where, "must be an object");
+  if (depth > 8) return Bad(where, "nests Sequences too deeply");
+  FERRY_ASSIGN_OR_RETURN(const std::string type, StringField(d, "type", "", where + "."));
+  using D = Tokenizer::Impl::Decoder;
+  if (type == "Sequence") {
+    if (!d.contains("decoders") || !d["decoders"].is_array()) return Bad(where + ".decoders", "must be a list");
+    for (const json& q : d["decoders"]) FERRY_RETURN_IF_ERROR(ParseDecoder(q, impl, byte_level, where + ".decoders[]", depth + 1));
+    return absl::OkStatus();
+  }
+  if (byte_level) {
+    if (type == "ByteLevel") return absl::OkStatus();
+    return absl::InvalidArgumentError(absl::StrCat("tokenizer.json: decoder \"", type, "\" is not supported with a byte-level vocabulary"));
+  }
+  if (type == "Replace") {
+    if (!d.contains("pattern") || !d["pattern"].is_object() || !d["pattern"].contains("String") || !d["pattern"]["String"].is_string()) {
+      return Bad(where + ".pattern", "must be {\"String\": ...}");
+    }
+    FERRY_ASSIGN_OR_RETURN(const std::string content, StringField(d, "content", "", where + "."));
+    const std::string pattern = d["pattern"]["String"].get<std::string>();
+    if (pattern.empty()) return Bad(where + ".pattern", "must not be empty");
+    impl->decoders.push_back({D::kReplace, pattern, content});
+    return absl::OkStatus();
+  }
+  if (type == "ByteFallback") {
+    impl->decoders.push_back({D::kByteFallback, "", ""});
+    return absl::OkStatus();
+  }
+  if (type == "Fuse") {
+    impl->decoders.push_back({D::kFuse, "", ""});
+    return absl::OkStatus();
+  }
+  if (type == "Strip") {
+    D s{D::kStrip, "", ""};
+    FERRY_ASSIGN_OR_RETURN(s.a, StringField(d, "content", " ", where + "."));
+    for (auto [key, out] : {std::pair{"start", &s.start}, std::pair{"stop", &s.stop}}) {
+      if (!d.contains(key)) continue;
+      if (!d[key].is_number_unsigned() || d[key].get<uint64_t>() > 1024) return Bad(where + "." + key, "must be a small count");
+      *out = static_cast<int>(d[key].get<uint64_t>());
+    }
+    if (s.a.empty()) return Bad(where + ".content", "must not be empty");
+    impl->decoders.push_back(s);
+    return absl::OkStatus();
+  }
+  if (type == "Metaspace") {
+    D s{D::kMetaspace, "", ""};
+    FERRY_ASSIGN_OR_RETURN(s.a, StringField(d, "replacement", "\xe2\x96\x81", where + "."));
+    FERRY_ASSIGN_OR_RETURN(const std::string scheme, StringField(d, "prepend_scheme", "always", where + "."));
+    s.start = scheme != "never";
+    if (s.a.empty()) return Bad(where + ".replacement", "must not be empty");
+    impl->decoders.push_back(s);
+    return absl::OkStatus();
+  }
+  return absl::InvalidArgumentError(absl::StrCat("tokenizer.json: decoder \"", type, "\" is not supported"));
 }
 
 // post_processor: TemplateProcessing (special tokens before the text become the prefix; tokens
@@ -571,29 +872,30 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromTokenizerJson(const st
       return absl::InvalidArgumentError(absl::StrCat("tokenizer.json: \"model.", field, "\" is not supported"));
     }
   }
-  if (j.contains("normalizer") && !j["normalizer"].is_null()) {
-    const json& n = j["normalizer"];
-    const std::string type = n.is_object() && n.contains("type") && n["type"].is_string() ? n["type"].get<std::string>() : "?";
-    return absl::InvalidArgumentError(absl::StrCat("tokenizer.json: normalizer \"", type, "\" is not supported"));
-  }
   auto impl = std::make_unique<Impl>();
-  if (!j.contains("pre_tokenizer") || j["pre_tokenizer"].is_null()) {
-    return absl::InvalidArgumentError("tokenizer.json: \"pre_tokenizer\" is null; ferry reads byte-level BPE, which needs a ByteLevel pre-tokenizer");
+  if (j.contains("normalizer") && !j["normalizer"].is_null()) {
+    FERRY_RETURN_IF_ERROR(ParseNormalizer(j["normalizer"], impl.get(), "normalizer"));
   }
   bool byte_level = false;
-  FERRY_RETURN_IF_ERROR(ParsePreTokenizer(j["pre_tokenizer"], impl.get(), &byte_level, "pre_tokenizer"));
-  if (!byte_level) {
-    return absl::InvalidArgumentError("tokenizer.json: the pre-tokenizer has no ByteLevel step; ferry reads byte-level BPE only");
+  if (j.contains("pre_tokenizer") && !j["pre_tokenizer"].is_null()) {
+    FERRY_RETURN_IF_ERROR(ParsePreTokenizer(j["pre_tokenizer"], impl.get(), &byte_level, "pre_tokenizer"));
   }
   FERRY_ASSIGN_OR_RETURN(impl->ignore_merges, BoolField(m, "ignore_merges", false, "model."));
-  FERRY_ASSIGN_OR_RETURN(const bool byte_fallback, BoolField(m, "byte_fallback", false, "model."));
-  if (byte_fallback) return absl::InvalidArgumentError("tokenizer.json: \"model.byte_fallback\" is not supported with a byte-level vocabulary");
+  FERRY_ASSIGN_OR_RETURN(impl->byte_fallback, BoolField(m, "byte_fallback", false, "model."));
+  FERRY_ASSIGN_OR_RETURN(impl->fuse_unk, BoolField(m, "fuse_unk", false, "model."));
   if (m.contains("dropout") && !m["dropout"].is_null()) return absl::InvalidArgumentError("tokenizer.json: \"model.dropout\" is not supported");
+  // Byte-level BPE (GPT-2, Llama 3, Qwen2, SmolLM2) or SentencePiece-style BPE on text (Llama 2,
+  // Mistral, TinyLlama, Gemma: byte fallback, a Metaspace or normalizer marking spaces).
+  impl->spm = !byte_level;
+  if (impl->spm && !impl->byte_fallback && !impl->metaspace && impl->normalizers.empty()) {
+    return absl::InvalidArgumentError(
+        "tokenizer.json: neither a ByteLevel pre-tokenizer nor SentencePiece-style BPE (byte_fallback, Metaspace or a normalizer)");
+  }
+  if (byte_level && impl->byte_fallback) {
+    return absl::InvalidArgumentError("tokenizer.json: \"model.byte_fallback\" is not supported with a byte-level vocabulary");
+  }
   if (j.contains("decoder") && !j["decoder"].is_null()) {
-    const json& d = j["decoder"];
-    if (!d.is_object()) return Bad("decoder", "must be an object");
-    FERRY_ASSIGN_OR_RETURN(const std::string type, StringField(d, "type", "", "decoder."));
-    if (type != "ByteLevel") return absl::InvalidArgumentError(absl::StrCat("tokenizer.json: decoder \"", type, "\" is not supported"));
+    FERRY_RETURN_IF_ERROR(ParseDecoder(j["decoder"], impl.get(), byte_level, "decoder"));
   }
   if (!m.contains("vocab") || !m["vocab"].is_object() || !m.contains("merges") || !m["merges"].is_array()) {
     return absl::InvalidArgumentError("tokenizer.json: \"model.vocab\" and \"model.merges\" are required");
@@ -644,6 +946,12 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromTokenizerJson(const st
   for (const AddedEntry& a : added_tokens) added_ids[a.content] = a.id;
   for (const auto& [tok, id] : entries) {
     if (added_ids.contains(tok)) continue;  // added tokens are literal text, not byte-level
+    if (impl->spm) {
+      if (FindInvalidUtf8(tok) != std::string::npos) return Bad("model.vocab", "holds a token that is not valid UTF-8");
+      impl->bytes_to_id.emplace(tok, id);
+      impl->id_to_bytes[id] = tok;
+      continue;
+    }
     auto bytes = TokenToBytes(tok, cp_to_byte);
     if (!bytes.ok()) {  // not byte-level text: no merge can produce it; it decodes as its text
       if (FindInvalidUtf8(tok) != std::string::npos) return bytes.status();
@@ -675,6 +983,13 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromTokenizerJson(const st
   }
   if (j.contains("post_processor") && !j["post_processor"].is_null()) {
     FERRY_RETURN_IF_ERROR(ParsePostProcessor(j["post_processor"], impl.get(), max_id));
+  }
+  FERRY_ASSIGN_OR_RETURN(const std::string unk, StringField(m, "unk_token", "", "model."));
+  if (!unk.empty()) {
+    auto it = impl->bytes_to_id.find(unk);
+    auto at = added_ids.find(unk);
+    if (it == impl->bytes_to_id.end() && at == added_ids.end()) return Bad("model.unk_token", "is not in the vocabulary");
+    impl->unk_id = it != impl->bytes_to_id.end() ? it->second : at->second;
   }
   FERRY_RETURN_IF_ERROR(impl->Finish());
   return std::unique_ptr<Tokenizer>(new Tokenizer(std::move(impl)));
@@ -892,6 +1207,15 @@ absl::StatusOr<std::string> Tokenizer::TokenBytes(int id) const {
 }
 
 absl::StatusOr<std::string> Tokenizer::Decode(const std::vector<int>& ids, const DecodeOptions& options) const {
+  if (impl_->spm) {
+    std::vector<std::string> toks;
+    for (int id : ids) {
+      if (id < 0 || id >= vocab_size()) return absl::InvalidArgumentError(absl::StrCat("token id ", id, " is outside the vocabulary"));
+      if (options.skip_special_tokens && impl_->special[id]) continue;
+      toks.push_back(impl_->id_to_bytes[id]);
+    }
+    return SanitizeUtf8(impl_->RunDecoders(std::move(toks)));
+  }
   std::string bytes;
   for (int id : ids) {
     if (id < 0 || id >= vocab_size()) return absl::InvalidArgumentError(absl::StrCat("token id ", id, " is outside the vocabulary"));
