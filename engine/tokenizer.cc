@@ -20,6 +20,7 @@
 #include "base/status.h"
 #include "base/thread_pool.h"
 #include "engine/gguf_model.h"
+#include "engine/spm_processor.h"
 #include "io/gguf.h"
 #include "nlohmann/json.hpp"
 
@@ -217,6 +218,8 @@ struct Tokenizer::Impl {
     int start = 0, stop = 0;
   };
   std::vector<Decoder> decoders;
+  // A SentencePiece model (tokenizer.model without tokenizer.json), run by libsentencepiece.
+  std::unique_ptr<SpmProcessor> sp;
 
   ~Impl() {
     for (PreStep& s : steps) {
@@ -1150,6 +1153,25 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromGguf(const io::GgufFil
   return tok;
 }
 
+absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromSentencePieceModel(const std::string& path) {
+  FERRY_ASSIGN_OR_RETURN(const std::string bytes, ReadFileToString(path));
+  auto impl = std::make_unique<Impl>();
+  std::string error;
+  impl->sp = SpmProcessor::Load(bytes, &error);
+  if (impl->sp == nullptr) return absl::InvalidArgumentError(absl::StrCat(path, ": cannot read the SentencePiece model: ", error));
+  const int n = impl->sp->size();
+  if (n <= 0 || n >= kMaxTokenId) return absl::InvalidArgumentError(absl::StrCat(path, ": SentencePiece model has ", n, " pieces"));
+  impl->id_to_bytes.resize(n);
+  impl->special.assign(n, false);
+  for (int id = 0; id < n; ++id) {
+    impl->id_to_bytes[id] = impl->sp->Piece(id);
+    impl->special[id] = impl->sp->IsControl(id);
+  }
+  // Llama's convention (LlamaTokenizer's add_bos_token): BOS first when the model has one.
+  if (impl->sp->bos_id() >= 0) impl->prefix = {impl->sp->bos_id()};
+  return std::unique_ptr<Tokenizer>(new Tokenizer(std::move(impl)));
+}
+
 absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromModelDir(const std::string& dir) {
   if (IsGgufFile(dir)) {
     FERRY_ASSIGN_OR_RETURN(std::unique_ptr<io::GgufFile> file, io::GgufFile::Open(dir));
@@ -1161,8 +1183,9 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromModelDir(const std::st
     if (!tok.ok()) return absl::Status(tok.status().code(), absl::StrCat(dir, "/", tok.status().message()));
     return tok;
   }
+  if (PathExists(dir + "/tokenizer.model") && !PathExists(dir + "/vocab.json")) return FromSentencePieceModel(dir + "/tokenizer.model");
   if (!PathExists(dir + "/vocab.json") || !PathExists(dir + "/merges.txt")) {
-    return absl::NotFoundError(absl::StrCat("no tokenizer.json (or vocab.json + merges.txt) in ", dir));
+    return absl::NotFoundError(absl::StrCat("no tokenizer.json (or vocab.json + merges.txt, or tokenizer.model) in ", dir));
   }
   FERRY_ASSIGN_OR_RETURN(std::string vocab, ReadFileToString(dir + "/vocab.json"));
   FERRY_ASSIGN_OR_RETURN(std::string merges, ReadFileToString(dir + "/merges.txt"));
@@ -1190,6 +1213,11 @@ absl::StatusOr<std::vector<int>> Tokenizer::EncodeNoPrefix(std::string_view text
     return absl::InvalidArgumentError(absl::StrCat("text is not valid UTF-8 at byte ", bad));
   }
   std::vector<int> ids;
+  if (impl_->sp) {
+    std::string error;
+    if (!impl_->sp->Encode(std::string(text), &ids, &error)) return absl::InternalError(absl::StrCat("sentencepiece: ", error));
+    return ids;
+  }
   FERRY_RETURN_IF_ERROR(impl_->EncodeText(text, &ids));
   return ids;
 }
@@ -1207,6 +1235,16 @@ absl::StatusOr<std::string> Tokenizer::TokenBytes(int id) const {
 }
 
 absl::StatusOr<std::string> Tokenizer::Decode(const std::vector<int>& ids, const DecodeOptions& options) const {
+  if (impl_->sp) {
+    std::vector<int> kept;
+    for (int id : ids) {
+      if (id < 0 || id >= vocab_size()) return absl::InvalidArgumentError(absl::StrCat("token id ", id, " is outside the vocabulary"));
+      if (!(options.skip_special_tokens && impl_->special[id])) kept.push_back(id);
+    }
+    std::string text, error;
+    if (!impl_->sp->Decode(kept, &text, &error)) return absl::InternalError(absl::StrCat("sentencepiece: ", error));
+    return SanitizeUtf8(text);
+  }
   if (impl_->spm) {
     std::vector<std::string> toks;
     for (int id : ids) {

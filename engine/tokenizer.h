@@ -34,6 +34,8 @@ class Tokenizer {
                                                                         const std::string& merges_txt,
                                                                         const std::vector<std::string>& special_tokens,
                                                                         const std::string& bos_token);
+  // A SentencePiece model file (tokenizer.model), run by libsentencepiece; BOS first.
+  static absl::StatusOr<std::unique_ptr<Tokenizer>> FromSentencePieceModel(const std::string& path);
   // The tokenizer of a GGUF file's metadata (tokenizer.ggml.*), through TokenizerJsonFromGguf.
   static absl::StatusOr<std::unique_ptr<Tokenizer>> FromGguf(const io::GgufFile& file);
   ~Tokenizer();

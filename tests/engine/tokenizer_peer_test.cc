@@ -2,7 +2,9 @@
 // for tiny-opt's tokenizer.json (and a copy with lstrip / rstrip added tokens) and the tokenizer.json ferry writes for GGUF tokenizers (the real
 // model SmolLM2, llama.cpp's GPT-2, Llama 3, Qwen2, StarCoder and Falcon vocabularies), 1500
 // strings each (random scripts, code, whitespace runs, digits, CJK, emoji, added tokens inside
-// text) give the ids `tokenizers` gives, and decode back to the string.
+// text) give the ids `tokenizers` gives, and decode back to the string. Also a SentencePiece
+// model alone (tokenizer.model, read with libsentencepiece) against the sentencepiece package, and
+// the legacy and Metaspace tokenizer.json conversions of it against tokenizers.
 #include <fstream>
 
 #include "base/file.h"
@@ -28,6 +30,8 @@ TEST_P(TokenizerPeerTest, IdsEqualHuggingFaceTokenizers) {
     auto file = io::GgufFile::Open(path);
     ASSERT_TRUE(file.ok()) << file.status();
     tok = Tokenizer::FromGguf(**file);
+  } else if (v["source"] == "sentencepiece") {  // a directory with only tokenizer.model
+    tok = Tokenizer::FromModelDir(ferry::testing::DataDir() + "/" + v["path"].get<std::string>());
   } else if (v["source"] == "json") {
     tok = Tokenizer::FromTokenizerJson(*ReadFileToString(ferry::testing::DataDir() + "/" + v["path"].get<std::string>()));
   } else {
@@ -63,7 +67,7 @@ TEST_P(TokenizerPeerTest, IdsEqualHuggingFaceTokenizers) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Vectors, TokenizerPeerTest,
-                         ::testing::Values("tiny-opt", "tiny-opt-strip", "spm", "spm-metaspace", "smollm2", "gpt-2", "llama3", "qwen2", "starcoder", "falcon"),
+                         ::testing::Values("tiny-opt", "tiny-opt-strip", "spm", "spm-metaspace", "spm-model", "smollm2", "gpt-2", "llama3", "qwen2", "starcoder", "falcon"),
                          [](const auto& info) {
                            std::string s = info.param;
                            for (char& ch : s) ch = std::isalnum(static_cast<unsigned char>(ch)) ? ch : '_';

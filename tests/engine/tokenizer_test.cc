@@ -150,5 +150,49 @@ TEST(TokenizerTest, MissingAndMalformedFiles) {
             absl::StatusCode::kInvalidArgument);
 }
 
+// Every component ferry does not implement is refused by name, in one line.
+TEST(TokenizerTest, UnsupportedComponentsAreRefusedByName) {
+  const std::string base = *ReadFileToString(ferry::testing::GoldensDir() + "/spm/tokenizer.json");
+  const nlohmann::json good = nlohmann::json::parse(base);
+  ASSERT_TRUE(Tokenizer::FromTokenizerJson(base).ok());
+  struct Case {
+    const char* pointer;
+    nlohmann::json value;
+    const char* message;
+  };
+  const std::vector<Case> cases = {
+      {"/normalizer", {{"type", "NFKD"}}, "normalizer \"NFKD\" is not supported"},
+      {"/normalizer", {{"type", "Replace"}, {"pattern", {{"Regex", "a+"}}}, {"content", "b"}}, "regex patterns are not supported"},
+      {"/decoder", {{"type", "CTC"}}, "decoder \"CTC\" is not supported"},
+      {"/pre_tokenizer", {{"type", "Whitespace"}}, "pre-tokenizer \"Whitespace\" is not supported"},
+      {"/pre_tokenizer", {{"type", "Sequence"}, {"pretokenizers", {{{"type", "Digits"}}, {{"type", "Metaspace"}}}}}, "Metaspace after"},
+      {"/pre_tokenizer", {{"type", "Metaspace"}, {"prepend_scheme", "sometimes"}}, "sometimes"},
+      {"/model/type", "Unigram", "must be \"BPE\""},
+      {"/model/unk_token", "<nope>", "unk_token"},
+      {"/model/dropout", 0.1, "dropout"},
+      {"/post_processor", {{"type", "RobertaProcessing"}}, "RobertaProcessing"},
+      {"/added_tokens/0/single_word", true, "single_word"},
+  };
+  for (const Case& c : cases) {
+    nlohmann::json j = good;
+    j[nlohmann::json::json_pointer(c.pointer)] = c.value;
+    auto t = Tokenizer::FromTokenizerJson(j.dump());
+    ASSERT_FALSE(t.ok()) << c.pointer << " " << c.value;
+    EXPECT_NE(t.status().message().find(c.message), std::string::npos) << c.pointer << ": " << t.status();
+    EXPECT_EQ(t.status().message().find('\n'), std::string::npos);
+  }
+  // A text the vocabulary cannot spell, without byte fallback or unk: an error, not a dropped char.
+  nlohmann::json j = good;
+  j["model"]["byte_fallback"] = false;
+  j["model"]["unk_token"] = nullptr;
+  auto t = Tokenizer::FromTokenizerJson(j.dump());
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ((*t)->Encode("\xe2\x98\x83 snowman").status().code(), absl::StatusCode::kInvalidArgument);
+  // A SentencePiece model that is not one.
+  ferry::testing::TempDir dir;
+  ferry::testing::WriteFile(dir.File("tokenizer.model"), "not a protobuf at all");
+  EXPECT_EQ(Tokenizer::FromModelDir(dir.path()).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 }  // namespace
 }  // namespace ferry::engine
