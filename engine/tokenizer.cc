@@ -971,6 +971,14 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromTokenizerJson(const st
     impl->added.push_back({content, id, lstrip, rstrip});
   }
   int rank = 0;
+  // ferry's own field (GGUF SentencePiece vocabularies): merges that share a rank.
+  const json* ranks = nullptr;
+  if (m.contains("ferry_merge_ranks")) {
+    if (!m["ferry_merge_ranks"].is_array() || m["ferry_merge_ranks"].size() != m["merges"].size()) {
+      return Bad("model.ferry_merge_ranks", "must list one rank per merge");
+    }
+    ranks = &m["ferry_merge_ranks"];
+  }
   for (const auto& mg : m["merges"]) {
     std::string l, r;
     if (mg.is_string()) {
@@ -982,7 +990,13 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromTokenizerJson(const st
     } else {
       return absl::InvalidArgumentError("tokenizer.json: merges must be \"a b\" strings or [a, b] pairs");
     }
-    FERRY_RETURN_IF_ERROR(impl->AddMerge(l, r, rank++, cp_to_byte));
+    int r_rank = rank++;
+    if (ranks != nullptr) {
+      const json& rv = (*ranks)[static_cast<size_t>(r_rank)];
+      if (!rv.is_number_unsigned() || rv.get<uint64_t>() > (1u << 30)) return Bad("model.ferry_merge_ranks[]", "must be a small count");
+      r_rank = static_cast<int>(rv.get<uint64_t>());
+    }
+    FERRY_RETURN_IF_ERROR(impl->AddMerge(l, r, r_rank, cp_to_byte));
   }
   if (j.contains("post_processor") && !j["post_processor"].is_null()) {
     FERRY_RETURN_IF_ERROR(ParsePostProcessor(j["post_processor"], impl.get(), max_id));
@@ -1069,11 +1083,113 @@ const std::vector<GgufPre>& GgufPres() {
 
 }  // namespace
 
+// tokenizer.ggml.model "llama" (SentencePiece BPE: Llama 2, Mistral, TinyLlama): llama.cpp merges
+// the adjacent pair whose concatenation is a token with the highest score, leftmost first, and
+// spells characters without a token as <0xXX> byte tokens. As tokenizer.json: every split of a
+// token into two tokens is a merge, ranked by the token's score (equal scores, equal ranks, so the
+// leftmost pair wins as in llama.cpp); a space is prefixed to each text run (add_space_prefix) and
+// spaces become U+2581.
+absl::StatusOr<std::string> SpmTokenizerJsonFromGguf(const io::GgufFile& f) {
+  const std::string where = f.path() + ": ";
+  FERRY_ASSIGN_OR_RETURN(const std::vector<std::string>* tokens, f.Strings("tokenizer.ggml.tokens"));
+  FERRY_ASSIGN_OR_RETURN(const std::vector<double>* scores, f.Floats("tokenizer.ggml.scores"));
+  FERRY_ASSIGN_OR_RETURN(const std::vector<int64_t>* types, f.Ints("tokenizer.ggml.token_type"));
+  if (scores->size() != tokens->size() || types->size() != tokens->size()) {
+    return absl::InvalidArgumentError(absl::StrCat(where, "tokenizer.ggml.scores / token_type do not have one entry per token"));
+  }
+  if (tokens->size() >= static_cast<size_t>(kMaxTokenId)) return absl::InvalidArgumentError(absl::StrCat(where, "vocabulary too large"));
+  json vocab = json::object(), added = json::array();
+  absl::flat_hash_map<std::string, int> ids;
+  for (size_t id = 0; id < tokens->size(); ++id) {
+    const std::string& t = (*tokens)[id];
+    if (FindInvalidUtf8(t) != std::string::npos) return absl::InvalidArgumentError(absl::StrCat(where, "token ", id, " is not valid UTF-8"));
+    const int64_t type = (*types)[id];
+    if (type == 3 || type == 4) {
+      added.push_back({{"id", id}, {"content", t}, {"single_word", false}, {"lstrip", false}, {"rstrip", false},
+                       {"normalized", false}, {"special", type == 3}});
+    }
+    if (!vocab.contains(t)) {
+      vocab[t] = id;
+      if (type != 3 && type != 4) ids.emplace(t, static_cast<int>(id));
+    }
+  }
+  // Merges: (score desc) over every split of every token into two tokens.
+  struct M {
+    double score;
+    int id;
+    std::string left, right;
+  };
+  std::vector<M> merges;
+  for (size_t id = 0; id < tokens->size(); ++id) {
+    const std::string& t = (*tokens)[id];
+    const int64_t type = (*types)[id];
+    if (type == 3 || type == 4 || type == 6) continue;
+    for (size_t k = NextCodePoint(t, 0); k < t.size(); k = NextCodePoint(t, k)) {
+      const std::string l = t.substr(0, k), r = t.substr(k);
+      if (ids.contains(l) && ids.contains(r)) merges.push_back({(*scores)[id], static_cast<int>(id), l, r});
+    }
+  }
+  std::stable_sort(merges.begin(), merges.end(), [](const M& a, const M& b) { return a.score > b.score; });
+  json mj = json::array(), ranks = json::array();
+  int rank = -1;
+  for (size_t i = 0; i < merges.size(); ++i) {
+    if (i == 0 || merges[i].score != merges[i - 1].score) ++rank;
+    mj.push_back(json::array({merges[i].left, merges[i].right}));
+    ranks.push_back(rank);
+  }
+  bool space_prefix = true, add_bos = true;
+  if (f.Find("tokenizer.ggml.add_space_prefix") != nullptr) {
+    FERRY_ASSIGN_OR_RETURN(space_prefix, f.Bool("tokenizer.ggml.add_space_prefix"));
+  }
+  if (f.Find("tokenizer.ggml.add_bos_token") != nullptr) {
+    FERRY_ASSIGN_OR_RETURN(add_bos, f.Bool("tokenizer.ggml.add_bos_token"));
+  }
+  if (f.Find("tokenizer.ggml.add_eos_token") != nullptr) {
+    FERRY_ASSIGN_OR_RETURN(const bool add_eos, f.Bool("tokenizer.ggml.add_eos_token"));
+    if (add_eos) return absl::InvalidArgumentError(absl::StrCat(where, "tokenizer.ggml.add_eos_token is true, which ferry does not support"));
+  }
+  json normalizers = json::array();
+  if (space_prefix) normalizers.push_back({{"type", "Prepend"}, {"prepend", "\xe2\x96\x81"}});
+  normalizers.push_back({{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", "\xe2\x96\x81"}});
+  json decoders = json::array({json{{"type", "Replace"}, {"pattern", {{"String", "\xe2\x96\x81"}}}, {"content", " "}},
+                               json{{"type", "ByteFallback"}}, json{{"type", "Fuse"}}});
+  if (space_prefix) decoders.push_back({{"type", "Strip"}, {"content", " "}, {"start", 1}, {"stop", 0}});
+  std::string unk;
+  if (f.Find("tokenizer.ggml.unknown_token_id") != nullptr) {
+    FERRY_ASSIGN_OR_RETURN(const uint64_t u, f.Uint("tokenizer.ggml.unknown_token_id"));
+    if (u >= tokens->size()) return absl::InvalidArgumentError(absl::StrCat(where, "tokenizer.ggml.unknown_token_id is outside the vocabulary"));
+    unk = (*tokens)[u];
+  }
+  json tj = {{"version", "1.0"},
+             {"truncation", nullptr},
+             {"padding", nullptr},
+             {"added_tokens", added},
+             {"normalizer", {{"type", "Sequence"}, {"normalizers", normalizers}}},
+             {"pre_tokenizer", nullptr},
+             {"decoder", {{"type", "Sequence"}, {"decoders", decoders}}}};
+  tj["model"] = {{"type", "BPE"}, {"dropout", nullptr}, {"unk_token", unk.empty() ? json(nullptr) : json(unk)},
+                 {"continuing_subword_prefix", nullptr}, {"end_of_word_suffix", nullptr}, {"fuse_unk", true}, {"byte_fallback", true},
+                 {"ignore_merges", false}, {"vocab", vocab}, {"merges", mj}, {"ferry_merge_ranks", ranks}};
+  if (add_bos) {
+    FERRY_ASSIGN_OR_RETURN(const uint64_t bos, f.Uint("tokenizer.ggml.bos_token_id"));
+    if (bos >= tokens->size()) return absl::InvalidArgumentError(absl::StrCat(where, "tokenizer.ggml.bos_token_id ", bos, " is outside the vocabulary"));
+    const std::string& content = (*tokens)[bos];
+    tj["post_processor"] = {{"type", "TemplateProcessing"},
+                            {"single", {{{"SpecialToken", {{"id", content}, {"type_id", 0}}}}, {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}}},
+                            {"pair", {{{"SpecialToken", {{"id", content}, {"type_id", 0}}}}, {{"Sequence", {{"id", "A"}, {"type_id", 0}}}},
+                                      {{"SpecialToken", {{"id", content}, {"type_id", 1}}}}, {{"Sequence", {{"id", "B"}, {"type_id", 1}}}}}},
+                            {"special_tokens", {{content, {{"id", content}, {"ids", {bos}}, {"tokens", {content}}}}}}};
+  }
+  return tj.dump();
+}
+
 absl::StatusOr<std::string> TokenizerJsonFromGguf(const io::GgufFile& f) {
   const std::string where = f.path() + ": ";
   FERRY_ASSIGN_OR_RETURN(const std::string model, f.String("tokenizer.ggml.model"));
+  if (model == "llama") return SpmTokenizerJsonFromGguf(f);
   if (model != "gpt2") {
-    return absl::InvalidArgumentError(absl::StrCat(where, "tokenizer.ggml.model \"", model, "\" is not supported (ferry reads \"gpt2\", byte-level BPE)"));
+    return absl::InvalidArgumentError(absl::StrCat(where, "tokenizer.ggml.model \"", model,
+                                                   "\" is not supported (ferry reads \"gpt2\", byte-level BPE, and \"llama\", SentencePiece BPE)"));
   }
   std::string pre_name = "default";
   if (f.Find("tokenizer.ggml.pre") != nullptr) {

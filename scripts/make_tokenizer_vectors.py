@@ -4,13 +4,14 @@
 
 Tokenizers: tiny-opt's tokenizer.json (GPT-2/OPT), a copy with lstrip/rstrip added tokens; and the tokenizer.json ferry writes for GGUF
 tokenizers (`ferry tokenize --model X.gguf --export-json`): the real model SmolLM2-135M-Instruct
-and llama.cpp's vocab files for GPT-2, Llama 3 (llama-bpe), Qwen2, StarCoder and Falcon (fetched by
-scripts/fetch-models). Loading those into `tokenizers` also checks that what ferry writes is a
+and llama.cpp's vocab files for GPT-2, Llama 3 (llama-bpe), Qwen2, StarCoder, Falcon and the
+SentencePiece ones of Llama 2 (llama-spm) and Phi-3 (fetched by scripts/fetch-models). Loading those into `tokenizers` also checks that what ferry writes is a
 tokenizer.json that the reference implementation reads the same way.
 
 Strings (seeded): random code points from many scripts, code, whitespace runs, digit runs, CJK,
 emoji and ZWJ sequences, contractions, and the tokenizer's added tokens inside text. Encoded with
-add_special_tokens=True (the post-processor's BOS, when it has one).
+add_special_tokens=True (the post-processor's BOS, when it has one); the first 300 also decoded
+(the ids after the BOS, special tokens kept).
 
     pip install tokenizers==0.22.2
     python3 scripts/make_tokenizer_vectors.py --ferry build/ferry
@@ -34,6 +35,8 @@ GGUFS = {
     "qwen2": f"{CACHE}/models/llama-cpp-vocab/ggml-vocab-qwen2.gguf",
     "starcoder": f"{CACHE}/models/llama-cpp-vocab/ggml-vocab-starcoder.gguf",
     "falcon": f"{CACHE}/models/llama-cpp-vocab/ggml-vocab-falcon.gguf",
+    "llama2-spm": f"{CACHE}/models/llama-cpp-vocab/ggml-vocab-llama-spm.gguf",
+    "phi-3": f"{CACHE}/models/llama-cpp-vocab/ggml-vocab-phi-3.gguf",
 }
 N = 1500
 
@@ -94,8 +97,10 @@ def main():
         rng = random.Random(1000 + seed)
         strings = [random_string(rng, added) for _ in range(N)]
         ids = [tok.encode(s, add_special_tokens=True).ids for s in strings]
+        prefix = len(tok.encode("", add_special_tokens=True).ids)  # the post-processor's BOS
+        decoded = [tok.decode(i[prefix:], skip_special_tokens=False) for i in ids[:300]]
         with open(os.path.join(args.out, name + ".json"), "w", encoding="utf-8") as fh:
-            json.dump({"source": kind, "path": where, "strings": strings, "ids": ids}, fh,
+            json.dump({"source": kind, "path": where, "strings": strings, "ids": ids, "decoded": decoded}, fh,
                       ensure_ascii=False)
         print(name, len(strings), "strings", sum(map(len, ids)), "ids")
 

@@ -93,7 +93,7 @@ TEST(GgufTokenizerTest, LlamaCppVocabTestVectors) {
   const std::set<std::string> required = {"ggml-vocab-gpt-2.gguf", "ggml-vocab-llama-bpe.gguf", "ggml-vocab-qwen2.gguf",
                                           "ggml-vocab-starcoder.gguf", "ggml-vocab-refact.gguf", "ggml-vocab-mpt.gguf",
                                           "ggml-vocab-falcon.gguf", "ggml-vocab-command-r.gguf", "ggml-vocab-deepseek-coder.gguf",
-                                          "ggml-vocab-qwen35.gguf"};
+                                          "ggml-vocab-qwen35.gguf", "ggml-vocab-llama-spm.gguf", "ggml-vocab-phi-3.gguf"};
   int loaded = 0;
   for (const std::string& n : names) {
     const VocabResult r = RunVocab(dir + "/" + n);
