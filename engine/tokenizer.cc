@@ -2,11 +2,13 @@
 
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
+#include <utf8proc.h>
 
 #include <algorithm>
 #include <array>
 #include <cctype>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <queue>
 
@@ -202,9 +204,10 @@ struct Tokenizer::Impl {
   int unk_id = -1;
   std::array<int, 256> fallback_id{};
   struct Normalizer {
-    enum Kind { kPrepend, kReplace, kStrip } kind;
+    enum Kind { kPrepend, kReplace, kStrip, kUnicode, kLowercase } kind;
     std::string a, b;  // Prepend: a; Replace: pattern a -> b
     bool left = false, right = false;
+    int utf8proc_options = 0;  // kUnicode: NFC, NFKC, NFD or NFKD
   };
   std::vector<Normalizer> normalizers;
   // Metaspace pre-tokenizer (the first step when present): spaces become `meta`, which is
@@ -506,6 +509,34 @@ struct Tokenizer::Impl {
         case Normalizer::kReplace:
           s = absl::StrReplaceAll(s, {{n.a, n.b}});
           break;
+        case Normalizer::kUnicode: {
+          utf8proc_uint8_t* out = nullptr;
+          const utf8proc_ssize_t len = utf8proc_map(reinterpret_cast<const utf8proc_uint8_t*>(s.data()), static_cast<utf8proc_ssize_t>(s.size()),
+                                                    &out, static_cast<utf8proc_option_t>(n.utf8proc_options));
+          if (len >= 0 && out != nullptr) s.assign(reinterpret_cast<const char*>(out), static_cast<size_t>(len));
+          std::free(out);  // the text is valid UTF-8 (checked on entry), so the map cannot fail
+          break;
+        }
+        case Normalizer::kLowercase: {
+          std::string r;
+          r.reserve(s.size());
+          for (utf8proc_ssize_t i = 0; i < static_cast<utf8proc_ssize_t>(s.size());) {
+            utf8proc_int32_t cp;
+            const utf8proc_ssize_t k = utf8proc_iterate(reinterpret_cast<const utf8proc_uint8_t*>(s.data()) + i,
+                                                        static_cast<utf8proc_ssize_t>(s.size()) - i, &cp);
+            if (k <= 0) break;
+            i += k;
+            if (cp == 0x130) {  // Rust's to_lowercase: U+0130 becomes "i" + U+0307 (its one full mapping)
+              r += "i\xcc\x87";
+              continue;
+            }
+            utf8proc_uint8_t buf[4];
+            const utf8proc_ssize_t w = utf8proc_encode_char(utf8proc_tolower(cp), buf);
+            r.append(reinterpret_cast<const char*>(buf), static_cast<size_t>(w));
+          }
+          s.swap(r);
+          break;
+        }
         case Normalizer::kStrip: {
           auto space = [](char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f'; };
           size_t b = 0, e = s.size();
@@ -716,8 +747,8 @@ static absl::Status ParsePreTokenizer(const json& p, Tokenizer::Impl* impl, bool
   return absl::InvalidArgumentError(absl::StrCat("tokenizer.json: pre-tokenizer \"", type, "\" is not supported"));
 }
 
-// normalizer: Prepend, Replace (string patterns), Strip, Sequence; NFC, NFKC, Lowercase and the
-// rest are refused by name.
+// normalizer: NFC, NFKC, NFD, NFKD (utf8proc), Lowercase, Prepend, Replace (string patterns),
+// Strip, Sequence; the rest are refused by name.
 static absl::Status ParseNormalizer(const json& n, Tokenizer::Impl* impl, const std::string& where, int depth = 0) {
   if (!n.is_object()) return Bad(where, "must be an object");
   if (depth > 8) return Bad(where, "nests Sequences too deeply");
@@ -741,6 +772,17 @@ static absl::Status ParseNormalizer(const json& n, Tokenizer::Impl* impl, const 
     const std::string pattern = n["pattern"]["String"].get<std::string>();
     if (pattern.empty()) return Bad(where + ".pattern", "must not be empty");
     impl->normalizers.push_back({N::kReplace, pattern, content});
+    return absl::OkStatus();
+  }
+  if (type == "NFC" || type == "NFKC" || type == "NFD" || type == "NFKD") {
+    N u{N::kUnicode, "", ""};
+    const bool compose = type == "NFC" || type == "NFKC", compat = type == "NFKC" || type == "NFKD";
+    u.utf8proc_options = UTF8PROC_STABLE | (compose ? UTF8PROC_COMPOSE : UTF8PROC_DECOMPOSE) | (compat ? UTF8PROC_COMPAT : 0);
+    impl->normalizers.push_back(u);
+    return absl::OkStatus();
+  }
+  if (type == "Lowercase") {
+    impl->normalizers.push_back({N::kLowercase, "", ""});
     return absl::OkStatus();
   }
   if (type == "Strip") {

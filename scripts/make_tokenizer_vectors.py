@@ -41,7 +41,8 @@ GGUFS = {
 N = 1500
 
 RANGES = [(0x20, 0x7E), (0xA0, 0x24F), (0x370, 0x3FF), (0x400, 0x4FF), (0x590, 0x6FF), (0x900, 0x97F), (0xE00, 0xE7F),
-          (0x3040, 0x30FF), (0x4E00, 0x9FFF), (0xAC00, 0xD7A3), (0x1F300, 0x1FAFF), (0x2000, 0x206F), (0xFF00, 0xFFEF)]
+          (0x3040, 0x30FF), (0x4E00, 0x9FFF), (0xAC00, 0xD7A3), (0x1F300, 0x1FAFF), (0x2000, 0x206F), (0xFF00, 0xFFEF),
+          (0x300, 0x36F), (0x1100, 0x11FF), (0xFB00, 0xFB4F), (0x2460, 0x24FF)]  # combining marks, jamo, ligatures, enclosed
 SNIPPETS = ["def f(x):\n    return x**2\n", "for (int i = 0; i < n; ++i) {\n\tsum += a[i];\n}", "  if x == 3.14159:",
             "SELECT * FROM t WHERE id=42;", "<div class=\"a\">Hi</div>", "I'm sure they'll've done it, didn't they?",
             "HELLO World's END", "1234567890 12 345 6789", "naïve café résumé Ångström", "中文字符和English混合",
@@ -91,7 +92,18 @@ def main():
         path = os.path.join(tmp, name + ".json")
         subprocess.run([args.ferry, "tokenize", "--model", gguf, "--export-json", path], check=True)
         sources[name] = ("gguf", os.path.relpath(gguf, CACHE), path)
-    for seed, (name, (kind, where, path)) in enumerate(sources.items()):
+    # Unicode normalizers: Qwen2's own tokenizer.json has NFC (llama.cpp's GGUF does not); tiny-opt
+    # with NFKC then Lowercase. The vectors record the normalizer, the test sets it the same way.
+    normalized = {"qwen2-nfc": ("qwen2", {"type": "NFC"}),
+                  "tiny-opt-nfkc-lower": ("tiny-opt", {"type": "Sequence", "normalizers": [{"type": "NFKC"}, {"type": "Lowercase"}]})}
+    for name, (base, norm) in normalized.items():
+        j = json.load(open(sources[base][2], encoding="utf-8"))
+        j["normalizer"] = norm
+        path = os.path.join(tmp, name + ".json")
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(j, fh, ensure_ascii=False)
+        sources[name] = (sources[base][0], sources[base][1], path, norm)
+    for seed, (name, (kind, where, path, *norm)) in enumerate(sources.items()):
         tok = Tokenizer.from_file(path)
         added = [t.content for t in tok.get_added_tokens_decoder().values()][:50]
         rng = random.Random(1000 + seed)
@@ -100,7 +112,10 @@ def main():
         prefix = len(tok.encode("", add_special_tokens=True).ids)  # the post-processor's BOS
         decoded = [tok.decode(i[prefix:], skip_special_tokens=False) for i in ids[:300]]
         with open(os.path.join(args.out, name + ".json"), "w", encoding="utf-8") as fh:
-            json.dump({"source": kind, "path": where, "strings": strings, "ids": ids, "decoded": decoded}, fh,
+            rec = {"source": kind, "path": where, "strings": strings, "ids": ids, "decoded": decoded}
+            if norm:
+                rec["normalizer"] = norm[0]
+            json.dump(rec, fh,
                       ensure_ascii=False)
         print(name, len(strings), "strings", sum(map(len, ids)), "ids")
 

@@ -29,11 +29,21 @@ TEST_P(TokenizerPeerTest, IdsEqualHuggingFaceTokenizers) {
     ASSERT_TRUE(PathExists(path)) << path << " is missing: run scripts/fetch-models (scripts/test does)";
     auto file = io::GgufFile::Open(path);
     ASSERT_TRUE(file.ok()) << file.status();
-    tok = Tokenizer::FromGguf(**file);
+    if (v.contains("normalizer")) {  // the exported tokenizer.json with this normalizer
+      nlohmann::json j = nlohmann::json::parse(*TokenizerJsonFromGguf(**file));
+      j["normalizer"] = v["normalizer"];
+      tok = Tokenizer::FromTokenizerJson(j.dump());
+    } else {
+      tok = Tokenizer::FromGguf(**file);
+    }
   } else if (v["source"] == "sentencepiece") {  // a directory with only tokenizer.model
     tok = Tokenizer::FromModelDir(ferry::testing::DataDir() + "/" + v["path"].get<std::string>());
   } else if (v["source"] == "json") {
     tok = Tokenizer::FromTokenizerJson(*ReadFileToString(ferry::testing::DataDir() + "/" + v["path"].get<std::string>()));
+  } else if (v.contains("normalizer")) {
+    nlohmann::json j = nlohmann::json::parse(*ReadFileToString(ferry::testing::ModelDir() + "/tokenizer.json"));
+    j["normalizer"] = v["normalizer"];
+    tok = Tokenizer::FromTokenizerJson(j.dump());
   } else {
     tok = Tokenizer::FromModelDir(ferry::testing::ModelDir());
   }
@@ -69,7 +79,7 @@ TEST_P(TokenizerPeerTest, IdsEqualHuggingFaceTokenizers) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Vectors, TokenizerPeerTest,
-                         ::testing::Values("tiny-opt", "tiny-opt-strip", "spm", "spm-metaspace", "spm-model", "smollm2", "gpt-2", "llama3", "qwen2", "starcoder", "falcon", "llama2-spm", "phi-3"),
+                         ::testing::Values("tiny-opt", "tiny-opt-strip", "spm", "spm-metaspace", "spm-model", "smollm2", "gpt-2", "llama3", "qwen2", "starcoder", "falcon", "llama2-spm", "phi-3", "qwen2-nfc", "tiny-opt-nfkc-lower"),
                          [](const auto& info) {
                            std::string s = info.param;
                            for (char& ch : s) ch = std::isalnum(static_cast<unsigned char>(ch)) ? ch : '_';

@@ -161,7 +161,7 @@ TEST(TokenizerTest, UnsupportedComponentsAreRefusedByName) {
     const char* message;
   };
   const std::vector<Case> cases = {
-      {"/normalizer", {{"type", "NFKD"}}, "normalizer \"NFKD\" is not supported"},
+      {"/normalizer", {{"type", "Precompiled"}}, "normalizer \"Precompiled\" is not supported"},
       {"/normalizer", {{"type", "Replace"}, {"pattern", {{"Regex", "a+"}}}, {"content", "b"}}, "regex patterns are not supported"},
       {"/decoder", {{"type", "CTC"}}, "decoder \"CTC\" is not supported"},
       {"/pre_tokenizer", {{"type", "Whitespace"}}, "pre-tokenizer \"Whitespace\" is not supported"},
