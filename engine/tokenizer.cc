@@ -191,6 +191,7 @@ struct Tokenizer::Impl {
   };
   std::vector<Added> added;  // longest first
   std::vector<int> prefix;
+  std::vector<int> suffix;  // special tokens the post-processor appends (EOS, RoBERTa's </s>)
   bool add_prefix_space = false;
   bool ignore_merges = false;  // a pre-token that is itself in the vocabulary is that token
   bool cut_safe = true;        // long texts may be encoded in parallel chunks
@@ -853,8 +854,9 @@ static absl::Status ParseDecoder(const json& d, Tokenizer::Impl* impl, bool byte
   return absl::InvalidArgumentError(absl::StrCat("tokenizer.json: decoder \"", type, "\" is not supported"));
 }
 
-// post_processor: TemplateProcessing (special tokens before the text become the prefix; tokens
-// after it are refused), ByteLevel (nothing to add), Sequence of those.
+// post_processor: TemplateProcessing (special tokens before the text become the prefix, after it
+// the suffix), RobertaProcessing / BertProcessing (cls first, sep last), ByteLevel (nothing to
+// add), Sequence of those.
 static absl::Status ParsePostProcessor(const json& pp, Tokenizer::Impl* impl, int max_id, int depth = 0) {
   if (!pp.is_object()) return Bad("post_processor", "must be an object");
   if (depth > 8) return Bad("post_processor", "nests Sequences too deeply");
@@ -865,6 +867,15 @@ static absl::Status ParsePostProcessor(const json& pp, Tokenizer::Impl* impl, in
     return absl::OkStatus();
   }
   if (type == "ByteLevel") return absl::OkStatus();
+  if (type == "RobertaProcessing" || type == "BertProcessing") {  // cls text sep
+    for (auto [key, out] : {std::pair{"cls", &impl->prefix}, std::pair{"sep", &impl->suffix}}) {
+      if (!pp.contains(key) || !pp[key].is_array() || pp[key].size() != 2) return Bad(std::string("post_processor.") + key, "must be [token, id]");
+      FERRY_ASSIGN_OR_RETURN(const int v, TokenId(pp[key][1], std::string("post_processor.") + key + "[1]"));
+      if (v > max_id) return Bad(std::string("post_processor.") + key, "is not in the vocabulary");
+      out->push_back(v);
+    }
+    return absl::OkStatus();
+  }
   if (type != "TemplateProcessing") {
     return absl::InvalidArgumentError(absl::StrCat("tokenizer.json: \"post_processor.type\" \"", type, "\" is not supported"));
   }
@@ -880,10 +891,6 @@ static absl::Status ParsePostProcessor(const json& pp, Tokenizer::Impl* impl, in
     const json& st = piece["SpecialToken"];
     if (!st.is_object()) return Bad("post_processor.single[].SpecialToken", "must be an object");
     FERRY_ASSIGN_OR_RETURN(const std::string name, StringField(st, "id", "", "post_processor.single[].SpecialToken."));
-    if (after_text) {
-      return absl::InvalidArgumentError(absl::StrCat("tokenizer.json: post_processor appends \"", name,
-                                                     "\" after the text, which ferry does not support"));
-    }
     if (!pp.contains("special_tokens") || !pp["special_tokens"].is_object() || !pp["special_tokens"].contains(name)) {
       return absl::InvalidArgumentError(absl::StrCat("tokenizer.json: post_processor names unknown special token \"", name, "\""));
     }
@@ -894,7 +901,7 @@ static absl::Status ParsePostProcessor(const json& pp, Tokenizer::Impl* impl, in
     for (const auto& id : tok["ids"]) {
       FERRY_ASSIGN_OR_RETURN(const int v, TokenId(id, "post_processor.special_tokens." + name + ".ids[]"));
       if (v > max_id) return Bad("post_processor.special_tokens." + name + ".ids[]", "is not in the vocabulary");
-      impl->prefix.push_back(v);
+      (after_text ? impl->suffix : impl->prefix).push_back(v);
     }
   }
   return absl::OkStatus();
@@ -1188,7 +1195,7 @@ absl::StatusOr<std::string> SpmTokenizerJsonFromGguf(const io::GgufFile& f) {
   }
   if (f.Find("tokenizer.ggml.add_eos_token") != nullptr) {
     FERRY_ASSIGN_OR_RETURN(const bool add_eos, f.Bool("tokenizer.ggml.add_eos_token"));
-    if (add_eos) return absl::InvalidArgumentError(absl::StrCat(where, "tokenizer.ggml.add_eos_token is true, which ferry does not support"));
+    if (add_eos) return absl::InvalidArgumentError(absl::StrCat(where, "tokenizer.ggml.add_eos_token is true (an EOS after every prompt), which ferry does not support for generation"));
   }
   json normalizers = json::array();
   if (space_prefix) normalizers.push_back({{"type", "Prepend"}, {"prepend", "\xe2\x96\x81"}});
@@ -1289,7 +1296,7 @@ absl::StatusOr<std::string> TokenizerJsonFromGguf(const io::GgufFile& f) {
   }
   if (f.Find("tokenizer.ggml.add_eos_token") != nullptr) {
     FERRY_ASSIGN_OR_RETURN(const bool add_eos, f.Bool("tokenizer.ggml.add_eos_token"));
-    if (add_eos) return absl::InvalidArgumentError(absl::StrCat(where, "tokenizer.ggml.add_eos_token is true, which ferry does not support"));
+    if (add_eos) return absl::InvalidArgumentError(absl::StrCat(where, "tokenizer.ggml.add_eos_token is true (an EOS after every prompt), which ferry does not support for generation"));
   }
   if (add_bos) {
     FERRY_ASSIGN_OR_RETURN(const uint64_t bos, f.Uint("tokenizer.ggml.bos_token_id"));
@@ -1384,6 +1391,7 @@ absl::StatusOr<std::vector<int>> Tokenizer::Encode(std::string_view text) const 
   FERRY_ASSIGN_OR_RETURN(std::vector<int> body, EncodeNoPrefix(text));
   std::vector<int> ids = impl_->prefix;
   ids.insert(ids.end(), body.begin(), body.end());
+  ids.insert(ids.end(), impl_->suffix.begin(), impl_->suffix.end());
   return ids;
 }
 

@@ -42,7 +42,7 @@ class Tokenizer {
 
   // Text must be valid UTF-8 (kInvalidArgument with the byte offset otherwise).
   absl::StatusOr<std::vector<int>> Encode(std::string_view text) const;
-  // Encode without the prefix (BOS) tokens.
+  // Encode without the post-processor's prefix (BOS) and suffix (EOS) tokens.
   absl::StatusOr<std::vector<int>> EncodeNoPrefix(std::string_view text) const;
   // Ids outside the vocabulary are kInvalidArgument.
   absl::StatusOr<std::string> Decode(const std::vector<int>& ids, const DecodeOptions& options = {}) const;

@@ -11,7 +11,7 @@ tokenizer.json that the reference implementation reads the same way.
 Strings (seeded): random code points from many scripts, code, whitespace runs, digit runs, CJK,
 emoji and ZWJ sequences, contractions, and the tokenizer's added tokens inside text. Encoded with
 add_special_tokens=True (the post-processor's BOS, when it has one); the first 300 also decoded
-(the ids after the BOS, special tokens kept).
+(the ids without the post-processor's tokens, special tokens kept).
 
     pip install tokenizers==0.22.2
     python3 scripts/make_tokenizer_vectors.py --ferry build/ferry
@@ -93,28 +93,38 @@ def main():
         subprocess.run([args.ferry, "tokenize", "--model", gguf, "--export-json", path], check=True)
         sources[name] = ("gguf", os.path.relpath(gguf, CACHE), path)
     # Unicode normalizers: Qwen2's own tokenizer.json has NFC (llama.cpp's GGUF does not); tiny-opt
-    # with NFKC then Lowercase. The vectors record the normalizer, the test sets it the same way.
-    normalized = {"qwen2-nfc": ("qwen2", {"type": "NFC"}),
-                  "tiny-opt-nfkc-lower": ("tiny-opt", {"type": "Sequence", "normalizers": [{"type": "NFKC"}, {"type": "Lowercase"}]})}
-    for name, (base, norm) in normalized.items():
+    # with NFKC then Lowercase; and post-processors that append (RoBERTa's cls/sep, an EOS
+    # template). The vectors record the override, the test sets it the same way.
+    eos_template = {"type": "TemplateProcessing",
+                    "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                               {"SpecialToken": {"id": "</s>", "type_id": 0}}],
+                    "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                    "special_tokens": {"<s>": {"id": "<s>", "ids": [0], "tokens": ["<s>"]},
+                                       "</s>": {"id": "</s>", "ids": [2], "tokens": ["</s>"]}}}
+    overrides = {"qwen2-nfc": ("qwen2", {"normalizer": {"type": "NFC"}}),
+                 "tiny-opt-nfkc-lower": ("tiny-opt", {"normalizer": {"type": "Sequence", "normalizers": [{"type": "NFKC"}, {"type": "Lowercase"}]}}),
+                 "tiny-opt-roberta": ("tiny-opt", {"post_processor": {"type": "RobertaProcessing", "sep": ["</s>", 2], "cls": ["<s>", 0],
+                                                                       "trim_offsets": True, "add_prefix_space": True}}),
+                 "tiny-opt-eos": ("tiny-opt", {"post_processor": eos_template})}
+    for name, (base, over) in overrides.items():
         j = json.load(open(sources[base][2], encoding="utf-8"))
-        j["normalizer"] = norm
+        j.update(over)
         path = os.path.join(tmp, name + ".json")
         with open(path, "w", encoding="utf-8") as fh:
             json.dump(j, fh, ensure_ascii=False)
-        sources[name] = (sources[base][0], sources[base][1], path, norm)
+        sources[name] = (sources[base][0], sources[base][1], path, over)
     for seed, (name, (kind, where, path, *norm)) in enumerate(sources.items()):
         tok = Tokenizer.from_file(path)
         added = [t.content for t in tok.get_added_tokens_decoder().values()][:50]
         rng = random.Random(1000 + seed)
         strings = [random_string(rng, added) for _ in range(N)]
         ids = [tok.encode(s, add_special_tokens=True).ids for s in strings]
-        prefix = len(tok.encode("", add_special_tokens=True).ids)  # the post-processor's BOS
-        decoded = [tok.decode(i[prefix:], skip_special_tokens=False) for i in ids[:300]]
+        plain = [tok.encode(s, add_special_tokens=False).ids for s in strings[:300]]
+        decoded = [tok.decode(i, skip_special_tokens=False) for i in plain]  # the ids without BOS/EOS
         with open(os.path.join(args.out, name + ".json"), "w", encoding="utf-8") as fh:
             rec = {"source": kind, "path": where, "strings": strings, "ids": ids, "decoded": decoded}
             if norm:
-                rec["normalizer"] = norm[0]
+                rec["override"] = norm[0]
             json.dump(rec, fh,
                       ensure_ascii=False)
         print(name, len(strings), "strings", sum(map(len, ids)), "ids")

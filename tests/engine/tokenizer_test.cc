@@ -170,7 +170,8 @@ TEST(TokenizerTest, UnsupportedComponentsAreRefusedByName) {
       {"/model/type", "Unigram", "must be \"BPE\""},
       {"/model/unk_token", "<nope>", "unk_token"},
       {"/model/dropout", 0.1, "dropout"},
-      {"/post_processor", {{"type", "RobertaProcessing"}}, "RobertaProcessing"},
+      {"/post_processor", {{"type", "RobertaProcessing"}}, "post_processor.cls"},
+      {"/post_processor", {{"type", "SomethingProcessing"}}, "SomethingProcessing"},
       {"/added_tokens/0/single_word", true, "single_word"},
   };
   for (const Case& c : cases) {
