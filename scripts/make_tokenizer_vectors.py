@@ -37,6 +37,7 @@ GGUFS = {
     "falcon": f"{CACHE}/models/llama-cpp-vocab/ggml-vocab-falcon.gguf",
     "llama2-spm": f"{CACHE}/models/llama-cpp-vocab/ggml-vocab-llama-spm.gguf",
     "phi-3": f"{CACHE}/models/llama-cpp-vocab/ggml-vocab-phi-3.gguf",
+    "gemma3": f"{CACHE}/models/gemma-3-270m-q4_k_m.gguf",
 }
 N = 1500
 

