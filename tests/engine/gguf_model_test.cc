@@ -69,6 +69,37 @@ std::vector<float> Logits(Model& model, kernels::Backend& backend, const std::ve
 
 std::string Golden(const std::string& name) { return ferry::testing::GoldensDir() + "/" + name; }
 
+// The other architectures and tensor kinds: llama with q/k/v/o and MLP biases (the Q/K biases
+// permuted too) and linear rope; qwen3 (no permutation, q/k norms, key_length, yarn). Their HF
+// forms hold f16 / bf16 matrices, the GGUF forms the same values in f32: equal within 1e-6.
+class GgufFormTest : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(GgufFormTest, GivesTheLogitsOfTheHfForm) {
+  kernels::CpuBackend backend;
+  auto hf = Model::Load(Golden(GetParam()), &backend);
+  ASSERT_TRUE(hf.ok()) << hf.status();
+  GgufLoadOptions f32;
+  f32.dtype = DType::kF32;
+  auto gg = Model::Load(Golden(std::string("gguf/") + GetParam() + ".gguf"), &backend, f32);
+  ASSERT_TRUE(gg.ok()) << gg.status();
+  const ModelConfig &a = (*hf)->config(), &b = (*gg)->config();
+  EXPECT_EQ(a.head_dim(), b.head_dim());
+  EXPECT_EQ(a.num_kv_heads, b.num_kv_heads);
+  EXPECT_EQ(a.rope.theta, b.rope.theta);
+  auto tok = Tokenizer::FromModelDir(Golden(GetParam()));
+  const auto ids = *(*tok)->Encode("And God said, Let there be light: and there was light. 1 2 3");
+  const auto x = Logits(**hf, backend, ids), y = Logits(**gg, backend, ids);
+  ASSERT_EQ(x.size(), y.size());
+  EXPECT_LT(RelErr(y.data(), x.data(), x.size()), 1e-6);
+}
+
+INSTANTIATE_TEST_SUITE_P(Goldens, GgufFormTest, ::testing::Values("llama-bias", "qwen3-yarn"),
+                         [](const auto& info) {
+                           std::string s = info.param;
+                           for (char& ch : s) ch = std::isalnum(static_cast<unsigned char>(ch)) ? ch : '_';
+                           return s;
+                         });
+
 TEST(GgufModelTest, SameModelInHfAndGgufFormGivesTheSameLogits) {
   kernels::CpuBackend backend;
   auto hf = Model::Load(Golden("llama-gqa"), &backend);
