@@ -981,6 +981,13 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromTokenizerJson(const st
       FERRY_ASSIGN_OR_RETURN(const bool rstrip, BoolField(a, "rstrip", false, "added_tokens[]."));
       FERRY_ASSIGN_OR_RETURN(const bool single_word, BoolField(a, "single_word", false, "added_tokens[]."));
       if (single_word) return Bad("added_tokens[].single_word", "true is not supported");
+      // Tokens matched in the normalized text (normalized: true) differ from raw-text matching only
+      // when there is a normalizer; ferry matches raw text, so that combination is refused.
+      FERRY_ASSIGN_OR_RETURN(const bool normalized, BoolField(a, "normalized", !special, "added_tokens[]."));
+      if (normalized && !impl->normalizers.empty()) {
+        return Bad("added_tokens[].normalized", absl::StrCat("true (token \"", a["content"].get<std::string>(),
+                                                             "\") with a normalizer is not supported"));
+      }
       if (a["content"].get<std::string>().empty()) return Bad("added_tokens[].content", "must not be empty");
       added_tokens.push_back({a["content"].get<std::string>(), id, special, lstrip, rstrip});
       max_id = std::max(max_id, id);

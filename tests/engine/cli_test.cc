@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <algorithm>
 #include <fstream>
 #include <string>
 
@@ -258,6 +259,35 @@ TEST(CliTest, BenchPrintsFlexGenMetrics) {
 // A Llama-family checkpoint (a golden: GQA, bf16, q/k norm) through every command: a JSONL job
 // gives the same text as one prompt at a time (batch invariance), ppl with the F16 cache is close
 // to the F32 one, and the converted store generates the same text from the CPU and disk tiers.
+// A GGUF file through the commands: generate gives the text of its HF form, convert makes a store
+// that streams the same text offloaded, tokenize --export-json writes a tokenizer.json, and
+// --weights on the file itself is refused with the way out.
+TEST(CliTest, GgufFileThroughTheCommands) {
+  const std::string gguf = ferry::testing::GoldensDir() + "/gguf/llama-gqa.gguf";
+  Result hf = Ferry("generate --model " + ferry::testing::GoldensDir() + "/llama-gqa --prompt 'ROMEO:' --max-new-tokens 12 -q");
+  ASSERT_EQ(hf.code, 0) << hf.err;
+  Result gg = Ferry("generate --model " + gguf + " --gguf-dtype f32 --prompt 'ROMEO:' --max-new-tokens 12 -q");
+  ASSERT_EQ(gg.code, 0) << gg.err;
+  EXPECT_EQ(gg.out, hf.out);
+  ferry::testing::TempDir dir;
+  Result conv = Ferry("convert --model " + gguf + " --gguf-dtype f32 --out " + dir.File("store") + " --verify -q");
+  ASSERT_EQ(conv.code, 0) << conv.err;
+  Result off = Ferry("generate --model " + dir.File("store") + " --weights 0,0,100 --prompt 'ROMEO:' --max-new-tokens 12 -q");
+  ASSERT_EQ(off.code, 0) << off.err;
+  EXPECT_EQ(off.out, hf.out);
+  Result exp = Ferry("tokenize --model " + gguf + " --export-json " + dir.File("tokenizer.json"));
+  ASSERT_EQ(exp.code, 0) << exp.err;
+  EXPECT_TRUE(nlohmann::json::parse(*ferry::ReadFileToString(dir.File("tokenizer.json"))).contains("model"));
+  Result direct = Ferry("generate --model " + gguf + " --weights 0,100,0 --prompt x -q");
+  EXPECT_NE(direct.code, 0);
+  EXPECT_NE(direct.err.find("convert first"), std::string::npos) << direct.err;
+  ferry::testing::WriteFile(dir.File("bad.gguf"), std::string("GGUF\x03\x00\x00\x00", 8) + std::string(20, '\xff'));  // v3, huge counts
+  Result bad = Ferry("generate --model " + dir.File("bad.gguf") + " --prompt x -q");
+  EXPECT_NE(bad.code, 0);
+  EXPECT_NE(bad.err.find("corrupt GGUF"), std::string::npos) << bad.err;
+  EXPECT_EQ(std::count(bad.err.begin(), bad.err.end(), '\n'), 1) << bad.err;
+}
+
 TEST(CliTest, LlamaFamilyThroughEveryCommand) {
   const std::string model = "--model " + ferry::testing::GoldensDir() + "/qwen3-yarn";
   Result one = Ferry("generate " + model + " --prompt 'ROMEO:' --max-new-tokens 12 -q");

@@ -173,6 +173,7 @@ TEST(TokenizerTest, UnsupportedComponentsAreRefusedByName) {
       {"/post_processor", {{"type", "RobertaProcessing"}}, "post_processor.cls"},
       {"/post_processor", {{"type", "SomethingProcessing"}}, "SomethingProcessing"},
       {"/added_tokens/0/single_word", true, "single_word"},
+      {"/added_tokens/0/normalized", true, "normalized"},
   };
   for (const Case& c : cases) {
     nlohmann::json j = good;
