@@ -1139,6 +1139,39 @@ const std::vector<GgufPre>& GgufPres() {
 
 }  // namespace
 
+// An added token of a GGUF vocabulary (control: special; user-defined: not), as tokenizers writes it.
+static json AddedTokenJson(size_t id, const std::string& content, bool special) {
+  return {{"id", id}, {"content", content}, {"single_word", false}, {"lstrip", false}, {"rstrip", false},
+          {"normalized", false}, {"special", special}};
+}
+
+// The BOS template of a GGUF vocabulary (tokenizer.ggml.add_bos_token, else `add_bos_default`);
+// an EOS after every prompt (add_eos_token) is refused.
+static absl::Status SetGgufPostProcessor(const io::GgufFile& f, const std::vector<std::string>& tokens, bool add_bos_default, json* tj) {
+  const std::string where = f.path() + ": ";
+  bool add_bos = add_bos_default;
+  if (f.Find("tokenizer.ggml.add_bos_token") != nullptr) {
+    FERRY_ASSIGN_OR_RETURN(add_bos, f.Bool("tokenizer.ggml.add_bos_token"));
+  }
+  if (f.Find("tokenizer.ggml.add_eos_token") != nullptr) {
+    FERRY_ASSIGN_OR_RETURN(const bool add_eos, f.Bool("tokenizer.ggml.add_eos_token"));
+    if (add_eos) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(where, "tokenizer.ggml.add_eos_token is true (an EOS after every prompt), which ferry does not support for generation"));
+    }
+  }
+  if (!add_bos) return absl::OkStatus();
+  FERRY_ASSIGN_OR_RETURN(const uint64_t bos, f.Uint("tokenizer.ggml.bos_token_id"));
+  if (bos >= tokens.size()) return absl::InvalidArgumentError(absl::StrCat(where, "tokenizer.ggml.bos_token_id ", bos, " is outside the vocabulary"));
+  const std::string& content = tokens[bos];
+  (*tj)["post_processor"] = {{"type", "TemplateProcessing"},
+                             {"single", {{{"SpecialToken", {{"id", content}, {"type_id", 0}}}}, {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}}},
+                             {"pair", {{{"SpecialToken", {{"id", content}, {"type_id", 0}}}}, {{"Sequence", {{"id", "A"}, {"type_id", 0}}}},
+                                       {{"SpecialToken", {{"id", content}, {"type_id", 1}}}}, {{"Sequence", {{"id", "B"}, {"type_id", 1}}}}}},
+                             {"special_tokens", {{content, {{"id", content}, {"ids", {bos}}, {"tokens", {content}}}}}}};
+  return absl::OkStatus();
+}
+
 // tokenizer.ggml.model "llama" (SentencePiece BPE: Llama 2, Mistral, TinyLlama): llama.cpp merges
 // the adjacent pair whose concatenation is a token with the highest score, leftmost first, and
 // spells characters without a token as <0xXX> byte tokens. As tokenizer.json: every split of a
@@ -1161,8 +1194,7 @@ absl::StatusOr<std::string> SpmTokenizerJsonFromGguf(const io::GgufFile& f) {
     if (FindInvalidUtf8(t) != std::string::npos) return absl::InvalidArgumentError(absl::StrCat(where, "token ", id, " is not valid UTF-8"));
     const int64_t type = (*types)[id];
     if (type == 3 || type == 4) {
-      added.push_back({{"id", id}, {"content", t}, {"single_word", false}, {"lstrip", false}, {"rstrip", false},
-                       {"normalized", false}, {"special", type == 3}});
+      added.push_back(AddedTokenJson(id, t, type == 3));
     }
     if (!vocab.contains(t)) {
       vocab[t] = id;
@@ -1193,16 +1225,9 @@ absl::StatusOr<std::string> SpmTokenizerJsonFromGguf(const io::GgufFile& f) {
     mj.push_back(json::array({merges[i].left, merges[i].right}));
     ranks.push_back(rank);
   }
-  bool space_prefix = true, add_bos = true;
+  bool space_prefix = true;
   if (f.Find("tokenizer.ggml.add_space_prefix") != nullptr) {
     FERRY_ASSIGN_OR_RETURN(space_prefix, f.Bool("tokenizer.ggml.add_space_prefix"));
-  }
-  if (f.Find("tokenizer.ggml.add_bos_token") != nullptr) {
-    FERRY_ASSIGN_OR_RETURN(add_bos, f.Bool("tokenizer.ggml.add_bos_token"));
-  }
-  if (f.Find("tokenizer.ggml.add_eos_token") != nullptr) {
-    FERRY_ASSIGN_OR_RETURN(const bool add_eos, f.Bool("tokenizer.ggml.add_eos_token"));
-    if (add_eos) return absl::InvalidArgumentError(absl::StrCat(where, "tokenizer.ggml.add_eos_token is true (an EOS after every prompt), which ferry does not support for generation"));
   }
   json normalizers = json::array();
   if (space_prefix) normalizers.push_back({{"type", "Prepend"}, {"prepend", "\xe2\x96\x81"}});
@@ -1226,16 +1251,7 @@ absl::StatusOr<std::string> SpmTokenizerJsonFromGguf(const io::GgufFile& f) {
   tj["model"] = {{"type", "BPE"}, {"dropout", nullptr}, {"unk_token", unk.empty() ? json(nullptr) : json(unk)},
                  {"continuing_subword_prefix", nullptr}, {"end_of_word_suffix", nullptr}, {"fuse_unk", true}, {"byte_fallback", true},
                  {"ignore_merges", false}, {"vocab", vocab}, {"merges", mj}, {"ferry_merge_ranks", ranks}};
-  if (add_bos) {
-    FERRY_ASSIGN_OR_RETURN(const uint64_t bos, f.Uint("tokenizer.ggml.bos_token_id"));
-    if (bos >= tokens->size()) return absl::InvalidArgumentError(absl::StrCat(where, "tokenizer.ggml.bos_token_id ", bos, " is outside the vocabulary"));
-    const std::string& content = (*tokens)[bos];
-    tj["post_processor"] = {{"type", "TemplateProcessing"},
-                            {"single", {{{"SpecialToken", {{"id", content}, {"type_id", 0}}}}, {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}}},
-                            {"pair", {{{"SpecialToken", {{"id", content}, {"type_id", 0}}}}, {{"Sequence", {{"id", "A"}, {"type_id", 0}}}},
-                                      {{"SpecialToken", {{"id", content}, {"type_id", 1}}}}, {{"Sequence", {{"id", "B"}, {"type_id", 1}}}}}},
-                            {"special_tokens", {{content, {{"id", content}, {"ids", {bos}}, {"tokens", {content}}}}}}};
-  }
+  FERRY_RETURN_IF_ERROR(SetGgufPostProcessor(f, *tokens, true, &tj));
   return tj.dump();
 }
 
@@ -1272,8 +1288,7 @@ absl::StatusOr<std::string> TokenizerJsonFromGguf(const io::GgufFile& f) {
     if (FindInvalidUtf8(t) != std::string::npos) return absl::InvalidArgumentError(absl::StrCat(where, "token ", id, " is not valid UTF-8"));
     const int64_t type = types ? (*types)[id] : 1;
     if (type == 3 || type == 4) {  // control, user-defined: literal text split out before pre-tokenizing
-      added.push_back({{"id", id}, {"content", t}, {"single_word", false}, {"lstrip", false}, {"rstrip", false},
-                       {"normalized", false}, {"special", type == 3}});
+      added.push_back(AddedTokenJson(id, t, type == 3));
     }
     if (!vocab.contains(t)) vocab[t] = id;
   }
@@ -1297,24 +1312,7 @@ absl::StatusOr<std::string> TokenizerJsonFromGguf(const io::GgufFile& f) {
   tj["model"]["merges"] = *merges;
   tj["model"]["ignore_merges"] = pre->ignore_merges;
   tj["model"]["byte_fallback"] = false;
-  bool add_bos = pre->add_bos;
-  if (f.Find("tokenizer.ggml.add_bos_token") != nullptr) {
-    FERRY_ASSIGN_OR_RETURN(add_bos, f.Bool("tokenizer.ggml.add_bos_token"));
-  }
-  if (f.Find("tokenizer.ggml.add_eos_token") != nullptr) {
-    FERRY_ASSIGN_OR_RETURN(const bool add_eos, f.Bool("tokenizer.ggml.add_eos_token"));
-    if (add_eos) return absl::InvalidArgumentError(absl::StrCat(where, "tokenizer.ggml.add_eos_token is true (an EOS after every prompt), which ferry does not support for generation"));
-  }
-  if (add_bos) {
-    FERRY_ASSIGN_OR_RETURN(const uint64_t bos, f.Uint("tokenizer.ggml.bos_token_id"));
-    if (bos >= tokens->size()) return absl::InvalidArgumentError(absl::StrCat(where, "tokenizer.ggml.bos_token_id ", bos, " is outside the vocabulary"));
-    const std::string& content = (*tokens)[bos];
-    tj["post_processor"] = {{"type", "TemplateProcessing"},
-                            {"single", {{{"SpecialToken", {{"id", content}, {"type_id", 0}}}}, {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}}},
-                            {"pair", {{{"SpecialToken", {{"id", content}, {"type_id", 0}}}}, {{"Sequence", {{"id", "A"}, {"type_id", 0}}}},
-                                      {{"SpecialToken", {{"id", content}, {"type_id", 1}}}}, {{"Sequence", {{"id", "B"}, {"type_id", 1}}}}}},
-                            {"special_tokens", {{content, {{"id", content}, {"ids", {bos}}, {"tokens", {content}}}}}}};
-  }
+  FERRY_RETURN_IF_ERROR(SetGgufPostProcessor(f, *tokens, pre->add_bos, &tj));
   return tj.dump();
 }
 

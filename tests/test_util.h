@@ -3,6 +3,7 @@
 
 #include <unistd.h>
 
+#include <cctype>
 #include <cstdint>
 #include <cstdlib>
 #include <filesystem>
@@ -16,6 +17,27 @@
 #include "nlohmann/json.hpp"
 
 namespace ferry::testing {
+
+// True in an AddressSanitizer build (scripts/sanitize), where the CPU kernels run 10-20x slower:
+// the few tests that train or score long texts run a smaller problem there (and say so).
+#if defined(__SANITIZE_ADDRESS__)
+inline constexpr bool kUnderAddressSanitizer = true;
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+inline constexpr bool kUnderAddressSanitizer = true;
+#else
+inline constexpr bool kUnderAddressSanitizer = false;
+#endif
+#else
+inline constexpr bool kUnderAddressSanitizer = false;
+#endif
+
+// "a-b.c" -> "a_b_c": a GoogleTest parameter name.
+inline std::string ParamName(const char* param) {
+  std::string s = param;
+  for (char& ch : s) ch = std::isalnum(static_cast<unsigned char>(ch)) ? ch : '_';
+  return s;
+}
 
 // Test data and model folders: $FERRY_TEST_DATA_DIR / $FERRY_TEST_MODEL_DIR when set (a build
 // copied to another machine), else the source tree this build came from.

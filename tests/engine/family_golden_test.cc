@@ -97,11 +97,7 @@ TEST_P(FamilyGoldenTest, LogitsAndGreedyTokensMatchTransformers) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Goldens, FamilyGoldenTest, ::testing::ValuesIn(kGoldens),
-                         [](const auto& info) {
-                           std::string s = info.param;
-                           for (char& ch : s) ch = std::isalnum(static_cast<unsigned char>(ch)) ? ch : '_';
-                           return s;
-                         });
+                         [](const auto& info) { return ferry::testing::ParamName(info.param); });
 
 }  // namespace
 }  // namespace ferry::engine

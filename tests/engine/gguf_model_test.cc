@@ -30,17 +30,7 @@ namespace {
 
 // Under AddressSanitizer (scripts/sanitize) the perplexity runs over the first 2048 tokens (the
 // goldens hold transformers' value for those too); the normal build runs all 16384.
-#if defined(__SANITIZE_ADDRESS__)
-constexpr bool kSmall = true;
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-constexpr bool kSmall = true;
-#else
-constexpr bool kSmall = false;
-#endif
-#else
-constexpr bool kSmall = false;
-#endif
+constexpr bool kSmall = ferry::testing::kUnderAddressSanitizer;
 
 double RelErr(const float* ours, const float* ref, size_t n) {
   double max_diff = 0, max_ref = 0;
@@ -94,11 +84,7 @@ TEST_P(GgufFormTest, GivesTheLogitsOfTheHfForm) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Goldens, GgufFormTest, ::testing::Values("llama-bias", "qwen3-yarn"),
-                         [](const auto& info) {
-                           std::string s = info.param;
-                           for (char& ch : s) ch = std::isalnum(static_cast<unsigned char>(ch)) ? ch : '_';
-                           return s;
-                         });
+                         [](const auto& info) { return ferry::testing::ParamName(info.param); });
 
 TEST(GgufModelTest, SameModelInHfAndGgufFormGivesTheSameLogits) {
   kernels::CpuBackend backend;
@@ -203,14 +189,17 @@ TEST_F(RealModelTest, PerplexityMatchesTransformersAlsoFromAStoreAndInF16) {
   EXPECT_NEAR(got, want, want * 0.005);
   RecordProperty("ppl_ferry_f32", std::to_string(got));
   RecordProperty("ppl_transformers", std::to_string(want));
-  // f16 dequantization (the default) on the first 4096 tokens: within 0.5% of f32.
+  // f16 dequantization (the default) on the first 4096 tokens: within 0.5% of f32 (the normal
+  // build only: under ASan the f16 path is exercised by the store comparison below).
   auto f16 = Model::Load(SmolLm2(), backend_);
   ASSERT_TRUE(f16.ok());
-  const std::vector<int> part(ids.begin(), ids.begin() + std::min<size_t>(ids.size(), 4096));
-  const double ppl32 = part.size() == ids.size() ? got : Perplexity(*model_, part), ppl16 = Perplexity(**f16, part);
-  EXPECT_NEAR(ppl16, ppl32, ppl32 * 0.005);
-  RecordProperty("ppl_4096_f32", std::to_string(ppl32));
-  RecordProperty("ppl_4096_f16", std::to_string(ppl16));
+  if (!kSmall) {
+    const std::vector<int> part(ids.begin(), ids.begin() + 4096);
+    const double ppl32 = Perplexity(*model_, part), ppl16 = Perplexity(**f16, part);
+    EXPECT_NEAR(ppl16, ppl32, ppl32 * 0.005);
+    RecordProperty("ppl_4096_f32", std::to_string(ppl32));
+    RecordProperty("ppl_4096_f16", std::to_string(ppl16));
+  }
   // ferry convert --model file.gguf: the store (f16) computes what loading the file in f16 does.
   ferry::testing::TempDir dir;
   ASSERT_TRUE(ConvertModel(SmolLm2(), dir.File("store")).ok());

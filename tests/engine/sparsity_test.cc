@@ -21,17 +21,7 @@ namespace {
 // 40,000 training tokens, 2 epochs, perplexity over 1,024 validation tokens. The full recipe (400k
 // tokens, 6 epochs, 4,096 tokens) takes over half an hour there; its quality bounds are asserted in
 // the normal build, which CI runs too.
-#if defined(__SANITIZE_ADDRESS__)
-constexpr bool kSmall = true;
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-constexpr bool kSmall = true;
-#else
-constexpr bool kSmall = false;
-#endif
-#else
-constexpr bool kSmall = false;
-#endif
+constexpr bool kSmall = ferry::testing::kUnderAddressSanitizer;
 constexpr size_t kSmallTrainTokens = 40000;
 
 class SparsityTest : public ::testing::Test {

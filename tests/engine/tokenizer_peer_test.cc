@@ -78,11 +78,7 @@ TEST_P(TokenizerPeerTest, IdsEqualHuggingFaceTokenizers) {
 INSTANTIATE_TEST_SUITE_P(Vectors, TokenizerPeerTest,
                          ::testing::Values("tiny-opt", "tiny-opt-strip", "spm", "spm-metaspace", "spm-model", "smollm2", "gpt-2", "llama3", "qwen2", "starcoder", "falcon", "llama2-spm", "phi-3", "gemma3", "qwen2-nfc", "tiny-opt-nfkc-lower", "tiny-opt-roberta",
                                            "tiny-opt-eos"),
-                         [](const auto& info) {
-                           std::string s = info.param;
-                           for (char& ch : s) ch = std::isalnum(static_cast<unsigned char>(ch)) ? ch : '_';
-                           return s;
-                         });
+                         [](const auto& info) { return ferry::testing::ParamName(info.param); });
 
 }  // namespace
 }  // namespace ferry::engine

@@ -122,11 +122,7 @@ TEST_P(FamilyOffloadTest, DejaVuOnSwiGluIsRefused) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Goldens, FamilyOffloadTest, ::testing::Values("llama-gqa", "qwen3-yarn", "qwen2-dynamic"),
-                         [](const auto& info) {
-                           std::string s = info.param;
-                           for (char& ch : s) ch = std::isalnum(static_cast<unsigned char>(ch)) ? ch : '_';
-                           return s;
-                         });
+                         [](const auto& info) { return ferry::testing::ParamName(info.param); });
 
 }  // namespace
 }  // namespace ferry::engine
