@@ -763,6 +763,7 @@ static absl::Status ParseNormalizer(const json& n, Tokenizer::Impl* impl, const 
   if (type == "Prepend") {
     FERRY_ASSIGN_OR_RETURN(const std::string prepend, StringField(n, "prepend", "", where + "."));
     impl->normalizers.push_back({N::kPrepend, prepend, ""});
+    impl->cut_safe = false;  // once per text, not per parallel chunk
     return absl::OkStatus();
   }
   if (type == "Replace") {
@@ -791,6 +792,7 @@ static absl::Status ParseNormalizer(const json& n, Tokenizer::Impl* impl, const 
     FERRY_ASSIGN_OR_RETURN(s.left, BoolField(n, "strip_left", true, where + "."));
     FERRY_ASSIGN_OR_RETURN(s.right, BoolField(n, "strip_right", true, where + "."));
     impl->normalizers.push_back(s);
+    impl->cut_safe = false;  // the ends of the text, not of each parallel chunk
     return absl::OkStatus();
   }
   return absl::InvalidArgumentError(absl::StrCat("tokenizer.json: normalizer \"", type, "\" is not supported"));
