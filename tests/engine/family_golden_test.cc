@@ -14,6 +14,7 @@
 #include "io/safetensors.h"
 #include "kernels/cpu/cpu_backend.h"
 #include "nlohmann/json.hpp"
+#include "model_util.h"
 #include "test_util.h"
 
 namespace ferry::engine {
@@ -23,14 +24,7 @@ const char* const kGoldens[] = {"llama-gqa", "llama3-tied", "llama-bias", "smoll
 
 std::string GoldenDir(const std::string& name) { return ferry::testing::GoldensDir() + "/" + name; }
 
-double RelErr(const float* ours, const float* ref, size_t n) {
-  double max_diff = 0, max_ref = 0;
-  for (size_t i = 0; i < n; ++i) {
-    max_diff = std::max(max_diff, std::abs(static_cast<double>(ours[i]) - ref[i]));
-    max_ref = std::max(max_ref, std::abs(static_cast<double>(ref[i])));
-  }
-  return max_diff / max_ref;
-}
+using ferry::testing::RelErr;
 
 struct Reference {
   nlohmann::json meta;
@@ -66,17 +60,9 @@ TEST_P(FamilyGoldenTest, LogitsAndGreedyTokensMatchTransformers) {
   std::vector<GenerationRequest> requests;
   for (size_t p = 0; p < prompts.size(); ++p) {
     const std::vector<int> ids = prompts[p]["ids"];
-    auto cache = offload::CreateKvCache(backend, KvSpec((*model)->config(), 1, static_cast<int>(ids.size())));
-    ASSERT_TRUE(cache.ok());
-    ForwardBatch batch;
-    for (size_t i = 0; i < ids.size(); ++i) {
-      batch.tokens.push_back(ids[i]);
-      batch.seq_ids.push_back(0);
-      batch.positions.push_back(static_cast<int32_t>(i));
-      batch.logit_rows.push_back(static_cast<int32_t>(i));
-    }
-    std::vector<float> logits;
-    ASSERT_TRUE((*model)->Forward(batch, **cache, &logits).ok());
+    auto all_logits = ferry::testing::AllLogits(**model, backend, ids);
+    ASSERT_TRUE(all_logits.ok()) << all_logits.status();
+    const std::vector<float>& logits = *all_logits;
     EXPECT_LT(RelErr(logits.data() + (ids.size() - 1) * vocab, ref.last.data() + p * vocab, vocab), 1e-4) << "prompt " << p;
     if (p == all_at) {
       ASSERT_EQ(ref.all.size(), ids.size() * vocab);

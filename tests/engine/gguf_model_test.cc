@@ -19,6 +19,7 @@
 #include "engine/perplexity.h"
 #include "engine/tokenizer.h"
 #include "gguf_util.h"
+#include "model_util.h"
 #include "gtest/gtest.h"
 #include "io/safetensors.h"
 #include "kernels/cpu/cpu_backend.h"
@@ -32,29 +33,12 @@ namespace {
 // goldens hold transformers' value for those too); the normal build runs all 16384.
 constexpr bool kSmall = ferry::testing::kUnderAddressSanitizer;
 
-double RelErr(const float* ours, const float* ref, size_t n) {
-  double max_diff = 0, max_ref = 0;
-  for (size_t i = 0; i < n; ++i) {
-    max_diff = std::max(max_diff, std::abs(static_cast<double>(ours[i]) - ref[i]));
-    max_ref = std::max(max_ref, std::abs(static_cast<double>(ref[i])));
-  }
-  return max_diff / max_ref;
-}
+using ferry::testing::RelErr;
 
-// Logits of every position of one sequence.
 std::vector<float> Logits(Model& model, kernels::Backend& backend, const std::vector<int>& ids) {
-  auto cache = offload::CreateKvCache(backend, KvSpec(model.config(), 1, static_cast<int>(ids.size())));
-  EXPECT_TRUE(cache.ok());
-  ForwardBatch batch;
-  for (size_t i = 0; i < ids.size(); ++i) {
-    batch.tokens.push_back(ids[i]);
-    batch.seq_ids.push_back(0);
-    batch.positions.push_back(static_cast<int32_t>(i));
-    batch.logit_rows.push_back(static_cast<int32_t>(i));
-  }
-  std::vector<float> logits;
-  EXPECT_TRUE(model.Forward(batch, **cache, &logits).ok());
-  return logits;
+  auto logits = ferry::testing::AllLogits(model, backend, ids);
+  EXPECT_TRUE(logits.ok()) << logits.status();
+  return logits.ok() ? *logits : std::vector<float>();
 }
 
 std::string Golden(const std::string& name) { return ferry::testing::GoldensDir() + "/" + name; }

@@ -8,6 +8,7 @@
 #include "engine/model.h"
 #include "engine/tokenizer.h"
 #include "gtest/gtest.h"
+#include "model_util.h"
 #include "test_util.h"
 #include "kernels/cpu/cpu_backend.h"
 #include "nlohmann/json.hpp"
@@ -48,17 +49,9 @@ TEST_F(GoldenTest, LastLogitsAndAllPositionLogits) {
   bool checked_all_positions = false;
   for (const auto& p : goldens_["prompts"]) {
     const std::vector<int> ids = p["ids"];
-    auto cache = offload::CreateKvCache(backend_, KvSpec(model_->config(), 1, static_cast<int>(ids.size())));
-    ASSERT_TRUE(cache.ok());
-    ForwardBatch batch;
-    for (size_t i = 0; i < ids.size(); ++i) {
-      batch.tokens.push_back(ids[i]);
-      batch.seq_ids.push_back(0);
-      batch.positions.push_back(static_cast<int32_t>(i));
-      batch.logit_rows.push_back(static_cast<int32_t>(i));
-    }
-    std::vector<float> logits;
-    ASSERT_TRUE(model_->Forward(batch, **cache, &logits).ok());
+    auto all_logits = ferry::testing::AllLogits(*model_, backend_, ids);
+    ASSERT_TRUE(all_logits.ok()) << all_logits.status();
+    const std::vector<float>& logits = *all_logits;
     const std::vector<float> last = p["last_logits"];
     ASSERT_EQ(last.size(), static_cast<size_t>(vocab));
     const double err = RelErr(logits.data() + (ids.size() - 1) * vocab, last);
