@@ -83,6 +83,9 @@ absl::StatusOr<std::vector<GenerationResult>> Generate(Model& model,
     if (options.stop_at_eos && c.is_eos(token)) {
       running[s] = false;
       results[s].finish_reason = "eos";
+    } else if (options.stop_check != nullptr && (*options.stop_check)(s, results[s].tokens)) {
+      running[s] = false;
+      results[s].finish_reason = "stop";
     } else if (static_cast<int>(results[s].tokens.size()) >= options.max_new_tokens || length[s] >= c.max_positions) {
       running[s] = false;
       results[s].finish_reason = "length";

@@ -35,6 +35,9 @@ struct GenerateOptions {
   // the executor: only the chosen bundles are fetched), used in decode steps; prefill computes
   // every neuron.
   const std::function<absl::StatusOr<std::vector<int32_t>>(int, const TensorView&)>* ffn_select = nullptr;
+  // Optional stop condition, asked after each token with the request's index and its tokens so
+  // far: true ends the sequence with finish_reason "stop" (stop sequences of batch jobs).
+  const std::function<bool(int, const std::vector<int>&)>* stop_check = nullptr;
 };
 
 struct GenerationRequest {
@@ -44,7 +47,7 @@ struct GenerationRequest {
 
 struct GenerationResult {
   std::vector<int> tokens;    // generated tokens (EOS included when it stopped there)
-  std::string finish_reason;  // "eos" or "length" (max_new_tokens or the context was reached)
+  std::string finish_reason;  // "eos", "stop" (stop_check) or "length" (max_new_tokens or the context was reached)
 };
 
 absl::Status ValidateGenerateOptions(const GenerateOptions& options);

@@ -13,6 +13,7 @@
 #include "base/file.h"
 #include "base/thread_pool.h"
 #include "base/status.h"
+#include "engine/chat_template.h"
 #include "engine/generator.h"
 #include "engine/jobs.h"
 #include "engine/model.h"
@@ -160,6 +161,11 @@ struct GenerateFlags {
   bool ignore_eos = false;
   bool quiet = false;
   bool resume = false, overwrite = false;
+  std::string input_format = "auto";
+  std::string shard = "auto";
+  std::string shard_by = "index";
+  std::string on_bad_request = "fail";
+  std::vector<std::string> stop;
   std::string h2o;
   int protect = 0;
   std::string sparsity;
@@ -183,7 +189,19 @@ absl::Status RunGenerate(const GenerateFlags& f) {
   FERRY_RETURN_IF_ERROR(engine::ValidateGenerateOptions(gen));
   // Before the model loads (minutes for a large one): an output that would be lost is refused.
   if (f.resume && f.input.empty()) return absl::InvalidArgumentError("--resume continues an --input job");
-  if (!f.resume && !f.overwrite && !f.output.empty() && f.output != "-") FERRY_RETURN_IF_ERROR(engine::RefuseExistingOutput(f.output));
+  engine::Shard shard;
+  std::optional<engine::BatchFormat> input_format;
+  if (!f.input.empty()) {
+    FERRY_ASSIGN_OR_RETURN(shard, engine::ParseShard(f.shard));
+    shard.by_id = f.shard_by == "id";
+    if (f.input_format != "auto") {
+      FERRY_ASSIGN_OR_RETURN(input_format, engine::ParseBatchFormat(f.input_format));
+    }
+  } else if (f.shard != "auto" || !f.stop.empty() || f.on_bad_request != "fail" || f.input_format != "auto") {
+    return absl::InvalidArgumentError("--shard, --stop, --on-bad-request and --input-format go with --input");
+  }
+  const std::string output = f.output.empty() || f.output == "-" ? f.output : engine::ShardOutputPath(f.output, shard);
+  if (!f.resume && !f.overwrite && !output.empty() && output != "-") FERRY_RETURN_IF_ERROR(engine::RefuseExistingOutput(output));
   const int64_t rows = f.input.empty() ? 1 : f.batch_size;
   // --sparsity: with --weights the executor fetches only the predicted neurons' bundles (any
   // backend); on a resident model a hook zeroes the others (any backend; on a GPU the activations
@@ -214,6 +232,14 @@ absl::Status RunGenerate(const GenerateFlags& f) {
     engine::GenerateJobOptions job;
     job.input_path = f.input;
     job.output_path = f.output;
+    job.format = input_format;
+    job.shard = shard;
+    job.stop = f.stop;
+    job.record_bad_requests = f.on_bad_request == "record";
+    FERRY_ASSIGN_OR_RETURN(job.chat, engine::LoadChatFormat(f.model.model));
+    job.model_name = f.model.model;
+    while (job.model_name.size() > 1 && job.model_name.back() == '/') job.model_name.pop_back();
+    job.model_name = job.model_name.substr(job.model_name.find_last_of('/') + 1);
     job.batch_size = f.batch_size;
     job.generate = gen;
     job.show_progress = !f.quiet;
@@ -416,7 +442,7 @@ void RegisterCommands(CLI::App& app, Runner* selected) {
   AddModelFlags(g, &gen.model);
   AddKvDtypeFlag(g, &gen.model);
   auto* prompt = g->add_option("--prompt", gen.prompt, "Prompt text");
-  auto* input = g->add_option("--input", gen.input, "JSONL file of {\"id\", \"prompt\"} lines");
+  auto* input = g->add_option("--input", gen.input, "JSONL file of requests: {\"id\", \"prompt\"} lines, or OpenAI Batch lines (completions or chat)");
   prompt->excludes(input);
   g->add_option("--output", gen.output, "JSONL output (default: stdout; with --prompt, plain text to stdout)");
   g->add_option("--max-new-tokens", gen.max_new_tokens, "Tokens to generate per prompt")
@@ -442,7 +468,43 @@ void RegisterCommands(CLI::App& app, Runner* selected) {
                              "Continue an interrupted --input job: keep the --output's records, generate the rest");
   g->add_flag("--overwrite", gen.overwrite, "Replace an existing --output file (it is refused otherwise)")->excludes(resume);
   g->add_flag("--quiet,-q", gen.quiet, "No progress or timing on stderr");
+  g->add_option("--input-format", gen.input_format,
+                "--input lines: ferry ({\"id\", \"prompt\"}), openai (the OpenAI Batch format), or auto (from the first line)")
+      ->check(CLI::IsMember({"auto", "ferry", "openai"}))
+      ->capture_default_str();
+  g->add_option("--stop", gen.stop, "Stop sequence (repeatable): a completion ends before its first match (requests may give their own)");
+  g->add_option("--on-bad-request", gen.on_bad_request,
+                "A request that cannot be served: fail (the job, before any generation, naming its line) or record (an error record)")
+      ->check(CLI::IsMember({"fail", "record"}))
+      ->capture_default_str();
+  g->add_option("--shard", gen.shard,
+                "Serve share I of N of the --input (I/N), writing OUTPUT.shard-IIIII-of-NNNNN; auto: from SLURM_ARRAY_TASK_ID/"
+                "SLURM_ARRAY_TASK_COUNT or JOB_COMPLETION_INDEX/FERRY_SHARD_COUNT when set")
+      ->capture_default_str();
+  g->add_option("--shard-by", gen.shard_by, "Partition records by their index in the input, or by a hash of their id")
+      ->check(CLI::IsMember({"index", "id"}))
+      ->capture_default_str();
   g->callback([selected] { *selected = [] { return RunGenerate(gen); }; });
+
+  static engine::MergeOptions mergef;
+  static std::string merge_format = "auto";
+  static bool merge_quiet = false;
+  CLI::App* m = app.add_subcommand("merge", "Join the outputs of a sharded generate job into one file in input order");
+  m->add_option("--input", mergef.input_path, "The job's --input file (the order and the ids)")->required();
+  m->add_option("--output", mergef.output_path, "The merged output")->required();
+  m->add_option("--input-format", merge_format, "ferry, openai or auto")->check(CLI::IsMember({"auto", "ferry", "openai"}))->capture_default_str();
+  m->add_flag("--overwrite", mergef.overwrite, "Replace an existing --output file");
+  m->add_flag("--quiet,-q", merge_quiet, "No summary on stderr");
+  m->add_option("shards", mergef.shard_paths, "The shard outputs (OUTPUT.shard-*-of-*)")->required();
+  m->callback([selected] {
+    *selected = [] {
+      if (merge_format != "auto") {
+        FERRY_ASSIGN_OR_RETURN(mergef.format, engine::ParseBatchFormat(merge_format));
+      }
+      mergef.show_progress = !merge_quiet;
+      return engine::MergeShards(mergef);
+    };
+  });
 
   static TokenizeFlags tokf;
   CLI::App* t = app.add_subcommand("tokenize", "Print the token ids of a text as JSON");

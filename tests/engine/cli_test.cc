@@ -50,7 +50,7 @@ TEST(CliTest, GenerateJsonlJob) {
   Result r = Ferry("generate " + kModel + " --input " + dir.File("in.jsonl") + " --output " + dir.File("out.jsonl") +
                 " --max-new-tokens 6 --batch-size 2");
   ASSERT_EQ(r.code, 0) << r.err;
-  EXPECT_NE(r.err.find("3/3 prompts"), std::string::npos) << r.err;  // progress
+  EXPECT_NE(r.err.find("3/3 records"), std::string::npos) << r.err;  // progress
   std::ifstream in(dir.File("out.jsonl"));
   std::vector<nlohmann::json> recs;
   for (std::string line; std::getline(in, line);) recs.push_back(nlohmann::json::parse(line));
