@@ -11,29 +11,16 @@
 #include "base/file.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "cli_util.h"
 #include "test_util.h"
 
 namespace {
 
-struct Result {
-  int code;
-  std::string out, err;
-};
+using ferry::testing::Ferry;
+using ferry::testing::kModel;
+using ferry::testing::Lines;
+using ferry::testing::Result;
 
-Result Ferry(const std::string& args) {
-  ferry::testing::TempDir dir;
-  const char* env = std::getenv("FERRY_BINARY");
-  const std::string cmd = std::string(env != nullptr ? env : FERRY_BINARY) + " " + args + " >" + dir.File("out") + " 2>" + dir.File("err");
-  const int status = std::system(cmd.c_str());
-  Result r{WIFEXITED(status) ? WEXITSTATUS(status) : -1, "", ""};
-  r.out = ferry::ReadFileToString(dir.File("out")).value_or("");
-  r.err = ferry::ReadFileToString(dir.File("err")).value_or("");
-  return r;
-}
-
-int Lines(const std::string& s) { return static_cast<int>(std::count(s.begin(), s.end(), '\n')); }
-
-const std::string kModel = "--model " + ferry::testing::ModelDir();
 
 TEST(CliTest, GenerateOnePromptGreedy) {
   Result r = Ferry("generate " + kModel + " --prompt 'In the beginning God created' --max-new-tokens 8 -q");
