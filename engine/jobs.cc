@@ -64,6 +64,7 @@ class RequestReader {
     const ModelConfig* config = nullptr;
     const std::optional<ChatFormat>* chat = nullptr;
     const ChatTemplate* chat_template = nullptr;  // parsed chat->chat_template, or null
+    std::string chat_error;                       // why there is none
     std::time_t now = 0;
   };
 
@@ -111,7 +112,7 @@ class RequestReader {
     absl::StatusOr<std::vector<int>> ids;
     if (r.kind == BatchRequest::kChat) {
       if (ctx_.chat_template == nullptr) {
-        r.error = "the model has no chat template (tokenizer_config.json chat_template, chat_template.jinja, or GGUF tokenizer.chat_template)";
+        r.error = ctx_.chat_error;
         return;
       }
       auto text = ctx_.chat_template->Render(ChatContext(r.messages, **ctx_.chat, true), ctx_.now);
@@ -261,14 +262,16 @@ absl::Status RunGenerateJob(Model& model, const Tokenizer& tokenizer, const Gene
   FERRY_ASSIGN_OR_RETURN(const BatchFormat format, FileFormat(o.input_path, o.format));
   const std::string output_path = to_stdout ? o.output_path : ShardOutputPath(o.output_path, o.shard);
 
+  // A template ferry cannot run matters only to chat requests: each names the problem.
   std::optional<ChatTemplate> chat_template;
+  std::string chat_error =
+      "the model has no chat template (tokenizer_config.json chat_template, chat_template.jinja, or GGUF tokenizer.chat_template)";
   if (o.chat) {
     auto t = ChatTemplate::Parse(o.chat->chat_template);
-    if (!t.ok()) {
-      // Refused only if a request needs it (RequestReader names the problem per request).
-      if (o.show_progress) std::fprintf(stderr, "ferry: the model's chat template cannot be used: %s\n", std::string(t.status().message()).c_str());
-    } else {
+    if (t.ok()) {
       chat_template = std::move(*t);
+    } else {
+      chat_error = absl::StrCat("the model's ", t.status().message());
     }
   }
   const int64_t created = ModificationTime(o.input_path);
@@ -286,6 +289,7 @@ absl::Status RunGenerateJob(Model& model, const Tokenizer& tokenizer, const Gene
   ctx.config = &model.config();
   ctx.chat = &o.chat;
   ctx.chat_template = chat_template ? &*chat_template : nullptr;
+  ctx.chat_error = chat_error;
   ctx.now = static_cast<std::time_t>(created);  // strftime_now in templates: the input's time, so reruns match
 
   // Pass 1: validate everything before any work.

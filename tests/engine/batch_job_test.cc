@@ -105,6 +105,18 @@ TEST(BatchJobTest, OpenAIBatchWithCompletionsAndChat) {
   Result no = Ferry("generate " + kModel + " --input " + dir.File("in.jsonl") + " --output " + dir.File("no.jsonl"));
   EXPECT_EQ(no.code, 1);
   EXPECT_NE(no.err.find("in.jsonl:2: the model has no chat template"), std::string::npos) << no.err;
+  // A template using what ferry does not run: chat requests name the construct.
+  json config = json::parse(Read(model + "/tokenizer_config.json"));
+  config["chat_template"] = "{% macro m() %}{% endmacro %}{{ messages[0].content }}";
+  std::filesystem::remove(model + "/tokenizer_config.json");
+  ferry::testing::WriteFile(model + "/tokenizer_config.json", config.dump());
+  Result macro = Ferry("generate --model " + model + " --input " + dir.File("in.jsonl") + " --output " + dir.File("m.jsonl") +
+                       " --on-bad-request=record -q");
+  ASSERT_EQ(macro.code, 0) << macro.err;
+  EXPECT_NE(Records(dir.File("m.jsonl"))[1]["response"]["body"]["error"]["message"].get<std::string>().find(
+                "chat template: line 1: the tag 'macro' is not supported"),
+            std::string::npos);
+  EXPECT_EQ(Records(dir.File("m.jsonl"))[0]["response"]["status_code"], 200);
 }
 
 TEST(BatchJobTest, StopSequencesEndTheCompletionBeforeTheMatch) {
