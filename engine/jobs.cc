@@ -411,7 +411,8 @@ absl::Status RunGenerateJob(Model& model, const Tokenizer& tokenizer, const Gene
         groups[KeyOf(items[i].req.params)].push_back(i);
       }
     }
-    for (auto& [key, members] : groups) {
+    for (auto& group : groups) {
+      std::vector<size_t>& members = group.second;
       std::stable_sort(members.begin(), members.end(), [&](size_t a, size_t b) { return items[a].ids.size() < items[b].ids.size(); });
       const RequestParams& p = items[members[0]].req.params;
       GenerateOptions g = o.generate;
