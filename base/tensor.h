@@ -5,9 +5,11 @@
 #include <array>
 #include <cstdint>
 #include <initializer_list>
+#include <optional>
 #include <string>
 
 #include "base/dtype.h"
+#include "base/quant.h"
 #include "base/status.h"
 
 namespace ferry {
@@ -23,6 +25,9 @@ struct TensorView {
   int ndim = 0;
   std::array<int64_t, kMaxDims> shape{};
   std::array<int64_t, kMaxDims> strides{};  // in elements
+  // A group-wise quantized matrix (base/quant.h): data is its region (dtype kU8, shape the
+  // matrix's [rows, cols]); nullopt for plain tensors.
+  std::optional<QuantFormat> quant;
 
   // A contiguous (row-major) view.
   static TensorView Contiguous(void* data, DType dtype, std::initializer_list<int64_t> shape,

@@ -5,9 +5,11 @@
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "base/quant.h"
 #include "base/dtype.h"
 #include "engine/model_config.h"
 #include "io/gguf.h"
@@ -22,6 +24,9 @@ struct GgufLoadOptions {
   // The dtype quantized tensors (and F32 matrices) are dequantized to; F16/BF16 tensors keep theirs
   // unless this is F32. Vectors (norms, biases) are always read as F32.
   DType dtype = DType::kF16;
+  // Not only for GGUF files: a resident load quantizes every layer matrix (Q, K, V, O, gate, up,
+  // down) to this group-wise format; embeddings, the LM head and vectors keep their dtype.
+  std::optional<QuantFormat> quantize;
 };
 
 // A model read from a GGUF file: its config.json text (model_type and fields of the family that

@@ -127,9 +127,9 @@ class Model {
  private:
   Model() = default;
   struct Scratch;
-  absl::Status LoadResident(const io::TensorSource& src, bool matrices);
+  absl::Status LoadResident(const io::TensorSource& src, bool matrices, const std::optional<QuantFormat>& quantize = std::nullopt);
   absl::StatusOr<Weight> LoadTensor(const io::TensorSource& src, const std::string& name, const std::vector<int64_t>& shape,
-                                    bool as_f32);
+                                    bool as_f32, const std::optional<QuantFormat>& quantize = std::nullopt);
   absl::StatusOr<Weight> Alloc(DType dtype, std::initializer_list<int64_t> shape) const;
   absl::Status CheckBatch(const ForwardBatch& batch, std::vector<int64_t>* ends) const;
   absl::Status Embed(const Scratch& s, int64_t begin, int64_t end);

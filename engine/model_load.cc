@@ -150,7 +150,7 @@ absl::StatusOr<Weight> Model::Alloc(DType dtype, std::initializer_list<int64_t> 
 }
 
 absl::StatusOr<Weight> Model::LoadTensor(const io::TensorSource& src, const std::string& name, const std::vector<int64_t>& shape,
-                                         bool as_f32) {
+                                         bool as_f32, const std::optional<QuantFormat>& quantize) {
   const io::TensorInfo* info = src.Find(name);
   if (info == nullptr) return absl::NotFoundError(absl::StrCat("checkpoint lacks tensor \"", name, "\""));
   if (info->shape != shape) {
@@ -164,6 +164,19 @@ absl::StatusOr<Weight> Model::LoadTensor(const io::TensorSource& src, const std:
   std::vector<char> host(info->bytes);
   FERRY_RETURN_IF_ERROR(src.Read(name, host.data(), host.size()));
   DType dtype = info->dtype;
+  if (quantize) {
+    auto layout = LayoutQuantized(*quantize, shape[0], shape[1]);
+    if (!layout.ok()) return absl::InvalidArgumentError(absl::StrCat("tensor \"", name, "\": ", layout.status().message()));
+    std::vector<float> w(static_cast<size_t>(info->numel()));
+    ConvertToF32(dtype, host.data(), w.data(), w.size());
+    std::vector<uint8_t> q(layout->bytes);
+    QuantizeRows(*quantize, *layout, w.data(), shape[0], shape[1], q.data());
+    FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer buf, backend_->Allocate(q.size()));
+    FERRY_RETURN_IF_ERROR(backend_->CopyToDevice(buf.data(), q.data(), q.size()));
+    TensorView view = MakeView(buf.data(), DType::kU8, shape, backend_->device());
+    view.quant = *quantize;
+    return Weight{std::move(buf), view};
+  }
   if (as_f32 && dtype != DType::kF32) {
     std::vector<char> converted(static_cast<size_t>(info->numel()) * sizeof(float));
     ConvertToF32(dtype, host.data(), reinterpret_cast<float*>(converted.data()), static_cast<size_t>(info->numel()));
@@ -176,7 +189,7 @@ absl::StatusOr<Weight> Model::LoadTensor(const io::TensorSource& src, const std:
   return Weight{std::move(buf), view};
 }
 
-absl::Status Model::LoadResident(const io::TensorSource& src, bool matrices) {
+absl::Status Model::LoadResident(const io::TensorSource& src, bool matrices, const std::optional<QuantFormat>& quantize) {
   for (const RoleSpec& r : GlobalRoles(config_)) {
     const std::string name = names_.Global(r.role);
     if (r.role == Role::kLmHead && src.Find(name) == nullptr) {
@@ -189,7 +202,8 @@ absl::Status Model::LoadResident(const io::TensorSource& src, bool matrices) {
   for (int l = 0; l < config_.num_layers; ++l) {
     for (const RoleSpec& r : roles) {
       if (r.matrix && !matrices) continue;
-      FERRY_ASSIGN_OR_RETURN(Weight w, LoadTensor(src, names_.Layer(r.role, l), r.shape, !r.matrix));
+      FERRY_ASSIGN_OR_RETURN(Weight w, LoadTensor(src, names_.Layer(r.role, l), r.shape, !r.matrix,
+                                                  r.matrix ? quantize : std::nullopt));
       weights_.SetLayer(l, r.role, std::move(w));
     }
   }
@@ -212,7 +226,7 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir, kerne
   FERRY_ASSIGN_OR_RETURN(m->names_, TensorNames::Resolve(*m->family_, *source));
   FERRY_RETURN_IF_ERROR(CheckLayerCount(m->config_, m->names_, *source));
   m->weights_ = offload::ModelWeights(m->config_.num_layers);
-  FERRY_RETURN_IF_ERROR(m->LoadResident(*source, /*matrices=*/true));
+  FERRY_RETURN_IF_ERROR(m->LoadResident(*source, /*matrices=*/true, gguf.quantize));
   return m;
 }
 

@@ -76,8 +76,14 @@ absl::Status ValidateLayerNorm(const LayerNormArgs& a) {
 absl::Status ValidateLinear(const LinearArgs& a) {
   const char* op = "Linear";
   FERRY_RETURN_IF_ERROR(Expect(Is2dF32(a.in) && Is2dF32(a.out), op, "in and out must be contiguous 2-D F32"));
-  FERRY_RETURN_IF_ERROR(Expect(a.weight.ndim == 2 && IsFloat(a.weight.dtype) && a.weight.is_contiguous(), op,
-                               "weight must be a contiguous 2-D float tensor"));
+  if (a.weight.quant) {
+    FERRY_RETURN_IF_ERROR(Expect(a.weight.ndim == 2 && a.weight.dtype == DType::kU8, op, "a quantized weight must be a 2-D U8 region"));
+    auto layout = LayoutQuantized(*a.weight.quant, a.weight.shape[0], a.weight.shape[1]);
+    FERRY_RETURN_IF_ERROR(Expect(layout.ok(), op, layout.ok() ? "" : std::string(layout.status().message())));
+  } else {
+    FERRY_RETURN_IF_ERROR(Expect(a.weight.ndim == 2 && IsFloat(a.weight.dtype) && a.weight.is_contiguous(), op,
+                                 "weight must be a contiguous 2-D float tensor"));
+  }
   FERRY_RETURN_IF_ERROR(Expect(a.in.shape[1] == a.weight.shape[1] && a.out.shape[0] == a.in.shape[0] &&
                                    a.out.shape[1] == a.weight.shape[0],
                                op,

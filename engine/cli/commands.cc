@@ -37,6 +37,8 @@ struct ModelFlags {
   std::string gpu_mem, cpu_mem;
   std::string kv_dtype = "f32";
   std::string gguf_dtype = "f16";
+  std::string quantize;  // q4 | q8: layer matrices quantized at load (resident models)
+  int quant_group = 64;
 };
 
 absl::StatusOr<DType> GgufDtype(const std::string& name) {
@@ -62,6 +64,15 @@ void AddModelFlags(CLI::App* cmd, ModelFlags* f) {
                   "Offload: percent of each layer's weights on GPU,CPU,DISK, e.g. 0,50,50 (needs a store: ferry convert)");
   cmd->add_option("--gpu-mem", f->gpu_mem, "Device memory budget, e.g. 24GiB (default: none)");
   cmd->add_option("--cpu-mem", f->cpu_mem, "Pinned host memory budget for offloading, e.g. 64GiB (default: none)");
+}
+
+// Commands that run a resident model's forward pass can quantize its layer matrices at load.
+void AddQuantizeFlags(CLI::App* cmd, ModelFlags* f) {
+  cmd->add_option("--quantize", f->quantize,
+                  "Quantize the layer matrices at load: q4 (asymmetric 4-bit, fp16 scale and minimum per group) or q8 "
+                  "(symmetric 8-bit); the CPU backend dequantizes inside its linear kernel")
+      ->check(CLI::IsMember({"q4", "q8"}));
+  cmd->add_option("--quant-group", f->quant_group, "Values per quantization group along a matrix row")->capture_default_str();
 }
 
 void AddKvDtypeFlag(CLI::App* cmd, ModelFlags* f) {
@@ -120,9 +131,15 @@ absl::StatusOr<Loaded> LoadAll(const ModelFlags& f, int64_t rows, int64_t max_to
   if (!f.weights.empty()) {
     FERRY_ASSIGN_OR_RETURN(split, offload::ParseWeightSplit(f.weights));
   }
+  if (!f.quantize.empty() && !f.weights.empty()) {
+    return absl::InvalidArgumentError("--quantize runs a resident model; quantized offloading (--weights) is not supported yet");
+  }
   if (f.weights.empty()) {
     engine::GgufLoadOptions go;
     FERRY_ASSIGN_OR_RETURN(go.dtype, GgufDtype(f.gguf_dtype));
+    if (!f.quantize.empty()) {
+      FERRY_ASSIGN_OR_RETURN(go.quantize, MakeQuantFormat(f.quantize, f.quant_group));
+    }
     FERRY_ASSIGN_OR_RETURN(l.model, engine::Model::Load(f.model, l.backend.get(), go));
   } else {
     if (!PathExists(f.model + "/manifest.json")) {
@@ -441,6 +458,7 @@ void RegisterCommands(CLI::App& app, Runner* selected) {
   CLI::App* g = app.add_subcommand("generate", "Generate completions for one prompt or a JSONL file of prompts");
   AddModelFlags(g, &gen.model);
   AddKvDtypeFlag(g, &gen.model);
+  AddQuantizeFlags(g, &gen.model);
   auto* prompt = g->add_option("--prompt", gen.prompt, "Prompt text");
   auto* input = g->add_option("--input", gen.input, "JSONL file of requests: {\"id\", \"prompt\"} lines, or OpenAI Batch lines (completions or chat)");
   prompt->excludes(input);
@@ -520,6 +538,7 @@ void RegisterCommands(CLI::App& app, Runner* selected) {
   CLI::App* p = app.add_subcommand("ppl", "Perplexity of a text file (one document, non-overlapping windows)");
   AddModelFlags(p, &pplf.model);
   AddKvDtypeFlag(p, &pplf.model);
+  AddQuantizeFlags(p, &pplf.model);
   p->add_option("--text", pplf.text_file, "Text file")->required();
   p->add_option("--window", pplf.window, "Window length in tokens")->check(CLI::Range(2, 1 << 20))->capture_default_str();
   p->add_option("--max-tokens", pplf.max_tokens, "Use only the first N tokens (0: all)")->check(CLI::NonNegativeNumber);

@@ -1,4 +1,5 @@
-// CPU linear: out[t, m] = dot(in[t, :], weight[m, :]) + bias[m] (then ReLU), fp32 compute.
+// CPU linear: out[t, m] = dot(in[t, :], weight[m, :]) + bias[m] (then ReLU), fp32 compute; the
+// weight may be F32, F16, BF16 or group-wise q4/q8 (dequantized with the rest of the conversion).
 // Work is a fixed grid of (token block, weight-row block) tasks; each task converts its weight
 // rows to fp32 once into a per-thread scratch and computes register tiles of kTileT tokens x
 // kTileM rows. Every output element is the same 8-lane dot product reduced in the same order
@@ -9,6 +10,7 @@
 #endif
 #include <vector>
 
+#include "base/quant.h"
 #include "base/thread_pool.h"
 #include "kernels/cpu/cpu_backend.h"
 
@@ -102,6 +104,8 @@ void CpuLinear(ThreadPool& pool, const LinearArgs& a) {
   const int64_t m_blocks = (m_total + row_block - 1) / row_block;
   const int64_t t_blocks = (n + kTokenBlock - 1) / kTokenBlock;
   const size_t wsize = DTypeSize(a.weight.dtype);
+  QuantLayout qlayout;
+  if (a.weight.quant) qlayout = *LayoutQuantized(*a.weight.quant, m_total, k);  // ValidateLinear checked it
   const float* bias = a.bias.data != nullptr ? a.bias.as<const float>() : nullptr;
 
   pool.ParallelFor(m_blocks * t_blocks, 1, [&](int64_t task_begin, int64_t task_end) {
@@ -111,7 +115,12 @@ void CpuLinear(ThreadPool& pool, const LinearArgs& a) {
       const int64_t m0 = mb * row_block, m1 = std::min(m_total, m0 + row_block);
       const int64_t t0 = tb * kTokenBlock, t1 = std::min(n, t0 + kTokenBlock);
       const float* wrows;
-      if (a.weight.dtype == DType::kF32) {
+      if (a.weight.quant) {
+        // Quantized rows are dequantized here, once per task, into the same fp32 scratch.
+        scratch.resize(static_cast<size_t>((m1 - m0) * k));
+        DequantizeRows(*a.weight.quant, qlayout, a.weight.as<const uint8_t>(), k, m0, m1 - m0, scratch.data());
+        wrows = scratch.data();
+      } else if (a.weight.dtype == DType::kF32) {
         wrows = a.weight.as<const float>() + m0 * k;
       } else {
         scratch.resize(static_cast<size_t>((m1 - m0) * k));

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "base/quant.h"
 #include "gtest/gtest.h"
 #include "test_util.h"
 
@@ -75,6 +76,37 @@ TEST(CpuBackendTest, LinearIsBatchInvariantBitwise) {
     ASSERT_TRUE(cpu.Linear({View(row, {1, k}), View(w, {m, k}), View(bias, {m}), View(out, {1, m}), false}).ok());
     ASSERT_EQ(std::memcmp(out.data(), all.data() + t * m, m * sizeof(float)), 0) << "row " << t;
   }
+}
+
+// A q4/q8 weight is dequantized inside the linear kernel: the result is the F32 linear of the
+// dequantized matrix bit for bit (the same fp32 rows go through the same tile code), at every batch size (so still batch invariant), and a weight
+// whose columns are not whole groups is refused.
+TEST(CpuBackendTest, QuantizedLinearIsTheLinearOfTheDequantizedWeightsBitwise) {
+  CpuBackend cpu;
+  for (const QuantFormat f : {QuantFormat{QuantKind::kQ4, 64}, QuantFormat{QuantKind::kQ8, 32}}) {
+    const int64_t m = 45, k = 192;
+    std::vector<float> w = ferry::testing::RandomValues(static_cast<size_t>(m * k), 91), bias = ferry::testing::RandomValues(m, 92);
+    auto layout = LayoutQuantized(f, m, k);
+    ASSERT_TRUE(layout.ok());
+    std::vector<uint8_t> q(layout->bytes);
+    QuantizeRows(f, *layout, w.data(), m, k, q.data());
+    std::vector<float> deq(w.size());
+    DequantizeRows(f, *layout, q.data(), k, 0, m, deq.data());
+    TensorView qv = TensorView::Contiguous(q.data(), DType::kU8, {m, k});
+    qv.quant = f;
+    for (int64_t n : {1, 5, 70}) {
+      std::vector<float> x = ferry::testing::RandomValues(static_cast<size_t>(n * k), 93 + static_cast<uint32_t>(n));
+      std::vector<float> got(static_cast<size_t>(n * m)), want(got.size());
+      ASSERT_TRUE(cpu.Linear({View(x, {n, k}), qv, View(bias, {m}), View(got, {n, m}), false}).ok());
+      ASSERT_TRUE(cpu.Linear({View(x, {n, k}), View(deq, {m, k}), View(bias, {m}), View(want, {n, m}), false}).ok());
+      EXPECT_EQ(std::memcmp(got.data(), want.data(), got.size() * sizeof(float)), 0) << QuantFormatName(f) << " n=" << n;
+    }
+  }
+  std::vector<uint8_t> q(4096);
+  std::vector<float> x(10), y(3);
+  TensorView bad = TensorView::Contiguous(q.data(), DType::kU8, {3, 10});
+  bad.quant = QuantFormat{QuantKind::kQ4, 64};
+  EXPECT_EQ(cpu.Linear({View(x, {1, 10}), bad, TensorView{}, View(y, {1, 3}), false}).code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST(CpuBackendTest, LayerNormMatchesReference) {

@@ -1,0 +1,61 @@
+// Group-wise quantized weight matrices (issue 15's formats), the layout every tier holds and moves:
+//
+//   q4: asymmetric 4-bit, per group of G values along a row (the input dimension): an fp16 scale
+//       s and an fp16 minimum m; value = q * s + m with q in [0, 15] (FlexGen's min/max scheme).
+//   q8: symmetric 8-bit, per group: an fp16 scale s; value = q * s with q in [-128, 127].
+//
+// A [rows, cols] matrix is one contiguous region: the packed values row by row (q4: two per byte,
+// the even column in the low nibble), then the scales (rows x cols/G fp16), then for q4 the
+// minimums, each part starting 64-byte aligned; the region's size is rounded up to 4 KiB so a layer
+// of such tensors is still one aligned read. Quantization rounds to nearest (ties to even) with
+// the fp16-rounded scale and minimum it stores, so dequantization is exact arithmetic on what the
+// file holds. GGUF's Q4_0, Q4_1 (block 32) and Q8_0 blocks map onto q4 and q8 with G = 32 value for
+// value: dequantizing the mapped matrix gives the GGUF dequantizer's floats exactly (equal values;
+// a zero may come out +0 where GGUF's (q - 8) d gives -0).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "absl/status/statusor.h"
+
+namespace ferry {
+
+enum class QuantKind : uint8_t { kQ4, kQ8 };
+
+struct QuantFormat {
+  QuantKind kind = QuantKind::kQ4;
+  int group = 64;
+  bool operator==(const QuantFormat& o) const { return kind == o.kind && group == o.group; }
+};
+
+// "q4" / "q8" with a group (even, 2..4096): kInvalidArgument otherwise.
+absl::StatusOr<QuantFormat> MakeQuantFormat(const std::string& kind, int group);
+std::string QuantFormatName(const QuantFormat& f);  // "q4g64"
+
+struct QuantLayout {
+  size_t values_offset = 0, values_bytes = 0;
+  size_t scales_offset = 0, mins_offset = 0;  // mins: q4 only (0 for q8)
+  size_t groups_per_row = 0;
+  size_t bytes = 0;  // the whole region, a multiple of 4096
+};
+
+// kInvalidArgument when cols is not a multiple of the group or the sizes overflow.
+absl::StatusOr<QuantLayout> LayoutQuantized(const QuantFormat& f, int64_t rows, int64_t cols);
+
+// Quantizes fp32 rows into `out` (layout.bytes, zero padding included).
+void QuantizeRows(const QuantFormat& f, const QuantLayout& layout, const float* w, int64_t rows, int64_t cols, uint8_t* out);
+// Dequantizes rows [row0, row0 + n) into `out` (n x cols fp32).
+void DequantizeRows(const QuantFormat& f, const QuantLayout& layout, const uint8_t* q, int64_t cols, int64_t row0, int64_t n,
+                    float* out);
+
+// The format a GGUF block type maps onto without rounding (type 2 = Q4_0 and 3 = Q4_1: q4 group
+// 32; 8 = Q8_0: q8 group 32); kInvalidArgument for the others (they are requantized).
+absl::StatusOr<QuantFormat> GgufQuantFormat(uint32_t ggml_type);
+// The GGUF blocks of a [rows, cols] tensor into that format's layout. kOutOfRange when a Q4_0
+// block's minimum (-8 d) does not fit fp16 (the caller requantizes then).
+absl::Status GgufBlocksToQuantized(uint32_t ggml_type, const uint8_t* blocks, int64_t rows, int64_t cols,
+                                   const QuantLayout& layout, uint8_t* out);
+
+}  // namespace ferry
