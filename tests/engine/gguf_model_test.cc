@@ -155,6 +155,42 @@ TEST_F(RealModelTest, LogitsGreedyTokensAndTokenizerMatchTransformers) {
   EXPECT_EQ((*tok)->Decode((*results)[0].tokens).value().substr(0, 7), " Paris.");
 }
 
+// Issue 15 on a real Llama-family checkpoint (SmolLM2's weights are Q4_1, group 32): requantized
+// to q4 group 32 every weight comes back exactly (min and max of each group lie on its grid), so
+// the logits are the unquantized model's bit for bit; q8 (groups of 64 and 32) keeps the
+// last-position logits of the 8 prompts within 5e-2 relative (max |diff| / max |logit|; measured
+// 3.3e-2 and 3.6e-2). q4 group 64 straddles two of the file's blocks and rounds again (measured
+// 0.73, perplexity +36% on 2048 wiki tokens): recorded, not bounded.
+TEST_F(RealModelTest, QuantizedWeightsKeepTheLogitsClose) {
+  const ModelConfig& c = model_->config();
+  const auto& prompts = (*meta_)["prompts"];
+  for (const QuantFormat f : {QuantFormat{QuantKind::kQ4, 32}, QuantFormat{QuantKind::kQ8, 64}, QuantFormat{QuantKind::kQ8, 32},
+                              QuantFormat{QuantKind::kQ4, 64}}) {
+    GgufLoadOptions o;
+    o.dtype = DType::kF32;
+    o.quantize = f;
+    auto q = Model::Load(SmolLm2(), backend_, o);
+    ASSERT_TRUE(q.ok()) << q.status();
+    const size_t n = kSmall ? 2 : prompts.size();
+    double worst = 0;
+    for (size_t p = 0; p < n; ++p) {
+      const std::vector<int> ids = prompts[p]["ids"];
+      const auto a = Logits(*model_, *backend_, ids), b = Logits(**q, *backend_, ids);
+      const size_t at = (ids.size() - 1) * c.vocab_size;
+      if (f == QuantFormat{QuantKind::kQ4, 32}) {
+        EXPECT_EQ(a, b) << "prompt " << p;
+      }
+      worst = std::max(worst, RelErr(b.data() + at, a.data() + at, c.vocab_size));
+    }
+    if (f.kind == QuantKind::kQ8) {
+      EXPECT_LT(worst, 5e-2) << QuantFormatName(f);
+      EXPECT_GT(worst, 0.0);
+    }
+    RecordProperty("logits_rel_err_" + QuantFormatName(f), std::to_string(worst));
+    if (kSmall) break;  // under ASan: the exact q4 group 32 case only
+  }
+}
+
 double Perplexity(Model& model, const std::vector<int>& ids) {
   PerplexityOptions o;
   o.window = 512;
