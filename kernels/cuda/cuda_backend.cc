@@ -263,8 +263,10 @@ absl::Status CudaBackend::AddLayerNorm(const AddLayerNormArgs& a) {
 absl::Status CudaBackend::Linear(const LinearArgs& a) {
   FERRY_RETURN_IF_ERROR(ValidateLinear(a));
   if (a.weight.quant) {
-    return absl::UnimplementedError(absl::StrCat("Linear: ", QuantFormatName(*a.weight.quant),
-                                                 " weights run on the CPU backend only so far (the CUDA kernels are pending)"));
+    FERRY_RETURN_IF_ERROR(RequireDevice(a.weight, "weight"));
+    FERRY_ASSIGN_OR_RETURN(const QuantLayout layout, LayoutQuantized(*a.weight.quant, a.weight.shape[0], a.weight.shape[1]));
+    FERRY_CUDA_RETURN_IF_ERROR(LaunchQuantLinear(a, layout, stream_));
+    return absl::OkStatus();
   }
   FERRY_RETURN_IF_ERROR(RequireDevice(a.weight, "weight"));
   const int64_t n = a.in.shape[0], k = a.in.shape[1], m = a.weight.shape[0];

@@ -23,6 +23,8 @@ cudaError_t LaunchAddRmsNorm(const AddRmsNormArgs& a, cudaStream_t stream);
 // Rotary embeddings in place; freq_rows were checked against inv_freq's rows on the host.
 cudaError_t LaunchRope(const RopeArgs& a, cudaStream_t stream);
 cudaError_t LaunchSiluMul(const SiluMulArgs& a, cudaStream_t stream);
+// Linear over a q4/q8 weight (a.weight.quant set, `layout` its region), fused dequantize + dot.
+cudaError_t LaunchQuantLinear(const LinearArgs& a, const QuantLayout& layout, cudaStream_t stream);
 // out = a + b over n floats.
 cudaError_t LaunchAdd(const float* a, const float* b, float* out, int64_t n, cudaStream_t stream);
 cudaError_t LaunchKvWrite(const KvWriteArgs& a, cudaStream_t stream);

@@ -3,7 +3,8 @@
 // embeddings (several tables, partial rotary, attention scaling, large positions), silu(gate) * up,
 // dense attention with KV heads serving query groups (per-query and tensor-core prefill, column
 // sums per query head), slot attention over KV-head slots, and H2O's update and prefill summing a
-// group's probabilities. Skips without a GPU.
+// group's probabilities; the fused q4/q8 linear. Skips without a GPU.
+#include "base/quant.h"
 #include "cuda_twin.h"
 
 namespace ferry::kernels::cuda {
@@ -58,6 +59,32 @@ TEST_F(CudaTwinTest, RopeAndSiluMul) {
     TensorView dg = Up(g, DType::kF32, {c.n, w});
     ASSERT_TRUE(gpu_->SiluMul({dg, Up(u, DType::kF32, {c.n, w}), dg}).ok());
     EXPECT_LT(RelErr(Down(dg), sref), 1e-6);
+  }
+}
+
+// Issue 15: the fused q4/q8 linear against the CPU's (which dequantizes into fp32 rows), on random
+// weights and inputs, odd row counts, batches of 1 to 37 rows (chunks of 8 inside), with bias and
+// ReLU; fp32 accumulation in another order: 1e-5 relative.
+TEST_F(CudaTwinTest, QuantizedLinear) {
+  struct Case { int64_t n, m, k; QuantFormat f; bool relu; };
+  for (const Case& c : {Case{1, 45, 192, {QuantKind::kQ4, 64}, false}, Case{5, 4096, 4096, {QuantKind::kQ4, 64}, true},
+                        Case{16, 1000, 640, {QuantKind::kQ8, 32}, false}, Case{37, 129, 256, {QuantKind::kQ4, 32}, false},
+                        Case{3, 11008, 4096, {QuantKind::kQ8, 64}, false}}) {
+    std::vector<float> w = RandomValues(c.m * c.k, 11), x = RandomValues(c.n * c.k, 12), b = RandomValues(c.m, 13), ref(c.n * c.m);
+    auto layout = LayoutQuantized(c.f, c.m, c.k);
+    ASSERT_TRUE(layout.ok());
+    std::vector<uint8_t> q(layout->bytes);
+    QuantizeRows(c.f, *layout, w.data(), c.m, c.k, q.data());
+    TensorView hq = Hv(q.data(), DType::kU8, {c.m, c.k});
+    hq.quant = c.f;
+    ASSERT_TRUE(cpu_.Linear({Hv(x.data(), DType::kF32, {c.n, c.k}), hq, Hv(b.data(), DType::kF32, {c.m}),
+                             Hv(ref.data(), DType::kF32, {c.n, c.m}), c.relu})
+                    .ok());
+    TensorView dq = Up(q, DType::kU8, {c.m, c.k});
+    dq.quant = c.f;
+    TensorView out = Poisoned({c.n, c.m});
+    ASSERT_TRUE(gpu_->Linear({Up(x, DType::kF32, {c.n, c.k}), dq, Up(b, DType::kF32, {c.m}), out, c.relu}).ok());
+    EXPECT_LT(RelErr(Down(out), ref), 1e-5) << QuantFormatName(c.f) << " " << c.n << "x" << c.k << " -> " << c.m;
   }
 }
 
