@@ -39,6 +39,21 @@ absl::StatusOr<QuantFormat> MakeQuantFormat(const std::string& kind, int group) 
 
 std::string QuantFormatName(const QuantFormat& f) { return absl::StrCat(f.kind == QuantKind::kQ4 ? "q4" : "q8", "g", f.group); }
 
+absl::StatusOr<QuantFormat> ParseQuantFormatName(const std::string& name) {
+  const size_t g = name.find('g');
+  int group = 0;
+  if (name.size() < 4 || g != 2 || name.size() > 7) {
+    return absl::InvalidArgumentError(absl::StrCat("\"", name, "\" is not a quantization format (q4g64, q8g32, ...)"));
+  }
+  for (size_t i = 3; i < name.size(); ++i) {
+    if (name[i] < '0' || name[i] > '9' || (i == 3 && name[i] == '0')) {
+      return absl::InvalidArgumentError(absl::StrCat("\"", name, "\" is not a quantization format (q4g64, q8g32, ...)"));
+    }
+    group = group * 10 + (name[i] - '0');
+  }
+  return MakeQuantFormat(name.substr(0, 2), group);
+}
+
 absl::StatusOr<QuantLayout> LayoutQuantized(const QuantFormat& f, int64_t rows, int64_t cols) {
   if (rows <= 0 || cols <= 0 || cols % f.group != 0) {
     return absl::InvalidArgumentError(absl::StrCat("a ", rows, " x ", cols, " matrix cannot be quantized in groups of ", f.group,
@@ -115,6 +130,17 @@ void DequantizeRows(const QuantFormat& f, const QuantLayout& l, const uint8_t* q
         for (size_t i = 0; i < g; ++i) y[k * g + i] = static_cast<float>(v[i]) * s;
       }
     }
+  }
+}
+
+void CopyQuantizedRow(const QuantFormat& f, const QuantLayout& l, int64_t cols, const uint8_t* src, int64_t src_row, uint8_t* dst,
+                      int64_t dst_row) {
+  const size_t row_values = f.kind == QuantKind::kQ4 ? static_cast<size_t>(cols) / 2 : static_cast<size_t>(cols);
+  std::memcpy(dst + dst_row * row_values, src + src_row * row_values, row_values);
+  const size_t row_params = l.groups_per_row * 2;
+  std::memcpy(dst + l.scales_offset + dst_row * row_params, src + l.scales_offset + src_row * row_params, row_params);
+  if (f.kind == QuantKind::kQ4) {
+    std::memcpy(dst + l.mins_offset + dst_row * row_params, src + l.mins_offset + src_row * row_params, row_params);
   }
 }
 

@@ -33,6 +33,8 @@ struct QuantFormat {
 // "q4" / "q8" with a group (even, 2..4096): kInvalidArgument otherwise.
 absl::StatusOr<QuantFormat> MakeQuantFormat(const std::string& kind, int group);
 std::string QuantFormatName(const QuantFormat& f);  // "q4g64"
+// The inverse of QuantFormatName ("q4g64", "q8g32"); kInvalidArgument for anything else.
+absl::StatusOr<QuantFormat> ParseQuantFormatName(const std::string& name);
 
 struct QuantLayout {
   size_t values_offset = 0, values_bytes = 0;
@@ -49,6 +51,11 @@ void QuantizeRows(const QuantFormat& f, const QuantLayout& layout, const float* 
 // Dequantizes rows [row0, row0 + n) into `out` (n x cols fp32).
 void DequantizeRows(const QuantFormat& f, const QuantLayout& layout, const uint8_t* q, int64_t cols, int64_t row0, int64_t n,
                     float* out);
+
+// Copies row src_row of the quantized matrix `src` to row dst_row of `dst` (same format and shape):
+// its values, scale and minimum. Permuting rows (a Q/K head reordering) needs no rounding.
+void CopyQuantizedRow(const QuantFormat& f, const QuantLayout& layout, int64_t cols, const uint8_t* src, int64_t src_row,
+                      uint8_t* dst, int64_t dst_row);
 
 // The format a GGUF block type maps onto without rounding (type 2 = Q4_0 and 3 = Q4_1: q4 group
 // 32; 8 = Q8_0: q8 group 32); kInvalidArgument for the others (they are requantized).

@@ -286,6 +286,10 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
   const double compute_s = decode_s - (stats2.acquire_wait_seconds - stats1.acquire_wait_seconds);
   // Faster than the floor means a probe under-read its link: say so rather than claim the impossible.
   const bool floor_doubtful = floor_s > 0 && step_s < 0.97 * floor_s;
+  std::string weights_format = "float";
+  for (const io::StoreTensor* t : store.LayerTensors(0)) {
+    if (t->info.shape.size() == 2) weights_format = t->info.quant ? QuantFormatName(*t->info.quant) : DTypeName(t->info.dtype);
+  }
   nlohmann::json j = {
       {"model", config.num_layers > 0 ? o.store_dir : ""},
       {"device", o.backend.name},
@@ -297,6 +301,7 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
       {"kv_dtype", DTypeName(o.kv_dtype)},
       {"prompt_len", o.prompt_len}, {"gen_len", o.gen_len},
       {"weights_percent", {o.split.gpu, o.split.cpu, o.split.disk}},
+      {"weights_format", weights_format},
       {"prefill_s", prefill_s}, {"decode_s", decode_s}, {"total_s", total_s},
       {"throughput_tok_s", batch * o.gen_len / total_s},
       {"decode_throughput_tok_s", steps > 0 ? batch * steps / decode_s : 0.0},
@@ -345,6 +350,7 @@ std::string BenchResult::Table() const {
                                             j["num_gpu_batches"].get<int>(),
                                             j["batch_fitted_to_budget"].get<bool>() ? ", the largest that fits" : ""));
   line("prompt / gen", absl::StrFormat("%d / %d", j["prompt_len"].get<int>(), j["gen_len"].get<int>()));
+  if (j.contains("weights_format")) line("layer matrices", j["weights_format"].get<std::string>());
   line("weights GPU,CPU,DISK %", absl::StrFormat("%g,%g,%g", j["weights_percent"][0].get<double>(),
                                                  j["weights_percent"][1].get<double>(), j["weights_percent"][2].get<double>()));
   line("prefill", absl::StrFormat("%.3f s", j["prefill_s"].get<double>()));

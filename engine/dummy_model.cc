@@ -1,6 +1,7 @@
 #include "engine/dummy_model.h"
 
 #include <algorithm>
+#include <cstring>
 #include <map>
 
 #include "absl/strings/str_cat.h"
@@ -26,6 +27,7 @@ uint64_t Mix(uint64_t x) {
 struct DummyTensor {
   io::PlannedTensor planned;
   bool norm = false, bias = false;  // norms are ones, biases zeros
+  bool layer_matrix = false;
 };
 
 absl::StatusOr<std::vector<DummyTensor>> Tensors(const DummyShape& s) {
@@ -42,12 +44,13 @@ absl::StatusOr<std::vector<DummyTensor>> Tensors(const DummyShape& s) {
   };
   std::vector<DummyTensor> t;
   for (const RoleSpec& r : GlobalRoles(c)) {
-    t.push_back({{names.Global(r.role), DType::kF16, r.shape, offload::RoleName(r.role)}, is_norm(r.role), is_bias(r.role)});
+    t.push_back({{names.Global(r.role), DType::kF16, r.shape, offload::RoleName(r.role), std::nullopt}, is_norm(r.role), is_bias(r.role)});
   }
   const std::vector<RoleSpec> layer = LayerRoles(c);
   for (int l = 0; l < s.layers; ++l) {
     for (const RoleSpec& r : layer) {
-      t.push_back({{names.Layer(r.role, l), DType::kF16, r.shape, offload::RoleName(r.role)}, is_norm(r.role), is_bias(r.role)});
+      t.push_back({{names.Layer(r.role, l), DType::kF16, r.shape, offload::RoleName(r.role), std::nullopt}, is_norm(r.role),
+                   is_bias(r.role), r.matrix});
     }
   }
   return t;
@@ -122,6 +125,10 @@ absl::Status WriteDummyStore(const DummyShape& shape, const std::string& out_dir
   std::map<std::string, const DummyTensor*> by_name;
   for (const auto& t : tensors) {
     planned.push_back(t.planned);
+    if (options.quantize && t.layer_matrix) {
+      planned.back().dtype = DType::kU8;
+      planned.back().quant = options.quantize;
+    }
     by_name[t.planned.name] = &t;
   }
   FERRY_ASSIGN_OR_RETURN(io::StoreWriter writer, io::StoreWriter::Create(out_dir, std::move(planned)));
@@ -133,6 +140,32 @@ absl::Status WriteDummyStore(const DummyShape& shape, const std::string& out_dir
   for (size_t i = 0; i < writer.order().size(); ++i) {
     const io::PlannedTensor& t = writer.order()[i];
     const DummyTensor& kind = *by_name.at(t.name);
+    if (t.quant) {
+      // Random codes with fixed group parameters: values uniform in about [-0.03, 0.03) as below.
+      FERRY_ASSIGN_OR_RETURN(const QuantLayout layout, LayoutQuantized(*t.quant, t.shape[0], t.shape[1]));
+      std::vector<uint8_t> q(layout.bytes, 0);
+      const uint64_t words = layout.values_bytes / 8;
+      ThreadPool::Default().ParallelFor(static_cast<int64_t>((words + kChunk - 1) / kChunk), 1, [&](int64_t b, int64_t e) {
+        for (int64_t c = b; c < e; ++c) {
+          uint64_t state = Mix(options.seed ^ Mix(i * 0x100000001b3ull + static_cast<uint64_t>(c)));
+          for (uint64_t k = static_cast<uint64_t>(c) * kChunk; k < std::min<uint64_t>(words, (c + 1) * kChunk); ++k) {
+            state = Mix(state);
+            std::memcpy(q.data() + 8 * k, &state, 8);
+          }
+        }
+      });
+      const bool q4 = t.quant->kind == QuantKind::kQ4;
+      const uint16_t scale = F32ToF16(q4 ? 0.06f / 15.0f : 0.03f / 127.0f), min = F32ToF16(-0.03f);
+      const size_t params = static_cast<size_t>(t.shape[0]) * layout.groups_per_row;
+      for (size_t g = 0; g < params; ++g) {
+        std::memcpy(q.data() + layout.scales_offset + 2 * g, &scale, 2);
+        if (q4) std::memcpy(q.data() + layout.mins_offset + 2 * g, &min, 2);
+      }
+      FERRY_RETURN_IF_ERROR(writer.Write(i, q.data(), q.size()));
+      done += q.size();
+      if (options.progress) options.progress(done, writer.total_bytes());
+      continue;
+    }
     int64_t numel = 1;
     for (int64_t d : t.shape) numel *= d;
     for (int64_t p0 = 0; p0 < numel; p0 += kPiece) {

@@ -6,10 +6,12 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "base/quant.h"
 
 namespace ferry::engine {
 
@@ -30,6 +32,8 @@ uint64_t DummyWeightBytes(const DummyShape& shape);
 
 struct DummyStoreOptions {
   uint64_t seed = 1;
+  // Layer matrices stored quantized (random codes, fixed group parameters) instead of fp16.
+  std::optional<QuantFormat> quantize;
   std::function<void(uint64_t done, uint64_t total)> progress;
 };
 

@@ -106,6 +106,41 @@ class GgufTensorSource final : public io::TensorSource {
     for (const auto& [name, e] : entries_) names.push_back(name);
     return names;
   }
+  std::string StorageType(const std::string& name) const override {
+    auto it = entries_.find(name);
+    return it == entries_.end() ? "?" : io::GgmlTypeName(it->second.tensor->type);
+  }
+
+  // Q4_0 / Q4_1 / Q8_0 matrices map onto q4g32 / q8g32 block for block (rows reordered like the
+  // float path when llama.cpp permuted them).
+  absl::StatusOr<bool> ReadExactQuantized(const std::string& name, const QuantFormat& f, const QuantLayout& layout,
+                                          uint8_t* out) const override {
+    auto it = entries_.find(name);
+    if (it == entries_.end()) return absl::NotFoundError(absl::StrCat("no tensor \"", name, "\" in ", file_->path()));
+    const Entry& e = it->second;
+    const io::GgufTensor& t = *e.tensor;
+    auto mapped = GgufQuantFormat(t.type);
+    if (!mapped.ok() || !(*mapped == f) || t.ne.size() != 2) return false;
+    const int64_t rows = t.rows(), cols = t.row_elements();
+    std::vector<uint8_t> blocks(t.bytes);
+    FERRY_RETURN_IF_ERROR(file_->ReadRaw(t, 0, blocks.data(), blocks.size()));
+    std::vector<uint8_t> tmp(e.permute_heads > 0 ? layout.bytes : 0);
+    uint8_t* dst = e.permute_heads > 0 ? tmp.data() : out;
+    std::memset(dst, 0, layout.bytes);
+    const absl::Status st = GgufBlocksToQuantized(t.type, blocks.data(), rows, cols, layout, dst);
+    if (absl::IsOutOfRange(st)) return false;  // a Q4_0 minimum beyond fp16: quantized from the values
+    FERRY_RETURN_IF_ERROR(st);
+    if (e.permute_heads > 0) {
+      std::memset(out, 0, layout.bytes);
+      const int64_t hd = rows / e.permute_heads, half = hd / 2;
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t head0 = (r / hd) * hd, w = r % hd;
+        CopyQuantizedRow(f, layout, cols, tmp.data(), head0 + 2 * (w % half) + w / half, out, r);
+      }
+    }
+    return true;
+  }
+
   absl::Status Read(const std::string& name, void* dst, size_t dst_bytes) const override {
     const io::TensorInfo* info = Find(name);
     if (info == nullptr) return absl::NotFoundError(absl::StrCat("no tensor \"", name, "\" in ", file_->path()));

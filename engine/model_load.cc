@@ -92,6 +92,17 @@ offload::FfnBundleLayout BundleLayout(const ModelConfig& c, const TensorNames& n
 
 absl::Status ConvertModel(const std::string& model_dir, const std::string& out_dir, io::ConvertOptions options,
                           const GgufLoadOptions& gguf) {
+  if (gguf.quantize) {
+    // The layer matrices (the streamed bytes) are quantized; embeddings, heads and vectors keep theirs.
+    options.quantize = gguf.quantize;
+    options.quantize_tensor = [&options](const std::string& name) {
+      const std::string role = options.role_of ? options.role_of(name) : std::string();
+      for (Role r : {Role::kQ, Role::kK, Role::kV, Role::kO, Role::kGate, Role::kUp, Role::kDown}) {
+        if (role == offload::RoleName(r)) return true;
+      }
+      return false;
+    };
+  }
   if (IsGgufFile(model_dir)) {
     FERRY_ASSIGN_OR_RETURN(GgufModel g, OpenGgufModel(model_dir, gguf));
     FERRY_ASSIGN_OR_RETURN(const Family* family, FindFamily(g.config.model_type, model_dir));
@@ -132,7 +143,7 @@ absl::Status CheckStoreModel(const io::Store& store) {
   auto check = [&](const RoleSpec& r, const std::string& name) -> absl::Status {
     const io::TensorInfo* t = store.Find(name);
     if (t == nullptr) return absl::DataLossError(absl::StrCat(store.dir(), ": the store lacks tensor \"", name, "\""));
-    if (t->shape != r.shape || !IsFloatWeight(t->dtype)) {
+    if (t->shape != r.shape || (t->quant ? !r.matrix || r.role == Role::kLmHead || r.role == Role::kTokEmbed : !IsFloatWeight(t->dtype))) {
       return absl::DataLossError(absl::StrCat(store.dir(), ": tensor \"", name, "\" has shape ", ShapeStr(t->shape), " ",
                                               DTypeName(t->dtype), "; config.json implies ", ShapeStr(r.shape)));
     }
@@ -156,6 +167,24 @@ absl::StatusOr<Weight> Model::LoadTensor(const io::TensorSource& src, const std:
   if (info->shape != shape) {
     return absl::InvalidArgumentError(absl::StrCat("tensor \"", name, "\" has shape ", ShapeStr(info->shape),
                                                    " but config.json implies ", ShapeStr(shape)));
+  }
+  if (info->quant) {
+    // A quantized store's matrix: its region as it is.
+    if (shape.size() != 2 || as_f32) {
+      return absl::InvalidArgumentError(absl::StrCat("tensor \"", name, "\" is quantized (", QuantFormatName(*info->quant),
+                                                     ") but only layer matrices may be"));
+    }
+    if (quantize && !(*quantize == *info->quant)) {
+      return absl::InvalidArgumentError(absl::StrCat("the model's matrices are already ", QuantFormatName(*info->quant),
+                                                     "; --quantize ", QuantFormatName(*quantize), " needs a float checkpoint"));
+    }
+    std::vector<char> q(info->bytes);
+    FERRY_RETURN_IF_ERROR(src.Read(name, q.data(), q.size()));
+    FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer buf, backend_->Allocate(q.size()));
+    FERRY_RETURN_IF_ERROR(backend_->CopyToDevice(buf.data(), q.data(), q.size()));
+    TensorView view = MakeView(buf.data(), DType::kU8, shape, backend_->device());
+    view.quant = *info->quant;
+    return Weight{std::move(buf), view};
   }
   if (!IsFloatWeight(info->dtype)) {
     return absl::InvalidArgumentError(absl::StrCat("tensor \"", name, "\" has dtype ", DTypeName(info->dtype),
@@ -247,9 +276,11 @@ absl::StatusOr<std::unique_ptr<Model>> Model::LoadOffloaded(const std::string& s
   if (static_cast<int>(store.layers().size()) != c.num_layers) {
     return absl::DataLossError(absl::StrCat(store_dir, ": the store has ", store.layers().size(), " layers, config.json ", c.num_layers));
   }
-  // Every matrix must lie in its layer's block, with its shape and one 16/32-bit float dtype.
+  // Every matrix must lie in its layer's block, with its shape and one 16/32-bit float dtype or one
+  // quantized format.
   std::vector<std::vector<offload::StreamedTensor>> streamed(static_cast<size_t>(c.num_layers));
   DType matrix_dtype = DType::kF16;
+  std::optional<QuantFormat> matrix_quant;
   bool first = true;
   for (int l = 0; l < c.num_layers; ++l) {
     const io::StoreLayer& region = store.layers()[l];
@@ -264,14 +295,21 @@ absl::StatusOr<std::unique_ptr<Model>> Model::LoadOffloaded(const std::string& s
       if (t->info.shape != r.shape || t->info.offset < region.offset || t->info.offset + t->info.bytes > region.offset + region.bytes) {
         return absl::DataLossError(absl::StrCat("tensor \"", name, "\" has the wrong shape or lies outside its layer"));
       }
-      if (first) matrix_dtype = t->info.dtype;
+      if (first) {
+        matrix_dtype = t->info.dtype;
+        matrix_quant = t->info.quant;
+      }
       first = false;
-      if (t->info.dtype != matrix_dtype || !IsFloatWeight(t->info.dtype)) {
-        return absl::InvalidArgumentError(absl::StrCat("tensor \"", name, "\": layer matrices must share one float dtype"));
+      if (t->info.dtype != matrix_dtype || t->info.quant != matrix_quant || (!t->info.quant && !IsFloatWeight(t->info.dtype))) {
+        return absl::InvalidArgumentError(absl::StrCat("tensor \"", name, "\": layer matrices must share one float dtype or quantized format"));
       }
       if (options.sparse_ffn && (r.role == Role::kUp || r.role == Role::kDown)) continue;  // bundles instead
-      streamed[l].push_back({r.role, t->info.offset - region.offset, t->info.dtype, r.shape});
+      streamed[l].push_back({r.role, t->info.offset - region.offset, t->info.dtype, r.shape, t->info.quant});
     }
+  }
+  if (options.sparse_ffn && matrix_quant) {
+    return absl::InvalidArgumentError("Deja Vu sparsity reads fp16/fp32 FFN bundles; this store's matrices are quantized (" +
+                                      QuantFormatName(*matrix_quant) + ")");
   }
   FERRY_ASSIGN_OR_RETURN(m->plan_, PlanOffload(store, options, *backend));  // refuses before any allocation
 

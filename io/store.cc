@@ -37,6 +37,21 @@ std::string Hex(uint64_t v) {
 }
 
 
+// dtype size x shape == bytes, without overflowing on a lying shape.
+bool BytesOfShapeAre(const std::vector<int64_t>& shape, uint64_t element, uint64_t bytes) {
+  if (shape.size() > 8) return false;
+  for (int64_t d : shape) {
+    if (d < 0) return false;
+    if (d == 0) return bytes == 0;
+  }
+  uint64_t n = element;
+  for (int64_t d : shape) {
+    if (n > bytes / static_cast<uint64_t>(d)) return false;  // the product would exceed bytes
+    n *= static_cast<uint64_t>(d);
+  }
+  return n == bytes;
+}
+
 uint64_t TablesHash(const json& m) {
   const std::string tables = m["tensors"].dump() + m["layers"].dump();
   return XXH3_64bits(tables.data(), tables.size());
@@ -92,6 +107,14 @@ absl::StatusOr<StoreWriter> StoreWriter::Create(const std::string& out_dir, std:
   for (const PlannedTensor& t : w.order_) {
     uint64_t bytes = DTypeSize(t.dtype);
     for (int64_t d : t.shape) bytes *= static_cast<uint64_t>(d);
+    if (t.quant) {
+      if (t.shape.size() != 2 || t.dtype != DType::kU8) {
+        return absl::InvalidArgumentError(absl::StrCat("tensor \"", t.name, "\": a quantized tensor is a 2-D U8 region"));
+      }
+      auto layout = LayoutQuantized(*t.quant, t.shape[0], t.shape[1]);
+      if (!layout.ok()) return absl::InvalidArgumentError(absl::StrCat("tensor \"", t.name, "\": ", layout.status().message()));
+      bytes = layout->bytes;
+    }
     offset = AlignUp(offset);
     w.offsets_.push_back(offset);
     w.bytes_.push_back(bytes);
@@ -145,6 +168,7 @@ absl::Status StoreWriter::Finish(const std::map<std::string, std::string>& side_
                   {"offset", offsets_[i]}, {"bytes", bytes_[i]}, {"layout", "row-major"},
                   {"layer", layer}, {"xxh3", Hex(XXH3_64bits_digest(state_->hashes[i]))}};
     if (!t.role.empty()) entry["role"] = t.role;
+    if (t.quant) entry["quant"] = QuantFormatName(*t.quant);
     manifest["tensors"].push_back(entry);
   }
   for (const auto& [layer, span] : layer_span) {
@@ -171,13 +195,47 @@ absl::Status ConvertToStore(const TensorSource& ckpt, const std::map<std::string
   std::vector<PlannedTensor> planned;
   for (const std::string& name : ckpt.Names()) {
     const TensorInfo* t = ckpt.Find(name);
-    planned.push_back({name, t->dtype, t->shape, options.role_of ? options.role_of(name) : std::string()});
+    PlannedTensor p{name, t->dtype, t->shape, options.role_of ? options.role_of(name) : std::string(), t->quant};
+    if (options.quantize && options.quantize_tensor && options.quantize_tensor(name) && !t->quant) {
+      if (t->shape.size() != 2 || !(t->dtype == DType::kF32 || t->dtype == DType::kF16 || t->dtype == DType::kBF16)) {
+        return absl::InvalidArgumentError(absl::StrCat("tensor \"", name, "\" is not a float matrix; it cannot be quantized"));
+      }
+      p.dtype = DType::kU8;
+      p.quant = options.quantize;
+    } else if (t->quant && options.quantize && !(*t->quant == *options.quantize)) {
+      return absl::InvalidArgumentError(absl::StrCat("tensor \"", name, "\" is already quantized as ", QuantFormatName(*t->quant),
+                                                     "; convert from the float checkpoint to quantize it as ",
+                                                     QuantFormatName(*options.quantize)));
+    }
+    planned.push_back(std::move(p));
   }
   FERRY_ASSIGN_OR_RETURN(StoreWriter writer, StoreWriter::Create(out_dir, std::move(planned)));
   std::vector<char> chunk(std::max<size_t>(options.chunk_bytes, kStoreAlignment));
   uint64_t done = 0;
   for (size_t i = 0; i < writer.order().size(); ++i) {
     const TensorInfo* t = ckpt.Find(writer.order()[i].name);
+    const PlannedTensor& p = writer.order()[i];
+    if (p.quant && !t->quant) {
+      // A matrix quantized now: from the file's own blocks when they are this format, else from
+      // its values (whole, in fp32).
+      FERRY_ASSIGN_OR_RETURN(const QuantLayout layout, LayoutQuantized(*p.quant, p.shape[0], p.shape[1]));
+      std::vector<uint8_t> q(layout.bytes);
+      FERRY_ASSIGN_OR_RETURN(const bool exact, ckpt.ReadExactQuantized(t->name, *p.quant, layout, q.data()));
+      if (!exact) {
+        std::vector<char> raw(t->bytes);
+        FERRY_RETURN_IF_ERROR(ckpt.Read(t->name, raw.data(), raw.size()));
+        std::vector<float> w(static_cast<size_t>(t->numel()));
+        ConvertToF32(t->dtype, raw.data(), w.data(), w.size());
+        raw = {};
+        QuantizeRows(*p.quant, layout, w.data(), p.shape[0], p.shape[1], q.data());
+      }
+      std::map<std::string, int>* count = exact ? options.mapped : options.requantized;
+      if (count != nullptr) ++(*count)[ckpt.StorageType(t->name)];
+      FERRY_RETURN_IF_ERROR(writer.Write(i, q.data(), q.size()));
+      done += q.size();
+      if (options.progress) options.progress(done, writer.total_bytes());
+      continue;
+    }
     for (uint64_t begin = 0; begin < t->bytes; begin += chunk.size()) {
       const size_t n = static_cast<size_t>(std::min<uint64_t>(chunk.size(), t->bytes - begin));
       FERRY_RETURN_IF_ERROR(ckpt.ReadRange(t->name, begin, chunk.data(), n));
@@ -259,6 +317,11 @@ absl::StatusOr<Store> Store::Open(const std::string& dir) {
       st.layout = t.at("layout").get<std::string>();
       st.xxh3 = std::stoull(t.at("xxh3").get<std::string>(), nullptr, 16);
       if (t.contains("role")) st.role = t.at("role").get<std::string>();
+      if (t.contains("quant")) {
+        auto q = ParseQuantFormatName(t.at("quant").get<std::string>());
+        if (!q.ok()) return Corrupt(dir, absl::StrCat("tensor \"", st.info.name, "\": ", q.status().message()));
+        st.info.quant = *q;
+      }
     } catch (const std::exception& e) {
       return Corrupt(dir, absl::StrCat("bad tensor entry in manifest.json: ", e.what()));
     }
@@ -266,7 +329,15 @@ absl::StatusOr<Store> Store::Open(const std::string& dir) {
     for (int64_t d : i.shape) {
       if (d < 0) return Corrupt(dir, absl::StrCat("tensor \"", i.name, "\" has a negative dimension"));
     }
-    if (static_cast<uint64_t>(i.numel()) * DTypeSize(i.dtype) != i.bytes) {
+    if (i.quant) {
+      if (i.shape.size() != 2 || i.dtype != DType::kU8) {
+        return Corrupt(dir, absl::StrCat("quantized tensor \"", i.name, "\" must be a 2-D U8 region"));
+      }
+      auto layout = LayoutQuantized(*i.quant, i.shape[0], i.shape[1]);
+      if (!layout.ok() || layout->bytes != i.bytes) {
+        return Corrupt(dir, absl::StrCat("quantized tensor \"", i.name, "\" bytes do not match its format and shape"));
+      }
+    } else if (!BytesOfShapeAre(i.shape, DTypeSize(i.dtype), i.bytes)) {
       return Corrupt(dir, absl::StrCat("tensor \"", i.name, "\" bytes do not match dtype x shape"));
     }
     if (i.offset % kStoreAlignment != 0) return Corrupt(dir, absl::StrCat("tensor \"", i.name, "\" is not 4 KiB-aligned"));

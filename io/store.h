@@ -11,6 +11,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -69,6 +70,7 @@ struct PlannedTensor {
   DType dtype = DType::kF16;
   std::vector<int64_t> shape;
   std::string role;  // recorded in the manifest when set
+  std::optional<QuantFormat> quant;  // a quantized matrix: dtype U8, shape [rows, cols]
 };
 
 // Writes a store: the layout (non-layer tensors first, then each layer's, 4 KiB-aligned) is fixed
@@ -103,6 +105,15 @@ struct ConvertOptions {
   size_t chunk_bytes = 64 << 20;  // tensors stream through a buffer of this size
   // The role of a checkpoint tensor in its model family ("" when none), recorded in the manifest.
   std::function<std::string(const std::string& name)> role_of;
+  // Quantize the tensors quantize_tensor(name) selects (2-D float matrices) to this format: from the
+  // file's own blocks when they are that format (TensorSource::ReadExactQuantized), else from
+  // their values. Each matrix is quantized whole in memory (fp32).
+  std::optional<QuantFormat> quantize;
+  std::function<bool(const std::string& name)> quantize_tensor;
+  // Filled when quantizing: per source storage type ("Q4_1", "F16"), how many matrices were
+  // mapped without rounding and how many were quantized from their values.
+  std::map<std::string, int>* mapped = nullptr;
+  std::map<std::string, int>* requantized = nullptr;
 };
 
 // Converts the model in `model_dir` (safetensors + config + tokenizer) into a store at `out_dir`.

@@ -3,11 +3,13 @@
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "base/dtype.h"
+#include "base/quant.h"
 
 namespace ferry::io {
 
@@ -17,6 +19,9 @@ struct TensorInfo {
   std::vector<int64_t> shape;
   uint64_t offset = 0;  // absolute byte offset in its file
   uint64_t bytes = 0;
+  // A group-wise quantized matrix (base/quant.h): dtype U8, shape the matrix's [rows, cols], bytes
+  // its region's; nullopt for plain tensors.
+  std::optional<QuantFormat> quant;
   int64_t numel() const;
 };
 
@@ -29,6 +34,14 @@ class TensorSource {
   // Reads bytes [begin, begin + n) of the tensor.
   virtual absl::Status ReadRange(const std::string& name, uint64_t begin, void* dst, size_t n) const = 0;
   virtual std::vector<std::string> Names() const = 0;
+
+  // What a tensor is stored as in its file ("F16", "Q4_1", ...), for reports.
+  virtual std::string StorageType(const std::string& name) const;
+  // Fills `out` (layout.bytes) with the float tensor `name` in format `f` without rounding when the
+  // file's own blocks are that format (GGUF Q4_0/Q4_1/Q8_0 as q4g32/q8g32): true when it did,
+  // false when the tensor must be quantized from its values instead.
+  virtual absl::StatusOr<bool> ReadExactQuantized(const std::string& name, const QuantFormat& f, const QuantLayout& layout,
+                                                  uint8_t* out) const;
 };
 
 // A ferry store when DIR/manifest.json exists, else a safetensors checkpoint.

@@ -16,6 +16,7 @@ absl::StatusOr<LayerWeights> ModelWeights::Acquire(int layer, kernels::Backend& 
   FERRY_ASSIGN_OR_RETURN(const char* base, streamer_->Acquire(layer));
   for (const StreamedTensor& t : streamed_[layer]) {
     w[t.role] = MakeView(const_cast<char*>(base) + t.offset, t.dtype, t.shape, backend.device());
+    w[t.role].quant = t.quant;
   }
   return w;
 }

@@ -9,6 +9,7 @@
 #include <array>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -23,6 +24,7 @@ struct StreamedTensor {
   uint64_t offset = 0;
   DType dtype = DType::kF16;
   std::vector<int64_t> shape;
+  std::optional<QuantFormat> quant;  // a quantized matrix's region (dtype U8)
 };
 
 class ModelWeights {

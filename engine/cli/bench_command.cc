@@ -2,6 +2,7 @@
 // offloading executor.
 #include <cstdio>
 #include <fstream>
+#include <optional>
 
 #include "absl/strings/str_cat.h"
 #include "base/file.h"
@@ -27,10 +28,33 @@ struct BenchFlags {
   bool fit_batch = false;
   double sparsity_sim = 0.0, sparsity_k = 0.15, sparsity_dense_above = 0.9, sparsity_cache = 0.0;
   std::string sparsity;
+  std::string quantize;
+  int quant_group = 64;
 };
+
+// The quantized format of a store's layer matrices (nullopt: float).
+absl::StatusOr<std::optional<QuantFormat>> StoreQuant(const std::string& dir) {
+  FERRY_ASSIGN_OR_RETURN(io::Store store, io::Store::Open(dir));
+  for (const io::StoreTensor* t : store.LayerTensors(0)) {
+    if (t->info.quant) return t->info.quant;
+  }
+  return std::optional<QuantFormat>();
+}
+
+// A store reused by --store must hold the weights --quantize asks for.
+absl::Status CheckStoreQuant(const std::string& dir, const std::optional<QuantFormat>& want) {
+  FERRY_ASSIGN_OR_RETURN(const std::optional<QuantFormat> have, StoreQuant(dir));
+  if (have == want) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(dir, " holds ", have ? QuantFormatName(*have) : "float", " layer matrices but --quantize asks for ",
+                                                 want ? QuantFormatName(*want) : "none", ": give another --store"));
+}
 
 // Makes sure flags.store (or the model itself) is a store; returns its directory.
 absl::StatusOr<std::string> PrepareStore(const BenchFlags& f) {
+  std::optional<QuantFormat> quant;
+  if (!f.quantize.empty()) {
+    FERRY_ASSIGN_OR_RETURN(quant, MakeQuantFormat(f.quantize, f.quant_group));
+  }
   auto progress = [&](const char* what) -> std::function<void(uint64_t, uint64_t)> {
     if (f.quiet) return nullptr;
     return [what](uint64_t done, uint64_t total) {
@@ -49,25 +73,33 @@ absl::StatusOr<std::string> PrepareStore(const BenchFlags& f) {
       if (j.is_discarded() || j.value("_ferry_dummy", std::string()) != f.dummy) {
         return absl::InvalidArgumentError(absl::StrCat(f.store, " holds another model than dummy ", f.dummy));
       }
+      FERRY_RETURN_IF_ERROR(CheckStoreQuant(f.store, quant));
       return f.store;
     }
     if (!f.quiet) {
-      std::fprintf(stderr, "ferry: writing dummy %s (%.1f GiB of fp16 weights) to %s\n", f.dummy.c_str(),
-                   engine::DummyWeightBytes(shape) / 1073741824.0, f.store.c_str());
+      std::fprintf(stderr, "ferry: writing dummy %s (%.1f GiB of fp16 weights%s) to %s\n", f.dummy.c_str(),
+                   engine::DummyWeightBytes(shape) / 1073741824.0, quant ? ", layer matrices quantized" : "", f.store.c_str());
     }
     engine::DummyStoreOptions o;
+    o.quantize = quant;
     o.progress = progress("dummy weights");
     FERRY_RETURN_IF_ERROR(engine::WriteDummyStore(shape, f.store, o));
     return f.store;
   }
   const std::string model = f.model.empty() ? DefaultModelDir() : f.model;
-  if (PathExists(model + "/manifest.json")) return model;
+  if (PathExists(model + "/manifest.json")) {
+    FERRY_RETURN_IF_ERROR(CheckStoreQuant(model, quant));
+    return model;
+  }
   if (f.store.empty()) return absl::InvalidArgumentError("--model is a Hugging Face checkpoint: give --store DIR to convert it into");
   if (!PathExists(f.store + "/manifest.json")) {
     io::ConvertOptions o;
     o.progress = progress("convert");
-    FERRY_RETURN_IF_ERROR(engine::ConvertModel(model, f.store, o));
+    engine::GgufLoadOptions go;
+    go.quantize = quant;
+    FERRY_RETURN_IF_ERROR(engine::ConvertModel(model, f.store, o, go));
   }
+  FERRY_RETURN_IF_ERROR(CheckStoreQuant(f.store, quant));
   return f.store;
 }
 
@@ -128,6 +160,11 @@ void RegisterBenchCommand(CLI::App& app, Runner* selected) {
   b->add_option("--kv-dtype", f.kv_dtype, "Keys and values in the KV cache: f32, or f16 (half the bytes: about twice the batch)")
       ->check(CLI::IsMember({"f32", "f16"}))
       ->capture_default_str();
+  b->add_option("--quantize", f.quantize,
+                "Layer matrices stored and streamed quantized: q4 or q8 (the dummy or converted store is written so; a reused "
+                "store must match)")
+      ->check(CLI::IsMember({"q4", "q8"}));
+  b->add_option("--quant-group", f.quant_group, "Values per quantization group")->capture_default_str();
   b->add_option("--gpu-mem", f.gpu_mem, "Device memory budget, e.g. 24GiB (default: none)");
   b->add_option("--cpu-mem", f.cpu_mem, "Pinned host memory budget, e.g. 64GiB (default: none)");
   b->add_option("--device", f.device, "Backend")->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();

@@ -132,7 +132,9 @@ absl::StatusOr<Loaded> LoadAll(const ModelFlags& f, int64_t rows, int64_t max_to
     FERRY_ASSIGN_OR_RETURN(split, offload::ParseWeightSplit(f.weights));
   }
   if (!f.quantize.empty() && !f.weights.empty()) {
-    return absl::InvalidArgumentError("--quantize runs a resident model; quantized offloading (--weights) is not supported yet");
+    return absl::InvalidArgumentError(absl::StrCat("--quantize quantizes a resident model at load; an offloaded model streams "
+                                                   "its store's bytes as they are: ferry convert --quantize ", f.quantize,
+                                                   " --model ", f.model, " --out STORE, then --weights with --model STORE"));
   }
   if (f.weights.empty()) {
     engine::GgufLoadOptions go;
@@ -378,6 +380,8 @@ struct ConvertFlags {
   std::string model = DefaultModelDir();
   std::string out;
   std::string gguf_dtype = "f16";
+  std::string quantize;
+  int quant_group = 64;
   bool verify = false;
   bool quiet = false;
 };
@@ -406,7 +410,21 @@ absl::Status RunConvert(const ConvertFlags& f) {
   o.progress = ByteProgress("convert", f.quiet);
   engine::GgufLoadOptions go;
   FERRY_ASSIGN_OR_RETURN(go.dtype, GgufDtype(f.gguf_dtype));
+  std::map<std::string, int> mapped, requantized;
+  if (!f.quantize.empty()) {
+    FERRY_ASSIGN_OR_RETURN(go.quantize, MakeQuantFormat(f.quantize, f.quant_group));
+    o.mapped = &mapped;
+    o.requantized = &requantized;
+  }
   FERRY_RETURN_IF_ERROR(engine::ConvertModel(f.model, f.out, o, go));
+  if (go.quantize && !f.quiet) {
+    // Which matrices kept the file's own blocks and which were rounded from their values.
+    std::string report;
+    for (const auto& [type, n] : mapped) absl::StrAppend(&report, report.empty() ? "" : ", ", n, " ", type, " mapped without rounding");
+    for (const auto& [type, n] : requantized) absl::StrAppend(&report, report.empty() ? "" : ", ", n, " ", type, " quantized from their values");
+    std::fprintf(stderr, "ferry: layer matrices as %s: %s\n", QuantFormatName(*go.quantize).c_str(),
+                 report.empty() ? "none" : report.c_str());
+  }
   if (f.verify) {
     FERRY_ASSIGN_OR_RETURN(io::Store store, io::Store::Open(f.out));
     FERRY_RETURN_IF_ERROR(store.Verify(ByteProgress("verify", f.quiet)));
@@ -559,6 +577,11 @@ void RegisterCommands(CLI::App& app, Runner* selected) {
   c->add_option("--model", convf.model, "Hugging Face model directory or GGUF file")->capture_default_str();
   AddGgufDtypeFlag(c, &convf.gguf_dtype);
   c->add_option("--out", convf.out, "Store directory to create")->required();
+  c->add_option("--quantize", convf.quantize,
+                "Store the layer matrices quantized: q4 (asymmetric 4-bit, fp16 scale and minimum per group) or q8 (symmetric "
+                "8-bit); GGUF Q4_0/Q4_1/Q8_0 blocks map onto q4/q8 with --quant-group 32 without rounding")
+      ->check(CLI::IsMember({"q4", "q8"}));
+  c->add_option("--quant-group", convf.quant_group, "Values per quantization group along a matrix row")->capture_default_str();
   c->add_flag("--verify", convf.verify, "Read the store back and check every checksum");
   c->add_flag("--quiet,-q", convf.quiet, "No progress on stderr");
   c->callback([selected] { *selected = [] { return RunConvert(convf); }; });

@@ -431,3 +431,40 @@ TEST(CliTest, VerifyChecksTheModelAndFailedConvertsCleanUp) {
 }
 
 }  // namespace
+
+namespace ferry::testing {
+namespace {
+
+// ferry convert --quantize: says what it did; the store generates what --quantize at load does,
+// resident and offloaded; bad flags and mismatched stores fail in one line.
+TEST(CliQuantizeTest, ConvertQuantizedThenGenerateOffloaded) {
+  TempDir dir;
+  const std::string prompt = " --prompt 'In the beginning God created' --max-new-tokens 8 -q";
+  Result r = Ferry("convert " + kModel + " --quantize q4 --out " + dir.File("q4"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.err.find("layer matrices as q4g64: 36 F16 quantized from their values"), std::string::npos) << r.err;
+  const Result at_load = Ferry("generate " + kModel + " --quantize q4" + prompt);
+  ASSERT_EQ(at_load.code, 0) << at_load.err;
+  r = Ferry("generate --model " + dir.File("q4") + " --weights 0,50,50" + prompt);
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.out, at_load.out);
+  r = Ferry("verify --store " + dir.File("q4"));
+  EXPECT_EQ(r.code, 0) << r.err;
+
+  r = Ferry("generate " + kModel + " --quantize q4 --weights 0,50,50" + prompt);
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.err.find("ferry convert --quantize q4"), std::string::npos) << r.err;
+  EXPECT_EQ(Lines(r.err), 1) << r.err;
+  r = Ferry("convert " + kModel + " --quantize q4 --quant-group 48 --out " + dir.File("bad"));
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.err.find("multiple of the group"), std::string::npos) << r.err;
+  EXPECT_FALSE(PathExists(dir.File("bad/manifest.json")));
+  r = Ferry("convert " + kModel + " --quantize q3 --out " + dir.File("bad"));
+  EXPECT_NE(r.code, 0);
+  r = Ferry("generate --model " + dir.File("q4") + " --quantize q8" + prompt);
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.err.find("already q4g64"), std::string::npos) << r.err;
+}
+
+}  // namespace
+}  // namespace ferry::testing

