@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "base/dtype.h"
+#include "base/status.h"
 
 namespace ferry {
 namespace {
@@ -38,6 +39,30 @@ absl::StatusOr<QuantFormat> MakeQuantFormat(const std::string& kind, int group) 
 }
 
 std::string QuantFormatName(const QuantFormat& f) { return absl::StrCat(f.kind == QuantKind::kQ4 ? "q4" : "q8", "g", f.group); }
+
+uint64_t KvType::Bytes(int64_t rows, int64_t cols) const {
+  if (!quant) return static_cast<uint64_t>(rows) * static_cast<uint64_t>(cols) * DTypeSize(dtype);
+  auto layout = LayoutQuantized(*quant, rows, cols);
+  return layout.ok() ? layout->bytes : 0;
+}
+
+std::string KvTypeName(const KvType& t) {
+  if (t.quant) return QuantFormatName(*t.quant);
+  return t.dtype == DType::kF16 ? "f16" : t.dtype == DType::kF32 ? "f32" : DTypeName(t.dtype);
+}
+
+absl::StatusOr<KvType> ParseKvType(const std::string& name, int head_dim) {
+  if (name == "f32") return KvType(DType::kF32);
+  if (name == "f16") return KvType(DType::kF16);
+  if (name != "q8" && name != "q4") {
+    return absl::InvalidArgumentError(absl::StrCat("the KV cache type must be f32, f16, q8 or q4, not \"", name, "\""));
+  }
+  int group = 64;
+  while (group >= 2 && head_dim % group != 0) group /= 2;
+  if (group < 2) return absl::InvalidArgumentError(absl::StrCat("a q8/q4 KV cache needs an even head_dim, not ", head_dim));
+  FERRY_ASSIGN_OR_RETURN(const QuantFormat f, MakeQuantFormat(name, group));
+  return KvType(f);
+}
 
 absl::StatusOr<QuantFormat> ParseQuantFormatName(const std::string& name) {
   const size_t g = name.find('g');
@@ -74,62 +99,82 @@ absl::StatusOr<QuantLayout> LayoutQuantized(const QuantFormat& f, int64_t rows, 
   return l;
 }
 
-void QuantizeRows(const QuantFormat& f, const QuantLayout& l, const float* w, int64_t rows, int64_t cols, uint8_t* out) {
-  std::memset(out, 0, l.bytes);
+namespace {
+
+// Group gi (values x[0..g)) into its codes and parameters; `v` points at the group's first value
+// byte (q4: two per byte, the even column in the low nibble). The group's value bytes are
+// overwritten.
+void QuantizeGroup(const QuantFormat& f, const QuantLayout& l, const float* x, size_t gi, uint8_t* v, uint8_t* out) {
   const size_t g = static_cast<size_t>(f.group);
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* row = w + r * cols;
-    for (size_t k = 0; k < l.groups_per_row; ++k) {
-      const float* x = row + k * g;
-      const size_t gi = static_cast<size_t>(r) * l.groups_per_row + k;
-      if (f.kind == QuantKind::kQ4) {
-        float mn = x[0], mx = x[0];
-        for (size_t i = 1; i < g; ++i) mn = std::min(mn, x[i]), mx = std::max(mx, x[i]);
-        const uint16_t s16 = F32ToF16((mx - mn) / 15.0f), m16 = F32ToF16(mn);
-        const float s = F16ToF32(s16), m = F16ToF32(m16);
-        StoreHalf(out + l.scales_offset + gi * 2, s16);
-        StoreHalf(out + l.mins_offset + gi * 2, m16);
-        uint8_t* v = out + (static_cast<size_t>(r) * static_cast<size_t>(cols) + k * g) / 2;
-        for (size_t i = 0; i < g; ++i) {
-          const float q = s > 0.0f ? std::nearbyint((x[i] - m) / s) : 0.0f;
-          const uint8_t qi = static_cast<uint8_t>(std::clamp(q, 0.0f, 15.0f));
-          v[i / 2] |= static_cast<uint8_t>(i % 2 == 0 ? qi : qi << 4);
-        }
-      } else {
-        float amax = 0.0f;
-        for (size_t i = 0; i < g; ++i) amax = std::max(amax, std::fabs(x[i]));
-        const uint16_t s16 = F32ToF16(amax / 127.0f);
-        const float s = F16ToF32(s16);
-        StoreHalf(out + l.scales_offset + gi * 2, s16);
-        int8_t* v = reinterpret_cast<int8_t*>(out) + static_cast<size_t>(r) * static_cast<size_t>(cols) + k * g;
-        for (size_t i = 0; i < g; ++i) {
-          const float q = s > 0.0f ? std::nearbyint(x[i] / s) : 0.0f;
-          v[i] = static_cast<int8_t>(std::clamp(q, -128.0f, 127.0f));
-        }
-      }
+  if (f.kind == QuantKind::kQ4) {
+    float mn = x[0], mx = x[0];
+    for (size_t i = 1; i < g; ++i) mn = std::min(mn, x[i]), mx = std::max(mx, x[i]);
+    const uint16_t s16 = F32ToF16((mx - mn) / 15.0f), m16 = F32ToF16(mn);
+    const float s = F16ToF32(s16), m = F16ToF32(m16);
+    StoreHalf(out + l.scales_offset + gi * 2, s16);
+    StoreHalf(out + l.mins_offset + gi * 2, m16);
+    std::memset(v, 0, g / 2);
+    for (size_t i = 0; i < g; ++i) {
+      const float q = s > 0.0f ? std::nearbyint((x[i] - m) / s) : 0.0f;
+      const uint8_t qi = static_cast<uint8_t>(std::clamp(q, 0.0f, 15.0f));
+      v[i / 2] |= static_cast<uint8_t>(i % 2 == 0 ? qi : qi << 4);
+    }
+  } else {
+    float amax = 0.0f;
+    for (size_t i = 0; i < g; ++i) amax = std::max(amax, std::fabs(x[i]));
+    const uint16_t s16 = F32ToF16(amax / 127.0f);
+    const float s = F16ToF32(s16);
+    StoreHalf(out + l.scales_offset + gi * 2, s16);
+    for (size_t i = 0; i < g; ++i) {
+      const float q = s > 0.0f ? std::nearbyint(x[i] / s) : 0.0f;
+      v[i] = static_cast<uint8_t>(static_cast<int8_t>(std::clamp(q, -128.0f, 127.0f)));
     }
   }
 }
 
-void DequantizeRows(const QuantFormat& f, const QuantLayout& l, const uint8_t* q, int64_t cols, int64_t row0, int64_t n, float* out) {
-  const size_t g = static_cast<size_t>(f.group), c = static_cast<size_t>(cols);
-  for (int64_t r = row0; r < row0 + n; ++r) {
-    float* y = out + static_cast<size_t>(r - row0) * c;
-    for (size_t k = 0; k < l.groups_per_row; ++k) {
-      const size_t gi = static_cast<size_t>(r) * l.groups_per_row + k;
-      const float s = F16ToF32(LoadHalf(q + l.scales_offset + gi * 2));
-      if (f.kind == QuantKind::kQ4) {
-        const float m = F16ToF32(LoadHalf(q + l.mins_offset + gi * 2));
-        const uint8_t* v = q + (static_cast<size_t>(r) * c + k * g) / 2;
-        for (size_t i = 0; i < g; i += 2) {
-          y[k * g + i] = static_cast<float>(v[i / 2] & 0xF) * s + m;
-          y[k * g + i + 1] = static_cast<float>(v[i / 2] >> 4) * s + m;
-        }
-      } else {
-        const int8_t* v = reinterpret_cast<const int8_t*>(q) + static_cast<size_t>(r) * c + k * g;
-        for (size_t i = 0; i < g; ++i) y[k * g + i] = static_cast<float>(v[i]) * s;
-      }
+void DequantizeGroup(const QuantFormat& f, const QuantLayout& l, const uint8_t* q, size_t gi, const uint8_t* v, float* y) {
+  const size_t g = static_cast<size_t>(f.group);
+  const float s = F16ToF32(LoadHalf(q + l.scales_offset + gi * 2));
+  if (f.kind == QuantKind::kQ4) {
+    const float m = F16ToF32(LoadHalf(q + l.mins_offset + gi * 2));
+    for (size_t i = 0; i < g; i += 2) {
+      y[i] = static_cast<float>(v[i / 2] & 0xF) * s + m;
+      y[i + 1] = static_cast<float>(v[i / 2] >> 4) * s + m;
     }
+  } else {
+    const int8_t* c = reinterpret_cast<const int8_t*>(v);
+    for (size_t i = 0; i < g; ++i) y[i] = static_cast<float>(c[i]) * s;
+  }
+}
+
+size_t ValueByte(const QuantFormat& f, size_t element) { return f.kind == QuantKind::kQ4 ? element / 2 : element; }
+
+}  // namespace
+
+void QuantizeRows(const QuantFormat& f, const QuantLayout& l, const float* w, int64_t rows, int64_t cols, uint8_t* out) {
+  std::memset(out, 0, l.bytes);
+  for (int64_t r = 0; r < rows; ++r) QuantizeSpan(f, l, w + r * cols, cols, r, 0, cols, out);
+}
+
+void DequantizeRows(const QuantFormat& f, const QuantLayout& l, const uint8_t* q, int64_t cols, int64_t row0, int64_t n, float* out) {
+  for (int64_t r = row0; r < row0 + n; ++r) DequantizeSpan(f, l, q, cols, r, 0, cols, out + (r - row0) * cols);
+}
+
+void QuantizeSpan(const QuantFormat& f, const QuantLayout& l, const float* x, int64_t cols, int64_t row, int64_t col0, int64_t n,
+                  uint8_t* out) {
+  const size_t g = static_cast<size_t>(f.group), base = static_cast<size_t>(row) * static_cast<size_t>(cols) + static_cast<size_t>(col0);
+  for (size_t k = 0; k < static_cast<size_t>(n) / g; ++k) {
+    const size_t gi = static_cast<size_t>(row) * l.groups_per_row + static_cast<size_t>(col0) / g + k;
+    QuantizeGroup(f, l, x + k * g, gi, out + ValueByte(f, base + k * g), out);
+  }
+}
+
+void DequantizeSpan(const QuantFormat& f, const QuantLayout& l, const uint8_t* q, int64_t cols, int64_t row, int64_t col0, int64_t n,
+                    float* out) {
+  const size_t g = static_cast<size_t>(f.group), base = static_cast<size_t>(row) * static_cast<size_t>(cols) + static_cast<size_t>(col0);
+  for (size_t k = 0; k < static_cast<size_t>(n) / g; ++k) {
+    const size_t gi = static_cast<size_t>(row) * l.groups_per_row + static_cast<size_t>(col0) / g + k;
+    DequantizeGroup(f, l, q, gi, q + ValueByte(f, base + k * g), out + k * g);
   }
 }
 

@@ -16,9 +16,11 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "base/dtype.h"
 
 namespace ferry {
 
@@ -29,6 +31,27 @@ struct QuantFormat {
   int group = 64;
   bool operator==(const QuantFormat& o) const { return kind == o.kind && group == o.group; }
 };
+
+// What a KV cache stores per element: F32 or F16, or group-wise q8/q4 (groups along head_dim,
+// dequantized inside the attention kernels; scores and sums stay fp32).
+struct KvType {
+  DType dtype = DType::kF32;
+  std::optional<QuantFormat> quant;  // set: dtype is U8 and the cache tensors are quantized regions
+  KvType() = default;
+  KvType(DType d) : dtype(d) {}  // NOLINT: a plain dtype is a KV type
+  explicit KvType(QuantFormat q) : dtype(DType::kU8), quant(q) {}
+  bool operator==(const KvType& o) const { return dtype == o.dtype && quant == o.quant; }
+  // Bytes of a [rows, cols] tensor of this type (quantized: the 4 KiB-rounded region; 0 when the
+  // group does not divide cols).
+  uint64_t Bytes(int64_t rows, int64_t cols) const;
+  // F32, F16 or the element type a quantized cache's dense scratch uses (F16).
+  DType dense_dtype() const { return quant ? DType::kF16 : dtype; }
+};
+// "f32", "f16", "q8g64", ...
+std::string KvTypeName(const KvType& t);
+// "f32" | "f16" | "q8" | "q4" for caches of heads of head_dim (the group: the largest of 64, 32,
+// ..., 2 that divides head_dim); kInvalidArgument otherwise.
+absl::StatusOr<KvType> ParseKvType(const std::string& name, int head_dim);
 
 // "q4" / "q8" with a group (even, 2..4096): kInvalidArgument otherwise.
 absl::StatusOr<QuantFormat> MakeQuantFormat(const std::string& kind, int group);
@@ -51,6 +74,14 @@ void QuantizeRows(const QuantFormat& f, const QuantLayout& layout, const float* 
 // Dequantizes rows [row0, row0 + n) into `out` (n x cols fp32).
 void DequantizeRows(const QuantFormat& f, const QuantLayout& layout, const uint8_t* q, int64_t cols, int64_t row0, int64_t n,
                     float* out);
+
+// Spans of one row, for caches written a token at a time: columns [col0, col0 + n) of row `row`
+// (col0 and n multiples of the group), quantized from / dequantized to n floats with exactly the
+// arithmetic of QuantizeRows / DequantizeRows. QuantizeSpan writes only that span's bytes.
+void QuantizeSpan(const QuantFormat& f, const QuantLayout& layout, const float* x, int64_t cols, int64_t row, int64_t col0,
+                  int64_t n, uint8_t* out);
+void DequantizeSpan(const QuantFormat& f, const QuantLayout& layout, const uint8_t* q, int64_t cols, int64_t row, int64_t col0,
+                    int64_t n, float* out);
 
 // Copies row src_row of the quantized matrix `src` to row dst_row of `dst` (same format and shape):
 // its values, scale and minimum. Permuting rows (a Q/K head reordering) needs no rounding.

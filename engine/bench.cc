@@ -298,7 +298,7 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
       {"kv_cache", o.h2o.has_value() ? absl::StrCat("h2o ", o.h2o->heavy, "+", o.h2o->recent, o.kv_on_cpu ? ", on the CPU" : "")
                    : o.kv_on_cpu   ? std::string("full, on the CPU")
                                    : std::string("full")},
-      {"kv_dtype", DTypeName(o.kv_dtype)},
+      {"kv_dtype", KvTypeName(o.kv_dtype)},
       {"prompt_len", o.prompt_len}, {"gen_len", o.gen_len},
       {"weights_percent", {o.split.gpu, o.split.cpu, o.split.disk}},
       {"weights_format", weights_format},

@@ -31,7 +31,7 @@ struct BenchOptions {
   uint64_t seed = 1;
   std::optional<offload::H2OOptions> h2o;  // evicting KV cache instead of the dense one
   bool kv_on_cpu = false;                  // the dense cache in pinned host memory, CPU attention
-  DType kv_dtype = DType::kF32;            // keys and values: F32 or F16 (half the bytes, so about twice the batch)
+  KvType kv_dtype = DType::kF32;           // keys and values: F32, F16 (half the bytes, so about twice the batch), q8, q4
   // Run the largest gpu_batch_size (x num_gpu_batches) that fits the device budget.
   bool fit_batch = false;
   std::function<void(const std::string&)> progress;  // one line per phase/step

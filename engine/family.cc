@@ -58,7 +58,7 @@ absl::StatusOr<ModelConfig> ModelConfig::FromModelDir(const std::string& dir) {
   return FromJson(text, path);
 }
 
-offload::KvCacheSpec KvSpec(const ModelConfig& c, int rows, int max_len, DType dtype) {
+offload::KvCacheSpec KvSpec(const ModelConfig& c, int rows, int max_len, KvType dtype) {
   offload::KvCacheSpec s;
   s.shape = c.kv_shape(dtype);
   s.rows = rows;

@@ -28,7 +28,7 @@ struct GenerateOptions {
   // crosses the link once and runs over every micro-batch.
   int64_t prefill_call_tokens = 0;
   std::optional<offload::H2OOptions> h2o;  // evicting KV cache instead of the dense one
-  DType kv_dtype = DType::kF32;            // keys and values in the cache: F32 or F16
+  KvType kv_dtype = DType::kF32;           // keys and values in the cache: F32, F16, q8 or q4
   // Optional FFN hook (Deja Vu on a resident model: zeroes the neurons a predictor did not select).
   const std::function<absl::Status(int, const TensorView&, const TensorView&)>* ffn_hook = nullptr;
   // Optional neuron selection for a model loaded with OffloadOptions::sparse_ffn (Deja Vu through

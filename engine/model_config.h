@@ -64,7 +64,7 @@ struct ModelConfig {
   bool is_eos(int id) const;
   bool has_projection() const { return word_embed_proj_dim != hidden_size; }
   bool learned_positions() const { return rope.kind == RopeKind::kNone; }
-  offload::KvShape kv_shape(DType dtype = DType::kF32) const { return {num_layers, num_kv_heads, head_dim_, dtype}; }
+  offload::KvShape kv_shape(KvType dtype = DType::kF32) const { return {num_layers, num_kv_heads, head_dim_, dtype}; }
 
   // config.json text, through the family its model_type names.
   static absl::StatusOr<ModelConfig> FromJson(const std::string& json_text, const std::string& source);
@@ -72,6 +72,6 @@ struct ModelConfig {
 };
 
 // The KV cache spec of this model for `rows` sequences of up to `max_len` positions.
-offload::KvCacheSpec KvSpec(const ModelConfig& c, int rows, int max_len, DType dtype = DType::kF32);
+offload::KvCacheSpec KvSpec(const ModelConfig& c, int rows, int max_len, KvType dtype = DType::kF32);
 
 }  // namespace ferry::engine

@@ -22,7 +22,7 @@ struct PerplexityOptions {
   std::function<void(int64_t done, int64_t total)> progress;  // optional, called per forward call
   // When set, each window runs token by token (teacher forcing) through an H2O evicting cache.
   std::optional<offload::H2OOptions> h2o;
-  DType kv_dtype = DType::kF32;  // keys and values in the cache: F32 or F16
+  KvType kv_dtype = DType::kF32;  // keys and values in the cache: F32, F16, q8 or q4
   // Optional FFN hook (contextual sparsity: zeroes the neurons a predictor did not select).
   const std::function<absl::Status(int, const TensorView&, const TensorView&)>* ffn_hook = nullptr;
 };

@@ -111,12 +111,22 @@ namespace {
 
 bool IsKvType(DType t) { return t == DType::kF32 || t == DType::kF16; }
 
+// A cache tensor: F32/F16, or a q8/q4 region (U8) whose groups tile its last dimension and each
+// `span` (a head's head_dim) of it.
+bool IsKvTensor(const TensorView& t, int64_t span) {
+  if (!t.quant) return IsKvType(t.dtype);
+  if (t.dtype != DType::kU8 || t.ndim < 2 || t.shape[t.ndim - 1] % t.quant->group != 0 || span % t.quant->group != 0) return false;
+  return LayoutQuantized(*t.quant, t.numel() / t.shape[t.ndim - 1], t.shape[t.ndim - 1]).ok();
+}
+
 absl::Status ValidateCacheAccess(const char* op, const TensorView& k_cache, const TensorView& v_cache,
-                                 const TensorView& seq_ids, const TensorView& positions, int64_t n, int64_t width) {
-  FERRY_RETURN_IF_ERROR(Expect(k_cache.ndim == 3 && IsKvType(k_cache.dtype) && k_cache.is_contiguous() &&
+                                 const TensorView& seq_ids, const TensorView& positions, int64_t n, int64_t width,
+                                 int64_t head_dim) {
+  FERRY_RETURN_IF_ERROR(Expect(k_cache.ndim == 3 && IsKvTensor(k_cache, head_dim) && k_cache.is_contiguous() &&
                                    v_cache.shape == k_cache.shape && v_cache.dtype == k_cache.dtype &&
-                                   v_cache.is_contiguous(),
-                               op, "k_cache and v_cache must be contiguous [seqs, max_len, width] F32 or F16 of one shape and type"));
+                                   v_cache.quant == k_cache.quant && v_cache.is_contiguous(),
+                               op, "k_cache and v_cache must be contiguous [seqs, max_len, width] F32, F16 or q8/q4 (groups "
+                                   "within a head) of one shape and type"));
   FERRY_RETURN_IF_ERROR(Expect(k_cache.shape[2] == width, op,
                                absl::StrCat("cache width ", k_cache.shape[2], " != ", width)));
   FERRY_RETURN_IF_ERROR(Expect(IsIds(seq_ids, n) && IsIds(positions, n), op, "seq_ids and positions must be [n] I32"));
@@ -125,10 +135,17 @@ absl::Status ValidateCacheAccess(const char* op, const TensorView& k_cache, cons
 
 }  // namespace
 
+QuantLayout KvQuantLayout(const TensorView& t) {
+  const int64_t cols = t.shape[t.ndim - 1];
+  auto layout = LayoutQuantized(*t.quant, t.numel() / cols, cols);
+  FERRY_CHECK(layout.ok());  // the Validate functions checked it
+  return *layout;
+}
+
 absl::Status ValidateKvWrite(const KvWriteArgs& a) {
   FERRY_RETURN_IF_ERROR(Expect(Is2dF32(a.k) && Is2dF32(a.v) && a.k.shape == a.v.shape, "KvWrite",
                                "k and v must be contiguous [n, width] F32 of one shape"));
-  return ValidateCacheAccess("KvWrite", a.k_cache, a.v_cache, a.seq_ids, a.positions, a.k.shape[0], a.k.shape[1]);
+  return ValidateCacheAccess("KvWrite", a.k_cache, a.v_cache, a.seq_ids, a.positions, a.k.shape[0], a.k.shape[1], a.k.shape[1]);
 }
 
 absl::Status ValidateAttention(const AttentionArgs& a) {
@@ -147,7 +164,7 @@ absl::Status ValidateAttention(const AttentionArgs& a) {
                                      a.col_sums.shape[2] == a.k_cache.shape[1],
                                  op, "col_sums must be [seqs, heads, max_len] F32"));
   }
-  return ValidateCacheAccess(op, a.k_cache, a.v_cache, a.seq_ids, a.positions, a.q.shape[0], kv_heads * head_dim);
+  return ValidateCacheAccess(op, a.k_cache, a.v_cache, a.seq_ids, a.positions, a.q.shape[0], kv_heads * head_dim, head_dim);
 }
 
 namespace {
@@ -155,9 +172,10 @@ namespace {
 // `width` is the rows' width; it must hold a whole multiple (the query group) of kv_heads x head_dim.
 absl::Status ValidateSlots(const char* op, const TensorView& k_slots, const TensorView& v_slots, const TensorView& seq_ids,
                            int64_t n, int64_t width) {
-  FERRY_RETURN_IF_ERROR(Expect(k_slots.ndim == 4 && IsKvType(k_slots.dtype) && k_slots.is_contiguous() &&
-                                   v_slots.shape == k_slots.shape && v_slots.dtype == k_slots.dtype && v_slots.is_contiguous(),
-                               op, "k_slots and v_slots must be contiguous [seqs, kv_heads, slots, head_dim] F32 or F16 of one type"));
+  FERRY_RETURN_IF_ERROR(Expect(k_slots.ndim == 4 && IsKvTensor(k_slots, k_slots.shape[3]) && k_slots.is_contiguous() &&
+                                   v_slots.shape == k_slots.shape && v_slots.dtype == k_slots.dtype &&
+                                   v_slots.quant == k_slots.quant && v_slots.is_contiguous(),
+                               op, "k_slots and v_slots must be contiguous [seqs, kv_heads, slots, head_dim] F32, F16 or q8/q4 of one type"));
   const int64_t kv_width = k_slots.shape[1] * k_slots.shape[3];
   FERRY_RETURN_IF_ERROR(Expect(kv_width > 0 && width % kv_width == 0, op,
                                "the width must be a multiple of kv_heads x head_dim"));

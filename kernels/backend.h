@@ -350,6 +350,10 @@ absl::Status ValidateCopy(const TensorView& src, const TensorView& dst);
 absl::Status ValidateAdd(const TensorView& a, const TensorView& b, const TensorView& out);
 absl::Status ValidateKvWrite(const KvWriteArgs& args);
 absl::Status ValidateAttention(const AttentionArgs& args);
+// A q8/q4 KV cache tensor (quant set, dtype U8, logical shape [..., cols]) is a quantized matrix
+// of numel / cols rows: its layout. Only for tensors the Validate functions accepted.
+QuantLayout KvQuantLayout(const TensorView& t);
+
 absl::Status ValidateBundledFfn(const BundledFfnArgs& args);
 absl::Status ValidateArgMaxRows(const TensorView& logits, const TensorView& ids);
 absl::Status ValidateSampleRows(const SampleRowsArgs& args);

@@ -4,6 +4,12 @@
 
 namespace ferry::offload {
 
+TensorView KvView(void* data, const KvType& type, std::initializer_list<int64_t> shape, Device device) {
+  TensorView v = TensorView::Contiguous(data, type.dtype, shape, device);
+  v.quant = type.quant;
+  return v;
+}
+
 absl::Status CheckDenseCacheBounds(const std::vector<int32_t>& seq_ids, const std::vector<int32_t>& positions, int rows,
                                    int max_len, const char* cache_name) {
   for (size_t i = 0; i < seq_ids.size(); ++i) {

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "base/quant.h"
 #include "base/tensor.h"
 #include "kernels/backend.h"
 
@@ -33,6 +34,10 @@ class AttentionCache {
   // Stores the tokens' k and v for `layer` and computes out = attention(q) over the cache.
   virtual absl::Status Attend(kernels::Backend& backend, const AttendArgs& args) = 0;
 };
+
+// A contiguous view of a KV tensor of `type` (a quantized type: a U8 view of the region with its
+// format and logical shape).
+TensorView KvView(void* data, const KvType& type, std::initializer_list<int64_t> shape, Device device);
 
 // The Check of a dense cache of rows x max_len positions: every token's row and position must fit.
 absl::Status CheckDenseCacheBounds(const std::vector<int32_t>& seq_ids, const std::vector<int32_t>& positions, int rows,

@@ -17,9 +17,12 @@ H2OOptions ClampToLength(const H2OOptions& o, int64_t max_len) {
 }
 
 absl::StatusOr<std::unique_ptr<H2OCache>> H2OCache::Create(kernels::Backend& backend, int layers, int heads, int head_dim,
-                                                            int rows, const H2OOptions& o, DType kv_dtype, int query_heads) {
+                                                            int rows, const H2OOptions& o, KvType kv_dtype, int query_heads) {
   if (query_heads == 0) query_heads = heads;
-  if (kv_dtype != DType::kF32 && kv_dtype != DType::kF16) return absl::InvalidArgumentError("H2O cache: keys and values are F32 or F16");
+  if (!kv_dtype.quant && kv_dtype.dtype != DType::kF32 && kv_dtype.dtype != DType::kF16) {
+    return absl::InvalidArgumentError("H2O cache: keys and values are F32, F16, q8 or q4");
+  }
+  if (kv_dtype.quant && head_dim % kv_dtype.quant->group != 0) return absl::InvalidArgumentError("H2O cache: the group must divide head_dim");
   if (o.heavy < 0 || o.recent < 0 || static_cast<int64_t>(o.heavy) + o.recent < 1 || static_cast<int64_t>(o.heavy) + o.recent > (1 << 24)) {
     return absl::InvalidArgumentError("H2O needs heavy >= 0, recent >= 0 and at least one slot");
   }
@@ -41,8 +44,8 @@ absl::StatusOr<std::unique_ptr<H2OCache>> H2OCache::Create(kernels::Backend& bac
   const std::vector<float> zero_scores(cells, 0.0f);
   const std::vector<uint8_t> zero_occ(cells, 0);
   for (int l = 0; l < layers; ++l) {
-    FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer k, backend.Allocate(cells * head_dim * DTypeSize(kv_dtype)));
-    FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer v, backend.Allocate(cells * head_dim * DTypeSize(kv_dtype)));
+    FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer k, backend.Allocate(kv_dtype.Bytes(static_cast<int64_t>(cells), head_dim)));
+    FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer v, backend.Allocate(kv_dtype.Bytes(static_cast<int64_t>(cells), head_dim)));
     FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer pos, backend.Allocate(cells * sizeof(int32_t)));
     FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer score, backend.Allocate(cells * sizeof(float)));
     FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer occ, backend.Allocate(cells));
@@ -61,15 +64,17 @@ absl::StatusOr<std::unique_ptr<H2OCache>> H2OCache::Create(kernels::Backend& bac
   return c;
 }
 
-uint64_t H2OCache::Bytes(int layers, int heads, int head_dim, int rows, const H2OOptions& o, DType kv_dtype, int query_heads) {
+uint64_t H2OCache::Bytes(int layers, int heads, int head_dim, int rows, const H2OOptions& o, KvType kv_dtype, int query_heads) {
   if (query_heads == 0) query_heads = heads;
   const uint64_t cells = static_cast<uint64_t>(rows) * heads * (o.heavy + o.recent + 1);
-  return static_cast<uint64_t>(layers) * cells * (2 * head_dim * DTypeSize(kv_dtype) + sizeof(int32_t) + sizeof(float) + 1) +
+  return static_cast<uint64_t>(layers) * (2 * kv_dtype.Bytes(static_cast<int64_t>(cells), head_dim) +
+                                          cells * (sizeof(int32_t) + sizeof(float) + 1)) +
          cells / heads * query_heads * sizeof(float) +  // the probabilities, per query head
          static_cast<uint64_t>(rows) * heads * sizeof(int32_t);
 }
 
-uint64_t H2OCache::PrefillBytes(int heads, int head_dim, int rows, int max_prompt, DType kv_dtype, int query_heads) {
+uint64_t H2OCache::PrefillBytes(int heads, int head_dim, int rows, int max_prompt, KvType kv_type, int query_heads) {
+  const DType kv_dtype = kv_type.dense_dtype();
   if (query_heads == 0) query_heads = heads;
   // A dense K and V for the prompts (kv_dtype), the column sums (per query head), and the ids of
   // the selection (a row and a slot per KV head for each prompt token), one layer at a time.
@@ -135,14 +140,17 @@ absl::Status H2OCache::Prefill(kernels::Backend& b, const AttendArgs& a) {
   const size_t dense_cells = static_cast<size_t>(used) * max_len * width;
   // The prompt's keys and values in the cache's type, so that prefill attends to what the dense
   // cache of that type would hold (budget >= length: the same logits as the full cache).
-  FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer k_dense, b.Allocate(dense_cells * DTypeSize(kv_dtype_)));
-  FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer v_dense, b.Allocate(dense_cells * DTypeSize(kv_dtype_)));
+  // (A quantized cache's prompt scratch is F16: prefill attends to the prompt in f16, decode to
+  // the quantized slots.)
+  const DType dense = kv_dtype_.dense_dtype();
+  FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer k_dense, b.Allocate(dense_cells * DTypeSize(dense)));
+  FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer v_dense, b.Allocate(dense_cells * DTypeSize(dense)));
   FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer cols_dev,
                          b.Allocate(static_cast<size_t>(used) * query_heads_ * max_len * sizeof(float)));
   std::vector<float> cols(static_cast<size_t>(used) * query_heads_ * max_len, 0.0f);
   FERRY_RETURN_IF_ERROR(b.CopyToDevice(cols_dev.data(), cols.data(), cols.size() * sizeof(float)));
-  const TensorView kd = TensorView::Contiguous(k_dense.data(), kv_dtype_, {used, max_len, width}, dev);
-  const TensorView vd = TensorView::Contiguous(v_dense.data(), kv_dtype_, {used, max_len, width}, dev);
+  const TensorView kd = TensorView::Contiguous(k_dense.data(), dense, {used, max_len, width}, dev);
+  const TensorView vd = TensorView::Contiguous(v_dense.data(), dense, {used, max_len, width}, dev);
   const TensorView cv = TensorView::Contiguous(cols_dev.data(), DType::kF32, {used, query_heads_, max_len}, dev);
   FERRY_RETURN_IF_ERROR(b.KvWrite({a.k, a.v, kd, vd, local_ids, a.positions}));
   kernels::AttentionArgs attn{a.q, kd, vd, local_ids, a.positions, a.out, query_heads_, a.scale, cv};
@@ -175,10 +183,10 @@ absl::Status H2OCache::Prefill(kernels::Backend& b, const AttendArgs& a) {
   FERRY_RETURN_IF_ERROR(b.H2OPrefill({cv, TensorView::Contiguous(meta_dev, DType::kI32, {used}, dev),
                                       TensorView::Contiguous(meta_dev + used, DType::kI32, {used}, dev), slot_pos, scores, occ,
                                       token_slot, options_.heavy, options_.recent, options_.protect}));
-  const TensorView k_slots = TensorView::Contiguous(k_[l].data(), kv_dtype_, {rows_, heads_, slots_, head_dim_}, dev);
-  const TensorView v_slots = TensorView::Contiguous(v_[l].data(), kv_dtype_, {rows_, heads_, slots_, head_dim_}, dev);
-  FERRY_RETURN_IF_ERROR(b.SlotKvWrite({TensorView::Contiguous(k_dense.data(), kv_dtype_, {tokens, width}, dev),
-                                       TensorView::Contiguous(v_dense.data(), kv_dtype_, {tokens, width}, dev), k_slots,
+  const TensorView k_slots = KvView(k_[l].data(), kv_dtype_, {rows_, heads_, slots_, head_dim_}, dev);
+  const TensorView v_slots = KvView(v_[l].data(), kv_dtype_, {rows_, heads_, slots_, head_dim_}, dev);
+  FERRY_RETURN_IF_ERROR(b.SlotKvWrite({TensorView::Contiguous(k_dense.data(), dense, {tokens, width}, dev),
+                                       TensorView::Contiguous(v_dense.data(), dense, {tokens, width}, dev), k_slots,
                                        v_slots, TensorView::Contiguous(row_dev, DType::kI32, {tokens}, dev), token_slot}));
   // The scratch buffers are freed in stream order on the GPU; the CPU ran synchronously.
   return absl::OkStatus();
@@ -215,8 +223,8 @@ absl::Status H2OCache::Decode(kernels::Backend& b, const AttendArgs& a) {
   const int l = a.layer;
   const Device dev = b.device();
   for (int32_t r : seq) row_used_[r] = 1;
-  const TensorView k_slots = TensorView::Contiguous(k_[l].data(), kv_dtype_, {rows_, heads_, slots_, head_dim_}, dev);
-  const TensorView v_slots = TensorView::Contiguous(v_[l].data(), kv_dtype_, {rows_, heads_, slots_, head_dim_}, dev);
+  const TensorView k_slots = KvView(k_[l].data(), kv_dtype_, {rows_, heads_, slots_, head_dim_}, dev);
+  const TensorView v_slots = KvView(v_[l].data(), kv_dtype_, {rows_, heads_, slots_, head_dim_}, dev);
   const TensorView slot_pos = TensorView::Contiguous(pos_dev_[l].data(), DType::kI32, {rows_, heads_, slots_}, dev);
   const TensorView scores = TensorView::Contiguous(score_dev_[l].data(), DType::kF32, {rows_, heads_, slots_}, dev);
   const TensorView occ = TensorView::Contiguous(occupied_dev_[l].data(), DType::kU8, {rows_, heads_, slots_}, dev);

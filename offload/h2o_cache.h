@@ -39,10 +39,11 @@ H2OOptions ClampToLength(const H2OOptions& o, int64_t max_len);
 
 class H2OCache final : public AttentionCache {
  public:
-  // Keys and values are kept as kv_dtype (F32, or F16: half the bytes); scores stay fp32. `heads`
+  // Keys and values are kept as kv_dtype (F32, F16: half the bytes, or q8/q4 groups along
+  // head_dim; a prefill's dense scratch is F16 then); scores stay fp32. `heads`
   // are the KV heads; query_heads (a multiple of them; 0: as many) attend to them.
   static absl::StatusOr<std::unique_ptr<H2OCache>> Create(kernels::Backend& backend, int layers, int heads, int head_dim,
-                                                           int rows, const H2OOptions& options, DType kv_dtype = DType::kF32,
+                                                           int rows, const H2OOptions& options, KvType kv_dtype = DType::kF32,
                                                            int query_heads = 0);
 
   // A call gives each row one token (decode), or its whole prompt, positions 0..L-1, while the row
@@ -54,9 +55,9 @@ class H2OCache final : public AttentionCache {
   int slots() const { return slots_; }
   // Device bytes this cache holds for `rows` rows, and the most a prefill call of `rows` prompts
   // (the longest `max_prompt` tokens) allocates on top, for memory plans.
-  static uint64_t Bytes(int layers, int heads, int head_dim, int rows, const H2OOptions& o, DType kv_dtype = DType::kF32,
+  static uint64_t Bytes(int layers, int heads, int head_dim, int rows, const H2OOptions& o, KvType kv_dtype = DType::kF32,
                         int query_heads = 0);
-  static uint64_t PrefillBytes(int heads, int head_dim, int rows, int max_prompt, DType kv_dtype = DType::kF32,
+  static uint64_t PrefillBytes(int heads, int head_dim, int rows, int max_prompt, KvType kv_dtype = DType::kF32,
                                int query_heads = 0);
 
   // Positions held by (layer, row, head), in slot order (-1: empty slot); read from the backend.
@@ -72,7 +73,7 @@ class H2OCache final : public AttentionCache {
   size_t Index(int row, int head) const { return (static_cast<size_t>(row) * heads_ + head) * slots_; }
 
   H2OOptions options_;
-  DType kv_dtype_ = DType::kF32;
+  KvType kv_dtype_ = DType::kF32;
   kernels::Backend* backend_ = nullptr;
   int layers_ = 0, heads_ = 0, head_dim_ = 0, rows_ = 0, slots_ = 0;
   int query_heads_ = 0;  // a multiple of heads_ (the KV heads)

@@ -23,18 +23,20 @@ absl::Status HostTokens::Upload(kernels::Backend& b, const AttendArgs& a) const 
   return b.CopyToDevice(a.out.data, out.data(), out.size() * sizeof(float));
 }
 
-uint64_t HostKvCache::Bytes(int layers, int width, int rows, int max_len, DType kv_dtype) {
-  return 2ull * layers * static_cast<uint64_t>(rows) * max_len * width * DTypeSize(kv_dtype);
+uint64_t HostKvCache::Bytes(int layers, int width, int rows, int max_len, KvType kv_dtype) {
+  return 2ull * layers * kv_dtype.Bytes(static_cast<int64_t>(rows) * max_len, width);
 }
 
 absl::StatusOr<std::unique_ptr<HostKvCache>> HostKvCache::Create(kernels::Backend& device, int layers, int width, int rows,
-                                                                  int max_len, DType kv_dtype) {
+                                                                  int max_len, KvType kv_dtype) {
   if (layers <= 0 || width <= 0 || rows <= 0 || max_len <= 0) return absl::InvalidArgumentError("host KV cache: bad dimensions");
-  if (kv_dtype != DType::kF32 && kv_dtype != DType::kF16) return absl::InvalidArgumentError("host KV cache: F32 or F16");
+  if (!kv_dtype.quant && kv_dtype.dtype != DType::kF32 && kv_dtype.dtype != DType::kF16) {
+    return absl::InvalidArgumentError("host KV cache: F32, F16, q8 or q4");
+  }
   std::unique_ptr<HostKvCache> c(new HostKvCache());
   c->layers_ = layers, c->width_ = width, c->rows_ = rows, c->max_len_ = max_len;
   c->kv_dtype_ = kv_dtype;
-  const size_t bytes = static_cast<size_t>(rows) * max_len * width * DTypeSize(kv_dtype);
+  const size_t bytes = kv_dtype.Bytes(static_cast<int64_t>(rows) * max_len, width);
   for (int l = 0; l < layers; ++l) {
     FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer k, device.AllocateHost(bytes));
     FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer v, device.AllocateHost(bytes));
@@ -52,8 +54,8 @@ absl::Status HostKvCache::Attend(kernels::Backend& b, const AttendArgs& a) {
   const int64_t n = a.q.shape[0], q_width = a.q.shape[1];
   FERRY_RETURN_IF_ERROR(tokens_.Download(b, a, static_cast<int>(q_width), width_));
   std::vector<int32_t> seq = *a.host_seq_ids, pos = *a.host_positions;
-  const TensorView kc = host(k_[a.layer].data(), {rows_, max_len_, width_}, kv_dtype_),
-                   vc = host(v_[a.layer].data(), {rows_, max_len_, width_}, kv_dtype_);
+  const TensorView kc = KvView(k_[a.layer].data(), kv_dtype_, {rows_, max_len_, width_}, Device::kCpu),
+                   vc = KvView(v_[a.layer].data(), kv_dtype_, {rows_, max_len_, width_}, Device::kCpu);
   const TensorView ids = host(seq.data(), {n}, DType::kI32), ps = host(pos.data(), {n}, DType::kI32);
   FERRY_RETURN_IF_ERROR(cpu_.KvWrite({host(tokens_.k.data(), {n, width_}), host(tokens_.v.data(), {n, width_}), kc, vc, ids, ps}));
   kernels::AttentionArgs attn{host(tokens_.q.data(), {n, q_width}), kc, vc, ids, ps, host(tokens_.out.data(), {n, q_width}),
@@ -64,7 +66,7 @@ absl::Status HostKvCache::Attend(kernels::Backend& b, const AttendArgs& a) {
 }
 
 absl::StatusOr<std::unique_ptr<HostH2OCache>> HostH2OCache::Create(int layers, int heads, int head_dim, int rows,
-                                                                    const H2OOptions& o, DType kv_dtype, int query_heads) {
+                                                                    const H2OOptions& o, KvType kv_dtype, int query_heads) {
   std::unique_ptr<HostH2OCache> c(new HostH2OCache());
   if (query_heads == 0) query_heads = heads;
   c->width_ = query_heads * head_dim;
@@ -74,7 +76,7 @@ absl::StatusOr<std::unique_ptr<HostH2OCache>> HostH2OCache::Create(int layers, i
 }
 
 uint64_t HostH2OCache::Bytes(int layers, int heads, int head_dim, int rows, const H2OOptions& o, int prefill_rows, int max_prompt,
-                             DType kv_dtype, int query_heads) {
+                             KvType kv_dtype, int query_heads) {
   return H2OCache::Bytes(layers, heads, head_dim, rows, o, kv_dtype, query_heads) +
          H2OCache::PrefillBytes(heads, head_dim, prefill_rows, max_prompt, kv_dtype, query_heads);
 }

@@ -26,8 +26,8 @@ class HostKvCache final : public AttentionCache {
  public:
   // `device` allocates the pinned memory (and does the copies); rows x max_len tokens per layer.
   static absl::StatusOr<std::unique_ptr<HostKvCache>> Create(kernels::Backend& device, int layers, int width, int rows,
-                                                              int max_len, DType kv_dtype = DType::kF32);
-  static uint64_t Bytes(int layers, int width, int rows, int max_len, DType kv_dtype = DType::kF32);
+                                                              int max_len, KvType kv_dtype = DType::kF32);
+  static uint64_t Bytes(int layers, int width, int rows, int max_len, KvType kv_dtype = DType::kF32);
 
   absl::Status Check(const std::vector<int32_t>& seq_ids, const std::vector<int32_t>& positions) const override;
   absl::Status Attend(kernels::Backend& backend, const AttendArgs& args) override;
@@ -35,7 +35,7 @@ class HostKvCache final : public AttentionCache {
  private:
   HostKvCache() = default;
   int layers_ = 0, width_ = 0, rows_ = 0, max_len_ = 0;
-  DType kv_dtype_ = DType::kF32;
+  KvType kv_dtype_ = DType::kF32;
   std::vector<kernels::DeviceBuffer> k_, v_;  // pinned host, per layer [rows, max_len, width]
   kernels::CpuBackend cpu_;                   // runs the attention on the host memory
   HostTokens tokens_;
@@ -47,11 +47,11 @@ class HostKvCache final : public AttentionCache {
 class HostH2OCache final : public AttentionCache {
  public:
   static absl::StatusOr<std::unique_ptr<HostH2OCache>> Create(int layers, int heads, int head_dim, int rows, const H2OOptions& o,
-                                                               DType kv_dtype = DType::kF32, int query_heads = 0);
+                                                               KvType kv_dtype = DType::kF32, int query_heads = 0);
   // Host bytes: the slots and bookkeeping, plus the prefill's dense scratch for `prefill_rows`
   // prompts of up to `max_prompt` tokens.
   static uint64_t Bytes(int layers, int heads, int head_dim, int rows, const H2OOptions& o, int prefill_rows, int max_prompt,
-                        DType kv_dtype = DType::kF32, int query_heads = 0);
+                        KvType kv_dtype = DType::kF32, int query_heads = 0);
 
   absl::Status Check(const std::vector<int32_t>& seq_ids, const std::vector<int32_t>& positions) const override;
   absl::Status Attend(kernels::Backend& backend, const AttendArgs& args) override;

@@ -14,12 +14,17 @@ absl::Status CheckSpec(const KvCacheSpec& s) {
   if (k.layers <= 0 || k.kv_heads <= 0 || k.head_dim <= 0 || s.rows <= 0 || (!s.h2o && s.max_len <= 0)) {
     return absl::InvalidArgumentError("KV cache needs at least one layer, KV head, row and position");
   }
-  if (k.dtype != DType::kF32 && k.dtype != DType::kF16) return absl::InvalidArgumentError("KV cache: keys and values are F32 or F16");
+  if (!k.dtype.quant && k.dtype.dtype != DType::kF32 && k.dtype.dtype != DType::kF16) {
+    return absl::InvalidArgumentError("KV cache: keys and values are F32, F16, q8 or q4");
+  }
+  if (k.dtype.quant && k.head_dim % k.dtype.quant->group != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("KV cache: head_dim ", k.head_dim, " is not a multiple of the group ", k.dtype.quant->group));
+  }
   return absl::OkStatus();
 }
 
 uint64_t DenseBytes(const KvShape& k, int rows, int max_len) {
-  return 2ull * k.layers * static_cast<uint64_t>(rows) * static_cast<uint64_t>(max_len) * k.width() * DTypeSize(k.dtype);
+  return 2ull * k.layers * k.dtype.Bytes(static_cast<int64_t>(rows) * max_len, k.width());
 }
 
 }  // namespace
@@ -59,7 +64,9 @@ absl::StatusOr<std::unique_ptr<DenseKvCache>> DenseKvCache::Create(kernels::Back
   cache->max_len_ = max_len;
   for (int l = 0; l < k.layers; ++l) {
     for (auto* list : {&cache->k_, &cache->v_}) {
-      FERRY_ASSIGN_OR_RETURN(Weight w, AllocWeight(backend, k.dtype, {rows, max_len, k.width()}));
+      Weight w;
+      FERRY_ASSIGN_OR_RETURN(w.buffer, backend.Allocate(k.dtype.Bytes(static_cast<int64_t>(rows) * max_len, k.width())));
+      w.view = KvView(w.buffer.data(), k.dtype, {rows, max_len, k.width()}, backend.device());
       list->push_back(std::move(w));
     }
   }

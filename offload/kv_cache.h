@@ -20,7 +20,7 @@ namespace ferry::offload {
 
 struct KvShape {
   int layers = 0, kv_heads = 0, head_dim = 0;
-  DType dtype = DType::kF32;  // keys and values: F32 or F16
+  KvType dtype = DType::kF32;  // keys and values: F32, F16, or q8/q4 groups along head_dim
   int width() const { return kv_heads * head_dim; }
 };
 

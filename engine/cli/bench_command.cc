@@ -106,7 +106,7 @@ absl::StatusOr<std::string> PrepareStore(const BenchFlags& f) {
 absl::Status RunBenchCommand(const BenchFlags& f) {
   engine::BenchOptions o;
   o.kv_on_cpu = f.kv == "cpu";
-  o.kv_dtype = f.kv_dtype == "f16" ? DType::kF16 : DType::kF32;
+  // f32 / f16 now; q8 / q4 once the store's head_dim is known (below).
   FERRY_ASSIGN_OR_RETURN(o.split, offload::ParseWeightSplit(f.weights));
   if (!f.gpu_mem.empty()) {
     FERRY_ASSIGN_OR_RETURN(o.backend.memory_budget_bytes, offload::ParseBytes(f.gpu_mem));
@@ -132,6 +132,10 @@ absl::Status RunBenchCommand(const BenchFlags& f) {
   FERRY_ASSIGN_OR_RETURN(o.h2o, ParseH2O(f.h2o, 0, 0));
   if (!f.quiet) o.progress = [](const std::string& s) { std::fprintf(stderr, "ferry: %s\n", s.c_str()); };
   FERRY_ASSIGN_OR_RETURN(o.store_dir, PrepareStore(f));
+  {
+    FERRY_ASSIGN_OR_RETURN(const engine::ModelConfig config, engine::ModelConfig::FromModelDir(o.store_dir));
+    FERRY_ASSIGN_OR_RETURN(o.kv_dtype, ParseKvType(f.kv_dtype, config.head_dim()));
+  }
   FERRY_ASSIGN_OR_RETURN(engine::BenchResult r, engine::RunBench(o));
   std::fputs(r.Table().c_str(), stdout);
   if (!f.json.empty()) {
@@ -157,8 +161,10 @@ void RegisterBenchCommand(CLI::App& app, Runner* selected) {
   b->add_option("--num-gpu-batches", f.num_gpu_batches, "GPU batches per block")->check(CLI::PositiveNumber)->capture_default_str();
   b->add_option("--weights", f.weights, "Percent of each layer's weight bytes on GPU,CPU,DISK")->capture_default_str();
   b->add_option("--kv", f.kv, "Where the KV cache lives")->check(CLI::IsMember({"gpu", "cpu"}))->capture_default_str();
-  b->add_option("--kv-dtype", f.kv_dtype, "Keys and values in the KV cache: f32, or f16 (half the bytes: about twice the batch)")
-      ->check(CLI::IsMember({"f32", "f16"}))
+  b->add_option("--kv-dtype", f.kv_dtype,
+                "Keys and values in the KV cache: f32, f16 (half the bytes: about twice the batch), q8 or q4 (group-wise; "
+                "CPU backend)")
+      ->check(CLI::IsMember({"f32", "f16", "q8", "q4"}))
       ->capture_default_str();
   b->add_option("--quantize", f.quantize,
                 "Layer matrices stored and streamed quantized: q4 or q8 (the dummy or converted store is written so; a reused "

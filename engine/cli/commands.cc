@@ -76,12 +76,14 @@ void AddQuantizeFlags(CLI::App* cmd, ModelFlags* f) {
 }
 
 void AddKvDtypeFlag(CLI::App* cmd, ModelFlags* f) {
-  cmd->add_option("--kv-dtype", f->kv_dtype, "Keys and values in the KV cache: f32, or f16 (half the memory)")
-      ->check(CLI::IsMember({"f32", "f16"}))
+  cmd->add_option("--kv-dtype", f->kv_dtype,
+                  "Keys and values in the KV cache: f32, f16 (half the memory), q8 or q4 (group-wise along head_dim, "
+                  "dequantized inside attention; CPU backend)")
+      ->check(CLI::IsMember({"f32", "f16", "q8", "q4"}))
       ->capture_default_str();
 }
 
-DType KvDtype(const ModelFlags& f) { return f.kv_dtype == "f16" ? DType::kF16 : DType::kF32; }
+absl::StatusOr<KvType> KvDtype(const ModelFlags& f, const engine::ModelConfig& c) { return ParseKvType(f.kv_dtype, c.head_dim()); }
 
 struct Loaded {
   std::unique_ptr<kernels::Backend> backend;
@@ -155,7 +157,8 @@ absl::StatusOr<Loaded> LoadAll(const ModelFlags& f, int64_t rows, int64_t max_to
     o.sparse_cache_fraction = sparse_cache;
     o.device_budget = bo.memory_budget_bytes;
     o.host_budget = bo.host_budget_bytes;
-    o.reserve_device_bytes = offload::KvCacheBytes(engine::KvSpec(config, static_cast<int>(rows), config.max_positions, KvDtype(f))).device +
+    FERRY_ASSIGN_OR_RETURN(const KvType kv_type, KvDtype(f, config));
+    o.reserve_device_bytes = offload::KvCacheBytes(engine::KvSpec(config, static_cast<int>(rows), config.max_positions, kv_type)).device +
                              engine::Model::ForwardWorkspaceBytes(config, whole_prefill ? rows * config.max_positions : max_tokens_per_call, rows,
                                                                    max_tokens_per_call);
     FERRY_ASSIGN_OR_RETURN(l.model, engine::Model::LoadOffloaded(f.model, l.backend.get(), o));
@@ -203,7 +206,6 @@ absl::Status RunGenerate(const GenerateFlags& f) {
   }
   gen.sampling = {f.temperature, f.top_k, f.top_p, seed};
   gen.stop_at_eos = !f.ignore_eos;
-  gen.kv_dtype = KvDtype(f.model);
   FERRY_ASSIGN_OR_RETURN(gen.h2o, ParseH2O(f.h2o, f.protect, 0));
   FERRY_RETURN_IF_ERROR(engine::ValidateGenerateOptions(gen));
   // Before the model loads (minutes for a large one): an output that would be lost is refused.
@@ -233,6 +235,7 @@ absl::Status RunGenerate(const GenerateFlags& f) {
   FERRY_ASSIGN_OR_RETURN(Loaded l, LoadAll(f.model, rows, std::max<int64_t>(gen.max_prefill_tokens, rows), sparse_exec,
                                            f.sparsity_cache, offloaded));
   if (offloaded) gen.prefill_call_tokens = rows * l.model->config().max_positions;
+  FERRY_ASSIGN_OR_RETURN(gen.kv_dtype, KvDtype(f.model, l.model->config()));
   std::optional<engine::SparseFfn> sparse;
   std::function<absl::Status(int, const TensorView&, const TensorView&)> hook;
   engine::FfnSelector select;
@@ -344,7 +347,7 @@ absl::Status RunPpl(const PplFlags& f) {
   const auto start = std::chrono::steady_clock::now();
   FERRY_ASSIGN_OR_RETURN(std::vector<int> ids, l.tokenizer->Encode(text));
   engine::PerplexityOptions o;
-  o.kv_dtype = KvDtype(f.model);
+  FERRY_ASSIGN_OR_RETURN(o.kv_dtype, KvDtype(f.model, l.model->config()));
   o.window = f.window;
   o.max_tokens = f.max_tokens;
   FERRY_ASSIGN_OR_RETURN(o.h2o, ParseH2O(f.h2o, f.protect, f.local));

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <vector>
 
+#include "base/quant.h"
 #include "base/thread_pool.h"
 #include "kernels/cpu/cpu_backend.h"
 
@@ -24,13 +25,29 @@ inline float Dot(const float* q, const float* k, int64_t n) {
   return ((part[0] + part[4]) + (part[2] + part[6])) + ((part[1] + part[5]) + (part[3] + part[7])) + tail;
 }
 
-// Elements [offset, offset + n) of a KV cache as floats: the cache's own memory (F32), or `buf`
-// converted from F16, so both run the same arithmetic on the same values.
-inline const float* Row(const TensorView& t, int64_t offset, int64_t n, float* buf) {
-  if (t.dtype == DType::kF32) return t.as<const float>() + offset;
-  ConvertToF32(DType::kF16, t.as<const uint16_t>() + offset, buf, static_cast<size_t>(n));
-  return buf;
-}
+// Elements [offset, offset + n) of a KV cache (n within one row of its last dimension) as floats:
+// the cache's own memory (F32), or `buf` converted from F16 or dequantized from q8/q4 (the span
+// is whole groups), so every type runs the same fp32 arithmetic on its values.
+class KvReader {
+ public:
+  explicit KvReader(const TensorView& t) : t_(t), cols_(t.shape[t.ndim - 1]) {
+    if (t.quant) layout_ = KvQuantLayout(t);
+  }
+  const float* Row(int64_t offset, int64_t n, float* buf) const {
+    if (t_.quant) {
+      DequantizeSpan(*t_.quant, layout_, t_.as<const uint8_t>(), cols_, offset / cols_, offset % cols_, n, buf);
+      return buf;
+    }
+    if (t_.dtype == DType::kF32) return t_.as<const float>() + offset;
+    ConvertToF32(DType::kF16, t_.as<const uint16_t>() + offset, buf, static_cast<size_t>(n));
+    return buf;
+  }
+
+ private:
+  TensorView t_;
+  int64_t cols_;
+  QuantLayout layout_;
+};
 
 constexpr int64_t kMaxHeadDim = 1024;
 
@@ -40,7 +57,7 @@ namespace {
 
 // Attention of query i, head h over entries 0..pos[i] of its row (KV head h / group); returns the
 // probabilities in `scores` (resized to the row's length).
-void AttendOne(const AttentionArgs& a, int64_t i, int64_t h, std::vector<float>& scores) {
+void AttendOne(const AttentionArgs& a, const KvReader& kr, const KvReader& vr, int64_t i, int64_t h, std::vector<float>& scores) {
   const int64_t width = a.q.shape[1], head_dim = width / a.num_heads, max_len = a.k_cache.shape[1];
   const int64_t kv_width = a.k_cache.shape[2], group = a.num_heads / a.kv_heads();
   const int32_t seq = a.seq_ids.as<const int32_t>()[i];
@@ -51,7 +68,7 @@ void AttendOne(const AttentionArgs& a, int64_t i, int64_t h, std::vector<float>&
   scores.resize(static_cast<size_t>(len));
   float max_score = -INFINITY;
   for (int64_t j = 0; j < len; ++j) {
-    scores[j] = Dot(q, Row(a.k_cache, base + j * kv_width, head_dim, buf), head_dim) * a.scale;
+    scores[j] = Dot(q, kr.Row(base + j * kv_width, head_dim, buf), head_dim) * a.scale;
     max_score = std::max(max_score, scores[j]);
   }
   float sum = 0.0f;
@@ -65,7 +82,7 @@ void AttendOne(const AttentionArgs& a, int64_t i, int64_t h, std::vector<float>&
   for (int64_t j = 0; j < len; ++j) {
     const float p = scores[j] * inv;
     scores[j] = p;
-    const float* v = Row(a.v_cache, base + j * kv_width, head_dim, buf);
+    const float* v = vr.Row(base + j * kv_width, head_dim, buf);
     for (int64_t d = 0; d < head_dim; ++d) out[d] += p * v[d];
   }
 }
@@ -74,10 +91,11 @@ void AttendOne(const AttentionArgs& a, int64_t i, int64_t h, std::vector<float>&
 
 void CpuAttention(ThreadPool& pool, const AttentionArgs& a) {
   const int64_t n = a.q.shape[0], heads = a.num_heads;
+  const KvReader kr(a.k_cache), vr(a.v_cache);
   if (a.col_sums.data == nullptr) {
     pool.ParallelFor(n * heads, 4, [&](int64_t begin, int64_t end) {
       thread_local std::vector<float> scores;
-      for (int64_t item = begin; item < end; ++item) AttendOne(a, item / heads, item % heads, scores);
+      for (int64_t item = begin; item < end; ++item) AttendOne(a, kr, vr, item / heads, item % heads, scores);
     });
     return;
   }
@@ -92,7 +110,7 @@ void CpuAttention(ThreadPool& pool, const AttentionArgs& a) {
       float* col = a.col_sums.as<float>() + (row * heads + h) * max_len;
       for (int64_t i = 0; i < n; ++i) {
         if (seq[i] != row) continue;
-        AttendOne(a, i, h, scores);
+        AttendOne(a, kr, vr, i, h, scores);
         for (size_t j = 0; j < scores.size(); ++j) col[j] += scores[j];
       }
     }
@@ -104,6 +122,7 @@ void CpuSlotAttention(ThreadPool& pool, const SlotAttentionArgs& a) {
   const int64_t kv_heads = a.k_slots.shape[1], slots = a.k_slots.shape[2], hd = a.k_slots.shape[3];
   const int64_t heads = width / hd, group = heads / kv_heads;
   const int32_t* seq = a.seq_ids.as<const int32_t>();
+  const KvReader kr(a.k_slots), vr(a.v_slots);
   pool.ParallelFor(n * heads, 4, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t i = item / heads, h = item % heads;
@@ -114,7 +133,7 @@ void CpuSlotAttention(ThreadPool& pool, const SlotAttentionArgs& a) {
       float* p = a.probs.as<float>() + (i * heads + h) * slots;
       float max_score = -INFINITY;
       for (int64_t j = 0; j < slots; ++j) {
-        p[j] = occ[j] ? Dot(q, Row(a.k_slots, (base * slots + j) * hd, hd, buf), hd) * a.scale : -INFINITY;
+        p[j] = occ[j] ? Dot(q, kr.Row((base * slots + j) * hd, hd, buf), hd) * a.scale : -INFINITY;
         max_score = std::max(max_score, p[j]);
       }
       float sum = 0.0f;
@@ -128,7 +147,7 @@ void CpuSlotAttention(ThreadPool& pool, const SlotAttentionArgs& a) {
       for (int64_t j = 0; j < slots; ++j) {
         p[j] *= inv;
         if (p[j] == 0.0f) continue;
-        const float* v = Row(a.v_slots, (base * slots + j) * hd, hd, buf);
+        const float* v = vr.Row((base * slots + j) * hd, hd, buf);
         for (int64_t d = 0; d < hd; ++d) out[d] += p[j] * v[d];
       }
     }

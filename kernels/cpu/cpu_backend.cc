@@ -1,5 +1,7 @@
 #include "kernels/cpu/cpu_backend.h"
 
+#include "base/quant.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -179,6 +181,15 @@ absl::Status CpuBackend::KvWrite(const KvWriteArgs& a) {
   const int64_t n = a.k.shape[0], width = a.k.shape[1], max_len = a.k_cache.shape[1];
   const int32_t* seq = a.seq_ids.as<const int32_t>();
   const int32_t* pos = a.positions.as<const int32_t>();
+  if (a.k_cache.quant) {  // q8/q4: each token's row quantized group by group
+    const QuantLayout layout = KvQuantLayout(a.k_cache);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t row = static_cast<int64_t>(seq[i]) * max_len + pos[i];
+      QuantizeSpan(*a.k_cache.quant, layout, a.k.as<const float>() + i * width, width, row, 0, width, a.k_cache.as<uint8_t>());
+      QuantizeSpan(*a.v_cache.quant, layout, a.v.as<const float>() + i * width, width, row, 0, width, a.v_cache.as<uint8_t>());
+    }
+    return absl::OkStatus();
+  }
   for (int64_t i = 0; i < n; ++i) {
     const int64_t slot = (static_cast<int64_t>(seq[i]) * max_len + pos[i]) * width;
     const size_t esize = DTypeSize(a.k_cache.dtype);  // F32, or F16 rounded to nearest
@@ -272,7 +283,23 @@ absl::Status CpuBackend::SlotKvWrite(const SlotKvWriteArgs& a) {
   for (int64_t i = 0; i < n * heads; ++i) {
     if (slot[i] < -1 || slot[i] >= slots) return absl::InvalidArgumentError("SlotKvWrite: slot id out of range");
   }
-  if (a.k.dtype != a.k_slots.dtype && hd > 1024) return absl::InvalidArgumentError("SlotKvWrite: head_dim above 1024");
+  if ((a.k.dtype != a.k_slots.dtype || a.k_slots.quant) && hd > 1024) return absl::InvalidArgumentError("SlotKvWrite: head_dim above 1024");
+  if (a.k_slots.quant) {  // q8/q4 slots: each kept (token, head) quantized from its fp32 values
+    const QuantLayout layout = KvQuantLayout(a.k_slots);
+    const size_t in_size = DTypeSize(a.k.dtype);
+    float row[1024];
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t h = 0; h < heads; ++h) {
+        if (slot[i * heads + h] < 0) continue;
+        const int64_t dst_row = (static_cast<int64_t>(seq[i]) * heads + h) * slots + slot[i * heads + h];
+        for (const auto& [in, out] : {std::pair{&a.k, &a.k_slots}, std::pair{&a.v, &a.v_slots}}) {
+          ConvertToF32(in->dtype, in->as<const char>() + (i * width + h * hd) * in_size, row, hd);
+          QuantizeSpan(*out->quant, layout, row, hd, dst_row, 0, hd, out->as<uint8_t>());
+        }
+      }
+    }
+    return absl::OkStatus();
+  }
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t h = 0; h < heads; ++h) {
       if (slot[i * heads + h] < 0) continue;  // not kept

@@ -96,6 +96,35 @@ TEST_P(QuantTest, RoundTripEqualsTheReferenceBitwise) {
   if (f->kind == QuantKind::kQ4) {
     EXPECT_EQ(back[0], 0.25f);  // a constant group is its minimum, exactly
   }
+  // Spans (a KV cache's token-at-a-time writes): rows written span by span, in any order, into a
+  // region of garbage give the same bytes as QuantizeRows, and read back span by span the same
+  // floats; a span write touches nothing outside its span.
+  std::vector<uint8_t> spans(layout->bytes, 0);
+  for (int64_t r = rows - 1; r >= 0; --r) {
+    for (int64_t c0 = cols - 2 * group; c0 >= 0; c0 -= 2 * group) {
+      const int64_t n = std::min<int64_t>(2 * group, cols - c0);
+      QuantizeSpan(*f, *layout, w.data() + r * cols + c0, cols, r, c0, n, spans.data());
+    }
+    if (cols % (2 * group) != 0) QuantizeSpan(*f, *layout, w.data() + r * cols, cols, r, 0, group, spans.data());
+  }
+  EXPECT_EQ(spans, q);
+  std::vector<float> span_back(static_cast<size_t>(group));
+  DequantizeSpan(*f, *layout, q.data(), cols, 7, 2 * group, group, span_back.data());
+  EXPECT_EQ(std::memcmp(span_back.data(), back.data() + 7 * cols + 2 * group, group * sizeof(float)), 0);
+  std::vector<uint8_t> one = q;
+  std::vector<float> junk(static_cast<size_t>(group), 3.0f);
+  QuantizeSpan(*f, *layout, junk.data(), cols, 5, group, group, one.data());
+  std::vector<float> after(w.size());
+  DequantizeRows(*f, *layout, one.data(), cols, 0, rows, after.data());
+  for (size_t i = 0; i < w.size(); ++i) {
+    const bool inside = static_cast<int64_t>(i) / cols == 5 && static_cast<int64_t>(i) % cols >= group &&
+                        static_cast<int64_t>(i) % cols < 2 * group;
+    if (inside) {
+      EXPECT_NEAR(after[i], 3.0f, 2e-3f) << i;
+    } else {
+      ASSERT_EQ(after[i], back[i]) << i;
+    }
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Formats, QuantTest,

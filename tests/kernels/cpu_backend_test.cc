@@ -271,6 +271,93 @@ TEST(CpuBackendTest, F16KvCacheIsTheF32CacheOfRoundedValuesBitwise) {
             absl::StatusCode::kInvalidArgument);
 }
 
+// q8/q4 KV caches (groups along head_dim): the dense cache and H2O's slots hold each token's
+// quantization (QuantizeRows of its values), and attention over them is attention over the f32
+// cache of the dequantized values, bit for bit (column sums and slot probabilities too).
+TEST(CpuBackendTest, QuantizedKvCacheIsTheF32CacheOfDequantizedValuesBitwise) {
+  CpuBackend cpu;
+  const int seqs = 3, max_len = 21, heads = 2, hd = 32, w = heads * hd;
+  std::vector<int32_t> seq, pos;
+  for (int p = 0; p < 17; ++p) seq.push_back(1), pos.push_back(p);
+  seq.push_back(0), pos.push_back(0);
+  seq.push_back(2), pos.push_back(0);
+  const int n = static_cast<int>(seq.size());
+  std::vector<float> k = RandomValues(n * w, 31, 3.0f), v = RandomValues(n * w, 32, 3.0f), q = RandomValues(n * w, 33);
+  for (const QuantFormat f : {QuantFormat{QuantKind::kQ8, 32}, QuantFormat{QuantKind::kQ4, 16}, QuantFormat{QuantKind::kQ8, 8}}) {
+    SCOPED_TRACE(QuantFormatName(f));
+    // The reference: each token's row quantized and dequantized on its own.
+    auto token_layout = LayoutQuantized(f, n, w);
+    ASSERT_TRUE(token_layout.ok());
+    std::vector<uint8_t> tq(token_layout->bytes);
+    std::vector<float> k_r(k.size()), v_r(v.size());
+    for (auto [src, dst] : {std::pair{&k, &k_r}, std::pair{&v, &v_r}}) {
+      QuantizeRows(f, *token_layout, src->data(), n, w, tq.data());
+      DequantizeRows(f, *token_layout, tq.data(), w, 0, n, dst->data());
+    }
+    EXPECT_NE(k, k_r);
+    auto layout = LayoutQuantized(f, seqs * max_len, w);
+    ASSERT_TRUE(layout.ok());
+    std::vector<uint8_t> kq(layout->bytes, 0), vq(layout->bytes, 0);
+    auto quant = [&](std::vector<uint8_t>& x, std::initializer_list<int64_t> shape) {
+      TensorView t = TensorView::Contiguous(x.data(), DType::kU8, shape);
+      t.quant = f;
+      return t;
+    };
+    std::vector<float> kc32(seqs * max_len * w, 0.0f), vc32(kc32.size(), 0.0f);
+    const TensorView k32 = View(kc32, {seqs, max_len, w}), v32 = View(vc32, {seqs, max_len, w});
+    ASSERT_TRUE(cpu.KvWrite({View(k_r, {n, w}), View(v_r, {n, w}), k32, v32, Ids(seq), Ids(pos)}).ok());
+    const TensorView kqv = quant(kq, {seqs, max_len, w}), vqv = quant(vq, {seqs, max_len, w});
+    ASSERT_TRUE(cpu.KvWrite({View(k, {n, w}), View(v, {n, w}), kqv, vqv, Ids(seq), Ids(pos)}).ok());
+    const float scale = 0.2f;
+    std::vector<float> out32(n * w, NAN), outq(n * w, NAN), cols32(seqs * heads * max_len, 0.0f), colsq(cols32.size(), 0.0f);
+    ASSERT_TRUE(cpu.Attention({View(q, {n, w}), k32, v32, Ids(seq), Ids(pos), View(out32, {n, w}), heads, scale,
+                               TensorView::Contiguous(cols32.data(), DType::kF32, {seqs, heads, max_len})})
+                    .ok());
+    ASSERT_TRUE(cpu.Attention({View(q, {n, w}), kqv, vqv, Ids(seq), Ids(pos), View(outq, {n, w}), heads, scale,
+                               TensorView::Contiguous(colsq.data(), DType::kF32, {seqs, heads, max_len})})
+                    .ok());
+    EXPECT_EQ(outq, out32);
+    EXPECT_EQ(colsq, cols32);
+
+    // Slots: tokens (F32 and F16) into quantized slots, then slot attention.
+    const int slots = 5;
+    std::vector<int32_t> sseq = {0, 2, 1}, slot_ids = {4, 0, 1, 3, 2, -1};
+    const std::initializer_list<int64_t> sshape = {seqs, heads, slots, hd};
+    auto slayout = LayoutQuantized(f, seqs * heads * slots, hd);
+    ASSERT_TRUE(slayout.ok());
+    std::vector<uint8_t> sq(slayout->bytes, 0), tqs(slayout->bytes, 0);
+    std::vector<float> s32(seqs * heads * slots * hd, 0.0f), t32(s32.size(), 0.0f);
+    std::vector<float> k3(k.begin(), k.begin() + 3 * w), v3(v.begin(), v.begin() + 3 * w);
+    std::vector<float> k3r(k_r.begin(), k_r.begin() + 3 * w), v3r(v_r.begin(), v_r.begin() + 3 * w);
+    const TensorView slot_view = TensorView::Contiguous(slot_ids.data(), DType::kI32, {3, heads});
+    ASSERT_TRUE(cpu.SlotKvWrite({View(k3r, {3, w}), View(v3r, {3, w}), View(s32, sshape), View(t32, sshape), Ids(sseq), slot_view}).ok());
+    ASSERT_TRUE(cpu.SlotKvWrite({View(k3, {3, w}), View(v3, {3, w}), quant(sq, sshape), quant(tqs, sshape), Ids(sseq), slot_view}).ok());
+    std::vector<uint8_t> occ(seqs * heads * slots, 0);
+    for (int i = 0; i < 3; ++i) {
+      for (int h = 0; h < heads; ++h) {
+        if (slot_ids[i * heads + h] >= 0) occ[(sseq[i] * heads + h) * slots + slot_ids[i * heads + h]] = 1;
+      }
+    }
+    std::vector<float> o32(3 * w, NAN), oq(3 * w, NAN), p32(3 * heads * slots, NAN), pq(p32.size(), NAN);
+    const TensorView occ_view = TensorView::Contiguous(occ.data(), DType::kU8, {seqs, heads, slots});
+    ASSERT_TRUE(cpu.SlotAttention({View(q, {3, w}), View(s32, sshape), View(t32, sshape), occ_view, Ids(sseq), View(o32, {3, w}),
+                                   View(p32, {3, heads, slots}), scale})
+                    .ok());
+    ASSERT_TRUE(cpu.SlotAttention({View(q, {3, w}), quant(sq, sshape), quant(tqs, sshape), occ_view, Ids(sseq), View(oq, {3, w}),
+                                   View(pq, {3, heads, slots}), scale})
+                    .ok());
+    EXPECT_EQ(oq, o32);
+    EXPECT_EQ(pq, p32);
+  }
+  // A group that straddles heads (or does not divide the width) is refused.
+  std::vector<uint8_t> big(1 << 16, 0);
+  TensorView bad = TensorView::Contiguous(big.data(), DType::kU8, {seqs, max_len, w});
+  bad.quant = QuantFormat{QuantKind::kQ8, 64};
+  std::vector<float> out(n * w);
+  EXPECT_EQ(cpu.Attention({View(q, {n, w}), bad, bad, Ids(seq), Ids(pos), View(out, {n, w}), heads, 0.2f, TensorView{}}).code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 // Training ops against double-precision loops: every transpose combination of MatMul (with and
 // without the bias rows), the BCE gradient over bit-packed labels, Adam.
 TEST(CpuBackendTest, TrainingOpsMatchReferences) {

@@ -16,6 +16,7 @@
 #include "engine/tokenizer.h"
 #include "gtest/gtest.h"
 #include "kernels/cpu/cpu_backend.h"
+#include "model_util.h"
 #include "test_util.h"
 
 namespace ferry::offload {
@@ -247,9 +248,10 @@ TEST_F(H2OPerplexityTest, BudgetHoldingEverythingGivesTheDenseCacheLogitsBitwise
 // memory (both computed on the CPU here), through a prefill of two prompts and decode steps that
 // evict; only the call's q, k, v and the output cross.
 TEST_F(H2OPerplexityTest, HostResidentH2OCacheGivesTheSameLogits) {
-  for (DType kv : {DType::kF32, DType::kF16}) {
-  SCOPED_TRACE(DTypeName(kv));
+  for (const char* kv_name : {"f32", "f16", "q8", "q4"}) {
+  SCOPED_TRACE(kv_name);
   const auto& c = model_->config();
+  const KvType kv = *ParseKvType(kv_name, c.head_dim());
   const H2OOptions o{6, 6, 1};
   auto device = H2OCache::Create(cpu_, c.num_layers, c.num_heads, c.head_dim(), 2, o, kv);
   auto host = HostH2OCache::Create(c.num_layers, c.num_heads, c.head_dim(), 2, o, kv);
@@ -272,6 +274,56 @@ TEST_F(H2OPerplexityTest, HostResidentH2OCacheGivesTheSameLogits) {
   }
   EXPECT_EQ((*host)->slots().Held(2, 1, 3), (*device)->Held(2, 1, 3));
   }
+}
+
+// q8/q4 caches (dense, in backend memory and on the host): sized as planned, the host one gives
+// the device one's logits bitwise, and each differs from the f32 cache's by its rounding only.
+TEST_F(H2OPerplexityTest, QuantizedDenseCachesOnTheDeviceAndTheHostAgree) {
+  const auto& c = model_->config();
+  engine::ForwardBatch pre;
+  for (int t = 0; t < 40; ++t) pre.tokens.push_back(ids_[t]), pre.seq_ids.push_back(0), pre.positions.push_back(t);
+  for (int t = 0; t < 25; ++t) pre.tokens.push_back(ids_[300 + t]), pre.seq_ids.push_back(1), pre.positions.push_back(t);
+  pre.logit_rows = {39, 64};
+  auto run = [&](offload::AttentionCache& cache) {
+    std::vector<float> all, logits;
+    EXPECT_TRUE(model_->Forward(pre, cache, &logits).ok());
+    all = logits;
+    for (int step = 0; step < 6; ++step) {
+      engine::ForwardBatch dec{{ids_[40 + step], ids_[325 + step]}, {0, 1}, {40 + step, 25 + step}, {0, 1}};
+      EXPECT_TRUE(model_->Forward(dec, cache, &logits).ok());
+      all.insert(all.end(), logits.begin(), logits.end());
+    }
+    return all;
+  };
+  auto f32 = offload::CreateKvCache(cpu_, engine::KvSpec(c, 2, 64));
+  ASSERT_TRUE(f32.ok());
+  const std::vector<float> exact = run(**f32);
+  double err8 = 0, err4 = 0;
+  for (const char* kv_name : {"q8", "q4"}) {
+    SCOPED_TRACE(kv_name);
+    const KvType kv = *ParseKvType(kv_name, c.head_dim());
+    ASSERT_TRUE(kv.quant.has_value());
+    offload::KvCacheSpec spec = engine::KvSpec(c, 2, 64, kv);
+    const size_t dev_before = cpu_.allocated_bytes();
+    auto dev = offload::CreateKvCache(cpu_, spec);
+    ASSERT_TRUE(dev.ok()) << dev.status();
+    EXPECT_EQ(cpu_.allocated_bytes() - dev_before, offload::KvCacheBytes(spec).device);
+    // A quantized cache holds (bits / 32) of the f32 one's bytes, plus the fp16 group parameters.
+    EXPECT_LT(offload::KvCacheBytes(spec).device, offload::KvCacheBytes(engine::KvSpec(c, 2, 64)).device / 2);
+    spec.on_host = true;
+    auto host = offload::CreateKvCache(cpu_, spec);
+    ASSERT_TRUE(host.ok()) << host.status();
+    const std::vector<float> a = run(**dev), b = run(**host);
+    EXPECT_EQ(a, b);
+    ASSERT_EQ(a.size(), exact.size());
+    double& err = kv.quant->kind == QuantKind::kQ8 ? err8 : err4;
+    err = ferry::testing::RelErr(a.data(), exact.data(), a.size());
+  }
+  EXPECT_GT(err8, 0.0);
+  EXPECT_LT(err8, 2e-2);
+  EXPECT_GT(err4, err8);
+  RecordProperty("kv_q8_rel_err", std::to_string(err8));
+  RecordProperty("kv_q4_rel_err", std::to_string(err4));
 }
 
 // A prompt in two chunks: the first is a prefill, the second (into a row that holds tokens) runs
