@@ -466,5 +466,34 @@ TEST(CliQuantizeTest, ConvertQuantizedThenGenerateOffloaded) {
   EXPECT_NE(r.err.find("already q4g64"), std::string::npos) << r.err;
 }
 
+// --kv-dtype q8/q4 through generate, ppl and bench (a quantized store streamed with a q8 cache).
+TEST(CliQuantizeTest, QuantizedKvCacheThroughTheCommands) {
+  TempDir dir;
+  Result r = Ferry("ppl " + kModel + " --text " + DataDir() + "/kjv-val.txt --max-tokens 1024 --kv-dtype q8 --json -q");
+  ASSERT_EQ(r.code, 0) << r.err;
+  auto j = nlohmann::json::parse(r.out, nullptr, false);
+  ASSERT_FALSE(j.is_discarded()) << r.out;
+  Result f32 = Ferry("ppl " + kModel + " --text " + DataDir() + "/kjv-val.txt --max-tokens 1024 --json -q");
+  ASSERT_EQ(f32.code, 0) << f32.err;
+  const double a = j["perplexity"].get<double>(), b = nlohmann::json::parse(f32.out)["perplexity"].get<double>();
+  EXPECT_NE(a, b);
+  EXPECT_NEAR(a, b, b * 1e-3);
+  r = Ferry("generate " + kModel + " --kv-dtype q4 --prompt 'In the beginning God created' --max-new-tokens 8 -q");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_FALSE(r.out.empty());
+  r = Ferry("bench " + kModel + " --store " + dir.File("s") + " --quantize q4 --weights 0,100,0 --kv cpu --kv-dtype q8 "
+            "--prompt-len 16 --gen-len 3 --json " + dir.File("b.json") + " -q");
+  ASSERT_EQ(r.code, 0) << r.err;
+  auto b_json = nlohmann::json::parse(*ReadFileToString(dir.File("b.json")));
+  EXPECT_EQ(b_json["kv_dtype"], "q8g32");
+  EXPECT_EQ(b_json["weights_format"], "q4g64");
+  // The store is reused only for the same weights.
+  r = Ferry("bench " + kModel + " --store " + dir.File("s") + " --weights 0,100,0 --prompt-len 16 --gen-len 3 -q");
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.err.find("holds q4g64 layer matrices"), std::string::npos) << r.err;
+  r = Ferry("generate " + kModel + " --kv-dtype q2 --prompt x -q");
+  EXPECT_NE(r.code, 0);
+}
+
 }  // namespace
 }  // namespace ferry::testing
