@@ -48,7 +48,7 @@ uint64_t KvType::Bytes(int64_t rows, int64_t cols) const {
 
 std::string KvTypeName(const KvType& t) {
   if (t.quant) return QuantFormatName(*t.quant);
-  return t.dtype == DType::kF16 ? "f16" : t.dtype == DType::kF32 ? "f32" : DTypeName(t.dtype);
+  return DTypeName(t.dtype);
 }
 
 absl::StatusOr<KvType> ParseKvType(const std::string& name, int head_dim) {

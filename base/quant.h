@@ -47,7 +47,7 @@ struct KvType {
   // F32, F16 or the element type a quantized cache's dense scratch uses (F16).
   DType dense_dtype() const { return quant ? DType::kF16 : dtype; }
 };
-// "f32", "f16", "q8g64", ...
+// "F32", "F16" (DTypeName), "q8g64", ...
 std::string KvTypeName(const KvType& t);
 // "f32" | "f16" | "q8" | "q4" for caches of heads of head_dim (the group: the largest of 64, 32,
 // ..., 2 that divides head_dim); kInvalidArgument otherwise.

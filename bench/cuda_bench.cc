@@ -4,6 +4,7 @@
 #include <benchmark/benchmark.h>
 #include <cuda_runtime.h>
 
+#include <cstring>
 #include <map>
 #include <memory>
 #include <random>
@@ -183,6 +184,43 @@ void BM_BundledFfn(benchmark::State& state) {
   state.counters["frac_of_HBM"] = benchmark::Counter(bytes / kHbmBytesPerSecond, benchmark::Counter::kIsIterationInvariantRate);
 }
 
+// Issue 15: a q4/q8 linear on an [m, k] matrix of random codes (fp16 scales and minimums of 0.01),
+// OPT-6.7B's FFN shape. Up to kFusedQuantRows rows the fused kernel, counted in packed bytes (the
+// floor of a decode step's GEMV is reading them once); above, dequantize-to-fp16 plus the GEMM.
+void BM_QuantLinear(benchmark::State& state) {
+  if (Gpu() == nullptr) return state.SkipWithError("no CUDA device");
+  const int64_t n = state.range(0), m = state.range(1), k = state.range(2);
+  const QuantFormat f{state.range(3) == 4 ? QuantKind::kQ4 : QuantKind::kQ8, 64};
+  static std::map<std::tuple<int64_t, int64_t, int>, DevTensor> regions;
+  auto layout = LayoutQuantized(f, m, k);
+  if (!layout.ok()) return state.SkipWithError("bad shape");
+  auto key = std::make_tuple(m, k, static_cast<int>(f.kind));
+  if (!regions.count(key)) {
+    std::vector<uint8_t> host(layout->bytes);
+    std::mt19937 rng(7);
+    for (size_t i = 0; i < layout->values_bytes; ++i) host[i] = static_cast<uint8_t>(rng());
+    const uint16_t p = F32ToF16(0.01f);
+    for (size_t g = 0; g < static_cast<size_t>(m) * layout->groups_per_row; ++g) {
+      std::memcpy(host.data() + layout->scales_offset + 2 * g, &p, 2);
+      if (f.kind == QuantKind::kQ4) std::memcpy(host.data() + layout->mins_offset + 2 * g, &p, 2);
+    }
+    DevTensor t;
+    t.buf = std::make_shared<DeviceBuffer>(std::move(*Gpu()->Allocate(host.size())));
+    (void)Gpu()->CopyToDevice(t.buf->data(), host.data(), host.size());
+    t.view = TensorView::Contiguous(t.buf->data(), DType::kU8, {m, k}, Device::kCuda);
+    t.view.quant = f;
+    regions.emplace(key, t);
+  }
+  const DevTensor& w = regions.at(key);
+  DevTensor x = Random(DType::kF32, {n, k}, 1), out = Random(DType::kF32, {n, m}, 2);
+  LinearArgs a{x.view, w.view, TensorView{}, out.view, false};
+  TimeLoop(state, [&] { return Gpu()->Linear(a); });
+  const double bytes = static_cast<double>(layout->bytes), flops = 2.0 * n * m * k;
+  state.counters["packed_GB/s"] = benchmark::Counter(bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["frac_of_HBM"] = benchmark::Counter(bytes / kHbmBytesPerSecond, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["frac_of_fp16_peak"] = benchmark::Counter(flops / kFp16FlopsPerSecond, benchmark::Counter::kIsIterationInvariantRate);
+}
+
 void BM_LayerNorm(benchmark::State& state) {
   if (Gpu() == nullptr) return state.SkipWithError("no CUDA device");
   const int64_t rows = state.range(0), d = 4096;
@@ -267,6 +305,9 @@ BENCHMARK(BM_SlotAttention)->ArgNames({"batch", "slots"})->Args({64, 103})->Args
     ->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_BundledFfn)->ArgNames({"batch", "neurons"})->Args({1, 2458})->Args({1, 16384})->Args({16, 2458})->Args({64, 8192})
     ->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_QuantLinear)->ArgNames({"batch", "m", "k", "bits"})
+    ->Args({1, 16384, 4096, 4})->Args({8, 16384, 4096, 4})->Args({16, 16384, 4096, 4})->Args({1, 16384, 4096, 8})
+    ->Args({64, 16384, 4096, 4})->Args({512, 16384, 4096, 4})->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_LayerNorm)->ArgNames({"rows"})->Args({64})->Args({4096})->Args({32768})->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_RmsNorm)->ArgNames({"rows"})->Args({64})->Args({4096})->Args({32768})->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_Rope)->ArgNames({"rows"})->Args({64})->Args({4096})->Args({32768})->UseManualTime()->Unit(benchmark::kMicrosecond);

@@ -331,11 +331,16 @@ absl::StatusOr<std::unique_ptr<Model>> Model::LoadOffloaded(const std::string& s
 absl::StatusOr<offload::Plan> Model::PlanOffload(const io::Store& store, const OffloadOptions& options,
                                                  const kernels::Backend& backend) {
   uint64_t resident_other = 0;  // what stays resident besides the layer matrices; vectors as fp32
+  uint64_t dequant_scratch = 0;  // GPU: the largest quantized matrix as fp16 (batches above kFusedQuantRows)
   for (const std::string& name : store.Names()) {
     const io::StoreTensor* t = store.FindTensor(name);
     const bool matrix = t->layer >= 0 && t->info.shape.size() == 2;
     if (!matrix) resident_other += t->info.shape.size() == 1 ? static_cast<uint64_t>(t->info.numel()) * 4 : t->info.bytes;
+    if (matrix && t->info.quant && backend.device() == Device::kCuda) {
+      dequant_scratch = std::max<uint64_t>(dequant_scratch, static_cast<uint64_t>(t->info.numel()) * 2);
+    }
   }
+  resident_other += dequant_scratch;
   offload::PlanInputs in;
   uint64_t bundles_host = 0, bundles_device = 0;
   if (options.sparse_ffn) {

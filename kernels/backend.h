@@ -350,6 +350,11 @@ absl::Status ValidateCopy(const TensorView& src, const TensorView& dst);
 absl::Status ValidateAdd(const TensorView& a, const TensorView& b, const TensorView& out);
 absl::Status ValidateKvWrite(const KvWriteArgs& args);
 absl::Status ValidateAttention(const AttentionArgs& args);
+// A quantized Linear with at most this many input rows runs a fused dequantize-GEMV kernel on the
+// GPU; above it the matrix is dequantized to fp16 in device memory (rows x cols x 2 bytes, which
+// memory plans reserve) and multiplied by the fp16 GEMM.
+inline constexpr int64_t kFusedQuantRows = 16;
+
 // A q8/q4 KV cache tensor (quant set, dtype U8, logical shape [..., cols]) is a quantized matrix
 // of numel / cols rows: its layout. Only for tensors the Validate functions accepted.
 QuantLayout KvQuantLayout(const TensorView& t);

@@ -67,6 +67,7 @@ CudaBackend::~CudaBackend() {
   gather_ids_ = DeviceBuffer();
   sample_scratch_ = DeviceBuffer();
   workspace_ = DeviceBuffer();
+  dequant_ = DeviceBuffer();
   plans_.clear();
   if (stream_ != nullptr) cudaStreamSynchronize(stream_);
   if (cublas_ != nullptr) cublasDestroy(cublas_);
@@ -265,8 +266,20 @@ absl::Status CudaBackend::Linear(const LinearArgs& a) {
   if (a.weight.quant) {
     FERRY_RETURN_IF_ERROR(RequireDevice(a.weight, "weight"));
     FERRY_ASSIGN_OR_RETURN(const QuantLayout layout, LayoutQuantized(*a.weight.quant, a.weight.shape[0], a.weight.shape[1]));
-    FERRY_CUDA_RETURN_IF_ERROR(LaunchQuantLinear(a, layout, stream_));
-    return absl::OkStatus();
+    const int64_t n = a.in.shape[0], k = a.in.shape[1], m = a.weight.shape[0];
+    if (n <= kFusedQuantRows) {  // small batches: read the packed weights once, in the fused kernel
+      FERRY_CUDA_RETURN_IF_ERROR(LaunchQuantLinear(a, layout, stream_));
+      return absl::OkStatus();
+    }
+    // Larger batches: dequantize into fp16 in device memory (HBM-fast) and run the fp16 GEMM.
+    const size_t bytes = static_cast<size_t>(m * k) * 2;
+    if (dequant_.bytes() < bytes) {
+      dequant_ = DeviceBuffer();
+      FERRY_ASSIGN_OR_RETURN(dequant_, Allocate(bytes));
+    }
+    FERRY_CUDA_RETURN_IF_ERROR(LaunchDequantizeToF16(a.weight, layout, dequant_.data(), stream_));
+    return Gemm({a.in.as<const float>(), n, k}, {dequant_.data(), DType::kF16, k, true}, m, a.out.as<float>(),
+                a.bias.data != nullptr ? a.bias.as<const float>() : nullptr, a.relu);
   }
   FERRY_RETURN_IF_ERROR(RequireDevice(a.weight, "weight"));
   const int64_t n = a.in.shape[0], k = a.in.shape[1], m = a.weight.shape[0];

@@ -126,6 +126,7 @@ class CudaBackend final : public Backend {
   cublasHandle_t cublas_ = nullptr;
   LtGemm lt_;
   DeviceBuffer workspace_;       // cuBLAS's and cuBLASLt's workspace
+  DeviceBuffer dequant_;         // a quantized matrix as fp16 for the GEMM path (batches above kFusedQuantRows)
   std::atomic<size_t> allocated_{0}, peak_{0}, host_allocated_{0};
   DeviceBuffer scratch_;         // activations converted for GEMM
   DeviceBuffer bundle_scratch_;  // BundledFfn's [n, m] activations

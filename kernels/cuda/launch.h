@@ -25,6 +25,8 @@ cudaError_t LaunchRope(const RopeArgs& a, cudaStream_t stream);
 cudaError_t LaunchSiluMul(const SiluMulArgs& a, cudaStream_t stream);
 // Linear over a q4/q8 weight (a.weight.quant set, `layout` its region), fused dequantize + dot.
 cudaError_t LaunchQuantLinear(const LinearArgs& a, const QuantLayout& layout, cudaStream_t stream);
+// A quantized [m, k] matrix into m x k fp16 values at `out` (device memory).
+cudaError_t LaunchDequantizeToF16(const TensorView& weight, const QuantLayout& layout, void* out, cudaStream_t stream);
 // out = a + b over n floats.
 cudaError_t LaunchAdd(const float* a, const float* b, float* out, int64_t n, cudaStream_t stream);
 cudaError_t LaunchKvWrite(const KvWriteArgs& a, cudaStream_t stream);

@@ -64,7 +64,46 @@ __global__ void QuantLinearKernel(const float* __restrict__ x, const uint8_t* __
   }
 }
 
+// Dequantizes the whole region into a row-major fp16 matrix (two values per thread), for the cuBLAS
+// path of larger batches: the same arithmetic as the CPU (fp32 q * s + m), rounded to fp16 once.
+template <bool kQ4>
+__global__ void DequantizeToF16Kernel(const uint8_t* __restrict__ region, size_t scales_offset, size_t mins_offset, int group,
+                                      int64_t k, int64_t pairs, __half* __restrict__ out) {
+  const int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (p >= pairs) return;
+  const int64_t e = 2 * p, row = e / k, j = e % k;
+  const int64_t g = row * (k / group) + j / group;
+  const float s = __half2float(reinterpret_cast<const __half*>(region + scales_offset)[g]);
+  float w0, w1;
+  if (kQ4) {
+    const uint8_t b = region[e / 2];
+    const float mn = __half2float(reinterpret_cast<const __half*>(region + mins_offset)[g]);
+    w0 = static_cast<float>(b & 0xF) * s + mn;
+    w1 = static_cast<float>(b >> 4) * s + mn;
+  } else {
+    const int8_t* v = reinterpret_cast<const int8_t*>(region) + e;
+    w0 = static_cast<float>(v[0]) * s;
+    w1 = static_cast<float>(v[1]) * s;
+  }
+  out[e] = __float2half_rn(w0);
+  out[e + 1] = __float2half_rn(w1);
+}
+
 }  // namespace
+
+cudaError_t LaunchDequantizeToF16(const TensorView& weight, const QuantLayout& layout, void* out, cudaStream_t stream) {
+  const int64_t m = weight.shape[0], k = weight.shape[1], pairs = m * k / 2;
+  if (pairs == 0) return cudaSuccess;
+  const unsigned blocks = static_cast<unsigned>((pairs + 255) / 256);
+  if (weight.quant->kind == QuantKind::kQ4) {
+    DequantizeToF16Kernel<true><<<blocks, 256, 0, stream>>>(weight.as<const uint8_t>(), layout.scales_offset, layout.mins_offset,
+                                                           weight.quant->group, k, pairs, static_cast<__half*>(out));
+  } else {
+    DequantizeToF16Kernel<false><<<blocks, 256, 0, stream>>>(weight.as<const uint8_t>(), layout.scales_offset, layout.mins_offset,
+                                                            weight.quant->group, k, pairs, static_cast<__half*>(out));
+  }
+  return cudaGetLastError();
+}
 
 cudaError_t LaunchQuantLinear(const LinearArgs& a, const QuantLayout& layout, cudaStream_t stream) {
   const int64_t n = a.in.shape[0], k = a.in.shape[1], m = a.weight.shape[0];

@@ -143,6 +143,14 @@ TEST(BenchTest, H2OFitsALargerBatchInTheSameBudget) {
   EXPECT_GT(full16_batch, full32_batch * 5 / 4) << full32_batch << " -> " << full16_batch;
   EXPECT_EQ(full16->json["kv_dtype"], "F16");
   EXPECT_LE(full16->json["memory"]["plan_device"].get<uint64_t>(), 48u << 20);
+  // q8 keys and values (8.5 bits with the group scales): larger again, within the same budget.
+  o.kv_dtype = *ParseKvType("q8", 16);
+  auto full8 = RunBench(o);
+  ASSERT_TRUE(full8.ok()) << full8.status();
+  const int full8_batch = full8->json["batch"];
+  EXPECT_GT(full8_batch, full16_batch) << full16_batch << " -> " << full8_batch;
+  EXPECT_EQ(full8->json["kv_dtype"], "q8g16");
+  EXPECT_LE(full8->json["memory"]["plan_device"].get<uint64_t>(), 48u << 20);
   o.kv_dtype = DType::kF32;
   o.num_gpu_batches = 8;
   o.h2o = offload::H2OOptions{20, 20, 0};

@@ -62,14 +62,16 @@ TEST_F(CudaTwinTest, RopeAndSiluMul) {
   }
 }
 
-// Issue 15: the fused q4/q8 linear against the CPU's (which dequantizes into fp32 rows), on random
-// weights and inputs, odd row counts, batches of 1 to 37 rows (chunks of 8 inside), with bias and
-// ReLU; fp32 accumulation in another order: 1e-5 relative.
+// Issue 15: the q4/q8 linear against the CPU's (which dequantizes into fp32 rows), on random
+// weights and inputs, odd row counts, with bias and ReLU. Up to kFusedQuantRows rows the fused
+// kernel (chunks of 8 rows inside; fp32 accumulation in another order): 1e-5 relative. Above, the
+// matrix dequantized to fp16 and the fp16 GEMM (activations rounded to fp16 too): 3e-3.
 TEST_F(CudaTwinTest, QuantizedLinear) {
   struct Case { int64_t n, m, k; QuantFormat f; bool relu; };
   for (const Case& c : {Case{1, 45, 192, {QuantKind::kQ4, 64}, false}, Case{5, 4096, 4096, {QuantKind::kQ4, 64}, true},
                         Case{16, 1000, 640, {QuantKind::kQ8, 32}, false}, Case{37, 129, 256, {QuantKind::kQ4, 32}, false},
-                        Case{3, 11008, 4096, {QuantKind::kQ8, 64}, false}}) {
+                        Case{3, 11008, 4096, {QuantKind::kQ8, 64}, false}, Case{64, 4096, 4096, {QuantKind::kQ4, 64}, true},
+                        Case{17, 11008, 4096, {QuantKind::kQ8, 64}, false}}) {
     std::vector<float> w = RandomValues(c.m * c.k, 11), x = RandomValues(c.n * c.k, 12), b = RandomValues(c.m, 13), ref(c.n * c.m);
     auto layout = LayoutQuantized(c.f, c.m, c.k);
     ASSERT_TRUE(layout.ok());
@@ -84,7 +86,8 @@ TEST_F(CudaTwinTest, QuantizedLinear) {
     dq.quant = c.f;
     TensorView out = Poisoned({c.n, c.m});
     ASSERT_TRUE(gpu_->Linear({Up(x, DType::kF32, {c.n, c.k}), dq, Up(b, DType::kF32, {c.m}), out, c.relu}).ok());
-    EXPECT_LT(RelErr(Down(out), ref), 1e-5) << QuantFormatName(c.f) << " " << c.n << "x" << c.k << " -> " << c.m;
+    const double tol = c.n <= kernels::kFusedQuantRows ? 1e-5 : 3e-3;
+    EXPECT_LT(RelErr(Down(out), ref), tol) << QuantFormatName(c.f) << " " << c.n << "x" << c.k << " -> " << c.m;
   }
 }
 
