@@ -497,3 +497,54 @@ TEST(CliQuantizeTest, QuantizedKvCacheThroughTheCommands) {
 
 }  // namespace
 }  // namespace ferry::testing
+
+namespace ferry::testing {
+namespace {
+
+// ferry probe: measures, caches per host and backend, reuses the cache until --reprobe; the JSON
+// holds every section with positive rates; a disk probe leaves no scratch file behind.
+TEST(CliProbeTest, MeasuresOnceThenReusesTheCache) {
+  TempDir dir;
+  const std::string env = "FERRY_PROBE_DIR=" + dir.File("cache") + " ";
+  const std::string cmd = "probe --quick --dir " + dir.File("disk");
+  TempDir out_dir;
+  const std::string json_path = out_dir.File("p.json");
+  int code = std::system((env + FerryBinary() + " " + cmd + " --json -q >" + json_path).c_str());
+  ASSERT_EQ(code, 0);
+  auto j = nlohmann::json::parse(*ReadFileToString(json_path));
+  EXPECT_EQ(j["format"], "ferry-probe");
+  EXPECT_EQ(j["backend"], "cpu");
+  for (const char* key : {"host_to_device", "device_to_host", "host_memcpy"}) {
+    ASSERT_FALSE(j["copies"][key].empty()) << key;
+    for (const auto& e : j["copies"][key]) EXPECT_GT(e["GBps"].get<double>(), 0.0) << key;
+  }
+  ASSERT_EQ(j["disk"]["reads"].size(), 2u);
+  for (const auto& e : j["disk"]["reads"]) EXPECT_GT(e["GBps"].get<double>(), 0.0);
+  EXPECT_EQ(j["linear"].size(), 8u);  // 2 row counts x F32, F16, q8, q4
+  for (const auto& e : j["linear"]) EXPECT_GT(e["GFLOPs"].get<double>(), 0.0) << e.dump();
+  EXPECT_EQ(j["attention"].size(), 2u);
+  EXPECT_FALSE(PathExists(dir.File("disk/ferry-probe.bin")));
+  // The second run reads the cache (same probe, same time stamp); --reprobe measures again.
+  code = std::system((env + FerryBinary() + " " + cmd + " --json >" + json_path + " 2>" + out_dir.File("err")).c_str());
+  ASSERT_EQ(code, 0);
+  EXPECT_EQ(nlohmann::json::parse(*ReadFileToString(json_path))["probed_at"], j["probed_at"]);
+  EXPECT_NE(ReadFileToString(out_dir.File("err"))->find("cached probe"), std::string::npos);
+  code = std::system((env + FerryBinary() + " " + cmd + " --reprobe -q >" + json_path).c_str());
+  ASSERT_EQ(code, 0);
+  EXPECT_NE(ReadFileToString(json_path)->find("host->device GB/s"), std::string::npos);
+  // A cache that is not a probe is measured again rather than trusted.
+  for (const auto& entry : std::vector<std::string>{"not json", "{\"format\": \"ferry-probe\"}"}) {
+    std::string file;
+    // The cache file's name is HOST-BACKEND.json: find it.
+    code = std::system(("ls " + dir.File("cache") + " > " + out_dir.File("ls")).c_str());
+    ASSERT_EQ(code, 0);
+    file = dir.File("cache") + "/" + ReadFileToString(out_dir.File("ls"))->substr(0, ReadFileToString(out_dir.File("ls"))->find('\n'));
+    WriteFile(file, entry);
+    code = std::system((env + FerryBinary() + " " + cmd + " --json -q >" + json_path).c_str());
+    ASSERT_EQ(code, 0);
+    EXPECT_EQ(nlohmann::json::parse(*ReadFileToString(json_path))["format"], "ferry-probe");
+  }
+}
+
+}  // namespace
+}  // namespace ferry::testing

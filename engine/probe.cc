@@ -1,0 +1,320 @@
+#include "engine/probe.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <ctime>
+#include <random>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "base/file.h"
+#include "base/quant.h"
+#include "base/status.h"
+#include "io/uring_reader.h"
+
+namespace ferry::engine {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using nlohmann::json;
+
+double Seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
+
+// The median over `reps` repetitions of (work per call x calls) / time, each repetition calling
+// `fn` until min_seconds have passed (after one untimed warm-up call).
+absl::StatusOr<double> Rate(const ProbeOptions& o, double work_per_call, kernels::Backend& b, const std::function<absl::Status()>& fn) {
+  FERRY_RETURN_IF_ERROR(fn());
+  FERRY_RETURN_IF_ERROR(b.Synchronize());
+  std::vector<double> rates;
+  for (int r = 0; r < std::max(1, o.repetitions); ++r) {
+    const auto t0 = Clock::now();
+    int calls = 0;
+    double s = 0;
+    do {
+      FERRY_RETURN_IF_ERROR(fn());
+      ++calls;
+      if (calls % 4 == 0 || o.min_seconds <= 0) FERRY_RETURN_IF_ERROR(b.Synchronize());
+      s = Seconds(t0, Clock::now());
+    } while (s < o.min_seconds);
+    FERRY_RETURN_IF_ERROR(b.Synchronize());
+    s = Seconds(t0, Clock::now());
+    rates.push_back(work_per_call * calls / s);
+  }
+  std::sort(rates.begin(), rates.end());
+  return rates[rates.size() / 2];
+}
+
+std::vector<float> Random(size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+  std::vector<float> v(n);
+  for (float& x : v) x = dist(rng);
+  return v;
+}
+
+absl::StatusOr<kernels::DeviceBuffer> Upload(kernels::Backend& b, const void* data, size_t bytes) {
+  FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer buf, b.Allocate(bytes));
+  FERRY_RETURN_IF_ERROR(b.CopyToDevice(buf.data(), data, bytes));
+  return buf;
+}
+
+absl::StatusOr<json> ProbeCopies(kernels::Backend& b, const ProbeOptions& o) {
+  json out = {{"host_to_device", json::array()}, {"device_to_host", json::array()}, {"host_memcpy", json::array()}};
+  for (uint64_t chunk : o.copy_chunks) {
+    if (o.progress) o.progress(absl::StrCat("copies of ", chunk >> 10, " KiB"));
+    FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer host, b.AllocateHost(chunk));
+    FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer dev, b.Allocate(chunk));
+    std::memset(host.data(), 1, chunk);
+    FERRY_ASSIGN_OR_RETURN(const double h2d, Rate(o, static_cast<double>(chunk), b, [&] {
+      return b.TransferToDevice(dev.data(), host.data(), chunk);
+    }));
+    FERRY_ASSIGN_OR_RETURN(const double d2h, Rate(o, static_cast<double>(chunk), b, [&] {
+      return b.CopyToHost(host.data(), dev.data(), chunk);
+    }));
+    std::vector<char> a(chunk, 2), c(chunk);
+    FERRY_ASSIGN_OR_RETURN(const double mc, Rate(o, static_cast<double>(chunk), b, [&] {
+      std::memcpy(c.data(), a.data(), chunk);
+      a[0] = c[chunk - 1];  // keep the copy observable
+      return absl::OkStatus();
+    }));
+    out["host_to_device"].push_back({{"chunk_bytes", chunk}, {"GBps", h2d * 1e-9}});
+    out["device_to_host"].push_back({{"chunk_bytes", chunk}, {"GBps", d2h * 1e-9}});
+    out["host_memcpy"].push_back({{"chunk_bytes", chunk}, {"GBps", mc * 1e-9}});
+  }
+  return out;
+}
+
+absl::StatusOr<json> ProbeDisk(kernels::Backend& b, const ProbeOptions& o) {
+  FERRY_RETURN_IF_ERROR(MakeDirs(o.disk_dir));
+  const std::string path = o.disk_dir + "/ferry-probe.bin";
+  const uint64_t size = std::max<uint64_t>(o.disk_file_bytes / io::kDirectAlignment * io::kDirectAlignment, 4 << 20);
+  {
+    // A scratch file of random bytes (written once per probe, removed after).
+    ScopedFd fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+    if (fd.get() < 0) return absl::ErrnoToStatus(errno, absl::StrCat("cannot create ", path, " for the disk probe"));
+    std::vector<char> block(4 << 20);
+    std::mt19937_64 rng(5);
+    for (size_t i = 0; i + 8 <= block.size(); i += 8) {
+      const uint64_t r = rng();
+      std::memcpy(block.data() + i, &r, 8);
+    }
+    for (uint64_t at = 0; at < size; at += block.size()) {
+      FERRY_RETURN_IF_ERROR(PwriteFull(fd.get(), block.data(), std::min<uint64_t>(block.size(), size - at), at, path));
+    }
+    if (::fsync(fd.get()) != 0) return absl::ErrnoToStatus(errno, absl::StrCat("fsync ", path));
+  }
+  struct Remove {
+    std::string p;
+    ~Remove() { ::unlink(p.c_str()); }
+  } remove{path};
+  FERRY_ASSIGN_OR_RETURN(io::ReadFile file, io::ReadFile::Open(path, /*want_direct=*/true));
+  const uint64_t span = std::min<uint64_t>(size, 64 << 20);  // bytes per timed call
+  FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer dst, b.AllocateHost(span));
+  json out = {{"path", o.disk_dir}, {"o_direct", file.direct}, {"file_bytes", size}, {"reads", json::array()}};
+  for (uint64_t block : o.disk_blocks) {
+    for (unsigned depth : o.disk_depths) {
+      if (o.progress) o.progress(absl::StrCat("disk reads of ", block >> 10, " KiB, queue depth ", depth));
+      io::UringOptions uo;
+      uo.block_bytes = block;
+      uo.queue_depth = depth;
+      uo.registered = {{dst.data(), dst.bytes()}};
+      auto reader = io::UringReader::Create(uo);
+      if (!reader.ok()) {
+        uo.registered.clear();
+        reader = io::UringReader::Create(uo);
+      }
+      if (!reader.ok()) return reader.status();
+      uint64_t next = 0;  // walk the file so O_DIRECT never rereads one range back to back
+      FERRY_ASSIGN_OR_RETURN(const double rate, Rate(o, static_cast<double>(span), b, [&]() -> absl::Status {
+        if (next + span > size) next = 0;
+        FERRY_RETURN_IF_ERROR((*reader)->Read(file, next, dst.data(), span));
+        next += span;
+        return absl::OkStatus();
+      }));
+      out["reads"].push_back({{"block_bytes", block}, {"queue_depth", depth}, {"GBps", rate * 1e-9}});
+    }
+  }
+  return out;
+}
+
+// A Linear of rows x (out, in) with `weight` in the backend, FLOP/s and weight bytes/s.
+absl::StatusOr<json> ProbeLinear(kernels::Backend& b, const ProbeOptions& o) {
+  const int64_t m = o.gemm_out, k = o.gemm_in;
+  const std::vector<float> w = Random(static_cast<size_t>(m * k), 1);
+  json out = json::array();
+  for (const std::string type : {"F32", "F16", "q8g64", "q4g64"}) {
+    std::vector<char> host;
+    TensorView view;
+    if (type == "F32" || type == "F16") {
+      const DType dt = type == "F32" ? DType::kF32 : DType::kF16;
+      host.resize(static_cast<size_t>(m * k) * DTypeSize(dt));
+      ConvertFromF32(dt, w.data(), host.data(), w.size());
+      view = TensorView::Contiguous(nullptr, dt, {m, k}, b.device());
+    } else {
+      FERRY_ASSIGN_OR_RETURN(const QuantFormat f, ParseQuantFormatName(type));
+      FERRY_ASSIGN_OR_RETURN(const QuantLayout layout, LayoutQuantized(f, m, k));
+      host.resize(layout.bytes);
+      QuantizeRows(f, layout, w.data(), m, k, reinterpret_cast<uint8_t*>(host.data()));
+      view = TensorView::Contiguous(nullptr, DType::kU8, {m, k}, b.device());
+      view.quant = f;
+    }
+    FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer wbuf, Upload(b, host.data(), host.size()));
+    view.data = wbuf.data();
+    for (int64_t n : o.gemm_rows) {
+      if (o.progress) o.progress(absl::StrCat("linear ", n, " x ", k, " -> ", m, ", ", type));
+      const std::vector<float> x = Random(static_cast<size_t>(n * k), 2);
+      FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer xbuf, Upload(b, x.data(), x.size() * sizeof(float)));
+      FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer ybuf, b.Allocate(static_cast<size_t>(n * m) * sizeof(float)));
+      const kernels::LinearArgs a{TensorView::Contiguous(xbuf.data(), DType::kF32, {n, k}, b.device()), view, TensorView{},
+                                  TensorView::Contiguous(ybuf.data(), DType::kF32, {n, m}, b.device()), false};
+      FERRY_ASSIGN_OR_RETURN(const double calls, Rate(o, 1.0, b, [&] { return b.Linear(a); }));
+      out.push_back({{"rows", n}, {"out", m}, {"in", k}, {"weights", type}, {"GFLOPs", 2.0 * n * m * k * calls * 1e-9},
+                     {"weight_GBps", static_cast<double>(host.size()) * calls * 1e-9}});
+    }
+  }
+  return out;
+}
+
+// Decode attention: one query per row over `len` cached positions, F32 and F16 caches.
+absl::StatusOr<json> ProbeAttention(kernels::Backend& b, const ProbeOptions& o) {
+  const int heads = 32, hd = 128, w = heads * hd, rows = o.attention_rows, len = o.attention_len;
+  json out = json::array();
+  for (DType dt : {DType::kF32, DType::kF16}) {
+    if (o.progress) o.progress(absl::StrCat("decode attention over ", len, " positions, ", DTypeName(dt)));
+    const std::vector<float> kv = Random(static_cast<size_t>(rows) * len * w, 3);
+    std::vector<char> host(kv.size() * DTypeSize(dt));
+    ConvertFromF32(dt, kv.data(), host.data(), kv.size());
+    FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer kc, Upload(b, host.data(), host.size()));
+    FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer vc, Upload(b, host.data(), host.size()));
+    const std::vector<float> q = Random(static_cast<size_t>(rows) * w, 4);
+    std::vector<int32_t> seq(static_cast<size_t>(rows)), pos(static_cast<size_t>(rows), len - 1);
+    for (int r = 0; r < rows; ++r) seq[r] = r;
+    FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer qb, Upload(b, q.data(), q.size() * sizeof(float)));
+    FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer sb, Upload(b, seq.data(), seq.size() * sizeof(int32_t)));
+    FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer pb, Upload(b, pos.data(), pos.size() * sizeof(int32_t)));
+    FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer ob, b.Allocate(q.size() * sizeof(float)));
+    const Device dev = b.device();
+    kernels::AttentionArgs a{TensorView::Contiguous(qb.data(), DType::kF32, {rows, w}, dev),
+                             TensorView::Contiguous(kc.data(), dt, {rows, len, w}, dev),
+                             TensorView::Contiguous(vc.data(), dt, {rows, len, w}, dev),
+                             TensorView::Contiguous(sb.data(), DType::kI32, {rows}, dev),
+                             TensorView::Contiguous(pb.data(), DType::kI32, {rows}, dev),
+                             TensorView::Contiguous(ob.data(), DType::kF32, {rows, w}, dev),
+                             heads, 1.0f / std::sqrt(static_cast<float>(hd)), TensorView{}};
+    const double bytes = 2.0 * host.size();
+    FERRY_ASSIGN_OR_RETURN(const double rate, Rate(o, bytes, b, [&] { return b.Attention(a); }));
+    out.push_back({{"kv_dtype", DTypeName(dt)}, {"rows", rows}, {"positions", len}, {"heads", heads}, {"head_dim", hd},
+                   {"kv_GBps", rate * 1e-9}});
+  }
+  return out;
+}
+
+std::string HostName() {
+  char buf[256] = {};
+  if (::gethostname(buf, sizeof(buf) - 1) != 0 || buf[0] == '\0') return "localhost";
+  std::string s(buf);
+  for (char& c : s) {
+    if (!std::isalnum(static_cast<unsigned char>(c)) && c != '-' && c != '.') c = '_';
+  }
+  return s;
+}
+
+}  // namespace
+
+absl::StatusOr<json> RunProbe(kernels::Backend& backend, const ProbeOptions& o) {
+  json j = {{"format", "ferry-probe"}, {"version", 1}, {"host", HostName()}, {"backend", backend.name()},
+            {"probed_at", static_cast<int64_t>(std::time(nullptr))}};
+  j["options"] = {{"min_seconds", o.min_seconds}, {"repetitions", o.repetitions}, {"disk_dir", o.disk_dir},
+                  {"disk_file_bytes", o.disk_file_bytes}};
+  FERRY_ASSIGN_OR_RETURN(json copies, ProbeCopies(backend, o));
+  j["copies"] = std::move(copies);
+  if (!o.disk_dir.empty()) {
+    FERRY_ASSIGN_OR_RETURN(json disk, ProbeDisk(backend, o));
+    j["disk"] = std::move(disk);
+  }
+  FERRY_ASSIGN_OR_RETURN(json linear, ProbeLinear(backend, o));
+  j["linear"] = std::move(linear);
+  FERRY_ASSIGN_OR_RETURN(json attention, ProbeAttention(backend, o));
+  j["attention"] = std::move(attention);
+  return j;
+}
+
+std::string ProbeCachePath(const kernels::Backend& backend) {
+  std::string dir;
+  if (const char* d = std::getenv("FERRY_PROBE_DIR"); d != nullptr && *d != '\0') {
+    dir = d;
+  } else if (const char* x = std::getenv("XDG_CACHE_HOME"); x != nullptr && *x != '\0') {
+    dir = std::string(x) + "/ferry/probe";
+  } else {
+    const char* home = std::getenv("HOME");
+    dir = std::string(home != nullptr ? home : "/tmp") + "/.cache/ferry/probe";
+  }
+  std::string name = backend.name();
+  for (char& c : name) {
+    if (!std::isalnum(static_cast<unsigned char>(c)) && c != '-' && c != '.') c = '_';
+  }
+  return absl::StrCat(dir, "/", HostName(), "-", name, ".json");
+}
+
+absl::StatusOr<json> LoadOrProbe(kernels::Backend& backend, const ProbeOptions& options, bool reprobe, bool* from_cache) {
+  const std::string path = ProbeCachePath(backend);
+  if (from_cache != nullptr) *from_cache = false;
+  if (!reprobe && PathExists(path)) {
+    auto text = ReadFileToString(path);
+    if (text.ok()) {
+      json j = json::parse(*text, nullptr, false);
+      // A cache that is not a probe of this host and backend is measured again (and replaced).
+      if (!j.is_discarded() && j.is_object() && j.value("format", "") == "ferry-probe" && j.value("host", "") == HostName() &&
+          j.value("backend", "") == backend.name() && j.contains("copies") && j.contains("linear")) {
+        if (from_cache != nullptr) *from_cache = true;
+        return j;
+      }
+    }
+  }
+  FERRY_ASSIGN_OR_RETURN(json j, RunProbe(backend, options));
+  FERRY_RETURN_IF_ERROR(MakeDirs(path.substr(0, path.rfind('/'))));
+  FERRY_RETURN_IF_ERROR(WriteFileAtomically(path, j.dump(1) + "\n"));
+  return j;
+}
+
+std::string ProbeTable(const json& j) {
+  std::string s = absl::StrFormat("probe of %s, backend %s\n", j.value("host", "?"), j.value("backend", "?"));
+  const json& c = j["copies"];
+  for (const auto& [name, title] : {std::pair{"host_to_device", "host->device GB/s"}, std::pair{"device_to_host", "device->host GB/s"},
+                                    std::pair{"host_memcpy", "host memcpy GB/s"}}) {
+    absl::StrAppend(&s, absl::StrFormat("%-22s", title));
+    for (const auto& e : c[name]) {
+      absl::StrAppend(&s, absl::StrFormat("  %lluK: %.2f", static_cast<unsigned long long>(e["chunk_bytes"].get<uint64_t>() >> 10),
+                                          e["GBps"].get<double>()));
+    }
+    s += "\n";
+  }
+  if (j.contains("disk")) {
+    absl::StrAppend(&s, absl::StrFormat("disk (%s, O_DIRECT %s) GB/s by block and queue depth:\n",
+                                        j["disk"]["path"].get<std::string>(), j["disk"]["o_direct"].get<bool>() ? "yes" : "no"));
+    for (const auto& e : j["disk"]["reads"]) {
+      absl::StrAppend(&s, absl::StrFormat("  %6lluK x %3u: %.2f\n", static_cast<unsigned long long>(e["block_bytes"].get<uint64_t>() >> 10),
+                                          e["queue_depth"].get<unsigned>(), e["GBps"].get<double>()));
+    }
+  }
+  s += "linear (rows x in -> out, weights): GFLOP/s, weight GB/s\n";
+  for (const auto& e : j["linear"]) {
+    absl::StrAppend(&s, absl::StrFormat("  %4lld x %lld -> %lld %-6s %9.2f %8.2f\n", static_cast<long long>(e["rows"].get<int64_t>()),
+                                        static_cast<long long>(e["in"].get<int64_t>()), static_cast<long long>(e["out"].get<int64_t>()),
+                                        e["weights"].get<std::string>(), e["GFLOPs"].get<double>(), e["weight_GBps"].get<double>()));
+  }
+  s += "decode attention: KV GB/s\n";
+  for (const auto& e : j["attention"]) {
+    absl::StrAppend(&s, absl::StrFormat("  %s, %d rows x %d positions: %.2f\n", e["kv_dtype"].get<std::string>(), e["rows"].get<int>(),
+                                        e["positions"].get<int>(), e["kv_GBps"].get<double>()));
+  }
+  return s;
+}
+
+}  // namespace ferry::engine
