@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "base/dtype.h"
+#include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 
 namespace ferry::testing {
@@ -80,6 +81,18 @@ class TempDir {
  private:
   std::string path_;
 };
+
+// Flips bit 4 of the byte at `offset` of the file (a corruption the checksums must catch).
+inline void FlipByte(const std::string& path, uint64_t offset) {
+  std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
+  ASSERT_TRUE(f.good()) << path;
+  f.seekg(static_cast<std::streamoff>(offset));
+  char c = 0;
+  ASSERT_TRUE(f.read(&c, 1).good()) << path << " @" << offset;
+  c ^= 0x10;
+  f.seekp(static_cast<std::streamoff>(offset));
+  ASSERT_TRUE(f.write(&c, 1).good()) << path;
+}
 
 inline void WriteFile(const std::string& path, const std::string& data) {
   std::ofstream out(path, std::ios::binary);

@@ -28,16 +28,20 @@ TEST(PerplexityTest, WikiText2MatchesTransformers) {
   EXPECT_NEAR(r->perplexity, 6914.08, 6914.08 * 0.001);
 }
 
+// tests/data/kjv-val.txt in tiny-opt's tokens (newlines normalized as ferry ppl reads them).
+absl::StatusOr<std::vector<int>> KjvValIds() {
+  FERRY_ASSIGN_OR_RETURN(auto tok, Tokenizer::FromModelDir(ferry::testing::ModelDir()));
+  FERRY_ASSIGN_OR_RETURN(const std::string raw, ReadFileToString(ferry::testing::DataDir() + "/kjv-val.txt"));
+  return tok->Encode(NormalizeNewlines(raw));
+}
+
 // Issue 15's quality bounds for quantized weights: tiny-opt on kjv-val (4096 tokens, windows of
 // 512), q4 group 64 within +1% of the unquantized perplexity (a reference min/max g64 quantization
 // measured +0.6%), q8 within +0.1%.
 TEST(PerplexityTest, QuantizedWeightsStayWithinTheirBounds) {
   kernels::CpuBackend cpu;
-  auto tok = Tokenizer::FromModelDir(ferry::testing::ModelDir());
-  auto raw = ReadFileToString(ferry::testing::DataDir() + "/kjv-val.txt");
-  ASSERT_TRUE(raw.ok());
-  auto ids = (*tok)->Encode(NormalizeNewlines(*raw));
-  ASSERT_TRUE(ids.ok());
+  const absl::StatusOr<std::vector<int>> ids = KjvValIds();
+  ASSERT_TRUE(ids.ok()) << ids.status();
   PerplexityOptions o;
   o.window = 512;
   o.max_tokens = 4096;
@@ -69,11 +73,8 @@ TEST(PerplexityTest, QuantizedWeightsStayWithinTheirBounds) {
 // 45.8676 -> q8 45.8799 (+0.03%), q4 45.9181 (+0.11%); H2O 47.4950 -> q8 47.4953, q4 47.7843 (+0.61%).
 TEST(PerplexityTest, QuantizedKvCachesStayWithinTheirBounds) {
   kernels::CpuBackend cpu;
-  auto tok = Tokenizer::FromModelDir(ferry::testing::ModelDir());
-  auto raw = ReadFileToString(ferry::testing::DataDir() + "/kjv-val.txt");
-  ASSERT_TRUE(raw.ok());
-  auto ids = (*tok)->Encode(NormalizeNewlines(*raw));
-  ASSERT_TRUE(ids.ok());
+  const absl::StatusOr<std::vector<int>> ids = KjvValIds();
+  ASSERT_TRUE(ids.ok()) << ids.status();
   auto model = Model::Load(ferry::testing::ModelDir(), &cpu);
   ASSERT_TRUE(model.ok());
   const int head_dim = (*model)->config().head_dim();

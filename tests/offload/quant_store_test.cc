@@ -19,14 +19,7 @@
 namespace ferry::engine {
 namespace {
 
-void FlipByte(const std::string& path, uint64_t offset) {
-  ScopedFd fd(::open(path.c_str(), O_RDWR));
-  ASSERT_GE(fd.get(), 0);
-  char c = 0;
-  ASSERT_EQ(::pread(fd.get(), &c, 1, static_cast<off_t>(offset)), 1);
-  c ^= 0x10;
-  ASSERT_EQ(::pwrite(fd.get(), &c, 1, static_cast<off_t>(offset)), 1);
-}
+using ferry::testing::FlipByte;
 
 // Prefill of two prompts and two decode steps; every logit.
 std::vector<float> RunSteps(Model& m, kernels::Backend& b) {

@@ -15,14 +15,7 @@
 namespace ferry::engine {
 namespace {
 
-void FlipByte(const std::string& path, uint64_t offset) {
-  ScopedFd fd(::open(path.c_str(), O_RDWR));
-  ASSERT_GE(fd.get(), 0);
-  char c = 0;
-  ASSERT_EQ(::pread(fd.get(), &c, 1, static_cast<off_t>(offset)), 1);
-  c ^= 0x10;
-  ASSERT_EQ(::pwrite(fd.get(), &c, 1, static_cast<off_t>(offset)), 1);
-}
+using ferry::testing::FlipByte;
 
 absl::Status LoadStatus(const std::string& dir, offload::WeightSplit split) {
   kernels::CpuBackend backend;
