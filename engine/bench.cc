@@ -11,6 +11,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "base/status.h"
+#include "engine/cost_model.h"
 #include "engine/model.h"
 #include "engine/sparsity.h"
 #include "io/store.h"
@@ -113,42 +114,32 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
   }
   FERRY_ASSIGN_OR_RETURN(io::Store store, io::Store::Open(o.store_dir));
   FERRY_ASSIGN_OR_RETURN(std::unique_ptr<kernels::Backend> backend, kernels::CreateBackend(o.backend));
-  const int max_len = o.prompt_len + o.gen_len;
   // Device bytes beyond the weights for a batch: the KV cache (dense or H2O) and the workspace of
   // the prefill, which runs the whole batch in one pass so that weights cross the link once.
-  // The KV cache of a batch of b sequences: one spec sizes the plan and creates the cache.
-  auto kv_spec = [&](int64_t b) {
-    offload::KvCacheSpec spec = KvSpec(config, static_cast<int>(b), max_len, o.kv_dtype);
-    spec.on_host = o.kv_on_cpu;
-    if (o.h2o) spec.h2o = offload::ClampToLength(*o.h2o, max_len);
-    spec.prefill_rows = static_cast<int>(b / o.num_gpu_batches);
-    spec.max_prompt = o.prompt_len;
-    return spec;
+  // The policy of a batch of gbs x num_gpu_batches: the KV cache and the reserves (the cache and
+  // the prefill's workspace) come from the same code the planner uses (PolicyOffload).
+  const Workload workload{o.prompt_len, o.gen_len, 0};
+  auto policy_of = [&](int64_t gbs) {
+    Policy p;
+    p.split = o.split;
+    p.gpu_batch_size = static_cast<int>(gbs);
+    p.num_gpu_batches = o.num_gpu_batches;
+    p.kv_on_cpu = o.kv_on_cpu;
+    p.kv_dtype = o.kv_dtype;
+    p.h2o = o.h2o;
+    return p;
   };
-  auto host_reserve = [&](int64_t b) -> uint64_t { return offload::KvCacheBytes(kv_spec(b)).host; };
-  auto reserve = [&](int64_t b) {
-    const int64_t micro = b / o.num_gpu_batches * o.prompt_len;  // one GPU batch's prefill tokens
-    return offload::KvCacheBytes(kv_spec(b)).device + Model::ForwardWorkspaceBytes(config, b * o.prompt_len, b, micro);
+  auto offload_of = [&](int64_t gbs) {
+    OffloadOptions t = PolicyOffload(config, policy_of(gbs), workload, o.backend.memory_budget_bytes, o.backend.host_budget_bytes);
+    t.streamer.uring = o.uring;
+    return t;
   };
-  OffloadOptions off;
-  off.split = o.split;
-  off.device_budget = o.backend.memory_budget_bytes;
-  off.host_budget = o.backend.host_budget_bytes;
-  off.streamer.uring = o.uring;
+  OffloadOptions off = offload_of(o.gpu_batch_size);
   int gpu_batch_size = o.gpu_batch_size;
   if (o.fit_batch) {
     if (off.device_budget == 0) return absl::InvalidArgumentError("--fit-batch needs --gpu-mem");
-    auto fits = [&](int64_t gbs) {
-      OffloadOptions t = off;
-      t.reserve_device_bytes = reserve(gbs * o.num_gpu_batches);
-      t.reserve_host_bytes = host_reserve(gbs * o.num_gpu_batches);
-      return Model::PlanOffload(store, t, *backend).ok();
-    };
-    if (!fits(1)) {
-      off.reserve_device_bytes = reserve(o.num_gpu_batches);
-      off.reserve_host_bytes = host_reserve(o.num_gpu_batches);
-      return Model::PlanOffload(store, off, *backend).status();  // says what does not fit
-    }
+    auto fits = [&](int64_t gbs) { return Model::PlanOffload(store, offload_of(gbs), *backend).ok(); };
+    if (!fits(1)) return Model::PlanOffload(store, offload_of(1), *backend).status();  // says what does not fit
     int64_t lo = 1, hi = 2;
     while (hi <= (1 << 20) && fits(hi)) lo = hi, hi *= 2;
     while (hi - lo > 1) {
@@ -159,6 +150,7 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
     say(absl::StrCat("largest batch that fits: ", gpu_batch_size, " x ", o.num_gpu_batches));
   }
   const int batch = gpu_batch_size * o.num_gpu_batches;
+  auto kv_spec = [&](int64_t) { return PolicyKvSpec(config, policy_of(gpu_batch_size), workload); };
 
   // Probes first, in memory the model does not hold yet (sized to fit the budgets).
   uint64_t probe_bytes = 64 << 20;
@@ -175,8 +167,7 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
     FERRY_ASSIGN_OR_RETURN(disk_probe, probe_disk());
   }
 
-  off.reserve_device_bytes = reserve(batch);
-  off.reserve_host_bytes = host_reserve(batch);
+  off = offload_of(gpu_batch_size);
   const bool sparse = o.sparsity_sim > 0.0 || !o.sparsity_dir.empty();
   if (o.sparsity_sim < 0.0 || o.sparsity_sim > 1.0) return absl::InvalidArgumentError("--sparsity-sim must be in (0, 1]");
   if (o.sparsity_sim > 0.0 && !o.sparsity_dir.empty()) return absl::InvalidArgumentError("--sparsity-sim and --sparsity exclude each other");
@@ -264,6 +255,13 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
   const uint64_t bundle_bytes = bundles ? bundles->bundle_bytes() : 0;
   const uint64_t plan_device = model->plan().device_bytes, plan_host = model->plan().host_bytes;
   const std::vector<int> dense_layers = adaptive ? adaptive->dense_layers() : std::vector<int>();
+  // The cost model's prediction of this policy on this plan (dense FFN: sparsity is not modelled).
+  std::optional<Prediction> predicted;
+  if (o.probe && !sparse) {
+    FERRY_ASSIGN_OR_RETURN(const CostModel cm, CostModel::FromProbe(*o.probe));
+    FERRY_ASSIGN_OR_RETURN(const WeightLayout layout, LayoutOf(store));
+    FERRY_ASSIGN_OR_RETURN(predicted, cm.Predict(config, layout, policy_of(gpu_batch_size), workload, model->plan(), o.uring));
+  }
   DiskProbe disk_probe_after;
   if (o.split.disk > 0) {
     select = nullptr;
@@ -335,6 +333,13 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
                             : nlohmann::json()},
       {"memory", {{"plan_device", plan_device}, {"plan_pinned", plan_host},
                   {"gpu_budget", o.backend.memory_budget_bytes}, {"cpu_budget", o.backend.host_budget_bytes}}}};
+  j["policy"] = o.policy;
+  if (predicted) {
+    j["predicted"] = predicted->ToJson();
+    j["measured_over_predicted"] = {{"prefill", prefill_s / predicted->prefill_s},
+                                    {"decode_step", steps > 0 ? step_s / predicted->step_s : 0.0},
+                                    {"throughput", (batch * o.gen_len / total_s) / predicted->throughput_tok_s}};
+  }
   BenchResult r;
   r.json = j;
   return r;
@@ -399,6 +404,16 @@ std::string BenchResult::Table() const {
                                              : ""));
   line("decode busy", absl::StrFormat("disk %.3f s, copy %.3f s, compute %.3f s", j["decode_busy_s"]["disk"].get<double>(),
                                       j["decode_busy_s"]["copy"].get<double>(), j["decode_busy_s"]["compute"].get<double>()));
+  if (j.contains("predicted")) {
+    const auto& p = j["predicted"];
+    line("predicted (cost model)", absl::StrFormat("prefill %.3f s, step %.4f s, %.2f tok/s, bound by %s", p["prefill_s"].get<double>(),
+                                                   p["decode_step_s"].get<double>(), p["throughput_tok_s"].get<double>(),
+                                                   p["bound"].get<std::string>()));
+    line("measured / predicted", absl::StrFormat("prefill %.2fx, step %.2fx, throughput %.2fx", j["measured_over_predicted"]["prefill"].get<double>(),
+                                                 j["measured_over_predicted"]["decode_step"].get<double>(),
+                                                 j["measured_over_predicted"]["throughput"].get<double>()));
+  }
+  if (j.value("policy", "manual") == "auto") line("policy", "auto (ferry plan's choice)");
   line("memory plan", absl::StrFormat("device %.1f MiB, pinned %.1f MiB", j["memory"]["plan_device"].get<double>() / 1048576,
                                       j["memory"]["plan_pinned"].get<double>() / 1048576));
   return s;

@@ -43,6 +43,10 @@ struct BenchOptions {
   double sparsity_k = 0.15;
   double sparsity_dense_above = 0.9;  // a layer whose measured union reaches this runs dense
   double sparsity_cache = 0.0;        // per layer, this fraction of the FFN's bundles cached on the device
+  // A probe (`ferry probe`) to predict the run with: the JSON then holds "predicted", the cost
+  // model's times for this policy and this plan, beside the measured ones.
+  std::optional<nlohmann::json> probe;
+  std::string policy = "manual";  // "auto": the planner chose it (recorded)
 };
 
 struct BenchResult {

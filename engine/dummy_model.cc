@@ -119,16 +119,32 @@ uint64_t DummyWeightBytes(const DummyShape& s) {
   return total;
 }
 
+namespace {
+
+io::PlannedTensor Planned(const DummyTensor& t, const std::optional<QuantFormat>& quantize) {
+  io::PlannedTensor p = t.planned;
+  if (quantize && t.layer_matrix) {
+    p.dtype = DType::kU8;
+    p.quant = quantize;
+  }
+  return p;
+}
+
+}  // namespace
+
+absl::StatusOr<std::vector<io::PlannedTensor>> DummyPlannedTensors(const DummyShape& shape, const std::optional<QuantFormat>& quantize) {
+  FERRY_ASSIGN_OR_RETURN(std::vector<DummyTensor> tensors, Tensors(shape));
+  std::vector<io::PlannedTensor> planned;
+  for (const auto& t : tensors) planned.push_back(Planned(t, quantize));
+  return planned;
+}
+
 absl::Status WriteDummyStore(const DummyShape& shape, const std::string& out_dir, const DummyStoreOptions& options) {
   FERRY_ASSIGN_OR_RETURN(std::vector<DummyTensor> tensors, Tensors(shape));
   std::vector<io::PlannedTensor> planned;
   std::map<std::string, const DummyTensor*> by_name;
   for (const auto& t : tensors) {
-    planned.push_back(t.planned);
-    if (options.quantize && t.layer_matrix) {
-      planned.back().dtype = DType::kU8;
-      planned.back().quant = options.quantize;
-    }
+    planned.push_back(Planned(t, options.quantize));
     by_name[t.planned.name] = &t;
   }
   FERRY_ASSIGN_OR_RETURN(io::StoreWriter writer, io::StoreWriter::Create(out_dir, std::move(planned)));

@@ -12,6 +12,7 @@
 
 #include "absl/status/statusor.h"
 #include "base/quant.h"
+#include "io/store.h"
 
 namespace ferry::engine {
 
@@ -36,6 +37,10 @@ struct DummyStoreOptions {
   std::optional<QuantFormat> quantize;
   std::function<void(uint64_t done, uint64_t total)> progress;
 };
+
+// The tensors the dummy's store holds (layer matrices as `quantize` when set): its layout can be
+// planned without writing it (io::LayoutStore).
+absl::StatusOr<std::vector<io::PlannedTensor>> DummyPlannedTensors(const DummyShape& shape, const std::optional<QuantFormat>& quantize);
 
 // Writes the dummy's store (config.json, weights.bin, manifest.json) into out_dir.
 absl::Status WriteDummyStore(const DummyShape& shape, const std::string& out_dir, const DummyStoreOptions& options = {});

@@ -8,6 +8,7 @@
 
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -91,6 +92,25 @@ absl::Status ConvertModel(const std::string& model_dir, const std::string& out_d
 // shape and a float dtype, and one region per layer (a manifest that lost a tensor is refused).
 absl::Status CheckStoreModel(const io::Store& store);
 
+// What a memory plan and the cost model need of a store's weights, from an open store or from the
+// tensors a store would hold (a dummy not written, a float store planned quantized): each layer's
+// region, what stays resident besides the layer matrices, and the matrices themselves.
+struct WeightLayout {
+  std::vector<uint64_t> layer_bytes;              // each layer's region, 4 KiB multiples
+  uint64_t resident_other = 0;                    // non-layer tensors and layer vectors (as fp32)
+  uint64_t largest_quantized = 0;                 // elements of the largest quantized layer matrix
+  std::vector<io::PlannedTensor> layer_matrices;  // layer 0's 2-D tensors (every layer is alike)
+  std::vector<io::PlannedTensor> global_matrices; // embeddings and the head
+  std::optional<QuantFormat> quant;               // the layer matrices' format (nullopt: float)
+};
+WeightLayout LayoutOf(const io::StoreLayout& layout);
+absl::StatusOr<WeightLayout> LayoutOf(const io::Store& store);
+// A store's tensors as `ferry convert --quantize` would write them (the layer matrices whose role
+// IsQuantizedRole quantized to `format`; the rest as they are).
+std::vector<io::PlannedTensor> PlannedTensorsOf(const io::Store& store, const std::optional<QuantFormat>& format);
+// The roles ConvertModel quantizes: Q, K, V, O, gate, up, down (the streamed matrices).
+bool IsQuantizedRole(const std::string& role);
+
 class Model {
  public:
   // DIR is a Hugging Face checkpoint, a ferry store (`ferry convert`) or a GGUF file (its tensors
@@ -104,6 +124,9 @@ class Model {
   // The memory plan LoadOffloaded would make for this store on `backend` (nothing is allocated);
   // the device memory the backend holds for itself (its GEMM workspace) is counted in.
   static absl::StatusOr<offload::Plan> PlanOffload(const io::Store& store, const OffloadOptions& options,
+                                                   const kernels::Backend& backend);
+  // The same from a layout (dense FFN only: sparse_ffn needs the store itself).
+  static absl::StatusOr<offload::Plan> PlanOffload(const WeightLayout& layout, const OffloadOptions& options,
                                                    const kernels::Backend& backend);
 
   const ModelConfig& config() const { return config_; }

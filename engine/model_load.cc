@@ -96,11 +96,7 @@ absl::Status ConvertModel(const std::string& model_dir, const std::string& out_d
     // The layer matrices (the streamed bytes) are quantized; embeddings, heads and vectors keep theirs.
     options.quantize = gguf.quantize;
     options.quantize_tensor = [&options](const std::string& name) {
-      const std::string role = options.role_of ? options.role_of(name) : std::string();
-      for (Role r : {Role::kQ, Role::kK, Role::kV, Role::kO, Role::kGate, Role::kUp, Role::kDown}) {
-        if (role == offload::RoleName(r)) return true;
-      }
-      return false;
+      return IsQuantizedRole(options.role_of ? options.role_of(name) : std::string());
     };
   }
   if (IsGgufFile(model_dir)) {
@@ -328,40 +324,101 @@ absl::StatusOr<std::unique_ptr<Model>> Model::LoadOffloaded(const std::string& s
   return m;
 }
 
-absl::StatusOr<offload::Plan> Model::PlanOffload(const io::Store& store, const OffloadOptions& options,
-                                                 const kernels::Backend& backend) {
-  uint64_t resident_other = 0;  // what stays resident besides the layer matrices; vectors as fp32
-  uint64_t dequant_scratch = 0;  // GPU: the largest quantized matrix as fp16 (batches above kFusedQuantRows)
+bool IsQuantizedRole(const std::string& role) {
+  for (Role r : {Role::kQ, Role::kK, Role::kV, Role::kO, Role::kGate, Role::kUp, Role::kDown}) {
+    if (role == offload::RoleName(r)) return true;
+  }
+  return false;
+}
+
+namespace {
+
+// One tensor into a layout: `layer` its decoder layer (-1: none).
+void AddToLayout(const io::PlannedTensor& t, int layer, uint64_t bytes, WeightLayout* w) {
+  const bool matrix = t.shape.size() == 2;
+  int64_t numel = 1;
+  for (int64_t d : t.shape) numel *= d;
+  if (layer < 0 || !matrix) w->resident_other += t.shape.size() == 1 ? static_cast<uint64_t>(numel) * 4 : bytes;
+  if (layer >= 0 && matrix && t.quant) {
+    w->largest_quantized = std::max<uint64_t>(w->largest_quantized, static_cast<uint64_t>(numel));
+    w->quant = t.quant;
+  }
+  if (layer == 0 && matrix) w->layer_matrices.push_back(t);
+  if (layer < 0 && matrix) w->global_matrices.push_back(t);
+}
+
+}  // namespace
+
+WeightLayout LayoutOf(const io::StoreLayout& layout) {
+  WeightLayout w;
+  for (size_t i = 0; i < layout.order.size(); ++i) AddToLayout(layout.order[i], io::LayerOfTensor(layout.order[i].name), layout.bytes[i], &w);
+  for (const io::StoreLayer& l : layout.layers) w.layer_bytes.push_back(l.bytes);
+  return w;
+}
+
+absl::StatusOr<WeightLayout> LayoutOf(const io::Store& store) {
+  WeightLayout w;
   for (const std::string& name : store.Names()) {
     const io::StoreTensor* t = store.FindTensor(name);
-    const bool matrix = t->layer >= 0 && t->info.shape.size() == 2;
-    if (!matrix) resident_other += t->info.shape.size() == 1 ? static_cast<uint64_t>(t->info.numel()) * 4 : t->info.bytes;
-    if (matrix && t->info.quant && backend.device() == Device::kCuda) {
-      dequant_scratch = std::max<uint64_t>(dequant_scratch, static_cast<uint64_t>(t->info.numel()) * 2);
-    }
+    AddToLayout({name, t->info.dtype, t->info.shape, t->role, t->info.quant}, t->layer, t->info.bytes, &w);
   }
-  resident_other += dequant_scratch;
+  for (const auto& region : store.layers()) w.layer_bytes.push_back(region.bytes);
+  return w;
+}
+
+std::vector<io::PlannedTensor> PlannedTensorsOf(const io::Store& store, const std::optional<QuantFormat>& format) {
+  std::vector<io::PlannedTensor> out;
+  for (const std::string& name : store.Names()) {
+    const io::StoreTensor* t = store.FindTensor(name);
+    io::PlannedTensor p{name, t->info.dtype, t->info.shape, t->role, t->info.quant};
+    if (format && !t->info.quant && t->layer >= 0 && t->info.shape.size() == 2 && IsQuantizedRole(t->role)) {
+      p.dtype = DType::kU8;
+      p.quant = format;
+    }
+    out.push_back(std::move(p));
+  }
+  return out;
+}
+
+absl::StatusOr<offload::Plan> Model::PlanOffload(const WeightLayout& layout, const OffloadOptions& options,
+                                                 const kernels::Backend& backend) {
+  if (options.sparse_ffn) return absl::InvalidArgumentError("a sparse-FFN plan needs the store itself");
+  // What stays resident besides the layer matrices, and on the GPU the fp16 dequantization scratch
+  // of the largest quantized matrix (batches above kFusedQuantRows).
+  const uint64_t dequant_scratch = backend.device() == Device::kCuda ? layout.largest_quantized * 2 : 0;
+  offload::PlanInputs in;
+  in.layer_bytes = layout.layer_bytes;
+  in.split = options.split;
+  in.other_device_bytes = layout.resident_other + dequant_scratch + options.reserve_device_bytes + backend.reserved_device_bytes();
+  in.other_host_bytes = options.reserve_host_bytes;
+  in.device_budget = options.device_budget;
+  in.host_budget = options.host_budget;
+  return offload::MakePlan(in);
+}
+
+absl::StatusOr<offload::Plan> Model::PlanOffload(const io::Store& store, const OffloadOptions& options,
+                                                 const kernels::Backend& backend) {
+  FERRY_ASSIGN_OR_RETURN(const WeightLayout layout, LayoutOf(store));
+  if (!options.sparse_ffn) return PlanOffload(layout, options, backend);
   offload::PlanInputs in;
   uint64_t bundles_host = 0, bundles_device = 0;
-  if (options.sparse_ffn) {
-    FERRY_ASSIGN_OR_RETURN(const ModelConfig c, ModelConfig::FromModelDir(store.dir()));
-    FERRY_RETURN_IF_ERROR(RefuseSparseSwiGlu(c));
-    if (static_cast<int>(store.layers().size()) != c.num_layers) return absl::DataLossError("the store's layer count differs from config.json");
-    FERRY_ASSIGN_OR_RETURN(const Family* family, FindFamily(c.model_type, store.dir()));
-    FERRY_ASSIGN_OR_RETURN(const TensorNames names, TensorNames::Resolve(*family, store));
-    FERRY_ASSIGN_OR_RETURN(const auto ranges, AttentionRanges(store, names, c.num_layers));
-    for (const auto& [begin, end] : ranges) {
-      in.layer_begin.push_back(begin);
-      in.layer_bytes.push_back(end - begin);
-    }
-    const DType dtype = store.FindTensor(names.Layer(Role::kUp, 0))->info.dtype;
-    bundles_device = offload::FfnBundles::DeviceBytes(c.num_layers, c.hidden_size, c.ffn_dim, dtype, options.sparse_cache_fraction);
-    bundles_host = offload::FfnBundles::HostBytes(c.num_layers, c.hidden_size, c.ffn_dim, dtype, options.split.disk > 0.0);
-  } else {
-    for (const auto& region : store.layers()) in.layer_bytes.push_back(region.bytes);
+  FERRY_ASSIGN_OR_RETURN(const ModelConfig c, ModelConfig::FromModelDir(store.dir()));
+  FERRY_RETURN_IF_ERROR(RefuseSparseSwiGlu(c));
+  if (static_cast<int>(store.layers().size()) != c.num_layers) return absl::DataLossError("the store's layer count differs from config.json");
+  FERRY_ASSIGN_OR_RETURN(const Family* family, FindFamily(c.model_type, store.dir()));
+  FERRY_ASSIGN_OR_RETURN(const TensorNames names, TensorNames::Resolve(*family, store));
+  FERRY_ASSIGN_OR_RETURN(const auto ranges, AttentionRanges(store, names, c.num_layers));
+  for (const auto& [begin, end] : ranges) {
+    in.layer_begin.push_back(begin);
+    in.layer_bytes.push_back(end - begin);
   }
+  const DType dtype = store.FindTensor(names.Layer(Role::kUp, 0))->info.dtype;
+  bundles_device = offload::FfnBundles::DeviceBytes(c.num_layers, c.hidden_size, c.ffn_dim, dtype, options.sparse_cache_fraction);
+  bundles_host = offload::FfnBundles::HostBytes(c.num_layers, c.hidden_size, c.ffn_dim, dtype, options.split.disk > 0.0);
+  const uint64_t dequant_scratch = backend.device() == Device::kCuda ? layout.largest_quantized * 2 : 0;
   in.split = options.split;
-  in.other_device_bytes = resident_other + options.reserve_device_bytes + bundles_device + backend.reserved_device_bytes();
+  in.other_device_bytes =
+      layout.resident_other + dequant_scratch + options.reserve_device_bytes + bundles_device + backend.reserved_device_bytes();
   in.other_host_bytes = options.reserve_host_bytes + bundles_host;
   in.device_budget = options.device_budget;
   in.host_budget = options.host_budget;

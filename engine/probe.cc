@@ -16,13 +16,19 @@
 #include "base/file.h"
 #include "base/quant.h"
 #include "base/status.h"
+#include "io/store.h"
 #include "io/uring_reader.h"
+#include "kernels/registry.h"
+#include "offload/attention_cache.h"
 
 namespace ferry::engine {
 namespace {
 
 using Clock = std::chrono::steady_clock;
 using nlohmann::json;
+
+// 2: within-device copies, quantized KV, prefill attention, host attention, op cost.
+constexpr int kProbeVersion = 2;
 
 double Seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
 
@@ -65,7 +71,8 @@ absl::StatusOr<kernels::DeviceBuffer> Upload(kernels::Backend& b, const void* da
 }
 
 absl::StatusOr<json> ProbeCopies(kernels::Backend& b, const ProbeOptions& o) {
-  json out = {{"host_to_device", json::array()}, {"device_to_host", json::array()}, {"host_memcpy", json::array()}};
+  json out = {{"host_to_device", json::array()}, {"device_to_host", json::array()}, {"within_device", json::array()},
+              {"host_memcpy", json::array()}};
   for (uint64_t chunk : o.copy_chunks) {
     if (o.progress) o.progress(absl::StrCat("copies of ", chunk >> 10, " KiB"));
     FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer host, b.AllocateHost(chunk));
@@ -77,6 +84,10 @@ absl::StatusOr<json> ProbeCopies(kernels::Backend& b, const ProbeOptions& o) {
     FERRY_ASSIGN_OR_RETURN(const double d2h, Rate(o, static_cast<double>(chunk), b, [&] {
       return b.CopyToHost(host.data(), dev.data(), chunk);
     }));
+    FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer dev2, b.Allocate(chunk));
+    FERRY_ASSIGN_OR_RETURN(const double d2d, Rate(o, static_cast<double>(chunk), b, [&] {
+      return b.TransferWithinDevice(dev2.data(), dev.data(), chunk);
+    }));
     std::vector<char> a(chunk, 2), c(chunk);
     FERRY_ASSIGN_OR_RETURN(const double mc, Rate(o, static_cast<double>(chunk), b, [&] {
       std::memcpy(c.data(), a.data(), chunk);
@@ -85,6 +96,7 @@ absl::StatusOr<json> ProbeCopies(kernels::Backend& b, const ProbeOptions& o) {
     }));
     out["host_to_device"].push_back({{"chunk_bytes", chunk}, {"GBps", h2d * 1e-9}});
     out["device_to_host"].push_back({{"chunk_bytes", chunk}, {"GBps", d2h * 1e-9}});
+    out["within_device"].push_back({{"chunk_bytes", chunk}, {"GBps", d2d * 1e-9}});
     out["host_memcpy"].push_back({{"chunk_bytes", chunk}, {"GBps", mc * 1e-9}});
   }
   return out;
@@ -181,38 +193,75 @@ absl::StatusOr<json> ProbeLinear(kernels::Backend& b, const ProbeOptions& o) {
   return out;
 }
 
-// Decode attention: one query per row over `len` cached positions, F32 and F16 caches.
-absl::StatusOr<json> ProbeAttention(kernels::Backend& b, const ProbeOptions& o) {
-  const int heads = 32, hd = 128, w = heads * hd, rows = o.attention_rows, len = o.attention_len;
+// Decode attention: one query per row over `len` cached positions, for each KV type the backend
+// takes (F32, F16, q8, q4: the CUDA backend refuses quantized caches, which is then not listed);
+// and prefill attention: `len` causal queries of one sequence (F32 cache), in FLOP/s.
+absl::StatusOr<json> ProbeAttention(kernels::Backend& b, const ProbeOptions& o, bool prefill) {
+  const int heads = 32, hd = 128, w = heads * hd, len = prefill ? o.prefill_attention_len : o.attention_len;
+  const int seqs = prefill ? 1 : o.attention_rows, rows = prefill ? len : o.attention_rows;
   json out = json::array();
-  for (DType dt : {DType::kF32, DType::kF16}) {
-    if (o.progress) o.progress(absl::StrCat("decode attention over ", len, " positions, ", DTypeName(dt)));
-    const std::vector<float> kv = Random(static_cast<size_t>(rows) * len * w, 3);
-    std::vector<char> host(kv.size() * DTypeSize(dt));
-    ConvertFromF32(dt, kv.data(), host.data(), kv.size());
+  std::vector<KvType> types = {DType::kF32};
+  if (!prefill) types = {DType::kF32, DType::kF16, *ParseKvType("q8", hd), *ParseKvType("q4", hd)};
+  const Device dev = b.device();
+  for (const KvType& type : types) {
+    if (o.progress) o.progress(absl::StrCat(prefill ? "prefill" : "decode", " attention over ", len, " positions, ", KvTypeName(type)));
+    const std::vector<float> kv = Random(static_cast<size_t>(seqs) * len * w, 3);
+    std::vector<char> host(type.Bytes(static_cast<int64_t>(seqs) * len, w));
+    if (type.quant) {
+      FERRY_ASSIGN_OR_RETURN(const QuantLayout layout, LayoutQuantized(*type.quant, static_cast<int64_t>(seqs) * len, w));
+      QuantizeRows(*type.quant, layout, kv.data(), static_cast<int64_t>(seqs) * len, w, reinterpret_cast<uint8_t*>(host.data()));
+    } else {
+      ConvertFromF32(type.dtype, kv.data(), host.data(), kv.size());
+    }
     FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer kc, Upload(b, host.data(), host.size()));
     FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer vc, Upload(b, host.data(), host.size()));
     const std::vector<float> q = Random(static_cast<size_t>(rows) * w, 4);
     std::vector<int32_t> seq(static_cast<size_t>(rows)), pos(static_cast<size_t>(rows), len - 1);
-    for (int r = 0; r < rows; ++r) seq[r] = r;
+    for (int r = 0; r < rows; ++r) {
+      seq[r] = prefill ? 0 : r;
+      if (prefill) pos[r] = r;
+    }
     FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer qb, Upload(b, q.data(), q.size() * sizeof(float)));
     FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer sb, Upload(b, seq.data(), seq.size() * sizeof(int32_t)));
     FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer pb, Upload(b, pos.data(), pos.size() * sizeof(int32_t)));
     FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer ob, b.Allocate(q.size() * sizeof(float)));
-    const Device dev = b.device();
     kernels::AttentionArgs a{TensorView::Contiguous(qb.data(), DType::kF32, {rows, w}, dev),
-                             TensorView::Contiguous(kc.data(), dt, {rows, len, w}, dev),
-                             TensorView::Contiguous(vc.data(), dt, {rows, len, w}, dev),
+                             offload::KvView(kc.data(), type, {seqs, len, w}, dev),
+                             offload::KvView(vc.data(), type, {seqs, len, w}, dev),
                              TensorView::Contiguous(sb.data(), DType::kI32, {rows}, dev),
                              TensorView::Contiguous(pb.data(), DType::kI32, {rows}, dev),
                              TensorView::Contiguous(ob.data(), DType::kF32, {rows, w}, dev),
                              heads, 1.0f / std::sqrt(static_cast<float>(hd)), TensorView{}};
-    const double bytes = 2.0 * host.size();
-    FERRY_ASSIGN_OR_RETURN(const double rate, Rate(o, bytes, b, [&] { return b.Attention(a); }));
-    out.push_back({{"kv_dtype", DTypeName(dt)}, {"rows", rows}, {"positions", len}, {"heads", heads}, {"head_dim", hd},
-                   {"kv_GBps", rate * 1e-9}});
+    a.host_seq_ids = seq.data();
+    a.host_positions = pos.data();
+    if (type.quant) {
+      const absl::Status tried = b.Attention(a);
+      if (absl::IsUnimplemented(tried) || absl::IsInvalidArgument(tried)) continue;  // not on this backend
+      FERRY_RETURN_IF_ERROR(tried);
+    }
+    if (prefill) {
+      const double flops = 4.0 * heads * hd * (static_cast<double>(len) * (len + 1) / 2);
+      FERRY_ASSIGN_OR_RETURN(const double rate, Rate(o, flops, b, [&] { return b.Attention(a); }));
+      out.push_back({{"kv_dtype", KvTypeName(type)}, {"tokens", len}, {"heads", heads}, {"head_dim", hd}, {"GFLOPs", rate * 1e-9}});
+    } else {
+      FERRY_ASSIGN_OR_RETURN(const double rate, Rate(o, 2.0 * host.size(), b, [&] { return b.Attention(a); }));
+      out.push_back({{"kv_dtype", KvTypeName(type)}, {"rows", rows}, {"positions", len}, {"heads", heads}, {"head_dim", hd},
+                     {"kv_GBps", rate * 1e-9}});
+    }
   }
   return out;
+}
+
+// The cost of one small op (an Add of 64 values): a kernel launch on a GPU, a dispatch on the CPU.
+absl::StatusOr<double> ProbeOpSeconds(kernels::Backend& b, const ProbeOptions& o) {
+  if (o.progress) o.progress("one small op");
+  const std::vector<float> x = Random(64, 6);
+  FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer xb, Upload(b, x.data(), x.size() * sizeof(float)));
+  FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer yb, b.Allocate(x.size() * sizeof(float)));
+  const TensorView xv = TensorView::Contiguous(xb.data(), DType::kF32, {1, 64}, b.device());
+  const TensorView yv = TensorView::Contiguous(yb.data(), DType::kF32, {1, 64}, b.device());
+  FERRY_ASSIGN_OR_RETURN(const double per_s, Rate(o, 1.0, b, [&] { return b.Add(xv, xv, yv); }));
+  return 1.0 / per_s;
 }
 
 std::string HostName() {
@@ -228,9 +277,9 @@ std::string HostName() {
 }  // namespace
 
 absl::StatusOr<json> RunProbe(kernels::Backend& backend, const ProbeOptions& o) {
-  json j = {{"format", "ferry-probe"}, {"version", 1}, {"host", HostName()}, {"backend", backend.name()},
+  json j = {{"format", "ferry-probe"}, {"version", kProbeVersion}, {"host", HostName()}, {"backend", backend.name()},
             {"probed_at", static_cast<int64_t>(std::time(nullptr))}};
-  j["options"] = {{"min_seconds", o.min_seconds}, {"repetitions", o.repetitions}, {"disk_dir", o.disk_dir},
+  j["options"] = {{"quick", o.quick}, {"min_seconds", o.min_seconds}, {"repetitions", o.repetitions}, {"disk_dir", o.disk_dir},
                   {"disk_file_bytes", o.disk_file_bytes}};
   FERRY_ASSIGN_OR_RETURN(json copies, ProbeCopies(backend, o));
   j["copies"] = std::move(copies);
@@ -240,8 +289,31 @@ absl::StatusOr<json> RunProbe(kernels::Backend& backend, const ProbeOptions& o) 
   }
   FERRY_ASSIGN_OR_RETURN(json linear, ProbeLinear(backend, o));
   j["linear"] = std::move(linear);
-  FERRY_ASSIGN_OR_RETURN(json attention, ProbeAttention(backend, o));
+  FERRY_ASSIGN_OR_RETURN(json attention, ProbeAttention(backend, o, /*prefill=*/false));
   j["attention"] = std::move(attention);
+  FERRY_ASSIGN_OR_RETURN(json prefill, ProbeAttention(backend, o, /*prefill=*/true));
+  j["prefill_attention"] = std::move(prefill);
+  // A KV cache in host memory (--kv cpu) runs its attention on the CPU beside any device.
+  if (backend.device() != Device::kCpu) {
+    FERRY_ASSIGN_OR_RETURN(std::unique_ptr<kernels::Backend> cpu, kernels::CreateBackend({}));
+    FERRY_ASSIGN_OR_RETURN(json host, ProbeAttention(*cpu, o, /*prefill=*/false));
+    j["host_attention"] = std::move(host);
+  } else {
+    j["host_attention"] = j["attention"];
+  }
+  FERRY_ASSIGN_OR_RETURN(j["op_seconds"], ProbeOpSeconds(backend, o));
+  {
+    // The streamer checks every disk read's XXH3 in the disk thread: part of the disk stage.
+    if (o.progress) o.progress("XXH3 of host memory");
+    std::vector<char> buf(16 << 20, 3);
+    uint64_t sink = 0;
+    FERRY_ASSIGN_OR_RETURN(const double rate, Rate(o, static_cast<double>(buf.size()), backend, [&] {
+      sink ^= io::StoreHash(buf.data(), buf.size());
+      buf[sink % buf.size()] ^= 1;
+      return absl::OkStatus();
+    }));
+    j["hash_GBps"] = rate * 1e-9;
+  }
   return j;
 }
 
@@ -270,7 +342,9 @@ absl::StatusOr<json> LoadOrProbe(kernels::Backend& backend, const ProbeOptions& 
     if (text.ok()) {
       json j = json::parse(*text, nullptr, false);
       // A cache that is not a probe of this host and backend is measured again (and replaced).
-      if (!j.is_discarded() && j.is_object() && j.value("format", "") == "ferry-probe" && j.value("host", "") == HostName() &&
+      if (!j.is_discarded() && j.is_object() && j.value("format", "") == "ferry-probe" && j.value("version", 0) == kProbeVersion &&
+          j.value("host", "") == HostName() && j.value("options", json::object()).value("disk_dir", "") == options.disk_dir &&
+          j.value("options", json::object()).value("quick", false) == options.quick &&
           j.value("backend", "") == backend.name() && j.contains("copies") && j.contains("linear")) {
         if (from_cache != nullptr) *from_cache = true;
         return j;
@@ -287,7 +361,7 @@ std::string ProbeTable(const json& j) {
   std::string s = absl::StrFormat("probe of %s, backend %s\n", j.value("host", "?"), j.value("backend", "?"));
   const json& c = j["copies"];
   for (const auto& [name, title] : {std::pair{"host_to_device", "host->device GB/s"}, std::pair{"device_to_host", "device->host GB/s"},
-                                    std::pair{"host_memcpy", "host memcpy GB/s"}}) {
+                                    std::pair{"within_device", "within device GB/s"}, std::pair{"host_memcpy", "host memcpy GB/s"}}) {
     absl::StrAppend(&s, absl::StrFormat("%-22s", title));
     for (const auto& e : c[name]) {
       absl::StrAppend(&s, absl::StrFormat("  %lluK: %.2f", static_cast<unsigned long long>(e["chunk_bytes"].get<uint64_t>() >> 10),
@@ -309,11 +383,18 @@ std::string ProbeTable(const json& j) {
                                         static_cast<long long>(e["in"].get<int64_t>()), static_cast<long long>(e["out"].get<int64_t>()),
                                         e["weights"].get<std::string>(), e["GFLOPs"].get<double>(), e["weight_GBps"].get<double>()));
   }
-  s += "decode attention: KV GB/s\n";
-  for (const auto& e : j["attention"]) {
-    absl::StrAppend(&s, absl::StrFormat("  %s, %d rows x %d positions: %.2f\n", e["kv_dtype"].get<std::string>(), e["rows"].get<int>(),
-                                        e["positions"].get<int>(), e["kv_GBps"].get<double>()));
+  for (const auto& [key, title] : {std::pair{"attention", "decode attention"}, std::pair{"host_attention", "decode attention on the host (--kv cpu)"}}) {
+    absl::StrAppend(&s, title, ": KV GB/s\n");
+    for (const auto& e : j.value(key, json::array())) {
+      absl::StrAppend(&s, absl::StrFormat("  %-6s %d rows x %d positions: %.2f\n", e["kv_dtype"].get<std::string>(), e["rows"].get<int>(),
+                                          e["positions"].get<int>(), e["kv_GBps"].get<double>()));
+    }
   }
+  for (const auto& e : j.value("prefill_attention", json::array())) {
+    absl::StrAppend(&s, absl::StrFormat("prefill attention, %d causal tokens: %.2f GFLOP/s\n", e["tokens"].get<int>(), e["GFLOPs"].get<double>()));
+  }
+  if (j.contains("hash_GBps")) absl::StrAppend(&s, absl::StrFormat("XXH3 (disk reads are checked): %.2f GB/s\n", j["hash_GBps"].get<double>()));
+  if (j.contains("op_seconds")) absl::StrAppend(&s, absl::StrFormat("one small op: %.2f us\n", j["op_seconds"].get<double>() * 1e6));
   return s;
 }
 

@@ -28,7 +28,9 @@ struct ProbeOptions {
   std::vector<int64_t> gemm_rows = {1, 16, 256};
   int64_t gemm_out = 2048, gemm_in = 2048;
   int attention_len = 1024, attention_rows = 8;
+  int prefill_attention_len = 256;  // causal queries of one sequence
   double min_seconds = 0.05;  // per timed repetition
+  bool quick = false;         // a smoke run's small shapes: cached apart, never used for planning
   int repetitions = 3;
   std::function<void(const std::string&)> progress;
 };

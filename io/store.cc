@@ -95,18 +95,21 @@ StoreWriter::~StoreWriter() {
   }
 }
 
-absl::StatusOr<StoreWriter> StoreWriter::Create(const std::string& out_dir, std::vector<PlannedTensor> tensors) {
-  FERRY_RETURN_IF_ERROR(MakeDirs(out_dir));
-  StoreWriter w;
-  w.out_dir_ = out_dir;
+absl::StatusOr<StoreLayout> LayoutStore(std::vector<PlannedTensor> tensors) {
+  StoreLayout l;
   std::stable_sort(tensors.begin(), tensors.end(), [](const PlannedTensor& a, const PlannedTensor& b) {
     return LayerOfTensor(a.name) < LayerOfTensor(b.name);
   });
-  w.order_ = std::move(tensors);
+  l.order = std::move(tensors);
   uint64_t offset = 0;
-  for (const PlannedTensor& t : w.order_) {
+  for (const PlannedTensor& t : l.order) {
     uint64_t bytes = DTypeSize(t.dtype);
-    for (int64_t d : t.shape) bytes *= static_cast<uint64_t>(d);
+    for (int64_t d : t.shape) {
+      if (d < 0 || (d > 0 && bytes > UINT64_MAX / static_cast<uint64_t>(d))) {
+        return absl::InvalidArgumentError(absl::StrCat("tensor \"", t.name, "\": its shape is negative or too large"));
+      }
+      bytes *= static_cast<uint64_t>(d);
+    }
     if (t.quant) {
       if (t.shape.size() != 2 || t.dtype != DType::kU8) {
         return absl::InvalidArgumentError(absl::StrCat("tensor \"", t.name, "\": a quantized tensor is a 2-D U8 region"));
@@ -116,13 +119,32 @@ absl::StatusOr<StoreWriter> StoreWriter::Create(const std::string& out_dir, std:
       bytes = layout->bytes;
     }
     offset = AlignUp(offset);
-    w.offsets_.push_back(offset);
-    w.bytes_.push_back(bytes);
+    l.offsets.push_back(offset);
+    l.bytes.push_back(bytes);
+    const int layer = LayerOfTensor(t.name);
+    if (layer >= 0) {
+      if (l.layers.empty() || l.layers.back().index != layer) l.layers.push_back({layer, offset, 0});
+      l.layers.back().bytes = AlignUp(offset + bytes) - l.layers.back().offset;
+    }
     offset += bytes;
-    w.total_ += bytes;
+    l.total_bytes += bytes;
   }
+  l.data_bytes = AlignUp(offset);
+  return l;
+}
+
+absl::StatusOr<StoreWriter> StoreWriter::Create(const std::string& out_dir, std::vector<PlannedTensor> tensors) {
+  FERRY_ASSIGN_OR_RETURN(StoreLayout layout, LayoutStore(std::move(tensors)));
+  FERRY_RETURN_IF_ERROR(MakeDirs(out_dir));
+  StoreWriter w;
+  w.out_dir_ = out_dir;
+  w.order_ = std::move(layout.order);
+  w.offsets_ = std::move(layout.offsets);
+  w.bytes_ = std::move(layout.bytes);
+  w.layers_ = std::move(layout.layers);
+  w.total_ = layout.total_bytes;
+  w.data_bytes_ = layout.data_bytes;
   w.written_.assign(w.order_.size(), 0);
-  w.data_bytes_ = AlignUp(offset);
   w.state_ = std::make_unique<State>();
   w.state_->tmp_path = out_dir + "/weights.bin.tmp";
   int fd = ::open(w.state_->tmp_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
@@ -152,17 +174,12 @@ absl::Status StoreWriter::Finish(const std::map<std::string, std::string>& side_
   json manifest = {{"format", "ferry-store"}, {"version", 1}, {"alignment", kStoreAlignment},
                    {"data_file", "weights.bin"}, {"data_bytes", data_bytes_}, {"tensors", json::array()},
                    {"layers", json::array()}};
-  std::map<int, std::pair<uint64_t, uint64_t>> layer_span;  // layer -> [begin, end)
   for (size_t i = 0; i < order_.size(); ++i) {
     const PlannedTensor& t = order_[i];
     if (written_[i] != bytes_[i]) {
       return absl::FailedPreconditionError(absl::StrCat("tensor \"", t.name, "\" got ", written_[i], " of ", bytes_[i], " bytes"));
     }
     const int layer = LayerOfTensor(t.name);
-    if (layer >= 0) {
-      auto [it, fresh] = layer_span.try_emplace(layer, offsets_[i], offsets_[i]);
-      it->second.second = AlignUp(offsets_[i] + bytes_[i]);
-    }
     json shape = t.shape;
     json entry = {{"name", t.name}, {"dtype", DTypeName(t.dtype)}, {"shape", shape},
                   {"offset", offsets_[i]}, {"bytes", bytes_[i]}, {"layout", "row-major"},
@@ -171,9 +188,7 @@ absl::Status StoreWriter::Finish(const std::map<std::string, std::string>& side_
     if (t.quant) entry["quant"] = QuantFormatName(*t.quant);
     manifest["tensors"].push_back(entry);
   }
-  for (const auto& [layer, span] : layer_span) {
-    manifest["layers"].push_back({{"index", layer}, {"offset", span.first}, {"bytes", span.second - span.first}});
-  }
+  for (const StoreLayer& l : layers_) manifest["layers"].push_back({{"index", l.index}, {"offset", l.offset}, {"bytes", l.bytes}});
   // The tables themselves are checksummed too: a dtype, shape or offset edited afterwards would
   // change what the bytes mean without changing the bytes.
   manifest["manifest_xxh3"] = Hex(TablesHash(manifest));

@@ -73,6 +73,18 @@ struct PlannedTensor {
   std::optional<QuantFormat> quant;  // a quantized matrix: dtype U8, shape [rows, cols]
 };
 
+// Where a store puts each tensor (what StoreWriter writes): non-layer tensors first, then each
+// layer's in order, every tensor 4 KiB-aligned, and each layer's region. The planner sizes stores
+// that do not exist yet (a dummy, a float store quantized) with the same code.
+struct StoreLayout {
+  std::vector<PlannedTensor> order;
+  std::vector<uint64_t> offsets, bytes;  // per tensor in order
+  std::vector<StoreLayer> layers;        // in index order
+  uint64_t total_bytes = 0;              // tensor bytes (no padding)
+  uint64_t data_bytes = 0;               // weights.bin's size
+};
+absl::StatusOr<StoreLayout> LayoutStore(std::vector<PlannedTensor> tensors);
+
 // Writes a store: the layout (non-layer tensors first, then each layer's, 4 KiB-aligned) is fixed
 // at Create; tensors are then written in order(), each in one or more chunks, and Finish writes
 // the side files and, last, the manifest.
@@ -96,6 +108,7 @@ class StoreWriter {
   std::string out_dir_;
   std::vector<PlannedTensor> order_;
   std::vector<uint64_t> offsets_, bytes_, written_;
+  std::vector<StoreLayer> layers_;
   uint64_t total_ = 0, data_bytes_ = 0;
   std::unique_ptr<State> state_;
 };

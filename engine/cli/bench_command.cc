@@ -4,13 +4,17 @@
 #include <fstream>
 #include <optional>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "base/file.h"
 #include "base/status.h"
 #include "engine/bench.h"
 #include "engine/cli/commands.h"
 #include "engine/dummy_model.h"
 #include "engine/model.h"
+#include "engine/probe.h"
+#include "kernels/registry.h"
 #include "io/store.h"
 #include "nlohmann/json.hpp"
 
@@ -30,7 +34,60 @@ struct BenchFlags {
   std::string sparsity;
   std::string quantize;
   int quant_group = 64;
+  std::string policy = "manual";
+  bool predict = false;
+  PlanInputFlags plan;  // --policy auto: what it may choose (--allow, --num-prompts, ...)
+  std::vector<std::string> sweep;  // KEY=V1:V2:...
+  std::string jsonl;
 };
+
+// --policy auto: the planner's best runnable policy for this store (or dummy, written in the
+// chosen format) within the budgets; sets the flags it chose and says which.
+absl::Status ChoosePolicy(BenchFlags& f, kernels::Backend& backend, engine::BenchOptions& o) {
+  PlanInputFlags in = f.plan;
+  in.model = f.model.empty() && f.dummy.empty() ? DefaultModelDir() : f.model;
+  in.dummy = f.dummy;
+  in.store = f.store;
+  in.gpu_mem = f.gpu_mem;
+  in.cpu_mem = f.cpu_mem;
+  in.device = f.device;
+  in.prompt_len = f.prompt_len;
+  in.gen_len = f.gen_len;
+  in.queue_depth = f.queue_depth;
+  in.block_size = f.block_size;
+  in.quant_group = f.quant_group;
+  if (!f.store.empty() && PathExists(f.store + "/manifest.json")) in.model = f.store, in.dummy.clear();  // its format is fixed
+  if (!f.quantize.empty()) return absl::InvalidArgumentError("--policy auto chooses the weights' format: give --allow q4 instead of --quantize");
+  FERRY_ASSIGN_OR_RETURN(PlanSetup s, SetUpPlan(in, backend, f.quiet));
+  FERRY_ASSIGN_OR_RETURN(std::vector<engine::Candidate> cs, engine::SearchPolicies(s.request, s.model, backend));
+  const engine::Candidate* best = nullptr;
+  for (const auto& c : cs) {
+    if (c.runnable) {
+      best = &c;
+      break;
+    }
+  }
+  if (best == nullptr) return absl::ResourceExhaustedError("no runnable policy fits (the ones that do need the store converted)");
+  const engine::Policy& p = best->policy;
+  o.split = p.split;
+  o.gpu_batch_size = p.gpu_batch_size;
+  o.num_gpu_batches = p.num_gpu_batches;
+  o.kv_on_cpu = p.kv_on_cpu;
+  o.kv_dtype = p.kv_dtype;
+  o.h2o = p.h2o;
+  if (p.weights) f.quantize = QuantFormatName(*p.weights).substr(0, 2), f.quant_group = p.weights->group;
+  o.probe = s.probe;
+  o.policy = "auto";
+  if (!f.quiet) {
+    std::fprintf(stderr, "ferry: policy auto: %s (predicted %.2f tok/s, step %.4f s, bound by %s; %zu policies fit)\n",
+                 p.Flags().c_str(), best->prediction.throughput_tok_s, best->prediction.step_s, best->prediction.bound.c_str(), cs.size());
+    if (best != &cs.front()) {
+      std::fprintf(stderr, "ferry: a converted store would be faster: %s (predicted %.2f tok/s)\n", cs.front().policy.Flags().c_str(),
+                   cs.front().prediction.throughput_tok_s);
+    }
+  }
+  return absl::OkStatus();
+}
 
 // The quantized format of a store's layer matrices (nullopt: float).
 absl::StatusOr<std::optional<QuantFormat>> StoreQuant(const std::string& dir) {
@@ -103,7 +160,7 @@ absl::StatusOr<std::string> PrepareStore(const BenchFlags& f) {
   return f.store;
 }
 
-absl::Status RunBenchCommand(const BenchFlags& f) {
+absl::Status RunOneBench(BenchFlags f) {
   engine::BenchOptions o;
   o.kv_on_cpu = f.kv == "cpu";
   // f32 / f16 now; q8 / q4 once the store's head_dim is known (below).
@@ -131,17 +188,86 @@ absl::Status RunBenchCommand(const BenchFlags& f) {
   o.sparsity_cache = f.sparsity_cache;
   FERRY_ASSIGN_OR_RETURN(o.h2o, ParseH2O(f.h2o, 0, 0));
   if (!f.quiet) o.progress = [](const std::string& s) { std::fprintf(stderr, "ferry: %s\n", s.c_str()); };
+  const bool auto_policy = f.policy == "auto";
+  if (auto_policy) {
+    if (f.fit_batch) return absl::InvalidArgumentError("--policy auto chooses the batch: leave out --fit-batch");
+    if (f.sparsity_sim > 0.0 || !f.sparsity.empty()) return absl::InvalidArgumentError("--policy auto does not plan sparsity yet: give the policy by hand");
+    FERRY_ASSIGN_OR_RETURN(std::unique_ptr<kernels::Backend> backend, kernels::CreateBackend(o.backend));
+    FERRY_RETURN_IF_ERROR(ChoosePolicy(f, *backend, o));
+  }
   FERRY_ASSIGN_OR_RETURN(o.store_dir, PrepareStore(f));
-  {
+  if (!auto_policy) {
     FERRY_ASSIGN_OR_RETURN(const engine::ModelConfig config, engine::ModelConfig::FromModelDir(o.store_dir));
     FERRY_ASSIGN_OR_RETURN(o.kv_dtype, ParseKvType(f.kv_dtype, config.head_dim()));
+  }
+  if (f.predict && !o.probe) {
+    FERRY_ASSIGN_OR_RETURN(std::unique_ptr<kernels::Backend> backend, kernels::CreateBackend(o.backend));
+    engine::ProbeOptions po;
+    po.disk_dir = f.plan.probe_dir.empty() ? ProbeDirFor(o.store_dir) : f.plan.probe_dir;
+    if (!f.quiet) po.progress = [](const std::string& m) { std::fprintf(stderr, "ferry: probing %s\n", m.c_str()); };
+    FERRY_ASSIGN_OR_RETURN(o.probe, engine::LoadOrProbe(*backend, po, f.plan.reprobe));
   }
   FERRY_ASSIGN_OR_RETURN(engine::BenchResult r, engine::RunBench(o));
   std::fputs(r.Table().c_str(), stdout);
   if (!f.json.empty()) {
     std::ofstream out(f.json);
     out << r.json.dump(1) << "\n";
+    out.close();
     if (!out) return absl::DataLossError(absl::StrCat("cannot write ", f.json));
+  }
+  if (!f.jsonl.empty()) {
+    FERRY_ASSIGN_OR_RETURN(RecordFile out, RecordFile::Open(f.jsonl));
+    FERRY_RETURN_IF_ERROR(out.Append(r.json.dump() + "\n"));
+    FERRY_RETURN_IF_ERROR(out.Close());
+  }
+  return absl::OkStatus();
+}
+
+// --sweep KEY=V1:V2:... (several: their product): one run per setting, each appended to --jsonl.
+absl::Status RunBenchCommand(const BenchFlags& f) {
+  if (f.sweep.empty()) return RunOneBench(f);
+  if (f.jsonl.empty()) return absl::InvalidArgumentError("--sweep writes one JSON line per run: give --jsonl FILE");
+  if (f.policy == "auto") return absl::InvalidArgumentError("--sweep varies a hand policy: leave out --policy auto");
+  std::vector<BenchFlags> runs = {f};
+  for (const std::string& spec : f.sweep) {
+    const size_t eq = spec.find('=');
+    if (eq == std::string::npos || eq == 0 || eq + 1 >= spec.size()) {
+      return absl::InvalidArgumentError(absl::StrCat("--sweep wants KEY=V1:V2:..., got \"", spec, "\""));
+    }
+    const std::string key = spec.substr(0, eq);
+    std::vector<std::string> values = absl::StrSplit(spec.substr(eq + 1), ':');
+    std::vector<BenchFlags> next;
+    for (const BenchFlags& base : runs) {
+      for (const std::string& v : values) {
+        BenchFlags g = base;
+        int n = 0;
+        if (key == "gpu-batch-size" || key == "num-gpu-batches") {
+          if (!absl::SimpleAtoi(v, &n) || n < 1) return absl::InvalidArgumentError(absl::StrCat("--sweep ", key, ": \"", v, "\" is not a positive integer"));
+          (key == "gpu-batch-size" ? g.gpu_batch_size : g.num_gpu_batches) = n;
+        } else if (key == "weights") {
+          FERRY_RETURN_IF_ERROR(offload::ParseWeightSplit(v).status());
+          g.weights = v;
+        } else if (key == "kv") {
+          if (v != "gpu" && v != "cpu") return absl::InvalidArgumentError(absl::StrCat("--sweep kv: \"", v, "\" is not gpu or cpu"));
+          g.kv = v;
+        } else if (key == "kv-dtype") {
+          if (v != "f32" && v != "f16" && v != "q8" && v != "q4") return absl::InvalidArgumentError(absl::StrCat("--sweep kv-dtype: \"", v, "\" is not f32, f16, q8 or q4"));
+          g.kv_dtype = v;
+        } else if (key == "h2o") {
+          g.h2o = v == "none" ? "" : v;
+          FERRY_RETURN_IF_ERROR(ParseH2O(g.h2o, 0, 0).status());
+        } else {
+          return absl::InvalidArgumentError(
+              absl::StrCat("--sweep: unknown key \"", key, "\" (gpu-batch-size, num-gpu-batches, weights, kv, kv-dtype, h2o)"));
+        }
+        next.push_back(std::move(g));
+      }
+    }
+    runs = std::move(next);
+  }
+  for (size_t i = 0; i < runs.size(); ++i) {
+    if (!f.quiet) std::fprintf(stderr, "ferry: sweep run %zu/%zu\n", i + 1, runs.size());
+    FERRY_RETURN_IF_ERROR(RunOneBench(runs[i]));
   }
   return absl::OkStatus();
 }
@@ -197,6 +323,15 @@ void RegisterBenchCommand(CLI::App& app, Runner* selected) {
       ->check(CLI::Range(0.0, 1.0))
       ->capture_default_str();
   b->add_option("--json", f.json, "Also write the results as JSON to this file");
+  b->add_option("--jsonl", f.jsonl, "Append the results as one JSON line to this file (every run of a --sweep)");
+  b->add_option("--sweep", f.sweep,
+                "Run once per value: KEY=V1:V2:... with KEY gpu-batch-size, num-gpu-batches, weights (G,C,D), kv, kv-dtype or "
+                "h2o (H,R or none); several multiply");
+  b->add_option("--policy", f.policy, "manual (the flags given) or auto (ferry plan's best runnable policy for the budgets)")
+      ->check(CLI::IsMember({"manual", "auto"}))
+      ->capture_default_str();
+  b->add_flag("--predict", f.predict, "Also predict the run with the cost model (the cached probe; measured first if none)");
+  AddPlanInputFlags(b, &f.plan, /*with_model=*/false);
   b->add_flag("--quiet,-q", f.quiet, "No progress on stderr");
   b->callback([selected] { *selected = [] { return RunBenchCommand(f); }; });
 }

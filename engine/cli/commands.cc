@@ -462,8 +462,10 @@ absl::Status RunProbeCommand(const ProbeFlags& f) {
     o.gemm_out = o.gemm_in = 512;
     o.attention_len = 128;
     o.attention_rows = 2;
+    o.prefill_attention_len = 64;
     o.min_seconds = 0.01;
     o.repetitions = 1;
+    o.quick = true;
   }
   if (!f.quiet) o.progress = [](const std::string& s) { std::fprintf(stderr, "ferry: probing %s\n", s.c_str()); };
   bool cached = false;
@@ -635,6 +637,7 @@ void RegisterCommands(CLI::App& app, Runner* selected) {
 
   RegisterBenchCommand(app, selected);
   RegisterSparsityCommand(app, selected);
+  RegisterPlanCommand(app, selected);
 
   static ProbeFlags probef;
   CLI::App* pr = app.add_subcommand("probe", "Measure this machine's copy, disk, GEMM and attention rates once and cache them (JSON)");

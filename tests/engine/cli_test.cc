@@ -514,7 +514,7 @@ TEST(CliProbeTest, MeasuresOnceThenReusesTheCache) {
   auto j = nlohmann::json::parse(*ReadFileToString(json_path));
   EXPECT_EQ(j["format"], "ferry-probe");
   EXPECT_EQ(j["backend"], "cpu");
-  for (const char* key : {"host_to_device", "device_to_host", "host_memcpy"}) {
+  for (const char* key : {"host_to_device", "device_to_host", "within_device", "host_memcpy"}) {
     ASSERT_FALSE(j["copies"][key].empty()) << key;
     for (const auto& e : j["copies"][key]) EXPECT_GT(e["GBps"].get<double>(), 0.0) << key;
   }
@@ -522,7 +522,15 @@ TEST(CliProbeTest, MeasuresOnceThenReusesTheCache) {
   for (const auto& e : j["disk"]["reads"]) EXPECT_GT(e["GBps"].get<double>(), 0.0);
   EXPECT_EQ(j["linear"].size(), 8u);  // 2 row counts x F32, F16, q8, q4
   for (const auto& e : j["linear"]) EXPECT_GT(e["GFLOPs"].get<double>(), 0.0) << e.dump();
-  EXPECT_EQ(j["attention"].size(), 2u);
+  EXPECT_EQ(j["attention"].size(), 4u);  // F32, F16, q8, q4 caches (the CPU backend takes all)
+  EXPECT_EQ(j["host_attention"], j["attention"]);  // the CPU backend's host is itself
+  for (const auto& e : j["attention"]) EXPECT_GT(e["kv_GBps"].get<double>(), 0.0) << e.dump();
+  ASSERT_EQ(j["prefill_attention"].size(), 1u);
+  EXPECT_GT(j["prefill_attention"][0]["GFLOPs"].get<double>(), 0.0);
+  EXPECT_GT(j["op_seconds"].get<double>(), 0.0);
+  EXPECT_LT(j["op_seconds"].get<double>(), 0.01);
+  EXPECT_GT(j["hash_GBps"].get<double>(), 0.0);
+  EXPECT_TRUE(j["options"]["quick"].get<bool>());
   EXPECT_FALSE(PathExists(dir.File("disk/ferry-probe.bin")));
   // The second run reads the cache (same probe, same time stamp); --reprobe measures again.
   code = std::system((env + FerryBinary() + " " + cmd + " --json >" + json_path + " 2>" + out_dir.File("err")).c_str());

@@ -1,0 +1,342 @@
+#include "engine/cost_model.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "base/status.h"
+
+namespace ferry::engine {
+namespace {
+
+using nlohmann::json;
+
+absl::Status Missing(const std::string& what) {
+  return absl::InvalidArgumentError(
+      absl::StrCat("the probe has no usable ", what, ": measure again with ferry probe --reprobe (same --device and --dir)"));
+}
+
+// A positive finite number at j[key], else an error naming `what`.
+absl::StatusOr<double> Rate(const json& j, const char* key, const std::string& what) {
+  if (!j.is_object() || !j.contains(key) || !j[key].is_number()) return Missing(what);
+  const double v = j[key].get<double>();
+  if (!std::isfinite(v) || v <= 0) return Missing(what);
+  return v;
+}
+
+absl::StatusOr<uint64_t> Size(const json& j, const char* key, const std::string& what) {
+  if (!j.is_object() || !j.contains(key) || !j[key].is_number_integer()) return Missing(what);
+  const int64_t v = j[key].get<int64_t>();
+  if (v <= 0) return Missing(what);
+  return static_cast<uint64_t>(v);
+}
+
+std::string LinearKey(DType dtype, const std::optional<QuantFormat>& quant) {
+  if (quant) return QuantFormatName(*quant).substr(0, 2);  // "q4", "q8"
+  return dtype == DType::kF32 ? "F32" : "F16";              // F16 and BF16 stream alike
+}
+
+std::string KvKey(const KvType& t) { return t.quant ? KvTypeName(t).substr(0, 2) : DTypeName(t.dtype); }
+
+// Backend ops a layer issues per GPU batch besides its linears and attention (norms, adds, the
+// KV write, rotations, activations); each costs about one small op.
+int OpsPerLayer(const ModelConfig& c, const Policy& p) {
+  int ops = 8;
+  if (!c.learned_positions()) ops += 2;
+  if (c.qk_norm) ops += 2;
+  if (c.ffn == FfnKind::kSwiGlu) ops += 1;
+  if (p.h2o) ops += 2;
+  if (p.kv_on_cpu) ops += 4;  // q, k, v to the host and the output back
+  return ops;
+}
+
+// --kv-dtype's spelling of a KV type: f32, f16, q8, q4.
+std::string KvFlag(const KvType& t) {
+  const std::string name = absl::AsciiStrToLower(KvTypeName(t));
+  return t.quant ? name.substr(0, 2) : name;
+}
+
+}  // namespace
+
+std::string Policy::Flags() const {
+  std::string s = absl::StrFormat("--weights %g,%g,%g --gpu-batch-size %d --num-gpu-batches %d --kv %s --kv-dtype %s", split.gpu,
+                                  split.cpu, split.disk, gpu_batch_size, num_gpu_batches, kv_on_cpu ? "cpu" : "gpu",
+                                  KvFlag(kv_dtype));
+  if (h2o) absl::StrAppend(&s, " --h2o ", h2o->heavy, ",", h2o->recent);
+  if (weights) absl::StrAppend(&s, " --quantize ", QuantFormatName(*weights).substr(0, 2), " --quant-group ", weights->group);
+  return s;
+}
+
+offload::KvCacheSpec PolicyKvSpec(const ModelConfig& c, const Policy& p, const Workload& w) {
+  const int b = p.batch(), max_len = w.prompt_len + w.gen_len;
+  offload::KvCacheSpec spec = KvSpec(c, b, max_len, p.kv_dtype);
+  spec.on_host = p.kv_on_cpu;
+  if (p.h2o) spec.h2o = offload::ClampToLength(*p.h2o, max_len);
+  spec.prefill_rows = p.gpu_batch_size;
+  spec.max_prompt = w.prompt_len;
+  return spec;
+}
+
+OffloadOptions PolicyOffload(const ModelConfig& c, const Policy& p, const Workload& w, uint64_t device_budget, uint64_t host_budget) {
+  OffloadOptions o;
+  o.split = p.split;
+  o.device_budget = device_budget;
+  o.host_budget = host_budget;
+  const offload::KvBytes kv = offload::KvCacheBytes(PolicyKvSpec(c, p, w));
+  const int64_t b = p.batch();
+  // The prefill runs the whole batch in one pass (weights cross the link once), a GPU batch at a time.
+  o.reserve_device_bytes = kv.device + Model::ForwardWorkspaceBytes(c, b * w.prompt_len, b, int64_t{p.gpu_batch_size} * w.prompt_len);
+  o.reserve_host_bytes = kv.host;
+  return o;
+}
+
+json Prediction::ToJson() const {
+  auto stages = [](const StageTimes& s) {
+    return json{{"disk_s", s.disk}, {"copy_s", s.copy}, {"compute_s", s.compute}, {"attention_s", s.attention}, {"layer_s", s.layer}};
+  };
+  return {{"prefill_s", prefill_s},
+          {"decode_step_s", step_s},
+          {"round_s", round_s},
+          {"throughput_tok_s", throughput_tok_s},
+          {"bound", bound},
+          {"floor_step_s", floor_step_s},
+          {"prefill_layer", stages(prefill_layer)},
+          {"decode_layer", stages(decode_layer)},
+          {"prefill_head_s", prefill_head_s},
+          {"decode_head_s", decode_head_s},
+          {"bytes_per_step", {{"disk_to_pinned", disk_bytes_per_step}, {"pinned_to_device", h2d_bytes_per_step}}},
+          {"memory", {{"device", device_bytes}, {"pinned", host_bytes}}}};
+}
+
+absl::StatusOr<CostModel> CostModel::FromProbe(const json& j) {
+  if (!j.is_object() || j.value("format", "") != "ferry-probe") return Missing("probe (not a ferry probe)");
+  if (j.contains("options") && j["options"].is_object() && j["options"].value("quick", false)) {
+    return absl::InvalidArgumentError("a --quick probe is a smoke run, not for planning: ferry probe --reprobe");
+  }
+  CostModel m;
+  if (!j.contains("copies") || !j["copies"].is_object()) return Missing("copy rates");
+  for (const auto& [key, pts] : {std::pair{"host_to_device", &m.h2d_}, std::pair{"device_to_host", &m.d2h_},
+                                 std::pair{"within_device", &m.d2d_}}) {
+    const json& arr = j["copies"].value(key, json::array());
+    if (!arr.is_array() || arr.empty()) return Missing(absl::StrCat(key, " copy rates"));
+    for (const json& e : arr) {
+      FERRY_ASSIGN_OR_RETURN(const uint64_t chunk, Size(e, "chunk_bytes", absl::StrCat(key, " chunk size")));
+      FERRY_ASSIGN_OR_RETURN(const double gbps, Rate(e, "GBps", absl::StrCat(key, " copy rate")));
+      pts->push_back({static_cast<double>(chunk), gbps * 1e9});
+    }
+    std::sort(pts->begin(), pts->end(), [](const Point& a, const Point& b) { return a.x < b.x; });
+  }
+  if (j.contains("disk")) {
+    const json& reads = j["disk"].value("reads", json::array());
+    for (const json& e : reads) {
+      FERRY_ASSIGN_OR_RETURN(const uint64_t block, Size(e, "block_bytes", "disk block size"));
+      FERRY_ASSIGN_OR_RETURN(const uint64_t depth, Size(e, "queue_depth", "disk queue depth"));
+      FERRY_ASSIGN_OR_RETURN(const double gbps, Rate(e, "GBps", "disk read rate"));
+      if (depth > 65536) return Missing("disk queue depth");
+      m.disk_.push_back({block, static_cast<unsigned>(depth), gbps * 1e9});
+    }
+  }
+  const json& linear = j.value("linear", json::array());
+  if (!linear.is_array()) return Missing("linear rates");
+  for (const json& e : linear) {
+    FERRY_ASSIGN_OR_RETURN(const uint64_t rows, Size(e, "rows", "linear rows"));
+    FERRY_ASSIGN_OR_RETURN(const uint64_t out, Size(e, "out", "linear shape"));
+    FERRY_ASSIGN_OR_RETURN(const uint64_t in, Size(e, "in", "linear shape"));
+    FERRY_ASSIGN_OR_RETURN(const double gflops, Rate(e, "GFLOPs", "linear rate"));
+    if (!e.contains("weights") || !e["weights"].is_string()) return Missing("linear weight type");
+    std::string type = e["weights"].get<std::string>();
+    if (type.size() > 2 && type[0] == 'q') type = type.substr(0, 2);
+    const double seconds = 2.0 * static_cast<double>(rows) * static_cast<double>(out) * static_cast<double>(in) / (gflops * 1e9);
+    m.linear_[type].push_back({static_cast<double>(rows), seconds / (static_cast<double>(out) * static_cast<double>(in))});
+  }
+  for (const char* type : {"F32", "F16"}) {
+    if (m.linear_[type].empty()) return Missing(absl::StrCat(type, " linear rates"));
+  }
+  for (auto& [type, pts] : m.linear_) std::sort(pts.begin(), pts.end(), [](const Point& a, const Point& b) { return a.x < b.x; });
+  for (const auto& [key, map] : {std::pair{"attention", &m.attention_}, std::pair{"host_attention", &m.host_attention_}}) {
+    const json& arr = j.value(key, json::array());
+    if (!arr.is_array()) return Missing(absl::StrCat(key, " rates"));
+    for (const json& e : arr) {
+      if (!e.contains("kv_dtype") || !e["kv_dtype"].is_string()) return Missing(absl::StrCat(key, " KV type"));
+      std::string type = e["kv_dtype"].get<std::string>();
+      if (type.size() > 2 && type[0] == 'q') type = type.substr(0, 2);
+      FERRY_ASSIGN_OR_RETURN(const double gbps, Rate(e, "kv_GBps", absl::StrCat(key, " rate")));
+      (*map)[type] = gbps * 1e9;
+    }
+    if (!map->count("F32")) return Missing(absl::StrCat(key, " rate of an F32 cache"));
+  }
+  const json& prefill = j.value("prefill_attention", json::array());
+  if (!prefill.is_array() || prefill.empty()) return Missing("prefill attention rate");
+  FERRY_ASSIGN_OR_RETURN(const double pf, Rate(prefill[0], "GFLOPs", "prefill attention rate"));
+  m.prefill_attention_flops_ = pf * 1e9;
+  FERRY_ASSIGN_OR_RETURN(m.op_seconds_, Rate(j, "op_seconds", "small-op cost"));
+  FERRY_ASSIGN_OR_RETURN(const double hash, Rate(j, "hash_GBps", "XXH3 rate"));
+  m.hash_rate_ = hash * 1e9;
+  m.shared_cores_ = j.value("backend", "") == "cpu";
+  return m;
+}
+
+double CostModel::Interpolate(const std::vector<Point>& pts, double x) {
+  if (x <= pts.front().x) return pts.front().y;
+  if (x >= pts.back().x) return pts.back().y;
+  for (size_t i = 1; i < pts.size(); ++i) {
+    if (x <= pts[i].x) {
+      const double t = (std::log(x) - std::log(pts[i - 1].x)) / (std::log(pts[i].x) - std::log(pts[i - 1].x));
+      return pts[i - 1].y + t * (pts[i].y - pts[i - 1].y);
+    }
+  }
+  return pts.back().y;
+}
+
+double CostModel::H2DBytesPerSecond(uint64_t chunk) const { return Interpolate(h2d_, static_cast<double>(std::max<uint64_t>(chunk, 1))); }
+double CostModel::D2HBytesPerSecond(uint64_t chunk) const { return Interpolate(d2h_, static_cast<double>(std::max<uint64_t>(chunk, 1))); }
+double CostModel::D2DBytesPerSecond(uint64_t chunk) const { return Interpolate(d2d_, static_cast<double>(std::max<uint64_t>(chunk, 1))); }
+
+double CostModel::DiskBytesPerSecond(uint64_t block, unsigned depth) const {
+  // The probed point nearest in (log block, log depth).
+  double best = 0, best_d = 1e300;
+  for (const DiskPoint& p : disk_) {
+    const double d = std::pow(std::log(static_cast<double>(p.block) / std::max<uint64_t>(block, 1)), 2) +
+                     std::pow(std::log(static_cast<double>(p.depth) / std::max(depth, 1u)), 2);
+    if (d < best_d) best_d = d, best = p.rate;
+  }
+  return best;
+}
+
+double CostModel::LinearSeconds(int64_t rows, int64_t out, int64_t in, DType dtype, const std::optional<QuantFormat>& quant) const {
+  auto it = linear_.find(LinearKey(dtype, quant));
+  if (it == linear_.end() || it->second.empty()) it = linear_.find("F16");  // checked present in FromProbe
+  const std::vector<Point>& pts = it->second;
+  const double r = static_cast<double>(std::max<int64_t>(rows, 1)), elems = static_cast<double>(out) * static_cast<double>(in);
+  double per;  // seconds per weight element
+  if (r <= pts.front().x) {
+    per = pts.front().y;
+  } else if (r >= pts.back().x) {
+    per = pts.back().y * r / pts.back().x;  // compute-bound: time grows with the rows
+  } else {
+    per = pts.back().y;
+    for (size_t i = 1; i < pts.size(); ++i) {
+      if (r <= pts[i].x) {
+        per = pts[i - 1].y + (r - pts[i - 1].x) / (pts[i].x - pts[i - 1].x) * (pts[i].y - pts[i - 1].y);
+        break;
+      }
+    }
+  }
+  return per * elems;
+}
+
+double CostModel::AttentionSeconds(uint64_t kv_bytes, const KvType& type, bool on_host) const {
+  const auto& map = on_host ? host_attention_ : attention_;
+  auto it = map.find(KvKey(type));
+  if (it == map.end()) it = map.find("F32");
+  return static_cast<double>(kv_bytes) / it->second;
+}
+
+double CostModel::PrefillAttentionSeconds(double flops) const { return flops / prefill_attention_flops_; }
+
+absl::StatusOr<Prediction> CostModel::Predict(const ModelConfig& c, const WeightLayout& layout, const Policy& p, const Workload& w,
+                                              const offload::Plan& plan, const io::UringOptions& uring) const {
+  if (p.gpu_batch_size < 1 || p.num_gpu_batches < 1 || w.prompt_len < 1 || w.gen_len < 1) {
+    return absl::InvalidArgumentError("a policy needs positive batch sizes and a workload positive lengths");
+  }
+  if (plan.layers.size() != layout.layer_bytes.size()) return absl::InvalidArgumentError("the plan is not of this layout");
+  const int64_t gbs = p.gpu_batch_size, ngb = p.num_gpu_batches, b = p.batch();
+  const int d = c.hidden_size, ffn = c.ffn_dim * (c.ffn == FfnKind::kSwiGlu ? 2 : 1);
+  const int max_len = w.prompt_len + w.gen_len;
+  int64_t attended = w.prompt_len + w.gen_len / 2;  // mean positions a decode step attends to
+  if (p.h2o) {
+    const offload::H2OOptions h = offload::ClampToLength(*p.h2o, max_len);
+    attended = std::min<int64_t>(attended, h.heavy + h.recent);
+  }
+  const uint64_t kv_row = p.kv_dtype.Bytes(1, c.kv_width());  // one position's keys (or values)
+  const double op = op_seconds_;
+  // One layer's compute over `tokens` tokens in each of ngb GPU batches, its attention apart.
+  auto linears = [&](int64_t tokens) {
+    double s = 0;
+    for (const io::PlannedTensor& t : layout.layer_matrices) s += LinearSeconds(tokens, t.shape[0], t.shape[1], t.dtype, t.quant);
+    return s;
+  };
+  // Norms, adds, activations: about 12 model-width and 3 FFN-width fp32 passes per token.
+  auto elementwise = [&](int64_t tokens) {
+    const double bytes = 4.0 * static_cast<double>(tokens) * (12.0 * d + 3.0 * ffn);
+    return bytes / D2DBytesPerSecond(static_cast<uint64_t>(bytes));
+  };
+  auto host_kv_traffic = [&](int64_t tokens) {  // q, k, v to the host, the output back (--kv cpu)
+    if (!p.kv_on_cpu) return 0.0;
+    const uint64_t down = static_cast<uint64_t>(tokens) * (c.q_width() + 2 * c.kv_width()) * 4, up = static_cast<uint64_t>(tokens) * c.q_width() * 4;
+    return down / D2HBytesPerSecond(down) + up / H2DBytesPerSecond(up);
+  };
+  Prediction r;
+  const int ops = OpsPerLayer(c, p);
+  // Decode: each GPU batch's gbs rows attend over `attended` positions.
+  StageTimes dec;
+  dec.attention = ngb * AttentionSeconds(2 * static_cast<uint64_t>(gbs) * attended * kv_row, p.kv_dtype, p.kv_on_cpu);
+  dec.compute = ngb * (linears(gbs) + elementwise(gbs) + host_kv_traffic(gbs) + ops * op) + dec.attention;
+  // Prefill: each GPU batch's gbs prompts, causal attention over their own tokens.
+  StageTimes pre;
+  const double flops = 4.0 * c.num_heads * c.head_dim() * (static_cast<double>(w.prompt_len) * (w.prompt_len + 1) / 2);
+  pre.attention = ngb * gbs * PrefillAttentionSeconds(flops);
+  pre.compute = ngb * (linears(gbs * w.prompt_len) + elementwise(gbs * w.prompt_len) + host_kv_traffic(gbs * w.prompt_len) + ops * op) +
+                pre.attention;
+  // The stream: per layer the disk part read (and checked) and everything not resident copied in.
+  const double disk_rate = DiskBytesPerSecond(uring.block_bytes, uring.queue_depth);
+  double sum_disk = 0, sum_copy = 0, decode_layers = 0, prefill_layers = 0;
+  uint64_t disk_bytes = 0, h2d_bytes = 0;
+  for (const offload::LayerPlacement& l : plan.layers) {
+    double disk = 0, copy = 0;
+    if (l.streamed()) {
+      if (l.disk_bytes() > 0) {
+        if (disk_rate <= 0) return absl::InvalidArgumentError("the policy reads from the disk but the probe has no disk rates: ferry probe --dir DIR");
+        disk = l.disk_bytes() / disk_rate + l.disk_bytes() / hash_rate_;
+      }
+      const uint64_t h2d = l.cpu_bytes() + l.disk_bytes();
+      copy = h2d / H2DBytesPerSecond(h2d) + (l.gpu_end > 0 ? l.gpu_end / D2DBytesPerSecond(l.gpu_end) : 0.0);
+      disk_bytes += l.disk_bytes();
+      h2d_bytes += h2d;
+    }
+    auto cost = [&](double compute) {
+      if (!l.streamed()) return compute;
+      return shared_cores_ ? std::max(disk, copy + compute) : std::max({disk, copy, compute});
+    };
+    decode_layers += cost(dec.compute);
+    prefill_layers += cost(pre.compute);
+    sum_disk += disk;
+    sum_copy += copy;
+    dec.disk = pre.disk = disk;
+    dec.copy = pre.copy = copy;
+  }
+  const double layers = static_cast<double>(std::max<size_t>(plan.layers.size(), 1));
+  dec.layer = decode_layers / layers;
+  pre.layer = prefill_layers / layers;
+  // The head: final norm and lm_head over the batch's rows, the logits to the host, the argmax there.
+  double head = op * 4;
+  for (const io::PlannedTensor& t : layout.global_matrices) {
+    const bool is_head = t.role == offload::RoleName(offload::Role::kLmHead) ||
+                         (c.tie_word_embeddings && t.role == offload::RoleName(offload::Role::kTokEmbed));
+    if (is_head) head += LinearSeconds(b, t.shape[0], t.shape[1], t.dtype, t.quant);
+  }
+  const uint64_t logits = static_cast<uint64_t>(b) * c.vocab_size * 4;
+  head += logits / D2HBytesPerSecond(logits) + logits / D2DBytesPerSecond(logits);
+  r.prefill_layer = pre;
+  r.decode_layer = dec;
+  r.prefill_head_s = r.decode_head_s = head;
+  r.prefill_s = prefill_layers + head;
+  r.step_s = decode_layers + head;
+  r.round_s = r.prefill_s + (w.gen_len - 1) * r.step_s;
+  const int64_t prompts = w.num_prompts > 0 ? w.num_prompts : b;
+  const int64_t rounds = (prompts + b - 1) / b;
+  r.throughput_tok_s = static_cast<double>(prompts) * w.gen_len / (static_cast<double>(rounds) * r.round_s);
+  const double sum_compute = dec.compute * layers;
+  r.bound = sum_disk >= std::max(sum_copy, sum_compute) ? "disk" : sum_copy >= sum_compute ? "pinned->device" : "compute";
+  if (h2d_bytes == 0) r.bound = "compute";
+  r.disk_bytes_per_step = disk_bytes;
+  r.h2d_bytes_per_step = h2d_bytes;
+  r.floor_step_s = std::max(disk_rate > 0 ? disk_bytes / disk_rate : 0.0, h2d_bytes / H2DBytesPerSecond(h2d_bytes / layers));
+  r.device_bytes = plan.device_bytes;
+  r.host_bytes = plan.host_bytes;
+  return r;
+}
+
+}  // namespace ferry::engine
