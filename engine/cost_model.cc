@@ -149,12 +149,15 @@ absl::StatusOr<CostModel> CostModel::FromProbe(const json& j) {
     std::string type = e["weights"].get<std::string>();
     if (type.size() > 2 && type[0] == 'q') type = type.substr(0, 2);
     const double seconds = 2.0 * static_cast<double>(rows) * static_cast<double>(out) * static_cast<double>(in) / (gflops * 1e9);
-    m.linear_[type].push_back({static_cast<double>(rows), seconds / (static_cast<double>(out) * static_cast<double>(in))});
+    const double elems = static_cast<double>(out) * static_cast<double>(in);
+    m.linear_[type][elems].push_back({static_cast<double>(rows), seconds / elems});
   }
   for (const char* type : {"F32", "F16"}) {
     if (m.linear_[type].empty()) return Missing(absl::StrCat(type, " linear rates"));
   }
-  for (auto& [type, pts] : m.linear_) std::sort(pts.begin(), pts.end(), [](const Point& a, const Point& b) { return a.x < b.x; });
+  for (auto& [type, sizes] : m.linear_) {
+    for (auto& [elems, pts] : sizes) std::sort(pts.begin(), pts.end(), [](const Point& a, const Point& b) { return a.x < b.x; });
+  }
   for (const auto& [key, map] : {std::pair{"attention", &m.attention_}, std::pair{"host_attention", &m.host_attention_}}) {
     const json& arr = j.value(key, json::array());
     if (!arr.is_array()) return Missing(absl::StrCat(key, " rates"));
@@ -205,26 +208,27 @@ double CostModel::DiskBytesPerSecond(uint64_t block, unsigned depth) const {
   return best;
 }
 
+double CostModel::PerElement(const std::vector<Point>& pts, double r) {
+  if (r <= pts.front().x) return pts.front().y;                          // fewer rows are no cheaper
+  if (r >= pts.back().x) return pts.back().y * r / pts.back().x;         // compute-bound: time grows with the rows
+  for (size_t i = 1; i < pts.size(); ++i) {
+    if (r <= pts[i].x) return pts[i - 1].y + (r - pts[i - 1].x) / (pts[i].x - pts[i - 1].x) * (pts[i].y - pts[i - 1].y);
+  }
+  return pts.back().y;
+}
+
 double CostModel::LinearSeconds(int64_t rows, int64_t out, int64_t in, DType dtype, const std::optional<QuantFormat>& quant) const {
   auto it = linear_.find(LinearKey(dtype, quant));
   if (it == linear_.end() || it->second.empty()) it = linear_.find("F16");  // checked present in FromProbe
-  const std::vector<Point>& pts = it->second;
+  const std::map<double, std::vector<Point>>& sizes = it->second;
   const double r = static_cast<double>(std::max<int64_t>(rows, 1)), elems = static_cast<double>(out) * static_cast<double>(in);
-  double per;  // seconds per weight element
-  if (r <= pts.front().x) {
-    per = pts.front().y;
-  } else if (r >= pts.back().x) {
-    per = pts.back().y * r / pts.back().x;  // compute-bound: time grows with the rows
-  } else {
-    per = pts.back().y;
-    for (size_t i = 1; i < pts.size(); ++i) {
-      if (r <= pts[i].x) {
-        per = pts[i - 1].y + (r - pts[i - 1].x) / (pts[i].x - pts[i - 1].x) * (pts[i].y - pts[i - 1].y);
-        break;
-      }
-    }
-  }
-  return per * elems;
+  // Seconds per element at the probed sizes around this one, interpolated in log size.
+  auto hi = sizes.lower_bound(elems);
+  if (hi == sizes.begin()) return PerElement(hi->second, r) * elems;
+  if (hi == sizes.end()) return PerElement(std::prev(hi)->second, r) * elems;
+  auto lo = std::prev(hi);
+  const double t = (std::log(elems) - std::log(lo->first)) / (std::log(hi->first) - std::log(lo->first));
+  return (PerElement(lo->second, r) + t * (PerElement(hi->second, r) - PerElement(lo->second, r))) * elems;
 }
 
 double CostModel::AttentionSeconds(uint64_t kv_bytes, const KvType& type, bool on_host) const {

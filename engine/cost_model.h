@@ -105,8 +105,10 @@ class CostModel {
     double rate;
   };
   std::vector<DiskPoint> disk_;
-  // Per weight type ("F32", "F16", "q8", "q4"): (rows, seconds per out x in element).
-  std::map<std::string, std::vector<Point>> linear_;
+  // Per weight type ("F32", "F16", "q8", "q4") and matrix size (out x in elements): (rows,
+  // seconds per weight element).
+  std::map<std::string, std::map<double, std::vector<Point>>> linear_;
+  static double PerElement(const std::vector<Point>& pts, double rows);
   std::map<std::string, double> attention_, host_attention_;  // KV type name -> bytes/s
   double prefill_attention_flops_ = 0;
   double op_seconds_ = 0, hash_rate_ = 0;

@@ -27,8 +27,8 @@ namespace {
 using Clock = std::chrono::steady_clock;
 using nlohmann::json;
 
-// 2: within-device copies, quantized KV, prefill attention, host attention, op cost.
-constexpr int kProbeVersion = 2;
+// 3: linears at several sizes. 2: within-device copies, quantized KV, prefill attention, host attention, op cost.
+constexpr int kProbeVersion = 3;
 
 double Seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
 
@@ -155,39 +155,41 @@ absl::StatusOr<json> ProbeDisk(kernels::Backend& b, const ProbeOptions& o) {
   return out;
 }
 
-// A Linear of rows x (out, in) with `weight` in the backend, FLOP/s and weight bytes/s.
+// A Linear of rows x (n, n) with the weights in the backend, for each size n: FLOP/s and weight bytes/s.
 absl::StatusOr<json> ProbeLinear(kernels::Backend& b, const ProbeOptions& o) {
-  const int64_t m = o.gemm_out, k = o.gemm_in;
-  const std::vector<float> w = Random(static_cast<size_t>(m * k), 1);
   json out = json::array();
-  for (const std::string type : {"F32", "F16", "q8g64", "q4g64"}) {
-    std::vector<char> host;
-    TensorView view;
-    if (type == "F32" || type == "F16") {
-      const DType dt = type == "F32" ? DType::kF32 : DType::kF16;
-      host.resize(static_cast<size_t>(m * k) * DTypeSize(dt));
-      ConvertFromF32(dt, w.data(), host.data(), w.size());
-      view = TensorView::Contiguous(nullptr, dt, {m, k}, b.device());
-    } else {
-      FERRY_ASSIGN_OR_RETURN(const QuantFormat f, ParseQuantFormatName(type));
-      FERRY_ASSIGN_OR_RETURN(const QuantLayout layout, LayoutQuantized(f, m, k));
-      host.resize(layout.bytes);
-      QuantizeRows(f, layout, w.data(), m, k, reinterpret_cast<uint8_t*>(host.data()));
-      view = TensorView::Contiguous(nullptr, DType::kU8, {m, k}, b.device());
-      view.quant = f;
-    }
-    FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer wbuf, Upload(b, host.data(), host.size()));
-    view.data = wbuf.data();
-    for (int64_t n : o.gemm_rows) {
-      if (o.progress) o.progress(absl::StrCat("linear ", n, " x ", k, " -> ", m, ", ", type));
-      const std::vector<float> x = Random(static_cast<size_t>(n * k), 2);
-      FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer xbuf, Upload(b, x.data(), x.size() * sizeof(float)));
-      FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer ybuf, b.Allocate(static_cast<size_t>(n * m) * sizeof(float)));
-      const kernels::LinearArgs a{TensorView::Contiguous(xbuf.data(), DType::kF32, {n, k}, b.device()), view, TensorView{},
-                                  TensorView::Contiguous(ybuf.data(), DType::kF32, {n, m}, b.device()), false};
-      FERRY_ASSIGN_OR_RETURN(const double calls, Rate(o, 1.0, b, [&] { return b.Linear(a); }));
-      out.push_back({{"rows", n}, {"out", m}, {"in", k}, {"weights", type}, {"GFLOPs", 2.0 * n * m * k * calls * 1e-9},
-                     {"weight_GBps", static_cast<double>(host.size()) * calls * 1e-9}});
+  for (const int64_t size : o.gemm_sizes) {
+    const int64_t m = size, k = size;
+    const std::vector<float> w = Random(static_cast<size_t>(m * k), 1);
+    for (const std::string type : {"F32", "F16", "q8g64", "q4g64"}) {
+      std::vector<char> host;
+      TensorView view;
+      if (type == "F32" || type == "F16") {
+        const DType dt = type == "F32" ? DType::kF32 : DType::kF16;
+        host.resize(static_cast<size_t>(m * k) * DTypeSize(dt));
+        ConvertFromF32(dt, w.data(), host.data(), w.size());
+        view = TensorView::Contiguous(nullptr, dt, {m, k}, b.device());
+      } else {
+        FERRY_ASSIGN_OR_RETURN(const QuantFormat f, ParseQuantFormatName(type));
+        FERRY_ASSIGN_OR_RETURN(const QuantLayout layout, LayoutQuantized(f, m, k));
+        host.resize(layout.bytes);
+        QuantizeRows(f, layout, w.data(), m, k, reinterpret_cast<uint8_t*>(host.data()));
+        view = TensorView::Contiguous(nullptr, DType::kU8, {m, k}, b.device());
+        view.quant = f;
+      }
+      FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer wbuf, Upload(b, host.data(), host.size()));
+      view.data = wbuf.data();
+      for (int64_t n : o.gemm_rows) {
+        if (o.progress) o.progress(absl::StrCat("linear ", n, " x ", k, " -> ", m, ", ", type));
+        const std::vector<float> x = Random(static_cast<size_t>(n * k), 2);
+        FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer xbuf, Upload(b, x.data(), x.size() * sizeof(float)));
+        FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer ybuf, b.Allocate(static_cast<size_t>(n * m) * sizeof(float)));
+        const kernels::LinearArgs a{TensorView::Contiguous(xbuf.data(), DType::kF32, {n, k}, b.device()), view, TensorView{},
+                                    TensorView::Contiguous(ybuf.data(), DType::kF32, {n, m}, b.device()), false};
+        FERRY_ASSIGN_OR_RETURN(const double calls, Rate(o, 1.0, b, [&] { return b.Linear(a); }));
+        out.push_back({{"rows", n}, {"out", m}, {"in", k}, {"weights", type}, {"GFLOPs", 2.0 * n * m * k * calls * 1e-9},
+                       {"weight_GBps", static_cast<double>(host.size()) * calls * 1e-9}});
+      }
     }
   }
   return out;
@@ -280,7 +282,7 @@ absl::StatusOr<json> RunProbe(kernels::Backend& backend, const ProbeOptions& o) 
   json j = {{"format", "ferry-probe"}, {"version", kProbeVersion}, {"host", HostName()}, {"backend", backend.name()},
             {"probed_at", static_cast<int64_t>(std::time(nullptr))}};
   j["options"] = {{"quick", o.quick}, {"min_seconds", o.min_seconds}, {"repetitions", o.repetitions}, {"disk_dir", o.disk_dir},
-                  {"disk_file_bytes", o.disk_file_bytes}};
+                  {"disk_file_bytes", o.disk_file_bytes}, {"gemm_sizes", o.gemm_sizes}};
   FERRY_ASSIGN_OR_RETURN(json copies, ProbeCopies(backend, o));
   j["copies"] = std::move(copies);
   if (!o.disk_dir.empty()) {

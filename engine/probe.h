@@ -24,9 +24,10 @@ struct ProbeOptions {
   std::vector<uint64_t> copy_chunks = {64 << 10, 1 << 20, 16 << 20, 64 << 20};
   std::vector<uint64_t> disk_blocks = {128 << 10, 1 << 20, 4 << 20};
   std::vector<unsigned> disk_depths = {1, 4, 16, 64};
-  // Linear shapes: rows x (out, in) for each weight type.
+  // Linear shapes: rows x (n, n) for each weight type and each n (small matrices pay the launch
+  // or dispatch, large ones leave the caches: the cost model interpolates in the matrix size).
   std::vector<int64_t> gemm_rows = {1, 16, 256};
-  int64_t gemm_out = 2048, gemm_in = 2048;
+  std::vector<int64_t> gemm_sizes = {512, 1024, 2048, 4096};
   int attention_len = 1024, attention_rows = 8;
   int prefill_attention_len = 256;  // causal queries of one sequence
   double min_seconds = 0.05;  // per timed repetition

@@ -459,7 +459,7 @@ absl::Status RunProbeCommand(const ProbeFlags& f) {
     o.disk_depths = {1, 16};
     o.disk_file_bytes = 16 << 20;
     o.gemm_rows = {1, 16};
-    o.gemm_out = o.gemm_in = 512;
+    o.gemm_sizes = {512};
     o.attention_len = 128;
     o.attention_rows = 2;
     o.prefill_attention_len = 64;
