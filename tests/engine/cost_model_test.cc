@@ -1,0 +1,351 @@
+// The cost model's arithmetic on a synthetic probe (every rate known, so each stage can be
+// recomputed by hand), its refusal of probes that lack a rate, the planner's layouts (equal to
+// the stores that convert writes), and that the plans it chooses fit: they load and get their KV
+// cache under the budgets they were chosen for.
+#include "engine/cost_model.h"
+
+#include <cmath>
+
+#include "engine/dummy_model.h"
+#include "engine/model.h"
+#include "engine/planner.h"
+#include "gtest/gtest.h"
+#include "io/store.h"
+#include "kernels/registry.h"
+#include "offload/kv_cache.h"
+#include "test_util.h"
+
+namespace ferry::engine {
+namespace {
+
+using nlohmann::json;
+
+constexpr double kH2D = 10e9, kD2H = 8e9, kD2D = 100e9, kDisk = 2e9, kHash = 20e9, kOp = 2e-6;
+constexpr double kF16PerElem = 1e-10, kF32PerElem = 2e-10;  // seconds per weight element at one row
+constexpr double kAttention = 50e9, kPrefillFlops = 100e9;
+
+// Rates constant in chunk size, linears with per-element times that double from 16 to 256 rows
+// per 16x rows (so the interpolation is checkable), one disk point.
+json SyntheticProbe(const std::string& backend) {
+  json copies = {{"host_to_device", json::array()}, {"device_to_host", json::array()}, {"within_device", json::array()}};
+  for (uint64_t chunk : {uint64_t{1} << 20, uint64_t{64} << 20}) {
+    copies["host_to_device"].push_back({{"chunk_bytes", chunk}, {"GBps", kH2D * 1e-9}});
+    copies["device_to_host"].push_back({{"chunk_bytes", chunk}, {"GBps", kD2H * 1e-9}});
+    copies["within_device"].push_back({{"chunk_bytes", chunk}, {"GBps", kD2D * 1e-9}});
+  }
+  json linear = json::array();
+  for (int64_t size : {512, 4096}) {
+    for (const auto& [type, per] : {std::pair{"F32", kF32PerElem}, std::pair{"F16", kF16PerElem}}) {
+      for (const auto& [rows, factor] : {std::pair{1, 1.0}, std::pair{16, 1.0}, std::pair{256, 2.0}}) {
+        const double seconds = per * factor * size * size;
+        linear.push_back({{"rows", rows}, {"out", size}, {"in", size}, {"weights", type},
+                          {"GFLOPs", 2.0 * rows * size * size / seconds * 1e-9}});
+      }
+    }
+  }
+  json attention = json::array({{{"kv_dtype", "F32"}, {"rows", 8}, {"positions", 1024}, {"kv_GBps", kAttention * 1e-9}},
+                                {{"kv_dtype", "F16"}, {"rows", 8}, {"positions", 1024}, {"kv_GBps", kAttention * 0.5e-9}}});
+  return {{"format", "ferry-probe"}, {"version", 3}, {"host", "test"}, {"backend", backend},
+          {"options", {{"quick", false}}}, {"copies", copies},
+          {"disk", {{"reads", json::array({{{"block_bytes", 1 << 20}, {"queue_depth", 16}, {"GBps", kDisk * 1e-9}}})}}},
+          {"linear", linear}, {"attention", attention}, {"host_attention", attention},
+          {"prefill_attention", json::array({{{"kv_dtype", "F32"}, {"tokens", 256}, {"GFLOPs", kPrefillFlops * 1e-9}}})},
+          {"op_seconds", kOp}, {"hash_GBps", kHash * 1e-9}};
+}
+
+struct Dummy {
+  ModelConfig config;
+  WeightLayout layout;
+};
+
+Dummy LoadDummy(const std::string& name, const std::optional<QuantFormat>& q = std::nullopt) {
+  Dummy d;
+  auto shape = FindDummyShape(name);
+  EXPECT_TRUE(shape.ok());
+  d.config = *ModelConfig::FromJson(DummyConfigJson(*shape), name);
+  auto planned = DummyPlannedTensors(*shape, q);
+  EXPECT_TRUE(planned.ok());
+  auto layout = io::LayoutStore(*planned);
+  EXPECT_TRUE(layout.ok());
+  d.layout = LayoutOf(*layout);
+  return d;
+}
+
+TEST(CostModelTest, InterpolatesTheProbesRates) {
+  auto m = CostModel::FromProbe(SyntheticProbe("cuda"));
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_DOUBLE_EQ(m->H2DBytesPerSecond(4 << 20), kH2D);
+  EXPECT_DOUBLE_EQ(m->DiskBytesPerSecond(1 << 20, 16), kDisk);
+  // At a probed size: 1 and 16 rows cost the same per element, 256 twice as much, in between
+  // linear in rows, above 256 in proportion to the rows.
+  EXPECT_NEAR(m->LinearSeconds(1, 512, 512, DType::kF16, std::nullopt), kF16PerElem * 512 * 512, 1e-15);
+  EXPECT_NEAR(m->LinearSeconds(136, 512, 512, DType::kF16, std::nullopt), 1.5 * kF16PerElem * 512 * 512, 1e-15);
+  EXPECT_NEAR(m->LinearSeconds(1024, 512, 512, DType::kF32, std::nullopt), 8 * kF32PerElem * 512 * 512, 1e-14);
+  // Between sizes (equal per-element times here) and beyond them: the per-element time holds.
+  EXPECT_NEAR(m->LinearSeconds(1, 3000, 700, DType::kF16, std::nullopt), kF16PerElem * 3000 * 700, 1e-15);
+  EXPECT_NEAR(m->LinearSeconds(1, 8192, 8192, DType::kBF16, std::nullopt), kF16PerElem * 8192.0 * 8192, 1e-12);
+  // A type the probe lacks (q4) falls back to F16's rate rather than failing.
+  EXPECT_GT(m->LinearSeconds(1, 512, 512, DType::kU8, QuantFormat{QuantKind::kQ4, 64}), 0.0);
+  EXPECT_DOUBLE_EQ(m->AttentionSeconds(1000000, DType::kF16, false), 1e6 / (kAttention * 0.5));
+}
+
+TEST(CostModelTest, StagesAndOverlapAreTheScheduleArithmetic) {
+  Dummy d = LoadDummy("opt-125m");
+  const Workload w{32, 9, 0};
+  for (const std::string backend : {"cuda", "cpu"}) {
+    auto m = CostModel::FromProbe(SyntheticProbe(backend));
+    ASSERT_TRUE(m.ok());
+    auto cpu = kernels::CreateBackend({});
+    ASSERT_TRUE(cpu.ok());
+    Policy p;
+    p.split = {20, 30, 50};
+    p.gpu_batch_size = 4;
+    p.num_gpu_batches = 2;
+    auto plan = Model::PlanOffload(d.layout, PolicyOffload(d.config, p, w, 0, 0), **cpu);
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    auto pred = m->Predict(d.config, d.layout, p, w, *plan);
+    ASSERT_TRUE(pred.ok()) << pred.status();
+    const offload::LayerPlacement& l = plan->layers[0];
+    // Disk: read and XXH3 check of the disk part; copy: everything not resident over the link
+    // plus the resident prefix within the device.
+    EXPECT_NEAR(pred->decode_layer.disk, l.disk_bytes() / kDisk + l.disk_bytes() / kHash, 1e-12);
+    EXPECT_NEAR(pred->decode_layer.copy, (l.cpu_bytes() + l.disk_bytes()) / kH2D + l.gpu_end / kD2D, 1e-12);
+    // Decode compute: per GPU batch of 4 rows every layer matrix at F16's one-row rate, the
+    // attention over the mean context (32 + 9/2 = 36 positions) of fp32 keys and values.
+    double linears = 0;
+    for (const auto& t : d.layout.layer_matrices) linears += kF16PerElem * t.shape[0] * t.shape[1];
+    const double attention = 2.0 * 4 * 36 * d.config.kv_width() * 4 / kAttention;
+    EXPECT_NEAR(pred->decode_layer.attention, 2 * attention, 1e-12);
+    EXPECT_GT(pred->decode_layer.compute, 2 * (linears + attention));
+    EXPECT_LT(pred->decode_layer.compute, 2 * (linears + attention) * 1.5);
+    // The overlap: a GPU overlaps all three stages; the CPU stand-in's copy and compute share cores.
+    const double expect_layer = backend == "cuda"
+                                    ? std::max({pred->decode_layer.disk, pred->decode_layer.copy, pred->decode_layer.compute})
+                                    : std::max(pred->decode_layer.disk, pred->decode_layer.copy + pred->decode_layer.compute);
+    EXPECT_NEAR(pred->decode_layer.layer, expect_layer, 1e-12);
+    EXPECT_NEAR(pred->step_s, d.config.num_layers * expect_layer + pred->decode_head_s, 1e-9);
+    EXPECT_NEAR(pred->round_s, pred->prefill_s + 8 * pred->step_s, 1e-9);
+    EXPECT_NEAR(pred->throughput_tok_s, 8 * 9 / pred->round_s, 1e-9);
+    EXPECT_EQ(pred->bound, "disk");  // 50% of each layer from a 2 GB/s disk
+    EXPECT_EQ(pred->h2d_bytes_per_step, d.config.num_layers * (l.cpu_bytes() + l.disk_bytes()));
+    // Rounds: 20 prompts in batches of 8 are 3 rounds.
+    Workload w20 = w;
+    w20.num_prompts = 20;
+    auto p20 = m->Predict(d.config, d.layout, p, w20, *plan);
+    ASSERT_TRUE(p20.ok());
+    EXPECT_NEAR(p20->throughput_tok_s, 20.0 * 9 / (3 * p20->round_s), 1e-9);
+    // Resident weights: no link, compute-bound, and each layer costs its compute.
+    Policy r = p;
+    r.split = {100, 0, 0};
+    auto rplan = Model::PlanOffload(d.layout, PolicyOffload(d.config, r, w, 0, 0), **cpu);
+    ASSERT_TRUE(rplan.ok());
+    auto rp = m->Predict(d.config, d.layout, r, w, *rplan);
+    ASSERT_TRUE(rp.ok());
+    EXPECT_EQ(rp->bound, "compute");
+    EXPECT_EQ(rp->h2d_bytes_per_step, 0u);
+    EXPECT_NEAR(rp->decode_layer.layer, rp->decode_layer.compute, 1e-15);
+    EXPECT_LT(rp->step_s, pred->step_s);
+  }
+}
+
+TEST(CostModelTest, RefusesAProbeThatLacksARate) {
+  EXPECT_TRUE(CostModel::FromProbe(SyntheticProbe("cpu")).ok());
+  for (const std::string key : {"op_seconds", "hash_GBps", "prefill_attention", "linear", "copies"}) {
+    json j = SyntheticProbe("cpu");
+    j.erase(key);
+    auto m = CostModel::FromProbe(j);
+    ASSERT_FALSE(m.ok()) << key;
+    EXPECT_NE(std::string(m.status().message()).find("--reprobe"), std::string::npos) << m.status();
+  }
+  json bad = SyntheticProbe("cpu");
+  bad["copies"]["host_to_device"][0]["GBps"] = -1.0;
+  EXPECT_FALSE(CostModel::FromProbe(bad).ok());
+  bad = SyntheticProbe("cpu");
+  bad["linear"][0]["rows"] = "many";
+  EXPECT_FALSE(CostModel::FromProbe(bad).ok());
+  bad = SyntheticProbe("cpu");
+  bad["options"]["quick"] = true;
+  auto q = CostModel::FromProbe(bad);
+  ASSERT_FALSE(q.ok());
+  EXPECT_NE(std::string(q.status().message()).find("quick"), std::string::npos);
+  EXPECT_FALSE(CostModel::FromProbe(json::parse("[1, 2]")).ok());
+  // A policy on the disk tier needs disk rates.
+  bad = SyntheticProbe("cpu");
+  bad.erase("disk");
+  auto m = CostModel::FromProbe(bad);
+  ASSERT_TRUE(m.ok());
+  Dummy d = LoadDummy("opt-125m");
+  Policy p;
+  p.split = {0, 0, 100};
+  auto cpu = kernels::CreateBackend({});
+  auto plan = Model::PlanOffload(d.layout, PolicyOffload(d.config, p, {32, 8, 0}, 0, 0), **cpu);
+  ASSERT_TRUE(plan.ok());
+  EXPECT_FALSE(m->Predict(d.config, d.layout, p, {32, 8, 0}, *plan).ok());
+}
+
+// The planner sizes stores before they exist: the layout of a store's tensors (as they are, or
+// quantized as convert would write them) is the layout of the store convert writes.
+TEST(PlannerTest, LayoutsAreTheStoresConvertWrites) {
+  ferry::testing::TempDir f32_dir, q4_dir;
+  ASSERT_TRUE(ConvertModel(ferry::testing::ModelDir(), f32_dir.path()).ok());
+  GgufLoadOptions q;
+  q.quantize = QuantFormat{QuantKind::kQ4, 64};
+  ASSERT_TRUE(ConvertModel(ferry::testing::ModelDir(), q4_dir.path(), {}, q).ok());
+  auto f32 = io::Store::Open(f32_dir.path());
+  auto q4 = io::Store::Open(q4_dir.path());
+  ASSERT_TRUE(f32.ok() && q4.ok());
+  auto own = LayoutOf(*f32);
+  auto q4_own = LayoutOf(*q4);
+  ASSERT_TRUE(own.ok() && q4_own.ok());
+  auto same = io::LayoutStore(PlannedTensorsOf(*f32, std::nullopt));
+  auto as_q4 = io::LayoutStore(PlannedTensorsOf(*f32, QuantFormat{QuantKind::kQ4, 64}));
+  ASSERT_TRUE(same.ok() && as_q4.ok());
+  EXPECT_EQ(LayoutOf(*same).layer_bytes, own->layer_bytes);
+  EXPECT_EQ(LayoutOf(*same).resident_other, own->resident_other);
+  EXPECT_EQ(same->data_bytes, f32->data_bytes());
+  EXPECT_EQ(LayoutOf(*as_q4).layer_bytes, q4_own->layer_bytes);
+  EXPECT_EQ(LayoutOf(*as_q4).largest_quantized, q4_own->largest_quantized);
+  EXPECT_EQ(as_q4->data_bytes, q4->data_bytes());
+  EXPECT_LT(q4_own->layer_bytes[0] * 3, own->layer_bytes[0]);
+  // The store-based plan equals the layout-based one.
+  auto cpu = kernels::CreateBackend({});
+  OffloadOptions o;
+  o.split = {10, 40, 50};
+  o.reserve_device_bytes = 12345;
+  auto a = Model::PlanOffload(*f32, o, **cpu);
+  auto b = Model::PlanOffload(*own, o, **cpu);
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_EQ(a->device_bytes, b->device_bytes);
+  EXPECT_EQ(a->host_bytes, b->host_bytes);
+}
+
+TEST(PlannerTest, AllowanceParsesAndRefuses) {
+  auto exact = ParseAllowance("exact", 64);
+  ASSERT_TRUE(exact.ok());
+  EXPECT_EQ(exact->Describe(), "exact");
+  auto a = ParseAllowance("q4,kv-f16,kv-q8,h2o=0.2", 64);
+  ASSERT_TRUE(a.ok()) << a.status();
+  EXPECT_EQ(a->weights.size(), 1u);
+  EXPECT_EQ(a->kv_dtypes.size(), 3u);
+  EXPECT_DOUBLE_EQ(a->h2o, 0.2);
+  for (const std::string bad : {"q3", "h2o=2", "h2o=x", "kv-q2", "h2o=0"}) {
+    auto r = ParseAllowance(bad, 64);
+    EXPECT_FALSE(r.ok()) << bad;
+  }
+}
+
+// A GPU budget halfway between what one sequence needs with every weight streamed and with every
+// weight resident.
+uint64_t HalfwayBudget(const PlanRequest& r, const kernels::Backend& backend) {
+  Policy p;
+  p.split = {0, 100, 0};
+  const uint64_t streamed = Model::PlanOffload(r.layouts[0].second, PolicyOffload(r.config, p, r.workload, 0, 0), backend)->device_bytes;
+  p.split = {100, 0, 0};
+  const uint64_t resident = Model::PlanOffload(r.layouts[0].second, PolicyOffload(r.config, p, r.workload, 0, 0), backend)->device_bytes;
+  EXPECT_LT(streamed, resident);
+  return (streamed + resident) / 2;
+}
+
+// Chosen plans fit: the top candidates for tiny-opt under a GPU budget smaller than its weights
+// load offloaded and get their KV cache on a backend that enforces that budget.
+TEST(PlannerTest, ChosenPlansFitTheirBudgets) {
+  ferry::testing::TempDir dir;
+  ASSERT_TRUE(ConvertModel(ferry::testing::ModelDir(), dir.path()).ok());
+  auto store = io::Store::Open(dir.path());
+  ASSERT_TRUE(store.ok());
+  auto m = CostModel::FromProbe(SyntheticProbe("cpu"));
+  ASSERT_TRUE(m.ok());
+  PlanRequest r;
+  r.config = *ModelConfig::FromModelDir(dir.path());
+  auto allow = ParseAllowance("kv-f16,h2o=0.25", r.config.head_dim());
+  ASSERT_TRUE(allow.ok());
+  r.allow = *allow;
+  auto layouts = LayoutsOfStore(*store, r.allow);
+  ASSERT_TRUE(layouts.ok());
+  r.layouts = *layouts;
+  r.workload = {32, 8, 0};
+  r.host_budget = 64 << 20;
+  r.max_batch = 64;
+  auto cpu = kernels::CreateBackend({});
+  r.device_budget = HalfwayBudget(r, **cpu);
+  auto cs = SearchPolicies(r, *m, **cpu);
+  ASSERT_TRUE(cs.ok()) << cs.status();
+  ASSERT_GE(cs->size(), 3u);
+  bool some_h2o = false, some_f16 = false, some_streamed = false;
+  for (const Candidate& c : *cs) {
+    EXPECT_LE(c.plan.device_bytes, r.device_budget);
+    EXPECT_LE(c.plan.host_bytes, r.host_budget);
+    some_h2o |= c.policy.h2o.has_value();
+    some_f16 |= c.policy.kv_dtype == KvType(DType::kF16);
+    some_streamed |= c.policy.split.gpu < 100;
+  }
+  EXPECT_TRUE(some_h2o && some_f16 && some_streamed);
+  for (size_t i = 1; i < cs->size(); ++i) EXPECT_GE((*cs)[i - 1].prediction.throughput_tok_s, (*cs)[i].prediction.throughput_tok_s);
+  for (size_t i = 0; i < 3; ++i) {
+    const Policy& p = (*cs)[i].policy;
+    kernels::BackendOptions bo;
+    bo.memory_budget_bytes = r.device_budget;
+    bo.host_budget_bytes = r.host_budget;
+    auto backend = kernels::CreateBackend(bo);
+    ASSERT_TRUE(backend.ok());
+    OffloadOptions o = PolicyOffload(r.config, p, r.workload, r.device_budget, r.host_budget);
+    auto model = Model::LoadOffloaded(dir.path(), backend->get(), o);
+    ASSERT_TRUE(model.ok()) << p.Flags() << ": " << model.status();
+    auto cache = offload::CreateKvCache(**backend, PolicyKvSpec(r.config, p, r.workload));
+    ASSERT_TRUE(cache.ok()) << p.Flags() << ": " << cache.status();
+  }
+  // Exact by default: f32 KV, the full cache, the store's weights.
+  r.allow = Allowance();
+  auto layouts_exact = LayoutsOfStore(*store, r.allow);
+  r.layouts = *layouts_exact;
+  auto exact = SearchPolicies(r, *m, **cpu);
+  ASSERT_TRUE(exact.ok());
+  for (const Candidate& c : *exact) {
+    EXPECT_EQ(c.policy.kv_dtype, KvType(DType::kF32));
+    EXPECT_FALSE(c.policy.h2o.has_value());
+    EXPECT_FALSE(c.policy.weights.has_value());
+    EXPECT_TRUE(c.runnable);
+  }
+  // No budget: everything resident is the fastest placement.
+  r.device_budget = r.host_budget = 0;
+  auto free = SearchPolicies(r, *m, **cpu);
+  ASSERT_TRUE(free.ok());
+  EXPECT_DOUBLE_EQ(free->front().policy.split.gpu, 100.0);
+  // A budget nothing fits is one clear error.
+  r.device_budget = 1 << 20;
+  auto none = SearchPolicies(r, *m, **cpu);
+  ASSERT_FALSE(none.ok());
+  EXPECT_NE(std::string(none.status().message()).find("no policy fits"), std::string::npos) << none.status();
+}
+
+// A float store with q4 allowed: the q4 candidates are planned from the layout convert would
+// write, stream fewer bytes, and are marked as needing the conversion.
+TEST(PlannerTest, QuantizedCandidatesNeedTheConversion) {
+  ferry::testing::TempDir dir;
+  ASSERT_TRUE(ConvertModel(ferry::testing::ModelDir(), dir.path()).ok());
+  auto store = io::Store::Open(dir.path());
+  auto m = CostModel::FromProbe(SyntheticProbe("cuda"));
+  ASSERT_TRUE(store.ok() && m.ok());
+  PlanRequest r;
+  r.config = *ModelConfig::FromModelDir(dir.path());
+  r.allow = *ParseAllowance("q4", r.config.head_dim());
+  r.layouts = *LayoutsOfStore(*store, r.allow);
+  ASSERT_EQ(r.layouts.size(), 2u);
+  r.workload = {32, 8, 0};
+  r.max_batch = 8;
+  auto cpu = kernels::CreateBackend({});
+  r.device_budget = HalfwayBudget(r, **cpu);
+  auto cs = SearchPolicies(r, *m, **cpu);
+  ASSERT_TRUE(cs.ok()) << cs.status();
+  // The q4 plans keep more of the model on the GPU in the same budget.
+  double best_float_gpu = 0, best_q4_gpu = 0;
+  for (const Candidate& c : *cs) {
+    EXPECT_EQ(c.runnable, !c.policy.weights.has_value());
+    double& best = c.policy.weights ? best_q4_gpu : best_float_gpu;
+    best = std::max(best, c.policy.split.gpu);
+  }
+  EXPECT_GT(best_q4_gpu, best_float_gpu);
+}
+
+}  // namespace
+}  // namespace ferry::engine
