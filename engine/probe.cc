@@ -27,8 +27,8 @@ namespace {
 using Clock = std::chrono::steady_clock;
 using nlohmann::json;
 
-// 3: linears at several sizes. 2: within-device copies, quantized KV, prefill attention, host attention, op cost.
-constexpr int kProbeVersion = 3;
+// 4: linears over rotating copies (memory, not cache). 3: linears at several sizes. 2: within-device copies, quantized KV, prefill attention, host attention, op cost.
+constexpr int kProbeVersion = 4;
 
 double Seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
 
@@ -177,16 +177,22 @@ absl::StatusOr<json> ProbeLinear(kernels::Backend& b, const ProbeOptions& o) {
         view = TensorView::Contiguous(nullptr, DType::kU8, {m, k}, b.device());
         view.quant = f;
       }
-      FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer wbuf, Upload(b, host.data(), host.size()));
-      view.data = wbuf.data();
+      const size_t stride = (host.size() + 4095) / 4096 * 4096;
+      const size_t copies = static_cast<size_t>(std::clamp<uint64_t>((o.linear_rotate_bytes + stride - 1) / stride, 1, 4096));
+      FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer wbuf, b.Allocate(stride * copies));
+      for (size_t c = 0; c < copies; ++c) FERRY_RETURN_IF_ERROR(b.CopyToDevice(static_cast<char*>(wbuf.data()) + c * stride, host.data(), host.size()));
       for (int64_t n : o.gemm_rows) {
         if (o.progress) o.progress(absl::StrCat("linear ", n, " x ", k, " -> ", m, ", ", type));
         const std::vector<float> x = Random(static_cast<size_t>(n * k), 2);
         FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer xbuf, Upload(b, x.data(), x.size() * sizeof(float)));
         FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer ybuf, b.Allocate(static_cast<size_t>(n * m) * sizeof(float)));
-        const kernels::LinearArgs a{TensorView::Contiguous(xbuf.data(), DType::kF32, {n, k}, b.device()), view, TensorView{},
-                                    TensorView::Contiguous(ybuf.data(), DType::kF32, {n, m}, b.device()), false};
-        FERRY_ASSIGN_OR_RETURN(const double calls, Rate(o, 1.0, b, [&] { return b.Linear(a); }));
+        kernels::LinearArgs a{TensorView::Contiguous(xbuf.data(), DType::kF32, {n, k}, b.device()), view, TensorView{},
+                              TensorView::Contiguous(ybuf.data(), DType::kF32, {n, m}, b.device()), false};
+        size_t next = 0;
+        FERRY_ASSIGN_OR_RETURN(const double calls, Rate(o, 1.0, b, [&] {
+          a.weight.data = static_cast<char*>(wbuf.data()) + (next++ % copies) * stride;
+          return b.Linear(a);
+        }));
         out.push_back({{"rows", n}, {"out", m}, {"in", k}, {"weights", type}, {"GFLOPs", 2.0 * n * m * k * calls * 1e-9},
                        {"weight_GBps", static_cast<double>(host.size()) * calls * 1e-9}});
       }
@@ -282,7 +288,7 @@ absl::StatusOr<json> RunProbe(kernels::Backend& backend, const ProbeOptions& o) 
   json j = {{"format", "ferry-probe"}, {"version", kProbeVersion}, {"host", HostName()}, {"backend", backend.name()},
             {"probed_at", static_cast<int64_t>(std::time(nullptr))}};
   j["options"] = {{"quick", o.quick}, {"min_seconds", o.min_seconds}, {"repetitions", o.repetitions}, {"disk_dir", o.disk_dir},
-                  {"disk_file_bytes", o.disk_file_bytes}, {"gemm_sizes", o.gemm_sizes}};
+                  {"disk_file_bytes", o.disk_file_bytes}, {"gemm_sizes", o.gemm_sizes}, {"linear_rotate_bytes", o.linear_rotate_bytes}};
   FERRY_ASSIGN_OR_RETURN(json copies, ProbeCopies(backend, o));
   j["copies"] = std::move(copies);
   if (!o.disk_dir.empty()) {

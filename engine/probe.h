@@ -28,6 +28,9 @@ struct ProbeOptions {
   // or dispatch, large ones leave the caches: the cost model interpolates in the matrix size).
   std::vector<int64_t> gemm_rows = {1, 16, 256};
   std::vector<int64_t> gemm_sizes = {512, 1024, 2048, 4096};
+  // The calls rotate over copies of the weights at least this large in all, so that they are read
+  // from memory as a model's weights are (a matrix read again and again stays in the caches).
+  uint64_t linear_rotate_bytes = uint64_t{256} << 20;
   int attention_len = 1024, attention_rows = 8;
   int prefill_attention_len = 256;  // causal queries of one sequence
   double min_seconds = 0.05;  // per timed repetition

@@ -460,6 +460,7 @@ absl::Status RunProbeCommand(const ProbeFlags& f) {
     o.disk_file_bytes = 16 << 20;
     o.gemm_rows = {1, 16};
     o.gemm_sizes = {512};
+    o.linear_rotate_bytes = 8 << 20;
     o.attention_len = 128;
     o.attention_rows = 2;
     o.prefill_attention_len = 64;

@@ -556,3 +556,92 @@ TEST(CliProbeTest, MeasuresOnceThenReusesTheCache) {
 
 }  // namespace
 }  // namespace ferry::testing
+
+namespace ferry::testing {
+namespace {
+
+// ferry plan, bench --policy auto, --predict, --sweep, and scripts/plot-bench, on tiny-opt with a
+// cached probe (a quick probe marked full: real rates of this machine, measured in seconds).
+TEST(CliPlanTest, PlansRunsAutoSweepsAndPlots) {
+  TempDir dir;
+  const std::string env = "FERRY_PROBE_DIR=" + dir.File("cache") + " ";
+  const std::string store = dir.File("store");
+  ASSERT_EQ(Ferry("convert " + kModel + " --out " + store + " -q").code, 0);
+  ASSERT_EQ(std::system((env + FerryBinary() + " probe --quick -q --dir " + dir.path() + " > /dev/null").c_str()), 0);
+  ASSERT_EQ(std::system(("ls " + dir.File("cache") + " > " + dir.File("ls")).c_str()), 0);
+  const std::string listed = *ReadFileToString(dir.File("ls"));
+  const std::string cache = dir.File("cache") + "/" + listed.substr(0, listed.find('\n'));
+  auto probe = nlohmann::json::parse(*ReadFileToString(cache));
+  auto run = [&](const std::string& args) {
+    TempDir t;
+    const int status = std::system((env + FerryBinary() + " " + args + " >" + t.File("o") + " 2>" + t.File("e")).c_str());
+    return Result{WIFEXITED(status) ? WEXITSTATUS(status) : -1, *ReadFileToString(t.File("o")), *ReadFileToString(t.File("e"))};
+  };
+  // A quick probe is not reused for planning (it would be measured again, fully): mark it full.
+  ASSERT_TRUE(probe["options"]["quick"].get<bool>());
+  probe["options"]["quick"] = false;
+  WriteFile(cache, probe.dump());
+  Result r;
+  // The budget: the model's weights do not all fit.
+  r = run("plan --model " + store + " --gpu-mem 12MiB --prompt-len 16 --gen-len 4 --allow kv-f16,h2o=0.25 --json -q");
+  ASSERT_EQ(r.code, 0) << r.err;
+  auto plans = nlohmann::json::parse(r.out);
+  ASSERT_FALSE(plans["plans"].empty());
+  double last = 1e300;
+  for (const auto& p : plans["plans"]) {
+    EXPECT_TRUE(p["runnable"].get<bool>());
+    EXPECT_LE(p["predicted"]["memory"]["device"].get<uint64_t>(), uint64_t{12} << 20);
+    EXPECT_GT(p["predicted"]["decode_step_s"].get<double>(), 0.0);
+    EXPECT_LE(p["predicted"]["throughput_tok_s"].get<double>(), last);
+    last = p["predicted"]["throughput_tok_s"].get<double>();
+  }
+  r = run("plan --model " + store + " --gpu-mem 12MiB --prompt-len 16 --gen-len 4 --top 3 -q");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.out.find("run it: ferry bench"), std::string::npos) << r.out;
+  // bench --policy auto runs the planner's choice within the budget and records its prediction.
+  r = run("bench --model " + store + " --policy auto --gpu-mem 12MiB --prompt-len 16 --gen-len 4 --max-batch 8 --json " +
+          dir.File("auto.json"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.err.find("policy auto: --weights"), std::string::npos) << r.err;
+  auto a = nlohmann::json::parse(*ReadFileToString(dir.File("auto.json")));
+  EXPECT_EQ(a["policy"], "auto");
+  EXPECT_LE(a["memory"]["plan_device"].get<uint64_t>(), uint64_t{12} << 20);
+  EXPECT_LE(a["batch"].get<int>(), 8);
+  EXPECT_GT(a["predicted"]["decode_step_s"].get<double>(), 0.0);
+  EXPECT_GT(a["measured_over_predicted"]["decode_step"].get<double>(), 0.0);
+  // A sweep: one JSON line per setting (2 x 2), each predicted; then the plots.
+  const std::string jsonl = dir.File("runs.jsonl");
+  r = run("bench --model " + store + " --prompt-len 16 --gen-len 4 --predict -q --jsonl " + jsonl +
+          " --sweep gpu-batch-size=1:2 --sweep weights=100,0,0:0,100,0");
+  ASSERT_EQ(r.code, 0) << r.err;
+  std::ifstream in(jsonl);
+  std::vector<nlohmann::json> runs;
+  for (std::string line; std::getline(in, line);) runs.push_back(nlohmann::json::parse(line));
+  ASSERT_EQ(runs.size(), 4u);
+  EXPECT_EQ(runs[0]["gpu_batch_size"], 1);
+  EXPECT_EQ(runs[3]["gpu_batch_size"], 2);
+  EXPECT_EQ(runs[1]["weights_percent"][1], 100.0);
+  for (const auto& j : runs) EXPECT_TRUE(j.contains("predicted"));
+  // Debian's python3 (python3-matplotlib, scripts/install-deps), not whatever python3 is first in PATH.
+  const std::string plot = "/usr/bin/python3 " + std::string(FERRY_SOURCE_DIR) + "/scripts/plot-bench " + jsonl + " " + dir.File("plots") + " > /dev/null";
+  ASSERT_EQ(std::system(plot.c_str()), 0);
+  for (const char* f : {"throughput.png", "throughput.svg", "busy.png", "busy.svg"}) {
+    auto bytes = ReadFileToString(dir.File(std::string("plots/") + f));
+    ASSERT_TRUE(bytes.ok()) << f;
+    EXPECT_GT(bytes->size(), 1000u) << f;
+  }
+  EXPECT_EQ(ReadFileToString(dir.File("plots/throughput.png"))->substr(1, 3), "PNG");
+  // Bad input: one line and a non-zero exit.
+  for (const std::string& bad : {"plan --model " + store + " --allow q3 -q", "plan --model " + store + " --gpu-mem 1MiB -q",
+                                 "bench --model " + store + " --sweep depth=1 --jsonl " + dir.File("x.jsonl") + " -q",
+                                 "bench --model " + store + " --sweep gpu-batch-size=0 --jsonl " + dir.File("x.jsonl") + " -q",
+                                 "bench --model " + store + " --sweep gpu-batch-size=1 -q",
+                                 "plan --model " + dir.File("nothing") + " -q"}) {
+    r = run(bad);
+    EXPECT_EQ(r.code, 1) << bad;
+    EXPECT_EQ(Lines(r.err), 1) << bad << ": " << r.err;
+  }
+}
+
+}  // namespace
+}  // namespace ferry::testing
