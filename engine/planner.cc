@@ -25,9 +25,12 @@ struct Needs {
 };
 
 // The plan of a split without budgets (what it needs), and whether it fits them.
+OffloadOptions OffloadOf(const PlanRequest& r, const Policy& p, uint64_t device_budget, uint64_t host_budget) {
+  return r.offload ? r.offload(p, device_budget, host_budget) : PolicyOffload(r.config, p, r.workload, device_budget, host_budget);
+}
+
 absl::StatusOr<offload::Plan> Unbudgeted(const PlanRequest& r, const WeightLayout& layout, const Policy& p, const kernels::Backend& backend) {
-  const OffloadOptions o = PolicyOffload(r.config, p, r.workload, 0, 0);
-  return Model::PlanOffload(layout, o, backend);
+  return Model::PlanOffload(layout, OffloadOf(r, p, 0, 0), backend);
 }
 
 bool Within(uint64_t need, uint64_t budget) { return budget == 0 || need <= budget; }
@@ -73,7 +76,7 @@ absl::StatusOr<Allowance> ParseAllowance(const std::string& spec, int head_dim, 
   return a;
 }
 
-absl::StatusOr<Candidate> PlaceWeights(const PlanRequest& r, const WeightLayout& layout, Policy p, const CostModel& model,
+absl::StatusOr<Candidate> PlaceWeights(const PlanRequest& r, const WeightLayout& layout, Policy p, const CostModel* model,
                                        const kernels::Backend& backend) {
   auto needs = [&](double gpu, double cpu) -> absl::StatusOr<Needs> {
     p.split = {gpu, cpu, std::max(0.0, 100.0 - gpu - cpu)};
@@ -123,13 +126,13 @@ absl::StatusOr<Candidate> PlaceWeights(const PlanRequest& r, const WeightLayout&
   p.split.disk = std::max(0.0, 100.0 - gpu - cpu);
   if (p.split.disk < 0.005) p.split = {gpu, 100.0 - gpu, 0.0};
   // The real check: the plan the run makes, with its budgets.
-  OffloadOptions o = PolicyOffload(r.config, p, r.workload, r.device_budget, r.host_budget);
-  FERRY_ASSIGN_OR_RETURN(offload::Plan plan, Model::PlanOffload(layout, o, backend));
-  FERRY_ASSIGN_OR_RETURN(Prediction pred, model.Predict(r.config, layout, p, r.workload, plan, r.uring));
+  FERRY_ASSIGN_OR_RETURN(offload::Plan plan, Model::PlanOffload(layout, OffloadOf(r, p, r.device_budget, r.host_budget), backend));
   Candidate c;
+  if (model != nullptr) {
+    FERRY_ASSIGN_OR_RETURN(c.prediction, model->Predict(r.config, layout, p, r.workload, plan, r.uring));
+  }
   c.policy = p;
   c.plan = std::move(plan);
-  c.prediction = std::move(pred);
   return c;
 }
 
@@ -182,7 +185,7 @@ absl::StatusOr<std::vector<Candidate>> SearchPolicies(const PlanRequest& request
               p.kv_dtype = kv;
               p.h2o = h2o;
               p.weights = format;
-              auto c = PlaceWeights(r, layout, p, model, backend);
+              auto c = PlaceWeights(r, layout, p, &model, backend);
               if (!c.ok()) {
                 last = c.status();
                 if (absl::IsResourceExhausted(c.status())) break;  // larger batches need more

@@ -7,6 +7,7 @@
 // reserves the run makes (PolicyOffload), so a chosen plan fits.
 #pragma once
 
+#include <functional>
 #include <optional>
 #include <string>
 #include <utility>
@@ -43,6 +44,9 @@ struct PlanRequest {
   // Only these shapes (0: searched): generate --policy auto keeps its --batch-size.
   int fixed_gpu_batch_size = 0, fixed_num_gpu_batches = 0;
   bool fixed_kv_on_cpu = false, fix_kv_placement = false;
+  // The run's OffloadOptions for a policy and budgets (unset: PolicyOffload for the workload):
+  // generate reserves for its own batch and context.
+  std::function<OffloadOptions(const Policy&, uint64_t device_budget, uint64_t host_budget)> offload;
 };
 
 struct Candidate {
@@ -63,8 +67,8 @@ absl::StatusOr<FormatLayouts> LayoutsOfDummy(const std::string& dummy, const All
 absl::StatusOr<std::vector<Candidate>> SearchPolicies(const PlanRequest& request, const CostModel& model, const kernels::Backend& backend);
 
 // The greedy placement of one policy's weights (its split is replaced), or an error saying why
-// nothing fits.
-absl::StatusOr<Candidate> PlaceWeights(const PlanRequest& request, const WeightLayout& layout, Policy policy, const CostModel& model,
+// nothing fits; predicted when `model` is given.
+absl::StatusOr<Candidate> PlaceWeights(const PlanRequest& request, const WeightLayout& layout, Policy policy, const CostModel* model,
                                        const kernels::Backend& backend);
 
 // The best candidates as a table: predicted tok/s, prefill, decode step, bound, memory, flags.

@@ -40,6 +40,7 @@ struct ModelFlags {
   std::string gguf_dtype = "f16";
   std::string quantize;  // q4 | q8: layer matrices quantized at load (resident models)
   int quant_group = 64;
+  std::string policy;    // "auto": the planner places a store's weights; "manual"; "": auto when it does not fit resident
 };
 
 absl::StatusOr<DType> GgufDtype(const std::string& name) {
@@ -65,6 +66,10 @@ void AddModelFlags(CLI::App* cmd, ModelFlags* f) {
                   "Offload: percent of each layer's weights on GPU,CPU,DISK, e.g. 0,50,50 (needs a store: ferry convert)");
   cmd->add_option("--gpu-mem", f->gpu_mem, "Device memory budget, e.g. 24GiB (default: none)");
   cmd->add_option("--cpu-mem", f->cpu_mem, "Pinned host memory budget for offloading, e.g. 64GiB (default: none)");
+  cmd->add_option("--policy", f->policy,
+                  "Weights placement of a store: auto (as much on the GPU as --gpu-mem leaves, then pinned CPU memory, then "
+                  "disk; the default when the store does not fit --gpu-mem resident) or manual (--weights, or resident)")
+      ->check(CLI::IsMember({"auto", "manual"}));
 }
 
 // Commands that run a resident model's forward pass can quantize its layer matrices at load.
@@ -87,6 +92,7 @@ void AddKvDtypeFlag(CLI::App* cmd, ModelFlags* f) {
 absl::StatusOr<KvType> KvDtype(const ModelFlags& f, const engine::ModelConfig& c) { return ParseKvType(f.kv_dtype, c.head_dim()); }
 
 struct Loaded {
+  bool offloaded = false;  // --weights, or --policy auto placed the store's weights
   std::unique_ptr<kernels::Backend> backend;
   std::unique_ptr<engine::Model> model;
   std::unique_ptr<engine::Tokenizer> tokenizer;
@@ -108,15 +114,17 @@ absl::StatusOr<std::unique_ptr<engine::Tokenizer>> LoadTokenizer(const ModelFlag
 // reserved in the memory plan of an offloaded model.
 // `sparse_ffn`: Deja Vu through the executor (needs --weights), with `sparse_cache` of each FFN's
 // bundles cached on the device. `whole_prefill`: an offloaded model's prefill runs every prompt
-// of a batch in one call (rows x the context), in micro-batches of max_tokens_per_call.
+// of a batch in one call (rows x the context), in micro-batches of max_tokens_per_call (when
+// offloaded: by --weights, or by --policy auto, which is the default for a store that does not fit
+// --gpu-mem resident).
 absl::StatusOr<Loaded> LoadAll(const ModelFlags& f, int64_t rows, int64_t max_tokens_per_call, bool sparse_ffn = false,
                                double sparse_cache = 0.0, bool whole_prefill = false) {
   if (f.threads > ThreadPool::kMaxThreads) {
     return absl::InvalidArgumentError(absl::StrCat("--threads ", f.threads, " is more than ", ThreadPool::kMaxThreads));
   }
   if (f.threads > 0) setenv("FERRY_NUM_THREADS", std::to_string(f.threads).c_str(), 1);
-  if (!f.cpu_mem.empty() && f.weights.empty()) {
-    return absl::InvalidArgumentError("--cpu-mem budgets the pinned memory of offloading; it needs --weights");
+  if (!f.cpu_mem.empty() && f.weights.empty() && (f.policy == "manual" || !PathExists(f.model + "/manifest.json"))) {
+    return absl::InvalidArgumentError("--cpu-mem budgets the pinned memory of offloading; it needs --weights or --policy auto (a store)");
   }
   FERRY_RETURN_IF_ERROR(CheckModelDir(f.model));
   Loaded l;
@@ -134,12 +142,70 @@ absl::StatusOr<Loaded> LoadAll(const ModelFlags& f, int64_t rows, int64_t max_to
   if (!f.weights.empty()) {
     FERRY_ASSIGN_OR_RETURN(split, offload::ParseWeightSplit(f.weights));
   }
+  if (f.policy == "auto" && !f.weights.empty()) return absl::InvalidArgumentError("--policy auto chooses --weights: give one or the other");
+  const bool is_store = PathExists(f.model + "/manifest.json");
+  if (f.policy == "auto" && !is_store) {
+    return absl::InvalidArgumentError(absl::StrCat("--policy auto places a ferry store's weights; convert first: ferry convert --model ",
+                                                   f.model, " --out STORE"));
+  }
+  // The offloaded run's options for a split: the KV cache of `rows` sequences of the whole context
+  // and the forward workspace, reserved in the plan.
+  std::optional<engine::ModelConfig> config;
+  if (is_store) {
+    FERRY_ASSIGN_OR_RETURN(config, engine::ModelConfig::FromModelDir(f.model));
+  }
+  auto offload_of = [&](const offload::WeightSplit& s, uint64_t device_budget, uint64_t host_budget) -> absl::StatusOr<engine::OffloadOptions> {
+    engine::OffloadOptions o;
+    o.split = s;
+    o.sparse_ffn = sparse_ffn;
+    o.sparse_cache_fraction = sparse_cache;
+    o.device_budget = device_budget;
+    o.host_budget = host_budget;
+    FERRY_ASSIGN_OR_RETURN(const KvType kv_type, KvDtype(f, *config));
+    o.reserve_device_bytes = offload::KvCacheBytes(engine::KvSpec(*config, static_cast<int>(rows), config->max_positions, kv_type)).device +
+                             engine::Model::ForwardWorkspaceBytes(*config, whole_prefill ? rows * config->max_positions : max_tokens_per_call, rows,
+                                                                   max_tokens_per_call);
+    return o;
+  };
+  bool offloaded = !f.weights.empty();
+  if (is_store && f.weights.empty() && f.policy != "manual" && f.quantize.empty() && !sparse_ffn) {
+    FERRY_ASSIGN_OR_RETURN(const io::Store store, io::Store::Open(f.model));
+    // Auto by default only when the weights alone exceed the budget: a resident run allocates its
+    // cache and workspace for the prompts it gets, so anything less may still fit.
+    engine::OffloadOptions resident;
+    resident.device_budget = bo.memory_budget_bytes;
+    const bool fits = engine::Model::PlanOffload(store, resident, *l.backend).ok();
+    if (f.policy == "auto" || !fits) {
+      // The planner's greedy placement for this batch: as much on the GPU as the budget leaves,
+      // then pinned CPU memory, then disk.
+      engine::PlanRequest r;
+      r.config = *config;
+      FERRY_ASSIGN_OR_RETURN(r.layouts, engine::LayoutsOfStore(store, engine::Allowance()));
+      r.device_budget = bo.memory_budget_bytes;
+      r.host_budget = bo.host_budget_bytes;
+      absl::Status offload_error;
+      r.offload = [&](const engine::Policy& p, uint64_t device_budget, uint64_t host_budget) {
+        auto o = offload_of(p.split, device_budget, host_budget);
+        if (!o.ok()) offload_error = o.status();
+        return o.ok() ? *o : engine::OffloadOptions();
+      };
+      engine::Policy p;
+      p.gpu_batch_size = static_cast<int>(rows);
+      auto c = engine::PlaceWeights(r, r.layouts[0].second, p, nullptr, *l.backend);
+      FERRY_RETURN_IF_ERROR(offload_error);
+      if (!c.ok()) return absl::Status(c.status().code(), absl::StrCat("--policy auto: ", c.status().message()));
+      split = c->policy.split;
+      offloaded = true;
+      std::fprintf(stderr, "ferry: policy auto: --weights %g,%g,%g%s\n", split.gpu, split.cpu, split.disk,
+                   fits ? "" : " (the store's weights do not fit --gpu-mem)");
+    }
+  }
   if (!f.quantize.empty() && !f.weights.empty()) {
     return absl::InvalidArgumentError(absl::StrCat("--quantize quantizes a resident model at load; an offloaded model streams "
                                                    "its store's bytes as they are: ferry convert --quantize ", f.quantize,
                                                    " --model ", f.model, " --out STORE, then --weights with --model STORE"));
   }
-  if (f.weights.empty()) {
+  if (!offloaded) {
     engine::GgufLoadOptions go;
     FERRY_ASSIGN_OR_RETURN(go.dtype, GgufDtype(f.gguf_dtype));
     if (!f.quantize.empty()) {
@@ -147,23 +213,14 @@ absl::StatusOr<Loaded> LoadAll(const ModelFlags& f, int64_t rows, int64_t max_to
     }
     FERRY_ASSIGN_OR_RETURN(l.model, engine::Model::Load(f.model, l.backend.get(), go));
   } else {
-    if (!PathExists(f.model + "/manifest.json")) {
+    if (!is_store) {
       return absl::InvalidArgumentError(absl::StrCat("--weights reads a ferry store; convert first: ferry convert --model ",
                                                      f.model, " --out STORE"));
     }
-    FERRY_ASSIGN_OR_RETURN(engine::ModelConfig config, engine::ModelConfig::FromModelDir(f.model));
-    engine::OffloadOptions o;
-    o.split = split;
-    o.sparse_ffn = sparse_ffn;
-    o.sparse_cache_fraction = sparse_cache;
-    o.device_budget = bo.memory_budget_bytes;
-    o.host_budget = bo.host_budget_bytes;
-    FERRY_ASSIGN_OR_RETURN(const KvType kv_type, KvDtype(f, config));
-    o.reserve_device_bytes = offload::KvCacheBytes(engine::KvSpec(config, static_cast<int>(rows), config.max_positions, kv_type)).device +
-                             engine::Model::ForwardWorkspaceBytes(config, whole_prefill ? rows * config.max_positions : max_tokens_per_call, rows,
-                                                                   max_tokens_per_call);
+    FERRY_ASSIGN_OR_RETURN(const engine::OffloadOptions o, offload_of(split, bo.memory_budget_bytes, bo.host_budget_bytes));
     FERRY_ASSIGN_OR_RETURN(l.model, engine::Model::LoadOffloaded(f.model, l.backend.get(), o));
   }
+  l.offloaded = offloaded;
   if (l.tokenizer->vocab_size() > l.model->config().vocab_size) {
     return absl::InvalidArgumentError(absl::StrCat("tokenizer has ", l.tokenizer->vocab_size(), " tokens but the model only ",
                                                    l.model->config().vocab_size));
@@ -232,10 +289,9 @@ absl::Status RunGenerate(const GenerateFlags& f) {
   if (f.sparsity_cache > 0.0 && !sparse_exec) return absl::InvalidArgumentError("--sparsity-cache needs --sparsity and --weights");
   // Offloaded, a batch's prompts prefill in one call (the weights cross the link once), in
   // micro-batches of gen.max_prefill_tokens.
-  const bool offloaded = !f.model.weights.empty();
   FERRY_ASSIGN_OR_RETURN(Loaded l, LoadAll(f.model, rows, std::max<int64_t>(gen.max_prefill_tokens, rows), sparse_exec,
-                                           f.sparsity_cache, offloaded));
-  if (offloaded) gen.prefill_call_tokens = rows * l.model->config().max_positions;
+                                           f.sparsity_cache, /*whole_prefill=*/true));
+  if (l.offloaded) gen.prefill_call_tokens = rows * l.model->config().max_positions;
   FERRY_ASSIGN_OR_RETURN(gen.kv_dtype, KvDtype(f.model, l.model->config()));
   std::optional<engine::SparseFfn> sparse;
   std::function<absl::Status(int, const TensorView&, const TensorView&)> hook;

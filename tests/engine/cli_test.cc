@@ -645,3 +645,48 @@ TEST(CliPlanTest, PlansRunsAutoSweepsAndPlots) {
 
 }  // namespace
 }  // namespace ferry::testing
+
+namespace ferry::testing {
+namespace {
+
+// generate on a store whose weights do not fit --gpu-mem: --policy auto is the default, places
+// them within the budgets, says so, and generates what the resident model generates.
+TEST(CliPlanTest, GenerateOffloadsAStoreThatDoesNotFitResident) {
+  TempDir dir;
+  const std::string store = dir.File("store");
+  ASSERT_EQ(Ferry("convert " + kModel + " --out " + store + " -q").code, 0);
+  const std::string gen = "generate --model " + store + " --prompt 'In the beginning' --max-new-tokens 6 -q";
+  Result resident = Ferry(gen);
+  ASSERT_EQ(resident.code, 0) << resident.err;
+  Result fits = Ferry(gen + " --gpu-mem 64MiB");
+  ASSERT_EQ(fits.code, 0) << fits.err;
+  EXPECT_EQ(fits.err.find("policy auto"), std::string::npos) << fits.err;
+  // tiny-opt's weights are about 14 MiB; streaming them needs about 31 MiB (its whole-context
+  // prefill workspace): between the two, a resident run does not fit and auto does.
+  Result tight = Ferry(gen + " --gpu-mem 12MiB --policy manual");
+  EXPECT_EQ(tight.code, 1);
+  EXPECT_EQ(Lines(tight.err), 1) << tight.err;
+  Result offloaded = Ferry(gen + " --gpu-mem 34MiB --policy auto");
+  ASSERT_EQ(offloaded.code, 0) << offloaded.err;
+  EXPECT_NE(offloaded.err.find("ferry: policy auto: --weights "), std::string::npos) << offloaded.err;
+  EXPECT_EQ(offloaded.out, resident.out);
+  Result disk = Ferry(gen + " --gpu-mem 34MiB --cpu-mem 3MiB --policy auto");
+  ASSERT_EQ(disk.code, 0) << disk.err;
+  EXPECT_EQ(disk.out, resident.out);
+  EXPECT_EQ(disk.err.find(",0 ("), std::string::npos) << disk.err;  // some of it on disk
+  // Weights larger than the budget: auto by default (here nothing fits either: one clear error
+  // from the planner, not an allocation failure).
+  Result small = Ferry(gen + " --gpu-mem 12MiB");
+  EXPECT_EQ(small.code, 1);
+  EXPECT_NE(small.err.find("--policy auto: needs"), std::string::npos) << small.err;
+  // Auto with --weights, or on a checkpoint that is not a store, is one clear error.
+  for (const std::string& bad : {gen + " --policy auto --weights 0,100,0",
+                                 "generate " + kModel + " --prompt x --policy auto -q", gen + " --gpu-mem 4MiB"}) {
+    Result r = Ferry(bad);
+    EXPECT_EQ(r.code, 1) << bad;
+    EXPECT_EQ(Lines(r.err), 1) << bad << ": " << r.err;
+  }
+}
+
+}  // namespace
+}  // namespace ferry::testing
