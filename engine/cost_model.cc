@@ -302,7 +302,10 @@ absl::StatusOr<Prediction> CostModel::Predict(const ModelConfig& c, const Weight
     }
     auto cost = [&](double compute) {
       if (!l.streamed()) return compute;
-      return shared_cores_ ? std::max(disk, copy + compute) : std::max({disk, copy, compute});
+      // On the CPU stand-in the compute overlaps neither the copy (the same cores and memory bus)
+      // nor the disk (a 2-core VM's virtual disk makes progress on the cores the compute fills:
+      // its reads ran at about half the probed rate beside the compute); disk and copy overlap.
+      return shared_cores_ ? compute + std::max(disk, copy) : std::max({disk, copy, compute});
     };
     decode_layers += cost(dec.compute);
     prefill_layers += cost(pre.compute);

@@ -2,9 +2,10 @@
 // a model's config and weight layout, a policy and a workload, the predicted time of each stage of
 // a layer (disk read and its XXH3 check, host->device copy, compute: linears, attention, small
 // ops), per phase (prefill, decode), and how they overlap: a streamed layer costs its slowest
-// stage (on the CPU stand-in the copy and the compute share the cores and the memory bus, so they
-// add), a resident layer its compute; the head (final norm, lm_head, logits to the host) follows
-// the layers. Memory comes from the plan code that loading uses (Model::PlanOffload with the KV
+// stage on a GPU (copy engine, SMs and the disk work apart), and its compute plus the slower of
+// disk and copy on the CPU stand-in (the compute shares the cores and the memory bus with the copy,
+// and the virtual disk needs the cores too); a resident layer costs its compute; the head (final
+// norm, lm_head, logits to the host) follows the layers. Memory comes from the plan code that loading uses (Model::PlanOffload with the KV
 // cache and workspace reserves of PolicyOffload), so a plan the model says fits does fit.
 #pragma once
 

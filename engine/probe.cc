@@ -152,6 +152,30 @@ absl::StatusOr<json> ProbeDisk(kernels::Backend& b, const ProbeOptions& o) {
       out["reads"].push_back({{"block_bytes", block}, {"queue_depth", depth}, {"GBps", rate * 1e-9}});
     }
   }
+  out["spans"] = json::array();
+  for (uint64_t want : o.disk_spans) {
+    const uint64_t one = std::min<uint64_t>(want / io::kDirectAlignment * io::kDirectAlignment, span);
+    if (one == 0) continue;
+    if (o.progress) o.progress(absl::StrCat("disk reads of one ", one >> 20, " MiB span each"));
+    io::UringOptions uo;
+    uo.block_bytes = 1 << 20;
+    uo.queue_depth = 16;
+    uo.registered = {{dst.data(), dst.bytes()}};
+    auto reader = io::UringReader::Create(uo);
+    if (!reader.ok()) {
+      uo.registered.clear();
+      reader = io::UringReader::Create(uo);
+    }
+    if (!reader.ok()) return reader.status();
+    uint64_t next = 0;
+    FERRY_ASSIGN_OR_RETURN(const double rate, Rate(o, static_cast<double>(one), b, [&]() -> absl::Status {
+      if (next + one > size) next = 0;
+      FERRY_RETURN_IF_ERROR((*reader)->Read(file, next, dst.data(), one));
+      next += one;
+      return absl::OkStatus();
+    }));
+    out["spans"].push_back({{"span_bytes", one}, {"block_bytes", 1 << 20}, {"queue_depth", 16}, {"GBps", rate * 1e-9}});
+  }
   return out;
 }
 

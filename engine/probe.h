@@ -24,6 +24,8 @@ struct ProbeOptions {
   std::vector<uint64_t> copy_chunks = {64 << 10, 1 << 20, 16 << 20, 64 << 20};
   std::vector<uint64_t> disk_blocks = {128 << 10, 1 << 20, 4 << 20};
   std::vector<unsigned> disk_depths = {1, 4, 16, 64};
+  // Reads of one span each (a layer's disk part is one read), at the streamer's default 1 MiB x 16.
+  std::vector<uint64_t> disk_spans = {4 << 20, 16 << 20, 64 << 20};
   // Linear shapes: rows x (n, n) for each weight type and each n (small matrices pay the launch
   // or dispatch, large ones leave the caches: the cost model interpolates in the matrix size).
   std::vector<int64_t> gemm_rows = {1, 16, 256};

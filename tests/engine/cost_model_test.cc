@@ -118,10 +118,10 @@ TEST(CostModelTest, StagesAndOverlapAreTheScheduleArithmetic) {
     EXPECT_NEAR(pred->decode_layer.attention, 2 * attention, 1e-12);
     EXPECT_GT(pred->decode_layer.compute, 2 * (linears + attention));
     EXPECT_LT(pred->decode_layer.compute, 2 * (linears + attention) * 1.5);
-    // The overlap: a GPU overlaps all three stages; the CPU stand-in's copy and compute share cores.
+    // The overlap: a GPU overlaps all three stages; on the CPU stand-in the compute overlaps neither.
     const double expect_layer = backend == "cuda"
                                     ? std::max({pred->decode_layer.disk, pred->decode_layer.copy, pred->decode_layer.compute})
-                                    : std::max(pred->decode_layer.disk, pred->decode_layer.copy + pred->decode_layer.compute);
+                                    : pred->decode_layer.compute + std::max(pred->decode_layer.disk, pred->decode_layer.copy);
     EXPECT_NEAR(pred->decode_layer.layer, expect_layer, 1e-12);
     EXPECT_NEAR(pred->step_s, d.config.num_layers * expect_layer + pred->decode_head_s, 1e-9);
     EXPECT_NEAR(pred->round_s, pred->prefill_s + 8 * pred->step_s, 1e-9);
