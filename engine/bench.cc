@@ -101,7 +101,7 @@ absl::StatusOr<DiskProbe> ProbeDisk(kernels::Backend& b, const io::Store& store,
 }  // namespace
 
 absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
-  if (o.prompt_len < 1 || o.gen_len < 1 || o.gpu_batch_size < 1 || o.num_gpu_batches < 1) {
+  if (o.prompt_len < 1 || o.gen_len < 1 || o.policy.gpu_batch_size < 1 || o.policy.num_gpu_batches < 1) {
     return absl::InvalidArgumentError("prompt-len, gen-len, gpu-batch-size and num-gpu-batches must be positive");
   }
   auto say = [&](const std::string& s) {
@@ -120,13 +120,8 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
   // the prefill's workspace) come from the same code the planner uses (PolicyOffload).
   const Workload workload{o.prompt_len, o.gen_len, 0};
   auto policy_of = [&](int64_t gbs) {
-    Policy p;
-    p.split = o.split;
+    Policy p = o.policy;
     p.gpu_batch_size = static_cast<int>(gbs);
-    p.num_gpu_batches = o.num_gpu_batches;
-    p.kv_on_cpu = o.kv_on_cpu;
-    p.kv_dtype = o.kv_dtype;
-    p.h2o = o.h2o;
     return p;
   };
   auto offload_of = [&](int64_t gbs) {
@@ -134,8 +129,8 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
     t.streamer.uring = o.uring;
     return t;
   };
-  OffloadOptions off = offload_of(o.gpu_batch_size);
-  int gpu_batch_size = o.gpu_batch_size;
+  OffloadOptions off = offload_of(o.policy.gpu_batch_size);
+  int gpu_batch_size = o.policy.gpu_batch_size;
   if (o.fit_batch) {
     if (off.device_budget == 0) return absl::InvalidArgumentError("--fit-batch needs --gpu-mem");
     auto fits = [&](int64_t gbs) { return Model::PlanOffload(store, offload_of(gbs), *backend).ok(); };
@@ -147,9 +142,9 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
       (fits(mid) ? lo : hi) = mid;
     }
     gpu_batch_size = static_cast<int>(lo);
-    say(absl::StrCat("largest batch that fits: ", gpu_batch_size, " x ", o.num_gpu_batches));
+    say(absl::StrCat("largest batch that fits: ", gpu_batch_size, " x ", o.policy.num_gpu_batches));
   }
-  const int batch = gpu_batch_size * o.num_gpu_batches;
+  const int batch = gpu_batch_size * o.policy.num_gpu_batches;
   auto kv_spec = [&](int64_t) { return PolicyKvSpec(config, policy_of(gpu_batch_size), workload); };
 
   // Probes first, in memory the model does not hold yet (sized to fit the budgets).
@@ -162,7 +157,7 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
   // Before the run and again after it (see ProbeDisk), over the layer region: 2 to 16 GiB.
   auto probe_disk = [&] { return ProbeDisk(*backend, store, o.uring, uint64_t{2} << 30, uint64_t{16} << 30, probe_bytes); };
   DiskProbe disk_probe;
-  if (o.split.disk > 0) {
+  if (o.policy.split.disk > 0) {
     say("probing disk bandwidth (O_DIRECT)");
     FERRY_ASSIGN_OR_RETURN(disk_probe, probe_disk());
   }
@@ -263,7 +258,7 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
     FERRY_ASSIGN_OR_RETURN(predicted, cm.Predict(config, layout, policy_of(gpu_batch_size), workload, model->plan(), o.uring));
   }
   DiskProbe disk_probe_after;
-  if (o.split.disk > 0) {
+  if (o.policy.split.disk > 0) {
     select = nullptr;
     adaptive.reset();
     predictors.reset();
@@ -291,14 +286,14 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
   nlohmann::json j = {
       {"model", config.num_layers > 0 ? o.store_dir : ""},
       {"device", o.backend.name},
-      {"batch", batch}, {"gpu_batch_size", gpu_batch_size}, {"num_gpu_batches", o.num_gpu_batches},
+      {"batch", batch}, {"gpu_batch_size", gpu_batch_size}, {"num_gpu_batches", o.policy.num_gpu_batches},
       {"batch_fitted_to_budget", o.fit_batch},
-      {"kv_cache", o.h2o.has_value() ? absl::StrCat("h2o ", o.h2o->heavy, "+", o.h2o->recent, o.kv_on_cpu ? ", on the CPU" : "")
-                   : o.kv_on_cpu   ? std::string("full, on the CPU")
+      {"kv_cache", o.policy.h2o.has_value() ? absl::StrCat("h2o ", o.policy.h2o->heavy, "+", o.policy.h2o->recent, o.policy.kv_on_cpu ? ", on the CPU" : "")
+                   : o.policy.kv_on_cpu   ? std::string("full, on the CPU")
                                    : std::string("full")},
-      {"kv_dtype", KvTypeName(o.kv_dtype)},
+      {"kv_dtype", KvTypeName(o.policy.kv_dtype)},
       {"prompt_len", o.prompt_len}, {"gen_len", o.gen_len},
-      {"weights_percent", {o.split.gpu, o.split.cpu, o.split.disk}},
+      {"weights_percent", {o.policy.split.gpu, o.policy.split.cpu, o.policy.split.disk}},
       {"weights_format", weights_format},
       {"prefill_s", prefill_s}, {"decode_s", decode_s}, {"total_s", total_s},
       {"throughput_tok_s", batch * o.gen_len / total_s},
@@ -333,7 +328,7 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
                             : nlohmann::json()},
       {"memory", {{"plan_device", plan_device}, {"plan_pinned", plan_host},
                   {"gpu_budget", o.backend.memory_budget_bytes}, {"cpu_budget", o.backend.host_budget_bytes}}}};
-  j["policy"] = o.policy;
+  j["policy"] = o.policy_source;
   if (predicted) {
     j["predicted"] = predicted->ToJson();
     j["measured_over_predicted"] = {{"prefill", prefill_s / predicted->prefill_s},

@@ -11,6 +11,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "engine/cost_model.h"
 #include "io/uring_reader.h"
 #include "kernels/registry.h"
 #include "nlohmann/json.hpp"
@@ -23,15 +24,12 @@ struct BenchOptions {
   std::string store_dir;  // a ferry store
   int prompt_len = 512;
   int gen_len = 32;
-  int gpu_batch_size = 1;
-  int num_gpu_batches = 1;
-  offload::WeightSplit split;
+  // Weights placement, batch shape (gpu_batch_size x num_gpu_batches), KV placement and type, H2O
+  // (policy.weights is not read: the store's format is what runs).
+  Policy policy;
   kernels::BackendOptions backend;  // device and budgets (gpu-mem, cpu-mem)
   io::UringOptions uring;
   uint64_t seed = 1;
-  std::optional<offload::H2OOptions> h2o;  // evicting KV cache instead of the dense one
-  bool kv_on_cpu = false;                  // the dense cache in pinned host memory, CPU attention
-  KvType kv_dtype = DType::kF32;           // keys and values: F32, F16 (half the bytes, so about twice the batch), q8, q4
   // Run the largest gpu_batch_size (x num_gpu_batches) that fits the device budget.
   bool fit_batch = false;
   std::function<void(const std::string&)> progress;  // one line per phase/step
@@ -46,7 +44,7 @@ struct BenchOptions {
   // A probe (`ferry probe`) to predict the run with: the JSON then holds "predicted", the cost
   // model's times for this policy and this plan, beside the measured ones.
   std::optional<nlohmann::json> probe;
-  std::string policy = "manual";  // "auto": the planner chose it (recorded)
+  std::string policy_source = "manual";  // "auto": the planner chose the policy (recorded)
 };
 
 struct BenchResult {

@@ -128,38 +128,12 @@ absl::StatusOr<json> ProbeDisk(kernels::Backend& b, const ProbeOptions& o) {
   FERRY_ASSIGN_OR_RETURN(io::ReadFile file, io::ReadFile::Open(path, /*want_direct=*/true));
   const uint64_t span = std::min<uint64_t>(size, 64 << 20);  // bytes per timed call
   FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer dst, b.AllocateHost(span));
-  json out = {{"path", o.disk_dir}, {"o_direct", file.direct}, {"file_bytes", size}, {"reads", json::array()}};
-  for (uint64_t block : o.disk_blocks) {
-    for (unsigned depth : o.disk_depths) {
-      if (o.progress) o.progress(absl::StrCat("disk reads of ", block >> 10, " KiB, queue depth ", depth));
-      io::UringOptions uo;
-      uo.block_bytes = block;
-      uo.queue_depth = depth;
-      uo.registered = {{dst.data(), dst.bytes()}};
-      auto reader = io::UringReader::Create(uo);
-      if (!reader.ok()) {
-        uo.registered.clear();
-        reader = io::UringReader::Create(uo);
-      }
-      if (!reader.ok()) return reader.status();
-      uint64_t next = 0;  // walk the file so O_DIRECT never rereads one range back to back
-      FERRY_ASSIGN_OR_RETURN(const double rate, Rate(o, static_cast<double>(span), b, [&]() -> absl::Status {
-        if (next + span > size) next = 0;
-        FERRY_RETURN_IF_ERROR((*reader)->Read(file, next, dst.data(), span));
-        next += span;
-        return absl::OkStatus();
-      }));
-      out["reads"].push_back({{"block_bytes", block}, {"queue_depth", depth}, {"GBps", rate * 1e-9}});
-    }
-  }
-  out["spans"] = json::array();
-  for (uint64_t want : o.disk_spans) {
-    const uint64_t one = std::min<uint64_t>(want / io::kDirectAlignment * io::kDirectAlignment, span);
-    if (one == 0) continue;
-    if (o.progress) o.progress(absl::StrCat("disk reads of one ", one >> 20, " MiB span each"));
+  // The median rate of reads of `span` bytes each, in requests of `block` with `depth` in flight,
+  // walking the file so that O_DIRECT never rereads one range back to back.
+  auto read_rate = [&](uint64_t block, unsigned depth, uint64_t one) -> absl::StatusOr<double> {
     io::UringOptions uo;
-    uo.block_bytes = 1 << 20;
-    uo.queue_depth = 16;
+    uo.block_bytes = block;
+    uo.queue_depth = depth;
     uo.registered = {{dst.data(), dst.bytes()}};
     auto reader = io::UringReader::Create(uo);
     if (!reader.ok()) {
@@ -168,12 +142,28 @@ absl::StatusOr<json> ProbeDisk(kernels::Backend& b, const ProbeOptions& o) {
     }
     if (!reader.ok()) return reader.status();
     uint64_t next = 0;
-    FERRY_ASSIGN_OR_RETURN(const double rate, Rate(o, static_cast<double>(one), b, [&]() -> absl::Status {
+    return Rate(o, static_cast<double>(one), b, [&]() -> absl::Status {
       if (next + one > size) next = 0;
       FERRY_RETURN_IF_ERROR((*reader)->Read(file, next, dst.data(), one));
       next += one;
       return absl::OkStatus();
-    }));
+    });
+  };
+  json out = {{"path", o.disk_dir}, {"o_direct", file.direct}, {"file_bytes", size}, {"reads", json::array()}};
+  for (uint64_t block : o.disk_blocks) {
+    for (unsigned depth : o.disk_depths) {
+      if (o.progress) o.progress(absl::StrCat("disk reads of ", block >> 10, " KiB, queue depth ", depth));
+      FERRY_ASSIGN_OR_RETURN(const double rate, read_rate(block, depth, span));
+      out["reads"].push_back({{"block_bytes", block}, {"queue_depth", depth}, {"GBps", rate * 1e-9}});
+    }
+  }
+  // Reads of one span each (a layer's disk part is one read), at the streamer's default 1 MiB x 16.
+  out["spans"] = json::array();
+  for (uint64_t want : o.disk_spans) {
+    const uint64_t one = std::min<uint64_t>(want / io::kDirectAlignment * io::kDirectAlignment, span);
+    if (one == 0) continue;
+    if (o.progress) o.progress(absl::StrCat("disk reads of one ", one >> 20, " MiB span each"));
+    FERRY_ASSIGN_OR_RETURN(const double rate, read_rate(1 << 20, 16, one));
     out["spans"].push_back({{"span_bytes", one}, {"block_bytes", 1 << 20}, {"queue_depth", 16}, {"GBps", rate * 1e-9}});
   }
   return out;

@@ -22,10 +22,10 @@ namespace ferry::cli {
 namespace {
 
 struct BenchFlags {
-  std::string model, dummy, store, weights = "100,0,0", kv = "gpu", kv_dtype = "f32", gpu_mem, cpu_mem, device = "cpu", json;
-  int prompt_len = 512, gen_len = 32, gpu_batch_size = 1, num_gpu_batches = 1;
-  unsigned queue_depth = 16;
-  std::string block_size = "1MiB";
+  // The model, workload, budgets, device, I/O and planning flags (shared with --policy auto's planner).
+  PlanInputFlags in;
+  std::string weights = "100,0,0", kv = "gpu", kv_dtype = "f32", json;
+  int gpu_batch_size = 1, num_gpu_batches = 1;
   uint64_t seed = 1;
   bool quiet = false;
   std::string h2o;
@@ -33,10 +33,8 @@ struct BenchFlags {
   double sparsity_sim = 0.0, sparsity_k = 0.15, sparsity_dense_above = 0.9, sparsity_cache = 0.0;
   std::string sparsity;
   std::string quantize;
-  int quant_group = 64;
   std::string policy = "manual";
   bool predict = false;
-  PlanInputFlags plan;  // --policy auto: what it may choose (--allow, --num-prompts, ...)
   std::vector<std::string> sweep;  // KEY=V1:V2:...
   std::string jsonl;
 };
@@ -44,19 +42,9 @@ struct BenchFlags {
 // --policy auto: the planner's best runnable policy for this store (or dummy, written in the
 // chosen format) within the budgets; sets the flags it chose and says which.
 absl::Status ChoosePolicy(BenchFlags& f, kernels::Backend& backend, engine::BenchOptions& o) {
-  PlanInputFlags in = f.plan;
-  in.model = f.model.empty() && f.dummy.empty() ? DefaultModelDir() : f.model;
-  in.dummy = f.dummy;
-  in.store = f.store;
-  in.gpu_mem = f.gpu_mem;
-  in.cpu_mem = f.cpu_mem;
-  in.device = f.device;
-  in.prompt_len = f.prompt_len;
-  in.gen_len = f.gen_len;
-  in.queue_depth = f.queue_depth;
-  in.block_size = f.block_size;
-  in.quant_group = f.quant_group;
-  if (!f.store.empty() && PathExists(f.store + "/manifest.json")) in.model = f.store, in.dummy.clear();  // its format is fixed
+  PlanInputFlags in = f.in;
+  if (in.model.empty() && in.dummy.empty()) in.model = DefaultModelDir();
+  if (!in.store.empty() && PathExists(in.store + "/manifest.json")) in.model = in.store, in.dummy.clear();  // its format is fixed
   if (!f.quantize.empty()) return absl::InvalidArgumentError("--policy auto chooses the weights' format: give --allow q4 instead of --quantize");
   FERRY_ASSIGN_OR_RETURN(PlanSetup s, SetUpPlan(in, backend, f.quiet));
   FERRY_ASSIGN_OR_RETURN(std::vector<engine::Candidate> cs, engine::SearchPolicies(s.request, s.model, backend));
@@ -69,15 +57,10 @@ absl::Status ChoosePolicy(BenchFlags& f, kernels::Backend& backend, engine::Benc
   }
   if (best == nullptr) return absl::ResourceExhaustedError("no runnable policy fits (the ones that do need the store converted)");
   const engine::Policy& p = best->policy;
-  o.split = p.split;
-  o.gpu_batch_size = p.gpu_batch_size;
-  o.num_gpu_batches = p.num_gpu_batches;
-  o.kv_on_cpu = p.kv_on_cpu;
-  o.kv_dtype = p.kv_dtype;
-  o.h2o = p.h2o;
-  if (p.weights) f.quantize = QuantFormatName(*p.weights).substr(0, 2), f.quant_group = p.weights->group;
+  o.policy = p;
+  if (p.weights) f.quantize = QuantFormatName(*p.weights).substr(0, 2), f.in.quant_group = p.weights->group;
   o.probe = s.probe;
-  o.policy = "auto";
+  o.policy_source = "auto";
   if (!f.quiet) {
     std::fprintf(stderr, "ferry: policy auto: %s (predicted %.2f tok/s, step %.4f s, bound by %s; %zu policies fit)\n",
                  p.Flags().c_str(), best->prediction.throughput_tok_s, best->prediction.step_s, best->prediction.bound.c_str(), cs.size());
@@ -110,7 +93,7 @@ absl::Status CheckStoreQuant(const std::string& dir, const std::optional<QuantFo
 absl::StatusOr<std::string> PrepareStore(const BenchFlags& f) {
   std::optional<QuantFormat> quant;
   if (!f.quantize.empty()) {
-    FERRY_ASSIGN_OR_RETURN(quant, MakeQuantFormat(f.quantize, f.quant_group));
+    FERRY_ASSIGN_OR_RETURN(quant, MakeQuantFormat(f.quantize, f.in.quant_group));
   }
   auto progress = [&](const char* what) -> std::function<void(uint64_t, uint64_t)> {
     if (f.quiet) return nullptr;
@@ -121,63 +104,63 @@ absl::StatusOr<std::string> PrepareStore(const BenchFlags& f) {
       }
     };
   };
-  if (!f.dummy.empty()) {
-    FERRY_ASSIGN_OR_RETURN(engine::DummyShape shape, engine::FindDummyShape(f.dummy));
-    if (f.store.empty()) return absl::InvalidArgumentError("--dummy needs --store DIR (the store is created there once)");
-    if (PathExists(f.store + "/manifest.json")) {
-      FERRY_ASSIGN_OR_RETURN(std::string cfg, ReadFileToString(f.store + "/config.json"));
+  if (!f.in.dummy.empty()) {
+    FERRY_ASSIGN_OR_RETURN(engine::DummyShape shape, engine::FindDummyShape(f.in.dummy));
+    if (f.in.store.empty()) return absl::InvalidArgumentError("--dummy needs --store DIR (the store is created there once)");
+    if (PathExists(f.in.store + "/manifest.json")) {
+      FERRY_ASSIGN_OR_RETURN(std::string cfg, ReadFileToString(f.in.store + "/config.json"));
       auto j = nlohmann::json::parse(cfg, nullptr, false);
-      if (j.is_discarded() || j.value("_ferry_dummy", std::string()) != f.dummy) {
-        return absl::InvalidArgumentError(absl::StrCat(f.store, " holds another model than dummy ", f.dummy));
+      if (j.is_discarded() || j.value("_ferry_dummy", std::string()) != f.in.dummy) {
+        return absl::InvalidArgumentError(absl::StrCat(f.in.store, " holds another model than dummy ", f.in.dummy));
       }
-      FERRY_RETURN_IF_ERROR(CheckStoreQuant(f.store, quant));
-      return f.store;
+      FERRY_RETURN_IF_ERROR(CheckStoreQuant(f.in.store, quant));
+      return f.in.store;
     }
     if (!f.quiet) {
-      std::fprintf(stderr, "ferry: writing dummy %s (%.1f GiB of fp16 weights%s) to %s\n", f.dummy.c_str(),
-                   engine::DummyWeightBytes(shape) / 1073741824.0, quant ? ", layer matrices quantized" : "", f.store.c_str());
+      std::fprintf(stderr, "ferry: writing dummy %s (%.1f GiB of fp16 weights%s) to %s\n", f.in.dummy.c_str(),
+                   engine::DummyWeightBytes(shape) / 1073741824.0, quant ? ", layer matrices quantized" : "", f.in.store.c_str());
     }
     engine::DummyStoreOptions o;
     o.quantize = quant;
     o.progress = progress("dummy weights");
-    FERRY_RETURN_IF_ERROR(engine::WriteDummyStore(shape, f.store, o));
-    return f.store;
+    FERRY_RETURN_IF_ERROR(engine::WriteDummyStore(shape, f.in.store, o));
+    return f.in.store;
   }
-  const std::string model = f.model.empty() ? DefaultModelDir() : f.model;
+  const std::string model = f.in.model.empty() ? DefaultModelDir() : f.in.model;
   if (PathExists(model + "/manifest.json")) {
     FERRY_RETURN_IF_ERROR(CheckStoreQuant(model, quant));
     return model;
   }
-  if (f.store.empty()) return absl::InvalidArgumentError("--model is a Hugging Face checkpoint: give --store DIR to convert it into");
-  if (!PathExists(f.store + "/manifest.json")) {
+  if (f.in.store.empty()) return absl::InvalidArgumentError("--model is a Hugging Face checkpoint: give --store DIR to convert it into");
+  if (!PathExists(f.in.store + "/manifest.json")) {
     io::ConvertOptions o;
     o.progress = progress("convert");
     engine::GgufLoadOptions go;
     go.quantize = quant;
-    FERRY_RETURN_IF_ERROR(engine::ConvertModel(model, f.store, o, go));
+    FERRY_RETURN_IF_ERROR(engine::ConvertModel(model, f.in.store, o, go));
   }
-  FERRY_RETURN_IF_ERROR(CheckStoreQuant(f.store, quant));
-  return f.store;
+  FERRY_RETURN_IF_ERROR(CheckStoreQuant(f.in.store, quant));
+  return f.in.store;
 }
 
 absl::Status RunOneBench(BenchFlags f) {
   engine::BenchOptions o;
-  o.kv_on_cpu = f.kv == "cpu";
+  o.policy.kv_on_cpu = f.kv == "cpu";
   // f32 / f16 now; q8 / q4 once the store's head_dim is known (below).
-  FERRY_ASSIGN_OR_RETURN(o.split, offload::ParseWeightSplit(f.weights));
-  if (!f.gpu_mem.empty()) {
-    FERRY_ASSIGN_OR_RETURN(o.backend.memory_budget_bytes, offload::ParseBytes(f.gpu_mem));
+  FERRY_ASSIGN_OR_RETURN(o.policy.split, offload::ParseWeightSplit(f.weights));
+  if (!f.in.gpu_mem.empty()) {
+    FERRY_ASSIGN_OR_RETURN(o.backend.memory_budget_bytes, offload::ParseBytes(f.in.gpu_mem));
   }
-  if (!f.cpu_mem.empty()) {
-    FERRY_ASSIGN_OR_RETURN(o.backend.host_budget_bytes, offload::ParseBytes(f.cpu_mem));
+  if (!f.in.cpu_mem.empty()) {
+    FERRY_ASSIGN_OR_RETURN(o.backend.host_budget_bytes, offload::ParseBytes(f.in.cpu_mem));
   }
-  FERRY_ASSIGN_OR_RETURN(const uint64_t block, offload::ParseBytes(f.block_size));
-  o.backend.name = f.device;
-  o.prompt_len = f.prompt_len;
-  o.gen_len = f.gen_len;
-  o.gpu_batch_size = f.gpu_batch_size;
-  o.num_gpu_batches = f.num_gpu_batches;
-  o.uring.queue_depth = f.queue_depth;
+  FERRY_ASSIGN_OR_RETURN(const uint64_t block, offload::ParseBytes(f.in.block_size));
+  o.backend.name = f.in.device;
+  o.prompt_len = f.in.prompt_len;
+  o.gen_len = f.in.gen_len;
+  o.policy.gpu_batch_size = f.gpu_batch_size;
+  o.policy.num_gpu_batches = f.num_gpu_batches;
+  o.uring.queue_depth = f.in.queue_depth;
   o.uring.block_bytes = block;
   o.seed = f.seed;
   o.fit_batch = f.fit_batch;
@@ -186,26 +169,29 @@ absl::Status RunOneBench(BenchFlags f) {
   o.sparsity_k = f.sparsity_k;
   o.sparsity_dense_above = f.sparsity_dense_above;
   o.sparsity_cache = f.sparsity_cache;
-  FERRY_ASSIGN_OR_RETURN(o.h2o, ParseH2O(f.h2o, 0, 0));
+  FERRY_ASSIGN_OR_RETURN(o.policy.h2o, ParseH2O(f.h2o, 0, 0));
   if (!f.quiet) o.progress = [](const std::string& s) { std::fprintf(stderr, "ferry: %s\n", s.c_str()); };
   const bool auto_policy = f.policy == "auto";
   if (auto_policy) {
     if (f.fit_batch) return absl::InvalidArgumentError("--policy auto chooses the batch: leave out --fit-batch");
     if (f.sparsity_sim > 0.0 || !f.sparsity.empty()) return absl::InvalidArgumentError("--policy auto does not plan sparsity yet: give the policy by hand");
     FERRY_ASSIGN_OR_RETURN(std::unique_ptr<kernels::Backend> backend, kernels::CreateBackend(o.backend));
+    if (f.in.dummy.empty()) {  // a checkpoint is converted first (the policy does not change the store)
+      FERRY_ASSIGN_OR_RETURN(f.in.store, PrepareStore(f));
+    }
     FERRY_RETURN_IF_ERROR(ChoosePolicy(f, *backend, o));
   }
   FERRY_ASSIGN_OR_RETURN(o.store_dir, PrepareStore(f));
   if (!auto_policy) {
     FERRY_ASSIGN_OR_RETURN(const engine::ModelConfig config, engine::ModelConfig::FromModelDir(o.store_dir));
-    FERRY_ASSIGN_OR_RETURN(o.kv_dtype, ParseKvType(f.kv_dtype, config.head_dim()));
+    FERRY_ASSIGN_OR_RETURN(o.policy.kv_dtype, ParseKvType(f.kv_dtype, config.head_dim()));
   }
   if (f.predict && !o.probe) {
     FERRY_ASSIGN_OR_RETURN(std::unique_ptr<kernels::Backend> backend, kernels::CreateBackend(o.backend));
     engine::ProbeOptions po;
-    po.disk_dir = f.plan.probe_dir.empty() ? ProbeDirFor(o.store_dir) : f.plan.probe_dir;
+    po.disk_dir = f.in.probe_dir.empty() ? ProbeDirFor(o.store_dir) : f.in.probe_dir;
     if (!f.quiet) po.progress = [](const std::string& m) { std::fprintf(stderr, "ferry: probing %s\n", m.c_str()); };
-    FERRY_ASSIGN_OR_RETURN(o.probe, engine::LoadOrProbe(*backend, po, f.plan.reprobe));
+    FERRY_ASSIGN_OR_RETURN(o.probe, engine::LoadOrProbe(*backend, po, f.in.reprobe));
   }
   FERRY_ASSIGN_OR_RETURN(engine::BenchResult r, engine::RunBench(o));
   std::fputs(r.Table().c_str(), stdout);
@@ -277,12 +263,12 @@ absl::Status RunBenchCommand(const BenchFlags& f) {
 void RegisterBenchCommand(CLI::App& app, Runner* selected) {
   static BenchFlags f;
   CLI::App* b = app.add_subcommand("bench", "Throughput benchmark (FlexGen's metrics) through the offloading executor");
-  auto* model = b->add_option("--model", f.model, "Hugging Face checkpoint or ferry store (default: the embedded model)");
-  b->add_option("--dummy", f.dummy, "Dummy model with random weights: opt-125m, opt-1.3b, opt-6.7b, opt-13b, opt-30b, opt-66b, opt-175b")
+  auto* model = b->add_option("--model", f.in.model, "Hugging Face checkpoint or ferry store (default: the embedded model)");
+  b->add_option("--dummy", f.in.dummy, "Dummy model with random weights: opt-125m, opt-1.3b, opt-6.7b, opt-13b, opt-30b, opt-66b, opt-175b")
       ->excludes(model);
-  b->add_option("--store", f.store, "Store directory: created once (dummy or converted checkpoint), then reused");
-  b->add_option("--prompt-len", f.prompt_len, "Prompt tokens")->check(CLI::PositiveNumber)->capture_default_str();
-  b->add_option("--gen-len", f.gen_len, "Generated tokens")->check(CLI::PositiveNumber)->capture_default_str();
+  b->add_option("--store", f.in.store, "Store directory: created once (dummy or converted checkpoint), then reused");
+  b->add_option("--prompt-len", f.in.prompt_len, "Prompt tokens")->check(CLI::PositiveNumber)->capture_default_str();
+  b->add_option("--gen-len", f.in.gen_len, "Generated tokens")->check(CLI::PositiveNumber)->capture_default_str();
   b->add_option("--gpu-batch-size", f.gpu_batch_size, "Sequences per GPU batch")->check(CLI::PositiveNumber)->capture_default_str();
   b->add_option("--num-gpu-batches", f.num_gpu_batches, "GPU batches per block")->check(CLI::PositiveNumber)->capture_default_str();
   b->add_option("--weights", f.weights, "Percent of each layer's weight bytes on GPU,CPU,DISK")->capture_default_str();
@@ -296,12 +282,12 @@ void RegisterBenchCommand(CLI::App& app, Runner* selected) {
                 "Layer matrices stored and streamed quantized: q4 or q8 (the dummy or converted store is written so; a reused "
                 "store must match)")
       ->check(CLI::IsMember({"q4", "q8"}));
-  b->add_option("--quant-group", f.quant_group, "Values per quantization group")->capture_default_str();
-  b->add_option("--gpu-mem", f.gpu_mem, "Device memory budget, e.g. 24GiB (default: none)");
-  b->add_option("--cpu-mem", f.cpu_mem, "Pinned host memory budget, e.g. 64GiB (default: none)");
-  b->add_option("--device", f.device, "Backend")->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
-  b->add_option("--queue-depth", f.queue_depth, "io_uring queue depth for disk reads")->check(CLI::Range(1, 4096))->capture_default_str();
-  b->add_option("--block-size", f.block_size, "io_uring request size (multiple of 4 KiB)")->capture_default_str();
+  b->add_option("--quant-group", f.in.quant_group, "Values per quantization group")->capture_default_str();
+  b->add_option("--gpu-mem", f.in.gpu_mem, "Device memory budget, e.g. 24GiB (default: none)");
+  b->add_option("--cpu-mem", f.in.cpu_mem, "Pinned host memory budget, e.g. 64GiB (default: none)");
+  b->add_option("--device", f.in.device, "Backend")->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
+  b->add_option("--queue-depth", f.in.queue_depth, "io_uring queue depth for disk reads")->check(CLI::Range(1, 4096))->capture_default_str();
+  b->add_option("--block-size", f.in.block_size, "io_uring request size (multiple of 4 KiB)")->capture_default_str();
   b->add_option("--seed", f.seed, "Seed of the random prompts")->capture_default_str();
   b->add_option("--h2o", f.h2o, "H2O KV eviction with HEAVY,RECENT slots per head (default: the full cache)");
   b->add_flag("--fit-batch", f.fit_batch, "Run the largest gpu-batch-size that fits --gpu-mem, and say which");
@@ -331,7 +317,7 @@ void RegisterBenchCommand(CLI::App& app, Runner* selected) {
       ->check(CLI::IsMember({"manual", "auto"}))
       ->capture_default_str();
   b->add_flag("--predict", f.predict, "Also predict the run with the cost model (the cached probe; measured first if none)");
-  AddPlanInputFlags(b, &f.plan, /*with_model=*/false);
+  AddPlanInputFlags(b, &f.in, /*with_model=*/false);
   b->add_flag("--quiet,-q", f.quiet, "No progress on stderr");
   b->callback([selected] { *selected = [] { return RunBenchCommand(f); }; });
 }

@@ -24,9 +24,9 @@ TEST(BenchTest, MetricsAreConsistentWithThePlan) {
   o.store_dir = dir.path();
   o.prompt_len = 16;
   o.gen_len = 5;
-  o.gpu_batch_size = 3;
-  o.num_gpu_batches = 2;
-  o.split = {20, 30, 50};
+  o.policy.gpu_batch_size = 3;
+  o.policy.num_gpu_batches = 2;
+  o.policy.split = {20, 30, 50};
   o.backend.memory_budget_bytes = 64 << 20;
   o.backend.host_budget_bytes = 32 << 20;
   int lines = 0;
@@ -85,17 +85,17 @@ TEST(BenchTest, H2OWithTheKvCacheOnTheCpu) {
   o.store_dir = dir.path();
   o.prompt_len = 24;
   o.gen_len = 4;
-  o.gpu_batch_size = 2;
-  o.num_gpu_batches = 2;
-  o.split = {0, 100, 0};
-  o.kv_on_cpu = true;
-  o.h2o = offload::H2OOptions{8, 8, 0};
+  o.policy.gpu_batch_size = 2;
+  o.policy.num_gpu_batches = 2;
+  o.policy.split = {0, 100, 0};
+  o.policy.kv_on_cpu = true;
+  o.policy.h2o = offload::H2OOptions{8, 8, 0};
   auto r = RunBench(o);
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(r->json["kv_cache"].get<std::string>(), "h2o 8+8, on the CPU");
   auto dense_cpu = [&] {
     BenchOptions d = o;
-    d.h2o.reset();
+    d.policy.h2o.reset();
     return RunBench(d);
   }();
   ASSERT_TRUE(dense_cpu.ok());
@@ -104,7 +104,7 @@ TEST(BenchTest, H2OWithTheKvCacheOnTheCpu) {
   auto config = ModelConfig::FromModelDir(dir.path());
   ASSERT_TRUE(config.ok());
   const int64_t h2o_bytes = static_cast<int64_t>(offload::HostH2OCache::Bytes(config->num_layers, config->num_heads,
-                                                                              config->head_dim(), 4, *o.h2o, 2, 24));
+                                                                              config->head_dim(), 4, *o.policy.h2o, 2, 24));
   const int64_t dense_bytes = static_cast<int64_t>(offload::HostKvCache::Bytes(config->num_layers, config->hidden_size, 4, 28));
   EXPECT_EQ(r->json["memory"]["plan_pinned"].get<int64_t>() - dense_cpu->json["memory"]["plan_pinned"].get<int64_t>(),
             h2o_bytes - dense_bytes);
@@ -117,13 +117,13 @@ TEST(BenchTest, H2OFitsALargerBatchInTheSameBudget) {
   o.store_dir = dir.path();
   o.prompt_len = 200;
   o.gen_len = 3;
-  o.num_gpu_batches = 8;
-  o.split = {0, 100, 0};
+  o.policy.num_gpu_batches = 8;
+  o.policy.split = {0, 100, 0};
   o.backend.memory_budget_bytes = 48 << 20;
   o.fit_batch = true;
   auto full = RunBench(o);
   ASSERT_TRUE(full.ok()) << full.status();
-  o.h2o = offload::H2OOptions{20, 20, 0};
+  o.policy.h2o = offload::H2OOptions{20, 20, 0};
   auto h2o = RunBench(o);
   ASSERT_TRUE(h2o.ok()) << h2o.status();
   const int full_batch = full->json["batch"], h2o_batch = h2o->json["batch"];
@@ -133,10 +133,10 @@ TEST(BenchTest, H2OFitsALargerBatchInTheSameBudget) {
   for (const auto* r : {&*full, &*h2o}) EXPECT_LE(r->json["memory"]["plan_device"].get<uint64_t>(), 48u << 20);
   // F16 keys and values: half the cache, so a larger batch (the workspace does not halve); two GPU
   // batches, so the batch moves in steps of 2.
-  o.num_gpu_batches = 2;
-  o.h2o.reset();
+  o.policy.num_gpu_batches = 2;
+  o.policy.h2o.reset();
   auto full32 = RunBench(o);
-  o.kv_dtype = DType::kF16;
+  o.policy.kv_dtype = DType::kF16;
   auto full16 = RunBench(o);
   ASSERT_TRUE(full32.ok() && full16.ok()) << full32.status() << full16.status();
   const int full32_batch = full32->json["batch"], full16_batch = full16->json["batch"];
@@ -144,16 +144,16 @@ TEST(BenchTest, H2OFitsALargerBatchInTheSameBudget) {
   EXPECT_EQ(full16->json["kv_dtype"], "F16");
   EXPECT_LE(full16->json["memory"]["plan_device"].get<uint64_t>(), 48u << 20);
   // q8 keys and values (8.5 bits with the group scales): larger again, within the same budget.
-  o.kv_dtype = *ParseKvType("q8", 16);
+  o.policy.kv_dtype = *ParseKvType("q8", 16);
   auto full8 = RunBench(o);
   ASSERT_TRUE(full8.ok()) << full8.status();
   const int full8_batch = full8->json["batch"];
   EXPECT_GT(full8_batch, full16_batch) << full16_batch << " -> " << full8_batch;
   EXPECT_EQ(full8->json["kv_dtype"], "q8g16");
   EXPECT_LE(full8->json["memory"]["plan_device"].get<uint64_t>(), 48u << 20);
-  o.kv_dtype = DType::kF32;
-  o.num_gpu_batches = 8;
-  o.h2o = offload::H2OOptions{20, 20, 0};
+  o.policy.kv_dtype = DType::kF32;
+  o.policy.num_gpu_batches = 8;
+  o.policy.h2o = offload::H2OOptions{20, 20, 0};
   o.fit_batch = true;
   o.backend.memory_budget_bytes = 2 << 20;
   EXPECT_EQ(RunBench(o).status().code(), absl::StatusCode::kResourceExhausted);
@@ -168,7 +168,7 @@ TEST(BenchTest, SparsitySimFetchesTheDrawnBundlesOnly) {
   o.store_dir = dir.path();
   o.prompt_len = 16;
   o.gen_len = 4;
-  o.split = {0, 100, 0};
+  o.policy.split = {0, 100, 0};
   auto dense = RunBench(o);
   ASSERT_TRUE(dense.ok()) << dense.status();
   o.sparsity_sim = 0.15;
