@@ -35,9 +35,9 @@ absl::StatusOr<offload::Plan> Unbudgeted(const PlanRequest& r, const WeightLayou
 
 bool Within(uint64_t need, uint64_t budget) { return budget == 0 || need <= budget; }
 
-// Percentages kept to two decimals, rounded down: what --weights prints and parses back is the
-// split that was checked.
-double Down(double percent) { return std::floor(percent * 100.0 + 1e-9) / 100.0; }
+// Percentages kept to four decimals, rounded down (finer than 4 KiB for layers up to 40 MiB; the
+// plan floors each share to 4 KiB): what --weights prints and parses back is the split checked.
+double Down(double percent) { return std::floor(percent * 1e4 + 1e-9) / 1e4; }
 
 }  // namespace
 
@@ -124,7 +124,7 @@ absl::StatusOr<Candidate> PlaceWeights(const PlanRequest& r, const WeightLayout&
   }
   p.split = {gpu, cpu, 0.0};
   p.split.disk = std::max(0.0, 100.0 - gpu - cpu);
-  if (p.split.disk < 0.005) p.split = {gpu, 100.0 - gpu, 0.0};
+  if (p.split.disk < 5e-5) p.split = {gpu, 100.0 - gpu, 0.0};
   // The real check: the plan the run makes, with its budgets.
   FERRY_ASSIGN_OR_RETURN(offload::Plan plan, Model::PlanOffload(layout, OffloadOf(r, p, r.device_budget, r.host_budget), backend));
   Candidate c;
