@@ -10,6 +10,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -87,6 +88,11 @@ struct ForwardBatch {
 // metadata written as config.json, tokenizer.json and (with a chat template) tokenizer_config.json.
 absl::Status ConvertModel(const std::string& model_dir, const std::string& out_dir, io::ConvertOptions options = {},
                           const GgufLoadOptions& gguf = {});
+
+// What ConvertModel would write for MODEL (a checkpoint or a GGUF file, with gguf.quantize where
+// given), without writing it: the config and the planned tensors (io::LayoutStore lays them out).
+absl::StatusOr<std::pair<ModelConfig, std::vector<io::PlannedTensor>>> PlanConvertedTensors(const std::string& model_dir,
+                                                                                             const GgufLoadOptions& gguf = {});
 
 // `ferry verify`'s model check: the store holds every tensor its config.json implies, with its
 // shape and a float dtype, and one region per layer (a manifest that lost a tensor is refused).

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <array>
 #include <map>
+#include <optional>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "base/file.h"
@@ -90,41 +92,69 @@ offload::FfnBundleLayout BundleLayout(const ModelConfig& c, const TensorNames& n
 
 }  // namespace
 
-absl::Status ConvertModel(const std::string& model_dir, const std::string& out_dir, io::ConvertOptions options,
-                          const GgufLoadOptions& gguf) {
-  if (gguf.quantize) {
-    // The layer matrices (the streamed bytes) are quantized; embeddings, heads and vectors keep theirs.
-    options.quantize = gguf.quantize;
-    options.quantize_tensor = [&options](const std::string& name) {
-      return IsQuantizedRole(options.role_of ? options.role_of(name) : std::string());
-    };
-  }
+namespace {
+
+// What converting `model_dir` reads and how: its config, its tensors (a GGUF file's dequantized, or
+// the safetensors), the side files of a GGUF file, and the options with each tensor's role and,
+// with gguf.quantize, which matrices are quantized. ConvertModel writes it; PlanConvertedTensors
+// lays it out.
+struct Conversion {
+  ModelConfig config;
+  std::optional<GgufModel> gguf;
+  std::unique_ptr<io::TensorSource> source;  // the safetensors (when not GGUF)
+  std::map<std::string, std::string> side;    // GGUF: config.json, tokenizer files
+  io::ConvertOptions options;
+  const io::TensorSource& tensors() const { return gguf ? *gguf->tensors : *source; }
+};
+
+absl::StatusOr<Conversion> PrepareConversion(const std::string& model_dir, io::ConvertOptions options, const GgufLoadOptions& gguf) {
+  Conversion conv;
+  std::optional<TensorNames> names;
   if (IsGgufFile(model_dir)) {
     FERRY_ASSIGN_OR_RETURN(GgufModel g, OpenGgufModel(model_dir, gguf));
     FERRY_ASSIGN_OR_RETURN(const Family* family, FindFamily(g.config.model_type, model_dir));
-    const TensorNames names = TensorNames::WithPrefix(*family, family->prefixes.front());
-    FERRY_RETURN_IF_ERROR(CheckLayerCount(g.config, names, *g.tensors));
-    options.role_of = [names](const std::string& name) {
-      Role role;
-      int layer = -1;
-      return names.RoleOf(name, &role, &layer) ? std::string(offload::RoleName(role)) : std::string();
-    };
-    std::map<std::string, std::string> side = {{"config.json", g.config_json}, {"tokenizer.json", g.tokenizer_json}};
-    if (!g.chat_template.empty()) side["tokenizer_config.json"] = nlohmann::json({{"chat_template", g.chat_template}}).dump(1);
-    return io::ConvertToStore(*g.tensors, side, out_dir, options);
+    names = TensorNames::WithPrefix(*family, family->prefixes.front());
+    FERRY_RETURN_IF_ERROR(CheckLayerCount(g.config, *names, *g.tensors));
+    conv.config = g.config;
+    conv.side = {{"config.json", g.config_json}, {"tokenizer.json", g.tokenizer_json}};
+    if (!g.chat_template.empty()) conv.side["tokenizer_config.json"] = nlohmann::json({{"chat_template", g.chat_template}}).dump(1);
+    conv.gguf = std::move(g);
+  } else {
+    FERRY_ASSIGN_OR_RETURN(conv.config, ModelConfig::FromModelDir(model_dir));
+    FERRY_ASSIGN_OR_RETURN(const Family* family, FindFamily(conv.config.model_type, model_dir + "/config.json"));
+    FERRY_ASSIGN_OR_RETURN(conv.source, io::OpenTensorSource(model_dir));
+    FERRY_ASSIGN_OR_RETURN(names, TensorNames::Resolve(*family, *conv.source));
+    FERRY_RETURN_IF_ERROR(CheckLayerCount(conv.config, *names, *conv.source));
   }
-  FERRY_ASSIGN_OR_RETURN(const ModelConfig c, ModelConfig::FromModelDir(model_dir));
-  FERRY_ASSIGN_OR_RETURN(const Family* family, FindFamily(c.model_type, model_dir + "/config.json"));
-  FERRY_ASSIGN_OR_RETURN(std::unique_ptr<io::TensorSource> source, io::OpenTensorSource(model_dir));
-  FERRY_ASSIGN_OR_RETURN(const TensorNames names, TensorNames::Resolve(*family, *source));
-  FERRY_RETURN_IF_ERROR(CheckLayerCount(c, names, *source));
-  source.reset();
-  options.role_of = [names](const std::string& name) {
+  options.role_of = [names = *names](const std::string& name) {
     Role role;
     int layer = -1;
     return names.RoleOf(name, &role, &layer) ? std::string(offload::RoleName(role)) : std::string();
   };
-  return io::ConvertToStore(model_dir, out_dir, options);
+  if (gguf.quantize) {
+    // The layer matrices (the streamed bytes) are quantized; embeddings, heads and vectors keep theirs.
+    options.quantize = gguf.quantize;
+    options.quantize_tensor = [role_of = options.role_of](const std::string& name) { return IsQuantizedRole(role_of(name)); };
+  }
+  conv.options = std::move(options);
+  return conv;
+}
+
+}  // namespace
+
+absl::Status ConvertModel(const std::string& model_dir, const std::string& out_dir, io::ConvertOptions options,
+                          const GgufLoadOptions& gguf) {
+  FERRY_ASSIGN_OR_RETURN(Conversion conv, PrepareConversion(model_dir, std::move(options), gguf));
+  if (conv.gguf) return io::ConvertToStore(*conv.gguf->tensors, conv.side, out_dir, conv.options);
+  conv.source.reset();  // ConvertToStore opens the directory itself (and copies its side files)
+  return io::ConvertToStore(model_dir, out_dir, conv.options);
+}
+
+absl::StatusOr<std::pair<ModelConfig, std::vector<io::PlannedTensor>>> PlanConvertedTensors(const std::string& model_dir,
+                                                                                             const GgufLoadOptions& gguf) {
+  FERRY_ASSIGN_OR_RETURN(Conversion conv, PrepareConversion(model_dir, {}, gguf));
+  FERRY_ASSIGN_OR_RETURN(std::vector<io::PlannedTensor> planned, io::PlanConversion(conv.tensors(), conv.options));
+  return std::make_pair(conv.config, std::move(planned));
 }
 
 absl::Status CheckStoreModel(const io::Store& store) {

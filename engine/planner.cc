@@ -204,8 +204,10 @@ absl::StatusOr<std::vector<Candidate>> SearchPolicies(const PlanRequest& request
     return absl::ResourceExhaustedError(absl::StrCat("no policy fits: the smallest (one sequence) ", last.message(),
                                                      "; give more memory (--gpu-mem, --cpu-mem) or allow approximations (--allow)"));
   }
+  // Fastest first; of equally fast plans, the one that needs less GPU memory.
   std::stable_sort(out.begin(), out.end(), [](const Candidate& a, const Candidate& b) {
-    return a.prediction.throughput_tok_s > b.prediction.throughput_tok_s;
+    if (a.prediction.throughput_tok_s != b.prediction.throughput_tok_s) return a.prediction.throughput_tok_s > b.prediction.throughput_tok_s;
+    return a.plan.device_bytes < b.plan.device_bytes;
   });
   return out;
 }
@@ -232,6 +234,22 @@ absl::StatusOr<FormatLayouts> LayoutsOfDummy(const std::string& dummy, const All
     FERRY_ASSIGN_OR_RETURN(std::vector<io::PlannedTensor> planned, DummyPlannedTensors(shape, f));
     FERRY_ASSIGN_OR_RETURN(const io::StoreLayout l, io::LayoutStore(std::move(planned)));
     out.emplace_back(f, LayoutOf(l));
+  }
+  return out;
+}
+
+absl::StatusOr<FormatLayouts> LayoutsOfCheckpoint(const std::string& model_dir, const Allowance& allow, ModelConfig* config) {
+  FormatLayouts out;
+  std::vector<std::optional<QuantFormat>> formats = {std::nullopt};
+  for (const QuantFormat& f : allow.weights) formats.push_back(f);
+  for (const auto& f : formats) {
+    GgufLoadOptions g;
+    g.quantize = f;
+    FERRY_ASSIGN_OR_RETURN(auto planned, PlanConvertedTensors(model_dir, g));
+    *config = planned.first;
+    FERRY_ASSIGN_OR_RETURN(const io::StoreLayout l, io::LayoutStore(std::move(planned.second)));
+    WeightLayout w = LayoutOf(l);
+    out.emplace_back(f ? f : w.quant, std::move(w));
   }
   return out;
 }

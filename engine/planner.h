@@ -61,6 +61,9 @@ using FormatLayouts = std::vector<std::pair<std::optional<QuantFormat>, WeightLa
 absl::StatusOr<FormatLayouts> LayoutsOfStore(const io::Store& store, const Allowance& allow);
 // A dummy not written yet: float and each allowed format (all runnable: bench writes the chosen).
 absl::StatusOr<FormatLayouts> LayoutsOfDummy(const std::string& dummy, const Allowance& allow);
+// A checkpoint or GGUF file not converted yet: as `ferry convert` would write it, then each allowed
+// format (none runnable: convert first). The config comes with it.
+absl::StatusOr<FormatLayouts> LayoutsOfCheckpoint(const std::string& model_dir, const Allowance& allow, ModelConfig* config);
 
 // Every candidate that fits, fastest first (by predicted throughput). Empty: nothing fits, and the
 // error says what the smallest policy needs.

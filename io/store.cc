@@ -205,8 +205,7 @@ absl::Status StoreWriter::Finish(const std::map<std::string, std::string>& side_
   return absl::OkStatus();
 }
 
-absl::Status ConvertToStore(const TensorSource& ckpt, const std::map<std::string, std::string>& side_files, const std::string& out_dir,
-                            const ConvertOptions& options) {
+absl::StatusOr<std::vector<PlannedTensor>> PlanConversion(const TensorSource& ckpt, const ConvertOptions& options) {
   std::vector<PlannedTensor> planned;
   for (const std::string& name : ckpt.Names()) {
     const TensorInfo* t = ckpt.Find(name);
@@ -224,6 +223,12 @@ absl::Status ConvertToStore(const TensorSource& ckpt, const std::map<std::string
     }
     planned.push_back(std::move(p));
   }
+  return planned;
+}
+
+absl::Status ConvertToStore(const TensorSource& ckpt, const std::map<std::string, std::string>& side_files, const std::string& out_dir,
+                            const ConvertOptions& options) {
+  FERRY_ASSIGN_OR_RETURN(std::vector<PlannedTensor> planned, PlanConversion(ckpt, options));
   FERRY_ASSIGN_OR_RETURN(StoreWriter writer, StoreWriter::Create(out_dir, std::move(planned)));
   std::vector<char> chunk(std::max<size_t>(options.chunk_bytes, kStoreAlignment));
   uint64_t done = 0;

@@ -129,6 +129,10 @@ struct ConvertOptions {
   std::map<std::string, int>* requantized = nullptr;
 };
 
+// The tensors ConvertToStore writes for `source` with `options` (quantized where asked), in the
+// source's order: the store's layout before it is written (LayoutStore).
+absl::StatusOr<std::vector<PlannedTensor>> PlanConversion(const TensorSource& source, const ConvertOptions& options = {});
+
 // Converts the model in `model_dir` (safetensors + config + tokenizer) into a store at `out_dir`.
 // Streams tensor by tensor in chunks, so models larger than RAM convert; the manifest is written
 // last (a crash leaves no valid store).

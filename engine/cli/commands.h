@@ -45,6 +45,7 @@ struct PlanSetup {
   nlohmann::json probe;
   engine::CostModel model;
   std::string model_name;
+  bool needs_convert = false;  // a checkpoint or GGUF file: plans run after ferry convert
 };
 // The request (config, layouts, workload, budgets, allowance) and the cost model of the cached
 // probe (measured first when there is none: the disk part on the store's filesystem).

@@ -8,6 +8,7 @@
 #include "base/status.h"
 #include "engine/cli/commands.h"
 #include "engine/dummy_model.h"
+#include "engine/gguf_model.h"
 #include "engine/planner.h"
 #include "engine/probe.h"
 #include "io/store.h"
@@ -39,14 +40,31 @@ absl::StatusOr<PlanSetup> SetUpPlan(const PlanInputFlags& f, kernels::Backend& b
     const std::string dir = !f.store.empty() && f.model.empty() ? f.store : f.model;
     if (dir.empty()) return absl::InvalidArgumentError("give --model STORE or --dummy NAME");
     if (!PathExists(dir + "/manifest.json")) {
-      return absl::InvalidArgumentError(absl::StrCat(dir, " is not a ferry store: convert it first (ferry convert --model ", dir, " --out STORE)"));
+      // A checkpoint or GGUF file: planned as `ferry convert` would write it (convert, then run).
+      const bool gguf = engine::IsGgufFile(dir);
+      if (!gguf && !PathExists(dir + "/config.json")) {
+        return absl::InvalidArgumentError(absl::StrCat(dir, " is neither a ferry store, a checkpoint nor a GGUF file"));
+      }
+      if (gguf) {
+        FERRY_ASSIGN_OR_RETURN(const engine::GgufModel g, engine::OpenGgufModel(dir));
+        s.request.config = g.config;
+      } else {
+        FERRY_ASSIGN_OR_RETURN(s.request.config, engine::ModelConfig::FromModelDir(dir));
+      }
+      FERRY_ASSIGN_OR_RETURN(s.request.allow, engine::ParseAllowance(f.allow, s.request.config.head_dim(), f.quant_group));
+      FERRY_ASSIGN_OR_RETURN(s.request.layouts, engine::LayoutsOfCheckpoint(dir, s.request.allow, &s.request.config));
+      s.request.runnable_layouts = 0;
+      where = ProbeDirFor(dir);
+      s.model_name = absl::StrCat(dir, " (not converted yet)");
+      s.needs_convert = true;
+    } else {
+      FERRY_ASSIGN_OR_RETURN(const io::Store store, io::Store::Open(dir));
+      FERRY_ASSIGN_OR_RETURN(s.request.config, engine::ModelConfig::FromModelDir(dir));
+      FERRY_ASSIGN_OR_RETURN(s.request.allow, engine::ParseAllowance(f.allow, s.request.config.head_dim(), f.quant_group));
+      FERRY_ASSIGN_OR_RETURN(s.request.layouts, engine::LayoutsOfStore(store, s.request.allow));
+      where = ProbeDirFor(dir);
+      s.model_name = dir;
     }
-    FERRY_ASSIGN_OR_RETURN(const io::Store store, io::Store::Open(dir));
-    FERRY_ASSIGN_OR_RETURN(s.request.config, engine::ModelConfig::FromModelDir(dir));
-    FERRY_ASSIGN_OR_RETURN(s.request.allow, engine::ParseAllowance(f.allow, s.request.config.head_dim(), f.quant_group));
-    FERRY_ASSIGN_OR_RETURN(s.request.layouts, engine::LayoutsOfStore(store, s.request.allow));
-    where = ProbeDirFor(dir);
-    s.model_name = dir;
   }
   s.request.workload = {f.prompt_len, f.gen_len, f.num_prompts};
   if (!f.gpu_mem.empty()) {
@@ -132,8 +150,12 @@ absl::Status RunPlan(const PlanFlags& f) {
   std::printf("%zu policies fit; the best %d by predicted throughput:\n", cs.size(), std::min<int>(f.top, static_cast<int>(cs.size())));
   std::fputs(engine::PlanTable(cs, static_cast<size_t>(f.top)).c_str(), stdout);
   const engine::Candidate& best = cs.front();
+  if (s.needs_convert) {
+    std::printf("convert first: ferry convert --model %s --out STORE%s, then bench or generate with --model STORE\n", f.in.model.c_str(),
+                best.policy.weights ? absl::StrCat(" --quantize ", QuantFormatName(*best.policy.weights).substr(0, 2)).c_str() : "");
+  }
   std::printf("run it: ferry bench %s %s --prompt-len %d --gen-len %d%s%s\n",
-              f.in.dummy.empty() ? absl::StrCat("--model ", s.model_name).c_str() : absl::StrCat("--dummy ", f.in.dummy, " --store ", f.in.store.empty() ? "STORE" : f.in.store).c_str(),
+              f.in.dummy.empty() ? absl::StrCat("--model ", s.needs_convert ? std::string("STORE") : s.model_name).c_str() : absl::StrCat("--dummy ", f.in.dummy, " --store ", f.in.store.empty() ? "STORE" : f.in.store).c_str(),
               best.policy.Flags().c_str(), r.workload.prompt_len, r.workload.gen_len,
               r.device_budget > 0 ? absl::StrCat(" --gpu-mem ", f.in.gpu_mem).c_str() : "",
               r.host_budget > 0 ? absl::StrCat(" --cpu-mem ", f.in.cpu_mem).c_str() : "");

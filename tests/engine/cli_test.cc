@@ -598,6 +598,21 @@ TEST(CliPlanTest, PlansRunsAutoSweepsAndPlots) {
   r = run("plan --model " + store + " --gpu-mem 12MiB --prompt-len 16 --gen-len 4 --top 3 -q");
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_NE(r.out.find("run it: ferry bench"), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find("convert"), std::string::npos) << r.out;
+  // The checkpoint itself, not converted: the same plans, to run after ferry convert.
+  Result ckpt = run("plan " + kModel + " --probe-dir " + dir.path() + " --gpu-mem 12MiB --prompt-len 16 --gen-len 4 --top 3 -q");
+  ASSERT_EQ(ckpt.code, 0) << ckpt.err;
+  EXPECT_NE(ckpt.out.find("convert first: ferry convert"), std::string::npos) << ckpt.out;
+  EXPECT_NE(ckpt.out.find("(convert the store first)"), std::string::npos) << ckpt.out;
+  auto first_plan = [](const std::string& out) {  // the best plan's flags
+    const size_t at = out.find("--weights");
+    if (at == std::string::npos) return std::string();
+    std::string line = out.substr(at, out.find('\n', at) - at);
+    const size_t note = line.find("  (convert");
+    return note == std::string::npos ? line : line.substr(0, note);
+  };
+  EXPECT_FALSE(first_plan(r.out).empty());
+  EXPECT_EQ(first_plan(ckpt.out), first_plan(r.out));
   // bench --policy auto runs the planner's choice within the budget and records its prediction.
   r = run("bench --model " + store + " --policy auto --gpu-mem 12MiB --prompt-len 16 --gen-len 4 --max-batch 8 --json " +
           dir.File("auto.json"));

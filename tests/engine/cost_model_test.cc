@@ -207,6 +207,16 @@ TEST(PlannerTest, LayoutsAreTheStoresConvertWrites) {
   EXPECT_EQ(LayoutOf(*as_q4).largest_quantized, q4_own->largest_quantized);
   EXPECT_EQ(as_q4->data_bytes, q4->data_bytes());
   EXPECT_LT(q4_own->layer_bytes[0] * 3, own->layer_bytes[0]);
+  // And from the checkpoint itself, not converted: the same layouts (float and q4).
+  ModelConfig config;
+  auto from_ckpt = LayoutsOfCheckpoint(ferry::testing::ModelDir(), *ParseAllowance("q4", 32), &config);
+  ASSERT_TRUE(from_ckpt.ok()) << from_ckpt.status();
+  ASSERT_EQ(from_ckpt->size(), 2u);
+  EXPECT_EQ(config.num_layers, 6);
+  EXPECT_FALSE((*from_ckpt)[0].first.has_value());
+  EXPECT_EQ((*from_ckpt)[0].second.layer_bytes, own->layer_bytes);
+  EXPECT_EQ((*from_ckpt)[0].second.resident_other, own->resident_other);
+  EXPECT_EQ((*from_ckpt)[1].second.layer_bytes, q4_own->layer_bytes);
   // The store-based plan equals the layout-based one.
   auto cpu = kernels::CreateBackend({});
   OffloadOptions o;
