@@ -4,12 +4,14 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
 #include <random>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -27,8 +29,8 @@ namespace {
 using Clock = std::chrono::steady_clock;
 using nlohmann::json;
 
-// 4: linears over rotating copies (memory, not cache). 3: linears at several sizes. 2: within-device copies, quantized KV, prefill attention, host attention, op cost.
-constexpr int kProbeVersion = 4;
+// 5: copies both ways at once. 4: linears over rotating copies (memory, not cache). 3: linears at several sizes. 2: within-device copies, quantized KV, prefill attention, host attention, op cost.
+constexpr int kProbeVersion = 5;
 
 double Seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
 
@@ -98,6 +100,47 @@ absl::StatusOr<json> ProbeCopies(kernels::Backend& b, const ProbeOptions& o) {
     out["device_to_host"].push_back({{"chunk_bytes", chunk}, {"GBps", d2h * 1e-9}});
     out["within_device"].push_back({{"chunk_bytes", chunk}, {"GBps", d2d * 1e-9}});
     out["host_memcpy"].push_back({{"chunk_bytes", chunk}, {"GBps", mc * 1e-9}});
+  }
+  // Both directions at once, at the largest chunk: host->device on this thread (the streamer's copy
+  // thread) while another copies device->host (KV traffic, logits), each rate over the same window.
+  const uint64_t chunk = o.copy_chunks.empty() ? 0 : *std::max_element(o.copy_chunks.begin(), o.copy_chunks.end());
+  if (chunk > 0) {
+    if (o.progress) o.progress(absl::StrCat("copies both ways at once, ", chunk >> 10, " KiB"));
+    FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer up_host, b.AllocateHost(chunk));
+    FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer up_dev, b.Allocate(chunk));
+    FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer down_host, b.AllocateHost(chunk));
+    FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer down_dev, b.Allocate(chunk));
+    std::memset(up_host.data(), 1, chunk);
+    FERRY_RETURN_IF_ERROR(b.CopyToDevice(down_dev.data(), up_host.data(), chunk));
+    const double window = std::max(0.05, 3 * o.min_seconds);
+    std::atomic<bool> go{false};
+    absl::Status down_status;
+    uint64_t down_bytes = 0;
+    double down_s = 0;
+    std::thread down([&] {
+      while (!go.load()) std::this_thread::yield();
+      const auto t0 = Clock::now();
+      do {
+        down_status = b.CopyToHost(down_host.data(), down_dev.data(), chunk);
+        down_bytes += chunk;
+      } while (down_status.ok() && Seconds(t0, Clock::now()) < window);
+      down_s = Seconds(t0, Clock::now());
+    });
+    go = true;
+    const auto t0 = Clock::now();
+    uint64_t up_bytes = 0;
+    absl::Status up_status;
+    do {
+      up_status = b.TransferToDevice(up_dev.data(), up_host.data(), chunk);
+      up_bytes += chunk;
+    } while (up_status.ok() && Seconds(t0, Clock::now()) < window);
+    if (up_status.ok()) up_status = b.Synchronize();
+    const double up_s = Seconds(t0, Clock::now());
+    down.join();
+    FERRY_RETURN_IF_ERROR(up_status);
+    FERRY_RETURN_IF_ERROR(down_status);
+    out["both_directions"] = json::array({{{"chunk_bytes", chunk}, {"host_to_device_GBps", up_bytes / up_s * 1e-9},
+                                           {"device_to_host_GBps", down_bytes / down_s * 1e-9}}});
   }
   return out;
 }
@@ -390,6 +433,11 @@ std::string ProbeTable(const json& j) {
                                           e["GBps"].get<double>()));
     }
     s += "\n";
+  }
+  for (const auto& e : c.value("both_directions", json::array())) {
+    absl::StrAppend(&s, absl::StrFormat("both ways at once       %lluK: host->device %.2f, device->host %.2f GB/s\n",
+                                        static_cast<unsigned long long>(e["chunk_bytes"].get<uint64_t>() >> 10),
+                                        e["host_to_device_GBps"].get<double>(), e["device_to_host_GBps"].get<double>()));
   }
   if (j.contains("disk")) {
     absl::StrAppend(&s, absl::StrFormat("disk (%s, O_DIRECT %s) GB/s by block and queue depth:\n",

@@ -518,6 +518,9 @@ TEST(CliProbeTest, MeasuresOnceThenReusesTheCache) {
     ASSERT_FALSE(j["copies"][key].empty()) << key;
     for (const auto& e : j["copies"][key]) EXPECT_GT(e["GBps"].get<double>(), 0.0) << key;
   }
+  ASSERT_EQ(j["copies"]["both_directions"].size(), 1u);
+  EXPECT_GT(j["copies"]["both_directions"][0]["host_to_device_GBps"].get<double>(), 0.0);
+  EXPECT_GT(j["copies"]["both_directions"][0]["device_to_host_GBps"].get<double>(), 0.0);
   ASSERT_EQ(j["disk"]["reads"].size(), 2u);
   for (const auto& e : j["disk"]["reads"]) EXPECT_GT(e["GBps"].get<double>(), 0.0);
   EXPECT_EQ(j["linear"].size(), 8u);  // 2 row counts x F32, F16, q8, q4

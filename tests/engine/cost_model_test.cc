@@ -45,7 +45,7 @@ json SyntheticProbe(const std::string& backend) {
   }
   json attention = json::array({{{"kv_dtype", "F32"}, {"rows", 8}, {"positions", 1024}, {"kv_GBps", kAttention * 1e-9}},
                                 {{"kv_dtype", "F16"}, {"rows", 8}, {"positions", 1024}, {"kv_GBps", kAttention * 0.5e-9}}});
-  return {{"format", "ferry-probe"}, {"version", 4}, {"host", "test"}, {"backend", backend},
+  return {{"format", "ferry-probe"}, {"version", 5}, {"host", "test"}, {"backend", backend},
           {"options", {{"quick", false}}}, {"copies", copies},
           {"disk", {{"reads", json::array({{{"block_bytes", 1 << 20}, {"queue_depth", 16}, {"GBps", kDisk * 1e-9}}})}}},
           {"linear", linear}, {"attention", attention}, {"host_attention", attention},
