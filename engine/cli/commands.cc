@@ -143,6 +143,10 @@ absl::StatusOr<Loaded> LoadAll(const ModelFlags& f, int64_t rows, int64_t max_to
     FERRY_ASSIGN_OR_RETURN(split, offload::ParseWeightSplit(f.weights));
   }
   if (f.policy == "auto" && !f.weights.empty()) return absl::InvalidArgumentError("--policy auto chooses --weights: give one or the other");
+  if (f.policy == "auto" && !f.quantize.empty()) {
+    return absl::InvalidArgumentError("--policy auto streams a store's bytes as they are; --quantize quantizes a resident model at load: "
+                                      "convert with --quantize instead");
+  }
   const bool is_store = PathExists(f.model + "/manifest.json");
   if (f.policy == "auto" && !is_store) {
     return absl::InvalidArgumentError(absl::StrCat("--policy auto places a ferry store's weights; convert first: ferry convert --model ",

@@ -698,7 +698,7 @@ TEST(CliPlanTest, GenerateOffloadsAStoreThatDoesNotFitResident) {
   EXPECT_EQ(small.code, 1);
   EXPECT_NE(small.err.find("--policy auto: needs"), std::string::npos) << small.err;
   // Auto with --weights, or on a checkpoint that is not a store, is one clear error.
-  for (const std::string& bad : {gen + " --policy auto --weights 0,100,0",
+  for (const std::string& bad : {gen + " --policy auto --weights 0,100,0", gen + " --policy auto --quantize q4",
                                  "generate " + kModel + " --prompt x --policy auto -q", gen + " --gpu-mem 4MiB"}) {
     Result r = Ferry(bad);
     EXPECT_EQ(r.code, 1) << bad;
