@@ -33,6 +33,16 @@ absl::StatusOr<uint64_t> Size(const json& j, const char* key, const std::string&
   return static_cast<uint64_t>(v);
 }
 
+// Type-checked reads of the probe: a field of another type reads as absent.
+std::string Str(const json& j, const char* key) {
+  return j.is_object() && j.contains(key) && j[key].is_string() ? j[key].get<std::string>() : std::string();
+}
+const json& Arr(const json& j, const char* key) {
+  static const json* const kEmpty = new json(json::array());
+  return j.is_object() && j.contains(key) && j[key].is_array() ? j[key] : *kEmpty;
+}
+bool Flag(const json& j, const char* key) { return j.is_object() && j.contains(key) && j[key].is_boolean() && j[key].get<bool>(); }
+
 std::string LinearKey(DType dtype, const std::optional<QuantFormat>& quant) {
   if (quant) return QuantFormatName(*quant).substr(0, 2);  // "q4", "q8"
   return dtype == DType::kF32 ? "F32" : "F16";              // F16 and BF16 stream alike
@@ -111,16 +121,16 @@ json Prediction::ToJson() const {
 }
 
 absl::StatusOr<CostModel> CostModel::FromProbe(const json& j) {
-  if (!j.is_object() || j.value("format", "") != "ferry-probe") return Missing("probe (not a ferry probe)");
-  if (j.contains("options") && j["options"].is_object() && j["options"].value("quick", false)) {
+  if (!j.is_object() || Str(j, "format") != "ferry-probe") return Missing("probe (not a ferry probe)");
+  if (j.contains("options") && Flag(j["options"], "quick")) {
     return absl::InvalidArgumentError("a --quick probe is a smoke run, not for planning: ferry probe --reprobe");
   }
   CostModel m;
   if (!j.contains("copies") || !j["copies"].is_object()) return Missing("copy rates");
   for (const auto& [key, pts] : {std::pair{"host_to_device", &m.h2d_}, std::pair{"device_to_host", &m.d2h_},
                                  std::pair{"within_device", &m.d2d_}}) {
-    const json& arr = j["copies"].value(key, json::array());
-    if (!arr.is_array() || arr.empty()) return Missing(absl::StrCat(key, " copy rates"));
+    const json& arr = Arr(j["copies"], key);
+    if (arr.empty()) return Missing(absl::StrCat(key, " copy rates"));
     for (const json& e : arr) {
       FERRY_ASSIGN_OR_RETURN(const uint64_t chunk, Size(e, "chunk_bytes", absl::StrCat(key, " chunk size")));
       FERRY_ASSIGN_OR_RETURN(const double gbps, Rate(e, "GBps", absl::StrCat(key, " copy rate")));
@@ -129,7 +139,7 @@ absl::StatusOr<CostModel> CostModel::FromProbe(const json& j) {
     std::sort(pts->begin(), pts->end(), [](const Point& a, const Point& b) { return a.x < b.x; });
   }
   if (j.contains("disk")) {
-    const json& reads = j["disk"].value("reads", json::array());
+    const json& reads = Arr(j["disk"], "reads");
     for (const json& e : reads) {
       FERRY_ASSIGN_OR_RETURN(const uint64_t block, Size(e, "block_bytes", "disk block size"));
       FERRY_ASSIGN_OR_RETURN(const uint64_t depth, Size(e, "queue_depth", "disk queue depth"));
@@ -138,8 +148,7 @@ absl::StatusOr<CostModel> CostModel::FromProbe(const json& j) {
       m.disk_.push_back({block, static_cast<unsigned>(depth), gbps * 1e9});
     }
   }
-  const json& linear = j.value("linear", json::array());
-  if (!linear.is_array()) return Missing("linear rates");
+  const json& linear = Arr(j, "linear");
   for (const json& e : linear) {
     FERRY_ASSIGN_OR_RETURN(const uint64_t rows, Size(e, "rows", "linear rows"));
     FERRY_ASSIGN_OR_RETURN(const uint64_t out, Size(e, "out", "linear shape"));
@@ -159,8 +168,7 @@ absl::StatusOr<CostModel> CostModel::FromProbe(const json& j) {
     for (auto& [elems, pts] : sizes) std::sort(pts.begin(), pts.end(), [](const Point& a, const Point& b) { return a.x < b.x; });
   }
   for (const auto& [key, map] : {std::pair{"attention", &m.attention_}, std::pair{"host_attention", &m.host_attention_}}) {
-    const json& arr = j.value(key, json::array());
-    if (!arr.is_array()) return Missing(absl::StrCat(key, " rates"));
+    const json& arr = Arr(j, key);
     for (const json& e : arr) {
       if (!e.contains("kv_dtype") || !e["kv_dtype"].is_string()) return Missing(absl::StrCat(key, " KV type"));
       std::string type = e["kv_dtype"].get<std::string>();
@@ -170,14 +178,14 @@ absl::StatusOr<CostModel> CostModel::FromProbe(const json& j) {
     }
     if (!map->count("F32")) return Missing(absl::StrCat(key, " rate of an F32 cache"));
   }
-  const json& prefill = j.value("prefill_attention", json::array());
-  if (!prefill.is_array() || prefill.empty()) return Missing("prefill attention rate");
+  const json& prefill = Arr(j, "prefill_attention");
+  if (prefill.empty()) return Missing("prefill attention rate");
   FERRY_ASSIGN_OR_RETURN(const double pf, Rate(prefill[0], "GFLOPs", "prefill attention rate"));
   m.prefill_attention_flops_ = pf * 1e9;
   FERRY_ASSIGN_OR_RETURN(m.op_seconds_, Rate(j, "op_seconds", "small-op cost"));
   FERRY_ASSIGN_OR_RETURN(const double hash, Rate(j, "hash_GBps", "XXH3 rate"));
   m.hash_rate_ = hash * 1e9;
-  m.shared_cores_ = j.value("backend", "") == "cpu";
+  m.shared_cores_ = Str(j, "backend") == "cpu";
   return m;
 }
 

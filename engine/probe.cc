@@ -339,6 +339,31 @@ std::string HostName() {
   return s;
 }
 
+// A cached probe is used only when it is a probe of this version, host, backend, disk directory
+// and kind (quick or not), and every field the table prints has its type (a cache edited or
+// damaged is measured again, never trusted).
+bool CacheMatches(const json& j, const kernels::Backend& backend, const ProbeOptions& options) {
+  auto str = [](const json& o, const char* key) {
+    return o.is_object() && o.contains(key) && o[key].is_string() ? o[key].get<std::string>() : std::string("\x01");
+  };
+  if (j.is_discarded() || !j.is_object() || str(j, "format") != "ferry-probe" || str(j, "host") != HostName() ||
+      str(j, "backend") != backend.name() || !j.contains("version") || !j["version"].is_number_integer() ||
+      j["version"].get<int64_t>() != kProbeVersion || !j.contains("options") || !j["options"].is_object()) {
+    return false;
+  }
+  const json& o = j["options"];
+  if (str(o, "disk_dir") != options.disk_dir || !o.contains("quick") || !o["quick"].is_boolean() || o["quick"].get<bool>() != options.quick) {
+    return false;
+  }
+  if (!j.contains("copies") || !j["copies"].is_object() || !j.contains("linear") || !j["linear"].is_array()) return false;
+  try {
+    (void)ProbeTable(j);  // reads every field it prints with its type
+  } catch (const json::exception&) {
+    return false;
+  }
+  return true;
+}
+
 }  // namespace
 
 absl::StatusOr<json> RunProbe(kernels::Backend& backend, const ProbeOptions& o) {
@@ -407,10 +432,7 @@ absl::StatusOr<json> LoadOrProbe(kernels::Backend& backend, const ProbeOptions& 
     if (text.ok()) {
       json j = json::parse(*text, nullptr, false);
       // A cache that is not a probe of this host and backend is measured again (and replaced).
-      if (!j.is_discarded() && j.is_object() && j.value("format", "") == "ferry-probe" && j.value("version", 0) == kProbeVersion &&
-          j.value("host", "") == HostName() && j.value("options", json::object()).value("disk_dir", "") == options.disk_dir &&
-          j.value("options", json::object()).value("quick", false) == options.quick &&
-          j.value("backend", "") == backend.name() && j.contains("copies") && j.contains("linear")) {
+      if (CacheMatches(j, backend, options)) {
         if (from_cache != nullptr) *from_cache = true;
         return j;
       }
@@ -422,49 +444,51 @@ absl::StatusOr<json> LoadOrProbe(kernels::Backend& backend, const ProbeOptions& 
   return j;
 }
 
+// Reads with .at(): a missing or mistyped field throws json::exception (the cache check catches
+// it) rather than reading out of bounds.
 std::string ProbeTable(const json& j) {
   std::string s = absl::StrFormat("probe of %s, backend %s\n", j.value("host", "?"), j.value("backend", "?"));
-  const json& c = j["copies"];
+  const json& c = j.at("copies");
   for (const auto& [name, title] : {std::pair{"host_to_device", "host->device GB/s"}, std::pair{"device_to_host", "device->host GB/s"},
                                     std::pair{"within_device", "within device GB/s"}, std::pair{"host_memcpy", "host memcpy GB/s"}}) {
     absl::StrAppend(&s, absl::StrFormat("%-22s", title));
-    for (const auto& e : c[name]) {
-      absl::StrAppend(&s, absl::StrFormat("  %lluK: %.2f", static_cast<unsigned long long>(e["chunk_bytes"].get<uint64_t>() >> 10),
-                                          e["GBps"].get<double>()));
+    for (const auto& e : c.at(name)) {
+      absl::StrAppend(&s, absl::StrFormat("  %.0fK: %.2f", e.at("chunk_bytes").get<double>() / 1024,
+                                          e.at("GBps").get<double>()));
     }
     s += "\n";
   }
   for (const auto& e : c.value("both_directions", json::array())) {
-    absl::StrAppend(&s, absl::StrFormat("both ways at once       %lluK: host->device %.2f, device->host %.2f GB/s\n",
-                                        static_cast<unsigned long long>(e["chunk_bytes"].get<uint64_t>() >> 10),
-                                        e["host_to_device_GBps"].get<double>(), e["device_to_host_GBps"].get<double>()));
+    absl::StrAppend(&s, absl::StrFormat("both ways at once       %.0fK: host->device %.2f, device->host %.2f GB/s\n",
+                                        e.at("chunk_bytes").get<double>() / 1024,
+                                        e.at("host_to_device_GBps").get<double>(), e.at("device_to_host_GBps").get<double>()));
   }
   if (j.contains("disk")) {
     absl::StrAppend(&s, absl::StrFormat("disk (%s, O_DIRECT %s) GB/s by block and queue depth:\n",
-                                        j["disk"]["path"].get<std::string>(), j["disk"]["o_direct"].get<bool>() ? "yes" : "no"));
-    for (const auto& e : j["disk"]["reads"]) {
-      absl::StrAppend(&s, absl::StrFormat("  %6lluK x %3u: %.2f\n", static_cast<unsigned long long>(e["block_bytes"].get<uint64_t>() >> 10),
-                                          e["queue_depth"].get<unsigned>(), e["GBps"].get<double>()));
+                                        j.at("disk").at("path").get<std::string>(), j.at("disk").at("o_direct").get<bool>() ? "yes" : "no"));
+    for (const auto& e : j.at("disk").at("reads")) {
+      absl::StrAppend(&s, absl::StrFormat("  %6.0fK x %3.0f: %.2f\n", e.at("block_bytes").get<double>() / 1024,
+                                          e.at("queue_depth").get<double>(), e.at("GBps").get<double>()));
     }
   }
   s += "linear (rows x in -> out, weights): GFLOP/s, weight GB/s\n";
-  for (const auto& e : j["linear"]) {
-    absl::StrAppend(&s, absl::StrFormat("  %4lld x %lld -> %lld %-6s %9.2f %8.2f\n", static_cast<long long>(e["rows"].get<int64_t>()),
-                                        static_cast<long long>(e["in"].get<int64_t>()), static_cast<long long>(e["out"].get<int64_t>()),
-                                        e["weights"].get<std::string>(), e["GFLOPs"].get<double>(), e["weight_GBps"].get<double>()));
+  for (const auto& e : j.at("linear")) {
+    absl::StrAppend(&s, absl::StrFormat("  %4.0f x %.0f -> %.0f %-6s %9.2f %8.2f\n", e.at("rows").get<double>(),
+                                        e.at("in").get<double>(), e.at("out").get<double>(),
+                                        e.at("weights").get<std::string>(), e.at("GFLOPs").get<double>(), e.at("weight_GBps").get<double>()));
   }
   for (const auto& [key, title] : {std::pair{"attention", "decode attention"}, std::pair{"host_attention", "decode attention on the host (--kv cpu)"}}) {
     absl::StrAppend(&s, title, ": KV GB/s\n");
     for (const auto& e : j.value(key, json::array())) {
-      absl::StrAppend(&s, absl::StrFormat("  %-6s %d rows x %d positions: %.2f\n", e["kv_dtype"].get<std::string>(), e["rows"].get<int>(),
-                                          e["positions"].get<int>(), e["kv_GBps"].get<double>()));
+      absl::StrAppend(&s, absl::StrFormat("  %-6s %.0f rows x %.0f positions: %.2f\n", e.at("kv_dtype").get<std::string>(), e.at("rows").get<double>(),
+                                          e.at("positions").get<double>(), e.at("kv_GBps").get<double>()));
     }
   }
   for (const auto& e : j.value("prefill_attention", json::array())) {
-    absl::StrAppend(&s, absl::StrFormat("prefill attention, %d causal tokens: %.2f GFLOP/s\n", e["tokens"].get<int>(), e["GFLOPs"].get<double>()));
+    absl::StrAppend(&s, absl::StrFormat("prefill attention, %.0f causal tokens: %.2f GFLOP/s\n", e.at("tokens").get<double>(), e.at("GFLOPs").get<double>()));
   }
-  if (j.contains("hash_GBps")) absl::StrAppend(&s, absl::StrFormat("XXH3 (disk reads are checked): %.2f GB/s\n", j["hash_GBps"].get<double>()));
-  if (j.contains("op_seconds")) absl::StrAppend(&s, absl::StrFormat("one small op: %.2f us\n", j["op_seconds"].get<double>() * 1e6));
+  if (j.contains("hash_GBps")) absl::StrAppend(&s, absl::StrFormat("XXH3 (disk reads are checked): %.2f GB/s\n", j.at("hash_GBps").get<double>()));
+  if (j.contains("op_seconds")) absl::StrAppend(&s, absl::StrFormat("one small op: %.2f us\n", j.at("op_seconds").get<double>() * 1e6));
   return s;
 }
 

@@ -544,7 +544,9 @@ TEST(CliProbeTest, MeasuresOnceThenReusesTheCache) {
   ASSERT_EQ(code, 0);
   EXPECT_NE(ReadFileToString(json_path)->find("host->device GB/s"), std::string::npos);
   // A cache that is not a probe is measured again rather than trusted.
-  for (const auto& entry : std::vector<std::string>{"not json", "{\"format\": \"ferry-probe\"}"}) {
+  // (Fields of the wrong type too: they once threw out of the cache check.)
+  for (const auto& entry : std::vector<std::string>{"not json", "{\"format\": \"ferry-probe\"}",
+                                                    "{\"format\": \"ferry-probe\", \"version\": \"5\", \"host\": 7, \"options\": []}"}) {
     std::string file;
     // The cache file's name is HOST-BACKEND.json: find it.
     code = std::system(("ls " + dir.File("cache") + " > " + out_dir.File("ls")).c_str());

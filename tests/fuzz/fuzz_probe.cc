@@ -7,6 +7,7 @@
 
 #include "engine/cost_model.h"
 #include "engine/dummy_model.h"
+#include "engine/probe.h"
 #include "io/store.h"
 #include "kernels/registry.h"
 #include "nlohmann/json.hpp"
@@ -36,6 +37,10 @@ const Fixture& Get() {
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const nlohmann::json j = nlohmann::json::parse(data, data + size, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded()) return 0;
+  try {
+    (void)ferry::engine::ProbeTable(j);  // any field missing or mistyped: an exception, never a bad read
+  } catch (const nlohmann::json::exception&) {
+  }
   auto model = ferry::engine::CostModel::FromProbe(j);
   if (!model.ok()) return 0;
   const Fixture& f = Get();
