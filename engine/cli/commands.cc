@@ -497,52 +497,6 @@ absl::Status RunConvert(const ConvertFlags& f) {
   return absl::OkStatus();
 }
 
-struct ProbeFlags {
-  std::string device = "cpu";
-  std::string dir;
-  std::string gpu_mem;
-  bool reprobe = false, json = false, quick = false, quiet = false;
-};
-
-absl::Status RunProbeCommand(const ProbeFlags& f) {
-  kernels::BackendOptions bo;
-  bo.name = f.device;
-  if (!f.gpu_mem.empty()) {
-    FERRY_ASSIGN_OR_RETURN(bo.memory_budget_bytes, offload::ParseBytes(f.gpu_mem));
-  }
-  FERRY_ASSIGN_OR_RETURN(std::unique_ptr<kernels::Backend> backend, kernels::CreateBackend(bo));
-  engine::ProbeOptions o;
-  o.disk_dir = f.dir;
-  if (f.quick) {  // a smoke run (seconds): small shapes, short repetitions
-    o.copy_chunks = {1 << 20};
-    o.disk_blocks = {1 << 20};
-    o.disk_depths = {1, 16};
-    o.disk_file_bytes = 16 << 20;
-    o.gemm_rows = {1, 16};
-    o.gemm_sizes = {512};
-    o.linear_rotate_bytes = 8 << 20;
-    o.attention_len = 128;
-    o.attention_rows = 2;
-    o.prefill_attention_len = 64;
-    o.min_seconds = 0.01;
-    o.repetitions = 1;
-    o.quick = true;
-  }
-  if (!f.quiet) o.progress = [](const std::string& s) { std::fprintf(stderr, "ferry: probing %s\n", s.c_str()); };
-  bool cached = false;
-  FERRY_ASSIGN_OR_RETURN(const nlohmann::json j, engine::LoadOrProbe(*backend, o, f.reprobe, &cached));
-  if (f.json) {
-    std::printf("%s\n", j.dump(1).c_str());
-  } else {
-    std::fputs(engine::ProbeTable(j).c_str(), stdout);
-  }
-  if (!f.quiet) {
-    std::fprintf(stderr, "ferry: %s %s\n", cached ? "cached probe (--reprobe measures again):" : "probe written to",
-                 engine::ProbeCachePath(*backend).c_str());
-  }
-  return absl::OkStatus();
-}
-
 struct VerifyFlags {
   std::string store;
   bool quiet = false;
@@ -698,18 +652,8 @@ void RegisterCommands(CLI::App& app, Runner* selected) {
 
   RegisterBenchCommand(app, selected);
   RegisterSparsityCommand(app, selected);
-  RegisterPlanCommand(app, selected);
+  RegisterPlanCommand(app, selected);  // and probe
 
-  static ProbeFlags probef;
-  CLI::App* pr = app.add_subcommand("probe", "Measure this machine's copy, disk, GEMM and attention rates once and cache them (JSON)");
-  pr->add_option("--device", probef.device, "Backend to probe")->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
-  pr->add_option("--dir", probef.dir, "Probe O_DIRECT reads on this directory's filesystem (where the store lives); none if unset");
-  pr->add_option("--gpu-mem", probef.gpu_mem, "Device memory budget for the probe's buffers");
-  pr->add_flag("--reprobe", probef.reprobe, "Measure again even if a cached probe exists");
-  pr->add_flag("--quick", probef.quick, "Small shapes and short repetitions (a smoke run, not for planning)");
-  pr->add_flag("--json", probef.json, "Print the probe as JSON");
-  pr->add_flag("--quiet,-q", probef.quiet, "No progress on stderr");
-  pr->callback([selected] { *selected = [] { return RunProbeCommand(probef); }; });
 
   static VerifyFlags verf;
   CLI::App* v = app.add_subcommand("verify", "Check every checksum of a ferry store");

@@ -26,7 +26,7 @@ void RegisterBenchCommand(CLI::App& app, Runner* selected);
 // `sparsity collect|train|report` (sparsity_command.cc).
 void RegisterSparsityCommand(CLI::App& app, Runner* selected);
 
-// `plan` (plan_command.cc).
+// `probe` and `plan` (plan_command.cc).
 void RegisterPlanCommand(CLI::App& app, Runner* selected);
 
 // What `plan` and `bench --policy auto` plan for.
