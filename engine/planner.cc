@@ -167,7 +167,6 @@ absl::StatusOr<std::vector<Candidate>> SearchPolicies(const PlanRequest& request
     const auto& [format, layout] = r.layouts[li];
     for (bool kv_cpu : places) {
       for (const KvType& kv : r.allow.kv_dtypes) {
-        if (kv.quant && backend.device() != Device::kCpu && !kv_cpu) continue;  // the CUDA backend keeps q8/q4 caches on the host only
         for (const auto& h2o : h2os) {
           for (int ngb : ngbs) {
             std::vector<int> sizes;

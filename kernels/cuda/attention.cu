@@ -1,4 +1,5 @@
-// Attention kernels of the CUDA backend.
+// Attention kernels of the CUDA backend, over KV caches of any type (F32, F16, q8/q4: each kernel
+// is written once against kv_cache.cuh's accessors and computes in fp32), and the cache writes.
 //
 // AttentionKernel: causal attention over the KV cache, one block per (query, head); serves decode
 // (one query per sequence, sequences of any lengths in one launch) and any query the tiled kernel
@@ -24,6 +25,7 @@
 #include <cfloat>
 #include <type_traits>
 
+#include "kernels/cuda/kv_cache.cuh"
 #include "kernels/cuda/launch.h"
 
 namespace ferry::kernels::cuda {
@@ -32,37 +34,30 @@ namespace {
 constexpr int kWarps = 4;
 constexpr int kMaxPerLane = 8;  // head_dim <= 256
 
-// The KV cache is F32 or F16 (T = float or __half); every kernel computes in fp32.
+// Token rows given to the slot writes are F32 or F16; dense slots are written as F32 or F16.
 __device__ __forceinline__ float Ld(const float* p) { return *p; }
 __device__ __forceinline__ float Ld(const __half* p) { return __half2float(*p); }
 __device__ __forceinline__ void St(float* p, float v) { *p = v; }
 __device__ __forceinline__ void St(__half* p, float v) { *p = __float2half_rn(v); }
-// Four consecutive elements (16-byte aligned for float, 8-byte for __half).
-__device__ __forceinline__ float4 Ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
-__device__ __forceinline__ float4 Ld4(const __half* p) {
-  const uint2 u = *reinterpret_cast<const uint2*>(p);
-  const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&u.x));
-  const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&u.y));
-  return make_float4(a.x, a.y, b.x, b.y);
-}
 
 // The head dims a lane holds in its registers qv[r] / acc[r] in the per-query kernels. With Pairs
-// (an F16 cache and an even head_dim) a lane loads two neighbours as one __half2, so each warp load
-// covers 128 contiguous bytes as the F32 path's float loads do (scalar __half loads covered 64 and
-// left the F16 cache at half the F32 cache's bandwidth).
+// (an F16 or q8/q4 cache and an even head_dim) a lane loads two neighbours at once, so each warp
+// load covers 128 contiguous bytes of an F16 cache as the F32 path's float loads do (scalar __half
+// loads covered 64 and left the F16 cache at half the F32 cache's bandwidth).
 template <bool Pairs>
 __device__ __forceinline__ int LaneDim(int r, int lane) {
   return Pairs ? 64 * (r >> 1) + 2 * lane + (r & 1) : lane + 32 * r;
 }
-// Calls f(r, x) for each head dim the lane holds: register r, x = row[LaneDim(r, lane)] in fp32.
-template <bool Pairs, typename T, typename F>
-__device__ __forceinline__ void ForLaneDims(const T* row, int lane, int hd, F&& f) {
+// Calls f(r, x) for each head dim the lane holds: register r, x = element row + LaneDim(r, lane) of
+// the cache C (kv_cache.cuh) in fp32.
+template <bool Pairs, typename C, typename F>
+__device__ __forceinline__ void ForLaneDims(const C& c, int64_t row, int lane, int hd, F&& f) {
   if constexpr (Pairs) {
 #pragma unroll
     for (int r = 0; r < kMaxPerLane; r += 2) {
       const int d = LaneDim<true>(r, lane);
       if (d < hd) {
-        const float2 x = __half22float2(*reinterpret_cast<const __half2*>(row + d));
+        const float2 x = c.at2(row + d);
         f(r, x.x);
         f(r + 1, x.y);
       }
@@ -71,21 +66,22 @@ __device__ __forceinline__ void ForLaneDims(const T* row, int lane, int hd, F&& 
 #pragma unroll
     for (int r = 0; r < kMaxPerLane; ++r) {
       const int d = LaneDim<false>(r, lane);
-      if (d < hd) f(r, Ld(row + d));
+      if (d < hd) f(r, c.at(row + d));
     }
   }
 }
 // The lane's part of q . row.
-template <bool Pairs, typename T>
-__device__ __forceinline__ float LaneDot(const float (&qv)[kMaxPerLane], const T* row, int lane, int hd) {
+template <bool Pairs, typename C>
+__device__ __forceinline__ float LaneDot(const float (&qv)[kMaxPerLane], const C& c, int64_t row, int lane, int hd) {
   float s = 0.0f;
-  ForLaneDims<Pairs>(row, lane, hd, [&](int r, float x) { s += qv[r] * x; });
+  ForLaneDims<Pairs>(c, row, lane, hd, [&](int r, float x) { s += qv[r] * x; });
   return s;
 }
 // acc = acc * corr + p * row, over the lane's dims.
-template <bool Pairs, typename T>
-__device__ __forceinline__ void LaneAxpy(float (&acc)[kMaxPerLane], float corr, float p, const T* row, int lane, int hd) {
-  ForLaneDims<Pairs>(row, lane, hd, [&](int r, float x) { acc[r] = acc[r] * corr + p * x; });
+template <bool Pairs, typename C>
+__device__ __forceinline__ void LaneAxpy(float (&acc)[kMaxPerLane], float corr, float p, const C& c, int64_t row, int lane,
+                                         int hd) {
+  ForLaneDims<Pairs>(c, row, lane, hd, [&](int r, float x) { acc[r] = acc[r] * corr + p * x; });
 }
 
 // Merges the warps' (max, sum, acc) partials; returns the final max and sum (valid in every thread)
@@ -122,9 +118,9 @@ __device__ Merged MergeWarps(float m, float l, const float (&acc)[kMaxPerLane], 
   return {gmax, total};
 }
 
-template <typename T, bool Pairs>
-__global__ void AttentionKernel(const float* __restrict__ q, const T* __restrict__ k_cache,
-                                const T* __restrict__ v_cache, const int32_t* __restrict__ seq_ids,
+template <typename C, bool Pairs>
+__global__ void AttentionKernel(const float* __restrict__ q, const C k_cache, const C v_cache,
+                                const int32_t* __restrict__ seq_ids,
                                 const int32_t* __restrict__ positions, const int32_t* __restrict__ rows,
                                 float* __restrict__ out, float* __restrict__ col_sums, int64_t max_len, int64_t width,
                                 int64_t kv_width, int group, int head_dim, float scale) {
@@ -143,7 +139,7 @@ __global__ void AttentionKernel(const float* __restrict__ q, const T* __restrict
     acc[r] = 0.0f;
   }
   auto score = [&](int64_t j) {
-    float s = LaneDot<Pairs>(qv, k_cache + base + j * kv_width, lane, head_dim);
+    float s = LaneDot<Pairs>(qv, k_cache, base + j * kv_width, lane, head_dim);
     for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
     return s * scale;
   };
@@ -154,7 +150,7 @@ __global__ void AttentionKernel(const float* __restrict__ q, const T* __restrict
     const float corr = expf(m - m_new);
     const float p = expf(s - m_new);
     l = l * corr + p;
-    LaneAxpy<Pairs>(acc, corr, p, v_cache + base + j * kv_width, lane, head_dim);
+    LaneAxpy<Pairs>(acc, corr, p, v_cache, base + j * kv_width, lane, head_dim);
     m = m_new;
   }
   const Merged fin = MergeWarps<Pairs>(m, l, acc, head_dim, out + i * width + static_cast<int64_t>(h) * head_dim);
@@ -182,9 +178,9 @@ size_t TileSmemBytes(int head_dim) {
 // With kColSums, a first walk over the key tiles finds each query row's final max and sum (S only,
 // no V), and the second adds each key's normalized probability, summed over the tile's queries, to
 // col_sums[seq, head, key] (H2O's prefill scores): K is read twice, V once.
-template <bool kColSums, typename T>
+template <bool kColSums, typename C>
 __global__ void __launch_bounds__(kWarps * 32) PrefillTileKernel(
-    const float* __restrict__ q, const T* __restrict__ k_cache, const T* __restrict__ v_cache,
+    const float* __restrict__ q, const C k_cache, const C v_cache,
     const int32_t* __restrict__ seq_ids, const int32_t* __restrict__ positions, const int2* __restrict__ tiles,
     float* __restrict__ out, float* __restrict__ col_sums, int64_t max_len, int64_t width, int64_t kv_width, int group, int hd,
     float scale) {
@@ -238,8 +234,8 @@ __global__ void __launch_bounds__(kWarps * 32) PrefillTileKernel(
       const int key = kt + j;
       const bool in = key <= p_last;
       const int64_t at = base + static_cast<int64_t>(key) * kv_width + d;
-      put(ks + j * ldh + d, in ? Ld4(k_cache + at) : zero4);
-      if (with_v) put(vs + j * ldh + d, in ? Ld4(v_cache + at) : zero4);
+      put(ks + j * ldh + d, in ? k_cache.at4(at) : zero4);
+      if (with_v) put(vs + j * ldh + d, in ? v_cache.at4(at) : zero4);
     }
   };
   // S = Q K^T for this warp's 16 rows, into ss.
@@ -378,9 +374,53 @@ __global__ void SlotKvWriteKernel(const I* __restrict__ k, const I* __restrict__
   }
 }
 
-template <typename T, bool Pairs>
-__global__ void SlotAttentionKernel(const float* __restrict__ q, const T* __restrict__ k_slots,
-                                    const T* __restrict__ v_slots, const uint8_t* __restrict__ occupied,
+// A token's heads into q8/q4 slots: one thread per group of each head.
+template <typename I, bool Q4>
+__global__ void QuantSlotKvWriteKernel(const I* __restrict__ k, const I* __restrict__ v, QuantKv<Q4> k_slots,
+                                       QuantKv<Q4> v_slots, const int32_t* __restrict__ seq_ids,
+                                       const int32_t* __restrict__ slot_ids, int heads, int slots, int hd) {
+  const int64_t i = blockIdx.x;
+  const int h = blockIdx.y;
+  const int slot = slot_ids[i * heads + h];
+  if (slot < 0) return;  // not stored
+  const int64_t cell = ((static_cast<int64_t>(seq_ids[i]) * heads + h) * slots + slot) * hd;
+  const int64_t src = (i * heads + h) * hd;
+  const int g = 1 << k_slots.shift;
+  for (int c0 = threadIdx.x * g; c0 < hd; c0 += blockDim.x * g) {
+    QuantizeKvGroup(k_slots, cell + c0, [&](int x) { return Ld(k + src + c0 + x); });
+    QuantizeKvGroup(v_slots, cell + c0, [&](int x) { return Ld(v + src + c0 + x); });
+  }
+}
+
+// One block per token: its k and v rows into the cache row (seq, pos); F32 copied, F16 rounded to
+// nearest, q8/q4 one thread per group (as the CPU twin, bitwise).
+template <typename T>
+__global__ void KvWriteKernel(const float* __restrict__ k, const float* __restrict__ v, DenseKv<T> k_cache,
+                              DenseKv<T> v_cache, const int32_t* __restrict__ seq, const int32_t* __restrict__ pos,
+                              int64_t max_len, int64_t width) {
+  const int64_t i = blockIdx.x;
+  const int64_t row = (static_cast<int64_t>(seq[i]) * max_len + pos[i]) * width;
+  for (int64_t j = threadIdx.x; j < width; j += blockDim.x) {
+    St(k_cache.p + row + j, k[i * width + j]);
+    St(v_cache.p + row + j, v[i * width + j]);
+  }
+}
+template <bool Q4>
+__global__ void QuantKvWriteKernel(const float* __restrict__ k, const float* __restrict__ v, QuantKv<Q4> k_cache,
+                                   QuantKv<Q4> v_cache, const int32_t* __restrict__ seq, const int32_t* __restrict__ pos,
+                                   int64_t max_len, int64_t width) {
+  const int64_t i = blockIdx.x;
+  const int64_t row = (static_cast<int64_t>(seq[i]) * max_len + pos[i]) * width;
+  const int64_t g = int64_t{1} << k_cache.shift;
+  for (int64_t c0 = threadIdx.x * g; c0 < width; c0 += blockDim.x * g) {
+    QuantizeKvGroup(k_cache, row + c0, [&](int x) { return k[i * width + c0 + x]; });
+    QuantizeKvGroup(v_cache, row + c0, [&](int x) { return v[i * width + c0 + x]; });
+  }
+}
+
+template <typename C, bool Pairs>
+__global__ void SlotAttentionKernel(const float* __restrict__ q, const C k_slots, const C v_slots,
+                                    const uint8_t* __restrict__ occupied,
                                     const int32_t* __restrict__ seq_ids, float* __restrict__ out, float* __restrict__ probs,
                                     int slots, int hd, int kv_heads, float scale) {
   const int64_t i = blockIdx.x;
@@ -388,8 +428,7 @@ __global__ void SlotAttentionKernel(const float* __restrict__ q, const T* __rest
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t cell = static_cast<int64_t>(seq_ids[i]) * kv_heads + h / (heads / kv_heads);  // (sequence, KV head)
   const uint8_t* occ = occupied + cell * slots;
-  const T* kb = k_slots + cell * slots * hd;
-  const T* vb = v_slots + cell * slots * hd;
+  const int64_t cell0 = cell * slots * hd;  // the first element of the cell's slots
   float* p_out = probs + (i * heads + h) * slots;
   const int64_t width = static_cast<int64_t>(heads) * hd;
   float qv[kMaxPerLane], acc[kMaxPerLane];
@@ -402,7 +441,7 @@ __global__ void SlotAttentionKernel(const float* __restrict__ q, const T* __rest
   float m = -FLT_MAX, l = 0.0f;
   for (int j = warp; j < slots; j += kWarps) {
     if (!occ[j]) continue;  // uniform across the warp
-    float s = LaneDot<Pairs>(qv, kb + static_cast<int64_t>(j) * hd, lane, hd);
+    float s = LaneDot<Pairs>(qv, k_slots, cell0 + static_cast<int64_t>(j) * hd, lane, hd);
     for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
     s *= scale;
     if (lane == 0) p_out[j] = s;  // the raw score, normalized below
@@ -410,7 +449,7 @@ __global__ void SlotAttentionKernel(const float* __restrict__ q, const T* __rest
     const float corr = expf(m - m_new);
     const float p = expf(s - m_new);
     l = l * corr + p;
-    LaneAxpy<Pairs>(acc, corr, p, vb + static_cast<int64_t>(j) * hd, lane, hd);
+    LaneAxpy<Pairs>(acc, corr, p, v_slots, cell0 + static_cast<int64_t>(j) * hd, lane, hd);
     m = m_new;
   }
   const Merged fin = MergeWarps<Pairs>(m, l, acc, hd, out + i * width + static_cast<int64_t>(h) * hd);
@@ -538,6 +577,57 @@ static bool HalfPairsAligned(const void* k, const void* v, int head_dim) {
   return head_dim % 2 == 0 && reinterpret_cast<uintptr_t>(k) % 4 == 0 && reinterpret_cast<uintptr_t>(v) % 4 == 0;
 }
 
+template <bool Q4>
+static QuantKv<Q4> QuantView(const TensorView& t) {
+  const QuantLayout l = KvQuantLayout(t);
+  uint8_t* b = static_cast<uint8_t*>(t.data);
+  int shift = 0;
+  while ((1 << shift) < t.quant->group) ++shift;
+  return {b, reinterpret_cast<__half*>(b + l.scales_offset), reinterpret_cast<__half*>(b + l.mins_offset), shift};
+}
+
+bool KvTypeSupported(const TensorView& cache) {
+  if (!cache.quant) return cache.dtype == DType::kF32 || cache.dtype == DType::kF16;
+  const int g = cache.quant->group;
+  return g >= 2 && (g & (g - 1)) == 0;
+}
+
+// Calls f(k accessor, v accessor, std::bool_constant<Pairs>) for the caches' type (kv_cache.cuh):
+// q8/q4 caches always read pairs (their groups are even and within a head, so heads are even).
+template <typename F>
+static void DispatchKv(const TensorView& k, const TensorView& v, int head_dim, F&& f) {
+  if (k.quant && k.quant->kind == QuantKind::kQ4) {
+    f(QuantView<true>(k), QuantView<true>(v), std::true_type{});
+  } else if (k.quant) {
+    f(QuantView<false>(k), QuantView<false>(v), std::true_type{});
+  } else if (k.dtype == DType::kF16) {
+    const DenseKv<__half> kc{static_cast<__half*>(k.data)}, vc{static_cast<__half*>(v.data)};
+    if (HalfPairsAligned(k.data, v.data, head_dim)) {
+      f(kc, vc, std::true_type{});
+    } else {
+      f(kc, vc, std::false_type{});
+    }
+  } else {
+    f(DenseKv<float>{static_cast<float*>(k.data)}, DenseKv<float>{static_cast<float*>(v.data)}, std::false_type{});
+  }
+}
+
+cudaError_t LaunchKvWrite(const KvWriteArgs& a, cudaStream_t stream) {
+  const int64_t n = a.k.shape[0];
+  if (n == 0) return cudaSuccess;
+  const int64_t max_len = a.k_cache.shape[1], width = a.k_cache.shape[2];
+  DispatchKv(a.k_cache, a.v_cache, 2, [&](auto kc, auto vc, auto) {
+    if constexpr (IsQuantKv<decltype(kc)>::value) {
+      QuantKvWriteKernel<<<n, 128, 0, stream>>>(a.k.as<const float>(), a.v.as<const float>(), kc, vc, a.seq_ids.as<const int32_t>(),
+                                                a.positions.as<const int32_t>(), max_len, width);
+    } else {
+      KvWriteKernel<<<n, 256, 0, stream>>>(a.k.as<const float>(), a.v.as<const float>(), kc, vc, a.seq_ids.as<const int32_t>(),
+                                           a.positions.as<const int32_t>(), max_len, width);
+    }
+  });
+  return cudaGetLastError();
+}
+
 bool PrefillTilesSupported(int head_dim) { return head_dim % 16 == 0 && head_dim <= 128; }
 
 cudaError_t LaunchAttention(const AttentionArgs& a, const int32_t* rows, int64_t num_rows, cudaStream_t stream) {
@@ -546,20 +636,12 @@ cudaError_t LaunchAttention(const AttentionArgs& a, const int32_t* rows, int64_t
   if (head_dim > kMaxPerLane * 32) return cudaErrorInvalidValue;
   if (num_rows == 0) return cudaSuccess;
   dim3 grid(static_cast<unsigned>(num_rows), static_cast<unsigned>(a.num_heads));
-  auto launch = [&](auto* cache_type, auto pairs) {
-    using T = std::remove_pointer_t<decltype(cache_type)>;
-    AttentionKernel<T, decltype(pairs)::value><<<grid, kWarps * 32, 0, stream>>>(
-        a.q.as<const float>(), a.k_cache.as<const T>(), a.v_cache.as<const T>(), a.seq_ids.as<const int32_t>(),
-        a.positions.as<const int32_t>(), rows, a.out.as<float>(), a.col_sums.data != nullptr ? a.col_sums.as<float>() : nullptr,
-        a.k_cache.shape[1], width, kv_width, group, head_dim, a.scale);
-  };
-  if (a.k_cache.dtype == DType::kF16 && HalfPairsAligned(a.k_cache.data, a.v_cache.data, head_dim)) {
-    launch(static_cast<__half*>(nullptr), std::true_type{});
-  } else if (a.k_cache.dtype == DType::kF16) {
-    launch(static_cast<__half*>(nullptr), std::false_type{});
-  } else {
-    launch(static_cast<float*>(nullptr), std::false_type{});
-  }
+  DispatchKv(a.k_cache, a.v_cache, head_dim, [&](auto kc, auto vc, auto pairs) {
+    AttentionKernel<decltype(kc), decltype(pairs)::value><<<grid, kWarps * 32, 0, stream>>>(
+        a.q.as<const float>(), kc, vc, a.seq_ids.as<const int32_t>(), a.positions.as<const int32_t>(), rows, a.out.as<float>(),
+        a.col_sums.data != nullptr ? a.col_sums.as<float>() : nullptr, a.k_cache.shape[1], width, kv_width, group, head_dim,
+        a.scale);
+  });
   return cudaGetLastError();
 }
 
@@ -571,18 +653,19 @@ cudaError_t LaunchPrefillTiles(const AttentionArgs& a, const int2* tiles, int64_
   const size_t smem = TileSmemBytes(head_dim);
   const bool cols = a.col_sums.data != nullptr;
   dim3 grid(static_cast<unsigned>(num_tiles), static_cast<unsigned>(a.num_heads));
-  auto launch = [&](auto* cache_type) {
-    using T = std::remove_pointer_t<decltype(cache_type)>;
-    auto kernel = cols ? PrefillTileKernel<true, T> : PrefillTileKernel<false, T>;
-    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (e != cudaSuccess) return e;
-    kernel<<<grid, kWarps * 32, smem, stream>>>(a.q.as<const float>(), a.k_cache.as<const T>(), a.v_cache.as<const T>(),
-                                                a.seq_ids.as<const int32_t>(), a.positions.as<const int32_t>(), tiles,
-                                                a.out.as<float>(), cols ? a.col_sums.as<float>() : nullptr, a.k_cache.shape[1],
-                                                width, kv_width, group, head_dim, a.scale);
-    return cudaGetLastError();
-  };
-  return a.k_cache.dtype == DType::kF16 ? launch(static_cast<__half*>(nullptr)) : launch(static_cast<float*>(nullptr));
+  cudaError_t e = cudaSuccess;
+  DispatchKv(a.k_cache, a.v_cache, head_dim, [&](auto kc, auto vc, auto) {
+    using C = decltype(kc);
+    auto kernel = cols ? PrefillTileKernel<true, C> : PrefillTileKernel<false, C>;
+    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (e != cudaSuccess) return;
+    kernel<<<grid, kWarps * 32, smem, stream>>>(a.q.as<const float>(), kc, vc, a.seq_ids.as<const int32_t>(),
+                                                a.positions.as<const int32_t>(), tiles, a.out.as<float>(),
+                                                cols ? a.col_sums.as<float>() : nullptr, a.k_cache.shape[1], width, kv_width,
+                                                group, head_dim, a.scale);
+    e = cudaGetLastError();
+  });
+  return e;
 }
 
 cudaError_t LaunchSlotKvWrite(const SlotKvWriteArgs& a, cudaStream_t stream) {
@@ -599,6 +682,22 @@ cudaError_t LaunchSlotKvWrite(const SlotKvWriteArgs& a, cudaStream_t stream) {
                                                       slots, hd);
   };
   const bool in16 = a.k.dtype == DType::kF16, out16 = a.k_slots.dtype == DType::kF16;
+  if (a.k_slots.quant) {
+    DispatchKv(a.k_slots, a.v_slots, hd, [&](auto kc, auto vc, auto) {
+      if constexpr (IsQuantKv<decltype(kc)>::value) {
+        if (in16) {
+          QuantSlotKvWriteKernel<<<grid, 32, 0, stream>>>(a.k.as<const __half>(), a.v.as<const __half>(), kc, vc,
+                                                          a.seq_ids.as<const int32_t>(), a.slot_ids.as<const int32_t>(), heads,
+                                                          slots, hd);
+        } else {
+          QuantSlotKvWriteKernel<<<grid, 32, 0, stream>>>(a.k.as<const float>(), a.v.as<const float>(), kc, vc,
+                                                          a.seq_ids.as<const int32_t>(), a.slot_ids.as<const int32_t>(), heads,
+                                                          slots, hd);
+        }
+      }
+    });
+    return cudaGetLastError();
+  }
   __half* h = nullptr;
   float* f = nullptr;
   if (in16 && out16) {
@@ -621,19 +720,11 @@ cudaError_t LaunchSlotAttention(const SlotAttentionArgs& a, cudaStream_t stream)
   if (hd > kMaxPerLane * 32) return cudaErrorInvalidValue;
   if (n == 0) return cudaSuccess;
   dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(heads));
-  auto launch = [&](auto* slot_type, auto pairs) {
-    using T = std::remove_pointer_t<decltype(slot_type)>;
-    SlotAttentionKernel<T, decltype(pairs)::value><<<grid, kWarps * 32, 0, stream>>>(a.q.as<const float>(), a.k_slots.as<const T>(), a.v_slots.as<const T>(),
-                                                             a.occupied.as<const uint8_t>(), a.seq_ids.as<const int32_t>(),
-                                                             a.out.as<float>(), a.probs.as<float>(), slots, hd, kv_heads, a.scale);
-  };
-  if (a.k_slots.dtype == DType::kF16 && HalfPairsAligned(a.k_slots.data, a.v_slots.data, hd)) {
-    launch(static_cast<__half*>(nullptr), std::true_type{});
-  } else if (a.k_slots.dtype == DType::kF16) {
-    launch(static_cast<__half*>(nullptr), std::false_type{});
-  } else {
-    launch(static_cast<float*>(nullptr), std::false_type{});
-  }
+  DispatchKv(a.k_slots, a.v_slots, hd, [&](auto kc, auto vc, auto pairs) {
+    SlotAttentionKernel<decltype(kc), decltype(pairs)::value><<<grid, kWarps * 32, 0, stream>>>(
+        a.q.as<const float>(), kc, vc, a.occupied.as<const uint8_t>(), a.seq_ids.as<const int32_t>(), a.out.as<float>(),
+        a.probs.as<float>(), slots, hd, kv_heads, a.scale);
+  });
   return cudaGetLastError();
 }
 

@@ -9,12 +9,13 @@
 namespace ferry::kernels::cuda {
 namespace {
 
-// q8/q4 KV caches: device caches are not implemented on the GPU yet (`--kv cpu` runs them on the host).
-absl::Status QuantizedKvRefused() {
-  return absl::UnimplementedError("q8/q4 KV caches run on the CPU backend for now (the CUDA attention kernels read F32/F16 "
-                                  "caches; --kv cpu keeps them on the host beside the GPU)");
+// The attention kernels read F32, F16 and q8/q4 caches with power-of-two groups (every group
+// ParseKvType picks); other groups run on the CPU backend.
+absl::Status RequireKvType(const TensorView& cache) {
+  if (KvTypeSupported(cache)) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat("cuda backend: a ", KvTypeName(cache.quant ? KvType(*cache.quant) : KvType(cache.dtype)),
+                                                 " KV cache needs a power-of-two group on the GPU"));
 }
-
 
 cudaDataType CudaType(DType d) {
   switch (d) {
@@ -308,7 +309,7 @@ absl::Status CudaBackend::Add(const TensorView& a, const TensorView& b, const Te
 
 absl::Status CudaBackend::KvWrite(const KvWriteArgs& a) {
   FERRY_RETURN_IF_ERROR(ValidateKvWrite(a));
-  if (a.k_cache.quant) return QuantizedKvRefused();
+  FERRY_RETURN_IF_ERROR(RequireKvType(a.k_cache));
   FERRY_CUDA_RETURN_IF_ERROR(LaunchKvWrite(a, stream_));
   return absl::OkStatus();
 }
@@ -358,7 +359,7 @@ absl::StatusOr<const CudaBackend::AttentionPlan*> CudaBackend::PlanAttention(con
 
 absl::Status CudaBackend::Attention(const AttentionArgs& a) {
   FERRY_RETURN_IF_ERROR(ValidateAttention(a));
-  if (a.k_cache.quant) return QuantizedKvRefused();
+  FERRY_RETURN_IF_ERROR(RequireKvType(a.k_cache));
   const int64_t n = a.q.shape[0];
   const int head_dim = static_cast<int>(a.q.shape[1] / a.num_heads);
   if (head_dim > 256) return absl::InvalidArgumentError("cuda attention: head_dim above 256");
@@ -435,14 +436,14 @@ absl::Status CudaBackend::SampleRows(const SampleRowsArgs& a) {
 
 absl::Status CudaBackend::SlotKvWrite(const SlotKvWriteArgs& a) {
   FERRY_RETURN_IF_ERROR(ValidateSlotKvWrite(a));
-  if (a.k_slots.quant) return QuantizedKvRefused();
+  FERRY_RETURN_IF_ERROR(RequireKvType(a.k_slots));
   FERRY_CUDA_RETURN_IF_ERROR(LaunchSlotKvWrite(a, stream_));
   return absl::OkStatus();
 }
 
 absl::Status CudaBackend::SlotAttention(const SlotAttentionArgs& a) {
   FERRY_RETURN_IF_ERROR(ValidateSlotAttention(a));
-  if (a.k_slots.quant) return QuantizedKvRefused();
+  FERRY_RETURN_IF_ERROR(RequireKvType(a.k_slots));
   if (a.k_slots.shape[3] > 256) return absl::InvalidArgumentError("cuda slot attention: head_dim above 256");
   FERRY_CUDA_RETURN_IF_ERROR(LaunchSlotAttention(a, stream_));
   return absl::OkStatus();

@@ -1,5 +1,5 @@
 // Elementwise and gather kernels of the CUDA backend: row gather with dtype conversion, residual
-// add, KV cache writes, fp32 -> fp16/bf16 conversion, bias + ReLU epilogue.
+// add, fp32 -> fp16/bf16 conversion, bias + ReLU epilogue.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -31,22 +31,6 @@ __global__ void AddKernel(const float* __restrict__ a, const float* __restrict__
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     out[i] = a[i] + b[i];
-  }
-}
-
-// One block per token: copy its k and v rows into the cache slot (seq, pos).
-// The cache is F32 or F16 (rounded to nearest, as the CPU twin).
-__device__ __forceinline__ void StoreKv(float* p, float v) { *p = v; }
-__device__ __forceinline__ void StoreKv(__half* p, float v) { *p = __float2half_rn(v); }
-template <typename T>
-__global__ void KvWriteKernel(const float* __restrict__ k, const float* __restrict__ v, T* k_cache,
-                              T* v_cache, const int32_t* __restrict__ seq, const int32_t* __restrict__ pos,
-                              int64_t max_len, int64_t width) {
-  const int64_t i = blockIdx.x;
-  const int64_t slot = (static_cast<int64_t>(seq[i]) * max_len + pos[i]) * width;
-  for (int64_t j = threadIdx.x; j < width; j += blockDim.x) {
-    StoreKv(k_cache + slot + j, k[i * width + j]);
-    StoreKv(v_cache + slot + j, v[i * width + j]);
   }
 }
 
@@ -188,21 +172,6 @@ cudaError_t LaunchGatherRows(const GatherRowsArgs& a, cudaStream_t stream) {
 cudaError_t LaunchAdd(const float* a, const float* b, float* out, int64_t n, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   AddKernel<<<GridFor(n, 256), 256, 0, stream>>>(a, b, out, n);
-  return cudaGetLastError();
-}
-
-cudaError_t LaunchKvWrite(const KvWriteArgs& a, cudaStream_t stream) {
-  const int64_t n = a.k.shape[0];
-  if (n == 0) return cudaSuccess;
-  if (a.k_cache.dtype == DType::kF16) {
-    KvWriteKernel<__half><<<n, 256, 0, stream>>>(a.k.as<const float>(), a.v.as<const float>(), a.k_cache.as<__half>(),
-                                                 a.v_cache.as<__half>(), a.seq_ids.as<const int32_t>(),
-                                                 a.positions.as<const int32_t>(), a.k_cache.shape[1], a.k_cache.shape[2]);
-  } else {
-    KvWriteKernel<float><<<n, 256, 0, stream>>>(a.k.as<const float>(), a.v.as<const float>(), a.k_cache.as<float>(),
-                                                a.v_cache.as<float>(), a.seq_ids.as<const int32_t>(),
-                                                a.positions.as<const int32_t>(), a.k_cache.shape[1], a.k_cache.shape[2]);
-  }
   return cudaGetLastError();
 }
 

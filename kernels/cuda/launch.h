@@ -29,6 +29,10 @@ cudaError_t LaunchQuantLinear(const LinearArgs& a, const QuantLayout& layout, cu
 cudaError_t LaunchDequantizeToF16(const TensorView& weight, const QuantLayout& layout, void* out, cudaStream_t stream);
 // out = a + b over n floats.
 cudaError_t LaunchAdd(const float* a, const float* b, float* out, int64_t n, cudaStream_t stream);
+// Whether the attention kernels read this cache type (F32, F16, q8/q4 with a power-of-two group).
+bool KvTypeSupported(const TensorView& cache);
+// New keys and values into the cache; q8/q4 caches are quantized one thread per group, bitwise as
+// the CPU twin (kv_cache.cuh).
 cudaError_t LaunchKvWrite(const KvWriteArgs& a, cudaStream_t stream);
 // Per-query attention for the queries rows[0..num_rows) (rows == nullptr: queries 0..num_rows),
 // with column sums when a.col_sums is set.

@@ -1,5 +1,5 @@
-// More CUDA ops against their CPU twins (see cuda_backend_test.cc for the tolerances): the F16 KV
-// cache, the training ops of Deja Vu's predictors and the row copies of its device-side cache. Skips (GTEST_SKIP) where no GPU is visible.
+// More CUDA ops against their CPU twins (see cuda_backend_test.cc for the tolerances): the F16 and
+// q8/q4 KV caches, the training ops of Deja Vu's predictors and the row copies of its device-side cache. Skips (GTEST_SKIP) where no GPU is visible.
 #include <cmath>
 #include <cstring>
 
@@ -98,6 +98,128 @@ TEST_F(CudaTwinTest, F16KvCache) {
     EXPECT_LT(RelErr(Down(dev.out), out), 1e-5);
     EXPECT_LT(RelErr(Down(dev.probs), probs), 1e-5);
   }
+}
+
+// q8/q4 keys and values (groups along head_dim): the cache writes quantize as the CPU does
+// (bitwise: codes, scales and minimums), the per-query and slot attention dequantize inside the
+// kernel with fp32 compute (1e-5 of the CPU twin over the same quantized cache), the tensor-core
+// prefill loads the dequantized values as fp16 (3e-3), with and without H2O's column sums; slots
+// take F32 or F16 tokens.
+TEST_F(CudaTwinTest, QuantizedKvCache) {
+  // head_dim 64 (group 64, tiles), 48 (group 16, tiles), 200 (group 8, per-query only).
+  for (const char* kind : {"q8", "q4"}) {
+    for (const int hd : {64, 48, 200}) {
+      SCOPED_TRACE(::testing::Message() << kind << " hd " << hd);
+      auto type = ParseKvType(kind, hd);
+      ASSERT_TRUE(type.ok());
+      const QuantFormat f = *type->quant;
+      const int seqs = 3, max_len = 300, heads = 4, kv_heads = 2, w = heads * hd, kvw = kv_heads * hd;
+      std::vector<int32_t> seq, pos;
+      for (int t = 0; t < 200; ++t) seq.push_back(0), pos.push_back(t);
+      seq.push_back(1), pos.push_back(0);
+      seq.push_back(2), pos.push_back(0);
+      const int n = static_cast<int>(seq.size());
+      std::vector<float> k = RandomValues(static_cast<size_t>(n) * kvw, 50 + hd, 3.0f), v = RandomValues(k.size(), 51 + hd, 3.0f),
+                         q = RandomValues(static_cast<size_t>(n) * w, 52 + hd, 2.0f), ref(q.size()),
+                         cols(static_cast<size_t>(seqs) * heads * max_len, 0.0f);
+      const size_t cache_bytes = type->Bytes(static_cast<int64_t>(seqs) * max_len, kvw);
+      ASSERT_GT(cache_bytes, 0u);
+      std::vector<uint8_t> kc(cache_bytes, 0), vc(cache_bytes, 0);
+      auto hv = [](auto& d, DType t, std::initializer_list<int64_t> sh) { return TensorView::Contiguous(d.data(), t, sh); };
+      auto qv = [&](TensorView t) {
+        t.quant = f;
+        return t;
+      };
+      TensorView hseq = hv(seq, DType::kI32, {n}), hpos = hv(pos, DType::kI32, {n});
+      ASSERT_TRUE(cpu_.KvWrite({hv(k, DType::kF32, {n, kvw}), hv(v, DType::kF32, {n, kvw}), qv(hv(kc, DType::kU8, {seqs, max_len, kvw})),
+                                qv(hv(vc, DType::kU8, {seqs, max_len, kvw})), hseq, hpos})
+                      .ok());
+      const float scale = 0.125f;
+      AttentionArgs host{hv(q, DType::kF32, {n, w}), qv(hv(kc, DType::kU8, {seqs, max_len, kvw})), qv(hv(vc, DType::kU8, {seqs, max_len, kvw})),
+                         hseq, hpos, hv(ref, DType::kF32, {n, w}), heads, scale, hv(cols, DType::kF32, {seqs, heads, max_len})};
+      host.num_kv_heads = kv_heads;
+      ASSERT_TRUE(cpu_.Attention(host).ok());
+      std::vector<uint8_t> zeros8(cache_bytes, 0);
+      TensorView dk = qv(Up(zeros8, DType::kU8, {seqs, max_len, kvw})), dv = qv(Up(zeros8, DType::kU8, {seqs, max_len, kvw}));
+      TensorView dseq = Up(seq, DType::kI32, {n}), dpos = Up(pos, DType::kI32, {n}), dq = Up(q, DType::kF32, {n, w});
+      ASSERT_TRUE(gpu_->KvWrite({Up(k, DType::kF32, {n, kvw}), Up(v, DType::kF32, {n, kvw}), dk, dv, dseq, dpos}).ok());
+      std::vector<uint8_t> got(cache_bytes);
+      ASSERT_TRUE(gpu_->CopyToHost(got.data(), dk.data, cache_bytes).ok());
+      EXPECT_EQ(got, kc);
+      ASSERT_TRUE(gpu_->CopyToHost(got.data(), dv.data, cache_bytes).ok());
+      EXPECT_EQ(got, vc);
+      for (bool planned : {false, true}) {
+        std::vector<float> zeros(cols.size(), 0.0f);
+        AttentionArgs dev{dq, dk, dv, dseq, dpos, Poisoned({n, w}), heads, scale, Up(zeros, DType::kF32, {seqs, heads, max_len})};
+        dev.num_kv_heads = kv_heads;
+        if (planned) dev.host_seq_ids = seq.data(), dev.host_positions = pos.data();
+        ASSERT_TRUE(gpu_->Attention(dev).ok());
+        const double tol = planned && hd <= 128 ? 3e-3 : 1e-5;
+        EXPECT_LT(RelErr(Down(dev.out), ref), tol) << "planned " << planned;
+        EXPECT_LT(RelErr(Down(dev.col_sums), cols), tol) << "planned " << planned;
+      }
+
+      // Slots [seqs, kv_heads, slots, hd]: F32 and F16 tokens, then slot attention.
+      const int slots = 7;
+      const int64_t slot_rows = static_cast<int64_t>(seqs) * kv_heads * slots;
+      const size_t slot_bytes = type->Bytes(slot_rows, hd);
+      std::vector<int32_t> sseq = {2, 0, 1}, slot_ids;
+      std::vector<uint8_t> occ(static_cast<size_t>(slot_rows), 0);
+      for (int i = 0; i < 3; ++i) {
+        for (int h = 0; h < kv_heads; ++h) {
+          const int slot = (i * 3 + h) % slots;
+          slot_ids.push_back(slot);
+          occ[(static_cast<size_t>(sseq[i]) * kv_heads + h) * slots + slot] = 1;
+        }
+      }
+      const std::initializer_list<int64_t> sshape = {seqs, kv_heads, slots, hd};
+      std::vector<uint8_t> s_cpu(slot_bytes, 0), t_cpu(slot_bytes, 0);
+      std::vector<float> k3f(k.begin(), k.begin() + 3 * kvw), v3f(v.begin(), v.begin() + 3 * kvw);
+      ASSERT_TRUE(cpu_.SlotKvWrite({hv(k3f, DType::kF32, {3, kvw}), hv(v3f, DType::kF32, {3, kvw}), qv(hv(s_cpu, DType::kU8, sshape)),
+                                    qv(hv(t_cpu, DType::kU8, sshape)), hv(sseq, DType::kI32, {3}), hv(slot_ids, DType::kI32, {3, kv_heads})})
+                      .ok());
+      std::vector<uint8_t> zeros_slots(slot_bytes, 0);
+      TensorView ds = qv(Up(zeros_slots, DType::kU8, sshape)), dt = qv(Up(zeros_slots, DType::kU8, sshape)),
+                 dsseq = Up(sseq, DType::kI32, {3}), dslot = Up(slot_ids, DType::kI32, {3, kv_heads});
+      ASSERT_TRUE(gpu_->SlotKvWrite({Up(k3f, DType::kF32, {3, kvw}), Up(v3f, DType::kF32, {3, kvw}), ds, dt, dsseq, dslot}).ok());
+      std::vector<uint8_t> slots_got(slot_bytes);
+      ASSERT_TRUE(gpu_->CopyToHost(slots_got.data(), ds.data, slot_bytes).ok());
+      EXPECT_EQ(slots_got, s_cpu);
+      ASSERT_TRUE(gpu_->CopyToHost(slots_got.data(), dt.data, slot_bytes).ok());
+      EXPECT_EQ(slots_got, t_cpu);
+      // F16 tokens: the CPU quantizes their fp32 values; so must the GPU.
+      std::vector<uint16_t> k16(3 * kvw);
+      ConvertFromF32(DType::kF16, k3f.data(), k16.data(), k16.size());
+      std::vector<uint8_t> s16_cpu(slot_bytes, 0), t16_cpu(slot_bytes, 0);
+      ASSERT_TRUE(cpu_.SlotKvWrite({hv(k16, DType::kF16, {3, kvw}), hv(k16, DType::kF16, {3, kvw}), qv(hv(s16_cpu, DType::kU8, sshape)),
+                                    qv(hv(t16_cpu, DType::kU8, sshape)), hv(sseq, DType::kI32, {3}), hv(slot_ids, DType::kI32, {3, kv_heads})})
+                      .ok());
+      TensorView ds2 = qv(Up(zeros_slots, DType::kU8, sshape)), dt2 = qv(Up(zeros_slots, DType::kU8, sshape));
+      ASSERT_TRUE(gpu_->SlotKvWrite({Up(k16, DType::kF16, {3, kvw}), Up(k16, DType::kF16, {3, kvw}), ds2, dt2, dsseq, dslot}).ok());
+      ASSERT_TRUE(gpu_->CopyToHost(slots_got.data(), ds2.data, slot_bytes).ok());
+      EXPECT_EQ(slots_got, s16_cpu);
+      std::vector<float> out(3 * w), probs(3 * heads * slots);
+      std::vector<float> q3(q.begin(), q.begin() + 3 * w);
+      ASSERT_TRUE(cpu_.SlotAttention({hv(q3, DType::kF32, {3, w}), qv(hv(s_cpu, DType::kU8, sshape)), qv(hv(t_cpu, DType::kU8, sshape)),
+                                      hv(occ, DType::kU8, {seqs, kv_heads, slots}), hv(sseq, DType::kI32, {3}), hv(out, DType::kF32, {3, w}),
+                                      hv(probs, DType::kF32, {3, heads, slots}), scale})
+                      .ok());
+      SlotAttentionArgs dev{Up(q3, DType::kF32, {3, w}), ds, dt, Up(occ, DType::kU8, {seqs, kv_heads, slots}), dsseq,
+                            Poisoned({3, w}), Poisoned({3, heads, slots}), scale};
+      ASSERT_TRUE(gpu_->SlotAttention(dev).ok());
+      EXPECT_LT(RelErr(Down(dev.out), out), 1e-5);
+      EXPECT_LT(RelErr(Down(dev.probs), probs), 1e-5);
+    }
+  }
+  // A group that is not a power of two is refused with a clear error, not read wrong.
+  std::vector<uint8_t> bytes(4096, 0);
+  std::vector<float> k(12, 1.0f);
+  std::vector<int32_t> zero = {0};
+  TensorView cache = Up(bytes, DType::kU8, {1, 1, 12});
+  cache.quant = QuantFormat{QuantKind::kQ8, 6};
+  const absl::Status refused =
+      gpu_->KvWrite({Up(k, DType::kF32, {1, 12}), Up(k, DType::kF32, {1, 12}), cache, cache, Up(zero, DType::kI32, {1}), Up(zero, DType::kI32, {1})});
+  EXPECT_TRUE(absl::IsInvalidArgument(refused)) << refused;
 }
 
 // Training ops (Deja Vu's predictors on the GPU): fp32 SGEMM in every transpose combination, odd
