@@ -99,6 +99,24 @@ absl::StatusOr<QuantLayout> LayoutQuantized(const QuantFormat& f, int64_t rows, 
   return l;
 }
 
+absl::StatusOr<BundleQuantLayout> LayoutQuantBundle(const QuantFormat& f, int64_t d) {
+  if (d <= 0 || d % f.group != 0 || d > (int64_t{1} << 24)) {
+    return absl::InvalidArgumentError(absl::StrCat("a neuron bundle of width ", d, " cannot be quantized in groups of ", f.group,
+                                                   " (the group must divide the hidden size)"));
+  }
+  BundleQuantLayout b;
+  const size_t n = 2 * static_cast<size_t>(d);
+  b.row.groups_per_row = n / static_cast<size_t>(f.group);
+  b.row.values_bytes = f.kind == QuantKind::kQ4 ? n / 2 : n;
+  b.row.scales_offset = b.row.values_bytes;  // even: d is a multiple of an even group
+  b.row.mins_offset = f.kind == QuantKind::kQ4 ? b.row.scales_offset + b.row.groups_per_row * 2 : 0;
+  const size_t end = (f.kind == QuantKind::kQ4 ? b.row.mins_offset : b.row.scales_offset) + b.row.groups_per_row * 2;
+  b.bias_offset = AlignUp(end, 4);
+  b.bytes = AlignUp(b.bias_offset + sizeof(float), 16);
+  b.row.bytes = b.bytes;
+  return b;
+}
+
 namespace {
 
 // Group gi (values x[0..g)) into its codes and parameters; `v` points at the group's first value

@@ -66,6 +66,19 @@ struct QuantLayout {
   size_t bytes = 0;  // the whole region, a multiple of 4096
 };
 
+// A Deja Vu neuron bundle of a q4/q8 model (FfnBundles): FC1 row j and FC2 column j (d values
+// each) as one quantized row of 2d values in groups of G (G divides d, so no group straddles the
+// two halves), then its fp16 scales, for q4 its fp16 minimums, then FC1's bias j in fp32; the whole
+// padded to 16 bytes, so a neuron is still one read. `row` addresses one bundle as a one-row
+// quantized matrix (QuantizeSpan / DequantizeSpan with row 0 and cols 2d).
+struct BundleQuantLayout {
+  QuantLayout row;
+  size_t bias_offset = 0;
+  size_t bytes = 0;
+};
+// kInvalidArgument when the group does not divide d.
+absl::StatusOr<BundleQuantLayout> LayoutQuantBundle(const QuantFormat& f, int64_t d);
+
 // kInvalidArgument when cols is not a multiple of the group or the sizes overflow.
 absl::StatusOr<QuantLayout> LayoutQuantized(const QuantFormat& f, int64_t rows, int64_t cols);
 

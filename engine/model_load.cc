@@ -80,8 +80,13 @@ absl::Status RefuseSparseSwiGlu(const ModelConfig& c) {
       " model has a SwiGLU FFN (activation sparsity for SwiGLU models is not supported yet)"));
 }
 
-offload::FfnBundleLayout BundleLayout(const ModelConfig& c, const TensorNames& names, DType dtype) {
-  offload::FfnBundleLayout layout{c.hidden_size, c.ffn_dim, dtype, {}, {}, {}};
+offload::FfnBundleLayout BundleLayout(const ModelConfig& c, const TensorNames& names, DType dtype,
+                                      const std::optional<QuantFormat>& quant) {
+  offload::FfnBundleLayout layout;
+  layout.d = c.hidden_size;
+  layout.ffn = c.ffn_dim;
+  layout.dtype = dtype;
+  layout.quant = quant;
   for (int l = 0; l < c.num_layers; ++l) {
     layout.up.push_back(names.Layer(Role::kUp, l));
     layout.up_bias.push_back(names.Layer(Role::kUpBias, l));
@@ -333,17 +338,13 @@ absl::StatusOr<std::unique_ptr<Model>> Model::LoadOffloaded(const std::string& s
       streamed[l].push_back({r.role, t->info.offset - region.offset, t->info.dtype, r.shape, t->info.quant});
     }
   }
-  if (options.sparse_ffn && matrix_quant) {
-    return absl::InvalidArgumentError("Deja Vu sparsity reads fp16/fp32 FFN bundles; this store's matrices are quantized (" +
-                                      QuantFormatName(*matrix_quant) + ")");
-  }
   FERRY_ASSIGN_OR_RETURN(m->plan_, PlanOffload(store, options, *backend));  // refuses before any allocation
 
   m->weights_ = offload::ModelWeights(c.num_layers);
   FERRY_RETURN_IF_ERROR(m->LoadResident(store, /*matrices=*/false));
   if (options.sparse_ffn) {
     offload::FfnBundleOptions bo{options.split.disk > 0.0, options.sparse_cache_fraction, options.streamer.uring};
-    FERRY_ASSIGN_OR_RETURN(m->bundles_, offload::FfnBundles::Create(backend, store, BundleLayout(c, m->names_, matrix_dtype), bo));
+    FERRY_ASSIGN_OR_RETURN(m->bundles_, offload::FfnBundles::Create(backend, store, BundleLayout(c, m->names_, matrix_dtype, matrix_quant), bo));
   }
   for (int l = 0; l < c.num_layers; ++l) {
     for (offload::StreamedTensor& t : streamed[l]) t.offset -= m->plan_.layers[l].begin;
@@ -442,9 +443,16 @@ absl::StatusOr<offload::Plan> Model::PlanOffload(const io::Store& store, const O
     in.layer_begin.push_back(begin);
     in.layer_bytes.push_back(end - begin);
   }
-  const DType dtype = store.FindTensor(names.Layer(Role::kUp, 0))->info.dtype;
-  bundles_device = offload::FfnBundles::DeviceBytes(c.num_layers, c.hidden_size, c.ffn_dim, dtype, options.sparse_cache_fraction);
-  bundles_host = offload::FfnBundles::HostBytes(c.num_layers, c.hidden_size, c.ffn_dim, dtype, options.split.disk > 0.0);
+  const io::StoreTensor* up_tensor = store.FindTensor(names.Layer(Role::kUp, 0));
+  if (up_tensor == nullptr) return absl::DataLossError(absl::StrCat("the store lacks ", names.Layer(Role::kUp, 0)));
+  const io::TensorInfo& up = up_tensor->info;
+  if (up.quant && offload::FfnBundles::BundleBytes(c.hidden_size, up.dtype, up.quant) == 0) {
+    return absl::InvalidArgumentError(absl::StrCat("Deja Vu sparsity on a ", QuantFormatName(*up.quant), " store needs the group to divide the hidden size ",
+                                                   c.hidden_size));
+  }
+  bundles_device =
+      offload::FfnBundles::DeviceBytes(c.num_layers, c.hidden_size, c.ffn_dim, up.dtype, options.sparse_cache_fraction, up.quant);
+  bundles_host = offload::FfnBundles::HostBytes(c.num_layers, c.hidden_size, c.ffn_dim, up.dtype, options.split.disk > 0.0, up.quant);
   const uint64_t dequant_scratch = backend.device() == Device::kCuda ? layout.largest_quantized * 2 : 0;
   in.split = options.split;
   in.other_device_bytes =

@@ -189,9 +189,17 @@ absl::Status ValidateBundledFfn(const BundledFfnArgs& a) {
   FERRY_RETURN_IF_ERROR(Expect(Is2dF32(a.x) && Is2dF32(a.out) && a.x.shape == a.out.shape && a.x.data != a.out.data, op,
                                "x and out must be distinct contiguous [n, d] F32"));
   const int64_t d = a.x.shape[1];
-  FERRY_RETURN_IF_ERROR(Expect(a.bundles.ndim == 2 && IsFloat(a.bundles.dtype) && a.bundles.is_contiguous() &&
-                                   a.bundles.shape[1] >= 2 * d + 1,
-                               op, absl::StrCat("bundles must be [m, >= ", 2 * d + 1, "] float")));
+  if (a.bundles.quant) {
+    auto layout = LayoutQuantBundle(*a.bundles.quant, d);
+    FERRY_RETURN_IF_ERROR(Expect(layout.ok() && a.bundles.ndim == 2 && a.bundles.dtype == DType::kU8 && a.bundles.is_contiguous() &&
+                                     a.bundles.shape[1] == static_cast<int64_t>(layout.ok() ? layout->bytes : 0),
+                                 op, absl::StrCat("quantized bundles must be [m, bundle bytes] U8 of ", QuantFormatName(*a.bundles.quant),
+                                                  " bundles of width ", d, " (the group dividing it)")));
+  } else {
+    FERRY_RETURN_IF_ERROR(Expect(a.bundles.ndim == 2 && IsFloat(a.bundles.dtype) && a.bundles.is_contiguous() &&
+                                     a.bundles.shape[1] >= 2 * d + 1,
+                                 op, absl::StrCat("bundles must be [m, >= ", 2 * d + 1, "] float")));
+  }
   if (a.fc2_bias.data != nullptr) {
     FERRY_RETURN_IF_ERROR(Expect(a.fc2_bias.ndim == 1 && a.fc2_bias.shape[0] == d && a.fc2_bias.dtype == DType::kF32, op,
                                  "fc2_bias must be [d] F32"));

@@ -263,10 +263,13 @@ struct H2OPrefillArgs {
 
 // The FFN over selected neurons only (Deja Vu), from row-column bundles: neuron j's bundle is
 // [FC1 row j (d values) | FC1 bias j | FC2 column j (d values)], so one read fetches a neuron.
-// out = FC2 bias + sum over bundles of relu(x . row + bias) * column.
+// out = FC2 bias + sum over bundles of relu(x . row + bias) * column. Bundles of a q4/q8 model
+// are quantized rows (base/quant.h's BundleQuantLayout), dequantized inside the op with fp32 math.
 struct BundledFfnArgs {
   TensorView x;         // [n, d] F32
-  TensorView bundles;   // [m, stride] F32/F16/BF16, stride >= 2d + 1 (padding after the FC2 column ignored)
+  // [m, stride] F32/F16/BF16, stride >= 2d + 1 (padding after the FC2 column ignored); or, with
+  // quant set, [m, LayoutQuantBundle(quant, d).bytes] U8.
+  TensorView bundles;
   TensorView fc2_bias;  // [d] F32 (data == nullptr: none)
   TensorView out;       // [n, d] F32, must not alias x
 };

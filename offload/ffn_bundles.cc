@@ -16,29 +16,38 @@
 
 namespace ferry::offload {
 
-uint64_t FfnBundles::BundleBytes(int d, DType dtype) { return (static_cast<uint64_t>(2 * d + 1) * DTypeSize(dtype) + 15) / 16 * 16; }
+uint64_t FfnBundles::BundleBytes(int d, DType dtype, const std::optional<QuantFormat>& quant) {
+  if (quant) {
+    auto layout = LayoutQuantBundle(*quant, d);
+    return layout.ok() ? layout->bytes : 0;
+  }
+  return (static_cast<uint64_t>(2 * d + 1) * DTypeSize(dtype) + 15) / 16 * 16;
+}
 
-uint64_t FfnBundles::LayerStride(int d, int ffn, DType dtype) {
-  return (BundleBytes(d, dtype) * ffn + io::kStoreAlignment - 1) / io::kStoreAlignment * io::kStoreAlignment;
+uint64_t FfnBundles::LayerStride(int d, int ffn, DType dtype, const std::optional<QuantFormat>& quant) {
+  return (BundleBytes(d, dtype, quant) * ffn + io::kStoreAlignment - 1) / io::kStoreAlignment * io::kStoreAlignment;
 }
 
 int64_t FfnBundles::CacheRows(int ffn, double fraction) {
   return static_cast<int64_t>(std::llround(std::clamp(fraction, 0.0, 1.0) * ffn));
 }
 
-uint64_t FfnBundles::DeviceBytes(int layers, int d, int ffn, DType dtype, double cache_fraction) {
-  const uint64_t bundle = BundleBytes(d, dtype);
-  // One layer's worth of fetched bundles and their ids, the device-side cache, CopyRows' two id lists.
+uint64_t FfnBundles::DeviceBytes(int layers, int d, int ffn, DType dtype, double cache_fraction, const std::optional<QuantFormat>& quant) {
+  const uint64_t bundle = BundleBytes(d, dtype, quant);
+  // One layer's worth of fetched bundles and their ids, the device-side cache, CopyRows' two id
+  // lists; quantized: the fp16 [ffn, 2d] the GEMM path dequantizes them into.
+  const uint64_t dequant = quant ? static_cast<uint64_t>(ffn) * 2 * static_cast<uint64_t>(d) * 2 : 0;
   return (bundle + sizeof(int32_t)) * ffn + static_cast<uint64_t>(CacheRows(ffn, cache_fraction)) * bundle * layers +
-         2 * sizeof(int32_t) * ffn;
+         2 * sizeof(int32_t) * ffn + dequant;
 }
 
-uint64_t FfnBundles::HostBytes(int layers, int d, int ffn, DType dtype, bool on_disk) {
+uint64_t FfnBundles::HostBytes(int layers, int d, int ffn, DType dtype, bool on_disk, const std::optional<QuantFormat>& quant) {
   // Every layer's bundles (CPU tier), or one layer's staging mirror (disk tier).
-  return on_disk ? LayerStride(d, ffn, dtype) : BundleBytes(d, dtype) * ffn * layers;
+  return on_disk ? LayerStride(d, ffn, dtype, quant) : BundleBytes(d, dtype, quant) * ffn * layers;
 }
 
 absl::Status FfnBundles::BuildLayer(const io::Store& store, int layer, char* dst) const {
+  if (layout_.quant) return BuildQuantizedLayer(store, layer, dst);
   const int64_t d = layout_.d, f = layout_.ffn;
   const DType dtype = layout_.dtype;
   const size_t es = DTypeSize(dtype);
@@ -79,6 +88,55 @@ absl::Status FfnBundles::BuildLayer(const io::Store& store, int layer, char* dst
   return absl::OkStatus();
 }
 
+absl::Status FfnBundles::BuildQuantizedLayer(const io::Store& store, int layer, char* dst) const {
+  const int64_t d = layout_.d, f = layout_.ffn;
+  const QuantFormat q = *layout_.quant;
+  FERRY_ASSIGN_OR_RETURN(const BundleQuantLayout bl, LayoutQuantBundle(q, d));
+  FERRY_ASSIGN_OR_RETURN(const QuantLayout up, LayoutQuantized(q, f, d));
+  FERRY_ASSIGN_OR_RETURN(const QuantLayout down, LayoutQuantized(q, d, f));
+  const std::vector<int64_t> up_shape = {f, d}, down_shape = {d, f};
+  for (const auto& [name, shape] : {std::pair{&layout_.up[layer], &up_shape}, std::pair{&layout_.down[layer], &down_shape}}) {
+    const io::TensorInfo* t = store.Find(*name);
+    const uint64_t want = name == &layout_.up[layer] ? up.bytes : down.bytes;
+    if (t == nullptr || !t->quant || !(*t->quant == q) || t->shape != *shape || t->bytes != want) {
+      return absl::DataLossError(absl::StrCat("store tensor ", *name, " is not the ", QuantFormatName(q), " matrix its layer needs"));
+    }
+  }
+  std::vector<uint8_t> w1(up.bytes), w2(down.bytes);
+  FERRY_RETURN_IF_ERROR(store.Read(layout_.up[layer], w1.data(), w1.size()));
+  FERRY_RETURN_IF_ERROR(store.Read(layout_.down[layer], w2.data(), w2.size()));
+  const io::TensorInfo* bias = store.Find(layout_.up_bias[layer]);
+  if (bias == nullptr || bias->numel() != f || bias->quant) {
+    return absl::NotFoundError(absl::StrCat("store lacks ", layout_.up_bias[layer], " of ", f, " values"));
+  }
+  std::vector<char> raw(bias->bytes);
+  std::vector<float> b1(static_cast<size_t>(f));
+  FERRY_RETURN_IF_ERROR(store.Read(layout_.up_bias[layer], raw.data(), raw.size()));
+  ConvertToF32(bias->dtype, raw.data(), b1.data(), static_cast<size_t>(f));
+  std::vector<float> w2f(static_cast<size_t>(d * f));
+  DequantizeRows(q, down, w2.data(), f, 0, d, w2f.data());
+  std::memset(dst, 0, static_cast<size_t>(f) * bundle_bytes_);
+  const size_t row_values = q.kind == QuantKind::kQ4 ? static_cast<size_t>(d) / 2 : static_cast<size_t>(d);
+  const size_t groups = static_cast<size_t>(d / q.group);
+  ThreadPool::Default().ParallelFor(f, 16, [&](int64_t j0, int64_t j1) {
+    std::vector<float> col(static_cast<size_t>(d));
+    for (int64_t j = j0; j < j1; ++j) {
+      uint8_t* bundle = reinterpret_cast<uint8_t*>(dst) + static_cast<size_t>(j) * bundle_bytes_;
+      // FC1 row j: the store's codes, scales and minimums as they are (no second rounding).
+      std::memcpy(bundle, w1.data() + static_cast<size_t>(j) * row_values, row_values);
+      std::memcpy(bundle + bl.row.scales_offset, w1.data() + up.scales_offset + static_cast<size_t>(j) * groups * 2, groups * 2);
+      if (q.kind == QuantKind::kQ4) {
+        std::memcpy(bundle + bl.row.mins_offset, w1.data() + up.mins_offset + static_cast<size_t>(j) * groups * 2, groups * 2);
+      }
+      // FC2 column j, requantized along d.
+      for (int64_t i = 0; i < d; ++i) col[static_cast<size_t>(i)] = w2f[static_cast<size_t>(i * f + j)];
+      QuantizeSpan(q, bl.row, col.data(), 2 * d, 0, d, d, bundle);
+      std::memcpy(bundle + bl.bias_offset, &b1[static_cast<size_t>(j)], sizeof(float));
+    }
+  });
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::unique_ptr<FfnBundles>> FfnBundles::Create(kernels::Backend* backend, const io::Store& store,
                                                                 const FfnBundleLayout& layout, const FfnBundleOptions& options) {
   std::unique_ptr<FfnBundles> b(new FfnBundles());
@@ -87,8 +145,12 @@ absl::StatusOr<std::unique_ptr<FfnBundles>> FfnBundles::Create(kernels::Backend*
   const int layers = static_cast<int>(layout.up.size());
   const int64_t f = layout.ffn;
   const size_t es = DTypeSize(layout.dtype);
-  b->bundle_bytes_ = BundleBytes(layout.d, layout.dtype);
-  b->stride_ = static_cast<int64_t>(b->bundle_bytes_ / es);
+  b->bundle_bytes_ = BundleBytes(layout.d, layout.dtype, layout.quant);
+  if (b->bundle_bytes_ == 0) {
+    return absl::InvalidArgumentError(absl::StrCat("the FFN's ", QuantFormatName(*layout.quant), " groups do not divide the hidden size ",
+                                                   layout.d, ": no quantized neuron bundles"));
+  }
+  b->stride_ = static_cast<int64_t>(layout.quant ? b->bundle_bytes_ : b->bundle_bytes_ / es);
   if (!options.on_disk) {
     for (int l = 0; l < layers; ++l) {
       FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer pinned, backend->AllocateHost(static_cast<size_t>(f) * b->bundle_bytes_));
@@ -98,13 +160,14 @@ absl::StatusOr<std::unique_ptr<FfnBundles>> FfnBundles::Create(kernels::Backend*
   } else {
     // The disk tier: the bundles live in the store's ffn_bundles.bin (written once, beside the
     // weights) and each gather reads only the pages that hold the chosen neurons.
-    b->layer_stride_ = LayerStride(layout.d, layout.ffn, layout.dtype);
+    b->layer_stride_ = LayerStride(layout.d, layout.ffn, layout.dtype, layout.quant);
     const std::string path = store.dir() + "/ffn_bundles.bin", stamp_path = store.dir() + "/ffn_bundles.json";
     const uint64_t want = b->layer_stride_ * layers;
     // The file is derived from the store's FC1/FC2 tensors: its stamp records their checksums and
     // the layout, and any difference (a reconverted store, a torn write) rebuilds it.
     nlohmann::json stamp = {{"bundle_bytes", b->bundle_bytes_}, {"layer_stride", b->layer_stride_}, {"layers", layers},
-                            {"ffn", f}, {"dtype", DTypeName(layout.dtype)}};
+                            {"ffn", f}, {"dtype", DTypeName(layout.dtype)},
+                            {"quant", layout.quant ? QuantFormatName(*layout.quant) : std::string("none")}};
     for (int l = 0; l < layers; ++l) {
       for (const std::string* t : {&layout.up[l], &layout.up_bias[l], &layout.down[l]}) {
         const io::StoreTensor* st = store.FindTensor(*t);
@@ -208,7 +271,8 @@ absl::StatusOr<TensorView> FfnBundles::Gather(int layer, const std::vector<int32
     std::iota(from.begin(), from.end(), 0);
     FERRY_RETURN_IF_ERROR(backend_->CopyRows(gather_.data(), cache.rows.data(), bundle_bytes_, from, slots));
   }
-  TensorView v = TensorView::Contiguous(gather_.data(), layout_.dtype, {m, stride_}, backend_->device());
+  TensorView v = TensorView::Contiguous(gather_.data(), layout_.quant ? DType::kU8 : layout_.dtype, {m, stride_}, backend_->device());
+  v.quant = layout_.quant;
   return v;
 }
 

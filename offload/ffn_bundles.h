@@ -1,5 +1,9 @@
 // Deja Vu's sparse FFN weights: each layer's FFN kept as row-column bundles (neuron j: FC1 row j,
-// FC1 bias j, FC2 column j, padded to 16 bytes), so one read fetches a neuron. The bundles live in
+// FC1 bias j, FC2 column j, padded to 16 bytes), so one read fetches a neuron. A q4/q8 store's
+// bundles are quantized too (base/quant.h's BundleQuantLayout): FC1's row keeps the store's codes
+// and scales as they are; FC2's column is requantized along d from the store's values (the store
+// groups FC2 along ffn, across neurons, so no neuron's column is a whole group there: the one place
+// ferry rounds twice). The bundles live in
 // pinned host memory (the CPU tier) or in the store's ffn_bundles.bin (the disk tier, written once
 // beside the weights and stamped with the FFN tensors' checksums; each gather reads only the 4 KiB
 // pages that hold the chosen neurons, with io_uring and O_DIRECT). Per layer and call only the
@@ -10,6 +14,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -23,7 +28,8 @@ namespace ferry::offload {
 // Where each layer's FFN lies in the store: FC1 [ffn, d] and its bias [ffn], FC2 [d, ffn].
 struct FfnBundleLayout {
   int d = 0, ffn = 0;
-  DType dtype = DType::kF16;  // the matrices' dtype (bundles keep it)
+  DType dtype = DType::kF16;  // the matrices' dtype (bundles keep it); U8 with quant
+  std::optional<QuantFormat> quant;  // the matrices' q4/q8 format: quantized bundles
   std::vector<std::string> up, up_bias, down;  // per layer tensor names
 };
 
@@ -39,15 +45,18 @@ class FfnBundles {
                                                              const FfnBundleLayout& layout, const FfnBundleOptions& options);
   // Bytes of one bundle, of one layer's bundles on disk (4 KiB-aligned), and the rows of the
   // device cache per layer: what a memory plan counts.
-  static uint64_t BundleBytes(int d, DType dtype);
-  static uint64_t LayerStride(int d, int ffn, DType dtype);
+  // With quant: the quantized bundle (0 when its group does not divide d).
+  static uint64_t BundleBytes(int d, DType dtype, const std::optional<QuantFormat>& quant = std::nullopt);
+  static uint64_t LayerStride(int d, int ffn, DType dtype, const std::optional<QuantFormat>& quant = std::nullopt);
   static int64_t CacheRows(int ffn, double fraction);
-  // Device memory and pinned memory these bundles take.
-  static uint64_t DeviceBytes(int layers, int d, int ffn, DType dtype, double cache_fraction);
-  static uint64_t HostBytes(int layers, int d, int ffn, DType dtype, bool on_disk);
+  // Device memory and pinned memory these bundles take (quantized: also the fp16 copy of one
+  // layer's bundles the GPU's GEMM path dequantizes into).
+  static uint64_t DeviceBytes(int layers, int d, int ffn, DType dtype, double cache_fraction,
+                              const std::optional<QuantFormat>& quant = std::nullopt);
+  static uint64_t HostBytes(int layers, int d, int ffn, DType dtype, bool on_disk, const std::optional<QuantFormat>& quant = std::nullopt);
 
   // The bundles of `neurons` (distinct, increasing) of `layer`, in device memory: [m, stride] in
-  // the matrices' dtype, valid until the next Gather. Rows are the misses, then the cache hits.
+  // the matrices' dtype (quantized: [m, bundle bytes] U8 with quant set), valid until the next Gather. Rows are the misses, then the cache hits.
   absl::StatusOr<TensorView> Gather(int layer, const std::vector<int32_t>& neurons);
 
   uint64_t bundle_bytes() const { return bundle_bytes_; }
@@ -60,11 +69,12 @@ class FfnBundles {
  private:
   FfnBundles() = default;
   absl::Status BuildLayer(const io::Store& store, int layer, char* dst) const;
+  absl::Status BuildQuantizedLayer(const io::Store& store, int layer, char* dst) const;
   absl::Status ReadPages(int layer, const std::vector<int32_t>& neurons);
 
   kernels::Backend* backend_ = nullptr;
   FfnBundleLayout layout_;
-  int64_t stride_ = 0;  // elements per bundle row (2d + 1, padded to 16 bytes)
+  int64_t stride_ = 0;  // elements per bundle row (2d + 1, padded to 16 bytes; quantized: bytes)
   uint64_t bundle_bytes_ = 0, layer_stride_ = 0;
   std::vector<kernels::DeviceBuffer> pinned_;  // CPU tier: per layer [ffn, stride]
   kernels::DeviceBuffer gather_;               // backend memory for one layer's fetched bundles

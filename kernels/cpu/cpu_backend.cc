@@ -211,29 +211,51 @@ absl::Status CpuBackend::Attention(const AttentionArgs& a) {
 absl::Status CpuBackend::BundledFfn(const BundledFfnArgs& a) {
   FERRY_RETURN_IF_ERROR(ValidateBundledFfn(a));
   const int64_t n = a.x.shape[0], d = a.x.shape[1], m = a.bundles.shape[0], width = a.bundles.shape[1];  // row stride
-  const DType dt = a.bundles.dtype;
+  const DType dt = a.bundles.quant ? DType::kF32 : a.bundles.dtype;  // quantized bundles unbundle as fp32
   const size_t es = DTypeSize(dt);
   // Unbundled into the dense layouts (FC1 rows [m, d], FC1 bias [m], FC2 [d, m]) and run through
   // the same Linear kernels as the dense FFN: with every neuron in order the result is the dense
-  // FFN's, bit for bit.
+  // FFN's, bit for bit (quantized bundles: the dense FFN of their dequantized values).
   std::vector<char> w1(static_cast<size_t>(m * d) * es), w2(static_cast<size_t>(d * m) * es);
   std::vector<float> b1(static_cast<size_t>(m)), act(static_cast<size_t>(n * m));
   const char* src = a.bundles.as<const char>();
-  pool_->ParallelFor(m, 64, [&](int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; ++j) {
-      const char* bundle = src + static_cast<size_t>(j * width) * es;
-      std::memcpy(w1.data() + static_cast<size_t>(j * d) * es, bundle, static_cast<size_t>(d) * es);
-      ConvertToF32(dt, bundle + static_cast<size_t>(d) * es, &b1[j], 1);
-    }
-  });
-  pool_->ParallelFor(d, 16, [&](int64_t i0, int64_t i1) {
-    for (int64_t j = 0; j < m; ++j) {
-      const char* col = src + static_cast<size_t>(j * width + d + 1) * es;
-      for (int64_t i = i0; i < i1; ++i) {
-        std::memcpy(w2.data() + static_cast<size_t>(i * m + j) * es, col + static_cast<size_t>(i) * es, es);
+  if (a.bundles.quant) {
+    auto layout = LayoutQuantBundle(*a.bundles.quant, d);
+    FERRY_CHECK(layout.ok());  // ValidateBundledFfn checked it
+    std::vector<float> cols(static_cast<size_t>(m * d));
+    pool_->ParallelFor(m, 16, [&](int64_t j0, int64_t j1) {
+      std::vector<float> row(static_cast<size_t>(2 * d));
+      for (int64_t j = j0; j < j1; ++j) {
+        const uint8_t* bundle = a.bundles.as<const uint8_t>() + static_cast<size_t>(j * width);
+        DequantizeSpan(*a.bundles.quant, layout->row, bundle, 2 * d, 0, 0, 2 * d, row.data());
+        std::memcpy(w1.data() + static_cast<size_t>(j * d) * es, row.data(), static_cast<size_t>(d) * es);
+        std::memcpy(cols.data() + j * d, row.data() + d, static_cast<size_t>(d) * sizeof(float));
+        std::memcpy(&b1[j], bundle + layout->bias_offset, sizeof(float));
       }
-    }
-  });
+    });
+    float* w2f = reinterpret_cast<float*>(w2.data());
+    pool_->ParallelFor(d, 16, [&](int64_t i0, int64_t i1) {
+      for (int64_t j = 0; j < m; ++j) {
+        for (int64_t i = i0; i < i1; ++i) w2f[i * m + j] = cols[j * d + i];
+      }
+    });
+  } else {
+    pool_->ParallelFor(m, 64, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const char* bundle = src + static_cast<size_t>(j * width) * es;
+        std::memcpy(w1.data() + static_cast<size_t>(j * d) * es, bundle, static_cast<size_t>(d) * es);
+        ConvertToF32(dt, bundle + static_cast<size_t>(d) * es, &b1[j], 1);
+      }
+    });
+    pool_->ParallelFor(d, 16, [&](int64_t i0, int64_t i1) {
+      for (int64_t j = 0; j < m; ++j) {
+        const char* col = src + static_cast<size_t>(j * width + d + 1) * es;
+        for (int64_t i = i0; i < i1; ++i) {
+          std::memcpy(w2.data() + static_cast<size_t>(i * m + j) * es, col + static_cast<size_t>(i) * es, es);
+        }
+      }
+    });
+  }
   if (m > 0) {
     CpuLinear(*pool_, {a.x, TensorView::Contiguous(w1.data(), dt, {m, d}), TensorView::Contiguous(b1.data(), DType::kF32, {m}),
                        TensorView::Contiguous(act.data(), DType::kF32, {n, m}), true});

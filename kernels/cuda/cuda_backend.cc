@@ -391,7 +391,23 @@ absl::Status CudaBackend::BundledFfn(const BundledFfnArgs& a) {
   }
   // act[n, m] = relu(x . FC1 rows + FC1 bias): the rows are the bundles' first d values (row
   // stride 2d + 1); then out[n, d] = act . FC2 columns (the last d values) + FC2 bias.
-  FERRY_RETURN_IF_ERROR(EnsureBundleScratch(static_cast<size_t>(n * m) * sizeof(float)));
+  const size_t act_bytes = (static_cast<size_t>(n * m) * sizeof(float) + 255) / 256 * 256;
+  if (a.bundles.quant) {
+    // Quantized bundles: dequantized into fp16 [m, 2d] (FC1 row | FC2 column) beside the
+    // activations, then the same two GEMMs; FC1's bias is read in fp32 from the bundles.
+    auto layout = LayoutQuantBundle(*a.bundles.quant, d);
+    if (!layout.ok()) return layout.status();
+    FERRY_RETURN_IF_ERROR(EnsureBundleScratch(act_bytes + static_cast<size_t>(m * 2 * d) * 2));
+    float* act = static_cast<float*>(bundle_scratch_.data());
+    char* dense = static_cast<char*>(bundle_scratch_.data()) + act_bytes;
+    FERRY_CUDA_RETURN_IF_ERROR(LaunchDequantizeBundles(a.bundles, *layout, d, dense, stream_));
+    FERRY_RETURN_IF_ERROR(Gemm({a.x.as<const float>(), n, d}, {dense, DType::kF16, 2 * d, true}, m, act, nullptr, false));
+    FERRY_CUDA_RETURN_IF_ERROR(LaunchStridedBiasRelu(act, a.bundles.as<const char>() + layout->bias_offset, DType::kF32,
+                                                     width / static_cast<int64_t>(sizeof(float)), n, m, stream_));
+    return Gemm({act, n, m}, {dense + d * 2, DType::kF16, 2 * d, false}, d, a.out.as<float>(),
+                a.fc2_bias.data != nullptr ? a.fc2_bias.as<const float>() : nullptr, false);
+  }
+  FERRY_RETURN_IF_ERROR(EnsureBundleScratch(act_bytes));
   float* act = static_cast<float*>(bundle_scratch_.data());
   const size_t esize = DTypeSize(a.bundles.dtype);
   const char* base = a.bundles.as<const char>();

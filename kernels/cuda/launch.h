@@ -27,6 +27,10 @@ cudaError_t LaunchSiluMul(const SiluMulArgs& a, cudaStream_t stream);
 cudaError_t LaunchQuantLinear(const LinearArgs& a, const QuantLayout& layout, cudaStream_t stream);
 // A quantized [m, k] matrix into m x k fp16 values at `out` (device memory).
 cudaError_t LaunchDequantizeToF16(const TensorView& weight, const QuantLayout& layout, void* out, cudaStream_t stream);
+// Quantized Deja Vu bundles [m, layout.bytes] into fp16 [m, 2d] (FC1 row | FC2 column), with the
+// CPU's arithmetic (fp32 q * s + m) rounded to fp16 once.
+cudaError_t LaunchDequantizeBundles(const TensorView& bundles, const BundleQuantLayout& layout, int64_t d, void* out,
+                                    cudaStream_t stream);
 // out = a + b over n floats.
 cudaError_t LaunchAdd(const float* a, const float* b, float* out, int64_t n, cudaStream_t stream);
 // Whether the attention kernels read this cache type (F32, F16, q8/q4 with a power-of-two group).

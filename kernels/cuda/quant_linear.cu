@@ -89,6 +89,31 @@ __global__ void DequantizeToF16Kernel(const uint8_t* __restrict__ region, size_t
   out[e + 1] = __float2half_rn(w1);
 }
 
+// One thread per pair of a bundle's 2d values (pairs never straddle a group: groups are even).
+template <bool kQ4>
+__global__ void DequantizeBundlesKernel(const uint8_t* __restrict__ bundles, size_t bundle_bytes, size_t scales_offset,
+                                        size_t mins_offset, int group, int64_t two_d, int64_t pairs, __half* __restrict__ out) {
+  const int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (p >= pairs) return;
+  const int64_t e = 2 * p, row = e / two_d, j = e % two_d;
+  const uint8_t* b = bundles + row * bundle_bytes;
+  const int64_t g = j / group;
+  const float s = __half2float(reinterpret_cast<const __half*>(b + scales_offset)[g]);
+  float w0, w1;
+  if (kQ4) {
+    const uint8_t v = b[j / 2];
+    const float mn = __half2float(reinterpret_cast<const __half*>(b + mins_offset)[g]);
+    w0 = __fadd_rn(__fmul_rn(static_cast<float>(v & 0xF), s), mn);
+    w1 = __fadd_rn(__fmul_rn(static_cast<float>(v >> 4), s), mn);
+  } else {
+    const int8_t* v = reinterpret_cast<const int8_t*>(b) + j;
+    w0 = __fmul_rn(static_cast<float>(v[0]), s);
+    w1 = __fmul_rn(static_cast<float>(v[1]), s);
+  }
+  out[e] = __float2half_rn(w0);
+  out[e + 1] = __float2half_rn(w1);
+}
+
 }  // namespace
 
 cudaError_t LaunchDequantizeToF16(const TensorView& weight, const QuantLayout& layout, void* out, cudaStream_t stream) {
@@ -101,6 +126,23 @@ cudaError_t LaunchDequantizeToF16(const TensorView& weight, const QuantLayout& l
   } else {
     DequantizeToF16Kernel<false><<<blocks, 256, 0, stream>>>(weight.as<const uint8_t>(), layout.scales_offset, layout.mins_offset,
                                                             weight.quant->group, k, pairs, static_cast<__half*>(out));
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchDequantizeBundles(const TensorView& bundles, const BundleQuantLayout& layout, int64_t d, void* out,
+                                    cudaStream_t stream) {
+  const int64_t m = bundles.shape[0], pairs = m * d;  // m x 2d values
+  if (pairs == 0) return cudaSuccess;
+  const unsigned blocks = static_cast<unsigned>((pairs + 255) / 256);
+  auto launch = [&](auto kernel) {
+    kernel<<<blocks, 256, 0, stream>>>(bundles.as<const uint8_t>(), layout.bytes, layout.row.scales_offset, layout.row.mins_offset,
+                                       bundles.quant->group, 2 * d, pairs, static_cast<__half*>(out));
+  };
+  if (bundles.quant->kind == QuantKind::kQ4) {
+    launch(DequantizeBundlesKernel<true>);
+  } else {
+    launch(DequantizeBundlesKernel<false>);
   }
   return cudaGetLastError();
 }

@@ -488,6 +488,65 @@ TEST(CpuBackendTest, BundledFfnWithEveryNeuronIsTheDenseFfnBitwise) {
   EXPECT_EQ(again, dense);
 }
 
+// Quantized bundles (a q4/q8 store's): with every neuron the bundled FFN is the dense F32 FFN of
+// the bundles' dequantized values, bit for bit; over a subset, the dense FFN of those neurons.
+TEST(CpuBackendTest, QuantizedBundledFfnIsTheDenseFfnOfItsDequantizedValues) {
+  CpuBackend cpu;
+  const int n = 6, d = 64, F = 96;
+  for (const char* name : {"q4g64", "q8g32", "q4g16"}) {
+    SCOPED_TRACE(name);
+    const QuantFormat f = *ParseQuantFormatName(name);
+    auto layout = LayoutQuantBundle(f, d);
+    ASSERT_TRUE(layout.ok());
+    EXPECT_EQ(layout->bytes % 16, 0u);
+    std::vector<float> x = RandomValues(n * d, 70), vals = RandomValues(static_cast<size_t>(F) * 2 * d, 71), b1 = RandomValues(F, 72),
+                       b2 = RandomValues(d, 73);
+    std::vector<uint8_t> bundles(static_cast<size_t>(F) * layout->bytes, 0);
+    std::vector<float> w1(F * d), w2(d * F), row(2 * d);
+    for (int j = 0; j < F; ++j) {
+      uint8_t* b = bundles.data() + static_cast<size_t>(j) * layout->bytes;
+      QuantizeSpan(f, layout->row, vals.data() + static_cast<size_t>(j) * 2 * d, 2 * d, 0, 0, 2 * d, b);
+      std::memcpy(b + layout->bias_offset, &b1[j], sizeof(float));
+      DequantizeSpan(f, layout->row, b, 2 * d, 0, 0, 2 * d, row.data());
+      for (int k = 0; k < d; ++k) w1[j * d + k] = row[k], w2[k * F + j] = row[d + k];
+    }
+    std::vector<float> act(n * F), dense(n * d), got(n * d, NAN);
+    ASSERT_TRUE(cpu.Linear({View(x, {n, d}), View(w1, {F, d}), View(b1, {F}), View(act, {n, F}), true}).ok());
+    ASSERT_TRUE(cpu.Linear({View(act, {n, F}), View(w2, {d, F}), View(b2, {d}), View(dense, {n, d}), false}).ok());
+    TensorView qb = TensorView::Contiguous(bundles.data(), DType::kU8, {F, static_cast<int64_t>(layout->bytes)});
+    qb.quant = f;
+    ASSERT_TRUE(cpu.BundledFfn({View(x, {n, d}), qb, View(b2, {d}), View(got, {n, d})}).ok());
+    EXPECT_EQ(got, dense);
+    // Every third neuron: the dense FFN of those neurons (to fp32 rounding of the other sum order).
+    std::vector<uint8_t> some;
+    std::vector<int> keep;
+    for (int j = 0; j < F; j += 3) {
+      keep.push_back(j);
+      some.insert(some.end(), bundles.begin() + static_cast<size_t>(j) * layout->bytes, bundles.begin() + static_cast<size_t>(j + 1) * layout->bytes);
+    }
+    TensorView sb = TensorView::Contiguous(some.data(), DType::kU8, {static_cast<int64_t>(keep.size()), static_cast<int64_t>(layout->bytes)});
+    sb.quant = f;
+    ASSERT_TRUE(cpu.BundledFfn({View(x, {n, d}), sb, View(b2, {d}), View(got, {n, d})}).ok());
+    for (int t = 0; t < n; ++t) {
+      for (int k = 0; k < d; ++k) {
+        double ref = b2[k];
+        for (int j : keep) {
+          double h = b1[j];
+          for (int i = 0; i < d; ++i) h += static_cast<double>(x[t * d + i]) * w1[j * d + i];
+          ref += std::max(0.0, h) * w2[k * F + j];
+        }
+        EXPECT_NEAR(got[t * d + k], ref, 1e-4 * (1 + std::abs(ref)));
+      }
+    }
+    // A stride that is not the bundle's size is refused.
+    TensorView wrong = TensorView::Contiguous(bundles.data(), DType::kU8, {F - 1, static_cast<int64_t>(layout->bytes) + 16});
+    wrong.quant = f;
+    EXPECT_EQ(cpu.BundledFfn({View(x, {n, d}), wrong, View(b2, {d}), View(got, {n, d})}).code(), absl::StatusCode::kInvalidArgument);
+  }
+  // A group that does not divide d has no bundle layout.
+  EXPECT_FALSE(LayoutQuantBundle(QuantFormat{QuantKind::kQ4, 48}, 64).ok());
+}
+
 // The bundled FFN over a neuron subset equals the dense FFN with the other neurons zeroed.
 TEST(CpuBackendTest, BundledFfnEqualsTheDenseFfnRestrictedToTheSameNeurons) {
   CpuBackend cpu;

@@ -325,6 +325,39 @@ TEST_F(CudaTwinTest, BundledFfnGatheredRows) {
   }
 }
 
+// Quantized bundles (a q4/q8 store's Deja Vu rows): dequantized on the device into fp16, then the
+// same GEMMs, against the CPU twin's fp32 dequantization (3e-3: the fp16 rounding of the values).
+TEST_F(CudaTwinTest, QuantizedBundledFfn) {
+  struct Case { const char* format; int n, d, m; };
+  for (const Case& c : {Case{"q8g64", 4, 256, 300}, Case{"q4g64", 1, 64, 1}, Case{"q4g32", 64, 1024, 777},
+                        Case{"q8g32", 300, 512, 400}, Case{"q4g64", 5, 256, 0}}) {
+    SCOPED_TRACE(::testing::Message() << c.format << " " << c.n << "x" << c.d << " m " << c.m);
+    const QuantFormat f = *ParseQuantFormatName(c.format);
+    auto layout = LayoutQuantBundle(f, c.d);
+    ASSERT_TRUE(layout.ok());
+    const size_t bytes = layout->bytes;
+    std::vector<float> x = RandomValues(static_cast<size_t>(c.n) * c.d, 60), vals = RandomValues(static_cast<size_t>(c.m) * 2 * c.d, 61, 0.05f),
+                       b1 = RandomValues(static_cast<size_t>(c.m), 62), b2 = RandomValues(c.d, 63), ref(static_cast<size_t>(c.n) * c.d);
+    std::vector<uint8_t> bundles(std::max<size_t>(1, static_cast<size_t>(c.m) * bytes), 0);
+    for (int j = 0; j < c.m; ++j) {
+      uint8_t* b = bundles.data() + static_cast<size_t>(j) * bytes;
+      QuantizeSpan(f, layout->row, vals.data() + static_cast<size_t>(j) * 2 * c.d, 2 * c.d, 0, 0, 2 * c.d, b);
+      std::memcpy(b + layout->bias_offset, &b1[static_cast<size_t>(j)], sizeof(float));
+    }
+    TensorView hb = TensorView::Contiguous(bundles.data(), DType::kU8, {c.m, static_cast<int64_t>(bytes)});
+    hb.quant = f;
+    ASSERT_TRUE(cpu_.BundledFfn({TensorView::Contiguous(x.data(), DType::kF32, {c.n, c.d}), hb,
+                                 TensorView::Contiguous(b2.data(), DType::kF32, {c.d}),
+                                 TensorView::Contiguous(ref.data(), DType::kF32, {c.n, c.d})})
+                    .ok());
+    TensorView db = Up(bundles.data(), DType::kU8, {c.m, static_cast<int64_t>(bytes)});
+    db.quant = f;
+    BundledFfnArgs dev{Up(x, DType::kF32, {c.n, c.d}), db, Up(b2, DType::kF32, {c.d}), Poisoned({c.n, c.d})};
+    ASSERT_TRUE(gpu_->BundledFfn(dev).ok());
+    EXPECT_LT(RelErr(Down(dev.out), ref), 3e-3);
+  }
+}
+
 // H2O's bookkeeping on the device: 40 decode steps of place + update over sequences that start
 // with different occupancy, with random probabilities, against the CPU twin: identical slot
 // positions, occupancy and scores at every step (the same float additions in the same order).
