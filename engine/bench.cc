@@ -119,8 +119,19 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
   // The policy of a batch of gbs x num_gpu_batches: the KV cache and the reserves (the cache and
   // the prefill's workspace) come from the same code the planner uses (PolicyOffload).
   const Workload workload{o.prompt_len, o.gen_len, 0};
+  const bool sparse = o.sparsity_sim > 0.0 || !o.sparsity_dir.empty();
+  if (o.sparsity_sim < 0.0 || o.sparsity_sim > 1.0) return absl::InvalidArgumentError("--sparsity-sim must be in (0, 1]");
+  if (o.sparsity_sim > 0.0 && !o.sparsity_dir.empty()) return absl::InvalidArgumentError("--sparsity-sim and --sparsity exclude each other");
+  if (!o.sparsity_dir.empty() && !(o.sparsity_k > 0.0 && o.sparsity_k <= 1.0)) return absl::InvalidArgumentError("--sparsity-k must be in (0, 1]");
+  if (o.sparsity_cache < 0.0 || o.sparsity_cache > 1.0) return absl::InvalidArgumentError("--sparsity-cache must be in [0, 1]");
+  if (o.sparsity_cache > 0.0 && !sparse) return absl::InvalidArgumentError("--sparsity-cache needs --sparsity or --sparsity-sim");
+  // The policy as the planner sees it: Deja Vu's fraction (the simulated density, or the
+  // predictors' k) and device cache are part of it, so budgets and --fit-batch count the bundles.
+  Policy base = o.policy;
+  base.sparsity = o.sparsity_sim > 0.0 ? o.sparsity_sim : sparse ? o.sparsity_k : 0.0;
+  base.sparsity_cache = o.sparsity_cache;
   auto policy_of = [&](int64_t gbs) {
-    Policy p = o.policy;
+    Policy p = base;
     p.gpu_batch_size = static_cast<int>(gbs);
     return p;
   };
@@ -163,13 +174,6 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
   }
 
   off = offload_of(gpu_batch_size);
-  const bool sparse = o.sparsity_sim > 0.0 || !o.sparsity_dir.empty();
-  if (o.sparsity_sim < 0.0 || o.sparsity_sim > 1.0) return absl::InvalidArgumentError("--sparsity-sim must be in (0, 1]");
-  if (o.sparsity_sim > 0.0 && !o.sparsity_dir.empty()) return absl::InvalidArgumentError("--sparsity-sim and --sparsity exclude each other");
-  off.sparse_ffn = sparse;
-  if (o.sparsity_cache < 0.0 || o.sparsity_cache > 1.0) return absl::InvalidArgumentError("--sparsity-cache must be in [0, 1]");
-  if (o.sparsity_cache > 0.0 && !sparse) return absl::InvalidArgumentError("--sparsity-cache needs --sparsity or --sparsity-sim");
-  off.sparse_cache_fraction = o.sparsity_cache;
   say("loading the model");
   FERRY_ASSIGN_OR_RETURN(std::unique_ptr<Model> model, Model::LoadOffloaded(o.store_dir, backend.get(), off));
   FERRY_ASSIGN_OR_RETURN(std::unique_ptr<offload::AttentionCache> cache, offload::CreateKvCache(*backend, kv_spec(batch)));
@@ -250,9 +254,9 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& o) {
   const uint64_t bundle_bytes = bundles ? bundles->bundle_bytes() : 0;
   const uint64_t plan_device = model->plan().device_bytes, plan_host = model->plan().host_bytes;
   const std::vector<int> dense_layers = adaptive ? adaptive->dense_layers() : std::vector<int>();
-  // The cost model's prediction of this policy on this plan (dense FFN: sparsity is not modelled).
+  // The cost model's prediction of this policy on this plan.
   std::optional<Prediction> predicted;
-  if (o.probe && !sparse) {
+  if (o.probe) {
     FERRY_ASSIGN_OR_RETURN(const CostModel cm, CostModel::FromProbe(*o.probe));
     FERRY_ASSIGN_OR_RETURN(const WeightLayout layout, LayoutOf(store));
     FERRY_ASSIGN_OR_RETURN(predicted, cm.Predict(config, layout, policy_of(gpu_batch_size), workload, model->plan(), o.uring));

@@ -76,6 +76,8 @@ std::string Policy::Flags() const {
                                   KvFlag(kv_dtype));
   if (h2o) absl::StrAppend(&s, " --h2o ", h2o->heavy, ",", h2o->recent);
   if (weights) absl::StrAppend(&s, " --quantize ", QuantFormatName(*weights).substr(0, 2), " --quant-group ", weights->group);
+  if (sparsity > 0) absl::StrAppend(&s, absl::StrFormat(" --sparsity-k %g", sparsity));
+  if (sparsity_cache > 0) absl::StrAppend(&s, absl::StrFormat(" --sparsity-cache %g", sparsity_cache));
   return s;
 }
 
@@ -99,6 +101,8 @@ OffloadOptions PolicyOffload(const ModelConfig& c, const Policy& p, const Worklo
   // The prefill runs the whole batch in one pass (weights cross the link once), a GPU batch at a time.
   o.reserve_device_bytes = kv.device + Model::ForwardWorkspaceBytes(c, b * w.prompt_len, b, int64_t{p.gpu_batch_size} * w.prompt_len);
   o.reserve_host_bytes = kv.host;
+  o.sparse_ffn = p.sparsity > 0;
+  o.sparse_cache_fraction = p.sparsity_cache;
   return o;
 }
 
@@ -117,7 +121,8 @@ json Prediction::ToJson() const {
           {"prefill_head_s", prefill_head_s},
           {"decode_head_s", decode_head_s},
           {"bytes_per_step", {{"disk_to_pinned", disk_bytes_per_step}, {"pinned_to_device", h2d_bytes_per_step}}},
-          {"memory", {{"device", device_bytes}, {"pinned", host_bytes}}}};
+          {"memory", {{"device", device_bytes}, {"pinned", host_bytes}}},
+          {"ffn_union", ffn_union}};
 }
 
 absl::StatusOr<CostModel> CostModel::FromProbe(const json& j) {
@@ -264,12 +269,65 @@ absl::StatusOr<Prediction> CostModel::Predict(const ModelConfig& c, const Weight
   }
   const uint64_t kv_row = p.kv_dtype.Bytes(1, c.kv_width());  // one position's keys (or values)
   const double op = op_seconds_;
+  // Deja Vu: the FFN's matrices stay out of the stream (the plan's layers are the attention
+  // parts) and live as neuron bundles, pinned or (with a disk share) in ffn_bundles.bin.
+  const io::PlannedTensor* up = nullptr;
+  if (p.sparsity > 0) {
+    for (const io::PlannedTensor& t : layout.layer_matrices) {
+      if (t.role == offload::RoleName(offload::Role::kUp) && t.shape.size() == 2) up = &t;
+    }
+    if (up == nullptr || !(p.sparsity <= 1.0)) return absl::InvalidArgumentError("a sparse policy needs a ReLU FFN's up matrices and a fraction in (0, 1]");
+  }
+  auto is_ffn = [&](const io::PlannedTensor& t) {
+    return up != nullptr && (t.role == offload::RoleName(offload::Role::kUp) || t.role == offload::RoleName(offload::Role::kDown));
+  };
   // One layer's compute over `tokens` tokens in each of ngb GPU batches, its attention apart.
   auto linears = [&](int64_t tokens) {
     double s = 0;
-    for (const io::PlannedTensor& t : layout.layer_matrices) s += LinearSeconds(tokens, t.shape[0], t.shape[1], t.dtype, t.quant);
+    for (const io::PlannedTensor& t : layout.layer_matrices) {
+      if (!is_ffn(t)) s += LinearSeconds(tokens, t.shape[0], t.shape[1], t.dtype, t.quant);
+    }
     return s;
   };
+  // One GPU batch's bundles: the union of its rows' neurons (independent draws of p.sparsity each,
+  // 1 - (1 - k)^rows, which is what --sparsity-sim draws; trained predictors choose correlated
+  // sets and fetch fewer; a union of 0.9 or more runs dense, as bench's --sparsity-dense-above),
+  // less the device cache's share of hits; fetched before the FFN runs over them (the forward
+  // waits: it adds to the compute), from pinned memory or page by page from the disk.
+  struct Bundled {
+    double seconds = 0;
+    double union_fraction = 0;
+    uint64_t h2d = 0, disk = 0;
+  };
+  const bool bundles_on_disk = p.split.disk > 0;
+  auto bundled = [&](int64_t rows, bool decode) -> Bundled {
+    Bundled b;
+    if (up == nullptr) return b;
+    const int64_t f = up->shape[0], dd = up->shape[1];
+    const uint64_t bundle = offload::FfnBundles::BundleBytes(static_cast<int>(dd), up->dtype, up->quant);
+    double u = decode ? 1.0 - std::pow(1.0 - p.sparsity, static_cast<double>(rows)) : 1.0;
+    if (u >= 0.9) u = 1.0;
+    b.union_fraction = u;
+    const double m = u * static_cast<double>(f), miss = decode && u < 1.0 ? 1.0 - std::clamp(p.sparsity_cache, 0.0, 1.0) : 1.0;
+    b.h2d = static_cast<uint64_t>(m * miss * static_cast<double>(bundle));
+    b.seconds = b.h2d > 0 ? b.h2d / H2DBytesPerSecond(b.h2d) : 0.0;
+    if (bundles_on_disk && b.h2d > 0) {
+      const double page = 4096.0, pages = std::ceil(static_cast<double>(f) * bundle / page);
+      const double per_page = std::max(1.0, page / static_cast<double>(bundle));
+      const double touched = bundle >= page ? u * miss : 1.0 - std::pow(1.0 - u * miss, per_page);
+      b.disk = static_cast<uint64_t>(std::min(pages, std::ceil(pages * touched)) * page);
+      const double rate = DiskBytesPerSecond(uring.block_bytes, uring.queue_depth);
+      if (rate > 0) b.seconds += b.disk / rate;
+    }
+    // The FFN over the m neurons: two linears of the bundles' type, and the bundles unpacked (the
+    // CPU into the dense layouts, the GPU's q4/q8 dequantization) at the within-device rate.
+    const int64_t mi = static_cast<int64_t>(std::llround(m));
+    b.seconds += 2 * LinearSeconds(rows, std::max<int64_t>(mi, 1), dd, up->dtype, up->quant);
+    const uint64_t unpack = static_cast<uint64_t>(m * 2 * static_cast<double>(dd) * 4);
+    if (unpack > 0) b.seconds += unpack / D2DBytesPerSecond(unpack);
+    return b;
+  };
+  const Bundled dec_bundles = bundled(gbs, true), pre_bundles = bundled(gbs * w.prompt_len, false);
   // Norms, adds, activations: about 12 model-width and 3 FFN-width fp32 passes per token.
   auto elementwise = [&](int64_t tokens) {
     const double bytes = 4.0 * static_cast<double>(tokens) * (12.0 * d + 3.0 * ffn);
@@ -285,12 +343,13 @@ absl::StatusOr<Prediction> CostModel::Predict(const ModelConfig& c, const Weight
   // Decode: each GPU batch's gbs rows attend over `attended` positions.
   StageTimes dec;
   dec.attention = ngb * AttentionSeconds(2 * static_cast<uint64_t>(gbs) * attended * kv_row, p.kv_dtype, p.kv_on_cpu);
-  dec.compute = ngb * (linears(gbs) + elementwise(gbs) + host_kv_traffic(gbs) + ops * op) + dec.attention;
+  dec.compute = ngb * (linears(gbs) + dec_bundles.seconds + elementwise(gbs) + host_kv_traffic(gbs) + ops * op) + dec.attention;
   // Prefill: each GPU batch's gbs prompts, causal attention over their own tokens.
   StageTimes pre;
   const double flops = 4.0 * c.num_heads * c.head_dim() * (static_cast<double>(w.prompt_len) * (w.prompt_len + 1) / 2);
   pre.attention = ngb * gbs * PrefillAttentionSeconds(flops);
-  pre.compute = ngb * (linears(gbs * w.prompt_len) + elementwise(gbs * w.prompt_len) + host_kv_traffic(gbs * w.prompt_len) + ops * op) +
+  pre.compute = ngb * (linears(gbs * w.prompt_len) + pre_bundles.seconds + elementwise(gbs * w.prompt_len) +
+                       host_kv_traffic(gbs * w.prompt_len) + ops * op) +
                 pre.attention;
   // The stream: per layer the disk part read (and checked) and everything not resident copied in.
   const double disk_rate = DiskBytesPerSecond(uring.block_bytes, uring.queue_depth);
@@ -323,6 +382,9 @@ absl::StatusOr<Prediction> CostModel::Predict(const ModelConfig& c, const Weight
     dec.copy = pre.copy = copy;
   }
   const double layers = static_cast<double>(std::max<size_t>(plan.layers.size(), 1));
+  disk_bytes += static_cast<uint64_t>(ngb) * plan.layers.size() * dec_bundles.disk;
+  h2d_bytes += static_cast<uint64_t>(ngb) * plan.layers.size() * dec_bundles.h2d;
+  r.ffn_union = dec_bundles.union_fraction;
   dec.layer = decode_layers / layers;
   pre.layer = prefill_layers / layers;
   // The head: final norm and lm_head over the batch's rows, the logits to the host, the argmax there.

@@ -1,7 +1,8 @@
 // The cost model of the zig-zag schedule (issue 16): from a probe of the machine (`ferry probe`),
 // a model's config and weight layout, a policy and a workload, the predicted time of each stage of
 // a layer (disk read and its XXH3 check, host->device copy, compute: linears, attention, small
-// ops), per phase (prefill, decode), and how they overlap: a streamed layer costs its slowest
+// ops; with Deja Vu the fetch of the chosen neurons' bundles, which the forward waits for, and the
+// FFN over them), per phase (prefill, decode), and how they overlap: a streamed layer costs its slowest
 // stage on a GPU (copy engine, SMs and the disk work apart), and its compute plus the slower of
 // disk and copy on the CPU stand-in (the compute shares the cores and the memory bus with the copy,
 // and the virtual disk needs the cores too); a resident layer costs its compute; the head (final
@@ -36,6 +37,9 @@ struct Policy {
   KvType kv_dtype = DType::kF32;
   std::optional<offload::H2OOptions> h2o;
   std::optional<QuantFormat> weights;  // nullopt: float (as stored)
+  // Deja Vu (ReLU FFNs): the fraction of the FFN's neurons each token keeps (0: dense), and the
+  // fraction of each layer's bundles cached on the device.
+  double sparsity = 0.0, sparsity_cache = 0.0;
   int batch() const { return gpu_batch_size * num_gpu_batches; }
   // The flags that run it: "--weights 0,100,0 --gpu-batch-size 32 --num-gpu-batches 2 --kv gpu ...".
   std::string Flags() const;
@@ -64,7 +68,8 @@ struct Prediction {
   StageTimes prefill_layer, decode_layer;
   double prefill_head_s = 0, decode_head_s = 0;
   std::string bound;  // what bounds a decode step: "disk", "pinned->device", "compute"
-  uint64_t disk_bytes_per_step = 0, h2d_bytes_per_step = 0;
+  uint64_t disk_bytes_per_step = 0, h2d_bytes_per_step = 0;  // Deja Vu's bundles included
+  double ffn_union = 0;  // Deja Vu: the fraction of each layer's bundles a decode step fetches per GPU batch
   uint64_t device_bytes = 0, host_bytes = 0;      // the plan's
   double floor_step_s = 0;                         // bytes per step over the probed link rates
   nlohmann::json ToJson() const;

@@ -108,6 +108,10 @@ struct WeightLayout {
   std::vector<io::PlannedTensor> layer_matrices;  // layer 0's 2-D tensors (every layer is alike)
   std::vector<io::PlannedTensor> global_matrices; // embeddings and the head
   std::optional<QuantFormat> quant;               // the layer matrices' format (nullopt: float)
+  // Per layer, the attention matrices' [begin, end) in the layer's region, 4 KiB-rounded: what
+  // streams when Deja Vu keeps the FFN out of the stream as bundles. Empty when a layer's FFN and
+  // attention matrices interleave (then no sparse plan).
+  std::vector<std::pair<uint64_t, uint64_t>> attention_ranges;
 };
 WeightLayout LayoutOf(const io::StoreLayout& layout);
 absl::StatusOr<WeightLayout> LayoutOf(const io::Store& store);
@@ -131,7 +135,8 @@ class Model {
   // the device memory the backend holds for itself (its GEMM workspace) is counted in.
   static absl::StatusOr<offload::Plan> PlanOffload(const io::Store& store, const OffloadOptions& options,
                                                    const kernels::Backend& backend);
-  // The same from a layout (dense FFN only: sparse_ffn needs the store itself).
+  // The same from a layout (sparse_ffn: the attention ranges stream, the FFN's bundles are counted
+  // from layer 0's up matrix).
   static absl::StatusOr<offload::Plan> PlanOffload(const WeightLayout& layout, const OffloadOptions& options,
                                                    const kernels::Backend& backend);
 

@@ -80,6 +80,11 @@ absl::Status RefuseSparseSwiGlu(const ModelConfig& c) {
       " model has a SwiGLU FFN (activation sparsity for SwiGLU models is not supported yet)"));
 }
 
+absl::Status RefuseSparseSwiGluRole() {
+  return absl::InvalidArgumentError(
+      "Deja Vu sparsity needs a ReLU FFN; this model has a SwiGLU FFN (activation sparsity for SwiGLU models is not supported yet)");
+}
+
 offload::FfnBundleLayout BundleLayout(const ModelConfig& c, const TensorNames& names, DType dtype,
                                       const std::optional<QuantFormat>& quant) {
   offload::FfnBundleLayout layout;
@@ -364,6 +369,38 @@ bool IsQuantizedRole(const std::string& role) {
 
 namespace {
 
+// Per layer, the extent of the attention matrices and of the FFN's (offsets in the layer region).
+struct LayerExtents {
+  uint64_t attn_begin = UINT64_MAX, attn_end = 0, ffn_begin = UINT64_MAX, ffn_end = 0;
+};
+
+// The attention ranges of LayoutOf from each layer's extents; empty if any layer interleaves them
+// or lacks a role.
+std::vector<std::pair<uint64_t, uint64_t>> RangesOf(const std::vector<LayerExtents>& ext, const std::vector<uint64_t>& layer_bytes) {
+  std::vector<std::pair<uint64_t, uint64_t>> out;
+  for (size_t l = 0; l < ext.size() && l < layer_bytes.size(); ++l) {
+    const LayerExtents& e = ext[l];
+    if (e.attn_end == 0 || e.ffn_end == 0) return {};
+    const uint64_t begin = e.attn_begin / io::kStoreAlignment * io::kStoreAlignment;
+    const uint64_t end = std::min<uint64_t>((e.attn_end + io::kStoreAlignment - 1) / io::kStoreAlignment * io::kStoreAlignment, layer_bytes[l]);
+    if (e.ffn_begin < end && e.ffn_end > begin) return {};
+    out.push_back({begin, end});
+  }
+  if (out.size() != layer_bytes.size()) return {};
+  return out;
+}
+
+void AddExtent(const std::string& role, uint64_t at, uint64_t bytes, LayerExtents* e) {
+  if (role == offload::RoleName(Role::kQ) || role == offload::RoleName(Role::kK) || role == offload::RoleName(Role::kV) ||
+      role == offload::RoleName(Role::kO)) {
+    e->attn_begin = std::min(e->attn_begin, at);
+    e->attn_end = std::max(e->attn_end, at + bytes);
+  } else if (role == offload::RoleName(Role::kUp) || role == offload::RoleName(Role::kDown) || role == offload::RoleName(Role::kGate)) {
+    e->ffn_begin = std::min(e->ffn_begin, at);
+    e->ffn_end = std::max(e->ffn_end, at + bytes);
+  }
+}
+
 // One tensor into a layout: `layer` its decoder layer (-1: none).
 void AddToLayout(const io::PlannedTensor& t, int layer, uint64_t bytes, WeightLayout* w) {
   const bool matrix = t.shape.size() == 2;
@@ -382,18 +419,31 @@ void AddToLayout(const io::PlannedTensor& t, int layer, uint64_t bytes, WeightLa
 
 WeightLayout LayoutOf(const io::StoreLayout& layout) {
   WeightLayout w;
-  for (size_t i = 0; i < layout.order.size(); ++i) AddToLayout(layout.order[i], io::LayerOfTensor(layout.order[i].name), layout.bytes[i], &w);
+  std::vector<LayerExtents> ext(layout.layers.size());
+  for (size_t i = 0; i < layout.order.size(); ++i) {
+    const int layer = io::LayerOfTensor(layout.order[i].name);
+    AddToLayout(layout.order[i], layer, layout.bytes[i], &w);
+    if (layer >= 0 && static_cast<size_t>(layer) < ext.size() && layout.offsets[i] >= layout.layers[layer].offset) {
+      AddExtent(layout.order[i].role, layout.offsets[i] - layout.layers[layer].offset, layout.bytes[i], &ext[layer]);
+    }
+  }
   for (const io::StoreLayer& l : layout.layers) w.layer_bytes.push_back(l.bytes);
+  w.attention_ranges = RangesOf(ext, w.layer_bytes);
   return w;
 }
 
 absl::StatusOr<WeightLayout> LayoutOf(const io::Store& store) {
   WeightLayout w;
+  std::vector<LayerExtents> ext(store.layers().size());
   for (const std::string& name : store.Names()) {
     const io::StoreTensor* t = store.FindTensor(name);
     AddToLayout({name, t->info.dtype, t->info.shape, t->role, t->info.quant}, t->layer, t->info.bytes, &w);
+    if (t->layer >= 0 && static_cast<size_t>(t->layer) < ext.size() && t->info.offset >= store.layers()[t->layer].offset) {
+      AddExtent(t->role, t->info.offset - store.layers()[t->layer].offset, t->info.bytes, &ext[t->layer]);
+    }
   }
   for (const auto& region : store.layers()) w.layer_bytes.push_back(region.bytes);
+  w.attention_ranges = RangesOf(ext, w.layer_bytes);
   return w;
 }
 
@@ -413,7 +463,6 @@ std::vector<io::PlannedTensor> PlannedTensorsOf(const io::Store& store, const st
 
 absl::StatusOr<offload::Plan> Model::PlanOffload(const WeightLayout& layout, const OffloadOptions& options,
                                                  const kernels::Backend& backend) {
-  if (options.sparse_ffn) return absl::InvalidArgumentError("a sparse-FFN plan needs the store itself");
   // What stays resident besides the layer matrices, and on the GPU the fp16 dequantization scratch
   // of the largest quantized matrix (batches above kFusedQuantRows).
   const uint64_t dequant_scratch = backend.device() == Device::kCuda ? layout.largest_quantized * 2 : 0;
@@ -422,6 +471,36 @@ absl::StatusOr<offload::Plan> Model::PlanOffload(const WeightLayout& layout, con
   in.split = options.split;
   in.other_device_bytes = layout.resident_other + dequant_scratch + options.reserve_device_bytes + backend.reserved_device_bytes();
   in.other_host_bytes = options.reserve_host_bytes;
+  if (options.sparse_ffn) {
+    // Deja Vu: only each layer's attention part streams; the FFN lives as neuron bundles (pinned,
+    // or in ffn_bundles.bin with a disk share) with one layer's gather buffer and the device cache
+    // on the GPU.
+    const io::PlannedTensor* up = nullptr;
+    for (const io::PlannedTensor& t : layout.layer_matrices) {
+      if (t.role == offload::RoleName(Role::kGate)) return RefuseSparseSwiGluRole();
+      if (t.role == offload::RoleName(Role::kUp)) up = &t;
+    }
+    if (up == nullptr || up->shape.size() != 2) return absl::InvalidArgumentError("Deja Vu sparsity needs the layers' FFN up matrices");
+    if (layout.attention_ranges.size() != layout.layer_bytes.size()) {
+      return absl::InvalidArgumentError(
+          "the store interleaves the layers' FFN and attention matrices, so the FFN cannot stay out of the stream "
+          "(stores from ferry convert and --dummy keep them apart)");
+    }
+    const int layers = static_cast<int>(layout.layer_bytes.size());
+    const int ffn = static_cast<int>(up->shape[0]), d = static_cast<int>(up->shape[1]);
+    if (up->quant && offload::FfnBundles::BundleBytes(d, up->dtype, up->quant) == 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("Deja Vu sparsity on a ", QuantFormatName(*up->quant), " store needs the group to divide the hidden size ", d));
+    }
+    in.layer_begin.clear();
+    in.layer_bytes.clear();
+    for (const auto& [begin, end] : layout.attention_ranges) {
+      in.layer_begin.push_back(begin);
+      in.layer_bytes.push_back(end - begin);
+    }
+    in.other_device_bytes += offload::FfnBundles::DeviceBytes(layers, d, ffn, up->dtype, options.sparse_cache_fraction, up->quant);
+    in.other_host_bytes += offload::FfnBundles::HostBytes(layers, d, ffn, up->dtype, options.split.disk > 0.0, up->quant);
+  }
   in.device_budget = options.device_budget;
   in.host_budget = options.host_budget;
   return offload::MakePlan(in);
@@ -429,38 +508,22 @@ absl::StatusOr<offload::Plan> Model::PlanOffload(const WeightLayout& layout, con
 
 absl::StatusOr<offload::Plan> Model::PlanOffload(const io::Store& store, const OffloadOptions& options,
                                                  const kernels::Backend& backend) {
-  FERRY_ASSIGN_OR_RETURN(const WeightLayout layout, LayoutOf(store));
+  FERRY_ASSIGN_OR_RETURN(WeightLayout layout, LayoutOf(store));
   if (!options.sparse_ffn) return PlanOffload(layout, options, backend);
-  offload::PlanInputs in;
-  uint64_t bundles_host = 0, bundles_device = 0;
+  // The store's config and family names decide (the layout's roles may be absent in old stores).
   FERRY_ASSIGN_OR_RETURN(const ModelConfig c, ModelConfig::FromModelDir(store.dir()));
   FERRY_RETURN_IF_ERROR(RefuseSparseSwiGlu(c));
   if (static_cast<int>(store.layers().size()) != c.num_layers) return absl::DataLossError("the store's layer count differs from config.json");
   FERRY_ASSIGN_OR_RETURN(const Family* family, FindFamily(c.model_type, store.dir()));
   FERRY_ASSIGN_OR_RETURN(const TensorNames names, TensorNames::Resolve(*family, store));
-  FERRY_ASSIGN_OR_RETURN(const auto ranges, AttentionRanges(store, names, c.num_layers));
-  for (const auto& [begin, end] : ranges) {
-    in.layer_begin.push_back(begin);
-    in.layer_bytes.push_back(end - begin);
-  }
-  const io::StoreTensor* up_tensor = store.FindTensor(names.Layer(Role::kUp, 0));
-  if (up_tensor == nullptr) return absl::DataLossError(absl::StrCat("the store lacks ", names.Layer(Role::kUp, 0)));
-  const io::TensorInfo& up = up_tensor->info;
-  if (up.quant && offload::FfnBundles::BundleBytes(c.hidden_size, up.dtype, up.quant) == 0) {
-    return absl::InvalidArgumentError(absl::StrCat("Deja Vu sparsity on a ", QuantFormatName(*up.quant), " store needs the group to divide the hidden size ",
-                                                   c.hidden_size));
-  }
-  bundles_device =
-      offload::FfnBundles::DeviceBytes(c.num_layers, c.hidden_size, c.ffn_dim, up.dtype, options.sparse_cache_fraction, up.quant);
-  bundles_host = offload::FfnBundles::HostBytes(c.num_layers, c.hidden_size, c.ffn_dim, up.dtype, options.split.disk > 0.0, up.quant);
-  const uint64_t dequant_scratch = backend.device() == Device::kCuda ? layout.largest_quantized * 2 : 0;
-  in.split = options.split;
-  in.other_device_bytes =
-      layout.resident_other + dequant_scratch + options.reserve_device_bytes + bundles_device + backend.reserved_device_bytes();
-  in.other_host_bytes = options.reserve_host_bytes + bundles_host;
-  in.device_budget = options.device_budget;
-  in.host_budget = options.host_budget;
-  return offload::MakePlan(in);
+  FERRY_ASSIGN_OR_RETURN(layout.attention_ranges, AttentionRanges(store, names, c.num_layers));
+  const io::StoreTensor* up = store.FindTensor(names.Layer(Role::kUp, 0));
+  if (up == nullptr) return absl::DataLossError(absl::StrCat("the store lacks ", names.Layer(Role::kUp, 0)));
+  // Layer 0's up matrix by name, first among the layout's matrices, so the bundles are sized from it.
+  io::PlannedTensor up_planned{names.Layer(Role::kUp, 0), up->info.dtype, up->info.shape, offload::RoleName(Role::kUp), up->info.quant};
+  std::erase_if(layout.layer_matrices, [](const io::PlannedTensor& t) { return t.role == offload::RoleName(Role::kUp); });
+  layout.layer_matrices.insert(layout.layer_matrices.begin(), up_planned);
+  return PlanOffload(layout, options, backend);
 }
 
 }  // namespace ferry::engine
