@@ -70,13 +70,13 @@ std::string KvFlag(const KvType& t) {
 
 }  // namespace
 
-std::string Policy::Flags() const {
+std::string Policy::Flags(bool dummy) const {
   std::string s = absl::StrFormat("--weights %g,%g,%g --gpu-batch-size %d --num-gpu-batches %d --kv %s --kv-dtype %s", split.gpu,
                                   split.cpu, split.disk, gpu_batch_size, num_gpu_batches, kv_on_cpu ? "cpu" : "gpu",
                                   KvFlag(kv_dtype));
   if (h2o) absl::StrAppend(&s, " --h2o ", h2o->heavy, ",", h2o->recent);
   if (weights) absl::StrAppend(&s, " --quantize ", QuantFormatName(*weights).substr(0, 2), " --quant-group ", weights->group);
-  if (sparsity > 0) absl::StrAppend(&s, absl::StrFormat(" --sparsity-k %g", sparsity));
+  if (sparsity > 0) absl::StrAppend(&s, absl::StrFormat(dummy ? " --sparsity-sim %g" : " --sparsity-k %g", sparsity));
   if (sparsity_cache > 0) absl::StrAppend(&s, absl::StrFormat(" --sparsity-cache %g", sparsity_cache));
   return s;
 }
@@ -188,6 +188,18 @@ absl::StatusOr<CostModel> CostModel::FromProbe(const json& j) {
   FERRY_ASSIGN_OR_RETURN(const double pf, Rate(prefill[0], "GFLOPs", "prefill attention rate"));
   m.prefill_attention_flops_ = pf * 1e9;
   FERRY_ASSIGN_OR_RETURN(m.op_seconds_, Rate(j, "op_seconds", "small-op cost"));
+  for (const json& e : Arr(j, "bundled_ffn")) {
+    if (!e.contains("bundles") || !e["bundles"].is_string()) return Missing("bundled FFN bundle type");
+    FERRY_ASSIGN_OR_RETURN(const uint64_t rows, Size(e, "rows", "bundled FFN rows"));
+    FERRY_ASSIGN_OR_RETURN(const uint64_t neurons, Size(e, "neurons", "bundled FFN neurons"));
+    FERRY_ASSIGN_OR_RETURN(const uint64_t d, Size(e, "d", "bundled FFN width"));
+    FERRY_ASSIGN_OR_RETURN(const double seconds, Rate(e, "seconds", "bundled FFN time"));
+    m.bundled_[e["bundles"].get<std::string>()][static_cast<double>(rows)].push_back(
+        {static_cast<double>(neurons), seconds / (static_cast<double>(neurons) * static_cast<double>(d))});
+  }
+  for (auto& [type, by_rows] : m.bundled_) {
+    for (auto& [rows, pts] : by_rows) std::sort(pts.begin(), pts.end(), [](const Point& a, const Point& b) { return a.x < b.x; });
+  }
   FERRY_ASSIGN_OR_RETURN(const double hash, Rate(j, "hash_GBps", "XXH3 rate"));
   m.hash_rate_ = hash * 1e9;
   m.shared_cores_ = Str(j, "backend") == "cpu";
@@ -253,6 +265,25 @@ double CostModel::AttentionSeconds(uint64_t kv_bytes, const KvType& type, bool o
 
 double CostModel::PrefillAttentionSeconds(double flops) const { return flops / prefill_attention_flops_; }
 
+std::optional<double> CostModel::BundledFfnSeconds(int64_t rows, int64_t m, int64_t d, DType dtype,
+                                                   const std::optional<QuantFormat>& quant) const {
+  auto it = bundled_.find(quant ? "q4" : "F16");
+  if (it == bundled_.end() || it->second.empty()) return std::nullopt;
+  const double scale = quant ? 1.0 : static_cast<double>(DTypeSize(dtype)) / 2.0;
+  const double mm = static_cast<double>(std::max<int64_t>(m, 1)), r = static_cast<double>(std::max<int64_t>(rows, 1));
+  std::vector<Point> by_rows;  // (rows, seconds per neuron-dimension at m)
+  for (const auto& [probed_rows, pts] : it->second) by_rows.push_back({probed_rows, Interpolate(pts, mm)});
+  double per = by_rows.front().y;
+  if (by_rows.size() > 1 && r > by_rows.front().x) {
+    size_t i = 1;
+    while (i + 1 < by_rows.size() && r > by_rows[i].x) ++i;
+    const Point& a = by_rows[i - 1];
+    const Point& b = by_rows[i];
+    per = std::max(a.y, a.y + (r - a.x) / (b.x - a.x) * (b.y - a.y));  // linear in rows, extended above the last
+  }
+  return per * mm * static_cast<double>(d) * scale;
+}
+
 absl::StatusOr<Prediction> CostModel::Predict(const ModelConfig& c, const WeightLayout& layout, const Policy& p, const Workload& w,
                                               const offload::Plan& plan, const io::UringOptions& uring) const {
   if (p.gpu_batch_size < 1 || p.num_gpu_batches < 1 || w.prompt_len < 1 || w.gen_len < 1) {
@@ -310,7 +341,8 @@ absl::StatusOr<Prediction> CostModel::Predict(const ModelConfig& c, const Weight
     b.union_fraction = u;
     const double m = u * static_cast<double>(f), miss = decode && u < 1.0 ? 1.0 - std::clamp(p.sparsity_cache, 0.0, 1.0) : 1.0;
     b.h2d = static_cast<uint64_t>(m * miss * static_cast<double>(bundle));
-    b.seconds = b.h2d > 0 ? b.h2d / H2DBytesPerSecond(b.h2d) : 0.0;
+    const uint64_t all = static_cast<uint64_t>(m * static_cast<double>(bundle));
+    const double gather = b.h2d > 0 ? b.h2d / H2DBytesPerSecond(b.h2d) : 0.0, gather_all = all > 0 ? all / H2DBytesPerSecond(all) : 0.0;
     if (bundles_on_disk && b.h2d > 0) {
       const double page = 4096.0, pages = std::ceil(static_cast<double>(f) * bundle / page);
       const double per_page = std::max(1.0, page / static_cast<double>(bundle));
@@ -319,10 +351,15 @@ absl::StatusOr<Prediction> CostModel::Predict(const ModelConfig& c, const Weight
       const double rate = DiskBytesPerSecond(uring.block_bytes, uring.queue_depth);
       if (rate > 0) b.seconds += b.disk / rate;
     }
-    // The FFN over the m neurons: two linears of the bundles' type, and the bundles unpacked (the
-    // CPU into the dense layouts, the GPU's q4/q8 dequantization) at the within-device rate.
-    const int64_t mi = static_cast<int64_t>(std::llround(m));
-    b.seconds += 2 * LinearSeconds(rows, std::max<int64_t>(mi, 1), dd, up->dtype, up->quant);
+    // The gather and the FFN over the m neurons, as the probe timed them; without those points,
+    // two linears of the bundles' type and the bundles unpacked (the CPU into the dense layouts,
+    // the GPU's q4/q8 dequantization) at the within-device rate, after the copy above.
+    const int64_t mi = std::max<int64_t>(static_cast<int64_t>(std::llround(m)), 1);
+    if (const std::optional<double> probed = BundledFfnSeconds(rows, mi, dd, up->dtype, up->quant)) {
+      b.seconds += std::max(*probed - gather_all + gather, 0.0);  // the probe gathered every neuron; the cache's hits stay
+      return b;
+    }
+    b.seconds += gather + 2 * LinearSeconds(rows, mi, dd, up->dtype, up->quant);
     const uint64_t unpack = static_cast<uint64_t>(m * 2 * static_cast<double>(dd) * 4);
     if (unpack > 0) b.seconds += unpack / D2DBytesPerSecond(unpack);
     return b;

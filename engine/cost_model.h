@@ -41,8 +41,9 @@ struct Policy {
   // fraction of each layer's bundles cached on the device.
   double sparsity = 0.0, sparsity_cache = 0.0;
   int batch() const { return gpu_batch_size * num_gpu_batches; }
-  // The flags that run it: "--weights 0,100,0 --gpu-batch-size 32 --num-gpu-batches 2 --kv gpu ...".
-  std::string Flags() const;
+  // The flags that run it: "--weights 0,100,0 --gpu-batch-size 32 --num-gpu-batches 2 --kv gpu ...";
+  // sparsity as --sparsity-k (with trained predictors: --sparsity DIR), or on a dummy --sparsity-sim.
+  std::string Flags(bool dummy = false) const;
 };
 
 struct Workload {
@@ -91,6 +92,11 @@ class CostModel {
   double LinearSeconds(int64_t rows, int64_t out, int64_t in, DType dtype, const std::optional<QuantFormat>& quant) const;
   double AttentionSeconds(uint64_t kv_bytes, const KvType& type, bool on_host) const;
   double PrefillAttentionSeconds(double flops) const;
+  // Deja Vu's FFN over m gathered neurons of width d for `rows` rows, the gather from pinned memory
+  // included, from the probe's bundled-FFN points (per neuron-dimension, interpolated in log m and
+  // linearly in rows); nullopt when the probe has none. Bundles "F16" (F32/BF16 scaled by their
+  // bytes) or "q4"/"q8" (the q4 points).
+  std::optional<double> BundledFfnSeconds(int64_t rows, int64_t m, int64_t d, DType dtype, const std::optional<QuantFormat>& quant) const;
   double op_seconds() const { return op_seconds_; }
   bool shared_cores() const { return shared_cores_; }
   bool has_disk() const { return !disk_.empty(); }
@@ -116,6 +122,8 @@ class CostModel {
   std::map<std::string, std::map<double, std::vector<Point>>> linear_;
   static double PerElement(const std::vector<Point>& pts, double rows);
   std::map<std::string, double> attention_, host_attention_;  // KV type name -> bytes/s
+  // Bundle type ("F16", "q4") -> rows -> (neurons, seconds per neuron-dimension).
+  std::map<std::string, std::map<double, std::vector<Point>>> bundled_;
   double prefill_attention_flops_ = 0;
   double op_seconds_ = 0, hash_rate_ = 0;
   bool shared_cores_ = false;

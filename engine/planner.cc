@@ -48,6 +48,7 @@ std::string Allowance::Describe() const {
     if (!(t == KvType(DType::kF32))) parts.push_back(absl::StrCat("kv-", absl::AsciiStrToLower(KvTypeName(t)).substr(0, t.quant ? 2 : 3)));
   }
   if (h2o > 0) parts.push_back(absl::StrCat("h2o=", h2o));
+  if (sparsity > 0) parts.push_back(absl::StrCat("sparse=", sparsity));
   return parts.empty() ? "exact" : absl::StrJoin(parts, ",");
 }
 
@@ -68,9 +69,16 @@ absl::StatusOr<Allowance> ParseAllowance(const std::string& spec, int head_dim, 
         return absl::InvalidArgumentError(absl::StrCat("--allow ", tok, ": H2O keeps a fraction of the context in (0, 1), e.g. h2o=0.2"));
       }
       a.h2o = f;
+    } else if (absl::StartsWith(tok, "sparse=")) {
+      double f = 0;
+      if (!absl::SimpleAtod(tok.substr(7), &f) || !(f > 0) || f >= 1) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("--allow ", tok, ": Deja Vu keeps a fraction of the FFN's neurons per token in (0, 1), e.g. sparse=0.15"));
+      }
+      a.sparsity = f;
     } else {
-      return absl::InvalidArgumentError(
-          absl::StrCat("--allow: unknown \"", tok, "\" (one or more of q4, q8, kv-f16, kv-q8, kv-q4, h2o=FRACTION; or exact)"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--allow: unknown \"", tok, "\" (one or more of q4, q8, kv-f16, kv-q8, kv-q4, h2o=FRACTION, sparse=FRACTION; or exact)"));
     }
   }
   return a;
@@ -163,36 +171,52 @@ absl::StatusOr<std::vector<Candidate>> SearchPolicies(const PlanRequest& request
     const int half = std::max(1, static_cast<int>(std::lround(r.allow.h2o * max_len / 2)));
     h2os.push_back(offload::H2OOptions{half, half, 0});
   }
+  // Deja Vu where allowed and the FFN is ReLU's (an up matrix and no gate).
+  std::vector<double> sparsities = {0.0};
+  if (r.allow.sparsity > 0) {
+    bool up = false, gate = false;
+    for (const io::PlannedTensor& t : r.layouts.front().second.layer_matrices) {
+      up = up || t.role == offload::RoleName(offload::Role::kUp);
+      gate = gate || t.role == offload::RoleName(offload::Role::kGate);
+    }
+    if (!up || gate || r.config.ffn != FfnKind::kRelu) {
+      return absl::InvalidArgumentError("--allow sparse: Deja Vu sparsity needs a ReLU FFN; this model's is SwiGLU");
+    }
+    sparsities.push_back(r.allow.sparsity);
+  }
   for (size_t li = 0; li < r.layouts.size(); ++li) {
     const auto& [format, layout] = r.layouts[li];
     for (bool kv_cpu : places) {
       for (const KvType& kv : r.allow.kv_dtypes) {
         for (const auto& h2o : h2os) {
-          for (int ngb : ngbs) {
-            std::vector<int> sizes;
-            if (r.fixed_gpu_batch_size > 0) {
-              sizes = {r.fixed_gpu_batch_size};
-            } else {
-              for (int g = 1; g * ngb <= max_batch; g *= 2) sizes.push_back(g);
-              if (prompts > 0 && prompts % ngb == 0 && prompts / ngb <= max_batch) sizes.push_back(static_cast<int>(prompts / ngb));
-            }
-            for (int gbs : sizes) {
-              Policy p;
-              p.gpu_batch_size = gbs;
-              p.num_gpu_batches = ngb;
-              p.kv_on_cpu = kv_cpu;
-              p.kv_dtype = kv;
-              p.h2o = h2o;
-              p.weights = format;
-              auto c = PlaceWeights(r, layout, p, &model, backend);
-              if (!c.ok()) {
-                last = c.status();
-                if (absl::IsResourceExhausted(c.status())) break;  // larger batches need more
-                return c.status();
+          for (const double sparsity : sparsities) {
+            for (int ngb : ngbs) {
+              std::vector<int> sizes;
+              if (r.fixed_gpu_batch_size > 0) {
+                sizes = {r.fixed_gpu_batch_size};
+              } else {
+                for (int g = 1; g * ngb <= max_batch; g *= 2) sizes.push_back(g);
+                if (prompts > 0 && prompts % ngb == 0 && prompts / ngb <= max_batch) sizes.push_back(static_cast<int>(prompts / ngb));
               }
-              c->runnable = li < r.runnable_layouts;
-              const std::string key = c->policy.Flags();
-              if (seen.insert(key).second) out.push_back(*std::move(c));
+              for (int gbs : sizes) {
+                Policy p;
+                p.gpu_batch_size = gbs;
+                p.num_gpu_batches = ngb;
+                p.kv_on_cpu = kv_cpu;
+                p.kv_dtype = kv;
+                p.h2o = h2o;
+                p.weights = format;
+                p.sparsity = sparsity;
+                auto c = PlaceWeights(r, layout, p, &model, backend);
+                if (!c.ok()) {
+                  last = c.status();
+                  if (absl::IsResourceExhausted(c.status())) break;  // larger batches need more
+                  return c.status();
+                }
+                c->runnable = li < r.runnable_layouts;
+                const std::string key = c->policy.Flags();
+                if (seen.insert(key).second) out.push_back(*std::move(c));
+              }
             }
           }
         }

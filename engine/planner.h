@@ -1,7 +1,7 @@
 // `ferry plan` and `--policy auto` (issue 16): the fastest policy that fits, by the cost model.
 // The search runs over the layer matrices' format (the store's own, and q4/q8 where allowed: those
-// need `ferry convert --quantize` first), KV placement (GPU, CPU) and type, H2O, the number of GPU
-// batches and the GPU batch size; for each it places the weights greedily at 4 KiB granularity:
+// need `ferry convert --quantize` first), KV placement (GPU, CPU) and type, H2O, Deja Vu sparsity
+// (a ReLU FFN, where allowed), the number of GPU batches and the GPU batch size; for each it places the weights greedily at 4 KiB granularity:
 // as much on the GPU as its budget leaves room for, then as much in pinned CPU memory as that
 // budget allows, the rest on disk. Every candidate's memory is Model::PlanOffload's for the same
 // reserves the run makes (PolicyOffload), so a chosen plan fits.
@@ -19,11 +19,12 @@
 namespace ferry::engine {
 
 // What approximations the user accepts beyond exact execution (f32 KV, the store's weights, the
-// full cache). --allow h2o=0.2,q4,q8,kv-f16,kv-q8,kv-q4 (or "exact").
+// full cache, the dense FFN). --allow h2o=0.2,q4,q8,kv-f16,kv-q8,kv-q4,sparse=0.15 (or "exact").
 struct Allowance {
   std::vector<QuantFormat> weights;             // formats a float store may be converted to
   std::vector<KvType> kv_dtypes = {DType::kF32};
   double h2o = 0.0;                             // H2O keeping this fraction of the context (0: off)
+  double sparsity = 0.0;                        // Deja Vu keeping this fraction of the FFN's neurons (0: off; ReLU FFNs)
   bool kv_cpu = true;                           // placement is exact: the cache may live on the host
   std::string Describe() const;
 };

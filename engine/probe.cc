@@ -22,6 +22,7 @@
 #include "io/uring_reader.h"
 #include "kernels/registry.h"
 #include "offload/attention_cache.h"
+#include "offload/ffn_bundles.h"
 
 namespace ferry::engine {
 namespace {
@@ -29,8 +30,8 @@ namespace {
 using Clock = std::chrono::steady_clock;
 using nlohmann::json;
 
-// 5: copies both ways at once. 4: linears over rotating copies (memory, not cache). 3: linears at several sizes. 2: within-device copies, quantized KV, prefill attention, host attention, op cost.
-constexpr int kProbeVersion = 5;
+// 6: Deja Vu's bundled FFN (gather from pinned memory + the FFN over the gathered neurons). 5: copies both ways at once. 4: linears over rotating copies (memory, not cache). 3: linears at several sizes. 2: within-device copies, quantized KV, prefill attention, host attention, op cost.
+constexpr int kProbeVersion = 6;
 
 double Seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
 
@@ -317,6 +318,65 @@ absl::StatusOr<json> ProbeAttention(kernels::Backend& b, const ProbeOptions& o, 
   return out;
 }
 
+// Deja Vu's FFN as a decode step runs it: the bundles of m random neurons gathered from a pinned
+// table (8192 neurons of width d, larger than the caches) into backend memory, then the FFN over
+// them, for F16 and q4 bundles at rows {1, 16} and m {256, 2048}: seconds per call.
+absl::StatusOr<json> ProbeBundledFfn(kernels::Backend& b, const ProbeOptions& o) {
+  json out = json::array();
+  const int64_t d = o.quick ? 256 : 1024, table = o.quick ? 1024 : 8192;
+  const std::vector<int64_t> ms = o.quick ? std::vector<int64_t>{64, 512} : std::vector<int64_t>{256, 2048};
+  const std::vector<float> w = Random(static_cast<size_t>(2 * d + 1), 7);
+  for (const char* type : {"F16", "q4g64"}) {
+    const bool quant = std::string(type) != "F16";
+    std::optional<QuantFormat> f;
+    if (quant) f = *ParseQuantFormatName(type);
+    const uint64_t bundle = offload::FfnBundles::BundleBytes(static_cast<int>(d), DType::kF16, f);
+    std::vector<char> row(bundle, 0);
+    if (quant) {
+      FERRY_ASSIGN_OR_RETURN(const BundleQuantLayout l, LayoutQuantBundle(*f, d));
+      QuantizeSpan(*f, l.row, w.data(), 2 * d, 0, 0, 2 * d, reinterpret_cast<uint8_t*>(row.data()));
+    } else {
+      ConvertFromF32(DType::kF16, w.data(), row.data(), w.size());
+    }
+    FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer pinned, b.AllocateHost(static_cast<size_t>(table) * bundle));
+    for (int64_t j = 0; j < table; ++j) std::memcpy(static_cast<char*>(pinned.data()) + static_cast<size_t>(j) * bundle, row.data(), bundle);
+    FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer gathered, b.Allocate(static_cast<size_t>(ms.back()) * bundle));
+    for (int64_t n : {int64_t{1}, int64_t{16}}) {
+      const std::vector<float> x = Random(static_cast<size_t>(n * d), 8), bias = Random(static_cast<size_t>(d), 9);
+      FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer xb, Upload(b, x.data(), x.size() * sizeof(float)));
+      FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer bb, Upload(b, bias.data(), bias.size() * sizeof(float)));
+      FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer yb, b.Allocate(x.size() * sizeof(float)));
+      for (int64_t m : ms) {
+        if (o.progress) o.progress(absl::StrCat("bundled FFN ", n, " x ", d, " over ", m, " of ", table, " neurons, ", type));
+        // Eight random neuron sets (sorted, distinct), used in turn.
+        std::vector<std::vector<int32_t>> sets(8);
+        std::mt19937 rng(10);
+        std::vector<int32_t> all(static_cast<size_t>(table));
+        for (int64_t j = 0; j < table; ++j) all[static_cast<size_t>(j)] = static_cast<int32_t>(j);
+        for (auto& set : sets) {
+          std::shuffle(all.begin(), all.end(), rng);
+          set.assign(all.begin(), all.begin() + m);
+          std::sort(set.begin(), set.end());
+        }
+        TensorView view = TensorView::Contiguous(gathered.data(), quant ? DType::kU8 : DType::kF16,
+                                                 {m, static_cast<int64_t>(quant ? bundle : bundle / 2)}, b.device());
+        view.quant = f;
+        const kernels::BundledFfnArgs a{TensorView::Contiguous(xb.data(), DType::kF32, {n, d}, b.device()), view,
+                                        TensorView::Contiguous(bb.data(), DType::kF32, {d}, b.device()),
+                                        TensorView::Contiguous(yb.data(), DType::kF32, {n, d}, b.device())};
+        size_t next = 0;
+        FERRY_ASSIGN_OR_RETURN(const double calls, Rate(o, 1.0, b, [&] {
+          FERRY_RETURN_IF_ERROR(b.GatherHostRows(pinned.data(), bundle, sets[next++ % sets.size()], gathered.data()));
+          return b.BundledFfn(a);
+        }));
+        out.push_back({{"bundles", std::string(type).substr(0, quant ? 2 : 3)}, {"rows", n}, {"neurons", m}, {"d", d},
+                       {"seconds", 1.0 / calls}});
+      }
+    }
+  }
+  return out;
+}
+
 // The cost of one small op (an Add of 64 values): a kernel launch on a GPU, a dispatch on the CPU.
 absl::StatusOr<double> ProbeOpSeconds(kernels::Backend& b, const ProbeOptions& o) {
   if (o.progress) o.progress("one small op");
@@ -355,7 +415,10 @@ bool CacheMatches(const json& j, const kernels::Backend& backend, const ProbeOpt
   if (str(o, "disk_dir") != options.disk_dir || !o.contains("quick") || !o["quick"].is_boolean() || o["quick"].get<bool>() != options.quick) {
     return false;
   }
-  if (!j.contains("copies") || !j["copies"].is_object() || !j.contains("linear") || !j["linear"].is_array()) return false;
+  if (!j.contains("copies") || !j["copies"].is_object() || !j.contains("linear") || !j["linear"].is_array() ||
+      !j.contains("bundled_ffn") || !j["bundled_ffn"].is_array()) {
+    return false;
+  }
   try {
     (void)ProbeTable(j);  // reads every field it prints with its type
   } catch (const json::exception&) {
@@ -392,6 +455,7 @@ absl::StatusOr<json> RunProbe(kernels::Backend& backend, const ProbeOptions& o) 
     j["host_attention"] = j["attention"];
   }
   FERRY_ASSIGN_OR_RETURN(j["op_seconds"], ProbeOpSeconds(backend, o));
+  FERRY_ASSIGN_OR_RETURN(j["bundled_ffn"], ProbeBundledFfn(backend, o));
   {
     // The streamer checks every disk read's XXH3 in the disk thread: part of the disk stage.
     if (o.progress) o.progress("XXH3 of host memory");
@@ -424,6 +488,17 @@ std::string ProbeCachePath(const kernels::Backend& backend) {
   return absl::StrCat(dir, "/", HostName(), "-", name, ".json");
 }
 
+ProbeMemory ProbeNeeds(const ProbeOptions& o) {
+  uint64_t chunk = 0, span = 0;
+  for (uint64_t c : o.copy_chunks) chunk = std::max(chunk, c);
+  for (uint64_t c : o.disk_spans) span = std::max(span, c);
+  if (!o.disk_dir.empty()) span = std::max<uint64_t>(span, std::min<uint64_t>(o.disk_file_bytes, 64 << 20));
+  // Copies hold two chunks on each side; the linears their rotating weights and outputs; the
+  // attention probes their caches (tens of MiB at most): 32 MiB over the largest.
+  const uint64_t margin = 32 << 20;
+  return {std::max(2 * chunk, o.linear_rotate_bytes) + margin, std::max(2 * chunk, span) + margin};
+}
+
 absl::StatusOr<json> LoadOrProbe(kernels::Backend& backend, const ProbeOptions& options, bool reprobe, bool* from_cache) {
   const std::string path = ProbeCachePath(backend);
   if (from_cache != nullptr) *from_cache = false;
@@ -437,6 +512,14 @@ absl::StatusOr<json> LoadOrProbe(kernels::Backend& backend, const ProbeOptions& 
         return j;
       }
     }
+  }
+  const ProbeMemory need = ProbeNeeds(options);
+  if ((options.device_budget > 0 && need.device > options.device_budget) || (options.host_budget > 0 && need.host > options.host_budget)) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "measuring this machine needs about ", need.device >> 20, " MiB of device and ", need.host >> 20,
+        " MiB of pinned memory, more than the budgets given (--gpu-mem, --cpu-mem); run `ferry probe",
+        options.disk_dir.empty() ? std::string() : absl::StrCat(" --dir ", options.disk_dir),
+        "` once without them (the probe is cached per host and disk directory) and plan again"));
   }
   FERRY_ASSIGN_OR_RETURN(json j, RunProbe(backend, options));
   FERRY_RETURN_IF_ERROR(MakeDirs(path.substr(0, path.rfind('/'))));
@@ -489,6 +572,14 @@ std::string ProbeTable(const json& j) {
   }
   if (j.contains("hash_GBps")) absl::StrAppend(&s, absl::StrFormat("XXH3 (disk reads are checked): %.2f GB/s\n", j.at("hash_GBps").get<double>()));
   if (j.contains("op_seconds")) absl::StrAppend(&s, absl::StrFormat("one small op: %.2f us\n", j.at("op_seconds").get<double>() * 1e6));
+  if (j.contains("bundled_ffn")) {
+    s += "Deja Vu FFN (gather + FFN) ms:";
+    for (const auto& e : j.at("bundled_ffn")) {
+      absl::StrAppend(&s, absl::StrFormat("  %s %dx%d m%d: %.3f", e.at("bundles").get<std::string>(), e.at("rows").get<int64_t>(),
+                                          e.at("d").get<int64_t>(), e.at("neurons").get<int64_t>(), e.at("seconds").get<double>() * 1e3));
+    }
+    s += "\n";
+  }
   return s;
 }
 

@@ -39,7 +39,16 @@ struct ProbeOptions {
   bool quick = false;         // a smoke run's small shapes: cached apart, never used for planning
   int repetitions = 3;
   std::function<void(const std::string&)> progress;
+  // The run's budgets (0: none): a probe that would need more is refused (measure once without
+  // them: the probe is cached per host), never run past them.
+  uint64_t device_budget = 0, host_budget = 0;
 };
+
+// About the most device and pinned memory RunProbe holds at once with these options.
+struct ProbeMemory {
+  uint64_t device = 0, host = 0;
+};
+ProbeMemory ProbeNeeds(const ProbeOptions& options);
 
 // Measures everything; the JSON holds "host", "backend", "probed_at" (unix seconds), "options"
 // and one section per measurement (each entry with its parameters and a rate).

@@ -47,6 +47,13 @@ absl::Status ChoosePolicy(BenchFlags& f, kernels::Backend& backend, engine::Benc
   if (!in.store.empty() && PathExists(in.store + "/manifest.json")) in.model = in.store, in.dummy.clear();  // its format is fixed
   if (!f.quantize.empty()) return absl::InvalidArgumentError("--policy auto chooses the weights' format: give --allow q4 instead of --quantize");
   FERRY_ASSIGN_OR_RETURN(PlanSetup s, SetUpPlan(in, backend, f.quiet));
+  if (s.request.allow.sparsity > 0 && f.in.dummy.empty() && f.sparsity.empty()) {
+    return absl::InvalidArgumentError(
+        "--allow sparse=K runs Deja Vu with trained predictors: give --sparsity DIR (from ferry sparsity train), or bench a --dummy");
+  }
+  if (!f.sparsity.empty() && !(s.request.allow.sparsity > 0)) {
+    return absl::InvalidArgumentError("--policy auto with --sparsity DIR: allow it with --allow sparse=K (the fraction of neurons kept)");
+  }
   FERRY_ASSIGN_OR_RETURN(std::vector<engine::Candidate> cs, engine::SearchPolicies(s.request, s.model, backend));
   const engine::Candidate* best = nullptr;
   for (const auto& c : cs) {
@@ -58,12 +65,23 @@ absl::Status ChoosePolicy(BenchFlags& f, kernels::Backend& backend, engine::Benc
   if (best == nullptr) return absl::ResourceExhaustedError("no runnable policy fits (the ones that do need the store converted)");
   const engine::Policy& p = best->policy;
   o.policy = p;
+  // Deja Vu: a dummy draws random neuron sets of the chosen density; a store keeps the top k of
+  // the trained predictors (--sparsity DIR, which sparse=K needs).
+  o.sparsity_sim = 0.0;
+  if (p.sparsity > 0 && !f.in.dummy.empty()) {
+    o.sparsity_sim = p.sparsity;
+    o.sparsity_dir.clear();
+  } else if (p.sparsity > 0) {
+    o.sparsity_k = p.sparsity;
+  } else {
+    o.sparsity_dir.clear();
+  }
   if (p.weights) f.quantize = QuantFormatName(*p.weights).substr(0, 2), f.in.quant_group = p.weights->group;
   o.probe = s.probe;
   o.policy_source = "auto";
   if (!f.quiet) {
     std::fprintf(stderr, "ferry: policy auto: %s (predicted %.2f tok/s, step %.4f s, bound by %s; %zu policies fit)\n",
-                 p.Flags().c_str(), best->prediction.throughput_tok_s, best->prediction.step_s, best->prediction.bound.c_str(), cs.size());
+                 p.Flags(!f.in.dummy.empty()).c_str(), best->prediction.throughput_tok_s, best->prediction.step_s, best->prediction.bound.c_str(), cs.size());
     if (best != &cs.front()) {
       std::fprintf(stderr, "ferry: a converted store would be faster: %s (predicted %.2f tok/s)\n", cs.front().policy.Flags().c_str(),
                    cs.front().prediction.throughput_tok_s);
@@ -174,7 +192,7 @@ absl::Status RunOneBench(BenchFlags f) {
   const bool auto_policy = f.policy == "auto";
   if (auto_policy) {
     if (f.fit_batch) return absl::InvalidArgumentError("--policy auto chooses the batch: leave out --fit-batch");
-    if (f.sparsity_sim > 0.0 || !f.sparsity.empty()) return absl::InvalidArgumentError("--policy auto does not plan sparsity yet: give the policy by hand");
+    if (f.sparsity_sim > 0.0) return absl::InvalidArgumentError("--policy auto chooses the sparsity: give --allow sparse=K instead of --sparsity-sim");
     FERRY_ASSIGN_OR_RETURN(std::unique_ptr<kernels::Backend> backend, kernels::CreateBackend(o.backend));
     if (f.in.dummy.empty()) {  // a checkpoint is converted first (the policy does not change the store)
       FERRY_ASSIGN_OR_RETURN(f.in.store, PrepareStore(f));
@@ -191,6 +209,8 @@ absl::Status RunOneBench(BenchFlags f) {
     engine::ProbeOptions po;
     po.disk_dir = f.in.probe_dir.empty() ? ProbeDirFor(o.store_dir) : f.in.probe_dir;
     if (!f.quiet) po.progress = [](const std::string& m) { std::fprintf(stderr, "ferry: probing %s\n", m.c_str()); };
+    po.device_budget = o.backend.memory_budget_bytes;
+    po.host_budget = o.backend.host_budget_bytes;
     FERRY_ASSIGN_OR_RETURN(o.probe, engine::LoadOrProbe(*backend, po, f.in.reprobe));
   }
   FERRY_ASSIGN_OR_RETURN(engine::BenchResult r, engine::RunBench(o));

@@ -80,6 +80,8 @@ absl::StatusOr<PlanSetup> SetUpPlan(const PlanInputFlags& f, kernels::Backend& b
   engine::ProbeOptions po;
   po.disk_dir = f.probe_dir.empty() ? where : f.probe_dir;
   if (!quiet) po.progress = [](const std::string& m) { std::fprintf(stderr, "ferry: probing %s\n", m.c_str()); };
+  po.device_budget = s.request.device_budget;
+  po.host_budget = s.request.host_budget;
   bool cached = false;
   FERRY_ASSIGN_OR_RETURN(s.probe, engine::LoadOrProbe(backend, po, f.reprobe, &cached));
   if (!quiet) {
@@ -202,7 +204,10 @@ absl::Status RunPlan(const PlanFlags& f) {
   }
   std::printf("run it: ferry bench %s %s --prompt-len %d --gen-len %d%s%s\n",
               f.in.dummy.empty() ? absl::StrCat("--model ", s.needs_convert ? std::string("STORE") : s.model_name).c_str() : absl::StrCat("--dummy ", f.in.dummy, " --store ", f.in.store.empty() ? "STORE" : f.in.store).c_str(),
-              best.policy.Flags().c_str(), r.workload.prompt_len, r.workload.gen_len,
+              absl::StrCat(best.policy.Flags(!f.in.dummy.empty()),
+                           best.policy.sparsity > 0 && f.in.dummy.empty() ? " --sparsity PREDICTORS (ferry sparsity train)" : "")
+                  .c_str(),
+              r.workload.prompt_len, r.workload.gen_len,
               r.device_budget > 0 ? absl::StrCat(" --gpu-mem ", f.in.gpu_mem).c_str() : "",
               r.host_budget > 0 ? absl::StrCat(" --cpu-mem ", f.in.cpu_mem).c_str() : "");
   return absl::OkStatus();

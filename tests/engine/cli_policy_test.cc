@@ -167,6 +167,35 @@ TEST(CliPlanTest, PlansRunsAutoSweepsAndPlots) {
     EXPECT_GT(bytes->size(), 1000u) << f;
   }
   EXPECT_EQ(ReadFileToString(dir.File("plots/throughput.png"))->substr(1, 3), "PNG");
+  // Deja Vu where allowed: at batch 1 sparse plans are among the candidates; bench --policy auto
+  // on a store needs the trained predictors for them, and says so.
+  r = run("plan --model " + store + " --gpu-mem 12MiB --prompt-len 16 --gen-len 4 --max-batch 1 --allow sparse=0.15 --top 20 --json -q");
+  ASSERT_EQ(r.code, 0) << r.err;
+  int sparse_plans = 0;
+  const nlohmann::json sparse_json = nlohmann::json::parse(r.out);
+  for (const auto& p : sparse_json["plans"]) {
+    if (p["flags"].get<std::string>().find("--sparsity-k 0.15") != std::string::npos) {
+      ++sparse_plans;
+      EXPECT_LE(p["predicted"]["memory"]["device"].get<uint64_t>(), uint64_t{12} << 20);
+      EXPECT_NEAR(p["predicted"]["ffn_union"].get<double>(), 0.15, 1e-9);
+    }
+  }
+  EXPECT_GT(sparse_plans, 0) << r.out;
+  r = run("bench --model " + store + " --policy auto --allow sparse=0.15 --prompt-len 16 --gen-len 4 -q");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_EQ(Lines(r.err), 1) << r.err;
+  EXPECT_NE(r.err.find("--sparsity DIR"), std::string::npos) << r.err;
+  // No probe cached and a budget smaller than the probe needs: refused before it allocates.
+  {
+    TempDir empty;
+    const int status = std::system(("FERRY_PROBE_DIR=" + empty.path() + " " + FerryBinary() + " bench --model " + store +
+                                    " --predict --gpu-mem 8MiB --prompt-len 16 --gen-len 4 -q >/dev/null 2>" + empty.File("e"))
+                                       .c_str());
+    EXPECT_EQ(WIFEXITED(status) ? WEXITSTATUS(status) : -1, 1);
+    const std::string err = *ReadFileToString(empty.File("e"));
+    EXPECT_NE(err.find("once without them"), std::string::npos) << err;
+    EXPECT_EQ(Lines(err), 1) << err;
+  }
   // Bad input: one line and a non-zero exit.
   for (const std::string& bad : {"plan --model " + store + " --allow q3 -q", "plan --model " + store + " --gpu-mem 1MiB -q",
                                  "bench --model " + store + " --sweep depth=1 --jsonl " + dir.File("x.jsonl") + " -q",

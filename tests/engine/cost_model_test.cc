@@ -328,6 +328,168 @@ TEST(PlannerTest, ChosenPlansFitTheirBudgets) {
   EXPECT_NE(std::string(none.status().message()).find("no policy fits"), std::string::npos) << none.status();
 }
 
+// Deja Vu in the model: per GPU batch the union of its rows' neurons (independent draws: 1 -
+// (1 - k)^rows; 0.9 or more runs dense) crosses the link as bundles, only the attention part
+// streams, and the FFN over the union costs the probe's bundled-FFN time per neuron-dimension
+// (interpolated in rows); at batch 1 on a link-bound split it beats the dense FFN.
+TEST(CostModelTest, SparsePoliciesCountTheUnionAndTheBundles) {
+  Dummy d = LoadDummy("opt-125m");
+  const Workload w{32, 9, 0};
+  constexpr double kBundle1 = 4e-10, kBundle16 = 1e-9;  // seconds per neuron-dimension at 1 and 16 rows
+  json probe = SyntheticProbe("cuda");
+  for (int rows : {1, 16}) {
+    for (int m : {256, 2048}) {
+      probe["bundled_ffn"].push_back({{"bundles", "F16"}, {"rows", rows}, {"neurons", m}, {"d", 1024},
+                                      {"seconds", (rows == 1 ? kBundle1 : kBundle16) * m * 1024}});
+    }
+  }
+  auto m = CostModel::FromProbe(probe);
+  auto fallback = CostModel::FromProbe(SyntheticProbe("cuda"));
+  ASSERT_TRUE(m.ok() && fallback.ok()) << m.status();
+  EXPECT_NEAR(*m->BundledFfnSeconds(4, 1000, 768, DType::kF16, std::nullopt), (kBundle1 + 3.0 / 15 * (kBundle16 - kBundle1)) * 1000 * 768,
+              1e-12);
+  EXPECT_FALSE(fallback->BundledFfnSeconds(4, 1000, 768, DType::kF16, std::nullopt).has_value());
+  auto cpu = kernels::CreateBackend({});
+  ASSERT_TRUE(cpu.ok());
+  Policy dense;
+  dense.split = {0, 100, 0};
+  dense.gpu_batch_size = 4;
+  dense.num_gpu_batches = 2;
+  Policy sparse = dense;
+  sparse.sparsity = 0.15;
+  auto dplan = Model::PlanOffload(d.layout, PolicyOffload(d.config, dense, w, 0, 0), **cpu);
+  auto splan = Model::PlanOffload(d.layout, PolicyOffload(d.config, sparse, w, 0, 0), **cpu);
+  ASSERT_TRUE(dplan.ok() && splan.ok()) << splan.status();
+  // Only the attention part streams: Q, K, V, O of 768^2 F16 (4.5 MiB) of each 13.5 MiB layer.
+  ASSERT_EQ(splan->layers.size(), dplan->layers.size());
+  EXPECT_EQ(splan->layers[0].bytes, uint64_t{4} * 768 * 768 * 2);
+  EXPECT_GT(splan->host_bytes, splan->layers[0].bytes * 12);  // every layer's bundles pinned
+  auto pd = m->Predict(d.config, d.layout, dense, w, *dplan);
+  auto ps = m->Predict(d.config, d.layout, sparse, w, *splan);
+  ASSERT_TRUE(pd.ok() && ps.ok()) << ps.status();
+  const double u = 1.0 - std::pow(0.85, 4);
+  EXPECT_NEAR(ps->ffn_union, u, 1e-12);
+  EXPECT_DOUBLE_EQ(pd->ffn_union, 0.0);
+  const uint64_t bundle = offload::FfnBundles::BundleBytes(768, DType::kF16);
+  const uint64_t per_batch = static_cast<uint64_t>(u * 3072 * static_cast<double>(bundle));
+  EXPECT_EQ(ps->h2d_bytes_per_step, 12 * (splan->layers[0].bytes + 2 * per_batch));
+  // The FFN part of the decode compute: per GPU batch the gather + FFN at the probe's rate for 4
+  // rows over the union's neurons, replacing the dense linears of up and down.
+  const double ffn_s = *m->BundledFfnSeconds(4, std::llround(u * 3072), 768, DType::kF16, std::nullopt);
+  double dense_ffn = 0;
+  for (const auto& t : d.layout.layer_matrices) {
+    if (t.role == "ffn_up" || t.role == "ffn_down") dense_ffn += m->LinearSeconds(4, t.shape[0], t.shape[1], t.dtype, t.quant);
+  }
+  EXPECT_GT(dense_ffn, 0.0);
+  EXPECT_NEAR(ps->decode_layer.compute - pd->decode_layer.compute, 2 * (ffn_s - dense_ffn), 1e-9);
+  // At one row the union is k: fewer bytes than the dense layers, a faster step on this link.
+  Policy one = sparse;
+  one.gpu_batch_size = 1;
+  one.num_gpu_batches = 1;
+  Policy one_dense = dense;
+  one_dense.gpu_batch_size = 1;
+  one_dense.num_gpu_batches = 1;
+  auto p1 = m->Predict(d.config, d.layout, one, w, *Model::PlanOffload(d.layout, PolicyOffload(d.config, one, w, 0, 0), **cpu));
+  auto p1d = m->Predict(d.config, d.layout, one_dense, w, *Model::PlanOffload(d.layout, PolicyOffload(d.config, one_dense, w, 0, 0), **cpu));
+  ASSERT_TRUE(p1.ok() && p1d.ok());
+  EXPECT_NEAR(p1->ffn_union, 0.15, 1e-12);
+  EXPECT_LT(p1->h2d_bytes_per_step * 2, p1d->h2d_bytes_per_step);
+  EXPECT_LT(p1->step_s, p1d->step_s);
+  // A batch whose union reaches 0.9 runs dense over every bundle.
+  Policy wide = sparse;
+  wide.gpu_batch_size = 32;
+  auto pw = m->Predict(d.config, d.layout, wide, w, *Model::PlanOffload(d.layout, PolicyOffload(d.config, wide, w, 0, 0), **cpu));
+  ASSERT_TRUE(pw.ok());
+  EXPECT_DOUBLE_EQ(pw->ffn_union, 1.0);
+  // Without the probe's bundled points: the linears and the copy, a prediction all the same.
+  auto pf = fallback->Predict(d.config, d.layout, sparse, w, *splan);
+  ASSERT_TRUE(pf.ok());
+  EXPECT_NE(pf->step_s, ps->step_s);
+  // A SwiGLU model has no sparse plan.
+  Dummy llama = LoadDummy("llama-2-7b");
+  Policy lp = sparse;
+  EXPECT_EQ(Model::PlanOffload(llama.layout, PolicyOffload(llama.config, lp, w, 0, 0), **cpu).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+// --allow sparse=K: the planner searches the sparse FFN beside the dense one; the sparse plans it
+// picks load (with their bundles) under the budgets they were chosen for; the layout's sparse plan
+// is the store's.
+TEST(PlannerTest, SparsityIsSearchedWhereAllowedAndFits) {
+  ferry::testing::TempDir dir;
+  ASSERT_TRUE(ConvertModel(ferry::testing::ModelDir(), dir.path()).ok());
+  auto store = io::Store::Open(dir.path());
+  ASSERT_TRUE(store.ok());
+  auto cpu = kernels::CreateBackend({});
+  OffloadOptions so;
+  so.split = {20, 30, 50};
+  so.sparse_ffn = true;
+  so.sparse_cache_fraction = 0.25;
+  auto from_store = Model::PlanOffload(*store, so, **cpu);
+  auto own = LayoutOf(*store);
+  ASSERT_TRUE(own.ok());
+  auto from_layout = Model::PlanOffload(*own, so, **cpu);
+  ASSERT_TRUE(from_store.ok() && from_layout.ok()) << from_layout.status();
+  EXPECT_EQ(from_store->device_bytes, from_layout->device_bytes);
+  EXPECT_EQ(from_store->host_bytes, from_layout->host_bytes);
+  ASSERT_EQ(own->attention_ranges.size(), own->layer_bytes.size());
+
+  auto m = CostModel::FromProbe(SyntheticProbe("cpu"));
+  ASSERT_TRUE(m.ok());
+  PlanRequest r;
+  r.config = *ModelConfig::FromModelDir(dir.path());
+  auto allow = ParseAllowance("sparse=0.15", r.config.head_dim());
+  ASSERT_TRUE(allow.ok()) << allow.status();
+  EXPECT_DOUBLE_EQ(allow->sparsity, 0.15);
+  EXPECT_EQ(allow->Describe(), "sparse=0.15");
+  r.allow = *allow;
+  r.layouts = *LayoutsOfStore(*store, r.allow);
+  r.workload = {32, 8, 0};
+  r.max_batch = 4;
+  r.host_budget = 64 << 20;
+  r.device_budget = HalfwayBudget(r, **cpu);
+  auto cs = SearchPolicies(r, *m, **cpu);
+  ASSERT_TRUE(cs.ok()) << cs.status();
+  int sparse = 0, dense = 0;
+  for (const Candidate& c : *cs) {
+    (c.policy.sparsity > 0 ? sparse : dense) += 1;
+    if (c.policy.sparsity > 0) {
+      EXPECT_NE(c.policy.Flags().find("--sparsity-k 0.15"), std::string::npos);
+      EXPECT_NE(c.policy.Flags(/*dummy=*/true).find("--sparsity-sim 0.15"), std::string::npos);
+    }
+  }
+  EXPECT_GT(sparse, 0);
+  EXPECT_GT(dense, 0);
+  int loaded = 0;
+  for (const Candidate& c : *cs) {
+    if (c.policy.sparsity == 0 || loaded == 2) continue;
+    kernels::BackendOptions bo;
+    bo.memory_budget_bytes = r.device_budget;
+    bo.host_budget_bytes = r.host_budget;
+    auto backend = kernels::CreateBackend(bo);
+    ASSERT_TRUE(backend.ok());
+    auto model = Model::LoadOffloaded(dir.path(), backend->get(), PolicyOffload(r.config, c.policy, r.workload, r.device_budget, r.host_budget));
+    ASSERT_TRUE(model.ok()) << c.policy.Flags() << ": " << model.status();
+    EXPECT_TRUE((*model)->sparse_ffn());
+    auto cache = offload::CreateKvCache(**backend, PolicyKvSpec(r.config, c.policy, r.workload));
+    ASSERT_TRUE(cache.ok()) << c.policy.Flags() << ": " << cache.status();
+    ++loaded;
+  }
+  EXPECT_EQ(loaded, 2);
+  for (const std::string bad : {"sparse=0", "sparse=1", "sparse=x"}) EXPECT_FALSE(ParseAllowance(bad, 64).ok()) << bad;
+  // A SwiGLU model: sparse is refused in one line.
+  PlanRequest lr;
+  auto shape = FindDummyShape("llama-2-7b");
+  ASSERT_TRUE(shape.ok());
+  lr.config = *ModelConfig::FromJson(DummyConfigJson(*shape), "llama-2-7b");
+  lr.allow = *allow;
+  lr.layouts = *LayoutsOfDummy("llama-2-7b", lr.allow);
+  lr.workload = {32, 8, 0};
+  auto refused = SearchPolicies(lr, *m, **cpu);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(std::string(refused.status().message()).find("ReLU"), std::string::npos) << refused.status();
+}
+
 // A float store with q4 allowed: the q4 candidates are planned from the layout convert would
 // write, stream fewer bytes, and are marked as needing the conversion.
 TEST(PlannerTest, QuantizedCandidatesNeedTheConversion) {

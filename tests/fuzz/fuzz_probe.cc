@@ -1,5 +1,6 @@
 // A cached probe (ferry probe's JSON, read back from ~/.cache): a probe the cost model accepts must
-// give finite, non-negative predictions for any policy, and one it refuses a status, never a crash.
+// give finite, non-negative predictions for any policy (dense, H2O, Deja Vu), and one it refuses a
+// status, never a crash.
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -46,13 +47,14 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const Fixture& f = Get();
   const ferry::offload::WeightSplit splits[] = {{100, 0, 0}, {0, 100, 0}, {0, 0, 100}, {20, 30, 50}};
   for (const auto& split : splits) {
-    for (int kv_cpu = 0; kv_cpu < 2; ++kv_cpu) {
+    for (int kv_cpu = 0; kv_cpu < 3; ++kv_cpu) {
       ferry::engine::Policy p;
       p.split = split;
       p.gpu_batch_size = 8;
       p.num_gpu_batches = 2;
       p.kv_on_cpu = kv_cpu == 1;
-      if (kv_cpu) p.h2o = ferry::offload::H2OOptions{16, 16, 0};
+      if (kv_cpu == 1) p.h2o = ferry::offload::H2OOptions{16, 16, 0};
+      if (kv_cpu == 2) p.sparsity = 0.15, p.gpu_batch_size = 1;  // Deja Vu: the bundled-FFN points
       const ferry::engine::Workload w{64, 8, 100};
       auto plan = ferry::engine::Model::PlanOffload(f.layout, ferry::engine::PolicyOffload(f.config, p, w, 0, 0), *f.backend);
       if (!plan.ok()) std::abort();
