@@ -152,6 +152,10 @@ absl::StatusOr<CostModel> CostModel::FromProbe(const json& j) {
       if (depth > 65536) return Missing("disk queue depth");
       m.disk_.push_back({block, static_cast<unsigned>(depth), gbps * 1e9});
     }
+    if (j["disk"].is_object() && j["disk"].contains("pages")) {
+      FERRY_ASSIGN_OR_RETURN(const double gbps, Rate(j["disk"]["pages"], "GBps", "disk page read rate"));
+      m.disk_pages_ = gbps * 1e9;
+    }
   }
   const json& linear = Arr(j, "linear");
   for (const json& e : linear) {
@@ -221,6 +225,15 @@ double CostModel::Interpolate(const std::vector<Point>& pts, double x) {
 double CostModel::H2DBytesPerSecond(uint64_t chunk) const { return Interpolate(h2d_, static_cast<double>(std::max<uint64_t>(chunk, 1))); }
 double CostModel::D2HBytesPerSecond(uint64_t chunk) const { return Interpolate(d2h_, static_cast<double>(std::max<uint64_t>(chunk, 1))); }
 double CostModel::D2DBytesPerSecond(uint64_t chunk) const { return Interpolate(d2d_, static_cast<double>(std::max<uint64_t>(chunk, 1))); }
+
+double CostModel::DiskPageBytesPerSecond() const {
+  if (disk_pages_ > 0) return disk_pages_;
+  if (disk_.empty()) return 0;
+  const auto smallest = std::min_element(disk_.begin(), disk_.end(), [](const DiskPoint& a, const DiskPoint& b) {
+    return a.block < b.block || (a.block == b.block && a.depth > b.depth);
+  });
+  return smallest->rate;
+}
 
 double CostModel::DiskBytesPerSecond(uint64_t block, unsigned depth) const {
   // The probed point nearest in (log block, log depth).
@@ -348,7 +361,8 @@ absl::StatusOr<Prediction> CostModel::Predict(const ModelConfig& c, const Weight
       const double per_page = std::max(1.0, page / static_cast<double>(bundle));
       const double touched = bundle >= page ? u * miss : 1.0 - std::pow(1.0 - u * miss, per_page);
       b.disk = static_cast<uint64_t>(std::min(pages, std::ceil(pages * touched)) * page);
-      const double rate = DiskBytesPerSecond(uring.block_bytes, uring.queue_depth);
+      // Scattered pages: at the page-read rate (IOPS), not the streamer's sequential one.
+      const double rate = u < 1.0 ? DiskPageBytesPerSecond() : DiskBytesPerSecond(uring.block_bytes, uring.queue_depth);
       if (rate > 0) b.seconds += b.disk / rate;
     }
     // The gather and the FFN over the m neurons, as the probe timed them; without those points,

@@ -87,6 +87,9 @@ class CostModel {
   double D2HBytesPerSecond(uint64_t chunk) const;
   double D2DBytesPerSecond(uint64_t chunk) const;
   double DiskBytesPerSecond(uint64_t block, unsigned depth) const;  // 0: not probed
+  // Scattered 4 KiB page reads (Deja Vu's bundles on disk); the smallest block's rate when the
+  // probe has no page reads; 0: no disk probed.
+  double DiskPageBytesPerSecond() const;
   // A Linear of rows x in -> out with weights of `type` (F32, F16/BF16, or a quantized format):
   // the probe's time at its shape scaled by out x in, piecewise linear in rows, linear above.
   double LinearSeconds(int64_t rows, int64_t out, int64_t in, DType dtype, const std::optional<QuantFormat>& quant) const;
@@ -117,6 +120,7 @@ class CostModel {
     double rate;
   };
   std::vector<DiskPoint> disk_;
+  double disk_pages_ = 0;
   // Per weight type ("F32", "F16", "q8", "q4") and matrix size (out x in elements): (rows,
   // seconds per weight element).
   std::map<std::string, std::map<double, std::vector<Point>>> linear_;

@@ -30,7 +30,7 @@ namespace {
 using Clock = std::chrono::steady_clock;
 using nlohmann::json;
 
-// 6: Deja Vu's bundled FFN (gather from pinned memory + the FFN over the gathered neurons). 5: copies both ways at once. 4: linears over rotating copies (memory, not cache). 3: linears at several sizes. 2: within-device copies, quantized KV, prefill attention, host attention, op cost.
+// 6: Deja Vu's bundled FFN and scattered disk pages (gather from pinned memory + the FFN over the gathered neurons). 5: copies both ways at once. 4: linears over rotating copies (memory, not cache). 3: linears at several sizes. 2: within-device copies, quantized KV, prefill attention, host attention, op cost.
 constexpr int kProbeVersion = 6;
 
 double Seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
@@ -200,6 +200,37 @@ absl::StatusOr<json> ProbeDisk(kernels::Backend& b, const ProbeOptions& o) {
       FERRY_ASSIGN_OR_RETURN(const double rate, read_rate(block, depth, span));
       out["reads"].push_back({{"block_bytes", block}, {"queue_depth", depth}, {"GBps", rate * 1e-9}});
     }
+  }
+  // Scattered single pages (Deja Vu's bundles on disk: each gather reads the 4 KiB pages that hold
+  // the chosen neurons), 2048 random pages per call in one ReadMany at the streamer's depth 16.
+  {
+    if (o.progress) o.progress("disk reads of scattered 4 KiB pages");
+    io::UringOptions uo;
+    uo.block_bytes = 1 << 20;
+    uo.queue_depth = 16;
+    uo.registered = {{dst.data(), dst.bytes()}};
+    auto reader = io::UringReader::Create(uo);
+    if (!reader.ok()) {
+      uo.registered.clear();
+      reader = io::UringReader::Create(uo);
+    }
+    if (!reader.ok()) return reader.status();
+    const uint64_t pages = size / 4096, want = std::min<uint64_t>(2048, std::min<uint64_t>(pages, span / 4096));
+    std::mt19937_64 rng(6);
+    std::vector<io::UringReader::ReadExtent> extents;
+    auto draw = [&] {
+      std::vector<uint64_t> at(want);
+      for (uint64_t& p : at) p = rng() % pages;
+      std::sort(at.begin(), at.end());
+      at.erase(std::unique(at.begin(), at.end()), at.end());
+      extents.clear();
+      for (size_t i = 0; i < at.size(); ++i) extents.push_back({at[i] * 4096, static_cast<char*>(dst.data()) + i * 4096, 4096});
+    };
+    FERRY_ASSIGN_OR_RETURN(const double rate, Rate(o, 1.0, b, [&]() -> absl::Status {
+      draw();
+      return (*reader)->ReadMany(file, extents);
+    }));
+    out["pages"] = {{"page_bytes", 4096}, {"queue_depth", 16}, {"GBps", rate * static_cast<double>(want) * 4096 * 1e-9}};
   }
   // Reads of one span each (a layer's disk part is one read), at the streamer's default 1 MiB x 16.
   out["spans"] = json::array();
@@ -552,6 +583,9 @@ std::string ProbeTable(const json& j) {
     for (const auto& e : j.at("disk").at("reads")) {
       absl::StrAppend(&s, absl::StrFormat("  %6.0fK x %3.0f: %.2f\n", e.at("block_bytes").get<double>() / 1024,
                                           e.at("queue_depth").get<double>(), e.at("GBps").get<double>()));
+    }
+    if (j.at("disk").contains("pages")) {
+      absl::StrAppend(&s, absl::StrFormat("  scattered 4K pages x 16: %.2f\n", j.at("disk").at("pages").at("GBps").get<double>()));
     }
   }
   s += "linear (rows x in -> out, weights): GFLOP/s, weight GB/s\n";

@@ -1,9 +1,14 @@
-// Linear over group-wise q4/q8 weights (base/quant.h), fused: one warp per output row reads the
-// packed values once per chunk of 8 input rows, dequantizes them in registers (value = q * s + m,
-// fp16 scale and minimum per group) and accumulates fp32 dot products, reduced across the warp.
-// Each lane takes two neighbouring values per step (they share a group: groups are even). A first
-// version for correctness, twin-tested against the CPU backend; its bandwidth against the HBM
-// floor is pending a GPU run.
+// Linear over group-wise q4/q8 weights (base/quant.h), fused: the packed values are read once and
+// dequantized in registers (value = q * s + m, fp16 scale and minimum per group), with fp32 dot
+// products reduced across the warp.
+//
+// QuantGemvKernel (power-of-two groups of 8 or more, k % 8 == 0: every group ParseQuantFormat's
+// users pick for real models): one warp per kRowsPerWarp output rows; per step each lane takes 8
+// consecutive columns of each of its rows (q4: one 32-bit word, q8: two), the warp 256, and the
+// same 8 input values (two float4) serve all the warp's rows, so the inputs are read a quarter as
+// often as the weights' rows. QuantLinearKernel is the general fallback (one warp per output row,
+// two columns per lane per step). Both twin-tested against the CPU backend; their bandwidth
+// against the HBM floor is pending a GPU run (bench_cuda BM_QuantLinear).
 #include <cuda_fp16.h>
 
 #include "kernels/cuda/launch.h"
@@ -59,6 +64,83 @@ __global__ void QuantLinearKernel(const float* __restrict__ x, const uint8_t* __
         v += bias != nullptr ? bias[m] : 0.0f;
         if (relu && v < 0.0f) v = 0.0f;
         out[(t0 + t) * m_total + m] = v;
+      }
+    }
+  }
+}
+
+constexpr int kRowsPerWarp = 4;
+constexpr int kGemvChunk = 4;  // input rows per pass
+
+template <bool kQ4>
+__global__ void QuantGemvKernel(const float* __restrict__ x, const uint8_t* __restrict__ region, size_t scales_offset,
+                                size_t mins_offset, int group_shift, int64_t n, int64_t k, int64_t m_total,
+                                const float* __restrict__ bias, bool relu, float* __restrict__ out) {
+  const int lane = threadIdx.x % 32;
+  const int64_t m0 = (static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32) * kRowsPerWarp;
+  if (m0 >= m_total) return;
+  const __half* scales = reinterpret_cast<const __half*>(region + scales_offset);
+  const __half* mins = reinterpret_cast<const __half*>(region + mins_offset);
+  const int64_t groups = k >> group_shift;
+  for (int64_t t0 = 0; t0 < n; t0 += kGemvChunk) {
+    const int rows = static_cast<int>(n - t0 < kGemvChunk ? n - t0 : kGemvChunk);
+    float acc[kRowsPerWarp][kGemvChunk];
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+#pragma unroll
+      for (int t = 0; t < kGemvChunk; ++t) acc[r][t] = 0.0f;
+    }
+    for (int64_t j = 8 * static_cast<int64_t>(lane); j < k; j += 256) {
+      float w[kRowsPerWarp][8];
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarp; ++r) {
+        const int64_t m = m0 + r;
+        if (m >= m_total) {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) w[r][i] = 0.0f;
+          continue;
+        }
+        const int64_t g = m * groups + (j >> group_shift);  // the 8 columns share one group
+        const float s = __half2float(scales[g]);
+        if (kQ4) {
+          const uint32_t v = *reinterpret_cast<const uint32_t*>(region + (m * k + j) / 2);
+          const float mn = __half2float(mins[g]);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) w[r][i] = __fadd_rn(__fmul_rn(static_cast<float>((v >> (4 * i)) & 0xFu), s), mn);
+        } else {
+          const uint2 v = *reinterpret_cast<const uint2*>(region + m * k + j);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            const uint32_t word = i < 4 ? v.x : v.y;
+            w[r][i] = __fmul_rn(static_cast<float>(static_cast<int8_t>((word >> (8 * (i % 4))) & 0xFFu)), s);
+          }
+        }
+      }
+#pragma unroll
+      for (int t = 0; t < kGemvChunk; ++t) {
+        if (t < rows) {
+          const float4 a = *reinterpret_cast<const float4*>(x + (t0 + t) * k + j);
+          const float4 b = *reinterpret_cast<const float4*>(x + (t0 + t) * k + j + 4);
+#pragma unroll
+          for (int r = 0; r < kRowsPerWarp; ++r) {
+            acc[r][t] += a.x * w[r][0] + a.y * w[r][1] + a.z * w[r][2] + a.w * w[r][3] + b.x * w[r][4] + b.y * w[r][5] +
+                         b.z * w[r][6] + b.w * w[r][7];
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+#pragma unroll
+      for (int t = 0; t < kGemvChunk; ++t) {
+        float v = acc[r][t];
+        for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+        const int64_t m = m0 + r;
+        if (lane == 0 && t < rows && m < m_total) {
+          v += bias != nullptr ? bias[m] : 0.0f;
+          if (relu && v < 0.0f) v = 0.0f;
+          out[(t0 + t) * m_total + m] = v;
+        }
       }
     }
   }
@@ -150,8 +232,29 @@ cudaError_t LaunchDequantizeBundles(const TensorView& bundles, const BundleQuant
 cudaError_t LaunchQuantLinear(const LinearArgs& a, const QuantLayout& layout, cudaStream_t stream) {
   const int64_t n = a.in.shape[0], k = a.in.shape[1], m = a.weight.shape[0];
   if (n == 0 || m == 0) return cudaSuccess;
-  const dim3 grid(static_cast<unsigned>((m + kWarpsPerBlock - 1) / kWarpsPerBlock));
   const float* bias = a.bias.data != nullptr ? a.bias.as<const float>() : nullptr;
+  const int group = a.weight.quant->group;
+  // The vectorized kernel's loads: 8 columns in one power-of-two group, q4 words and q8 pairs of
+  // words aligned (k % 8 and the region's alignment), the inputs' float4s 16-byte aligned.
+  const bool gemv = group >= 8 && (group & (group - 1)) == 0 && k % 8 == 0 && reinterpret_cast<uintptr_t>(a.weight.data) % 8 == 0 &&
+                    reinterpret_cast<uintptr_t>(a.in.data) % 16 == 0;
+  if (gemv) {
+    int shift = 0;
+    while ((1 << shift) < group) ++shift;
+    const int64_t per_block = static_cast<int64_t>(kWarpsPerBlock) * kRowsPerWarp;
+    const dim3 grid(static_cast<unsigned>((m + per_block - 1) / per_block));
+    if (a.weight.quant->kind == QuantKind::kQ4) {
+      QuantGemvKernel<true><<<grid, kWarpsPerBlock * 32, 0, stream>>>(a.in.as<const float>(), a.weight.as<const uint8_t>(),
+                                                                      layout.scales_offset, layout.mins_offset, shift, n, k, m, bias,
+                                                                      a.relu, a.out.as<float>());
+    } else {
+      QuantGemvKernel<false><<<grid, kWarpsPerBlock * 32, 0, stream>>>(a.in.as<const float>(), a.weight.as<const uint8_t>(),
+                                                                       layout.scales_offset, layout.mins_offset, shift, n, k, m, bias,
+                                                                       a.relu, a.out.as<float>());
+    }
+    return cudaGetLastError();
+  }
+  const dim3 grid(static_cast<unsigned>((m + kWarpsPerBlock - 1) / kWarpsPerBlock));
   if (a.weight.quant->kind == QuantKind::kQ4) {
     QuantLinearKernel<true><<<grid, kWarpsPerBlock * 32, 0, stream>>>(a.in.as<const float>(), a.weight.as<const uint8_t>(),
                                                                       layout.scales_offset, layout.mins_offset, a.weight.quant->group,

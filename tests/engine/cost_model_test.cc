@@ -349,6 +349,15 @@ TEST(CostModelTest, SparsePoliciesCountTheUnionAndTheBundles) {
   EXPECT_NEAR(*m->BundledFfnSeconds(4, 1000, 768, DType::kF16, std::nullopt), (kBundle1 + 3.0 / 15 * (kBundle16 - kBundle1)) * 1000 * 768,
               1e-12);
   EXPECT_FALSE(fallback->BundledFfnSeconds(4, 1000, 768, DType::kF16, std::nullopt).has_value());
+  // Bundles on disk are scattered pages: the probe's page rate, else its smallest block's.
+  EXPECT_DOUBLE_EQ(fallback->DiskPageBytesPerSecond(), kDisk);
+  json paged = probe;
+  paged["disk"]["pages"] = {{"page_bytes", 4096}, {"queue_depth", 16}, {"GBps", 0.25}};
+  auto pm = CostModel::FromProbe(paged);
+  ASSERT_TRUE(pm.ok()) << pm.status();
+  EXPECT_DOUBLE_EQ(pm->DiskPageBytesPerSecond(), 0.25e9);
+  paged["disk"]["pages"]["GBps"] = -1;
+  EXPECT_FALSE(CostModel::FromProbe(paged).ok());
   auto cpu = kernels::CreateBackend({});
   ASSERT_TRUE(cpu.ok());
   Policy dense;

@@ -64,14 +64,18 @@ TEST_F(CudaTwinTest, RopeAndSiluMul) {
 
 // Issue 15: the q4/q8 linear against the CPU's (which dequantizes into fp32 rows), on random
 // weights and inputs, odd row counts, with bias and ReLU. Up to kFusedQuantRows rows the fused
-// kernel (chunks of 8 rows inside; fp32 accumulation in another order): 1e-5 relative. Above, the
+// kernels (the vectorized one for power-of-two groups >= 8, 4 output rows per warp and chunks of
+// 4 input rows, partial at m = 45, 33, 1000; the general one otherwise; fp32 accumulation in
+// another order): 1e-5 relative. Above, the
 // matrix dequantized to fp16 and the fp16 GEMM (activations rounded to fp16 too): 3e-3.
 TEST_F(CudaTwinTest, QuantizedLinear) {
   struct Case { int64_t n, m, k; QuantFormat f; bool relu; };
   for (const Case& c : {Case{1, 45, 192, {QuantKind::kQ4, 64}, false}, Case{5, 4096, 4096, {QuantKind::kQ4, 64}, true},
                         Case{16, 1000, 640, {QuantKind::kQ8, 32}, false}, Case{37, 129, 256, {QuantKind::kQ4, 32}, false},
                         Case{3, 11008, 4096, {QuantKind::kQ8, 64}, false}, Case{64, 4096, 4096, {QuantKind::kQ4, 64}, true},
-                        Case{17, 11008, 4096, {QuantKind::kQ8, 64}, false}}) {
+                        Case{17, 11008, 4096, {QuantKind::kQ8, 64}, false},
+                        // The general kernel: a group that is not a power of two, columns not a multiple of 8.
+                        Case{2, 33, 96, {QuantKind::kQ4, 6}, true}, Case{4, 20, 90, {QuantKind::kQ8, 10}, false}}) {
     std::vector<float> w = RandomValues(c.m * c.k, 11), x = RandomValues(c.n * c.k, 12), b = RandomValues(c.m, 13), ref(c.n * c.m);
     auto layout = LayoutQuantized(c.f, c.m, c.k);
     ASSERT_TRUE(layout.ok());
