@@ -30,8 +30,8 @@ namespace {
 using Clock = std::chrono::steady_clock;
 using nlohmann::json;
 
-// 6: Deja Vu's bundled FFN and scattered disk pages (gather from pinned memory + the FFN over the gathered neurons). 5: copies both ways at once. 4: linears over rotating copies (memory, not cache). 3: linears at several sizes. 2: within-device copies, quantized KV, prefill attention, host attention, op cost.
-constexpr int kProbeVersion = 6;
+// 7: scattered disk pages. 6: Deja Vu's bundled FFN.(gather from pinned memory + the FFN over the gathered neurons). 5: copies both ways at once. 4: linears over rotating copies (memory, not cache). 3: linears at several sizes. 2: within-device copies, quantized KV, prefill attention, host attention, op cost.
+constexpr int kProbeVersion = 7;
 
 double Seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
 
