@@ -30,7 +30,9 @@ namespace {
 using Clock = std::chrono::steady_clock;
 using nlohmann::json;
 
-// 7: scattered disk pages. 6: Deja Vu's bundled FFN.(gather from pinned memory + the FFN over the gathered neurons). 5: copies both ways at once. 4: linears over rotating copies (memory, not cache). 3: linears at several sizes. 2: within-device copies, quantized KV, prefill attention, host attention, op cost.
+// 7: scattered disk pages. 6: Deja Vu's bundled FFN (gather from pinned memory + the FFN over the gathered neurons).
+// 5: copies both ways at once. 4: linears over rotating copies (memory, not cache). 3: linears at several sizes.
+// 2: within-device copies, quantized KV, prefill attention, host attention, op cost.
 constexpr int kProbeVersion = 7;
 
 double Seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
@@ -165,6 +167,9 @@ absl::StatusOr<json> ProbeDisk(kernels::Backend& b, const ProbeOptions& o) {
     }
     if (::fsync(fd.get()) != 0) return absl::ErrnoToStatus(errno, absl::StrCat("fsync ", path));
   }
+  // Every dirty page on the machine written back first (a store or dummy just written would share
+  // the disk with the timed reads: on the dev VM the rates halved right after writing a store).
+  ::sync();
   struct Remove {
     std::string p;
     ~Remove() { ::unlink(p.c_str()); }
