@@ -179,7 +179,8 @@ absl::StatusOr<json> ProbeDisk(kernels::Backend& b, const ProbeOptions& o) {
   FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer dst, b.AllocateHost(span));
   // The median rate of reads of `span` bytes each, in requests of `block` with `depth` in flight,
   // walking the file so that O_DIRECT never rereads one range back to back.
-  auto read_rate = [&](uint64_t block, unsigned depth, uint64_t one) -> absl::StatusOr<double> {
+  // A reader of `block` requests with `depth` in flight into dst (registered where the kernel allows).
+  auto make_reader = [&](uint64_t block, unsigned depth) {
     io::UringOptions uo;
     uo.block_bytes = block;
     uo.queue_depth = depth;
@@ -189,6 +190,10 @@ absl::StatusOr<json> ProbeDisk(kernels::Backend& b, const ProbeOptions& o) {
       uo.registered.clear();
       reader = io::UringReader::Create(uo);
     }
+    return reader;
+  };
+  auto read_rate = [&](uint64_t block, unsigned depth, uint64_t one) -> absl::StatusOr<double> {
+    auto reader = make_reader(block, depth);
     if (!reader.ok()) return reader.status();
     uint64_t next = 0;
     return Rate(o, static_cast<double>(one), b, [&]() -> absl::Status {
@@ -210,15 +215,7 @@ absl::StatusOr<json> ProbeDisk(kernels::Backend& b, const ProbeOptions& o) {
   // the chosen neurons), 2048 random pages per call in one ReadMany at the streamer's depth 16.
   {
     if (o.progress) o.progress("disk reads of scattered 4 KiB pages");
-    io::UringOptions uo;
-    uo.block_bytes = 1 << 20;
-    uo.queue_depth = 16;
-    uo.registered = {{dst.data(), dst.bytes()}};
-    auto reader = io::UringReader::Create(uo);
-    if (!reader.ok()) {
-      uo.registered.clear();
-      reader = io::UringReader::Create(uo);
-    }
+    auto reader = make_reader(1 << 20, 16);
     if (!reader.ok()) return reader.status();
     const uint64_t pages = size / 4096, want = std::min<uint64_t>(2048, std::min<uint64_t>(pages, span / 4096));
     std::mt19937_64 rng(6);

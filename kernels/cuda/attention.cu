@@ -358,16 +358,25 @@ __global__ void __launch_bounds__(kWarps * 32) PrefillTileKernel(
 
 // ---- H2O slots -----------------------------------------------------------------------------------
 
+// Block (token i, KV head h) of the slot writes: the first element of its slot in the cache and of
+// its head in the token's row; false where the token's head is not stored (slot -1).
+__device__ __forceinline__ bool SlotWriteTarget(const int32_t* __restrict__ seq_ids, const int32_t* __restrict__ slot_ids, int heads,
+                                                int slots, int hd, int64_t* cell, int64_t* src) {
+  const int64_t i = blockIdx.x;
+  const int h = blockIdx.y;
+  const int slot = slot_ids[i * heads + h];
+  if (slot < 0) return false;
+  *cell = ((static_cast<int64_t>(seq_ids[i]) * heads + h) * slots + slot) * hd;
+  *src = (i * heads + h) * hd;
+  return true;
+}
+
 template <typename I, typename T>
 __global__ void SlotKvWriteKernel(const I* __restrict__ k, const I* __restrict__ v, T* __restrict__ k_slots,
                                   T* __restrict__ v_slots, const int32_t* __restrict__ seq_ids,
                                   const int32_t* __restrict__ slot_ids, int heads, int slots, int hd) {
-  const int64_t i = blockIdx.x;
-  const int h = blockIdx.y;
-  const int slot = slot_ids[i * heads + h];
-  if (slot < 0) return;  // not stored
-  const int64_t cell = ((static_cast<int64_t>(seq_ids[i]) * heads + h) * slots + slot) * hd;
-  const int64_t src = (i * heads + h) * hd;
+  int64_t cell, src;
+  if (!SlotWriteTarget(seq_ids, slot_ids, heads, slots, hd, &cell, &src)) return;  // not stored
   for (int d = threadIdx.x; d < hd; d += blockDim.x) {
     St(k_slots + cell + d, Ld(k + src + d));  // F16 -> F32 exact, F32 -> F16 rounded to nearest
     St(v_slots + cell + d, Ld(v + src + d));
@@ -379,12 +388,8 @@ template <typename I, bool Q4>
 __global__ void QuantSlotKvWriteKernel(const I* __restrict__ k, const I* __restrict__ v, QuantKv<Q4> k_slots,
                                        QuantKv<Q4> v_slots, const int32_t* __restrict__ seq_ids,
                                        const int32_t* __restrict__ slot_ids, int heads, int slots, int hd) {
-  const int64_t i = blockIdx.x;
-  const int h = blockIdx.y;
-  const int slot = slot_ids[i * heads + h];
-  if (slot < 0) return;  // not stored
-  const int64_t cell = ((static_cast<int64_t>(seq_ids[i]) * heads + h) * slots + slot) * hd;
-  const int64_t src = (i * heads + h) * hd;
+  int64_t cell, src;
+  if (!SlotWriteTarget(seq_ids, slot_ids, heads, slots, hd, &cell, &src)) return;  // not stored
   const int g = 1 << k_slots.shift;
   for (int c0 = threadIdx.x * g; c0 < hd; c0 += blockDim.x * g) {
     QuantizeKvGroup(k_slots, cell + c0, [&](int x) { return Ld(k + src + c0 + x); });
