@@ -76,7 +76,7 @@ std::string Policy::Flags(bool dummy) const {
                                   KvFlag(kv_dtype));
   if (h2o) absl::StrAppend(&s, " --h2o ", h2o->heavy, ",", h2o->recent);
   if (weights) absl::StrAppend(&s, " --quantize ", QuantFormatName(*weights).substr(0, 2), " --quant-group ", weights->group);
-  if (sparsity > 0) absl::StrAppend(&s, absl::StrFormat(dummy ? " --sparsity-sim %g" : " --sparsity-k %g", sparsity));
+  if (sparsity > 0) absl::StrAppend(&s, absl::StrFormat(" %s %g", dummy ? "--sparsity-sim" : "--sparsity-k", sparsity));
   if (sparsity_cache > 0) absl::StrAppend(&s, absl::StrFormat(" --sparsity-cache %g", sparsity_cache));
   return s;
 }
