@@ -192,6 +192,12 @@ absl::StatusOr<CostModel> CostModel::FromProbe(const json& j) {
   FERRY_ASSIGN_OR_RETURN(const double pf, Rate(prefill[0], "GFLOPs", "prefill attention rate"));
   m.prefill_attention_flops_ = pf * 1e9;
   FERRY_ASSIGN_OR_RETURN(m.op_seconds_, Rate(j, "op_seconds", "small-op cost"));
+  for (const json& e : Arr(j, "ops")) {  // by rows (probe v8); without them every op costs op_seconds
+    FERRY_ASSIGN_OR_RETURN(const uint64_t rows, Size(e, "rows", "small-op rows"));
+    FERRY_ASSIGN_OR_RETURN(const double seconds, Rate(e, "seconds", "small-op cost"));
+    m.ops_.push_back({static_cast<double>(rows), seconds});
+  }
+  std::sort(m.ops_.begin(), m.ops_.end(), [](const Point& a, const Point& b) { return a.x < b.x; });
   for (const json& e : Arr(j, "bundled_ffn")) {
     if (!e.contains("bundles") || !e["bundles"].is_string()) return Missing("bundled FFN bundle type");
     FERRY_ASSIGN_OR_RETURN(const uint64_t rows, Size(e, "rows", "bundled FFN rows"));
@@ -269,6 +275,16 @@ double CostModel::LinearSeconds(int64_t rows, int64_t out, int64_t in, DType dty
   return (PerElement(lo->second, r) + t * (PerElement(hi->second, r) - PerElement(lo->second, r))) * elems;
 }
 
+double CostModel::OpSeconds(int64_t rows) const {
+  if (ops_.empty()) return op_seconds_;
+  const double r = static_cast<double>(std::max<int64_t>(rows, 1));
+  if (r <= ops_.front().x) return ops_.front().y;
+  for (size_t i = 1; i < ops_.size(); ++i) {
+    if (r <= ops_[i].x) return ops_[i - 1].y + (r - ops_[i - 1].x) / (ops_[i].x - ops_[i - 1].x) * (ops_[i].y - ops_[i - 1].y);
+  }
+  return ops_.back().y;  // more rows: the issue costs the same; their bytes are the elementwise passes'
+}
+
 double CostModel::AttentionSeconds(uint64_t kv_bytes, const KvType& type, bool on_host) const {
   const auto& map = on_host ? host_attention_ : attention_;
   auto it = map.find(KvKey(type));
@@ -312,7 +328,6 @@ absl::StatusOr<Prediction> CostModel::Predict(const ModelConfig& c, const Weight
     attended = std::min<int64_t>(attended, h.heavy + h.recent);
   }
   const uint64_t kv_row = p.kv_dtype.Bytes(1, c.kv_width());  // one position's keys (or values)
-  const double op = op_seconds_;
   // Deja Vu: the FFN's matrices stay out of the stream (the plan's layers are the attention
   // parts) and live as neuron bundles, pinned or (with a disk share) in ffn_bundles.bin.
   const io::PlannedTensor* up = nullptr;
@@ -394,13 +409,13 @@ absl::StatusOr<Prediction> CostModel::Predict(const ModelConfig& c, const Weight
   // Decode: each GPU batch's gbs rows attend over `attended` positions.
   StageTimes dec;
   dec.attention = ngb * AttentionSeconds(2 * static_cast<uint64_t>(gbs) * attended * kv_row, p.kv_dtype, p.kv_on_cpu);
-  dec.compute = ngb * (linears(gbs) + dec_bundles.seconds + elementwise(gbs) + host_kv_traffic(gbs) + ops * op) + dec.attention;
+  dec.compute = ngb * (linears(gbs) + dec_bundles.seconds + elementwise(gbs) + host_kv_traffic(gbs) + ops * OpSeconds(gbs)) + dec.attention;
   // Prefill: each GPU batch's gbs prompts, causal attention over their own tokens.
   StageTimes pre;
   const double flops = 4.0 * c.num_heads * c.head_dim() * (static_cast<double>(w.prompt_len) * (w.prompt_len + 1) / 2);
   pre.attention = ngb * gbs * PrefillAttentionSeconds(flops);
   pre.compute = ngb * (linears(gbs * w.prompt_len) + pre_bundles.seconds + elementwise(gbs * w.prompt_len) +
-                       host_kv_traffic(gbs * w.prompt_len) + ops * op) +
+                       host_kv_traffic(gbs * w.prompt_len) + ops * OpSeconds(gbs * w.prompt_len)) +
                 pre.attention;
   // The stream: per layer the disk part read (and checked) and everything not resident copied in.
   const double disk_rate = DiskBytesPerSecond(uring.block_bytes, uring.queue_depth);
@@ -439,7 +454,7 @@ absl::StatusOr<Prediction> CostModel::Predict(const ModelConfig& c, const Weight
   dec.layer = decode_layers / layers;
   pre.layer = prefill_layers / layers;
   // The head: final norm and lm_head over the batch's rows, the logits to the host, the argmax there.
-  double head = op * 4;
+  double head = OpSeconds(b) * 4;
   for (const io::PlannedTensor& t : layout.global_matrices) {
     const bool is_head = t.role == offload::RoleName(offload::Role::kLmHead) ||
                          (c.tie_word_embeddings && t.role == offload::RoleName(offload::Role::kTokEmbed));

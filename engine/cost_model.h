@@ -101,6 +101,9 @@ class CostModel {
   // bytes) or "q4"/"q8" (the q4 points).
   std::optional<double> BundledFfnSeconds(int64_t rows, int64_t m, int64_t d, DType dtype, const std::optional<QuantFormat>& quant) const;
   double op_seconds() const { return op_seconds_; }
+  // One small op over `rows` rows (the issue of a norm, add or activation: a launch or the CPU pool's
+  // dispatch), from the probe's points by rows; op_seconds without them.
+  double OpSeconds(int64_t rows) const;
   bool shared_cores() const { return shared_cores_; }
   bool has_disk() const { return !disk_.empty(); }
 
@@ -129,6 +132,7 @@ class CostModel {
   // Bundle type ("F16", "q4") -> rows -> (neurons, seconds per neuron-dimension).
   std::map<std::string, std::map<double, std::vector<Point>>> bundled_;
   double prefill_attention_flops_ = 0;
+  std::vector<Point> ops_;  // (rows, seconds per small op)
   double op_seconds_ = 0, hash_rate_ = 0;
   bool shared_cores_ = false;
 };

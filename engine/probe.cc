@@ -30,10 +30,10 @@ namespace {
 using Clock = std::chrono::steady_clock;
 using nlohmann::json;
 
-// 7: scattered disk pages. 6: Deja Vu's bundled FFN (gather from pinned memory + the FFN over the gathered neurons).
+// 8: linears of 64 and 256, the small op a LayerNorm of 16 x 256 (the backend's dispatch). 7: scattered disk pages. 6: Deja Vu's bundled FFN (gather from pinned memory + the FFN over the gathered neurons).
 // 5: copies both ways at once. 4: linears over rotating copies (memory, not cache). 3: linears at several sizes.
 // 2: within-device copies, quantized KV, prefill attention, host attention, op cost.
-constexpr int kProbeVersion = 7;
+constexpr int kProbeVersion = 8;
 
 double Seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
 
@@ -410,16 +410,29 @@ absl::StatusOr<json> ProbeBundledFfn(kernels::Backend& b, const ProbeOptions& o)
   return out;
 }
 
-// The cost of one small op (an Add of 64 values): a kernel launch on a GPU, a dispatch on the CPU.
-absl::StatusOr<double> ProbeOpSeconds(kernels::Backend& b, const ProbeOptions& o) {
+// A layer's small ops (norms, adds, activations over a decode step's few rows) cost what the backend
+// pays to issue one: a kernel launch, or on the CPU the op inline (one row) or the pool's dispatch
+// to its threads (16 rows). Timed as a LayerNorm of rows x 256 (a few KiB: the issue, not the
+// bytes): seconds per op at 1 and 16 rows.
+absl::StatusOr<json> ProbeOpSeconds(kernels::Backend& b, const ProbeOptions& o) {
   if (o.progress) o.progress("one small op");
-  const std::vector<float> x = Random(64, 6);
-  FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer xb, Upload(b, x.data(), x.size() * sizeof(float)));
-  FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer yb, b.Allocate(x.size() * sizeof(float)));
-  const TensorView xv = TensorView::Contiguous(xb.data(), DType::kF32, {1, 64}, b.device());
-  const TensorView yv = TensorView::Contiguous(yb.data(), DType::kF32, {1, 64}, b.device());
-  FERRY_ASSIGN_OR_RETURN(const double per_s, Rate(o, 1.0, b, [&] { return b.Add(xv, xv, yv); }));
-  return 1.0 / per_s;
+  constexpr int kDim = 256;
+  json out = json::array();
+  for (const int rows : {1, 16}) {
+    const std::vector<float> x = Random(static_cast<size_t>(rows) * kDim, 6), gamma(kDim, 1.0f), beta(kDim, 0.0f);
+    FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer xb, Upload(b, x.data(), x.size() * sizeof(float)));
+    FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer gb, Upload(b, gamma.data(), gamma.size() * sizeof(float)));
+    FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer bb, Upload(b, beta.data(), beta.size() * sizeof(float)));
+    FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer yb, b.Allocate(x.size() * sizeof(float)));
+    kernels::LayerNormArgs a;
+    a.in = TensorView::Contiguous(xb.data(), DType::kF32, {rows, kDim}, b.device());
+    a.gamma = TensorView::Contiguous(gb.data(), DType::kF32, {kDim}, b.device());
+    a.beta = TensorView::Contiguous(bb.data(), DType::kF32, {kDim}, b.device());
+    a.out = TensorView::Contiguous(yb.data(), DType::kF32, {rows, kDim}, b.device());
+    FERRY_ASSIGN_OR_RETURN(const double per_s, Rate(o, 1.0, b, [&] { return b.LayerNorm(a); }));
+    out.push_back({{"rows", rows}, {"seconds", 1.0 / per_s}});
+  }
+  return out;
 }
 
 std::string HostName() {
@@ -487,7 +500,8 @@ absl::StatusOr<json> RunProbe(kernels::Backend& backend, const ProbeOptions& o) 
   } else {
     j["host_attention"] = j["attention"];
   }
-  FERRY_ASSIGN_OR_RETURN(j["op_seconds"], ProbeOpSeconds(backend, o));
+  FERRY_ASSIGN_OR_RETURN(j["ops"], ProbeOpSeconds(backend, o));
+  j["op_seconds"] = j["ops"].back()["seconds"];  // the dispatched op (16 rows)
   FERRY_ASSIGN_OR_RETURN(j["bundled_ffn"], ProbeBundledFfn(backend, o));
   {
     // The streamer checks every disk read's XXH3 in the disk thread: part of the disk stage.
@@ -607,7 +621,15 @@ std::string ProbeTable(const json& j) {
     absl::StrAppend(&s, absl::StrFormat("prefill attention, %.0f causal tokens: %.2f GFLOP/s\n", e.at("tokens").get<double>(), e.at("GFLOPs").get<double>()));
   }
   if (j.contains("hash_GBps")) absl::StrAppend(&s, absl::StrFormat("XXH3 (disk reads are checked): %.2f GB/s\n", j.at("hash_GBps").get<double>()));
-  if (j.contains("op_seconds")) absl::StrAppend(&s, absl::StrFormat("one small op: %.2f us\n", j.at("op_seconds").get<double>() * 1e6));
+  if (j.contains("ops")) {
+    absl::StrAppend(&s, "one small op (LayerNorm of rows x 256) us:");
+    for (const auto& e : j.at("ops")) {
+      absl::StrAppend(&s, absl::StrFormat("  %d rows: %.2f", e.at("rows").get<int>(), e.at("seconds").get<double>() * 1e6));
+    }
+    absl::StrAppend(&s, "\n");
+  } else if (j.contains("op_seconds")) {
+    absl::StrAppend(&s, absl::StrFormat("one small op: %.2f us\n", j.at("op_seconds").get<double>() * 1e6));
+  }
   if (j.contains("bundled_ffn")) {
     s += "Deja Vu FFN (gather + FFN) ms:";
     for (const auto& e : j.at("bundled_ffn")) {

@@ -27,9 +27,10 @@ struct ProbeOptions {
   // Reads of one span each (a layer's disk part is one read), at the streamer's default 1 MiB x 16.
   std::vector<uint64_t> disk_spans = {4 << 20, 16 << 20, 64 << 20};
   // Linear shapes: rows x (n, n) for each weight type and each n (small matrices pay the launch
-  // or dispatch, large ones leave the caches: the cost model interpolates in the matrix size).
+  // or dispatch, large ones leave the caches: the cost model interpolates in the matrix size;
+  // 64 and 256 are the small checkpoints' widths, where the dispatch is most of a call).
   std::vector<int64_t> gemm_rows = {1, 16, 256};
-  std::vector<int64_t> gemm_sizes = {512, 1024, 2048, 4096};
+  std::vector<int64_t> gemm_sizes = {64, 256, 512, 1024, 2048, 4096};
   // The calls rotate over copies of the weights at least this large in all, so that they are read
   // from memory as a model's weights are (a matrix read again and again stays in the caches).
   uint64_t linear_rotate_bytes = uint64_t{256} << 20;

@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <sys/mman.h>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -60,10 +61,19 @@ absl::StatusOr<DeviceBuffer> CpuBackend::AllocateIn(Pool& pool, size_t bytes, bo
                                                      " memory would exceed the budget of ", pool.budget, " (",
                                                      now - bytes, " in use)"));
   }
-  // 4 KiB alignment: staging buffers take O_DIRECT reads.
-  const size_t align = host ? 4096 : kAlignment;
-  const size_t rounded = (bytes + align - 1) / align * align;
-  void* p = std::aligned_alloc(align, rounded == 0 ? align : rounded);
+  // 4 KiB alignment: staging buffers take O_DIRECT reads. A buffer of 2 MiB or more starts on a
+  // 2 MiB boundary and asks for transparent huge pages (the kernel's "madvise" mode gives none
+  // otherwise): on the dev VM O_DIRECT reads into 4 KiB pages ran at 1.0-1.5 GB/s and into huge
+  // pages at 2.2-2.5, and pinned host memory is what it stands in for. The size is not rounded up
+  // past the small alignment (the budget counts what is asked; the tail is small pages).
+  constexpr size_t kHuge = size_t{2} << 20;
+  const size_t small = host ? 4096 : kAlignment, align = bytes >= kHuge ? kHuge : small;
+  const size_t rounded = (bytes + small - 1) / small * small;
+  void* p = nullptr;
+  if (::posix_memalign(&p, align, rounded == 0 ? small : rounded) != 0) p = nullptr;
+  if (p != nullptr && align == kHuge && rounded >= kHuge) {
+    (void)::madvise(p, rounded / kHuge * kHuge, MADV_HUGEPAGE);  // advice: without THP the pages stay small
+  }
   if (p == nullptr) {
     pool.allocated.fetch_sub(bytes);
     return absl::ResourceExhaustedError(absl::StrCat("cpu: cannot allocate ", bytes, " bytes"));

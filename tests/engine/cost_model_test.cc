@@ -89,6 +89,46 @@ TEST(CostModelTest, InterpolatesTheProbesRates) {
   EXPECT_DOUBLE_EQ(m->AttentionSeconds(1000000, DType::kF16, false), 1e6 / (kAttention * 0.5));
 }
 
+// Small ops by rows (probe v8): interpolated linearly between the probed rows, the one-row cost
+// below, the largest row count's above (more rows add bytes, which the elementwise passes count);
+// a probe without the points costs every op op_seconds. A decode step's ops are priced at its GPU
+// batch's rows: with ops dear at 16 rows, the 16-row step costs more per layer than the 1-row one by
+// at least the ops' difference.
+TEST(CostModelTest, SmallOpsCostTheirRows) {
+  json probe = SyntheticProbe("cpu");
+  auto flat = CostModel::FromProbe(probe);
+  ASSERT_TRUE(flat.ok());
+  EXPECT_DOUBLE_EQ(flat->OpSeconds(1), kOp);
+  EXPECT_DOUBLE_EQ(flat->OpSeconds(4096), kOp);
+  probe["ops"] = json::array({{{"rows", 16}, {"seconds", 12e-6}}, {{"rows", 1}, {"seconds", 1e-6}}});  // any order
+  auto m = CostModel::FromProbe(probe);
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_DOUBLE_EQ(m->OpSeconds(1), 1e-6);
+  EXPECT_NEAR(m->OpSeconds(6), 1e-6 + 5.0 / 15 * 11e-6, 1e-15);
+  EXPECT_DOUBLE_EQ(m->OpSeconds(16), 12e-6);
+  EXPECT_DOUBLE_EQ(m->OpSeconds(100000), 12e-6);
+  probe["ops"][0]["seconds"] = -1.0;
+  EXPECT_FALSE(CostModel::FromProbe(probe).ok());  // a negative time is refused, never used
+  probe["ops"][0] = {{"rows", 16}, {"seconds", 12e-6}};
+
+  Dummy d = LoadDummy("opt-125m");
+  auto cpu = kernels::CreateBackend({});
+  ASSERT_TRUE(cpu.ok());
+  const Workload w{32, 9, 0};
+  auto step_layer = [&](const CostModel& cm, int rows) {
+    Policy p;
+    p.split = {100, 0, 0};
+    p.gpu_batch_size = rows;
+    auto plan = Model::PlanOffload(d.layout, PolicyOffload(d.config, p, w, 0, 0), **cpu);
+    EXPECT_TRUE(plan.ok());
+    auto pred = cm.Predict(d.config, d.layout, p, w, *plan);
+    EXPECT_TRUE(pred.ok());
+    return pred.ok() ? pred->decode_layer.compute : 0.0;
+  };
+  const double with_ops = step_layer(*m, 16) - step_layer(*m, 1), without = step_layer(*flat, 16) - step_layer(*flat, 1);
+  EXPECT_GT(with_ops - without, 8 * 11e-6 * 0.99);  // at least 8 ops a layer, each 11 us dearer at 16 rows
+}
+
 TEST(CostModelTest, StagesAndOverlapAreTheScheduleArithmetic) {
   Dummy d = LoadDummy("opt-125m");
   const Workload w{32, 9, 0};

@@ -65,6 +65,28 @@ INSTANTIATE_TEST_SUITE_P(Shapes, LinearTest,
                                            std::make_tuple(DType::kBF16, 130, 65, 64),
                                            std::make_tuple(DType::kF16, 3, 1031, 8)));
 
+// Buffers of 2 MiB or more start on a 2 MiB boundary (so that the kernel can back them with huge
+// pages: O_DIRECT reads into them ran about twice as fast on the dev VM), smaller host buffers on a
+// page (O_DIRECT), and the budget counts the bytes asked, not the alignment: a budget of exactly
+// two 3 MiB + 1 buffers holds both.
+TEST(CpuBackendTest, LargeBuffersAreHugePageAlignedWithinTheBudget) {
+  const size_t big = (size_t{3} << 20) + 1;
+  CpuBackend cpu(CpuBackendOptions{2 * big, 2 * big});
+  for (int host = 0; host < 2; ++host) {
+    auto a = host ? cpu.AllocateHost(big) : cpu.Allocate(big);
+    auto b = host ? cpu.AllocateHost(big) : cpu.Allocate(big);
+    ASSERT_TRUE(a.ok() && b.ok()) << (a.ok() ? b.status() : a.status());
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(a->data()) % (size_t{2} << 20), 0u);
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(b->data()) % (size_t{2} << 20), 0u);
+    std::memset(a->data(), 7, big);  // every byte asked for is there
+    EXPECT_FALSE((host ? cpu.AllocateHost(1) : cpu.Allocate(1)).ok());  // and the budget is spent
+  }
+  CpuBackend plain;
+  auto small = plain.AllocateHost(5000);
+  ASSERT_TRUE(small.ok());
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(small->data()) % 4096, 0u);
+}
+
 TEST(CpuBackendTest, LinearIsBatchInvariantBitwise) {
   CpuBackend cpu;
   const int n = 37, m = 71, k = 203;
