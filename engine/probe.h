@@ -36,9 +36,9 @@ struct ProbeOptions {
   uint64_t linear_rotate_bytes = uint64_t{256} << 20;
   int attention_len = 1024, attention_rows = 8;
   int prefill_attention_len = 256;  // causal queries of one sequence
-  double min_seconds = 0.05;  // per timed repetition
+  double min_seconds = 0.1;  // per timed repetition
   bool quick = false;         // a smoke run's small shapes: cached apart, never used for planning
-  int repetitions = 3;
+  int repetitions = 5;
   std::function<void(const std::string&)> progress;
   // The run's budgets (0: none): a probe that would need more is refused (measure once without
   // them: the probe is cached per host), never run past them.
