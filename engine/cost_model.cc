@@ -302,13 +302,16 @@ std::optional<double> CostModel::BundledFfnSeconds(int64_t rows, int64_t m, int6
   const double mm = static_cast<double>(std::max<int64_t>(m, 1)), r = static_cast<double>(std::max<int64_t>(rows, 1));
   std::vector<Point> by_rows;  // (rows, seconds per neuron-dimension at m)
   for (const auto& [probed_rows, pts] : it->second) by_rows.push_back({probed_rows, Interpolate(pts, mm)});
+  // Beyond the probed rows (a prefill's hundreds) the FFN over the bundles is a GEMM, which the
+  // decode-sized points do not extrapolate to (they put opt-125m's prefill at half its dense one).
+  if (r > by_rows.back().x) return std::nullopt;
   double per = by_rows.front().y;
   if (by_rows.size() > 1 && r > by_rows.front().x) {
     size_t i = 1;
     while (i + 1 < by_rows.size() && r > by_rows[i].x) ++i;
     const Point& a = by_rows[i - 1];
     const Point& b = by_rows[i];
-    per = std::max(a.y, a.y + (r - a.x) / (b.x - a.x) * (b.y - a.y));  // linear in rows, extended above the last
+    per = std::max(a.y, a.y + (r - a.x) / (b.x - a.x) * (b.y - a.y));  // linear in rows
   }
   return per * mm * static_cast<double>(d) * scale;
 }

@@ -97,8 +97,9 @@ class CostModel {
   double PrefillAttentionSeconds(double flops) const;
   // Deja Vu's FFN over m gathered neurons of width d for `rows` rows, the gather from pinned memory
   // included, from the probe's bundled-FFN points (per neuron-dimension, interpolated in log m and
-  // linearly in rows); nullopt when the probe has none. Bundles "F16" (F32/BF16 scaled by their
-  // bytes) or "q4"/"q8" (the q4 points).
+  // linearly in rows); nullopt when the probe has none or `rows` is past its largest (a GEMM: the
+  // caller prices the gather and two linears). Bundles "F16" (F32/BF16 scaled by their bytes) or
+  // "q4"/"q8" (the q4 points).
   std::optional<double> BundledFfnSeconds(int64_t rows, int64_t m, int64_t d, DType dtype, const std::optional<QuantFormat>& quant) const;
   double op_seconds() const { return op_seconds_; }
   // One small op over `rows` rows (the issue of a norm, add or activation: a launch or the CPU pool's

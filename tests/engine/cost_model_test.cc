@@ -389,6 +389,9 @@ TEST(CostModelTest, SparsePoliciesCountTheUnionAndTheBundles) {
   EXPECT_NEAR(*m->BundledFfnSeconds(4, 1000, 768, DType::kF16, std::nullopt), (kBundle1 + 3.0 / 15 * (kBundle16 - kBundle1)) * 1000 * 768,
               1e-12);
   EXPECT_FALSE(fallback->BundledFfnSeconds(4, 1000, 768, DType::kF16, std::nullopt).has_value());
+  // Past the probed rows (a prefill) the points are not extrapolated: a GEMM, priced by the caller.
+  EXPECT_TRUE(m->BundledFfnSeconds(16, 1000, 768, DType::kF16, std::nullopt).has_value());
+  EXPECT_FALSE(m->BundledFfnSeconds(17, 1000, 768, DType::kF16, std::nullopt).has_value());
   // Bundles on disk are scattered pages: the probe's page rate, else its smallest block's.
   EXPECT_DOUBLE_EQ(fallback->DiskPageBytesPerSecond(), kDisk);
   json paged = probe;
@@ -444,6 +447,16 @@ TEST(CostModelTest, SparsePoliciesCountTheUnionAndTheBundles) {
   EXPECT_NEAR(p1->ffn_union, 0.15, 1e-12);
   EXPECT_LT(p1->h2d_bytes_per_step * 2, p1d->h2d_bytes_per_step);
   EXPECT_LT(p1->step_s, p1d->step_s);
+  // The prefill gathers every bundle and runs the FFN over all of them: with the weights resident
+  // (no stream to save), never cheaper than the dense prefill, by at least the gather.
+  Policy resident = sparse, resident_dense = dense;
+  resident.split = resident_dense.split = {100, 0, 0};
+  auto pr = m->Predict(d.config, d.layout, resident, w, *Model::PlanOffload(d.layout, PolicyOffload(d.config, resident, w, 0, 0), **cpu));
+  auto prd = m->Predict(d.config, d.layout, resident_dense, w,
+                        *Model::PlanOffload(d.layout, PolicyOffload(d.config, resident_dense, w, 0, 0), **cpu));
+  ASSERT_TRUE(pr.ok() && prd.ok()) << pr.status();
+  const double gather_all = 3072.0 * static_cast<double>(bundle) / kH2D;
+  EXPECT_GT(pr->prefill_s - prd->prefill_s, 12 * 2 * gather_all * 0.99);
   // A batch whose union reaches 0.9 runs dense over every bundle.
   Policy wide = sparse;
   wide.gpu_batch_size = 32;
