@@ -275,6 +275,14 @@ double CostModel::LinearSeconds(int64_t rows, int64_t out, int64_t in, DType dty
   return (PerElement(lo->second, r) + t * (PerElement(hi->second, r) - PerElement(lo->second, r))) * elems;
 }
 
+int64_t CostModel::BundledFfnRows() const {
+  double rows = 0;
+  for (const auto& [type, by_rows] : bundled_) {
+    if (!by_rows.empty()) rows = std::max(rows, by_rows.rbegin()->first);
+  }
+  return static_cast<int64_t>(rows);
+}
+
 double CostModel::OpSeconds(int64_t rows) const {
   if (ops_.empty()) return op_seconds_;
   const double r = static_cast<double>(std::max<int64_t>(rows, 1));
@@ -302,16 +310,13 @@ std::optional<double> CostModel::BundledFfnSeconds(int64_t rows, int64_t m, int6
   const double mm = static_cast<double>(std::max<int64_t>(m, 1)), r = static_cast<double>(std::max<int64_t>(rows, 1));
   std::vector<Point> by_rows;  // (rows, seconds per neuron-dimension at m)
   for (const auto& [probed_rows, pts] : it->second) by_rows.push_back({probed_rows, Interpolate(pts, mm)});
-  // Beyond the probed rows (a prefill's hundreds) the FFN over the bundles is a GEMM, which the
-  // decode-sized points do not extrapolate to (they put opt-125m's prefill at half its dense one).
-  if (r > by_rows.back().x) return std::nullopt;
   double per = by_rows.front().y;
   if (by_rows.size() > 1 && r > by_rows.front().x) {
     size_t i = 1;
     while (i + 1 < by_rows.size() && r > by_rows[i].x) ++i;
     const Point& a = by_rows[i - 1];
     const Point& b = by_rows[i];
-    per = std::max(a.y, a.y + (r - a.x) / (b.x - a.x) * (b.y - a.y));  // linear in rows
+    per = std::max(a.y, a.y + (r - a.x) / (b.x - a.x) * (b.y - a.y));  // linear in rows, extended above the last
   }
   return per * mm * static_cast<double>(d) * scale;
 }
@@ -386,14 +391,19 @@ absl::StatusOr<Prediction> CostModel::Predict(const ModelConfig& c, const Weight
     // The gather and the FFN over the m neurons, as the probe timed them; without those points,
     // two linears of the bundles' type and the bundles unpacked (the CPU into the dense layouts,
     // the GPU's q4/q8 dequantization) at the within-device rate, after the copy above.
+    // Past the probed rows (a prefill's tens to hundreds) the points' trend is kept only where it is
+    // dearer than that GEMM model, which no FFN over gathered bundles can beat (the trend alone put
+    // opt-125m's batch-8 prefill at half its dense one; the GEMM alone its batch-1 one at half the
+    // measured).
     const int64_t mi = std::max<int64_t>(static_cast<int64_t>(std::llround(m)), 1);
+    const uint64_t unpack = static_cast<uint64_t>(m * 2 * static_cast<double>(dd) * 4);
+    const double gemm = gather + 2 * LinearSeconds(rows, mi, dd, up->dtype, up->quant) + (unpack > 0 ? unpack / D2DBytesPerSecond(unpack) : 0.0);
     if (const std::optional<double> probed = BundledFfnSeconds(rows, mi, dd, up->dtype, up->quant)) {
-      b.seconds += std::max(*probed - gather_all + gather, 0.0);  // the probe gathered every neuron; the cache's hits stay
+      const double timed = std::max(*probed - gather_all + gather, 0.0);  // the probe gathered every neuron; the cache's hits stay
+      b.seconds += rows > BundledFfnRows() ? std::max(timed, gemm) : timed;
       return b;
     }
-    b.seconds += gather + 2 * LinearSeconds(rows, mi, dd, up->dtype, up->quant);
-    const uint64_t unpack = static_cast<uint64_t>(m * 2 * static_cast<double>(dd) * 4);
-    if (unpack > 0) b.seconds += unpack / D2DBytesPerSecond(unpack);
+    b.seconds += gemm;
     return b;
   };
   const Bundled dec_bundles = bundled(gbs, true), pre_bundles = bundled(gbs * w.prompt_len, false);

@@ -97,10 +97,10 @@ class CostModel {
   double PrefillAttentionSeconds(double flops) const;
   // Deja Vu's FFN over m gathered neurons of width d for `rows` rows, the gather from pinned memory
   // included, from the probe's bundled-FFN points (per neuron-dimension, interpolated in log m and
-  // linearly in rows); nullopt when the probe has none or `rows` is past its largest (a GEMM: the
-  // caller prices the gather and two linears). Bundles "F16" (F32/BF16 scaled by their bytes) or
-  // "q4"/"q8" (the q4 points).
+  // linearly in rows, extended above the last); nullopt when the probe has none. Bundles "F16"
+  // (F32/BF16 scaled by their bytes) or "q4"/"q8" (the q4 points).
   std::optional<double> BundledFfnSeconds(int64_t rows, int64_t m, int64_t d, DType dtype, const std::optional<QuantFormat>& quant) const;
+  int64_t BundledFfnRows() const;  // the most rows the probe timed the bundled FFN at (0: none)
   double op_seconds() const { return op_seconds_; }
   // One small op over `rows` rows (the issue of a norm, add or activation: a launch or the CPU pool's
   // dispatch), from the probe's points by rows; op_seconds without them.

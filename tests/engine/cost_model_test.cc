@@ -389,9 +389,8 @@ TEST(CostModelTest, SparsePoliciesCountTheUnionAndTheBundles) {
   EXPECT_NEAR(*m->BundledFfnSeconds(4, 1000, 768, DType::kF16, std::nullopt), (kBundle1 + 3.0 / 15 * (kBundle16 - kBundle1)) * 1000 * 768,
               1e-12);
   EXPECT_FALSE(fallback->BundledFfnSeconds(4, 1000, 768, DType::kF16, std::nullopt).has_value());
-  // Past the probed rows (a prefill) the points are not extrapolated: a GEMM, priced by the caller.
-  EXPECT_TRUE(m->BundledFfnSeconds(16, 1000, 768, DType::kF16, std::nullopt).has_value());
-  EXPECT_FALSE(m->BundledFfnSeconds(17, 1000, 768, DType::kF16, std::nullopt).has_value());
+  EXPECT_EQ(m->BundledFfnRows(), 16);
+  EXPECT_EQ(fallback->BundledFfnRows(), 0);
   // Bundles on disk are scattered pages: the probe's page rate, else its smallest block's.
   EXPECT_DOUBLE_EQ(fallback->DiskPageBytesPerSecond(), kDisk);
   json paged = probe;
@@ -447,7 +446,8 @@ TEST(CostModelTest, SparsePoliciesCountTheUnionAndTheBundles) {
   EXPECT_NEAR(p1->ffn_union, 0.15, 1e-12);
   EXPECT_LT(p1->h2d_bytes_per_step * 2, p1d->h2d_bytes_per_step);
   EXPECT_LT(p1->step_s, p1d->step_s);
-  // The prefill gathers every bundle and runs the FFN over all of them: with the weights resident
+  // The prefill gathers every bundle and runs the FFN over all of them (past the probe's 16 rows:
+  // the points' trend where it is dearer than the GEMM over the bundles): with the weights resident
   // (no stream to save), never cheaper than the dense prefill, by at least the gather.
   Policy resident = sparse, resident_dense = dense;
   resident.split = resident_dense.split = {100, 0, 0};
