@@ -71,7 +71,7 @@ absl::StatusOr<DeviceBuffer> CpuBackend::AllocateIn(Pool& pool, size_t bytes, bo
   const size_t rounded = (bytes + small - 1) / small * small;
   void* p = nullptr;
   if (::posix_memalign(&p, align, rounded == 0 ? small : rounded) != 0) p = nullptr;
-  if (p != nullptr && align == kHuge && rounded >= kHuge) {
+  if (p != nullptr && align == kHuge) {
     (void)::madvise(p, rounded / kHuge * kHuge, MADV_HUGEPAGE);  // advice: without THP the pages stay small
   }
   if (p == nullptr) {
