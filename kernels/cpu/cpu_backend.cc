@@ -18,6 +18,8 @@ namespace {
 
 constexpr size_t kAlignment = 64;
 
+size_t Round64(size_t bytes) { return (bytes + kAlignment - 1) / kAlignment * kAlignment; }
+
 // Checks that every id is in [0, limit); returns the first bad one.
 absl::Status CheckIds(const char* op, const char* what, const TensorView& ids, int64_t offset, int64_t limit) {
   const int32_t* p = ids.as<const int32_t>();
@@ -86,6 +88,23 @@ absl::StatusOr<DeviceBuffer> CpuBackend::AllocateIn(Pool& pool, size_t bytes, bo
   while (now > peak && !pool.peak.compare_exchange_weak(peak, now)) {
   }
   return DeviceBuffer(this, p, bytes, host);
+}
+
+CpuBackend::Scratch::~Scratch() { std::free(data_); }
+
+absl::StatusOr<char*> CpuBackend::Scratch::Get(size_t bytes) {
+  if (bytes <= bytes_ && data_ != nullptr) return data_;
+  std::free(data_);
+  data_ = nullptr;
+  bytes_ = 0;
+  constexpr size_t kHuge = size_t{2} << 20;
+  const size_t align = bytes >= kHuge ? kHuge : kAlignment, rounded = (std::max<size_t>(bytes, 1) + align - 1) / align * align;
+  void* p = nullptr;
+  if (::posix_memalign(&p, align, rounded) != 0) return absl::ResourceExhaustedError(absl::StrCat("cpu: cannot allocate ", rounded, " bytes of scratch"));
+  if (align == kHuge) (void)::madvise(p, rounded, MADV_HUGEPAGE);  // advice only
+  data_ = static_cast<char*>(p);
+  bytes_ = rounded;
+  return data_;
 }
 
 absl::StatusOr<DeviceBuffer> CpuBackend::Allocate(size_t bytes) { return AllocateIn(device_, bytes, false); }
@@ -232,33 +251,32 @@ absl::Status CpuBackend::BundledFfn(const BundledFfnArgs& a) {
   // the same Linear kernels as the dense FFN: with every neuron in order the result is the dense
   // FFN's, bit for bit (quantized bundles: the dense FFN of their dequantized values).
   // Scratch every value of which is written before it is read: not zeroed (a memset of the two
-  // matrices per call was a visible share of a decode step).
-  struct Raw {
-    std::unique_ptr<char[]> p;
-    explicit Raw(size_t bytes) : p(std::make_unique_for_overwrite<char[]>(std::max<size_t>(bytes, 1))) {}
-    char* data() const { return p.get(); }
-  };
-  const Raw w1(static_cast<size_t>(m * d) * es), w2(static_cast<size_t>(d * m) * es);
-  std::vector<float> b1(static_cast<size_t>(m));
-  const std::unique_ptr<float[]> act_buf = std::make_unique_for_overwrite<float[]>(static_cast<size_t>(std::max<int64_t>(n * m, 1)));
-  float* act = act_buf.get();
+  // matrices per call was a visible share of a decode step), and kept from call to call.
+  const size_t w1_bytes = Round64(static_cast<size_t>(m * d) * es), b1_bytes = Round64(static_cast<size_t>(m) * sizeof(float));
+  const size_t act_bytes = Round64(static_cast<size_t>(n * m) * sizeof(float));
+  const size_t cols_bytes = a.bundles.quant ? Round64(static_cast<size_t>(m * d) * sizeof(float)) : 0;
+  std::lock_guard<std::mutex> lock(ffn_mu_);
+  FERRY_ASSIGN_OR_RETURN(char* const scratch, ffn_scratch_.Get(2 * w1_bytes + b1_bytes + act_bytes + cols_bytes));
+  char* const w1 = scratch;
+  char* const w2 = w1 + w1_bytes;
+  float* const b1 = reinterpret_cast<float*>(w2 + w1_bytes);
+  float* const act = reinterpret_cast<float*>(reinterpret_cast<char*>(b1) + b1_bytes);
+  float* const cols = reinterpret_cast<float*>(reinterpret_cast<char*>(act) + act_bytes);
   const char* src = a.bundles.as<const char>();
   if (a.bundles.quant) {
     auto layout = LayoutQuantBundle(*a.bundles.quant, d);
     FERRY_CHECK(layout.ok());  // ValidateBundledFfn checked it
-    const std::unique_ptr<float[]> cols_buf = std::make_unique_for_overwrite<float[]>(static_cast<size_t>(std::max<int64_t>(m * d, 1)));
-    float* cols = cols_buf.get();
     pool_->ParallelFor(m, 16, [&](int64_t j0, int64_t j1) {
       std::vector<float> row(static_cast<size_t>(2 * d));
       for (int64_t j = j0; j < j1; ++j) {
         const uint8_t* bundle = a.bundles.as<const uint8_t>() + static_cast<size_t>(j * width);
         DequantizeSpan(*a.bundles.quant, layout->row, bundle, 2 * d, 0, 0, 2 * d, row.data());
-        std::memcpy(w1.data() + static_cast<size_t>(j * d) * es, row.data(), static_cast<size_t>(d) * es);
+        std::memcpy(w1 + static_cast<size_t>(j * d) * es, row.data(), static_cast<size_t>(d) * es);
         std::memcpy(cols + j * d, row.data() + d, static_cast<size_t>(d) * sizeof(float));
         std::memcpy(&b1[j], bundle + layout->bias_offset, sizeof(float));
       }
     });
-    float* w2f = reinterpret_cast<float*>(w2.data());
+    float* w2f = reinterpret_cast<float*>(w2);
     pool_->ParallelFor(d, 16, [&](int64_t i0, int64_t i1) {
       for (int64_t j = 0; j < m; ++j) {
         for (int64_t i = i0; i < i1; ++i) w2f[i * m + j] = cols[j * d + i];
@@ -268,7 +286,7 @@ absl::Status CpuBackend::BundledFfn(const BundledFfnArgs& a) {
     pool_->ParallelFor(m, 64, [&](int64_t j0, int64_t j1) {
       for (int64_t j = j0; j < j1; ++j) {
         const char* bundle = src + static_cast<size_t>(j * width) * es;
-        std::memcpy(w1.data() + static_cast<size_t>(j * d) * es, bundle, static_cast<size_t>(d) * es);
+        std::memcpy(w1 + static_cast<size_t>(j * d) * es, bundle, static_cast<size_t>(d) * es);
         ConvertToF32(dt, bundle + static_cast<size_t>(d) * es, &b1[j], 1);
       }
     });
@@ -281,7 +299,7 @@ absl::Status CpuBackend::BundledFfn(const BundledFfnArgs& a) {
         for (int64_t j0 = 0; j0 < m; j0 += kTile) {
           const int64_t j1 = std::min(m, j0 + kTile);
           for (int64_t i = i0; i < i1; ++i) {
-            char* dst = w2.data() + static_cast<size_t>(i * m) * es;
+            char* dst = w2 + static_cast<size_t>(i * m) * es;
             if (es == 2) {
               for (int64_t j = j0; j < j1; ++j) {
                 std::memcpy(dst + static_cast<size_t>(j) * 2, src + static_cast<size_t>(j * width + d + 1 + i) * 2, 2);
@@ -297,9 +315,9 @@ absl::Status CpuBackend::BundledFfn(const BundledFfnArgs& a) {
     });
   }
   if (m > 0) {
-    CpuLinear(*pool_, {a.x, TensorView::Contiguous(w1.data(), dt, {m, d}), TensorView::Contiguous(b1.data(), DType::kF32, {m}),
+    CpuLinear(*pool_, {a.x, TensorView::Contiguous(w1, dt, {m, d}), TensorView::Contiguous(b1, DType::kF32, {m}),
                        TensorView::Contiguous(act, DType::kF32, {n, m}), true});
-    CpuLinear(*pool_, {TensorView::Contiguous(act, DType::kF32, {n, m}), TensorView::Contiguous(w2.data(), dt, {d, m}),
+    CpuLinear(*pool_, {TensorView::Contiguous(act, DType::kF32, {n, m}), TensorView::Contiguous(w2, dt, {d, m}),
                        a.fc2_bias, a.out, false});
     return absl::OkStatus();
   }

@@ -5,6 +5,8 @@
 #pragma once
 
 #include <atomic>
+#include <cstddef>
+#include <mutex>
 
 #include "kernels/backend.h"
 
@@ -82,9 +84,28 @@ class CpuBackend final : public Backend {
     size_t budget = 0;
   };
   absl::StatusOr<DeviceBuffer> AllocateIn(Pool& pool, size_t bytes, bool host);
+  // Working memory of an op that outlives its call, grown to the largest size asked and kept:
+  // BundledFfn's unbundled matrices (a prefill's are the whole FFN, megabytes per layer; allocated
+  // per call, glibc returned them to the kernel and every call paid the page faults and zeroing
+  // again, a third of opt-125m's sparse prefill on the dev VM).
+  class Scratch {
+   public:
+    Scratch() = default;
+    Scratch(const Scratch&) = delete;
+    Scratch& operator=(const Scratch&) = delete;
+    ~Scratch();
+    // At least `bytes`, 64-byte aligned (2 MiB and MADV_HUGEPAGE from 2 MiB); contents undefined.
+    absl::StatusOr<char*> Get(size_t bytes);
+
+   private:
+    char* data_ = nullptr;
+    size_t bytes_ = 0;
+  };
 
   ThreadPool* pool_;
   Pool device_, host_;
+  std::mutex ffn_mu_;  // BundledFfn's scratch: one call at a time
+  Scratch ffn_scratch_;
 };
 
 // The kernels themselves, usable without a backend object (benchmarks, other backends' tests).

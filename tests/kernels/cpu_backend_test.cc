@@ -619,6 +619,34 @@ TEST(CpuBackendTest, BundledFfnEqualsTheDenseFfnRestrictedToTheSameNeurons) {
             absl::StatusCode::kInvalidArgument);
 }
 
+// BundledFfn keeps its scratch from call to call (grown to the largest call, not cleared): calls of
+// growing, shrinking and growing sizes, rows and dtypes on one backend give what a fresh backend
+// gives for each, bit for bit.
+TEST(CpuBackendTest, BundledFfnScratchCarriesNothingFromCallToCall) {
+  CpuBackend reused;
+  const int d = 32;
+  struct Call {
+    int n, m;
+    DType dtype;
+  };
+  int seed = 100;
+  for (const Call& c : {Call{3, 200, DType::kF16}, Call{9, 17, DType::kF16}, Call{1, 5, DType::kF32}, Call{40, 260, DType::kF32},
+                        Call{2, 64, DType::kF16}}) {
+    SCOPED_TRACE(::testing::Message() << c.n << " x " << c.m << " " << DTypeName(c.dtype));
+    std::vector<float> x = RandomValues(c.n * d, seed++), b2 = RandomValues(d, seed++),
+                             vals = RandomValues(static_cast<size_t>(c.m) * (2 * d + 1), seed++);
+    std::vector<char> bundles(vals.size() * DTypeSize(c.dtype));
+    ConvertFromF32(c.dtype, vals.data(), bundles.data(), vals.size());
+    const TensorView bv = TensorView::Contiguous(bundles.data(), c.dtype, {c.m, 2 * d + 1});
+    std::vector<float> got(c.n * d, NAN), want(c.n * d, NAN);
+    ASSERT_TRUE(reused.BundledFfn({View(x, {c.n, d}), bv, View(b2, {d}), View(got, {c.n, d})}).ok());
+    CpuBackend fresh;
+    ASSERT_TRUE(fresh.BundledFfn({View(x, {c.n, d}), bv, View(b2, {d}), View(want, {c.n, d})}).ok());
+    EXPECT_EQ(got, want);
+    EXPECT_TRUE(std::none_of(got.begin(), got.end(), [](float v) { return std::isnan(v); }));
+  }
+}
+
 TEST(CpuBackendTest, ArgMaxRowsTakesTheLowestIndexAmongTies) {
   CpuBackend cpu;
   std::vector<float> logits = {0, 3, 3, 1, -1, -2, -1, -5};
