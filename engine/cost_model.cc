@@ -335,7 +335,10 @@ absl::StatusOr<Prediction> CostModel::Predict(const ModelConfig& c, const Weight
     const offload::H2OOptions h = offload::ClampToLength(*p.h2o, max_len);
     attended = std::min<int64_t>(attended, h.heavy + h.recent);
   }
-  const uint64_t kv_row = p.kv_dtype.Bytes(1, c.kv_width());  // one position's keys (or values)
+  // One position's keys (or values): a quantized cache's bytes per position over many positions
+  // (a single row's layout is padded to 4 KiB: 5.3x a q8 row of opt-125m's 768 values).
+  constexpr int64_t kRows = 4096;
+  const double kv_row = static_cast<double>(p.kv_dtype.Bytes(kRows, c.kv_width())) / kRows;
   // Deja Vu: the FFN's matrices stay out of the stream (the plan's layers are the attention
   // parts) and live as neuron bundles, pinned or (with a disk share) in ffn_bundles.bin.
   const io::PlannedTensor* up = nullptr;
@@ -421,7 +424,7 @@ absl::StatusOr<Prediction> CostModel::Predict(const ModelConfig& c, const Weight
   const int ops = OpsPerLayer(c, p);
   // Decode: each GPU batch's gbs rows attend over `attended` positions.
   StageTimes dec;
-  dec.attention = ngb * AttentionSeconds(2 * static_cast<uint64_t>(gbs) * attended * kv_row, p.kv_dtype, p.kv_on_cpu);
+  dec.attention = ngb * AttentionSeconds(static_cast<uint64_t>(2.0 * static_cast<double>(gbs * attended) * kv_row), p.kv_dtype, p.kv_on_cpu);
   dec.compute = ngb * (linears(gbs) + dec_bundles.seconds + elementwise(gbs) + host_kv_traffic(gbs) + ops * OpSeconds(gbs)) + dec.attention;
   // Prefill: each GPU batch's gbs prompts, causal attention over their own tokens.
   StageTimes pre;

@@ -188,6 +188,30 @@ TEST(CostModelTest, StagesAndOverlapAreTheScheduleArithmetic) {
   }
 }
 
+// A quantized KV cache's decode attention reads its bytes per position over many positions: a
+// single row's layout is padded to 4 KiB (5.3x a q8 row of opt-125m's 768 values).
+TEST(CostModelTest, QuantizedKvAttentionReadsItsBytesPerPosition) {
+  Dummy d = LoadDummy("opt-125m");
+  const Workload w{32, 9, 0};
+  json probe = SyntheticProbe("cpu");
+  probe["attention"].push_back({{"kv_dtype", "q8g64"}, {"rows", 8}, {"positions", 1024}, {"kv_GBps", 2.0}});
+  auto m = CostModel::FromProbe(probe);
+  ASSERT_TRUE(m.ok()) << m.status();
+  auto cpu = kernels::CreateBackend({});
+  ASSERT_TRUE(cpu.ok());
+  Policy p;
+  p.split = {100, 0, 0};
+  p.gpu_batch_size = 8;
+  p.kv_dtype = *ParseKvType("q8", d.config.head_dim());
+  auto plan = Model::PlanOffload(d.layout, PolicyOffload(d.config, p, w, 0, 0), **cpu);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  auto pred = m->Predict(d.config, d.layout, p, w, *plan);
+  ASSERT_TRUE(pred.ok()) << pred.status();
+  // Keys and values of 8 rows x 36 positions, 768 int8 values and 12 fp16 scales each.
+  const double per_position = 768 + 12 * 2;
+  EXPECT_NEAR(pred->decode_layer.attention, 2.0 * 8 * 36 * per_position / 2e9, 1e-3 * pred->decode_layer.attention);
+}
+
 TEST(CostModelTest, RefusesAProbeThatLacksARate) {
   EXPECT_TRUE(CostModel::FromProbe(SyntheticProbe("cpu")).ok());
   for (const std::string key : {"op_seconds", "hash_GBps", "prefill_attention", "linear", "copies"}) {
