@@ -125,6 +125,14 @@ json Prediction::ToJson() const {
           {"ffn_union", ffn_union}};
 }
 
+// Points (rows, seconds per call or per element of one call) sorted by rows: a call over more rows
+// does all the work of one over fewer, so a point dearer than one at more rows was timed in a slow
+// phase of the machine (the 2-core VM's come and go for seconds: one probe timed the Deja Vu FFN
+// at 1 row at twice its 16-row time); it takes the cheaper time.
+void CostModel::NoCheaperWithMoreRows(std::vector<Point>& pts) {
+  for (size_t i = pts.size(); i-- > 1;) pts[i - 1].y = std::min(pts[i - 1].y, pts[i].y);
+}
+
 absl::StatusOr<CostModel> CostModel::FromProbe(const json& j) {
   if (!j.is_object() || Str(j, "format") != "ferry-probe") return Missing("probe (not a ferry probe)");
   if (j.contains("options") && Flag(j["options"], "quick")) {
@@ -174,7 +182,10 @@ absl::StatusOr<CostModel> CostModel::FromProbe(const json& j) {
     if (m.linear_[type].empty()) return Missing(absl::StrCat(type, " linear rates"));
   }
   for (auto& [type, sizes] : m.linear_) {
-    for (auto& [elems, pts] : sizes) std::sort(pts.begin(), pts.end(), [](const Point& a, const Point& b) { return a.x < b.x; });
+    for (auto& [elems, pts] : sizes) {
+      std::sort(pts.begin(), pts.end(), [](const Point& a, const Point& b) { return a.x < b.x; });
+      NoCheaperWithMoreRows(pts);
+    }
   }
   for (const auto& [key, map] : {std::pair{"attention", &m.attention_}, std::pair{"host_attention", &m.host_attention_}}) {
     const json& arr = Arr(j, key);
@@ -198,6 +209,7 @@ absl::StatusOr<CostModel> CostModel::FromProbe(const json& j) {
     m.ops_.push_back({static_cast<double>(rows), seconds});
   }
   std::sort(m.ops_.begin(), m.ops_.end(), [](const Point& a, const Point& b) { return a.x < b.x; });
+  NoCheaperWithMoreRows(m.ops_);
   for (const json& e : Arr(j, "bundled_ffn")) {
     if (!e.contains("bundles") || !e["bundles"].is_string()) return Missing("bundled FFN bundle type");
     FERRY_ASSIGN_OR_RETURN(const uint64_t rows, Size(e, "rows", "bundled FFN rows"));
@@ -209,6 +221,14 @@ absl::StatusOr<CostModel> CostModel::FromProbe(const json& j) {
   }
   for (auto& [type, by_rows] : m.bundled_) {
     for (auto& [rows, pts] : by_rows) std::sort(pts.begin(), pts.end(), [](const Point& a, const Point& b) { return a.x < b.x; });
+    // The same neurons over more rows: no cheaper (per neuron-dimension at the same count).
+    for (auto it = std::next(by_rows.rbegin()); it != by_rows.rend(); ++it) {
+      for (Point& pt : it->second) {
+        for (const Point& more : std::prev(it)->second) {
+          if (more.x == pt.x) pt.y = std::min(pt.y, more.y);
+        }
+      }
+    }
   }
   FERRY_ASSIGN_OR_RETURN(const double hash, Rate(j, "hash_GBps", "XXH3 rate"));
   m.hash_rate_ = hash * 1e9;

@@ -117,6 +117,7 @@ class CostModel {
     double x, y;
   };
   static double Interpolate(const std::vector<Point>& pts, double x);  // in log x
+  static void NoCheaperWithMoreRows(std::vector<Point>& pts);  // points by rows: a point dearer than one at more rows takes its time
   std::vector<Point> h2d_, d2h_, d2d_;
   struct DiskPoint {
     uint64_t block;

@@ -5,6 +5,7 @@
 #include "engine/cost_model.h"
 
 #include <cmath>
+#include <tuple>
 
 #include "engine/dummy_model.h"
 #include "engine/model.h"
@@ -186,6 +187,32 @@ TEST(CostModelTest, StagesAndOverlapAreTheScheduleArithmetic) {
     EXPECT_NEAR(rp->decode_layer.layer, rp->decode_layer.compute, 1e-15);
     EXPECT_LT(rp->step_s, pred->step_s);
   }
+}
+
+// A call over more rows does all the work of one over fewer: a probe point dearer than the one at
+// more rows (timed in a slow phase of the machine) takes the cheaper time: linears, small ops and
+// the bundled FFN; points that already grow with the rows are kept as probed.
+TEST(CostModelTest, APointDearerThanOneAtMoreRowsTakesItsTime) {
+  json probe = SyntheticProbe("cpu");
+  for (json& e : probe["linear"]) {
+    if (e["rows"] == 1 && e["out"] == 512 && e["weights"] == "F16") e["GFLOPs"] = e["GFLOPs"].get<double>() / 3;  // 3x dearer
+  }
+  probe["ops"] = json::array({{{"rows", 1}, {"seconds", 20e-6}}, {{"rows", 16}, {"seconds", 12e-6}}});
+  probe["bundled_ffn"] = json::array();
+  for (const auto& [rows, m, seconds] : {std::tuple{1, 256, 2e-3}, std::tuple{1, 2048, 2e-3}, std::tuple{16, 256, 1e-3}, std::tuple{16, 2048, 4e-3}}) {
+    probe["bundled_ffn"].push_back({{"bundles", "F16"}, {"rows", rows}, {"neurons", m}, {"d", 1024}, {"seconds", seconds}});
+  }
+  auto m = CostModel::FromProbe(probe);
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_NEAR(m->LinearSeconds(1, 512, 512, DType::kF16, std::nullopt), kF16PerElem * 512 * 512, 1e-15);  // the 16-row time
+  EXPECT_NEAR(m->LinearSeconds(1, 4096, 4096, DType::kF16, std::nullopt), kF16PerElem * 4096 * 4096, 1e-15);
+  EXPECT_DOUBLE_EQ(m->OpSeconds(1), 12e-6);
+  EXPECT_DOUBLE_EQ(m->OpSeconds(16), 12e-6);
+  // 256 neurons: 1 row dearer than 16 -> 16's; 2048: 1 row cheaper, kept.
+  EXPECT_NEAR(*m->BundledFfnSeconds(1, 256, 1024, DType::kF16, std::nullopt), 1e-3, 1e-12);
+  EXPECT_NEAR(*m->BundledFfnSeconds(16, 256, 1024, DType::kF16, std::nullopt), 1e-3, 1e-12);
+  EXPECT_NEAR(*m->BundledFfnSeconds(1, 2048, 1024, DType::kF16, std::nullopt), 2e-3, 1e-12);
+  EXPECT_NEAR(*m->BundledFfnSeconds(16, 2048, 1024, DType::kF16, std::nullopt), 4e-3, 1e-12);
 }
 
 // A quantized KV cache's decode attention reads its bytes per position over many positions: a
