@@ -342,7 +342,7 @@ std::optional<double> CostModel::BundledFfnSeconds(int64_t rows, int64_t m, int6
 }
 
 // Shared cores (the CPU stand-in): the disk stage's rate beside the compute over its rate alone.
-// Not probed (a probe of reads beside a loop of linears measured them at 0.9-1.3x their rate alone,
+// Not probed (a probe of reads beside a loop of linears measured them at 0.86-1.32x their rate alone,
 // while the streamer beside a forward runs slower): the streamer's own measurements on the 2-core
 // dev VM, about half the probed rate (session 11) and 1.95 GB/s against 2.89 (session 12, huge
 // pages); 0 had charged the whole disk stage after the compute (disk rows over-predicted by 6-22%).
