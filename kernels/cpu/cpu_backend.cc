@@ -20,6 +20,18 @@ constexpr size_t kAlignment = 64;
 
 size_t Round64(size_t bytes) { return (bytes + kAlignment - 1) / kAlignment * kAlignment; }
 
+// `bytes` rounded up to `small`, aligned to `small`; from 2 MiB on, to 2 MiB and advised to take
+// transparent huge pages (the kernel's "madvise" mode gives none otherwise). nullptr on failure.
+void* AllocateAligned(size_t bytes, size_t small) {
+  constexpr size_t kHuge = size_t{2} << 20;
+  const size_t align = bytes >= kHuge ? kHuge : small;
+  const size_t rounded = std::max<size_t>((bytes + small - 1) / small * small, small);
+  void* p = nullptr;
+  if (::posix_memalign(&p, align, rounded) != 0) return nullptr;
+  if (align == kHuge) (void)::madvise(p, rounded / kHuge * kHuge, MADV_HUGEPAGE);  // advice: without THP the pages stay small
+  return p;
+}
+
 // Checks that every id is in [0, limit); returns the first bad one.
 absl::Status CheckIds(const char* op, const char* what, const TensorView& ids, int64_t offset, int64_t limit) {
   const int32_t* p = ids.as<const int32_t>();
@@ -64,18 +76,11 @@ absl::StatusOr<DeviceBuffer> CpuBackend::AllocateIn(Pool& pool, size_t bytes, bo
                                                      now - bytes, " in use)"));
   }
   // 4 KiB alignment: staging buffers take O_DIRECT reads. A buffer of 2 MiB or more starts on a
-  // 2 MiB boundary and asks for transparent huge pages (the kernel's "madvise" mode gives none
-  // otherwise): on the dev VM O_DIRECT reads into 4 KiB pages ran at 1.0-1.5 GB/s and into huge
-  // pages at 2.2-2.5, and pinned host memory is what it stands in for. The size is not rounded up
-  // past the small alignment (the budget counts what is asked; the tail is small pages).
-  constexpr size_t kHuge = size_t{2} << 20;
-  const size_t small = host ? 4096 : kAlignment, align = bytes >= kHuge ? kHuge : small;
-  const size_t rounded = (bytes + small - 1) / small * small;
-  void* p = nullptr;
-  if (::posix_memalign(&p, align, rounded == 0 ? small : rounded) != 0) p = nullptr;
-  if (p != nullptr && align == kHuge) {
-    (void)::madvise(p, rounded / kHuge * kHuge, MADV_HUGEPAGE);  // advice: without THP the pages stay small
-  }
+  // 2 MiB boundary and asks for transparent huge pages: on the dev VM O_DIRECT reads into 4 KiB
+  // pages ran at 1.0-1.5 GB/s and into huge pages at 2.2-2.5, and pinned host memory is what it
+  // stands in for. The size is not rounded up past the small alignment (the budget counts what is
+  // asked; the tail is small pages).
+  void* p = AllocateAligned(bytes, host ? 4096 : kAlignment);
   if (p == nullptr) {
     pool.allocated.fetch_sub(bytes);
     return absl::ResourceExhaustedError(absl::StrCat("cpu: cannot allocate ", bytes, " bytes"));
@@ -83,7 +88,7 @@ absl::StatusOr<DeviceBuffer> CpuBackend::AllocateIn(Pool& pool, size_t bytes, bo
   // Resident from the start, as the memory it stands in for is (cudaMalloc'd device memory, pinned
   // host memory): the page faults of the first touch happen here, not in the first forward (they
   // were a third of a cold prefill's time on the 2-core VM).
-  for (size_t at = 0; at < rounded; at += 4096) static_cast<volatile char*>(p)[at] = 0;
+  for (size_t at = 0; at < bytes; at += 4096) static_cast<volatile char*>(p)[at] = 0;
   size_t peak = pool.peak.load();
   while (now > peak && !pool.peak.compare_exchange_weak(peak, now)) {
   }
@@ -95,15 +100,9 @@ CpuBackend::Scratch::~Scratch() { std::free(data_); }
 absl::StatusOr<char*> CpuBackend::Scratch::Get(size_t bytes) {
   if (bytes <= bytes_ && data_ != nullptr) return data_;
   std::free(data_);
-  data_ = nullptr;
-  bytes_ = 0;
-  constexpr size_t kHuge = size_t{2} << 20;
-  const size_t align = bytes >= kHuge ? kHuge : kAlignment, rounded = (std::max<size_t>(bytes, 1) + align - 1) / align * align;
-  void* p = nullptr;
-  if (::posix_memalign(&p, align, rounded) != 0) return absl::ResourceExhaustedError(absl::StrCat("cpu: cannot allocate ", rounded, " bytes of scratch"));
-  if (align == kHuge) (void)::madvise(p, rounded, MADV_HUGEPAGE);  // advice only
-  data_ = static_cast<char*>(p);
-  bytes_ = rounded;
+  data_ = static_cast<char*>(AllocateAligned(bytes, kAlignment));
+  bytes_ = data_ != nullptr ? bytes : 0;
+  if (data_ == nullptr) return absl::ResourceExhaustedError(absl::StrCat("cpu: cannot allocate ", bytes, " bytes of scratch"));
   return data_;
 }
 
@@ -293,8 +292,8 @@ absl::Status CpuBackend::BundledFfn(const BundledFfnArgs& a) {
     // FC2's columns transposed into its rows in 64 x 64 tiles (a strided read per value was most
     // of the op's time at decode batch sizes).
     constexpr int64_t kTile = 64;
-    pool_->ParallelFor((d + kTile - 1) / kTile, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t ib = b0; ib < b1; ++ib) {
+    pool_->ParallelFor((d + kTile - 1) / kTile, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t ib = t0; ib < t1; ++ib) {
         const int64_t i0 = ib * kTile, i1 = std::min(d, i0 + kTile);
         for (int64_t j0 = 0; j0 < m; j0 += kTile) {
           const int64_t j1 = std::min(m, j0 + kTile);
