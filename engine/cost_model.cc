@@ -198,10 +198,23 @@ absl::StatusOr<CostModel> CostModel::FromProbe(const json& j) {
     }
     if (!map->count("F32")) return Missing(absl::StrCat(key, " rate of an F32 cache"));
   }
-  const json& prefill = Arr(j, "prefill_attention");
-  if (prefill.empty()) return Missing("prefill attention rate");
-  FERRY_ASSIGN_OR_RETURN(const double pf, Rate(prefill[0], "GFLOPs", "prefill attention rate"));
-  m.prefill_attention_flops_ = pf * 1e9;
+  // Prefill attention by head_dim (probe v9 has 128 and 32; older probes one point, at 128): the
+  // seconds of one query-key pair of one head, 4 x head_dim FLOPs at the probed rate.
+  for (const json& e : Arr(j, "prefill_attention")) {
+    FERRY_ASSIGN_OR_RETURN(const double gflops, Rate(e, "GFLOPs", "prefill attention rate"));
+    double hd = 128;
+    if (e.is_object() && e.contains("head_dim")) {
+      FERRY_ASSIGN_OR_RETURN(hd, Rate(e, "head_dim", "prefill attention head_dim"));
+    }
+    m.prefill_attention_.push_back({hd, 4.0 * hd / (gflops * 1e9)});
+  }
+  if (m.prefill_attention_.empty()) return Missing("prefill attention rate");
+  std::stable_sort(m.prefill_attention_.begin(), m.prefill_attention_.end(), [](const Point& a, const Point& b) { return a.x < b.x; });
+  m.prefill_attention_.erase(std::unique(m.prefill_attention_.begin(), m.prefill_attention_.end(), [](const Point& a, const Point& b) { return a.x == b.x; }),
+                             m.prefill_attention_.end());
+  for (size_t i = 1; i < m.prefill_attention_.size(); ++i) {  // a wider head never costs less per pair
+    m.prefill_attention_[i].y = std::max(m.prefill_attention_[i].y, m.prefill_attention_[i - 1].y);
+  }
   FERRY_ASSIGN_OR_RETURN(m.op_seconds_, Rate(j, "op_seconds", "small-op cost"));
   for (const json& e : Arr(j, "ops")) {  // by rows (probe v8); without them every op costs op_seconds
     FERRY_ASSIGN_OR_RETURN(const uint64_t rows, Size(e, "rows", "small-op rows"));
@@ -320,7 +333,23 @@ double CostModel::AttentionSeconds(uint64_t kv_bytes, const KvType& type, bool o
   return static_cast<double>(kv_bytes) / it->second;
 }
 
-double CostModel::PrefillAttentionSeconds(double flops) const { return flops / prefill_attention_flops_; }
+double CostModel::PrefillAttentionSeconds(int64_t heads, int64_t head_dim, int64_t tokens) const {
+  const std::vector<Point>& pts = prefill_attention_;
+  const double hd = static_cast<double>(std::max<int64_t>(head_dim, 1));
+  double per_pair;  // seconds of one query-key pair of one head
+  if (hd >= pts.back().x || pts.size() == 1) {
+    per_pair = pts.back().y * hd / pts.back().x;  // the widest (or only) point's FLOP rate
+  } else if (hd <= pts.front().x) {
+    per_pair = pts.front().y;  // the narrowest point's per-pair cost: the part that does not scale
+  } else {
+    size_t i = 1;
+    while (pts[i].x < hd) ++i;
+    const double t = (hd - pts[i - 1].x) / (pts[i].x - pts[i - 1].x);
+    per_pair = pts[i - 1].y + t * (pts[i].y - pts[i - 1].y);
+  }
+  const double l = static_cast<double>(std::max<int64_t>(tokens, 0));
+  return static_cast<double>(std::max<int64_t>(heads, 0)) * (l * (l + 1) / 2) * per_pair;
+}
 
 std::optional<double> CostModel::BundledFfnSeconds(int64_t rows, int64_t m, int64_t d, DType dtype,
                                                    const std::optional<QuantFormat>& quant) const {
@@ -455,8 +484,7 @@ absl::StatusOr<Prediction> CostModel::Predict(const ModelConfig& c, const Weight
   dec.compute = ngb * (linears(gbs) + dec_bundles.seconds + elementwise(gbs) + host_kv_traffic(gbs) + ops * OpSeconds(gbs)) + dec.attention;
   // Prefill: each GPU batch's gbs prompts, causal attention over their own tokens.
   StageTimes pre;
-  const double flops = 4.0 * c.num_heads * c.head_dim() * (static_cast<double>(w.prompt_len) * (w.prompt_len + 1) / 2);
-  pre.attention = ngb * gbs * PrefillAttentionSeconds(flops);
+  pre.attention = ngb * gbs * PrefillAttentionSeconds(c.num_heads, c.head_dim(), w.prompt_len);
   pre.compute = ngb * (linears(gbs * w.prompt_len) + pre_bundles.seconds + elementwise(gbs * w.prompt_len) +
                        host_kv_traffic(gbs * w.prompt_len) + ops * OpSeconds(gbs * w.prompt_len)) +
                 pre.attention;

@@ -94,7 +94,11 @@ class CostModel {
   // the probe's time at its shape scaled by out x in, piecewise linear in rows, linear above.
   double LinearSeconds(int64_t rows, int64_t out, int64_t in, DType dtype, const std::optional<QuantFormat>& quant) const;
   double AttentionSeconds(uint64_t kv_bytes, const KvType& type, bool on_host) const;
-  double PrefillAttentionSeconds(double flops) const;
+  // Causal attention over one prompt of `tokens` (tokens x (tokens + 1) / 2 query-key pairs per
+  // head): the probe's cost per pair, linear in head_dim between its points, the narrowest point's
+  // cost per pair below it, the widest point's FLOP rate above it (and everywhere when the probe
+  // has one point, as probes before v9).
+  double PrefillAttentionSeconds(int64_t heads, int64_t head_dim, int64_t tokens) const;
   // Deja Vu's FFN over m gathered neurons of width d for `rows` rows, the gather from pinned memory
   // included, from the probe's bundled-FFN points (per neuron-dimension, interpolated in log m and
   // linearly in rows, extended above the last); nullopt when the probe has none. Bundles "F16"
@@ -133,7 +137,7 @@ class CostModel {
   std::map<std::string, double> attention_, host_attention_;  // KV type name -> bytes/s
   // Bundle type ("F16", "q4") -> rows -> (neurons, seconds per neuron-dimension).
   std::map<std::string, std::map<double, std::vector<Point>>> bundled_;
-  double prefill_attention_flops_ = 0;
+  std::vector<Point> prefill_attention_;  // (head_dim, seconds per query-key pair per head), by head_dim
   std::vector<Point> ops_;  // (rows, seconds per small op)
   double op_seconds_ = 0, hash_rate_ = 0;
   bool shared_cores_ = false;

@@ -30,10 +30,11 @@ namespace {
 using Clock = std::chrono::steady_clock;
 using nlohmann::json;
 
+// 9: prefill attention at head_dim 32 as well as 128.
 // 8: linears of 64 and 256, the small op a LayerNorm of 16 x 256 (the backend's dispatch). 7: scattered disk pages. 6: Deja Vu's bundled FFN (gather from pinned memory + the FFN over the gathered neurons).
 // 5: copies both ways at once. 4: linears over rotating copies (memory, not cache). 3: linears at several sizes.
 // 2: within-device copies, quantized KV, prefill attention, host attention, op cost.
-constexpr int kProbeVersion = 8;
+constexpr int kProbeVersion = 9;
 
 double Seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
 
@@ -294,58 +295,63 @@ absl::StatusOr<json> ProbeLinear(kernels::Backend& b, const ProbeOptions& o) {
 
 // Decode attention: one query per row over `len` cached positions, for each KV type the backend
 // takes (F32, F16, q8, q4: the CUDA backend refuses quantized caches, which is then not listed);
-// and prefill attention: `len` causal queries of one sequence (F32 cache), in FLOP/s.
+// and prefill attention: `len` causal queries of one sequence (F32 cache), in FLOP/s, at head_dim
+// 128 and 32 (a small head's query-key pairs cost more than their FLOPs say: per-pair work that
+// does not scale with head_dim; probe v9).
 absl::StatusOr<json> ProbeAttention(kernels::Backend& b, const ProbeOptions& o, bool prefill) {
-  const int heads = 32, hd = 128, w = heads * hd, len = prefill ? o.prefill_attention_len : o.attention_len;
+  const int heads = 32, len = prefill ? o.prefill_attention_len : o.attention_len;
   const int seqs = prefill ? 1 : o.attention_rows, rows = prefill ? len : o.attention_rows;
   json out = json::array();
-  std::vector<KvType> types = {DType::kF32};
-  if (!prefill) types = {DType::kF32, DType::kF16, *ParseKvType("q8", hd), *ParseKvType("q4", hd)};
   const Device dev = b.device();
-  for (const KvType& type : types) {
-    if (o.progress) o.progress(absl::StrCat(prefill ? "prefill" : "decode", " attention over ", len, " positions, ", KvTypeName(type)));
-    const std::vector<float> kv = Random(static_cast<size_t>(seqs) * len * w, 3);
-    std::vector<char> host(type.Bytes(static_cast<int64_t>(seqs) * len, w));
-    if (type.quant) {
-      FERRY_ASSIGN_OR_RETURN(const QuantLayout layout, LayoutQuantized(*type.quant, static_cast<int64_t>(seqs) * len, w));
-      QuantizeRows(*type.quant, layout, kv.data(), static_cast<int64_t>(seqs) * len, w, reinterpret_cast<uint8_t*>(host.data()));
-    } else {
-      ConvertFromF32(type.dtype, kv.data(), host.data(), kv.size());
-    }
-    FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer kc, Upload(b, host.data(), host.size()));
-    FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer vc, Upload(b, host.data(), host.size()));
-    const std::vector<float> q = Random(static_cast<size_t>(rows) * w, 4);
-    std::vector<int32_t> seq(static_cast<size_t>(rows)), pos(static_cast<size_t>(rows), len - 1);
-    for (int r = 0; r < rows; ++r) {
-      seq[r] = prefill ? 0 : r;
-      if (prefill) pos[r] = r;
-    }
-    FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer qb, Upload(b, q.data(), q.size() * sizeof(float)));
-    FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer sb, Upload(b, seq.data(), seq.size() * sizeof(int32_t)));
-    FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer pb, Upload(b, pos.data(), pos.size() * sizeof(int32_t)));
-    FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer ob, b.Allocate(q.size() * sizeof(float)));
-    kernels::AttentionArgs a{TensorView::Contiguous(qb.data(), DType::kF32, {rows, w}, dev),
-                             offload::KvView(kc.data(), type, {seqs, len, w}, dev),
-                             offload::KvView(vc.data(), type, {seqs, len, w}, dev),
-                             TensorView::Contiguous(sb.data(), DType::kI32, {rows}, dev),
-                             TensorView::Contiguous(pb.data(), DType::kI32, {rows}, dev),
-                             TensorView::Contiguous(ob.data(), DType::kF32, {rows, w}, dev),
-                             heads, 1.0f / std::sqrt(static_cast<float>(hd)), TensorView{}};
-    a.host_seq_ids = seq.data();
-    a.host_positions = pos.data();
-    if (type.quant) {
-      const absl::Status tried = b.Attention(a);
-      if (absl::IsUnimplemented(tried) || absl::IsInvalidArgument(tried)) continue;  // not on this backend
-      FERRY_RETURN_IF_ERROR(tried);
-    }
-    if (prefill) {
-      const double flops = 4.0 * heads * hd * (static_cast<double>(len) * (len + 1) / 2);
-      FERRY_ASSIGN_OR_RETURN(const double rate, Rate(o, flops, b, [&] { return b.Attention(a); }));
-      out.push_back({{"kv_dtype", KvTypeName(type)}, {"tokens", len}, {"heads", heads}, {"head_dim", hd}, {"GFLOPs", rate * 1e-9}});
-    } else {
-      FERRY_ASSIGN_OR_RETURN(const double rate, Rate(o, 2.0 * host.size(), b, [&] { return b.Attention(a); }));
-      out.push_back({{"kv_dtype", KvTypeName(type)}, {"rows", rows}, {"positions", len}, {"heads", heads}, {"head_dim", hd},
-                     {"kv_GBps", rate * 1e-9}});
+  for (const int hd : prefill ? std::vector<int>{128, 32} : std::vector<int>{128}) {
+    const int w = heads * hd;
+    std::vector<KvType> types = {DType::kF32};
+    if (!prefill) types = {DType::kF32, DType::kF16, *ParseKvType("q8", hd), *ParseKvType("q4", hd)};
+    for (const KvType& type : types) {
+      if (o.progress) o.progress(absl::StrCat(prefill ? "prefill" : "decode", " attention over ", len, " positions, ", KvTypeName(type), ", head_dim ", hd));
+      const std::vector<float> kv = Random(static_cast<size_t>(seqs) * len * w, 3);
+      std::vector<char> host(type.Bytes(static_cast<int64_t>(seqs) * len, w));
+      if (type.quant) {
+        FERRY_ASSIGN_OR_RETURN(const QuantLayout layout, LayoutQuantized(*type.quant, static_cast<int64_t>(seqs) * len, w));
+        QuantizeRows(*type.quant, layout, kv.data(), static_cast<int64_t>(seqs) * len, w, reinterpret_cast<uint8_t*>(host.data()));
+      } else {
+        ConvertFromF32(type.dtype, kv.data(), host.data(), kv.size());
+      }
+      FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer kc, Upload(b, host.data(), host.size()));
+      FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer vc, Upload(b, host.data(), host.size()));
+      const std::vector<float> q = Random(static_cast<size_t>(rows) * w, 4);
+      std::vector<int32_t> seq(static_cast<size_t>(rows)), pos(static_cast<size_t>(rows), len - 1);
+      for (int r = 0; r < rows; ++r) {
+        seq[r] = prefill ? 0 : r;
+        if (prefill) pos[r] = r;
+      }
+      FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer qb, Upload(b, q.data(), q.size() * sizeof(float)));
+      FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer sb, Upload(b, seq.data(), seq.size() * sizeof(int32_t)));
+      FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer pb, Upload(b, pos.data(), pos.size() * sizeof(int32_t)));
+      FERRY_ASSIGN_OR_RETURN(kernels::DeviceBuffer ob, b.Allocate(q.size() * sizeof(float)));
+      kernels::AttentionArgs a{TensorView::Contiguous(qb.data(), DType::kF32, {rows, w}, dev),
+                               offload::KvView(kc.data(), type, {seqs, len, w}, dev),
+                               offload::KvView(vc.data(), type, {seqs, len, w}, dev),
+                               TensorView::Contiguous(sb.data(), DType::kI32, {rows}, dev),
+                               TensorView::Contiguous(pb.data(), DType::kI32, {rows}, dev),
+                               TensorView::Contiguous(ob.data(), DType::kF32, {rows, w}, dev),
+                               heads, 1.0f / std::sqrt(static_cast<float>(hd)), TensorView{}};
+      a.host_seq_ids = seq.data();
+      a.host_positions = pos.data();
+      if (type.quant) {
+        const absl::Status tried = b.Attention(a);
+        if (absl::IsUnimplemented(tried) || absl::IsInvalidArgument(tried)) continue;  // not on this backend
+        FERRY_RETURN_IF_ERROR(tried);
+      }
+      if (prefill) {
+        const double flops = 4.0 * heads * hd * (static_cast<double>(len) * (len + 1) / 2);
+        FERRY_ASSIGN_OR_RETURN(const double rate, Rate(o, flops, b, [&] { return b.Attention(a); }));
+        out.push_back({{"kv_dtype", KvTypeName(type)}, {"tokens", len}, {"heads", heads}, {"head_dim", hd}, {"GFLOPs", rate * 1e-9}});
+      } else {
+        FERRY_ASSIGN_OR_RETURN(const double rate, Rate(o, 2.0 * host.size(), b, [&] { return b.Attention(a); }));
+        out.push_back({{"kv_dtype", KvTypeName(type)}, {"rows", rows}, {"positions", len}, {"heads", heads}, {"head_dim", hd},
+                       {"kv_GBps", rate * 1e-9}});
+      }
     }
   }
   return out;
@@ -618,7 +624,8 @@ std::string ProbeTable(const json& j) {
     }
   }
   for (const auto& e : j.value("prefill_attention", json::array())) {
-    absl::StrAppend(&s, absl::StrFormat("prefill attention, %.0f causal tokens: %.2f GFLOP/s\n", e.at("tokens").get<double>(), e.at("GFLOPs").get<double>()));
+    absl::StrAppend(&s, absl::StrFormat("prefill attention, %.0f causal tokens, head_dim %.0f: %.2f GFLOP/s\n", e.at("tokens").get<double>(),
+                                        e.value("head_dim", 128.0), e.at("GFLOPs").get<double>()));
   }
   if (j.contains("hash_GBps")) absl::StrAppend(&s, absl::StrFormat("XXH3 (disk reads are checked): %.2f GB/s\n", j.at("hash_GBps").get<double>()));
   if (j.contains("ops")) {

@@ -44,8 +44,10 @@ TEST(CliProbeTest, MeasuresOnceThenReusesTheCache) {
   EXPECT_EQ(j["attention"].size(), 4u);  // F32, F16, q8, q4 caches (the CPU backend takes all)
   EXPECT_EQ(j["host_attention"], j["attention"]);  // the CPU backend's host is itself
   for (const auto& e : j["attention"]) EXPECT_GT(e["kv_GBps"].get<double>(), 0.0) << e.dump();
-  ASSERT_EQ(j["prefill_attention"].size(), 1u);
-  EXPECT_GT(j["prefill_attention"][0]["GFLOPs"].get<double>(), 0.0);
+  ASSERT_EQ(j["prefill_attention"].size(), 2u);  // head_dim 128 and 32
+  EXPECT_EQ(j["prefill_attention"][0]["head_dim"], 128);
+  EXPECT_EQ(j["prefill_attention"][1]["head_dim"], 32);
+  for (const auto& e : j["prefill_attention"]) EXPECT_GT(e["GFLOPs"].get<double>(), 0.0) << e.dump();
   EXPECT_GT(j["op_seconds"].get<double>(), 0.0);
   EXPECT_LT(j["op_seconds"].get<double>(), 0.01);
   EXPECT_GT(j["hash_GBps"].get<double>(), 0.0);

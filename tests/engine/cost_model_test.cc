@@ -244,6 +244,40 @@ TEST(CostModelTest, QuantizedKvAttentionReadsItsBytesPerPosition) {
   EXPECT_NEAR(pred->decode_layer.attention, 2.0 * 8 * 36 * per_position / 2e9, 1e-3 * pred->decode_layer.attention);
 }
 
+// Prefill attention costs per query-key pair: one probe point (before v9) scales its FLOP rate to
+// any head_dim; two points (v9: head_dim 128 and 32) give a per-pair cost linear in head_dim between
+// them, the narrow point's cost below it (what does not scale with head_dim), the wide one's FLOP
+// rate above it.
+TEST(CostModelTest, PrefillAttentionInterpolatesTheHeadDims) {
+  const double pairs = 64.0 * 65 / 2;  // 64 causal tokens
+  auto one = CostModel::FromProbe(SyntheticProbe("cpu"));
+  ASSERT_TRUE(one.ok()) << one.status();
+  EXPECT_NEAR(one->PrefillAttentionSeconds(8, 32, 64), 8 * pairs * 4 * 32 / kPrefillFlops, 1e-15);
+  EXPECT_NEAR(one->PrefillAttentionSeconds(32, 128, 64), 32 * pairs * 4 * 128 / kPrefillFlops, 1e-15);
+  json probe = SyntheticProbe("cpu");
+  // head_dim 32 at half head_dim 128's FLOP rate: a pair costs half as much at 32 as at 128.
+  const double wide = 4.0 * 128 / kPrefillFlops, narrow = 4.0 * 32 / (kPrefillFlops / 2);  // per pair
+  probe["prefill_attention"] = json::array({{{"kv_dtype", "F32"}, {"tokens", 256}, {"head_dim", 32}, {"GFLOPs", kPrefillFlops / 2 * 1e-9}},
+                                            {{"kv_dtype", "F32"}, {"tokens", 256}, {"head_dim", 128}, {"GFLOPs", kPrefillFlops * 1e-9}}});
+  auto two = CostModel::FromProbe(probe);
+  ASSERT_TRUE(two.ok()) << two.status();
+  EXPECT_NEAR(two->PrefillAttentionSeconds(1, 128, 64), pairs * wide, 1e-15);
+  EXPECT_NEAR(two->PrefillAttentionSeconds(1, 32, 64), pairs * narrow, 1e-15);
+  EXPECT_NEAR(two->PrefillAttentionSeconds(1, 64, 64), pairs * (narrow + (wide - narrow) / 3), 1e-15);
+  EXPECT_NEAR(two->PrefillAttentionSeconds(1, 16, 64), pairs * narrow, 1e-15);
+  EXPECT_NEAR(two->PrefillAttentionSeconds(1, 256, 64), pairs * 2 * wide, 1e-15);
+  EXPECT_NEAR(two->PrefillAttentionSeconds(12, 64, 64), 12 * two->PrefillAttentionSeconds(1, 64, 64), 1e-15);
+  // A narrow point that costs more per pair than the wide one (a slow phase): the wide one takes it.
+  probe["prefill_attention"][0]["GFLOPs"] = kPrefillFlops * 1e-9 / 16;
+  auto slow = CostModel::FromProbe(probe);
+  ASSERT_TRUE(slow.ok()) << slow.status();
+  const double slow_narrow = 4.0 * 32 / (kPrefillFlops / 16);  // 2 x wide per pair
+  EXPECT_NEAR(slow->PrefillAttentionSeconds(1, 128, 64), pairs * slow_narrow, 1e-15);
+  EXPECT_NEAR(slow->PrefillAttentionSeconds(1, 64, 64), pairs * slow_narrow, 1e-15);
+  probe["prefill_attention"][0]["head_dim"] = "wide";
+  EXPECT_FALSE(CostModel::FromProbe(probe).ok());
+}
+
 TEST(CostModelTest, RefusesAProbeThatLacksARate) {
   EXPECT_TRUE(CostModel::FromProbe(SyntheticProbe("cpu")).ok());
   for (const std::string key : {"op_seconds", "hash_GBps", "prefill_attention", "linear", "copies"}) {
