@@ -29,9 +29,7 @@ n = int(open(count).read()) if os.path.exists(count) else 0
 open(count, "w").write(str(n + 1))
 h = int(hashlib.sha256(" ".join(a for a in args if "/" not in a).encode()).hexdigest()[:8], 16)
 step, prefill = 0.01 + (h % 1000) * 1e-4, 0.1 + (h % 777) * 1e-3
-factor = float(os.environ.get("FAKE_FACTOR", "1.05"))
-if os.environ.get("FAKE_BAD") and os.environ["FAKE_BAD"] in s:
-    factor = 1.3
+factor = 1.3 if os.environ.get("FAKE_BAD") and os.environ["FAKE_BAD"] in s else 1.05
 wobble = 1.0 + 0.01 * (n % 3)  # rounds differ by 0-2%
 auto = "--policy" in args
 tok = 100.0 * (float(os.environ.get("FAKE_AUTO", "1.2")) if auto else 1.0 / (1 + (h % 7)))
